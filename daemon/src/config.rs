@@ -1,0 +1,465 @@
+//! Configuration: embedded defaults, an optional TOML file, then `SYNCGATE_*` environment
+//! variables, in that order of precedence (the environment wins).
+//!
+//! Every key of the file can be set from the environment: `SYNCGATE_` plus the key in upper
+//! case with dots and dashes turned into underscores (`auth.secret` -> `SYNCGATE_AUTH_SECRET`).
+//! The names in DESIGN.md's "Configuration names that are fixed" are used exactly as written.
+//!
+//! The supervisor resolves the configuration once and hands the resolved result to its children
+//! (as TOML in an environment variable), so every process runs with exactly the same settings
+//! even if the file changes underneath them.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::AuthConfig;
+
+/// Environment variable naming the config file when `--config` is not given.
+pub const CONFIG_PATH_ENV: &str = "SYNCGATE_CONFIG";
+/// Environment variable through which the supervisor passes the resolved config to children.
+/// Not meant for operators: it carries the whole, already validated, configuration.
+pub const RESOLVED_ENV: &str = "SYNCGATE_INTERNAL_RESOLVED_CONFIG";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address and port to listen on; `[::]` also accepts IPv4 (dual-stack socket).
+    pub listen: String,
+    /// Number of worker processes; 0 means one per core minus the listener's, at least 1.
+    pub workers: usize,
+    /// Prefix of the routing hash. Empty means a random id per daemon start, which is what a
+    /// single daemon wants; a fleet behind one balancer sets the same value everywhere.
+    pub task_id: String,
+    /// `error`, `warn`, `info`, `debug` or `trace`.
+    pub log_level: String,
+    /// How long a graceful shutdown waits for clients to answer their close frames.
+    pub drain_timeout_ms: u64,
+    pub auth: AuthConfig,
+    pub limits: Limits,
+    pub keepalive: Keepalive,
+    pub compression: Compression,
+    pub storage: Storage,
+}
+
+/// The limits of DESIGN.md's "Limits and defaults" table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Connection attempts allowed per client address (IPv6 by /64) per window.
+    pub connect_per_ip: u32,
+    /// The sliding window of `connect_per_ip`.
+    pub connect_window_ms: u64,
+    /// Largest inbound message, after inflation (close 1009 beyond).
+    pub max_message_bytes: usize,
+    /// Most fragments one message may arrive in (close 1008 beyond).
+    pub max_fragments: usize,
+    /// Time a client has to send its whole request head.
+    pub head_timeout_ms: u64,
+    /// Largest request head; the Zero header alone can be 8 KiB.
+    pub max_head_bytes: usize,
+    /// Most header lines in a request head.
+    pub max_headers: usize,
+    /// Connections one client group may have open at once.
+    pub max_group_connections: usize,
+    /// Connection attempts per clientID per window.
+    pub connect_per_client: u32,
+    /// The sliding window of `connect_per_client`.
+    pub connect_per_client_window_ms: u64,
+    /// Outbound bytes a connection may have queued before it counts as a stuck consumer.
+    pub max_outbound_bytes: usize,
+    /// How long a consumer may stay stuck over `max_outbound_bytes` before it is closed (1008).
+    pub slow_consumer_ms: u64,
+    /// Mutations per user per client group per window; 0 turns the limit off.
+    pub per_user_mutations: u32,
+    /// The sliding window of `per_user_mutations`.
+    pub per_user_mutations_window_ms: u64,
+}
+
+/// Keepalive timers (PROTOCOL.md "Connection lifecycle" step 7, DESIGN.md "silence").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Keepalive {
+    /// Send an unsolicited `["pong",{}]` when nothing was sent for this long.
+    pub idle_send_ms: u64,
+    /// How often that idleness is checked.
+    pub check_ms: u64,
+    /// Silence from a client after which the server sends a WebSocket ping.
+    pub silence_ms: u64,
+    /// Time the client then has to answer before it is terminated.
+    pub ping_timeout_ms: u64,
+    /// Deadline of the liveness probe sent to an existing connection before a newcomer with
+    /// the same clientID is refused (displacement rule 3).
+    pub probe_timeout_ms: u64,
+    /// How long a close frame waits for the peer's close frame before the socket is dropped.
+    pub close_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Compression {
+    /// permessage-deflate on or off; off by default, as in zero-cache.
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Storage {
+    /// Where durable client-group data lives.
+    pub path: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: "[::]:4848".into(),
+            workers: 0,
+            task_id: String::new(),
+            log_level: "info".into(),
+            drain_timeout_ms: 10_000,
+            auth: AuthConfig::default(),
+            limits: Limits::default(),
+            keepalive: Keepalive::default(),
+            compression: Compression::default(),
+            storage: Storage::default(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            connect_per_ip: 100,
+            connect_window_ms: 60_000,
+            max_message_bytes: 10 * 1024 * 1024,
+            max_fragments: 131_072,
+            head_timeout_ms: 10_000,
+            max_head_bytes: 16 * 1024,
+            max_headers: 100,
+            max_group_connections: 64,
+            connect_per_client: 20,
+            connect_per_client_window_ms: 60_000,
+            max_outbound_bytes: 4 * 1024 * 1024,
+            slow_consumer_ms: 10_000,
+            per_user_mutations: 0,
+            per_user_mutations_window_ms: 60_000,
+        }
+    }
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive {
+            idle_send_ms: 6_000,
+            check_ms: 3_000,
+            silence_ms: 15_000,
+            ping_timeout_ms: 5_000,
+            probe_timeout_ms: 1_000,
+            close_timeout_ms: 2_000,
+        }
+    }
+}
+
+impl Default for Compression {
+    fn default() -> Self {
+        Compression { enabled: false }
+    }
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Storage {
+            path: PathBuf::from("/var/lib/syncgate"),
+        }
+    }
+}
+
+/// Keys whose default is "unset", so they are absent from the serialised defaults but must
+/// still be settable from the environment. Every one of them is a string.
+const OPTIONAL_STRING_KEYS: &[&str] = &[
+    "auth.secret",
+    "auth.jwk",
+    "auth.jwks_file",
+    "auth.issuer",
+    "auth.audience",
+];
+
+impl Config {
+    /// Defaults, then `path` (if any), then the environment; validated.
+    pub fn load(path: Option<&Path>) -> Result<Config, String> {
+        let mut table = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+                text.parse::<toml::Table>()
+                    .map_err(|e| format!("config file {}: {e}", path.display()))?
+            }
+            None => toml::Table::new(),
+        };
+        apply_env(&mut table, |name| std::env::var(name).ok())?;
+        let origin = path.map_or("configuration".to_string(), |p| {
+            format!("config file {}", p.display())
+        });
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| format!("{origin}: {}", e.message()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// The configuration a child process was started with (see [`RESOLVED_ENV`]).
+    pub fn from_resolved(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| format!("resolved config: {e}"))
+    }
+
+    pub fn to_resolved(&self) -> String {
+        toml::to_string(self).expect("config serialises")
+    }
+
+    /// Checks that hold across keys; a config that passes runs.
+    pub fn validate(&self) -> Result<(), String> {
+        self.listen_addr()?;
+        if log_level(&self.log_level).is_none() {
+            return Err(format!(
+                "log_level: {:?} is not one of error, warn, info, debug, trace",
+                self.log_level
+            ));
+        }
+        if self.workers > MAX_WORKERS {
+            return Err(format!("workers: {} is over the maximum of {MAX_WORKERS}", self.workers));
+        }
+        let l = &self.limits;
+        let positive = [
+            ("limits.connect_per_ip", l.connect_per_ip as u64),
+            ("limits.connect_window_ms", l.connect_window_ms),
+            ("limits.max_message_bytes", l.max_message_bytes as u64),
+            ("limits.max_fragments", l.max_fragments as u64),
+            ("limits.head_timeout_ms", l.head_timeout_ms),
+            ("limits.max_headers", l.max_headers as u64),
+            ("limits.max_group_connections", l.max_group_connections as u64),
+            ("limits.connect_per_client", l.connect_per_client as u64),
+            ("limits.connect_per_client_window_ms", l.connect_per_client_window_ms),
+            ("limits.max_outbound_bytes", l.max_outbound_bytes as u64),
+            ("limits.slow_consumer_ms", l.slow_consumer_ms),
+            ("limits.per_user_mutations_window_ms", l.per_user_mutations_window_ms),
+            ("keepalive.idle_send_ms", self.keepalive.idle_send_ms),
+            ("keepalive.check_ms", self.keepalive.check_ms),
+            ("keepalive.silence_ms", self.keepalive.silence_ms),
+            ("keepalive.ping_timeout_ms", self.keepalive.ping_timeout_ms),
+            ("keepalive.probe_timeout_ms", self.keepalive.probe_timeout_ms),
+            ("keepalive.close_timeout_ms", self.keepalive.close_timeout_ms),
+            ("drain_timeout_ms", self.drain_timeout_ms),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be greater than 0"));
+        }
+        // The head must fit the Zero client's own request: its protocol header alone can be
+        // 8 KiB, so a smaller cap would refuse real clients.
+        if l.max_head_bytes < MIN_HEAD_BYTES || l.max_head_bytes > MAX_HEAD_BYTES {
+            return Err(format!(
+                "limits.max_head_bytes must be between {MIN_HEAD_BYTES} and {MAX_HEAD_BYTES}"
+            ));
+        }
+        crate::auth::Verifier::new(&self.auth).map_err(|e| format!("auth: {e}"))?;
+        Ok(())
+    }
+
+    pub fn listen_addr(&self) -> Result<SocketAddr, String> {
+        self.listen
+            .parse()
+            .map_err(|_| format!("listen: {:?} is not an address:port", self.listen))
+    }
+
+    /// The worker count with 0 resolved against the machine's cores.
+    pub fn worker_count(&self) -> usize {
+        if self.workers > 0 {
+            return self.workers;
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        cores.saturating_sub(1).max(1)
+    }
+
+    pub fn level(&self) -> log::LevelFilter {
+        log_level(&self.log_level).unwrap_or(log::LevelFilter::Info)
+    }
+}
+
+impl Keepalive {
+    /// The period of a process's timer tick: fine enough for the shortest keepalive deadline,
+    /// coarse enough that an idle worker barely wakes.
+    pub fn tick(&self) -> Duration {
+        let shortest = [
+            self.check_ms,
+            self.ping_timeout_ms,
+            self.probe_timeout_ms,
+            self.close_timeout_ms,
+        ]
+        .into_iter()
+        .min()
+        .unwrap_or(1000);
+        Duration::from_millis((shortest / 4).clamp(5, 500))
+    }
+}
+
+/// A bound on `workers` that catches typos (`workers = 1000000`) before they fork-bomb a host.
+const MAX_WORKERS: usize = 1024;
+/// The Zero client's protocol header can be 8 KiB: the head must hold it and the rest.
+const MIN_HEAD_BYTES: usize = 9 * 1024;
+/// A head travels to its worker in one Unix datagram, which must fit the socket's default
+/// send buffer; it is also what the listener holds per half-read request.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+fn log_level(s: &str) -> Option<log::LevelFilter> {
+    match s.to_ascii_lowercase().as_str() {
+        "error" => Some(log::LevelFilter::Error),
+        "warn" => Some(log::LevelFilter::Warn),
+        "info" => Some(log::LevelFilter::Info),
+        "debug" => Some(log::LevelFilter::Debug),
+        "trace" => Some(log::LevelFilter::Trace),
+        _ => None,
+    }
+}
+
+/// The environment variable that sets `key`.
+pub fn env_name(key: &str) -> String {
+    let mut name = String::from("SYNCGATE_");
+    name.extend(key.chars().map(|c| match c {
+        '.' | '-' => '_',
+        c => c.to_ascii_uppercase(),
+    }));
+    name
+}
+
+/// Every settable key with the kind of value it takes, taken from the defaults so a new field
+/// is settable from the environment without anyone remembering to list it.
+fn known_keys() -> Vec<(String, toml::Value)> {
+    fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
+        for (k, v) in table {
+            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            match v {
+                toml::Value::Table(t) => walk(&key, t, out),
+                v => out.push((key, v.clone())),
+            }
+        }
+    }
+    let defaults = toml::Table::try_from(Config::default()).expect("defaults serialise");
+    let mut out = Vec::new();
+    walk("", &defaults, &mut out);
+    for key in OPTIONAL_STRING_KEYS {
+        out.push((key.to_string(), toml::Value::String(String::new())));
+    }
+    out
+}
+
+/// Overlays `SYNCGATE_*` variables onto the file's table, typed like the default of each key.
+fn apply_env(table: &mut toml::Table, get: impl Fn(&str) -> Option<String>) -> Result<(), String> {
+    for (key, example) in known_keys() {
+        let name = env_name(&key);
+        let Some(raw) = get(&name) else { continue };
+        let value = match example {
+            toml::Value::String(_) => toml::Value::String(raw),
+            toml::Value::Boolean(_) => match raw.trim() {
+                "true" | "1" | "yes" | "on" => toml::Value::Boolean(true),
+                "false" | "0" | "no" | "off" => toml::Value::Boolean(false),
+                other => return Err(format!("{name}: {other:?} is not a boolean")),
+            },
+            toml::Value::Integer(_) => toml::Value::Integer(
+                raw.trim()
+                    .parse()
+                    .map_err(|_| format!("{name}: {raw:?} is not an integer"))?,
+            ),
+            other => return Err(format!("{name}: unsupported value kind {}", other.type_str())),
+        };
+        let mut parts: Vec<&str> = key.split('.').collect();
+        let leaf = parts.pop().expect("key has a part");
+        let mut at = &mut *table;
+        for part in parts {
+            let entry = at
+                .entry(part.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            at = entry
+                .as_table_mut()
+                .ok_or_else(|| format!("{key}: {part} is not a table in the config file"))?;
+        }
+        at.insert(leaf.to_string(), value);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_with(file: &str, env: &[(&str, &str)]) -> Result<Config, String> {
+        let mut table: toml::Table = file.parse().map_err(|e| format!("{e}"))?;
+        apply_env(&mut table, |name| {
+            env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        })?;
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| e.message().to_string())?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    #[test]
+    fn defaults_validate_and_match_design() {
+        let c = Config::default();
+        c.validate().unwrap();
+        assert_eq!(c.listen, "[::]:4848");
+        assert_eq!(c.limits.connect_per_ip, 100);
+        assert_eq!(c.limits.connect_window_ms, 60_000);
+        assert_eq!(c.limits.max_message_bytes, 10 << 20);
+        assert_eq!(c.limits.max_fragments, 131_072);
+        assert_eq!(c.limits.max_head_bytes, 16 << 10);
+        assert_eq!(c.limits.max_group_connections, 64);
+        assert!(!c.compression.enabled);
+    }
+
+    #[test]
+    fn env_names_follow_the_rule() {
+        assert_eq!(env_name("auth.secret"), "SYNCGATE_AUTH_SECRET");
+        assert_eq!(env_name("limits.connect_per_ip"), "SYNCGATE_LIMITS_CONNECT_PER_IP");
+        assert_eq!(env_name("a-b.c"), "SYNCGATE_A_B_C");
+    }
+
+    #[test]
+    fn env_wins_over_file() {
+        let c = load_with(
+            "workers = 3\n[limits]\nconnect_per_ip = 7\n",
+            &[("SYNCGATE_LIMITS_CONNECT_PER_IP", "9"), ("SYNCGATE_AUTH_SECRET", "s3cret")],
+        )
+        .unwrap();
+        assert_eq!(c.workers, 3);
+        assert_eq!(c.limits.connect_per_ip, 9);
+        assert_eq!(c.auth.secret.as_deref(), Some("s3cret"));
+        let c = load_with("", &[("SYNCGATE_COMPRESSION_ENABLED", "true")]).unwrap();
+        assert!(c.compression.enabled);
+    }
+
+    #[test]
+    fn bad_input_is_named() {
+        let e = load_with("nope = 1", &[]).unwrap_err();
+        assert!(e.contains("nope"), "{e}");
+        let e = load_with("[limits]\nconnect_per_ip = \"x\"", &[]).unwrap_err();
+        assert!(e.contains("connect_per_ip") || e.contains("integer"), "{e}");
+        let e = load_with("", &[("SYNCGATE_WORKERS", "many")]).unwrap_err();
+        assert!(e.contains("SYNCGATE_WORKERS"), "{e}");
+        let e = load_with("listen = \"localhost\"", &[]).unwrap_err();
+        assert!(e.contains("listen"), "{e}");
+        let e = load_with("[limits]\nconnect_window_ms = 0", &[]).unwrap_err();
+        assert!(e.contains("connect_window_ms"), "{e}");
+        let e = load_with("log_level = \"loud\"", &[]).unwrap_err();
+        assert!(e.contains("log_level"), "{e}");
+    }
+
+    #[test]
+    fn resolved_round_trips() {
+        let mut c = Config::default();
+        c.auth.secret = Some("x".into());
+        c.workers = 5;
+        assert_eq!(Config::from_resolved(&c.to_resolved()).unwrap(), c);
+    }
+}

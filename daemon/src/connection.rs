@@ -1,0 +1,742 @@
+//! One WebSocket connection of the sync protocol, sans-IO: bytes in, frames out, timers.
+//!
+//! The worker's event loop feeds received bytes to [`Connection::on_bytes`], asks
+//! [`Connection::next_send`] for what to write, reports writes with [`Connection::on_sent`],
+//! and calls [`Connection::on_tick`] on its timer. Everything else (frame decoding, message
+//! validation, keepalive, the close handshake) happens here, with no sockets, so it can be
+//! tested and fuzzed without a network.
+//!
+//! Close runs once: after [`Connection::close`] (or the peer's close frame) nothing else is
+//! processed and only the close handshake proceeds.
+
+use std::collections::VecDeque;
+use std::ops::ControlFlow;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::frame::{self, Decoder, DecoderLimits, Event, OpCode};
+use crate::protocol::{self, ErrorKind, Upstream};
+
+/// The keepalive and outbound settings a connection runs with (from `[keepalive]`/`[limits]`).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Send an unsolicited `pong` message when nothing was sent for this long.
+    pub idle_send: Duration,
+    /// Silence after which the peer gets a WebSocket ping.
+    pub silence: Duration,
+    /// Time the peer has to answer that ping.
+    pub ping_timeout: Duration,
+    /// Time the peer has to answer our close frame.
+    pub close_timeout: Duration,
+    /// Outbound bytes over which the consumer counts as stuck.
+    pub max_outbound: usize,
+    /// Time a consumer may stay stuck before it is closed 1008.
+    pub slow_consumer: Duration,
+    pub decoder: DecoderLimits,
+}
+
+/// Who the connection is, fixed at the handshake.
+#[derive(Clone, Debug)]
+pub struct Identity {
+    pub client_id: Rc<str>,
+    pub client_group_id: Rc<str>,
+    pub wsid: String,
+    /// The verified token's `sub`, if the socket carried a verified token.
+    pub user: Option<Rc<str>>,
+    /// The sync protocol version from the path.
+    pub version: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Handshake answered; waiting for the worker's admission decision (a displacement probe).
+    Pending,
+    Open,
+    /// A close frame is queued or sent; `received` once the peer's close arrived.
+    Closing { deadline: Instant, received: bool },
+    /// Nothing left to do but drop the socket.
+    Done,
+}
+
+/// Why a connection ended, for logs and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum End {
+    Normal,
+    Protocol(u16),
+    KeepaliveTimeout,
+    CloseTimeout,
+    SlowConsumer,
+}
+
+/// Something the worker must act on beyond this connection.
+#[derive(Debug)]
+pub enum Notice {
+    /// A validated push for this connection's group (applied by the group sync, later issue).
+    Push(Box<protocol::PushBody>),
+}
+
+/// A frame waiting to be written: owned by this connection, or one encoded buffer shared by
+/// every recipient of a broadcast.
+enum Chunk {
+    Owned(Vec<u8>),
+    Shared(Rc<[u8]>),
+}
+
+impl Chunk {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Chunk::Owned(v) => v,
+            Chunk::Shared(s) => s,
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum InFlight {
+    None,
+    Queue,
+    Pong,
+}
+
+pub struct Connection {
+    decoder: Decoder,
+    core: Core,
+}
+
+/// Everything but the decoder, so the decoder's callback can borrow it mutably.
+struct Core {
+    id: Identity,
+    settings: Settings,
+    state: State,
+    end: Option<End>,
+    queue: VecDeque<Chunk>,
+    /// Bytes of the front chunk already written.
+    front_sent: usize,
+    /// Bytes queued in `queue`, for the slow-consumer bound.
+    queued_bytes: usize,
+    /// The answer to the latest WebSocket ping; only the latest is kept (a ping flood costs
+    /// one buffer) and it jumps the queue, so keepalive works behind a backed-up queue.
+    pong: Option<Vec<u8>>,
+    pong_sent: usize,
+    in_flight: InFlight,
+    /// When the queue went over `max_outbound` (None while under it).
+    stuck_since: Option<Instant>,
+    last_recv: Instant,
+    last_send: Instant,
+    /// When our keepalive WebSocket ping went out, until any frame comes back.
+    ping_sent: Option<Instant>,
+    /// When an admission probe (displacement rule 3) was sent; any frame after it proves life.
+    probe_sent: Option<Instant>,
+    /// Whether `initConnection` was already received (header or message).
+    initialized: bool,
+    notices: Vec<Notice>,
+    /// Counts since the last [`Connection::take_counts`], for metrics.
+    messages_in: u64,
+    bytes_in: u64,
+    messages_out: u64,
+}
+
+impl Connection {
+    pub fn new(id: Identity, settings: Settings, now: Instant) -> Connection {
+        Connection {
+            decoder: Decoder::new(settings.decoder),
+            core: Core {
+                id,
+                settings,
+                state: State::Pending,
+                end: None,
+                queue: VecDeque::new(),
+                front_sent: 0,
+                queued_bytes: 0,
+                pong: None,
+                pong_sent: 0,
+                in_flight: InFlight::None,
+                stuck_since: None,
+                last_recv: now,
+                last_send: now,
+                ping_sent: None,
+                probe_sent: None,
+                initialized: false,
+                notices: Vec::new(),
+                messages_in: 0,
+                bytes_in: 0,
+                messages_out: 0,
+            },
+        }
+    }
+
+    pub fn identity(&self) -> &Identity {
+        &self.core.id
+    }
+
+    pub fn state(&self) -> State {
+        self.core.state
+    }
+
+    pub fn end(&self) -> Option<&End> {
+        self.core.end.as_ref()
+    }
+
+    /// Queues raw bytes (the 101 response) ahead of any frame.
+    pub fn send_raw(&mut self, bytes: Vec<u8>, now: Instant) {
+        self.core.push(Chunk::Owned(bytes), now);
+    }
+
+    /// Admits the connection: `connected`, then the header's `initConnection` if any.
+    pub fn open(&mut self, init_connection: Option<Vec<u8>>, now: Instant) {
+        let c = &mut self.core;
+        if c.state != State::Pending {
+            return;
+        }
+        c.state = State::Open;
+        let mut msg = Vec::with_capacity(96);
+        protocol::write_connected(&mut msg, &c.id.wsid, epoch_ms());
+        c.send_text(&msg, now);
+        if let Some(mut init) = init_connection {
+            c.on_text(&mut init, now);
+        }
+    }
+
+    /// Refuses or ends the connection with a protocol error message and a close frame.
+    pub fn fail(&mut self, kind: ErrorKind, message: &str, code: u16, now: Instant) {
+        self.core.fail(kind, message, None, code, now);
+    }
+
+    /// Like [`fail`](Self::fail) for the backoff kinds: the client waits between `min` and
+    /// `max` milliseconds before it reconnects.
+    pub fn fail_with_backoff(&mut self, kind: ErrorKind, message: &str, code: u16, backoff: (u64, u64), now: Instant) {
+        self.core.fail(kind, message, Some(backoff), code, now);
+    }
+
+    /// Records the verified user once the token is checked.
+    pub fn set_user(&mut self, user: Option<Rc<str>>) {
+        self.core.id.user = user;
+    }
+
+    /// Starts the close handshake (once; later calls do nothing).
+    pub fn close(&mut self, code: u16, reason: &str, now: Instant) {
+        self.core.close(code, reason, now);
+    }
+
+    /// Ends the connection without a handshake (dead peer).
+    pub fn terminate(&mut self, why: End) {
+        self.core.end.get_or_insert(why);
+        self.core.state = State::Done;
+    }
+
+    /// Queues a frame shared with other connections (a broadcast encoded once).
+    pub fn send_shared(&mut self, frame: Rc<[u8]>, now: Instant) {
+        if matches!(self.core.state, State::Open) {
+            self.core.messages_out += 1;
+            self.core.push(Chunk::Shared(frame), now);
+        }
+    }
+
+    /// Feeds bytes received from the socket.
+    pub fn on_bytes(&mut self, input: &mut [u8], now: Instant) {
+        let core = &mut self.core;
+        if core.state == State::Done {
+            return;
+        }
+        core.last_recv = now;
+        core.ping_sent = None;
+        core.bytes_in += input.len() as u64;
+        if matches!(core.state, State::Closing { received: true, .. }) {
+            return;
+        }
+        let result = self.decoder.feed(input, &mut |event| core.on_event(event, now));
+        if let Err(e) = result {
+            let code = e.close_code();
+            core.end.get_or_insert(End::Protocol(code));
+            core.close(code, e.reason(), now);
+        }
+    }
+
+    /// Marks the start of an admission probe: a WebSocket ping whose answer (or any frame)
+    /// proves the peer alive.
+    pub fn probe(&mut self, now: Instant) {
+        let c = &mut self.core;
+        if c.probe_sent.is_none() {
+            c.probe_sent = Some(now);
+            let mut f = Vec::with_capacity(8);
+            frame::encode_frame(&mut f, OpCode::Ping, b"probe", false);
+            c.push(Chunk::Owned(f), now);
+        }
+    }
+
+    /// Whether anything arrived since the probe went out; `None` if no probe is running.
+    pub fn probe_answered(&self) -> Option<bool> {
+        self.core.probe_sent.map(|at| self.core.last_recv > at)
+    }
+
+    pub fn clear_probe(&mut self) {
+        self.core.probe_sent = None;
+    }
+
+    /// Timers: keepalive, close deadline, slow consumer.
+    pub fn on_tick(&mut self, now: Instant) {
+        let c = &mut self.core;
+        match c.state {
+            State::Done => {}
+            State::Closing { deadline, .. } => {
+                if now >= deadline {
+                    c.end.get_or_insert(End::CloseTimeout);
+                    c.state = State::Done;
+                }
+            }
+            State::Pending | State::Open => {
+                if let Some(since) = c.stuck_since {
+                    if now.duration_since(since) >= c.settings.slow_consumer {
+                        c.end.get_or_insert(End::SlowConsumer);
+                        c.close(1008, "send queue full", now);
+                        return;
+                    }
+                }
+                if let Some(at) = c.ping_sent {
+                    if now.duration_since(at) >= c.settings.ping_timeout {
+                        c.end.get_or_insert(End::KeepaliveTimeout);
+                        c.state = State::Done;
+                        return;
+                    }
+                } else if now.duration_since(c.last_recv) >= c.settings.silence {
+                    c.ping_sent = Some(now);
+                    let mut f = Vec::with_capacity(2);
+                    frame::encode_frame(&mut f, OpCode::Ping, b"", false);
+                    c.push(Chunk::Owned(f), now);
+                }
+                if c.state == State::Open && now.duration_since(c.last_send) >= c.settings.idle_send {
+                    let mut msg = Vec::with_capacity(16);
+                    protocol::write_pong(&mut msg);
+                    c.send_text(&msg, now);
+                }
+            }
+        }
+    }
+
+    /// The next bytes to write, if nothing is being written now.
+    pub fn next_send(&mut self) -> Option<&[u8]> {
+        let c = &mut self.core;
+        if c.in_flight != InFlight::None {
+            return None;
+        }
+        // The pong may only go between frames, never inside a half-written one.
+        if c.front_sent == 0 {
+            if let Some(p) = &c.pong {
+                c.in_flight = InFlight::Pong;
+                return Some(&p[c.pong_sent..]);
+            }
+        }
+        let front = c.queue.front()?;
+        c.in_flight = InFlight::Queue;
+        Some(&front.bytes()[c.front_sent..])
+    }
+
+    /// Reports that `n` bytes of what [`next_send`](Self::next_send) gave were written.
+    pub fn on_sent(&mut self, n: usize, now: Instant) {
+        let c = &mut self.core;
+        match std::mem::replace(&mut c.in_flight, InFlight::None) {
+            InFlight::None => {}
+            InFlight::Pong => {
+                c.pong_sent += n;
+                if c.pong.as_ref().is_some_and(|p| c.pong_sent >= p.len()) {
+                    c.pong = None;
+                    c.pong_sent = 0;
+                }
+            }
+            InFlight::Queue => {
+                c.front_sent += n;
+                c.queued_bytes -= n.min(c.queued_bytes);
+                let done = c.queue.front().is_some_and(|f| c.front_sent >= f.bytes().len());
+                if done {
+                    c.queue.pop_front();
+                    c.front_sent = 0;
+                }
+                if c.queued_bytes <= c.settings.max_outbound {
+                    c.stuck_since = None;
+                }
+            }
+        }
+        if n > 0 {
+            c.last_send = now;
+        }
+        if c.queue.is_empty() && c.pong.is_none() {
+            c.queue.shrink_to(4);
+        }
+    }
+
+    /// Whether every queued byte is written.
+    pub fn flushed(&self) -> bool {
+        self.core.queue.is_empty() && self.core.pong.is_none() && self.core.in_flight == InFlight::None
+    }
+
+    /// Whether the socket can be dropped now: the close handshake is over and flushed, or the
+    /// connection was terminated.
+    pub fn finished(&self) -> bool {
+        match self.core.state {
+            State::Done => true,
+            State::Closing { received: true, .. } => self.flushed(),
+            _ => false,
+        }
+    }
+
+    /// Messages received, bytes received and messages queued since the last call.
+    pub fn take_counts(&mut self) -> (u64, u64, u64) {
+        let c = &mut self.core;
+        (
+            std::mem::take(&mut c.messages_in),
+            std::mem::take(&mut c.bytes_in),
+            std::mem::take(&mut c.messages_out),
+        )
+    }
+
+    pub fn take_notices(&mut self) -> Vec<Notice> {
+        std::mem::take(&mut self.core.notices)
+    }
+
+    /// Returns idle buffers' memory (between bursts an idle connection holds none).
+    pub fn shrink(&mut self) {
+        self.decoder.shrink();
+    }
+}
+
+impl Core {
+    fn push(&mut self, chunk: Chunk, now: Instant) {
+        let len = chunk.bytes().len();
+        self.queued_bytes += len;
+        if self.queued_bytes > self.settings.max_outbound && self.stuck_since.is_none() {
+            self.stuck_since = Some(now);
+        }
+        // Coalesce small owned frames into the last owned chunk, unless that chunk is being
+        // written (its buffer must not move under the kernel).
+        if let Chunk::Owned(bytes) = &chunk {
+            let writing_back = self.in_flight == InFlight::Queue && self.queue.len() == 1;
+            if let (Some(Chunk::Owned(back)), false) = (self.queue.back_mut(), writing_back) {
+                if back.len() + bytes.len() <= COALESCE_LIMIT {
+                    back.extend_from_slice(bytes);
+                    return;
+                }
+            }
+        }
+        self.queue.push_back(chunk);
+    }
+
+    fn send_text(&mut self, json: &[u8], now: Instant) {
+        self.messages_out += 1;
+        let mut f = Vec::with_capacity(json.len() + frame::MAX_SERVER_HEADER);
+        frame::encode_frame(&mut f, OpCode::Text, json, false);
+        self.push(Chunk::Owned(f), now);
+    }
+
+    fn fail(&mut self, kind: ErrorKind, message: &str, backoff: Option<(u64, u64)>, code: u16, now: Instant) {
+        if matches!(self.state, State::Pending | State::Open) {
+            self.send_text(&protocol::encode_error(kind, message, backoff), now);
+            self.end.get_or_insert(End::Protocol(code));
+            self.close(code, message, now);
+        }
+    }
+
+    fn close(&mut self, code: u16, reason: &str, now: Instant) {
+        if matches!(self.state, State::Pending | State::Open) {
+            let mut f = Vec::with_capacity(reason.len().min(123) + 4);
+            frame::encode_close(&mut f, code, reason);
+            self.push(Chunk::Owned(f), now);
+            self.end.get_or_insert(End::Normal);
+            self.state = State::Closing { deadline: now + self.settings.close_timeout, received: false };
+        }
+    }
+
+    fn on_event(&mut self, event: Event<'_>, now: Instant) -> ControlFlow<()> {
+        match event {
+            Event::Ping(payload) => {
+                let mut f = Vec::with_capacity(payload.len() + 2);
+                frame::encode_frame(&mut f, OpCode::Pong, payload, false);
+                if self.in_flight == InFlight::Pong {
+                    // The previous pong is being written; queue this one behind it instead of
+                    // replacing a buffer the kernel is reading.
+                    self.push(Chunk::Owned(f), now);
+                } else {
+                    self.pong = Some(f);
+                    self.pong_sent = 0;
+                }
+            }
+            Event::Pong(_) => {}
+            Event::Close(code) => {
+                match self.state {
+                    State::Closing { deadline, .. } => {
+                        self.state = State::Closing { deadline, received: true };
+                    }
+                    _ => {
+                        // Echo the peer's code, as RFC 6455 5.5.1 asks.
+                        let mut f = Vec::with_capacity(4);
+                        match code {
+                            Some((code, _)) => frame::encode_close(&mut f, code, ""),
+                            None => frame::encode_frame(&mut f, OpCode::Close, b"", false),
+                        }
+                        self.push(Chunk::Owned(f), now);
+                        self.end.get_or_insert(End::Normal);
+                        self.state = State::Closing { deadline: now + self.settings.close_timeout, received: true };
+                    }
+                }
+                return ControlFlow::Break(());
+            }
+            Event::Text { payload, compressed: false } => {
+                self.messages_in += 1;
+                if self.state == State::Open {
+                    self.on_text(payload, now);
+                }
+            }
+            Event::Text { .. } | Event::Binary { .. } => {
+                self.messages_in += 1;
+                self.fail(ErrorKind::InvalidMessage, "expected a JSON text message", None, 1002, now);
+            }
+        }
+        if matches!(self.state, State::Open | State::Pending) {
+            ControlFlow::Continue(())
+        } else {
+            ControlFlow::Break(())
+        }
+    }
+
+    fn on_text(&mut self, json: &mut [u8], now: Instant) {
+        let msg = match protocol::parse_upstream(json) {
+            Ok(msg) => msg,
+            Err(message) => {
+                return self.fail(ErrorKind::InvalidMessage, &message, None, 1002, now);
+            }
+        };
+        match msg {
+            Upstream::Ping => {
+                let mut out = Vec::with_capacity(16);
+                protocol::write_pong(&mut out);
+                self.send_text(&out, now);
+            }
+            Upstream::InitConnection(_) => {
+                if self.initialized {
+                    return self.fail(ErrorKind::InvalidMessage, "initConnection sent twice", None, 1002, now);
+                }
+                self.initialized = true;
+            }
+            Upstream::Push(push) => {
+                if push.client_group_id != *self.id.client_group_id {
+                    let message = format!(
+                        "clientGroupID in mutation \"{}\" does not match clientGroupID of connection \"{}\"",
+                        push.client_group_id, self.id.client_group_id
+                    );
+                    return self.fail(ErrorKind::InvalidPush, &message, None, 1002, now);
+                }
+                self.notices.push(Notice::Push(Box::new(push)));
+            }
+            // Parsed and validated; what they do to a client group is the group sync's job.
+            _ => {}
+        }
+    }
+}
+
+/// Small frames queued back to back are merged into one buffer up to this size, so a burst
+/// of replies is one write instead of many.
+const COALESCE_LIMIT: usize = 16 * 1024;
+
+pub fn epoch_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::encode_client_frame;
+
+    const MASK: [u8; 4] = [1, 2, 3, 4];
+
+    fn settings() -> Settings {
+        Settings {
+            idle_send: Duration::from_secs(6),
+            silence: Duration::from_secs(15),
+            ping_timeout: Duration::from_secs(5),
+            close_timeout: Duration::from_secs(2),
+            max_outbound: 1024,
+            slow_consumer: Duration::from_secs(10),
+            decoder: DecoderLimits::default(),
+        }
+    }
+
+    fn open(now: Instant) -> Connection {
+        let id = Identity {
+            client_id: Rc::from("c1"),
+            client_group_id: Rc::from("g1"),
+            wsid: "w1".into(),
+            user: None,
+            version: 51,
+        };
+        let mut c = Connection::new(id, settings(), now);
+        c.open(None, now);
+        c
+    }
+
+    /// Writes everything queued and returns the server frames as (opcode byte, payload).
+    fn drain(c: &mut Connection, now: Instant) -> Vec<(u8, Vec<u8>)> {
+        let mut wire = Vec::new();
+        while let Some(bytes) = c.next_send() {
+            let n = bytes.len();
+            wire.extend_from_slice(bytes);
+            c.on_sent(n, now);
+        }
+        let mut frames = Vec::new();
+        let mut at = 0;
+        while at < wire.len() {
+            let op = wire[at] & 0x0f;
+            let (len, hdr) = match wire[at + 1] & 0x7f {
+                126 => (u16::from_be_bytes([wire[at + 2], wire[at + 3]]) as usize, 4),
+                127 => (u64::from_be_bytes(wire[at + 2..at + 10].try_into().unwrap()) as usize, 10),
+                n => (n as usize, 2),
+            };
+            frames.push((op, wire[at + hdr..at + hdr + len].to_vec()));
+            at += hdr + len;
+        }
+        frames
+    }
+
+    fn client(op: OpCode, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::new();
+        encode_client_frame(&mut f, op, payload, MASK, true, false);
+        f
+    }
+
+    #[test]
+    fn connected_once_then_ping_pong() {
+        let now = Instant::now();
+        let mut c = open(now);
+        c.open(None, now);
+        let frames = drain(&mut c, now);
+        assert_eq!(frames.len(), 1, "connected is sent exactly once");
+        assert!(frames[0].1.starts_with(br#"["connected",{"wsid":"w1","timestamp":"#));
+        c.on_bytes(&mut client(OpCode::Text, br#"["ping",{}]"#), now);
+        assert_eq!(drain(&mut c, now), vec![(1, br#"["pong",{}]"#.to_vec())]);
+    }
+
+    #[test]
+    fn invalid_messages_fail_with_origin_and_close_1002() {
+        let now = Instant::now();
+        let mut c = open(now);
+        drain(&mut c, now);
+        c.on_bytes(&mut client(OpCode::Text, br#"["nope",{}]"#), now);
+        let frames = drain(&mut c, now);
+        let error = String::from_utf8(frames[0].1.clone()).unwrap();
+        assert!(error.contains(r#""kind":"InvalidMessage""#), "{error}");
+        assert!(error.contains(r#""origin":"zeroCache""#), "{error}");
+        assert_eq!(frames[1].0, 8);
+        assert_eq!(&frames[1].1[..2], &1002u16.to_be_bytes());
+        // Nothing is processed after close.
+        c.on_bytes(&mut client(OpCode::Text, br#"["ping",{}]"#), now);
+        assert!(drain(&mut c, now).is_empty());
+        assert!(!c.finished(), "waits for the peer's close frame");
+        c.on_bytes(&mut client(OpCode::Close, &1002u16.to_be_bytes()), now);
+        assert!(c.finished());
+    }
+
+    #[test]
+    fn a_push_for_another_group_is_fatal() {
+        let now = Instant::now();
+        let mut c = open(now);
+        drain(&mut c, now);
+        let push = br#"["push",{"timestamp":1,"clientGroupID":"other","mutations":[],"pushVersion":1,"requestID":"r"}]"#;
+        c.on_bytes(&mut client(OpCode::Text, push), now);
+        let frames = drain(&mut c, now);
+        assert!(String::from_utf8_lossy(&frames[0].1).contains("InvalidPush"));
+        assert!(matches!(c.state(), State::Closing { .. }));
+    }
+
+    #[test]
+    fn the_peers_close_is_echoed_and_ends_the_connection() {
+        let now = Instant::now();
+        let mut c = open(now);
+        drain(&mut c, now);
+        c.on_bytes(&mut client(OpCode::Close, &1000u16.to_be_bytes()), now);
+        let frames = drain(&mut c, now);
+        assert_eq!(frames, vec![(8, 1000u16.to_be_bytes().to_vec())]);
+        assert!(c.finished());
+    }
+
+    #[test]
+    fn keepalive_pongs_pings_and_terminates() {
+        let t0 = Instant::now();
+        let mut c = open(t0);
+        drain(&mut c, t0);
+        c.on_tick(t0 + Duration::from_secs(5));
+        assert!(drain(&mut c, t0).is_empty(), "not idle for 6 s yet");
+        let t6 = t0 + Duration::from_secs(6);
+        c.on_tick(t6);
+        assert_eq!(drain(&mut c, t6), vec![(1, br#"["pong",{}]"#.to_vec())]);
+        let t15 = t0 + Duration::from_secs(15);
+        c.on_tick(t15);
+        let frames = drain(&mut c, t15);
+        assert!(frames.contains(&(9, vec![])), "silent peer gets a WebSocket ping: {frames:?}");
+        c.on_tick(t15 + Duration::from_secs(4));
+        assert_ne!(c.state(), State::Done);
+        c.on_tick(t15 + Duration::from_secs(5));
+        assert_eq!(c.state(), State::Done);
+        assert_eq!(c.end(), Some(&End::KeepaliveTimeout));
+    }
+
+    #[test]
+    fn any_frame_answers_the_keepalive_ping() {
+        let t0 = Instant::now();
+        let mut c = open(t0);
+        let t15 = t0 + Duration::from_secs(15);
+        c.on_tick(t15);
+        c.on_bytes(&mut client(OpCode::Pong, b""), t15 + Duration::from_secs(1));
+        c.on_tick(t15 + Duration::from_secs(6));
+        assert_ne!(c.state(), State::Done);
+    }
+
+    #[test]
+    fn pongs_jump_a_backed_up_queue_and_only_the_latest_is_kept() {
+        let now = Instant::now();
+        let mut c = open(now);
+        drain(&mut c, now);
+        for i in 0..10u8 {
+            c.send_shared(Rc::from(vec![0x81, 1, i]), now);
+        }
+        // Start writing the first queued frame, then a flood of pings arrives.
+        let first = c.next_send().unwrap().len();
+        for i in 0..50u8 {
+            c.on_bytes(&mut client(OpCode::Ping, &[i]), now);
+        }
+        c.on_sent(first, now);
+        let frames = drain(&mut c, now);
+        let pongs: Vec<_> = frames.iter().filter(|(op, _)| *op == 10).collect();
+        assert_eq!(pongs.len(), 1, "one pong for a flood");
+        assert_eq!(pongs[0].1, vec![49], "the latest ping's payload");
+        assert_eq!(frames[0].0, 10, "the pong goes before the rest of the queue");
+    }
+
+    #[test]
+    fn a_stuck_consumer_is_closed_1008() {
+        let t0 = Instant::now();
+        let mut c = open(t0);
+        drain(&mut c, t0);
+        c.send_shared(Rc::from(vec![0u8; 4096]), t0);
+        c.on_tick(t0 + Duration::from_secs(9));
+        assert_eq!(c.state(), State::Open);
+        c.on_tick(t0 + Duration::from_secs(10));
+        assert!(matches!(c.state(), State::Closing { .. }));
+        assert_eq!(c.end(), Some(&End::SlowConsumer));
+    }
+
+    #[test]
+    fn protocol_errors_close_with_their_code() {
+        let now = Instant::now();
+        let mut c = open(now);
+        drain(&mut c, now);
+        let mut unmasked = Vec::new();
+        encode_frame(&mut unmasked, OpCode::Text, b"[]", false);
+        c.on_bytes(&mut unmasked, now);
+        let frames = drain(&mut c, now);
+        assert_eq!(frames.last().unwrap().0, 8);
+        assert_eq!(&frames.last().unwrap().1[..2], &1002u16.to_be_bytes());
+        assert_eq!(c.end(), Some(&End::Protocol(1002)));
+    }
+
+    use crate::frame::encode_frame;
+}

@@ -1,0 +1,38 @@
+//! syncgate: a daemon that terminates the WebSocket connections of Zero's sync protocol on
+//! io_uring, built so that the weaknesses a security review found in zero-cache's WebSocket
+//! layer cannot happen (see DESIGN.md beside the repository).
+//!
+//! Processes (all the same binary):
+//! - [`supervisor`]: binds the socket, starts the others by fork+exec, respawns, signals.
+//! - [`listener`]: accepts, reads request heads, answers plain HTTP, routes upgrades.
+//! - [`worker`]: finishes handshakes and runs connections, one io_uring ring each.
+//!
+//! Sans-IO core (no sockets; unit-tested and fuzzable):
+//! - [`handshake`]: request heads, upgrade checks, HTTP and 101 responses.
+//! - [`route`]: sync paths, connect parameters, the worker hash.
+//! - [`auth`]: JWT verification and its cache.
+//! - [`protocol`]: Zero's messages, error kinds and the `Sec-WebSocket-Protocol` header.
+//! - [`frame`], [`mask`], [`close`]: the WebSocket frame codec.
+//! - [`connection`]: one connection's state machine (lifecycle, keepalive, close).
+//! - [`group`]: client groups and the displacement rules.
+//!
+//! Plumbing: [`ring`] (io_uring, buffer ring), [`handoff`] (fd passing), [`metrics`]
+//! (shared counters), [`config`], [`logging`].
+
+pub mod auth;
+pub mod close;
+pub mod config;
+pub mod connection;
+pub mod frame;
+pub mod group;
+pub mod handoff;
+pub mod handshake;
+pub mod listener;
+pub mod logging;
+pub mod mask;
+pub mod metrics;
+pub mod protocol;
+pub mod ring;
+pub mod route;
+pub mod supervisor;
+pub mod worker;

@@ -1,0 +1,424 @@
+//! The listener process: accepts every socket, reads its request head under a deadline and a
+//! size cap, answers plain HTTP itself (health, metrics, errors) and hands each WebSocket
+//! upgrade to the worker that owns its client group.
+//!
+//! It owns one io_uring ring: a multishot accept on the listening socket, one receive or send
+//! in flight per pending socket, and a tick that enforces deadlines. A socket leaves the
+//! listener as soon as it is handed off; the listener keeps nothing per WebSocket connection.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, types};
+
+use crate::config::Config;
+use crate::handshake::{self, Head, HeadError, UpgradeError};
+use crate::metrics::{Metric, Metrics};
+use crate::ring::{self, Ring};
+use crate::{frame, handoff, route};
+
+const ACCEPT: u8 = 1;
+const RECV: u8 = 2;
+const SEND: u8 = 3;
+const TICK: u8 = 4;
+const SIGNAL: u8 = 5;
+
+/// First read buffer per socket: a browser's upgrade without a Zero header fits; the Zero
+/// client's 8 KiB header grows it once.
+const INITIAL_HEAD_BUFFER: usize = 2048;
+
+/// Where a pending socket is in its short life.
+enum Stage {
+    /// Waiting for the rest of the request head.
+    Head,
+    /// Writing an answer; the listener closes the socket when it is out.
+    Answer { out: Vec<u8>, sent: usize },
+    /// Answer written and our side shut: read until the client closes, so closing does not
+    /// reset the connection and destroy the answer before the client read it.
+    Linger,
+}
+
+struct Pending {
+    fd: OwnedFd,
+    peer: SocketAddr,
+    /// Bytes read so far; capacity grows up to the head cap.
+    buf: Vec<u8>,
+    /// When the current stage's deadline passes (head timeout, or linger timeout).
+    deadline: Instant,
+    stage: Stage,
+    /// Set when the tick shut the socket down; the in-flight operation then finishes it.
+    expired: bool,
+}
+
+pub struct Listener {
+    ring: Ring,
+    config: Config,
+    listen: OwnedFd,
+    /// One handoff channel per worker, indexed by worker number.
+    channels: Vec<OwnedFd>,
+    metrics: Metrics,
+    task_id: String,
+    /// Sockets between accept and handoff (or answer); `None` slots are free.
+    pending: Vec<Option<Pending>>,
+    free: Vec<u32>,
+    /// Set on SIGTERM: stop accepting, finish what is pending, exit.
+    stopping: bool,
+    signalfd: nix::sys::signalfd::SignalFd,
+    signal_buf: Box<[u8; 128]>,
+}
+
+impl Listener {
+    pub fn new(
+        config: Config,
+        listen: OwnedFd,
+        channels: Vec<OwnedFd>,
+        metrics: Metrics,
+        task_id: String,
+        signalfd: nix::sys::signalfd::SignalFd,
+    ) -> Result<Listener, String> {
+        Ok(Listener {
+            ring: Ring::new()?,
+            config,
+            listen,
+            channels,
+            metrics,
+            task_id,
+            pending: Vec::new(),
+            free: Vec::new(),
+            stopping: false,
+            signalfd,
+            signal_buf: Box::new([0; 128]),
+        })
+    }
+
+    pub fn run(mut self) -> Result<(), String> {
+        let accept = opcode::AcceptMulti::new(types::Fd(self.listen.as_raw_fd()))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(ring::token(ACCEPT, 0));
+        self.ring.push(accept);
+        self.arm_signal();
+        let tick = self.config.keepalive.tick().min(Duration::from_millis(250));
+        self.ring.arm_tick(tick, ring::token(TICK, 0));
+        let mut cqes = Vec::with_capacity(256);
+        loop {
+            self.ring.submit_and_wait().map_err(|e| format!("io_uring_enter: {e}"))?;
+            self.ring.drain(&mut cqes);
+            let now = Instant::now();
+            for cqe in &cqes {
+                let (kind, index) = ring::untoken(cqe.user_data());
+                match kind {
+                    ACCEPT => self.on_accept(cqe, now),
+                    RECV => self.on_recv(index, cqe.result(), now),
+                    SEND => self.on_send(index, cqe.result(), now),
+                    TICK => {
+                        self.on_tick(now);
+                        self.ring.arm_tick(tick, ring::token(TICK, 0));
+                    }
+                    SIGNAL => self.on_signal(),
+                    _ => {}
+                }
+            }
+            if self.stopping && self.pending.iter().all(Option::is_none) {
+                log::info!("listener stopped");
+                return Ok(());
+            }
+        }
+    }
+
+    fn arm_signal(&mut self) {
+        let entry = opcode::Read::new(
+            types::Fd(self.signalfd.as_raw_fd()),
+            self.signal_buf.as_mut_ptr(),
+            self.signal_buf.len() as u32,
+        )
+        .build()
+        .user_data(ring::token(SIGNAL, 0));
+        self.ring.push(entry);
+    }
+
+    fn on_signal(&mut self) {
+        if !self.stopping {
+            log::info!("listener: stop requested, no longer accepting");
+            self.stopping = true;
+            // Closing the listening socket would race the supervisor's copy; stop our accept.
+            let cancel = opcode::AsyncCancel::new(ring::token(ACCEPT, 0)).build().user_data(0);
+            self.ring.push(cancel);
+        }
+        self.arm_signal();
+    }
+
+    fn on_accept(&mut self, cqe: &cqueue::Entry, now: Instant) {
+        if !cqueue::more(cqe.flags()) && !self.stopping {
+            // The kernel ends a multishot accept on some errors (e.g. EMFILE); re-arm it.
+            let accept = opcode::AcceptMulti::new(types::Fd(self.listen.as_raw_fd()))
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+                .user_data(ring::token(ACCEPT, 0));
+            self.ring.push(accept);
+        }
+        let fd = cqe.result();
+        if fd < 0 {
+            if fd != -libc::ECANCELED {
+                log::warn!("accept failed: {}", std::io::Error::from_raw_os_error(-fd));
+            }
+            return;
+        }
+        // SAFETY: the kernel gave us this new descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        if self.stopping {
+            return;
+        }
+        self.metrics.inc(Metric::Accepted);
+        let peer = peer_addr(fd.as_raw_fd());
+        let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::TcpNoDelay, &true);
+        let head_timeout = Duration::from_millis(self.config.limits.head_timeout_ms);
+        let index = self.insert(Pending {
+            fd,
+            peer,
+            buf: Vec::with_capacity(INITIAL_HEAD_BUFFER),
+            deadline: now + head_timeout,
+            stage: Stage::Head,
+            expired: false,
+        });
+        self.arm_recv(index);
+    }
+
+    fn insert(&mut self, p: Pending) -> u32 {
+        match self.free.pop() {
+            Some(i) => {
+                self.pending[i as usize] = Some(p);
+                i
+            }
+            None => {
+                self.pending.push(Some(p));
+                (self.pending.len() - 1) as u32
+            }
+        }
+    }
+
+    fn remove(&mut self, index: u32) {
+        self.pending[index as usize] = None;
+        self.free.push(index);
+    }
+
+    fn arm_recv(&mut self, index: u32) {
+        let p = self.pending[index as usize].as_mut().expect("pending");
+        if p.buf.len() == p.buf.capacity() {
+            let cap = (p.buf.capacity() * 4).min(self.config.limits.max_head_bytes);
+            p.buf.reserve_exact(cap - p.buf.len());
+        }
+        let spare = p.buf.spare_capacity_mut();
+        let entry = opcode::Recv::new(
+            types::Fd(p.fd.as_raw_fd()),
+            spare.as_mut_ptr() as *mut u8,
+            spare.len() as u32,
+        )
+        .build()
+        .user_data(ring::token(RECV, index));
+        self.ring.push(entry);
+    }
+
+    fn on_recv(&mut self, index: u32, res: i32, now: Instant) {
+        let Some(p) = self.pending[index as usize].as_mut() else { return };
+        if matches!(p.stage, Stage::Linger) {
+            if res > 0 && !p.expired {
+                p.buf.clear();
+                self.arm_recv(index);
+            } else {
+                self.remove(index);
+            }
+            return;
+        }
+        if res <= 0 || p.expired {
+            if p.expired && res >= 0 {
+                self.metrics.inc(Metric::BadHeads);
+                log::debug!("peer={} request head timed out", p.peer);
+            }
+            self.remove(index);
+            return;
+        }
+        let before = p.buf.len();
+        // SAFETY: the kernel wrote `res` bytes into the spare capacity.
+        unsafe { p.buf.set_len(before + res as usize) };
+        match handshake::head_end(&p.buf, before) {
+            Some(end) => self.on_head(index, end, now),
+            None if p.buf.len() >= self.config.limits.max_head_bytes => {
+                self.metrics.inc(Metric::BadHeads);
+                let msg = format!("request head larger than {} bytes", self.config.limits.max_head_bytes);
+                self.answer(index, handshake::http_error(431, &[], &msg), now);
+            }
+            None => self.arm_recv(index),
+        }
+    }
+
+    fn on_head(&mut self, index: u32, end: usize, now: Instant) {
+        let p = self.pending[index as usize].as_ref().expect("pending");
+        let head = match handshake::parse_head(&p.buf[..end], self.config.limits.max_headers) {
+            Ok(head) => head,
+            Err(HeadError::TooManyHeaders) => {
+                self.metrics.inc(Metric::BadHeads);
+                let msg = format!("more than {} header lines", self.config.limits.max_headers);
+                return self.answer(index, handshake::http_error(431, &[], &msg), now);
+            }
+            Err(HeadError::Malformed) => {
+                self.metrics.inc(Metric::BadHeads);
+                return self.answer(index, handshake::http_error(400, &[], "malformed HTTP request"), now);
+            }
+        };
+        if !head.upgrade {
+            self.metrics.inc(Metric::HttpRequests);
+            let out = self.plain_http(&head);
+            return self.answer(index, out, now);
+        }
+        match handshake::check_upgrade(&head) {
+            Ok(()) => {}
+            Err(UpgradeError::Method) => {
+                return self.answer(index, handshake::http_error(405, &[("Allow", "GET")], "WebSocket upgrades use GET"), now);
+            }
+            Err(UpgradeError::Version) => {
+                return self.answer(
+                    index,
+                    handshake::http_error(426, &[("Sec-WebSocket-Version", "13")], "unsupported Sec-WebSocket-Version"),
+                    now,
+                );
+            }
+            Err(UpgradeError::Key) => {
+                return self.answer(index, handshake::http_error(400, &[], "missing or invalid Sec-WebSocket-Key"), now);
+            }
+        }
+        // Route and parameter errors: upgrade, then close 1002 with the message, as zero-cache
+        // does (an HTTP error looks like a hang to a browser's WebSocket).
+        let routed = route::parse_sync_path(&head.path)
+            .map_err(|e| e.to_string())
+            .and_then(|_| route::parse_connect_params(&head.query));
+        let params = match routed {
+            Ok(params) => params,
+            Err(message) => {
+                self.metrics.inc(Metric::RouteErrors);
+                log::info!("peer={} path={} refused: {message}", p.peer, head.path);
+                let out = upgrade_then_close(&head, &message);
+                return self.answer(index, out, now);
+            }
+        };
+        let worker = route::worker_for(&self.task_id, &params.client_group_id, self.channels.len());
+        let p = self.pending[index as usize].as_ref().expect("pending");
+        match handoff::send(self.channels[worker].as_fd(), p.fd.as_raw_fd(), p.peer, &p.buf) {
+            Ok(()) => {
+                self.metrics.inc(Metric::Handoffs);
+                log::debug!(
+                    "handoff worker={worker} clientID={} clientGroupID={} peer={}",
+                    params.client_id,
+                    params.client_group_id,
+                    p.peer
+                );
+                self.remove(index);
+            }
+            Err(e) => {
+                self.metrics.inc(Metric::HandoffFailures);
+                log::warn!("handoff to worker {worker} failed: {e}; answering 503");
+                let out = handshake::http_error(503, &[("Retry-After", "1")], "worker busy, retry shortly");
+                self.answer(index, out, now);
+            }
+        }
+    }
+
+    fn plain_http(&self, head: &Head) -> Vec<u8> {
+        let known = matches!(head.path.as_str(), "/" | "/keepalive" | "/metrics");
+        if known && head.method != "GET" && head.method != "HEAD" {
+            return handshake::http_error(405, &[("Allow", "GET")], "method not allowed");
+        }
+        match head.path.as_str() {
+            "/" | "/keepalive" => handshake::http_response(200, &[], "text/plain", b"OK"),
+            "/metrics" => handshake::http_response(
+                200,
+                &[],
+                "text/plain; version=0.0.4",
+                self.metrics.render().as_bytes(),
+            ),
+            path if route::parse_sync_path(path).is_ok() => handshake::http_error(
+                426,
+                &[("Sec-WebSocket-Version", "13")],
+                "this route only takes WebSocket upgrades",
+            ),
+            _ => handshake::http_error(404, &[], "not found"),
+        }
+    }
+
+    /// Writes `out` to the socket, then lingers and closes.
+    fn answer(&mut self, index: u32, out: Vec<u8>, now: Instant) {
+        let p = self.pending[index as usize].as_mut().expect("pending");
+        p.stage = Stage::Answer { out, sent: 0 };
+        p.deadline = now + Duration::from_millis(self.config.keepalive.close_timeout_ms);
+        self.arm_send(index);
+    }
+
+    fn arm_send(&mut self, index: u32) {
+        let p = self.pending[index as usize].as_ref().expect("pending");
+        let Stage::Answer { out, sent } = &p.stage else { return };
+        let entry = opcode::Send::new(types::Fd(p.fd.as_raw_fd()), out[*sent..].as_ptr(), (out.len() - sent) as u32)
+            .flags(libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(ring::token(SEND, index));
+        self.ring.push(entry);
+    }
+
+    fn on_send(&mut self, index: u32, res: i32, _now: Instant) {
+        let Some(p) = self.pending[index as usize].as_mut() else { return };
+        let Stage::Answer { out, sent } = &mut p.stage else { return };
+        if res <= 0 || p.expired {
+            self.remove(index);
+            return;
+        }
+        *sent += res as usize;
+        if *sent < out.len() {
+            return self.arm_send(index);
+        }
+        let _ = nix::sys::socket::shutdown(p.fd.as_raw_fd(), nix::sys::socket::Shutdown::Write);
+        p.stage = Stage::Linger;
+        p.buf.clear();
+        p.buf.shrink_to(512);
+        self.arm_recv(index);
+    }
+
+    /// Expires deadlines: shutting a socket down completes its in-flight operation, which
+    /// then frees it, so nothing is freed while the kernel still holds its buffer.
+    fn on_tick(&mut self, now: Instant) {
+        for p in self.pending.iter_mut().flatten() {
+            if !p.expired && now >= p.deadline {
+                p.expired = true;
+                let _ = nix::sys::socket::shutdown(p.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+            }
+        }
+    }
+}
+
+/// The bytes of a 101 followed by a close frame 1002 carrying `Error: <message>`.
+fn upgrade_then_close(head: &Head, message: &str) -> Vec<u8> {
+    let key = head.ws_key.as_deref().unwrap_or_default();
+    let mut out = handshake::switching_protocols(key, head.ws_protocol.as_deref(), None);
+    frame::encode_close(&mut out, 1002, &format!("Error: {message}"));
+    out
+}
+
+fn peer_addr(fd: RawFd) -> SocketAddr {
+    use nix::sys::socket::{getpeername, SockaddrStorage};
+    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
+    match getpeername::<SockaddrStorage>(fd) {
+        Ok(addr) => {
+            if let Some(v4) = addr.as_sockaddr_in() {
+                SocketAddr::from((v4.ip(), v4.port()))
+            } else if let Some(v6) = addr.as_sockaddr_in6() {
+                let ip = v6.ip();
+                match ip.to_ipv4_mapped() {
+                    Some(v4) => SocketAddr::from((v4, v6.port())),
+                    None => SocketAddr::from((ip, v6.port())),
+                }
+            } else {
+                unknown
+            }
+        }
+        Err(_) => unknown,
+    }
+}

@@ -1,0 +1,141 @@
+//! The `syncgate` command: `run` (the default), `check-config`, `version`, and the internal
+//! roles the supervisor starts (`__listener`, `__worker`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use syncgate::config::{Config, CONFIG_PATH_ENV, RESOLVED_ENV};
+use syncgate::supervisor::{self, fds};
+use syncgate::{listener, logging, metrics, worker};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "syncgate", about = "WebSocket termination for Zero's sync protocol, on io_uring")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the daemon (the default when no command is given).
+    Run {
+        /// TOML configuration file; without one the embedded defaults apply.
+        #[arg(long, env = CONFIG_PATH_ENV)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration (file plus environment) and exit non-zero if it is invalid.
+    CheckConfig {
+        /// The file to check (else --config or SYNCGATE_CONFIG).
+        file: Option<PathBuf>,
+        #[arg(long, env = CONFIG_PATH_ENV)]
+        config: Option<PathBuf>,
+    },
+    /// Print the version.
+    Version,
+    #[command(name = "__listener", hide = true)]
+    Listener {
+        #[arg(long)]
+        workers: usize,
+    },
+    #[command(name = "__worker", hide = true)]
+    Worker {
+        #[arg(long)]
+        index: usize,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Cmd::Run { config: std::env::var_os(CONFIG_PATH_ENV).map(PathBuf::from) }) {
+        Cmd::Run { config } => {
+            let resolved = Config::load(config.as_deref());
+            logging::init("supervisor", resolved.as_ref().map_or(log::LevelFilter::Info, Config::level));
+            match resolved.and_then(supervisor::run) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    log::error!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::CheckConfig { file, config } => match Config::load(file.or(config).as_deref()) {
+            Ok(c) => {
+                println!("configuration is valid: listen={} workers={}", c.listen, c.worker_count());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("invalid configuration: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Cmd::Version => {
+            println!("syncgate {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Cmd::Listener { workers } => child("listener", |config, metrics_fd, signals| {
+            // SAFETY: the supervisor placed these descriptors at these numbers.
+            let (listen, channels) = unsafe {
+                (
+                    supervisor::inherited(fds::SOCKET),
+                    (0..workers as i32).map(|i| supervisor::inherited(fds::CHANNELS + i)).collect(),
+                )
+            };
+            let metrics = metrics::Metrics::map(&metrics_fd, 0).map_err(|e| format!("metrics: {e}"))?;
+            let task_id = config.task_id.clone();
+            let l = listener::Listener::new(config, listen, channels, metrics, task_id, signals)?;
+            Ok(Box::new(move || l.run()))
+        }),
+        Cmd::Worker { index } => child(&format!("worker-{index}"), |config, metrics_fd, signals| {
+            // SAFETY: the supervisor placed this descriptor at this number.
+            let channel = unsafe { supervisor::inherited(fds::SOCKET) };
+            let metrics = metrics::Metrics::map(&metrics_fd, index + 1).map_err(|e| format!("metrics: {e}"))?;
+            let w = worker::Worker::new(index, config, channel, metrics, signals)?;
+            Ok(Box::new(move || w.run()))
+        }),
+    }
+}
+
+type Runner = Box<dyn FnOnce() -> Result<(), String>>;
+
+/// Common start of a child: config from the supervisor, logger, signals, then `build`; the
+/// ready byte goes out only once `build` succeeded, so a failure fails the daemon's startup.
+fn child(
+    role: &str,
+    build: impl FnOnce(Config, std::os::fd::OwnedFd, nix::sys::signalfd::SignalFd) -> Result<Runner, String>,
+) -> ExitCode {
+    let config = match std::env::var(RESOLVED_ENV).map_err(|_| format!("{RESOLVED_ENV} not set: internal role started by hand?")).and_then(|t| Config::from_resolved(&t)) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{role}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    logging::init(role, config.level());
+    let mut mask = nix::sys::signal::SigSet::empty();
+    mask.add(nix::sys::signal::Signal::SIGTERM);
+    mask.add(nix::sys::signal::Signal::SIGINT);
+    let signals = match nix::sys::signalfd::SignalFd::with_flags(&mask, nix::sys::signalfd::SfdFlags::SFD_CLOEXEC) {
+        Ok(s) => s,
+        Err(e) => {
+            log::error!("signalfd: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // SAFETY: the supervisor placed these descriptors at these numbers.
+    let (ready, metrics_fd) = unsafe { (supervisor::inherited(fds::READY), supervisor::inherited(fds::METRICS)) };
+    let result = build(config, metrics_fd, signals).and_then(|run| {
+        supervisor::report_ready(ready);
+        run()
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,200 @@
+//! Metrics counters shared by every process of one daemon, and their Prometheus text.
+//!
+//! The supervisor creates one memfd before it starts anyone and every child maps it. Each
+//! process owns one slot (the listener slot 0, worker `i` slot `i + 1`) and is the only writer
+//! of its slot, so counters are plain relaxed atomics with no contention; the listener reads all
+//! slots to answer `GET /metrics`. This is the only memory processes share that they write to
+//! (DESIGN.md), and it survives a worker's crash, so totals never go backwards on a respawn
+//! except for the gauges, which the respawned worker resets.
+
+use std::fmt::Write as _;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// One counter or gauge. The discriminant is its index inside a slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(usize)]
+pub enum Metric {
+    /// Sockets accepted by the listener.
+    Accepted,
+    /// Plain HTTP requests answered by the listener (health, metrics, errors).
+    HttpRequests,
+    /// Upgrade requests handed to a worker.
+    Handoffs,
+    /// Handoffs that could not be delivered (worker queue full or gone).
+    HandoffFailures,
+    /// Upgrades refused in the listener for a route or parameter error (closed 1002).
+    RouteErrors,
+    /// Request heads that timed out, were too large or malformed.
+    BadHeads,
+    /// Sockets that a worker received and found already closed by the peer.
+    DeadOnArrival,
+    /// Handshakes completed with `connected`.
+    Connected,
+    /// Tokens refused (AuthInvalidated / Unauthorized).
+    AuthRefusals,
+    /// Newcomers refused by the displacement rules.
+    DisplacementRefusals,
+    /// Existing connections replaced by a newcomer (same user, or dead on probe).
+    Displaced,
+    /// Connections refused for an unsupported protocol version.
+    VersionRefusals,
+    /// Connections terminated because the peer went silent.
+    KeepaliveTimeouts,
+    /// WebSocket messages received / sent.
+    MessagesIn,
+    MessagesOut,
+    /// Payload bytes received / sent.
+    BytesIn,
+    BytesOut,
+    /// Connections closed for a protocol violation by the client.
+    ProtocolErrors,
+    /// Gauge: connections open on this process.
+    OpenConnections,
+    /// Worker processes respawned by the supervisor (supervisor writes it in slot 0).
+    WorkerRestarts,
+}
+
+/// Counters per slot; a power of two keeps slots aligned and leaves room to grow.
+const SLOT_LEN: usize = 32;
+
+const ALL: &[(Metric, &str, &str, &str)] = &[
+    (Metric::Accepted, "syncgate_accepted_total", "counter", "Sockets accepted by the listener."),
+    (Metric::HttpRequests, "syncgate_http_requests_total", "counter", "Plain HTTP requests answered."),
+    (Metric::Handoffs, "syncgate_handoffs_total", "counter", "Upgrades handed to a worker."),
+    (Metric::HandoffFailures, "syncgate_handoff_failures_total", "counter", "Upgrades that could not be handed to a worker."),
+    (Metric::RouteErrors, "syncgate_route_errors_total", "counter", "Upgrades closed 1002 for a route or parameter error."),
+    (Metric::BadHeads, "syncgate_bad_heads_total", "counter", "Request heads refused: timeout, too large or malformed."),
+    (Metric::DeadOnArrival, "syncgate_dead_on_arrival_total", "counter", "Sockets closed by the peer during the handoff."),
+    (Metric::Connected, "syncgate_connected_total", "counter", "Handshakes completed with connected."),
+    (Metric::AuthRefusals, "syncgate_auth_refusals_total", "counter", "Sockets refused for their token."),
+    (Metric::DisplacementRefusals, "syncgate_displacement_refusals_total", "counter", "Newcomers refused by the displacement rules."),
+    (Metric::Displaced, "syncgate_displaced_total", "counter", "Connections replaced by a newcomer with the same clientID."),
+    (Metric::VersionRefusals, "syncgate_version_refusals_total", "counter", "Sockets refused for their protocol version."),
+    (Metric::KeepaliveTimeouts, "syncgate_keepalive_timeouts_total", "counter", "Connections terminated for silence."),
+    (Metric::MessagesIn, "syncgate_messages_in_total", "counter", "WebSocket messages received."),
+    (Metric::MessagesOut, "syncgate_messages_out_total", "counter", "WebSocket messages sent."),
+    (Metric::BytesIn, "syncgate_bytes_in_total", "counter", "Bytes received on WebSocket connections."),
+    (Metric::BytesOut, "syncgate_bytes_out_total", "counter", "Bytes sent on WebSocket connections."),
+    (Metric::ProtocolErrors, "syncgate_protocol_errors_total", "counter", "Connections closed for a client protocol error."),
+    (Metric::OpenConnections, "syncgate_connections_open", "gauge", "WebSocket connections open."),
+    (Metric::WorkerRestarts, "syncgate_worker_restarts_total", "counter", "Worker processes respawned."),
+];
+
+/// The shared counter table, mapped in this process.
+pub struct Metrics {
+    /// Base of the mapping: `slots * SLOT_LEN` counters.
+    base: *const AtomicU64,
+    /// Number of slots: the listener plus every worker.
+    slots: usize,
+    /// This process's slot; the only one it writes.
+    own: usize,
+}
+
+// The mapping is process-wide and only touched through atomics.
+unsafe impl Send for Metrics {}
+unsafe impl Sync for Metrics {}
+
+impl Metrics {
+    /// Creates the shared memory for `workers` workers (supervisor only).
+    pub fn create(workers: usize) -> std::io::Result<OwnedFd> {
+        let fd = nix::sys::memfd::memfd_create(
+            c"syncgate-metrics",
+            nix::sys::memfd::MFdFlags::empty(),
+        )?;
+        let len = ((workers + 1) * SLOT_LEN * 8) as i64;
+        nix::unistd::ftruncate(fd.as_fd(), len)?;
+        Ok(fd)
+    }
+
+    /// Maps the table from `fd` and writes into slot `own`.
+    pub fn map(fd: &impl AsFd, own: usize) -> std::io::Result<Metrics> {
+        let stat = nix::sys::stat::fstat(fd.as_fd())?;
+        let len = stat.st_size as usize;
+        let slots = len / (SLOT_LEN * 8);
+        if slots == 0 || own >= slots {
+            return Err(std::io::Error::other("metrics table too small"));
+        }
+        // SAFETY: a fresh shared mapping of a memfd we own a descriptor of; its size was checked.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_fd().as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Metrics { base: ptr as *const AtomicU64, slots, own })
+    }
+
+    fn cell(&self, slot: usize, m: Metric) -> &AtomicU64 {
+        debug_assert!(slot < self.slots && (m as usize) < SLOT_LEN);
+        // SAFETY: in bounds of the mapping, which lives as long as the process.
+        unsafe { &*self.base.add(slot * SLOT_LEN + m as usize) }
+    }
+
+    pub fn add(&self, m: Metric, n: u64) {
+        self.cell(self.own, m).fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn inc(&self, m: Metric) {
+        self.add(m, 1);
+    }
+
+    pub fn set(&self, m: Metric, v: u64) {
+        self.cell(self.own, m).store(v, Ordering::Relaxed);
+    }
+
+    pub fn get(&self, slot: usize, m: Metric) -> u64 {
+        self.cell(slot, m).load(Ordering::Relaxed)
+    }
+
+    /// Adds `n` to a counter of another slot: only the supervisor does it, for the
+    /// restart count, which belongs to no running worker.
+    pub fn add_to(&self, slot: usize, m: Metric, n: u64) {
+        self.cell(slot, m).fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition of every slot. Worker slots carry a `worker` label so a
+    /// test or an operator can see which worker served what; the listener's is `listener`.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        for &(m, name, kind, help) in ALL {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for slot in 0..self.slots {
+                let v = self.get(slot, m);
+                if slot == 0 {
+                    let _ = writeln!(out, "{name}{{process=\"listener\"}} {v}");
+                } else {
+                    let _ = writeln!(out, "{name}{{process=\"worker\",worker=\"{}\"}} {v}", slot - 1);
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_are_separate_and_shared_across_mappings() {
+        let fd = Metrics::create(2).unwrap();
+        let w1 = Metrics::map(&fd, 2).unwrap();
+        let l = Metrics::map(&fd, 0).unwrap();
+        w1.add(Metric::MessagesIn, 5);
+        l.inc(Metric::Accepted);
+        assert_eq!(l.get(2, Metric::MessagesIn), 5);
+        assert_eq!(l.get(1, Metric::MessagesIn), 0);
+        let text = l.render();
+        assert!(text.contains("syncgate_messages_in_total{process=\"worker\",worker=\"1\"} 5"));
+        assert!(text.contains("syncgate_accepted_total{process=\"listener\"} 1"));
+        assert!(ALL.len() <= SLOT_LEN);
+    }
+}

@@ -1,0 +1,255 @@
+//! The downstream `error` message: `["error", {kind, message, origin, ...}]`.
+//!
+//! The client validates downstream messages strictly (valita's default
+//! mode), against a union of four body shapes chosen by `kind`
+//! (zero-protocol's `error.ts`):
+//!
+//! - most kinds: `{kind, message, origin?}`;
+//! - `Rebalance`, `Rehome`, `ServerOverloaded`: additionally
+//!   `minBackoffMs?`, `maxBackoffMs?`, `reconnectParams?`;
+//! - `PushFailed`: `{kind, message, origin, reason, mutationIDs, details?}`;
+//! - `TransformFailed`: `{kind, message, origin, reason, queryIDs, details?}`.
+//!
+//! A field outside its kind's shape makes the client reject the whole
+//! message, so [`ErrorBody`] writes each field only for the kinds that have
+//! it. `origin` is optional in the schema but we always send `"zeroCache"`:
+//! without it the client treats every error, auth errors included, as an
+//! internal failure instead of reacting to its kind.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::messages::{write_json, MutationId};
+
+/// The `origin` of every error we send: the sync server itself, as opposed
+/// to the app's API server (`"server"`).
+const ORIGIN_ZERO_CACHE: &str = "zeroCache";
+
+/// The `reason` of a `PushFailed` or `TransformFailed` error raised by the
+/// sync server. The schema requires one; `"internal"` is the one that claims
+/// nothing about HTTP, timeouts or parsing.
+const REASON_INTERNAL: &str = "internal";
+
+/// What went wrong, as the client understands it; it decides how the client
+/// reacts (wait for new auth, back off and reconnect, drop its local
+/// database, or stop).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The token failed verification: the client waits for new credentials.
+    AuthInvalidated,
+    /// The server has no state for this client.
+    ClientNotFound,
+    /// The connect request was malformed.
+    InvalidConnectionRequest,
+    /// The client's `baseCookie` is ahead of the server: it drops its data.
+    InvalidConnectionRequestBaseCookie,
+    /// The client's `lmid` is ahead of the server: it drops its data.
+    InvalidConnectionRequestLastMutationID,
+    /// The client was deleted by the server.
+    InvalidConnectionRequestClientDeleted,
+    /// An upstream message failed validation.
+    InvalidMessage,
+    /// A push was invalid (e.g. for another client group).
+    InvalidPush,
+    /// A push could not be processed.
+    PushFailed,
+    /// A mutation failed.
+    MutationFailed,
+    /// Too many mutations: the client stays connected and pushes again later.
+    MutationRateLimited,
+    /// The server wants the client elsewhere: back off, reconnect.
+    Rebalance,
+    /// The client group moved: back off, reconnect.
+    Rehome,
+    /// A custom query could not be transformed.
+    TransformFailed,
+    /// No token, or one for another user: the client waits for credentials.
+    Unauthorized,
+    /// The sync protocol version is outside what the server supports.
+    VersionNotSupported,
+    /// The app schema version is not supported.
+    SchemaVersionNotSupported,
+    /// The server is too busy: back off, reconnect.
+    ServerOverloaded,
+    /// Anything else.
+    Internal,
+}
+
+impl ErrorKind {
+    /// Every kind, for tests and metrics.
+    pub const ALL: [ErrorKind; 19] = [
+        ErrorKind::AuthInvalidated,
+        ErrorKind::ClientNotFound,
+        ErrorKind::InvalidConnectionRequest,
+        ErrorKind::InvalidConnectionRequestBaseCookie,
+        ErrorKind::InvalidConnectionRequestLastMutationID,
+        ErrorKind::InvalidConnectionRequestClientDeleted,
+        ErrorKind::InvalidMessage,
+        ErrorKind::InvalidPush,
+        ErrorKind::PushFailed,
+        ErrorKind::MutationFailed,
+        ErrorKind::MutationRateLimited,
+        ErrorKind::Rebalance,
+        ErrorKind::Rehome,
+        ErrorKind::TransformFailed,
+        ErrorKind::Unauthorized,
+        ErrorKind::VersionNotSupported,
+        ErrorKind::SchemaVersionNotSupported,
+        ErrorKind::ServerOverloaded,
+        ErrorKind::Internal,
+    ];
+
+    /// The kind as written on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorKind::AuthInvalidated => "AuthInvalidated",
+            ErrorKind::ClientNotFound => "ClientNotFound",
+            ErrorKind::InvalidConnectionRequest => "InvalidConnectionRequest",
+            ErrorKind::InvalidConnectionRequestBaseCookie => "InvalidConnectionRequestBaseCookie",
+            ErrorKind::InvalidConnectionRequestLastMutationID => {
+                "InvalidConnectionRequestLastMutationID"
+            }
+            ErrorKind::InvalidConnectionRequestClientDeleted => {
+                "InvalidConnectionRequestClientDeleted"
+            }
+            ErrorKind::InvalidMessage => "InvalidMessage",
+            ErrorKind::InvalidPush => "InvalidPush",
+            ErrorKind::PushFailed => "PushFailed",
+            ErrorKind::MutationFailed => "MutationFailed",
+            ErrorKind::MutationRateLimited => "MutationRateLimited",
+            ErrorKind::Rebalance => "Rebalance",
+            ErrorKind::Rehome => "Rehome",
+            ErrorKind::TransformFailed => "TransformFailed",
+            ErrorKind::Unauthorized => "Unauthorized",
+            ErrorKind::VersionNotSupported => "VersionNotSupported",
+            ErrorKind::SchemaVersionNotSupported => "SchemaVersionNotSupported",
+            ErrorKind::ServerOverloaded => "ServerOverloaded",
+            ErrorKind::Internal => "Internal",
+        }
+    }
+
+    /// Whether the body may carry a backoff window and reconnect parameters.
+    pub fn is_backoff(self) -> bool {
+        matches!(
+            self,
+            ErrorKind::Rebalance | ErrorKind::Rehome | ErrorKind::ServerOverloaded
+        )
+    }
+}
+
+/// The body of an `error` message.
+///
+/// Fields that do not belong to `kind`'s shape are left out when writing
+/// (see the module documentation), so setting them is harmless.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ErrorBody {
+    /// Decides how the client reacts.
+    pub kind: ErrorKind,
+    /// Human-readable detail, logged by the client.
+    pub message: String,
+    /// Backoff kinds: the least time the client waits before reconnecting.
+    pub min_backoff_ms: Option<u64>,
+    /// Backoff kinds: the most time the client waits before reconnecting.
+    pub max_backoff_ms: Option<u64>,
+    /// Backoff kinds: query parameters the client adds to its next connect
+    /// URL only.
+    pub reconnect_params: Option<BTreeMap<String, String>>,
+    /// `PushFailed` only: the mutations that failed (the schema requires the
+    /// list, possibly empty).
+    pub mutation_ids: Vec<MutationId>,
+    /// `TransformFailed` only: the queries that failed (required, possibly
+    /// empty).
+    pub query_ids: Vec<String>,
+}
+
+impl ErrorBody {
+    /// An error of `kind` with no backoff and no ids.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        ErrorBody {
+            kind,
+            message: message.into(),
+            min_backoff_ms: None,
+            max_backoff_ms: None,
+            reconnect_params: None,
+            mutation_ids: Vec::new(),
+            query_ids: Vec::new(),
+        }
+    }
+
+    /// Sets the backoff window, in milliseconds (backoff kinds only).
+    pub fn with_backoff(mut self, min_ms: u64, max_ms: u64) -> Self {
+        self.min_backoff_ms = Some(min_ms);
+        self.max_backoff_ms = Some(max_ms);
+        self
+    }
+
+    /// Appends `["error", body]` to `out`.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        let backoff = self.kind.is_backoff();
+        let wire = WireErrorBody {
+            kind: self.kind.as_str(),
+            message: &self.message,
+            origin: ORIGIN_ZERO_CACHE,
+            min_backoff_ms: self.min_backoff_ms.filter(|_| backoff),
+            max_backoff_ms: self.max_backoff_ms.filter(|_| backoff),
+            reconnect_params: self.reconnect_params.as_ref().filter(|_| backoff),
+            reason: matches!(self.kind, ErrorKind::PushFailed | ErrorKind::TransformFailed)
+                .then_some(REASON_INTERNAL),
+            mutation_ids: (self.kind == ErrorKind::PushFailed).then_some(&self.mutation_ids),
+            query_ids: (self.kind == ErrorKind::TransformFailed).then_some(&self.query_ids),
+        };
+        write_json(out, &("error", wire));
+    }
+
+    /// `["error", body]` as a new buffer.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.write(&mut out);
+        out
+    }
+}
+
+/// Appends `["error",{"kind":…,"message":…,"origin":"zeroCache",…}]` to
+/// `out`; `backoff` is `(min_ms, max_ms)` and only written for backoff kinds.
+pub fn write_error(
+    out: &mut Vec<u8>,
+    kind: ErrorKind,
+    message: &str,
+    backoff: Option<(u64, u64)>,
+) {
+    let mut body = ErrorBody::new(kind, message);
+    if let Some((min_ms, max_ms)) = backoff {
+        body = body.with_backoff(min_ms, max_ms);
+    }
+    body.write(out);
+}
+
+/// [`write_error`] into a new buffer.
+pub fn encode_error(kind: ErrorKind, message: &str, backoff: Option<(u64, u64)>) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_error(&mut out, kind, message, backoff);
+    out
+}
+
+/// The body as serialized: field names and order of the wire, absent fields
+/// skipped.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WireErrorBody<'a> {
+    kind: &'static str,
+    message: &'a str,
+    origin: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    min_backoff_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_backoff_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reconnect_params: Option<&'a BTreeMap<String, String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'static str>,
+    #[serde(rename = "mutationIDs", skip_serializing_if = "Option::is_none")]
+    mutation_ids: Option<&'a Vec<MutationId>>,
+    #[serde(rename = "queryIDs", skip_serializing_if = "Option::is_none")]
+    query_ids: Option<&'a Vec<String>>,
+}

@@ -1,0 +1,1001 @@
+//! Upstream messages (client to server), parsed strictly, and the
+//! downstream messages the connection layer writes itself.
+//!
+//! An upstream frame is the JSON array `[tag, body]`. [`parse_upstream`]
+//! checks it in three steps, each for a reason:
+//!
+//! 1. A byte scan refuses nesting deeper than [`MAX_JSON_DEPTH`]. simd-json's
+//!    tree builder, serde and the destructors of the resulting values all
+//!    recurse once per level, so a frame of `[[[[…` would otherwise
+//!    overflow the stack.
+//! 2. simd-json parses the frame, in place, into a `serde_json::Value`.
+//! 3. The body is read out of that value into the serde-derived structs
+//!    below through [`Strict`], a small serde `Deserializer` that builds
+//!    structs only from JSON objects and lists only from arrays, and refuses
+//!    array elements a visitor left unread. serde's stock deserializers
+//!    (simd-json's and serde_json's) also accept a struct written as an
+//!    array of its fields, and simd-json's tape deserializer silently loses
+//!    its place when an array holds more elements than expected. zero-cache
+//!    validates with valita in its default strict mode, so we accept neither.
+//!
+//! Optional fields follow valita's `.optional()`: the key may be missing, but
+//! when present it must hold the right type, and `null` is a wrong type.
+//! Values the server only stores or forwards (query ASTs, mutation
+//! arguments, the client schema) stay `serde_json::Value`s.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::de::value::BorrowedStrDeserializer;
+use serde::de::{
+    self, DeserializeSeed, Deserializer, IntoDeserializer, MapAccess, SeqAccess, Unexpected,
+    Visitor,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Deepest JSON nesting accepted in an upstream message.
+///
+/// zero-cache refuses query ASTs nested deeper than 50 levels (its
+/// `MAX_AST_DEPTH`); such an AST takes at most three JSON levels per AST level
+/// plus about ten for the message around it, so 256 admits everything
+/// zero-cache admits while keeping recursion to a few hundred stack frames.
+pub const MAX_JSON_DEPTH: usize = 256;
+
+/// The `name` every CRUD mutation carries (zero-protocol's
+/// `CRUD_MUTATION_NAME`); a `crud` mutation with another name is invalid.
+pub const CRUD_MUTATION_NAME: &str = "_zero_crud";
+
+/// The downstream reply to a `ping`, and the keepalive the server sends
+/// unprompted when it has been quiet; it never varies.
+const PONG: &[u8] = br#"["pong",{}]"#;
+
+/// One upstream message, by tag.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Upstream {
+    /// `initConnection`: the client's desired queries and schema; sent once,
+    /// either inside the `Sec-WebSocket-Protocol` header or as the first
+    /// message after `connected`.
+    InitConnection(InitConnectionBody),
+    /// `ping` (body `{}`): the client checks the server is alive.
+    Ping,
+    /// `changeDesiredQueries`: the client adds or removes queries.
+    ChangeDesiredQueries(ChangeDesiredQueriesBody),
+    /// `deleteClients`: the client reports clients it has garbage collected.
+    DeleteClients(DeleteClientsBody),
+    /// `pull`: used by the client for mutation recovery.
+    Pull(PullBody),
+    /// `updateAuth`: a new auth token for this connection's client group.
+    UpdateAuth {
+        /// The new token, verified like the one from the connect header.
+        auth: String,
+    },
+    /// `push`: mutations to apply.
+    Push(PushBody),
+    /// `closeConnection` (deprecated, body: any array): ignored by the server.
+    CloseConnection,
+    /// `inspect`: a request from the client-side inspector tool.
+    Inspect(InspectBody),
+    /// `ackMutationResponses`: the client has seen the results of mutations
+    /// up to this one, so the server may forget them.
+    AckMutationResponses(MutationId),
+}
+
+/// Body of `initConnection`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct InitConnectionBody {
+    /// The queries the client wants synced (empty on a reconnect: the server
+    /// must remember each client's queries itself).
+    pub desired_queries_patch: Vec<QueriesPatchOp>,
+    /// Tables, columns and primary keys the client knows; sent only while
+    /// the client holds no snapshot from the server. An object.
+    #[serde(default, deserialize_with = "present_object")]
+    pub client_schema: Option<Value>,
+    /// Clients and client groups the client deleted while disconnected.
+    #[serde(default, deserialize_with = "present")]
+    pub deleted: Option<DeleteClientsBody>,
+    /// Where to send custom mutations, if the app overrides the server's
+    /// default (must match the server's allow-list).
+    #[serde(rename = "userPushURL", default, deserialize_with = "present")]
+    pub user_push_url: Option<String>,
+    /// Extra HTTP headers for the custom-mutation endpoint.
+    #[serde(default, deserialize_with = "present")]
+    pub user_push_headers: Option<BTreeMap<String, String>>,
+    /// Where to send custom queries, if the app overrides the default.
+    #[serde(rename = "userQueryURL", default, deserialize_with = "present")]
+    pub user_query_url: Option<String>,
+    /// Extra HTTP headers for the custom-query endpoint.
+    #[serde(default, deserialize_with = "present")]
+    pub user_query_headers: Option<BTreeMap<String, String>>,
+    /// The clients of this group still running, so the server can drop the
+    /// queries of the others.
+    #[serde(default, deserialize_with = "present")]
+    pub active_clients: Option<Vec<String>>,
+    /// W3C trace context of the client (sent by the development head).
+    #[serde(default, deserialize_with = "present")]
+    pub traceparent: Option<String>,
+}
+
+/// One operation of a `desiredQueriesPatch`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "QueriesPatchOpWire")]
+pub enum QueriesPatchOp {
+    /// `{op: "put", hash, ...}`: add (or refresh) a query.
+    Put(QueryPut),
+    /// `{op: "del", hash}`: drop a query.
+    Del {
+        /// Hash of the query to drop.
+        hash: String,
+    },
+    /// `{op: "clear"}`: drop all of the client's queries.
+    Clear,
+}
+
+/// A `put` of a desired query.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueryPut {
+    /// The client's hash of the query: its identity in every later message.
+    pub hash: String,
+    /// The query AST, for queries built on the client (legacy queries).
+    pub ast: Option<Value>,
+    /// The query's name, for custom (named) queries.
+    pub name: Option<String>,
+    /// The arguments of a custom query.
+    pub args: Option<Vec<Value>>,
+    /// How long to keep the query after the client stops wanting it, in
+    /// milliseconds; negative means forever.
+    pub ttl: Option<f64>,
+    /// Retry a failed custom query, but only if its error is still at this
+    /// version (sent by the development head).
+    pub retry_error_version: Option<String>,
+}
+
+/// Body of `changeDesiredQueries`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ChangeDesiredQueriesBody {
+    /// The change to the client's desired queries.
+    pub desired_queries_patch: Vec<QueriesPatchOp>,
+    /// W3C trace context of the client.
+    #[serde(default, deserialize_with = "present")]
+    pub traceparent: Option<String>,
+}
+
+/// Body of `deleteClients` (and the `deleted` field of `initConnection`).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeleteClientsBody {
+    /// Clients the client has deleted locally.
+    #[serde(rename = "clientIDs", default, deserialize_with = "present")]
+    pub client_ids: Option<Vec<String>>,
+    /// Whole client groups the client has deleted locally.
+    #[serde(rename = "clientGroupIDs", default, deserialize_with = "present")]
+    pub client_group_ids: Option<Vec<String>>,
+}
+
+/// Body of an upstream `pull`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullBody {
+    /// The group the client belongs to.
+    #[serde(rename = "clientGroupID")]
+    pub client_group_id: String,
+    /// The version the client holds; required, `null` before its first
+    /// snapshot.
+    #[serde(deserialize_with = "nullable")]
+    pub cookie: Option<String>,
+    /// Echoed in the downstream `pull` so the client can match the answer.
+    #[serde(rename = "requestID")]
+    pub request_id: String,
+}
+
+/// Body of `push`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushBody {
+    /// Must be the socket's own group: anything else is a fatal `InvalidPush`.
+    #[serde(rename = "clientGroupID")]
+    pub client_group_id: String,
+    /// The mutations, in order (the client sends one per push).
+    pub mutations: Vec<Mutation>,
+    /// Version of the push format; zero-cache only knows 1.
+    #[serde(rename = "pushVersion")]
+    pub push_version: u64,
+    /// Version of the app schema, for CRUD mutations.
+    #[serde(rename = "schemaVersion", default, deserialize_with = "present")]
+    pub schema_version: Option<u64>,
+    /// When the client sent the push, in milliseconds since the epoch.
+    pub timestamp: f64,
+    /// Identifies the push in logs and responses.
+    #[serde(rename = "requestID")]
+    pub request_id: String,
+    /// Deprecated per-push auth token (protocol 47); auth now lives on the
+    /// connection, but a client may still send it.
+    #[serde(default, deserialize_with = "present")]
+    pub auth: Option<String>,
+    /// W3C trace context of the client (protocol 50 and later).
+    #[serde(default, deserialize_with = "present")]
+    pub traceparent: Option<String>,
+}
+
+/// One mutation of a push.
+///
+/// The arguments stay raw; for a CRUD mutation [`parse_upstream`] has already
+/// checked them, and [`parse_crud_args`] turns them into [`CrudOp`]s.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mutation {
+    /// Whether this is a CRUD mutation the server applies itself, or a
+    /// custom one it forwards to the app's mutate endpoint.
+    #[serde(rename = "type")]
+    pub kind: MutationKind,
+    /// Per-client sequence number; the server acknowledges mutations by it.
+    pub id: u64,
+    /// The client that made the mutation.
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+    /// The mutator's name ([`CRUD_MUTATION_NAME`] for CRUD mutations).
+    pub name: String,
+    /// The mutator's arguments.
+    pub args: Vec<Value>,
+    /// When the client ran the mutation, in milliseconds since the epoch.
+    pub timestamp: f64,
+}
+
+/// The `type` of a mutation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MutationKind {
+    /// `"crud"`: row writes the server applies itself.
+    Crud,
+    /// `"custom"`: a named mutator run by the app's server.
+    Custom,
+}
+
+/// One row write of a CRUD mutation.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CrudOp {
+    /// What to do with the row.
+    pub op: CrudOpKind,
+    /// The table, by its client-side name.
+    pub table_name: String,
+    /// The primary key columns (at least one).
+    pub primary_key: Vec<String>,
+    /// The row: all columns for insert and upsert, the key and the changed
+    /// columns for update, only the key columns for delete (whose values
+    /// must then be strings, numbers or booleans).
+    pub value: Map<String, Value>,
+    /// Upsert only: the columns to detect a conflict on, instead of the
+    /// primary key (seen on a development branch; accepted, not required).
+    #[serde(default, deserialize_with = "present")]
+    pub conflict_columns: Option<Vec<String>>,
+}
+
+/// The `op` of a [`CrudOp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CrudOpKind {
+    /// Insert the row if no row has its key.
+    Insert,
+    /// Insert the row, or update the row with its key.
+    Upsert,
+    /// Update the row with its key, if there is one.
+    Update,
+    /// Delete the row with its key, if there is one.
+    Delete,
+}
+
+/// Identifies one mutation: the body of `ackMutationResponses`, and the
+/// element of `mutationIDs` in a `PushFailed` error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MutationId {
+    /// The mutation's sequence number within its client.
+    pub id: u64,
+    /// The client that made the mutation.
+    #[serde(rename = "clientID")]
+    pub client_id: String,
+}
+
+/// Body of `inspect`: one request of the inspector, told apart by `op`.
+///
+/// Which optional fields may appear depends on `op`; [`parse_upstream`]
+/// checks that.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct InspectBody {
+    /// What the inspector asks for.
+    pub op: InspectOp,
+    /// Echoed in the answer so the inspector can match it.
+    pub id: String,
+    /// `queries` only: limit the answer to one client.
+    #[serde(rename = "clientID", default, deserialize_with = "present")]
+    pub client_id: Option<String>,
+    /// `authenticate`: the admin password (a string). `analyze-query`: the
+    /// query AST, the deprecated spelling of `ast` (an object).
+    #[serde(default, deserialize_with = "present")]
+    pub value: Option<Value>,
+    /// `analyze-query` only: what to report.
+    #[serde(default, deserialize_with = "present")]
+    pub options: Option<AnalyzeQueryOptions>,
+    /// `analyze-query` only: the query AST to analyze.
+    #[serde(default, deserialize_with = "present_object")]
+    pub ast: Option<Value>,
+    /// `analyze-query` only: the custom query to analyze, by name.
+    #[serde(default, deserialize_with = "present")]
+    pub name: Option<String>,
+    /// `analyze-query` only: the custom query's arguments.
+    #[serde(default, deserialize_with = "present")]
+    pub args: Option<Vec<Value>>,
+}
+
+/// The `op` of an `inspect` request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InspectOp {
+    /// List the queries of the group (or of one client).
+    Queries,
+    /// Server metrics.
+    Metrics,
+    /// The server's version.
+    Version,
+    /// Log in with the admin password.
+    Authenticate,
+    /// Run a query and report how it was executed.
+    AnalyzeQuery,
+}
+
+/// What an `analyze-query` inspection reports.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AnalyzeQueryOptions {
+    /// Include the rows the query sent to the client.
+    #[serde(default, deserialize_with = "present")]
+    pub vended_rows: Option<bool>,
+    /// Include the rows synced for the query.
+    #[serde(default, deserialize_with = "present")]
+    pub synced_rows: Option<bool>,
+    /// Include the join plans.
+    #[serde(default, deserialize_with = "present")]
+    pub join_plans: Option<bool>,
+}
+
+/// Parses one upstream text frame.
+///
+/// The frame is parsed in place: simd-json rewrites `json` while it
+/// unescapes strings, so the caller must not read it afterwards. The error
+/// text is meant for the `message` of an `InvalidMessage` error.
+pub fn parse_upstream(json: &mut [u8]) -> Result<Upstream, String> {
+    let value = parse_json(json)?;
+    let Value::Array(elements) = &value else {
+        return Err(format!(
+            "expected a message array [tag, body], got {}",
+            json_type(&value)
+        ));
+    };
+    let [tag, body] = elements.as_slice() else {
+        return Err(format!(
+            "expected a message array [tag, body], got an array of {} elements",
+            elements.len()
+        ));
+    };
+    let Value::String(tag) = tag else {
+        return Err(format!(
+            "expected a string message tag, got {}",
+            json_type(tag)
+        ));
+    };
+    let message = match tag.as_str() {
+        "initConnection" => decode(body).map(Upstream::InitConnection),
+        "ping" => decode::<Empty>(body).map(|_| Upstream::Ping),
+        "changeDesiredQueries" => decode(body).map(Upstream::ChangeDesiredQueries),
+        "deleteClients" => decode(body).map(Upstream::DeleteClients),
+        "pull" => decode(body).map(Upstream::Pull),
+        "updateAuth" => {
+            decode::<UpdateAuthBody>(body).map(|body| Upstream::UpdateAuth { auth: body.auth })
+        }
+        "push" => decode(body).map(Upstream::Push),
+        // The body is unused, but zero-cache still requires an array.
+        "closeConnection" => {
+            decode::<Vec<de::IgnoredAny>>(body).map(|_| Upstream::CloseConnection)
+        }
+        "inspect" => decode(body).map(Upstream::Inspect),
+        "ackMutationResponses" => decode(body).map(Upstream::AckMutationResponses),
+        other => return Err(format!("unknown message tag: {other}")),
+    };
+    message
+        .and_then(|message| check_semantics(&message).map(|()| message))
+        .map_err(|e| format!("{tag}: {e}"))
+}
+
+/// Reads the `args` of a CRUD mutation: exactly one element, `{ops: [...]}`.
+///
+/// [`parse_upstream`] has already run this on every CRUD mutation of a push,
+/// so for those it cannot fail. Error paths are relative to `args`.
+pub fn parse_crud_args(args: &[Value]) -> Result<Vec<CrudOp>, String> {
+    crud_ops(args).map_err(|e| e.to_string())
+}
+
+/// Appends `["connected",{"wsid":…,"timestamp":…}]`, the first message of
+/// every connection.
+pub fn write_connected(out: &mut Vec<u8>, wsid: &str, timestamp_ms: u64) {
+    #[derive(Serialize)]
+    struct ConnectedBody<'a> {
+        wsid: &'a str,
+        timestamp: u64,
+    }
+    write_json(
+        out,
+        &(
+            "connected",
+            ConnectedBody {
+                wsid,
+                timestamp: timestamp_ms,
+            },
+        ),
+    );
+}
+
+/// `["connected",{"wsid":…,"timestamp":…}]` as a new buffer.
+pub fn connected(wsid: &str, timestamp_ms: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_connected(&mut out, wsid, timestamp_ms);
+    out
+}
+
+/// Appends `["pong",{}]`.
+pub fn write_pong(out: &mut Vec<u8>) {
+    out.extend_from_slice(PONG);
+}
+
+/// `["pong",{}]` as a new buffer.
+pub fn pong() -> Vec<u8> {
+    PONG.to_vec()
+}
+
+/// Serializes `value` as JSON onto `out`.
+pub(crate) fn write_json<T: Serialize>(out: &mut Vec<u8>, value: &T) {
+    // Writing into a Vec cannot fail, and our types have only string keys,
+    // so serde_json has no error to report.
+    serde_json::to_writer(out, value).expect("serializing a protocol message cannot fail");
+}
+
+/// Parses JSON text into a value after refusing nesting deeper than
+/// [`MAX_JSON_DEPTH`]. Shared with the header decoder.
+pub(crate) fn parse_json(json: &mut [u8]) -> Result<Value, String> {
+    if nesting_exceeds(json, MAX_JSON_DEPTH) {
+        return Err(format!(
+            "JSON nested deeper than {MAX_JSON_DEPTH} levels"
+        ));
+    }
+    simd_json::serde::from_slice(json).map_err(|e| format!("invalid JSON: {e}"))
+}
+
+/// Whether brackets and braces outside strings nest deeper than `max_depth`.
+///
+/// Runs before any parser so that malformed or hostile input cannot make one
+/// recurse; it needs no validity, only string boundaries.
+fn nesting_exceeds(json: &[u8], max_depth: usize) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max_depth {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// Checks what serde cannot express: which fields go with which `op`, and
+/// the contents of CRUD mutations.
+fn check_semantics(message: &Upstream) -> Result<(), DecodeError> {
+    match message {
+        Upstream::Push(push) => {
+            for (i, mutation) in push.mutations.iter().enumerate() {
+                check_mutation(mutation).map_err(|e| e.inside(i).inside("mutations"))?;
+            }
+            Ok(())
+        }
+        Upstream::Inspect(inspect) => check_inspect(inspect),
+        _ => Ok(()),
+    }
+}
+
+/// A CRUD mutation must be named [`CRUD_MUTATION_NAME`] and carry valid ops;
+/// a custom mutation may carry any arguments.
+fn check_mutation(mutation: &Mutation) -> Result<(), DecodeError> {
+    if mutation.kind == MutationKind::Custom {
+        return Ok(());
+    }
+    if mutation.name != CRUD_MUTATION_NAME {
+        return Err(DecodeError::new(format!(
+            "a crud mutation must be named {CRUD_MUTATION_NAME}, got {:?}",
+            mutation.name
+        ))
+        .inside("name"));
+    }
+    crud_ops(&mutation.args)
+        .map(|_| ())
+        .map_err(|e| e.inside("args"))
+}
+
+/// [`parse_crud_args`] with the error still open for more path.
+fn crud_ops(args: &[Value]) -> Result<Vec<CrudOp>, DecodeError> {
+    let [arg] = args else {
+        return Err(DecodeError::new(format!(
+            "expected CRUD args [{{ops}}] of 1 element, got {}",
+            args.len()
+        )));
+    };
+    let arg: CrudArg = decode(arg).map_err(|e| e.inside(0))?;
+    for (i, op) in arg.ops.iter().enumerate() {
+        check_crud_op(op).map_err(|e| e.inside(i).inside("ops").inside(0))?;
+    }
+    Ok(arg.ops)
+}
+
+/// The per-op rules of a CRUD op that its struct cannot express.
+fn check_crud_op(op: &CrudOp) -> Result<(), DecodeError> {
+    if op.primary_key.is_empty() {
+        return Err(DecodeError::new("expected at least one column").inside("primaryKey"));
+    }
+    if op.conflict_columns.is_some() && op.op != CrudOpKind::Upsert {
+        return Err(DecodeError::new("only an upsert may have conflictColumns")
+            .inside("conflictColumns"));
+    }
+    if op.op == CrudOpKind::Delete {
+        for (column, value) in &op.value {
+            if !(value.is_string() || value.is_number() || value.is_boolean()) {
+                return Err(DecodeError::new(format!(
+                    "expected a string, number or boolean key value, got {}",
+                    json_type(value)
+                ))
+                .inside(column)
+                .inside("value"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Which fields each inspector `op` allows, as in zero-protocol's
+/// `inspect-up.ts`.
+fn check_inspect(inspect: &InspectBody) -> Result<(), DecodeError> {
+    let present = [
+        ("clientID", inspect.client_id.is_some()),
+        ("value", inspect.value.is_some()),
+        ("options", inspect.options.is_some()),
+        ("ast", inspect.ast.is_some()),
+        ("name", inspect.name.is_some()),
+        ("args", inspect.args.is_some()),
+    ];
+    let allowed: &[&str] = match inspect.op {
+        InspectOp::Queries => &["clientID"],
+        InspectOp::Metrics | InspectOp::Version => &[],
+        InspectOp::Authenticate => &["value"],
+        InspectOp::AnalyzeQuery => &["value", "options", "ast", "name", "args"],
+    };
+    if let Some((field, _)) = present
+        .iter()
+        .find(|(field, set)| *set && !allowed.contains(field))
+    {
+        return Err(DecodeError::new(format!(
+            "unknown field `{field}` for inspect op {:?}",
+            inspect.op
+        )));
+    }
+    let wrong_type = |expected: &str, got: &Value| {
+        Err(DecodeError::new(format!("expected {expected}, got {}", json_type(got))).inside("value"))
+    };
+    match (inspect.op, &inspect.value) {
+        (InspectOp::Authenticate, None) => Err(DecodeError::new("missing field `value`")),
+        (InspectOp::Authenticate, Some(value)) if !value.is_string() => {
+            wrong_type("a string", value)
+        }
+        (InspectOp::AnalyzeQuery, Some(value)) if !value.is_object() => {
+            wrong_type("an object", value)
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Body of `ping`: an empty object.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Empty {}
+
+/// Body of `updateAuth`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UpdateAuthBody {
+    auth: String,
+}
+
+/// The single element of a CRUD mutation's `args`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CrudArg {
+    ops: Vec<CrudOp>,
+}
+
+/// A desired-query op as written on the wire: every field of every `op`,
+/// checked against `op` when it becomes a [`QueriesPatchOp`].
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct QueriesPatchOpWire {
+    op: PatchOpKind,
+    #[serde(default, deserialize_with = "present")]
+    hash: Option<String>,
+    #[serde(default, deserialize_with = "present_object")]
+    ast: Option<Value>,
+    #[serde(default, deserialize_with = "present")]
+    name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    args: Option<Vec<Value>>,
+    #[serde(default, deserialize_with = "present")]
+    ttl: Option<f64>,
+    #[serde(default, deserialize_with = "present")]
+    retry_error_version: Option<String>,
+}
+
+/// The `op` of a desired-query patch.
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum PatchOpKind {
+    Put,
+    Del,
+    Clear,
+}
+
+impl TryFrom<QueriesPatchOpWire> for QueriesPatchOp {
+    type Error = String;
+
+    fn try_from(wire: QueriesPatchOpWire) -> Result<Self, String> {
+        let put_only = [
+            ("ast", wire.ast.is_some()),
+            ("name", wire.name.is_some()),
+            ("args", wire.args.is_some()),
+            ("ttl", wire.ttl.is_some()),
+            ("retryErrorVersion", wire.retry_error_version.is_some()),
+        ];
+        let unexpected = |op: &str, fields: &[(&str, bool)]| match fields.iter().find(|f| f.1) {
+            Some((field, _)) => Err(format!("unknown field `{field}` in a `{op}` op")),
+            None => Ok(()),
+        };
+        match wire.op {
+            PatchOpKind::Put => Ok(QueriesPatchOp::Put(QueryPut {
+                hash: wire.hash.ok_or("missing field `hash`")?,
+                ast: wire.ast,
+                name: wire.name,
+                args: wire.args,
+                ttl: wire.ttl,
+                retry_error_version: wire.retry_error_version,
+            })),
+            PatchOpKind::Del => {
+                unexpected("del", &put_only)?;
+                let hash = wire.hash.ok_or("missing field `hash`")?;
+                Ok(QueriesPatchOp::Del { hash })
+            }
+            PatchOpKind::Clear => {
+                unexpected("clear", &put_only)?;
+                unexpected("clear", &[("hash", wire.hash.is_some())])?;
+                Ok(QueriesPatchOp::Clear)
+            }
+        }
+    }
+}
+
+/// Reads an optional field that, when present, must hold a `T` (valita's
+/// `.optional()` refuses `null`). Use with `#[serde(default)]`.
+fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+/// Like [`present`], for opaque values the schema requires to be objects.
+fn present_object<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+    match Value::deserialize(d)? {
+        value @ Value::Object(_) => Ok(Some(value)),
+        other => Err(de::Error::custom(format!(
+            "expected an object, got {}",
+            json_type(&other)
+        ))),
+    }
+}
+
+/// Reads a field that must be present but may be `null` (without a
+/// `deserialize_with`, serde would treat a missing `Option` as `None`).
+fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    Option::<T>::deserialize(d)
+}
+
+/// A JSON type's name, for error messages.
+fn json_type(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Deserializes a `T` from `value` through [`Strict`].
+fn decode<'a, T: Deserialize<'a>>(value: &'a Value) -> Result<T, DecodeError> {
+    T::deserialize(Strict(value))
+}
+
+/// Why a value did not fit its struct, and where.
+#[derive(Debug)]
+struct DecodeError {
+    /// serde's (or our) description of the problem.
+    message: String,
+    /// Keys and indexes from the problem up to the body, innermost first:
+    /// each level adds its own while the error travels up.
+    path: Vec<String>,
+}
+
+impl DecodeError {
+    /// An error at the current level, with no path yet.
+    fn new(message: impl Into<String>) -> Self {
+        DecodeError {
+            message: message.into(),
+            path: Vec::new(),
+        }
+    }
+
+    /// Records that the error happened inside `segment`.
+    fn inside(mut self, segment: impl fmt::Display) -> Self {
+        self.path.push(segment.to_string());
+        self
+    }
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if !self.path.is_empty() {
+            let mut path = self.path.iter().rev();
+            write!(f, " at {}", path.next().expect("path is not empty"))?;
+            for segment in path {
+                write!(f, ".{segment}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+impl de::Error for DecodeError {
+    fn custom<T: fmt::Display>(message: T) -> Self {
+        DecodeError::new(message.to_string())
+    }
+}
+
+/// A serde `Deserializer` over a parsed JSON value that only lets JSON
+/// objects become structs and maps and only arrays become lists, and that
+/// refuses arrays with elements left over (see the module documentation).
+struct Strict<'de>(&'de Value);
+
+impl Strict<'_> {
+    /// The value as serde's `Unexpected`, for type errors.
+    fn unexpected(&self) -> Unexpected<'_> {
+        match self.0 {
+            Value::Null => Unexpected::Unit,
+            Value::Bool(b) => Unexpected::Bool(*b),
+            Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+                (Some(u), _, _) => Unexpected::Unsigned(u),
+                (None, Some(i), _) => Unexpected::Signed(i),
+                (None, None, f) => Unexpected::Float(f.unwrap_or(f64::NAN)),
+            },
+            Value::String(s) => Unexpected::Str(s),
+            Value::Array(_) => Unexpected::Seq,
+            Value::Object(_) => Unexpected::Map,
+        }
+    }
+}
+
+impl<'de> Deserializer<'de> for Strict<'de> {
+    type Error = DecodeError;
+
+    fn deserialize_any<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DecodeError> {
+        match self.0 {
+            Value::Null => visitor.visit_unit(),
+            Value::Bool(b) => visitor.visit_bool(*b),
+            Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
+                (Some(u), _, _) => visitor.visit_u64(u),
+                (None, Some(i), _) => visitor.visit_i64(i),
+                (None, None, Some(f)) => visitor.visit_f64(f),
+                (None, None, None) => Err(de::Error::custom("unrepresentable number")),
+            },
+            Value::String(s) => visitor.visit_borrowed_str(s),
+            Value::Array(elements) => visit_array(elements, visitor),
+            Value::Object(entries) => visitor.visit_map(ObjectReader {
+                entries: entries.iter(),
+                pending: None,
+            }),
+        }
+    }
+
+    fn deserialize_option<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DecodeError> {
+        match self.0 {
+            Value::Null => visitor.visit_none(),
+            _ => visitor.visit_some(self),
+        }
+    }
+
+    fn deserialize_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, DecodeError> {
+        self.deserialize_map(visitor)
+    }
+
+    fn deserialize_map<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DecodeError> {
+        match self.0 {
+            Value::Object(_) => self.deserialize_any(visitor),
+            _ => Err(de::Error::invalid_type(self.unexpected(), &visitor)),
+        }
+    }
+
+    fn deserialize_seq<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DecodeError> {
+        match self.0 {
+            Value::Array(_) => self.deserialize_any(visitor),
+            _ => Err(de::Error::invalid_type(self.unexpected(), &visitor)),
+        }
+    }
+
+    fn deserialize_tuple<V: Visitor<'de>>(
+        self,
+        _len: usize,
+        visitor: V,
+    ) -> Result<V::Value, DecodeError> {
+        self.deserialize_seq(visitor)
+    }
+
+    fn deserialize_tuple_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _len: usize,
+        visitor: V,
+    ) -> Result<V::Value, DecodeError> {
+        self.deserialize_seq(visitor)
+    }
+
+    fn deserialize_newtype_struct<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, DecodeError> {
+        visitor.visit_newtype_struct(self)
+    }
+
+    /// Only unit variants, written as strings: the literal-union fields
+    /// (`op`, `type`) of the protocol.
+    fn deserialize_enum<V: Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _variants: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, DecodeError> {
+        match self.0 {
+            Value::String(s) => visitor.visit_enum(s.as_str().into_deserializer()),
+            _ => Err(de::Error::invalid_type(self.unexpected(), &visitor)),
+        }
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+        bytes byte_buf unit unit_struct identifier ignored_any
+    }
+}
+
+/// Hands the elements of `elements` to `visitor`, then refuses any it did
+/// not take.
+fn visit_array<'de, V: Visitor<'de>>(
+    elements: &'de [Value],
+    visitor: V,
+) -> Result<V::Value, DecodeError> {
+    let mut reader = ArrayReader {
+        elements: elements.iter().enumerate(),
+    };
+    let value = visitor.visit_seq(&mut reader)?;
+    match reader.elements.len() {
+        0 => Ok(value),
+        left => Err(de::Error::custom(format!(
+            "expected an array of {} elements, got {}",
+            elements.len() - left,
+            elements.len()
+        ))),
+    }
+}
+
+/// serde's view of a JSON array, element by element.
+struct ArrayReader<'de> {
+    /// The elements not yet read, with their indexes for error paths.
+    elements: std::iter::Enumerate<std::slice::Iter<'de, Value>>,
+}
+
+impl<'de> SeqAccess<'de> for ArrayReader<'de> {
+    type Error = DecodeError;
+
+    fn next_element_seed<T: DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, DecodeError> {
+        match self.elements.next() {
+            Some((index, element)) => seed
+                .deserialize(Strict(element))
+                .map(Some)
+                .map_err(|e| e.inside(index)),
+            None => Ok(None),
+        }
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Some(self.elements.len())
+    }
+}
+
+/// serde's view of a JSON object, entry by entry.
+struct ObjectReader<'de> {
+    /// The entries not yet read.
+    entries: serde_json::map::Iter<'de>,
+    /// The entry whose key serde has read and whose value it reads next.
+    pending: Option<(&'de str, &'de Value)>,
+}
+
+impl<'de> MapAccess<'de> for ObjectReader<'de> {
+    type Error = DecodeError;
+
+    fn next_key_seed<K: DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, DecodeError> {
+        let Some((key, value)) = self.entries.next() else {
+            return Ok(None);
+        };
+        self.pending = Some((key.as_str(), value));
+        seed.deserialize(BorrowedStrDeserializer::new(key.as_str()))
+            .map(Some)
+    }
+
+    fn next_value_seed<V: DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, DecodeError> {
+        let (key, value) = self
+            .pending
+            .take()
+            .ok_or_else(|| de::Error::custom("value read before its key"))?;
+        seed.deserialize(Strict(value)).map_err(|e| e.inside(key))
+    }
+
+    fn size_hint(&self) -> Option<usize> {
+        Some(self.entries.len())
+    }
+}

@@ -1,0 +1,430 @@
+//! The supervisor: the process an operator (or systemd) starts. It owns the listening socket,
+//! the handoff socket pairs and the metrics memory, starts the listener and the workers by
+//! fork+exec of its own binary, respawns the ones that die, and turns signals into an orderly
+//! shutdown. It holds no ring and no threads, so forking it is safe.
+//!
+//! Children inherit descriptors at fixed numbers (see [`fds`]) and the resolved configuration
+//! in an environment variable; they die with the supervisor (`PR_SET_PDEATHSIG`), also when it
+//! is killed with SIGKILL.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt as _;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+use crate::config::{Config, RESOLVED_ENV};
+use crate::handoff;
+use crate::metrics::{Metric, Metrics};
+
+/// Descriptor numbers in a child.
+pub mod fds {
+    /// Write end of the readiness pipe: the child writes one byte once its ring runs.
+    pub const READY: i32 = 3;
+    /// The metrics memfd.
+    pub const METRICS: i32 = 4;
+    /// Listener: the listening socket; worker: its handoff channel.
+    pub const SOCKET: i32 = 5;
+    /// Listener: the first of the workers' handoff channels, one per worker in order.
+    pub const CHANNELS: i32 = 6;
+}
+
+/// How long children get to report ready before startup is declared failed.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Respawn delay after a crash, doubled while children keep dying young, up to the maximum,
+/// so a crash loop does not spin the host.
+const RESPAWN_MIN: Duration = Duration::from_millis(100);
+const RESPAWN_MAX: Duration = Duration::from_secs(5);
+/// A child that lived this long counts as healthy: its successor starts at the minimum delay.
+const HEALTHY_UPTIME: Duration = Duration::from_secs(10);
+/// Listen backlog: bursts of reconnects wait in the kernel instead of being refused.
+const BACKLOG: i32 = 4096;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    Listener,
+    Worker(usize),
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Role::Listener => write!(f, "listener"),
+            Role::Worker(i) => write!(f, "worker {i}"),
+        }
+    }
+}
+
+struct Process {
+    role: Role,
+    child: Option<Child>,
+    started: Instant,
+    /// Delay before the next respawn.
+    backoff: Duration,
+    /// When a dead child is to be started again.
+    respawn_at: Option<Instant>,
+}
+
+struct Supervisor {
+    config: Config,
+    resolved: String,
+    listen: OwnedFd,
+    metrics_fd: OwnedFd,
+    metrics: Metrics,
+    /// `(listener_end, worker_end)` per worker; both ends stay open here so handoffs queue
+    /// while a worker restarts.
+    channels: Vec<(OwnedFd, OwnedFd)>,
+    procs: Vec<Process>,
+}
+
+/// Runs the daemon until SIGTERM/SIGINT. Returns an error message if startup fails.
+pub fn run(mut config: Config) -> Result<(), String> {
+    if config.task_id.is_empty() {
+        config.task_id = random_id();
+    }
+    let workers = config.worker_count();
+    config.workers = workers;
+    let mut mask = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
+        mask.add(s);
+    }
+    // Blocked here and, through inheritance, in every child: each reads them from a signalfd.
+    mask.thread_block().map_err(|e| format!("sigprocmask: {e}"))?;
+    let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
+        .map_err(|e| format!("signalfd: {e}"))?;
+    let addr = config.listen_addr()?;
+    let listen = bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let local = local_addr(&listen).unwrap_or(addr);
+    let metrics_fd = Metrics::create(workers).map_err(|e| format!("metrics memory: {e}"))?;
+    let metrics = Metrics::map(&metrics_fd, 0).map_err(|e| format!("metrics memory: {e}"))?;
+    let channels = (0..workers)
+        .map(|_| handoff::pair().map_err(|e| format!("socketpair: {e}")))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut procs = vec![Process {
+        role: Role::Listener,
+        child: None,
+        started: Instant::now(),
+        backoff: RESPAWN_MIN,
+        respawn_at: None,
+    }];
+    procs.extend((0..workers).map(|i| Process {
+        role: Role::Worker(i),
+        child: None,
+        started: Instant::now(),
+        backoff: RESPAWN_MIN,
+        respawn_at: None,
+    }));
+    let mut sup = Supervisor {
+        resolved: config.to_resolved(),
+        config,
+        listen,
+        metrics_fd,
+        metrics,
+        channels,
+        procs,
+    };
+    // Workers first, so the listener never hands a socket to a worker that is not there.
+    let mut ready_pipes = Vec::new();
+    for i in (1..sup.procs.len()).chain(std::iter::once(0)) {
+        match sup.spawn(i) {
+            Ok(pipe) => ready_pipes.push((i, pipe)),
+            Err(e) => {
+                sup.kill_all(Signal::SIGKILL);
+                return Err(e);
+            }
+        }
+    }
+    if let Err(e) = wait_ready(&sup, &ready_pipes) {
+        sup.kill_all(Signal::SIGKILL);
+        sup.reap_all(Instant::now() + Duration::from_secs(2));
+        return Err(e);
+    }
+    drop(ready_pipes);
+    log::info!(
+        "ready listen={local} workers={workers} task_id={} pid={}",
+        sup.config.task_id,
+        std::process::id()
+    );
+    let _ = sd_notify::notify(&[
+        sd_notify::NotifyState::Ready,
+        sd_notify::NotifyState::Status(&format!("serving on {local} with {workers} workers")),
+    ]);
+    sup.serve(signals)
+}
+
+impl Supervisor {
+    /// Starts process `i`; returns the read end of its readiness pipe.
+    fn spawn(&mut self, i: usize) -> Result<OwnedFd, String> {
+        let role = self.procs[i].role;
+        let (ready_r, ready_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
+        let mut inherit: Vec<BorrowedFd<'_>> = vec![ready_w.as_fd(), self.metrics_fd.as_fd()];
+        let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
+        let mut cmd = Command::new(exe);
+        match role {
+            Role::Listener => {
+                inherit.push(self.listen.as_fd());
+                inherit.extend(self.channels.iter().map(|(l, _)| l.as_fd()));
+                cmd.arg("__listener").arg("--workers").arg(self.channels.len().to_string());
+            }
+            Role::Worker(w) => {
+                inherit.push(self.channels[w].1.as_fd());
+                cmd.arg("__worker").arg("--index").arg(w.to_string());
+            }
+        }
+        // Park the descriptors above the fixed numbers first, so the dup2 calls in the child
+        // can never overwrite a source that is still to be moved.
+        let parked: Vec<OwnedFd> = inherit
+            .iter()
+            .map(|fd| park(*fd))
+            .collect::<Result<_, _>>()
+            .map_err(|e| format!("dup: {e}"))?;
+        let raw: Vec<RawFd> = parked.iter().map(AsRawFd::as_raw_fd).collect();
+        let parent = std::process::id() as i32;
+        cmd.env(RESOLVED_ENV, &self.resolved).stdin(Stdio::null());
+        // SAFETY: between fork and exec only async-signal-safe calls (prctl, getppid, dup2).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The supervisor may have died between fork and prctl.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                for (target, &src) in (fds::READY..).zip(raw.iter()) {
+                    if libc::dup2(src, target) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| format!("cannot start {role}: {e}"))?;
+        drop(parked);
+        drop(ready_w);
+        let p = &mut self.procs[i];
+        p.child = Some(child);
+        p.started = Instant::now();
+        p.respawn_at = None;
+        Ok(ready_r)
+    }
+
+    fn serve(mut self, signals: SignalFd) -> Result<(), String> {
+        let mut stop_deadline: Option<Instant> = None;
+        loop {
+            let now = Instant::now();
+            let next_respawn = self.procs.iter().filter_map(|p| p.respawn_at).min();
+            let wake = [next_respawn, stop_deadline].into_iter().flatten().min();
+            let timeout = wake.map_or(nix::poll::PollTimeout::NONE, |at| {
+                let ms = at.saturating_duration_since(now).as_millis().min(60_000) as u16;
+                nix::poll::PollTimeout::from(ms)
+            });
+            let mut pfd = [nix::poll::PollFd::new(signals.as_fd(), nix::poll::PollFlags::POLLIN)];
+            match nix::poll::poll(&mut pfd, timeout) {
+                Ok(_) | Err(nix::Error::EINTR) => {}
+                Err(e) => return Err(format!("poll: {e}")),
+            }
+            while let Ok(Some(info)) = signals.read_signal() {
+                match Signal::try_from(info.ssi_signo as i32) {
+                    Ok(Signal::SIGTERM | Signal::SIGINT) if stop_deadline.is_none() => {
+                        log::info!("shutting down: closing connections (drain timeout {} ms)", self.config.drain_timeout_ms);
+                        let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+                        stop_deadline = Some(Instant::now() + Duration::from_millis(self.config.drain_timeout_ms + 1000));
+                        self.kill_all(Signal::SIGTERM);
+                    }
+                    Ok(Signal::SIGTERM | Signal::SIGINT) => {
+                        log::warn!("second stop signal: exiting now");
+                        self.kill_all(Signal::SIGKILL);
+                        self.reap_all(Instant::now() + Duration::from_secs(2));
+                        return Ok(());
+                    }
+                    Ok(Signal::SIGHUP) => {
+                        log::warn!("SIGHUP: configuration reload is not implemented yet; keeping the running configuration");
+                    }
+                    _ => {}
+                }
+            }
+            self.reap(stop_deadline.is_none());
+            if let Some(deadline) = stop_deadline {
+                if self.procs.iter().all(|p| p.child.is_none()) {
+                    log::info!("stopped");
+                    return Ok(());
+                }
+                if Instant::now() >= deadline {
+                    log::warn!("drain timeout: killing what is left");
+                    self.kill_all(Signal::SIGKILL);
+                    self.reap_all(Instant::now() + Duration::from_secs(2));
+                    return Ok(());
+                }
+                continue;
+            }
+            let now = Instant::now();
+            for i in 0..self.procs.len() {
+                if self.procs[i].respawn_at.is_some_and(|at| now >= at) {
+                    match self.spawn(i) {
+                        Ok(_ready) => {
+                            self.metrics.add_to(0, Metric::WorkerRestarts, 1);
+                            log::info!("{} respawned", self.procs[i].role);
+                        }
+                        Err(e) => {
+                            log::error!("{e}");
+                            let p = &mut self.procs[i];
+                            p.backoff = (p.backoff * 2).min(RESPAWN_MAX);
+                            p.respawn_at = Some(now + p.backoff);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Collects exited children; schedules their respawn unless stopping.
+    fn reap(&mut self, respawn: bool) {
+        loop {
+            let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(status) => status,
+            };
+            let Some(pid) = status.pid() else { return };
+            let Some(p) = self
+                .procs
+                .iter_mut()
+                .find(|p| p.child.as_ref().is_some_and(|c| c.id() as i32 == pid.as_raw()))
+            else {
+                continue;
+            };
+            p.child = None;
+            if !respawn {
+                log::info!("{} exited ({status:?})", p.role);
+                continue;
+            }
+            let uptime = p.started.elapsed();
+            p.backoff = if uptime >= HEALTHY_UPTIME { RESPAWN_MIN } else { (p.backoff * 2).min(RESPAWN_MAX) };
+            let delay = if uptime >= HEALTHY_UPTIME { RESPAWN_MIN } else { p.backoff };
+            p.respawn_at = Some(Instant::now() + delay);
+            log::error!("{} died ({status:?}); respawning in {} ms", p.role, delay.as_millis());
+        }
+    }
+
+    fn kill_all(&self, signal: Signal) {
+        for p in &self.procs {
+            if let Some(child) = &p.child {
+                let _ = kill(Pid::from_raw(child.id() as i32), signal);
+            }
+        }
+    }
+
+    /// Waits (bounded) for every child to exit after a kill.
+    fn reap_all(&mut self, deadline: Instant) {
+        for p in &mut self.procs {
+            if let Some(mut child) = p.child.take() {
+                while Instant::now() < deadline {
+                    if let Ok(Some(_)) = child.try_wait() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+}
+
+/// Waits until every child wrote its ready byte; a child that exits first fails startup.
+fn wait_ready(sup: &Supervisor, pipes: &[(usize, OwnedFd)]) -> Result<(), String> {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut waiting: Vec<&(usize, OwnedFd)> = pipes.iter().collect();
+    while !waiting.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            let names: Vec<String> = waiting.iter().map(|(i, _)| sup.procs[*i].role.to_string()).collect();
+            return Err(format!("not ready after {START_TIMEOUT:?}: {}", names.join(", ")));
+        }
+        let mut pfds: Vec<_> = waiting
+            .iter()
+            .map(|(_, fd)| nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN))
+            .collect();
+        let ms = left.as_millis().min(u16::MAX as u128) as u16;
+        match nix::poll::poll(&mut pfds, nix::poll::PollTimeout::from(ms)) {
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(format!("poll: {e}")),
+        }
+        let mut done = Vec::new();
+        for (k, pfd) in pfds.iter().enumerate() {
+            if pfd.revents().is_some_and(|r| !r.is_empty()) {
+                let (i, fd) = waiting[k];
+                let mut b = [0u8; 1];
+                match nix::unistd::read(fd, &mut b) {
+                    Ok(1) => done.push(k),
+                    _ => return Err(format!("{} failed to start (see its log line above)", sup.procs[*i].role)),
+                }
+            }
+        }
+        for k in done.into_iter().rev() {
+            waiting.remove(k);
+        }
+    }
+    Ok(())
+}
+
+/// A dual-stack TCP listening socket for `addr` (IPv4 too when `addr` is `[::]`).
+fn bind(addr: std::net::SocketAddr) -> std::io::Result<OwnedFd> {
+    use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
+    let family = if addr.is_ipv6() { AddressFamily::Inet6 } else { AddressFamily::Inet };
+    let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
+    socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+    if addr.is_ipv6() {
+        socket::setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
+    }
+    socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
+    socket::listen(&fd, socket::Backlog::new(BACKLOG).unwrap_or(socket::Backlog::MAXCONN))?;
+    Ok(fd)
+}
+
+fn local_addr(fd: &OwnedFd) -> Option<std::net::SocketAddr> {
+    let addr: nix::sys::socket::SockaddrStorage = nix::sys::socket::getsockname(fd.as_raw_fd()).ok()?;
+    if let Some(v4) = addr.as_sockaddr_in() {
+        return Some(std::net::SocketAddr::from((v4.ip(), v4.port())));
+    }
+    addr.as_sockaddr_in6().map(|v6| std::net::SocketAddr::from((v6.ip(), v6.port())))
+}
+
+/// A close-on-exec copy of `fd` numbered above the fixed child descriptors.
+fn park(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    /// Well above [`fds`]'s numbers.
+    const ABOVE: i32 = 100;
+    // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor that we then own.
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, ABOVE) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: just created, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(n) })
+}
+
+/// A per-start routing prefix when none is configured.
+fn random_id() -> String {
+    let mut b = [0u8; 8];
+    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        b = (t.as_nanos() as u64 ^ std::process::id() as u64).to_le_bytes();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Child side: the descriptor at `n`, owned.
+///
+/// # Safety
+/// Only for the fixed numbers of [`fds`], which the supervisor set up for this process.
+pub unsafe fn inherited(n: i32) -> OwnedFd {
+    OwnedFd::from_raw_fd(n)
+}
+
+/// Child side: tells the supervisor this process is up.
+pub fn report_ready(ready: OwnedFd) {
+    let _ = nix::unistd::write(&ready, b"R");
+}

@@ -1,0 +1,649 @@
+//! A worker process: receives sockets from the listener, finishes their handshake (token,
+//! displacement rules, version), and runs their connections on one io_uring ring.
+//!
+//! The loop is thin on purpose: it moves bytes between sockets and the sans-IO
+//! [`Connection`]s and [`Groups`], and decides nothing itself. Per connection there is one
+//! multishot receive (into the shared provided-buffer ring, so an idle connection parks no
+//! read buffer) and at most one send in flight. A slot is freed only when neither is in flight,
+//! so a late completion can never land on a reused slot.
+
+use std::net::SocketAddr;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, types};
+
+use crate::auth::Verifier;
+use crate::config::Config;
+use crate::connection::{Connection, End, Identity, Notice, Settings, State};
+use crate::frame::DecoderLimits;
+use crate::group::{Admission, Groups};
+use crate::handoff::{self, Handoff};
+use crate::handshake;
+use crate::metrics::{Metric, Metrics};
+use crate::protocol::{self, ErrorKind};
+use crate::ring::{self, BufRing, Ring};
+use crate::route;
+
+const CHANNEL: u8 = 1;
+const RECV: u8 = 2;
+const SEND: u8 = 3;
+const TICK: u8 = 4;
+const SIGNAL: u8 = 5;
+
+/// Receive buffers in the provided-buffer ring: enough for a burst from many connections in
+/// one loop iteration; a connection that finds none is re-armed on the next tick.
+const RECV_BUFFERS: u16 = 256;
+/// Size of each receive buffer; a large frame spans several and is reassembled.
+const RECV_BUFFER_SIZE: usize = 16 * 1024;
+
+/// The sync protocol versions this daemon speaks (PROTOCOL.md).
+pub const MIN_VERSION: u32 = 30;
+pub const MAX_VERSION: u32 = 52;
+
+struct Slot {
+    fd: OwnedFd,
+    conn: Connection,
+    peer: SocketAddr,
+    recv_armed: bool,
+    send_armed: bool,
+    /// The socket was shut down; the slot is freed once no operation is in flight.
+    shut: bool,
+    /// Counted in [`Groups`] (admitted); it must leave them when it ends.
+    joined: bool,
+    /// A receive ended for lack of buffers and must be re-armed.
+    starved: bool,
+    /// The header's `initConnection`, kept while the admission waits on a probe.
+    init: Option<Vec<u8>>,
+}
+
+/// A newcomer waiting for the liveness probe of the connection holding its clientID.
+struct Probe {
+    newcomer: u32,
+    existing: u32,
+    deadline: Instant,
+}
+
+pub struct Worker {
+    index: usize,
+    ring: Ring,
+    bufs: BufRing,
+    config: Config,
+    settings: Settings,
+    metrics: Metrics,
+    verifier: Verifier,
+    /// The handoff channel from the listener.
+    channel: OwnedFd,
+    channel_buf: Vec<u8>,
+    slots: Vec<Option<Slot>>,
+    free: Vec<u32>,
+    groups: Groups,
+    probes: Vec<Probe>,
+    open: u64,
+    /// Set on SIGTERM: every connection was asked to close with 1001; exit when all are gone
+    /// or at this deadline.
+    stopping: Option<Instant>,
+    signalfd: nix::sys::signalfd::SignalFd,
+    signal_buf: Box<[u8; 128]>,
+}
+
+fn settings_from(config: &Config) -> Settings {
+    let k = &config.keepalive;
+    let l = &config.limits;
+    Settings {
+        idle_send: Duration::from_millis(k.idle_send_ms),
+        silence: Duration::from_millis(k.silence_ms),
+        ping_timeout: Duration::from_millis(k.ping_timeout_ms),
+        close_timeout: Duration::from_millis(k.close_timeout_ms),
+        max_outbound: l.max_outbound_bytes,
+        slow_consumer: Duration::from_millis(l.slow_consumer_ms),
+        decoder: DecoderLimits {
+            max_message_bytes: l.max_message_bytes,
+            max_fragments: l.max_fragments,
+            allow_rsv1: false,
+        },
+    }
+}
+
+impl Worker {
+    pub fn new(
+        index: usize,
+        config: Config,
+        channel: OwnedFd,
+        metrics: Metrics,
+        signalfd: nix::sys::signalfd::SignalFd,
+    ) -> Result<Worker, String> {
+        let ring = Ring::new()?;
+        let bufs = BufRing::new(&ring, 0, RECV_BUFFERS, RECV_BUFFER_SIZE)
+            .map_err(|e| format!("cannot register the receive buffer ring: {e}"))?;
+        let verifier = Verifier::new(&config.auth).map_err(|e| format!("auth: {e}"))?;
+        metrics.set(Metric::OpenConnections, 0);
+        Ok(Worker {
+            index,
+            ring,
+            bufs,
+            settings: settings_from(&config),
+            config,
+            metrics,
+            verifier,
+            channel,
+            channel_buf: vec![0; handoff::MAX_MESSAGE],
+            slots: Vec::new(),
+            free: Vec::new(),
+            groups: Groups::default(),
+            probes: Vec::new(),
+            open: 0,
+            stopping: None,
+            signalfd,
+            signal_buf: Box::new([0; 128]),
+        })
+    }
+
+    pub fn run(mut self) -> Result<(), String> {
+        self.arm_channel();
+        self.arm_signal();
+        let tick = self.config.keepalive.tick();
+        self.ring.arm_tick(tick, ring::token(TICK, 0));
+        let mut cqes = Vec::with_capacity(512);
+        loop {
+            self.ring.submit_and_wait().map_err(|e| format!("io_uring_enter: {e}"))?;
+            self.ring.drain(&mut cqes);
+            let now = Instant::now();
+            for cqe in &cqes {
+                let (kind, index) = ring::untoken(cqe.user_data());
+                match kind {
+                    CHANNEL => self.on_channel(cqe, now),
+                    RECV => self.on_recv(index, cqe, now),
+                    SEND => self.on_send(index, cqe.result(), now),
+                    TICK => {
+                        self.on_tick(now);
+                        self.ring.arm_tick(tick, ring::token(TICK, 0));
+                    }
+                    SIGNAL => self.on_signal(now),
+                    _ => {}
+                }
+            }
+            self.metrics.set(Metric::OpenConnections, self.open);
+            if let Some(deadline) = self.stopping {
+                if self.slots.iter().all(Option::is_none) || now >= deadline {
+                    log::info!("worker {} stopped", self.index);
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    fn arm_channel(&mut self) {
+        let entry = opcode::PollAdd::new(types::Fd(self.channel.as_raw_fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(ring::token(CHANNEL, 0));
+        self.ring.push(entry);
+    }
+
+    fn arm_signal(&mut self) {
+        let entry = opcode::Read::new(
+            types::Fd(self.signalfd.as_raw_fd()),
+            self.signal_buf.as_mut_ptr(),
+            self.signal_buf.len() as u32,
+        )
+        .build()
+        .user_data(ring::token(SIGNAL, 0));
+        self.ring.push(entry);
+    }
+
+    fn on_signal(&mut self, now: Instant) {
+        if self.stopping.is_none() {
+            log::info!("worker {}: shutting down, closing {} connections with 1001", self.index, self.open);
+            self.stopping = Some(now + Duration::from_millis(self.config.drain_timeout_ms));
+            for index in 0..self.slots.len() as u32 {
+                if let Some(slot) = self.slots[index as usize].as_mut() {
+                    slot.conn.close(1001, "server shutting down", now);
+                    self.process(index);
+                }
+            }
+        }
+        self.arm_signal();
+    }
+
+    fn on_channel(&mut self, cqe: &cqueue::Entry, now: Instant) {
+        if !cqueue::more(cqe.flags()) {
+            self.arm_channel();
+        }
+        loop {
+            match handoff::recv(self.channel.as_fd(), &mut self.channel_buf) {
+                Ok(h) => self.on_handoff(h, now),
+                Err(handoff::RecvError::WouldBlock) => return,
+                Err(handoff::RecvError::Malformed(why)) => log::warn!("worker {}: dropped a handoff: {why}", self.index),
+                Err(handoff::RecvError::Closed) => {
+                    // The listener is gone (shutdown); stop polling a dead channel.
+                    let cancel = opcode::AsyncCancel::new(ring::token(CHANNEL, 0)).build().user_data(0);
+                    self.ring.push(cancel);
+                    return;
+                }
+                Err(handoff::RecvError::Io(e)) => {
+                    log::warn!("worker {}: handoff receive failed: {e}", self.index);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A socket arrives: the whole handshake, in PROTOCOL.md's lifecycle order.
+    fn on_handoff(&mut self, h: Handoff, now: Instant) {
+        if self.stopping.is_some() {
+            return;
+        }
+        if peer_gone(&h.socket) {
+            // Closed while in transit: drop it before spending any work on it.
+            self.metrics.inc(Metric::DeadOnArrival);
+            log::debug!("worker {}: peer={} closed during handoff", self.index, h.peer);
+            return;
+        }
+        let Some(end) = handshake::head_end(&h.bytes, 0) else {
+            log::warn!("worker {}: handoff without a complete head", self.index);
+            return;
+        };
+        let parsed = handshake::parse_head(&h.bytes[..end], self.config.limits.max_headers)
+            .ok()
+            .and_then(|head| {
+                let path = route::parse_sync_path(&head.path).ok()?;
+                let params = route::parse_connect_params(&head.query).ok()?;
+                Some((head, path, params))
+            });
+        let Some((head, path, params)) = parsed else {
+            // The listener validated these bytes; a mismatch is a bug, not a client error.
+            log::error!("worker {}: handoff failed to parse again", self.index);
+            return;
+        };
+        let _ = nix::sys::socket::setsockopt(&h.socket, nix::sys::socket::sockopt::TcpNoDelay, &true);
+        let identity = Identity {
+            client_id: Rc::from(params.client_id.as_str()),
+            client_group_id: Rc::from(params.client_group_id.as_str()),
+            wsid: params.wsid.clone(),
+            user: None,
+            version: path.version,
+        };
+        let mut conn = Connection::new(identity, self.settings.clone(), now);
+        let key = head.ws_key.as_deref().unwrap_or_default();
+        conn.send_raw(handshake::switching_protocols(key, head.ws_protocol.as_deref(), None), now);
+        let index = self.insert(Slot {
+            fd: h.socket,
+            conn,
+            peer: h.peer,
+            recv_armed: false,
+            send_armed: false,
+            shut: false,
+            joined: false,
+            starved: false,
+            init: None,
+        });
+        self.arm_recv(index);
+        self.admit(index, &head, &params, now);
+        // Bytes the client sent right behind its head (it may not wait for the 101).
+        let mut early = h.bytes[end..].to_vec();
+        if !early.is_empty() {
+            if let Some(slot) = self.slots[index as usize].as_mut() {
+                slot.conn.on_bytes(&mut early, now);
+            }
+        }
+        self.process(index);
+    }
+
+    /// Steps 2 to 6 of the lifecycle for a connection whose 101 is queued.
+    fn admit(&mut self, index: u32, head: &handshake::Head, params: &route::ConnectParams, now: Instant) {
+        let header = match head.ws_protocol.as_deref().map(protocol::decode_protocol_header) {
+            None => return self.refuse(index, ErrorKind::InvalidConnectionRequest, "missing Sec-WebSocket-Protocol header", 1002, now),
+            Some(Err(e)) => {
+                let message = format!("invalid Sec-WebSocket-Protocol header: {e}");
+                return self.refuse(index, ErrorKind::InvalidConnectionRequest, &message, 1002, now);
+            }
+            Some(Ok(header)) => header,
+        };
+        // 2. Authenticate first: nothing below looks at other connections before this.
+        let user: Option<Rc<str>> = match header.auth_token.as_deref() {
+            Some(token) if self.verifier.has_keys() => match self.verifier.verify(token, epoch_secs()) {
+                Ok(verified) => {
+                    if params.user_id.as_deref() != Some(verified.sub.as_str()) {
+                        self.metrics.inc(Metric::AuthRefusals);
+                        let message = "token subject does not match userID";
+                        return self.refuse(index, ErrorKind::Unauthorized, message, 3000, now);
+                    }
+                    Some(Rc::from(verified.sub.as_str()))
+                }
+                Err(e) => {
+                    self.metrics.inc(Metric::AuthRefusals);
+                    return self.refuse(index, ErrorKind::AuthInvalidated, &e.message(), 3000, now);
+                }
+            },
+            Some(_) => None,
+            None if self.config.auth.required => {
+                self.metrics.inc(Metric::AuthRefusals);
+                return self.refuse(index, ErrorKind::Unauthorized, "a token is required", 3000, now);
+            }
+            None => None,
+        };
+        let slot = self.slots[index as usize].as_mut().expect("slot");
+        slot.conn.set_user(user.clone());
+        slot.init = header.init_connection;
+        let id = slot.conn.identity().clone();
+        // 3. Displacement, against verified identities only.
+        let decision = self.groups.decide(
+            &id.client_id,
+            &id.client_group_id,
+            user.as_deref(),
+            self.config.limits.max_group_connections,
+        );
+        if let Admission::Refuse(kind, message) = decision {
+            self.metrics.inc(Metric::DisplacementRefusals);
+            let code = if kind == ErrorKind::Unauthorized { 3000 } else { 1008 };
+            return self.refuse(index, kind, &message, code, now);
+        }
+        // 4. Version, before any existing connection is touched.
+        if !(MIN_VERSION..=MAX_VERSION).contains(&id.version) {
+            self.metrics.inc(Metric::VersionRefusals);
+            let message = format!(
+                "server supports sync protocol v{MIN_VERSION} to v{MAX_VERSION}, client requested v{}",
+                id.version
+            );
+            return self.refuse(index, ErrorKind::VersionNotSupported, &message, 1002, now);
+        }
+        match decision {
+            Admission::Replace(old) => {
+                self.displace(old, &format!("replaced by wsid {}", id.wsid), now);
+                self.open_connection(index, now);
+            }
+            Admission::Probe(old) => {
+                if let Some(existing) = self.slots[old as usize].as_mut() {
+                    existing.conn.probe(now);
+                    let deadline = now + Duration::from_millis(self.config.keepalive.probe_timeout_ms);
+                    self.probes.push(Probe { newcomer: index, existing: old, deadline });
+                    self.process(old);
+                } else {
+                    self.open_connection(index, now);
+                }
+            }
+            _ => self.open_connection(index, now),
+        }
+    }
+
+    fn refuse(&mut self, index: u32, kind: ErrorKind, message: &str, code: u16, now: Instant) {
+        let Some(slot) = self.slots[index as usize].as_mut() else { return };
+        let id = slot.conn.identity();
+        log::info!(
+            "worker={} refused kind={} clientID={} clientGroupID={} wsid={} peer={}: {message}",
+            self.index,
+            kind.as_str(),
+            id.client_id,
+            id.client_group_id,
+            id.wsid,
+            slot.peer
+        );
+        if kind == ErrorKind::ServerOverloaded {
+            slot.conn.fail_with_backoff(kind, message, code, OVERLOAD_BACKOFF, now);
+        } else {
+            slot.conn.fail(kind, message, code, now);
+        }
+    }
+
+    /// Steps 5 and 6: `connected`, then the header's `initConnection`.
+    fn open_connection(&mut self, index: u32, now: Instant) {
+        let Some(slot) = self.slots[index as usize].as_mut() else { return };
+        let id = slot.conn.identity().clone();
+        self.groups.join(index, &id.client_id, &id.client_group_id, id.user.as_ref());
+        slot.joined = true;
+        let init = slot.init.take();
+        slot.conn.open(init, now);
+        self.open += 1;
+        self.metrics.inc(Metric::Connected);
+        log::info!(
+            "worker={} connected clientID={} clientGroupID={} wsid={} user={} version={} peer={}",
+            self.index,
+            id.client_id,
+            id.client_group_id,
+            id.wsid,
+            id.user.as_deref().unwrap_or("-"),
+            id.version,
+            slot.peer
+        );
+    }
+
+    /// Closes an existing connection that a newcomer replaces.
+    fn displace(&mut self, index: u32, reason: &str, now: Instant) {
+        self.metrics.inc(Metric::Displaced);
+        if let Some(slot) = self.slots[index as usize].as_mut() {
+            let id = slot.conn.identity();
+            log::info!("worker={} displaced clientID={} wsid={}: {reason}", self.index, id.client_id, id.wsid);
+            self.groups.leave(index, &id.client_id, &id.client_group_id);
+            slot.joined = false;
+            slot.conn.close(1000, reason, now);
+            self.process(index);
+        }
+    }
+
+    fn insert(&mut self, slot: Slot) -> u32 {
+        match self.free.pop() {
+            Some(i) => {
+                self.slots[i as usize] = Some(slot);
+                i
+            }
+            None => {
+                self.slots.push(Some(slot));
+                (self.slots.len() - 1) as u32
+            }
+        }
+    }
+
+    fn arm_recv(&mut self, index: u32) {
+        let Some(slot) = self.slots[index as usize].as_mut() else { return };
+        if slot.recv_armed || slot.shut {
+            return;
+        }
+        slot.recv_armed = true;
+        slot.starved = false;
+        let entry = opcode::RecvMulti::new(types::Fd(slot.fd.as_raw_fd()), self.bufs.group)
+            .build()
+            .user_data(ring::token(RECV, index));
+        self.ring.push(entry);
+    }
+
+    fn on_recv(&mut self, index: u32, cqe: &cqueue::Entry, now: Instant) {
+        let res = cqe.result();
+        let flags = cqe.flags();
+        let buffer = cqueue::buffer_select(flags);
+        let Some(slot) = self.slots[index as usize].as_mut() else {
+            if let Some(bid) = buffer {
+                self.bufs.recycle(bid);
+            }
+            return;
+        };
+        if !cqueue::more(flags) {
+            slot.recv_armed = false;
+        }
+        match (res, buffer) {
+            (n, Some(bid)) if n > 0 => {
+                let data = self.bufs.get(bid, n as usize);
+                slot.conn.on_bytes(data, now);
+                self.bufs.recycle(bid);
+                if !slot.recv_armed && !slot.shut {
+                    // The multishot ended without an error (e.g. the kernel's own limits).
+                    self.arm_recv(index);
+                }
+            }
+            (n, _) if n == -libc::ENOBUFS => {
+                slot.starved = true;
+            }
+            _ => {
+                // EOF or error: the peer is gone (or we shut the socket down).
+                if !slot.shut && !slot.conn.finished() {
+                    slot.conn.terminate(End::Normal);
+                }
+            }
+        }
+        self.process(index);
+    }
+
+    fn on_send(&mut self, index: u32, res: i32, now: Instant) {
+        let Some(slot) = self.slots[index as usize].as_mut() else { return };
+        slot.send_armed = false;
+        if res > 0 {
+            slot.conn.on_sent(res as usize, now);
+            self.metrics.add(Metric::BytesOut, res as u64);
+        } else {
+            slot.conn.on_sent(0, now);
+            slot.conn.terminate(End::Normal);
+        }
+        self.process(index);
+    }
+
+    /// After anything happened to a connection: act on its notices, write what it queued,
+    /// or take it down.
+    fn process(&mut self, index: u32) {
+        let Some(slot) = self.slots[index as usize].as_mut() else { return };
+        let (messages_in, bytes_in, messages_out) = slot.conn.take_counts();
+        self.metrics.add(Metric::MessagesIn, messages_in);
+        self.metrics.add(Metric::BytesIn, bytes_in);
+        self.metrics.add(Metric::MessagesOut, messages_out);
+        for notice in slot.conn.take_notices() {
+            match notice {
+                // Validated; applying it to the group's state is the group sync's job.
+                Notice::Push(push) => log::debug!(
+                    "worker={} push clientGroupID={} mutations={}",
+                    self.index,
+                    push.client_group_id,
+                    push.mutations.len()
+                ),
+            }
+        }
+        if slot.conn.finished() {
+            if slot.joined {
+                let id = slot.conn.identity();
+                self.groups.leave(index, &id.client_id, &id.client_group_id);
+                slot.joined = false;
+                self.open -= 1;
+                let end = slot.conn.end().cloned().unwrap_or(End::Normal);
+                if end == End::KeepaliveTimeout {
+                    self.metrics.inc(Metric::KeepaliveTimeouts);
+                }
+                if let End::Protocol(code) = end {
+                    if code != 1000 && code != 3000 {
+                        self.metrics.inc(Metric::ProtocolErrors);
+                    }
+                }
+                log::info!(
+                    "worker={} closed clientID={} clientGroupID={} wsid={} end={end:?}",
+                    self.index,
+                    id.client_id,
+                    id.client_group_id,
+                    id.wsid
+                );
+            }
+            if !slot.shut {
+                slot.shut = true;
+                let _ = nix::sys::socket::shutdown(slot.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+            }
+            if !slot.recv_armed && !slot.send_armed {
+                self.slots[index as usize] = None;
+                self.free.push(index);
+            }
+            return;
+        }
+        if !slot.send_armed {
+            if let Some(bytes) = slot.conn.next_send() {
+                let entry = opcode::Send::new(types::Fd(slot.fd.as_raw_fd()), bytes.as_ptr(), bytes.len() as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+                    .user_data(ring::token(SEND, index));
+                slot.send_armed = true;
+                self.ring.push(entry);
+            }
+        }
+        if slot.starved && !slot.recv_armed {
+            self.arm_recv(index);
+        }
+    }
+
+    fn on_tick(&mut self, now: Instant) {
+        self.resolve_probes(now);
+        for index in 0..self.slots.len() as u32 {
+            if let Some(slot) = self.slots[index as usize].as_mut() {
+                slot.conn.on_tick(now);
+                if slot.conn.state() == State::Open && slot.conn.flushed() {
+                    slot.conn.shrink();
+                }
+                self.process(index);
+            }
+        }
+    }
+
+    /// Displacement rule 3: a newcomer is refused if the existing connection proved alive,
+    /// and admitted in its place if the probe went unanswered.
+    fn resolve_probes(&mut self, now: Instant) {
+        let mut i = 0;
+        while i < self.probes.len() {
+            let p = &self.probes[i];
+            let newcomer_alive = self.slots[p.newcomer as usize]
+                .as_ref()
+                .is_some_and(|s| s.conn.state() == State::Pending);
+            let existing = self.slots[p.existing as usize].as_ref().filter(|s| s.joined);
+            let answered = existing.and_then(|s| s.conn.probe_answered());
+            let (newcomer, existing_index, deadline) = (p.newcomer, p.existing, p.deadline);
+            let outcome = match (newcomer_alive, existing.is_some(), answered) {
+                (false, _, _) => Some(None),
+                (true, false, _) => Some(Some(true)),
+                (true, true, Some(true)) => Some(Some(false)),
+                (true, true, _) if now >= deadline => {
+                    if let Some(slot) = self.slots[existing_index as usize].as_mut() {
+                        log::info!("worker={} existing connection failed its probe; replacing it", self.index);
+                        slot.conn.terminate(End::KeepaliveTimeout);
+                    }
+                    self.metrics.inc(Metric::Displaced);
+                    self.process(existing_index);
+                    Some(Some(true))
+                }
+                _ => None,
+            };
+            match outcome {
+                None => i += 1,
+                Some(admit) => {
+                    self.probes.swap_remove(i);
+                    if let Some(slot) = self.slots[existing_index as usize].as_mut() {
+                        slot.conn.clear_probe();
+                    }
+                    match admit {
+                        Some(true) => self.open_connection(newcomer, now),
+                        Some(false) => {
+                            self.metrics.inc(Metric::DisplacementRefusals);
+                            let message = "this clientID is connected in another session";
+                            self.refuse(newcomer, ErrorKind::Unauthorized, message, 3000, now);
+                        }
+                        None => {}
+                    }
+                    self.process(newcomer);
+                }
+            }
+        }
+    }
+}
+
+/// The backoff a client is told to wait when its group is full: long enough to let the
+/// group shrink, short enough that a legitimate client recovers within seconds.
+const OVERLOAD_BACKOFF: (u64, u64) = (1_000, 10_000);
+
+/// Whether the peer closed the socket while it travelled from the listener.
+fn peer_gone(fd: &OwnedFd) -> bool {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
+    // SAFETY: one valid pollfd, zero timeout.
+    match unsafe { libc::poll(&mut pfd, 1, 0) } {
+        0 => false,
+        n if n > 0 => pfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0,
+        _ => true,
+    }
+}
+
+fn epoch_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
