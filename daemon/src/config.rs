@@ -202,9 +202,7 @@ impl Config {
         let origin = path.map_or("configuration".to_string(), |p| {
             format!("config file {}", p.display())
         });
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| format!("{origin}: {}", e.message()))?;
+        let config = from_table(table).map_err(|e| format!("{origin}: {e}"))?;
         config.validate()?;
         Ok(config)
     }
@@ -228,7 +226,10 @@ impl Config {
             ));
         }
         if self.workers > MAX_WORKERS {
-            return Err(format!("workers: {} is over the maximum of {MAX_WORKERS}", self.workers));
+            return Err(format!(
+                "workers: {} is over the maximum of {MAX_WORKERS}",
+                self.workers
+            ));
         }
         let l = &self.limits;
         let positive = [
@@ -238,18 +239,33 @@ impl Config {
             ("limits.max_fragments", l.max_fragments as u64),
             ("limits.head_timeout_ms", l.head_timeout_ms),
             ("limits.max_headers", l.max_headers as u64),
-            ("limits.max_group_connections", l.max_group_connections as u64),
+            (
+                "limits.max_group_connections",
+                l.max_group_connections as u64,
+            ),
             ("limits.connect_per_client", l.connect_per_client as u64),
-            ("limits.connect_per_client_window_ms", l.connect_per_client_window_ms),
+            (
+                "limits.connect_per_client_window_ms",
+                l.connect_per_client_window_ms,
+            ),
             ("limits.max_outbound_bytes", l.max_outbound_bytes as u64),
             ("limits.slow_consumer_ms", l.slow_consumer_ms),
-            ("limits.per_user_mutations_window_ms", l.per_user_mutations_window_ms),
+            (
+                "limits.per_user_mutations_window_ms",
+                l.per_user_mutations_window_ms,
+            ),
             ("keepalive.idle_send_ms", self.keepalive.idle_send_ms),
             ("keepalive.check_ms", self.keepalive.check_ms),
             ("keepalive.silence_ms", self.keepalive.silence_ms),
             ("keepalive.ping_timeout_ms", self.keepalive.ping_timeout_ms),
-            ("keepalive.probe_timeout_ms", self.keepalive.probe_timeout_ms),
-            ("keepalive.close_timeout_ms", self.keepalive.close_timeout_ms),
+            (
+                "keepalive.probe_timeout_ms",
+                self.keepalive.probe_timeout_ms,
+            ),
+            (
+                "keepalive.close_timeout_ms",
+                self.keepalive.close_timeout_ms,
+            ),
             ("drain_timeout_ms", self.drain_timeout_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
@@ -322,6 +338,28 @@ fn log_level(s: &str) -> Option<log::LevelFilter> {
     }
 }
 
+/// Deserialises the merged table, naming the offending entry in the error (the merged text is
+/// not the file the operator wrote, so the entry is quoted rather than given a line number).
+fn from_table(table: toml::Table) -> Result<Config, String> {
+    let text = toml::to_string(&table).map_err(|e| e.to_string())?;
+    toml::from_str(&text).map_err(|e: toml::de::Error| {
+        let entry = e.span().and_then(|span| {
+            let start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
+            let end = text[span.start..]
+                .find('\n')
+                .map_or(text.len(), |i| span.start + i);
+            let line = text[start..end].trim();
+            let table = text[..start].lines().rev().find(|l| l.starts_with('['));
+            (!line.is_empty())
+                .then(|| format!("{}{line}", table.map_or(String::new(), |t| format!("{t} "))))
+        });
+        match entry {
+            Some(entry) => format!("`{entry}`: {}", e.message()),
+            None => e.message().to_string(),
+        }
+    })
+}
+
 /// The environment variable that sets `key`.
 pub fn env_name(key: &str) -> String {
     let mut name = String::from("SYNCGATE_");
@@ -337,7 +375,11 @@ pub fn env_name(key: &str) -> String {
 fn known_keys() -> Vec<(String, toml::Value)> {
     fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
         for (k, v) in table {
-            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
             match v {
                 toml::Value::Table(t) => walk(&key, t, out),
                 v => out.push((key, v.clone())),
@@ -370,7 +412,12 @@ fn apply_env(table: &mut toml::Table, get: impl Fn(&str) -> Option<String>) -> R
                     .parse()
                     .map_err(|_| format!("{name}: {raw:?} is not an integer"))?,
             ),
-            other => return Err(format!("{name}: unsupported value kind {}", other.type_str())),
+            other => {
+                return Err(format!(
+                    "{name}: unsupported value kind {}",
+                    other.type_str()
+                ))
+            }
         };
         let mut parts: Vec<&str> = key.split('.').collect();
         let leaf = parts.pop().expect("key has a part");
@@ -395,11 +442,11 @@ mod tests {
     fn load_with(file: &str, env: &[(&str, &str)]) -> Result<Config, String> {
         let mut table: toml::Table = file.parse().map_err(|e| format!("{e}"))?;
         apply_env(&mut table, |name| {
-            env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+            env.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_string())
         })?;
-        let config: Config = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| e.message().to_string())?;
+        let config = from_table(table)?;
         config.validate()?;
         Ok(config)
     }
@@ -421,7 +468,10 @@ mod tests {
     #[test]
     fn env_names_follow_the_rule() {
         assert_eq!(env_name("auth.secret"), "SYNCGATE_AUTH_SECRET");
-        assert_eq!(env_name("limits.connect_per_ip"), "SYNCGATE_LIMITS_CONNECT_PER_IP");
+        assert_eq!(
+            env_name("limits.connect_per_ip"),
+            "SYNCGATE_LIMITS_CONNECT_PER_IP"
+        );
         assert_eq!(env_name("a-b.c"), "SYNCGATE_A_B_C");
     }
 
@@ -429,7 +479,10 @@ mod tests {
     fn env_wins_over_file() {
         let c = load_with(
             "workers = 3\n[limits]\nconnect_per_ip = 7\n",
-            &[("SYNCGATE_LIMITS_CONNECT_PER_IP", "9"), ("SYNCGATE_AUTH_SECRET", "s3cret")],
+            &[
+                ("SYNCGATE_LIMITS_CONNECT_PER_IP", "9"),
+                ("SYNCGATE_AUTH_SECRET", "s3cret"),
+            ],
         )
         .unwrap();
         assert_eq!(c.workers, 3);

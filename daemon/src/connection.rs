@@ -53,7 +53,10 @@ pub enum State {
     Pending,
     Open,
     /// A close frame is queued or sent; `received` once the peer's close arrived.
-    Closing { deadline: Instant, received: bool },
+    Closing {
+        deadline: Instant,
+        received: bool,
+    },
     /// Nothing left to do but drop the socket.
     Done,
 }
@@ -204,7 +207,14 @@ impl Connection {
 
     /// Like [`fail`](Self::fail) for the backoff kinds: the client waits between `min` and
     /// `max` milliseconds before it reconnects.
-    pub fn fail_with_backoff(&mut self, kind: ErrorKind, message: &str, code: u16, backoff: (u64, u64), now: Instant) {
+    pub fn fail_with_backoff(
+        &mut self,
+        kind: ErrorKind,
+        message: &str,
+        code: u16,
+        backoff: (u64, u64),
+        now: Instant,
+    ) {
         self.core.fail(kind, message, Some(backoff), code, now);
     }
 
@@ -244,7 +254,9 @@ impl Connection {
         if matches!(core.state, State::Closing { received: true, .. }) {
             return;
         }
-        let result = self.decoder.feed(input, &mut |event| core.on_event(event, now));
+        let result = self
+            .decoder
+            .feed(input, &mut |event| core.on_event(event, now));
         if let Err(e) = result {
             let code = e.close_code();
             core.end.get_or_insert(End::Protocol(code));
@@ -304,7 +316,8 @@ impl Connection {
                     frame::encode_frame(&mut f, OpCode::Ping, b"", false);
                     c.push(Chunk::Owned(f), now);
                 }
-                if c.state == State::Open && now.duration_since(c.last_send) >= c.settings.idle_send {
+                if c.state == State::Open && now.duration_since(c.last_send) >= c.settings.idle_send
+                {
                     let mut msg = Vec::with_capacity(16);
                     protocol::write_pong(&mut msg);
                     c.send_text(&msg, now);
@@ -346,7 +359,10 @@ impl Connection {
             InFlight::Queue => {
                 c.front_sent += n;
                 c.queued_bytes -= n.min(c.queued_bytes);
-                let done = c.queue.front().is_some_and(|f| c.front_sent >= f.bytes().len());
+                let done = c
+                    .queue
+                    .front()
+                    .is_some_and(|f| c.front_sent >= f.bytes().len());
                 if done {
                     c.queue.pop_front();
                     c.front_sent = 0;
@@ -366,7 +382,9 @@ impl Connection {
 
     /// Whether every queued byte is written.
     pub fn flushed(&self) -> bool {
-        self.core.queue.is_empty() && self.core.pong.is_none() && self.core.in_flight == InFlight::None
+        self.core.queue.is_empty()
+            && self.core.pong.is_none()
+            && self.core.in_flight == InFlight::None
     }
 
     /// Whether the socket can be dropped now: the close handshake is over and flushed, or the
@@ -427,7 +445,14 @@ impl Core {
         self.push(Chunk::Owned(f), now);
     }
 
-    fn fail(&mut self, kind: ErrorKind, message: &str, backoff: Option<(u64, u64)>, code: u16, now: Instant) {
+    fn fail(
+        &mut self,
+        kind: ErrorKind,
+        message: &str,
+        backoff: Option<(u64, u64)>,
+        code: u16,
+        now: Instant,
+    ) {
         if matches!(self.state, State::Pending | State::Open) {
             self.send_text(&protocol::encode_error(kind, message, backoff), now);
             self.end.get_or_insert(End::Protocol(code));
@@ -441,11 +466,19 @@ impl Core {
             frame::encode_close(&mut f, code, reason);
             self.push(Chunk::Owned(f), now);
             self.end.get_or_insert(End::Normal);
-            self.state = State::Closing { deadline: now + self.settings.close_timeout, received: false };
+            self.state = State::Closing {
+                deadline: now + self.settings.close_timeout,
+                received: false,
+            };
         }
     }
 
     fn on_event(&mut self, event: Event<'_>, now: Instant) -> ControlFlow<()> {
+        // While our close frame waits for the peer's, only that close frame matters; the
+        // decoder keeps running so it can be seen.
+        if matches!(self.state, State::Closing { .. }) && !matches!(event, Event::Close(_)) {
+            return ControlFlow::Continue(());
+        }
         match event {
             Event::Ping(payload) => {
                 let mut f = Vec::with_capacity(payload.len() + 2);
@@ -463,7 +496,10 @@ impl Core {
             Event::Close(code) => {
                 match self.state {
                     State::Closing { deadline, .. } => {
-                        self.state = State::Closing { deadline, received: true };
+                        self.state = State::Closing {
+                            deadline,
+                            received: true,
+                        };
                     }
                     _ => {
                         // Echo the peer's code, as RFC 6455 5.5.1 asks.
@@ -474,12 +510,18 @@ impl Core {
                         }
                         self.push(Chunk::Owned(f), now);
                         self.end.get_or_insert(End::Normal);
-                        self.state = State::Closing { deadline: now + self.settings.close_timeout, received: true };
+                        self.state = State::Closing {
+                            deadline: now + self.settings.close_timeout,
+                            received: true,
+                        };
                     }
                 }
                 return ControlFlow::Break(());
             }
-            Event::Text { payload, compressed: false } => {
+            Event::Text {
+                payload,
+                compressed: false,
+            } => {
                 self.messages_in += 1;
                 if self.state == State::Open {
                     self.on_text(payload, now);
@@ -487,14 +529,16 @@ impl Core {
             }
             Event::Text { .. } | Event::Binary { .. } => {
                 self.messages_in += 1;
-                self.fail(ErrorKind::InvalidMessage, "expected a JSON text message", None, 1002, now);
+                self.fail(
+                    ErrorKind::InvalidMessage,
+                    "expected a JSON text message",
+                    None,
+                    1002,
+                    now,
+                );
             }
         }
-        if matches!(self.state, State::Open | State::Pending) {
-            ControlFlow::Continue(())
-        } else {
-            ControlFlow::Break(())
-        }
+        ControlFlow::Continue(())
     }
 
     fn on_text(&mut self, json: &mut [u8], now: Instant) {
@@ -512,7 +556,13 @@ impl Core {
             }
             Upstream::InitConnection(_) => {
                 if self.initialized {
-                    return self.fail(ErrorKind::InvalidMessage, "initConnection sent twice", None, 1002, now);
+                    return self.fail(
+                        ErrorKind::InvalidMessage,
+                        "initConnection sent twice",
+                        None,
+                        1002,
+                        now,
+                    );
                 }
                 self.initialized = true;
             }
@@ -588,7 +638,10 @@ mod tests {
             let op = wire[at] & 0x0f;
             let (len, hdr) = match wire[at + 1] & 0x7f {
                 126 => (u16::from_be_bytes([wire[at + 2], wire[at + 3]]) as usize, 4),
-                127 => (u64::from_be_bytes(wire[at + 2..at + 10].try_into().unwrap()) as usize, 10),
+                127 => (
+                    u64::from_be_bytes(wire[at + 2..at + 10].try_into().unwrap()) as usize,
+                    10,
+                ),
                 n => (n as usize, 2),
             };
             frames.push((op, wire[at + hdr..at + hdr + len].to_vec()));
@@ -610,7 +663,9 @@ mod tests {
         c.open(None, now);
         let frames = drain(&mut c, now);
         assert_eq!(frames.len(), 1, "connected is sent exactly once");
-        assert!(frames[0].1.starts_with(br#"["connected",{"wsid":"w1","timestamp":"#));
+        assert!(frames[0]
+            .1
+            .starts_with(br#"["connected",{"wsid":"w1","timestamp":"#));
         c.on_bytes(&mut client(OpCode::Text, br#"["ping",{}]"#), now);
         assert_eq!(drain(&mut c, now), vec![(1, br#"["pong",{}]"#.to_vec())]);
     }
@@ -671,7 +726,10 @@ mod tests {
         let t15 = t0 + Duration::from_secs(15);
         c.on_tick(t15);
         let frames = drain(&mut c, t15);
-        assert!(frames.contains(&(9, vec![])), "silent peer gets a WebSocket ping: {frames:?}");
+        assert!(
+            frames.contains(&(9, vec![])),
+            "silent peer gets a WebSocket ping: {frames:?}"
+        );
         c.on_tick(t15 + Duration::from_secs(4));
         assert_ne!(c.state(), State::Done);
         c.on_tick(t15 + Duration::from_secs(5));
@@ -708,7 +766,10 @@ mod tests {
         let pongs: Vec<_> = frames.iter().filter(|(op, _)| *op == 10).collect();
         assert_eq!(pongs.len(), 1, "one pong for a flood");
         assert_eq!(pongs[0].1, vec![49], "the latest ping's payload");
-        assert_eq!(frames[0].0, 10, "the pong goes before the rest of the queue");
+        assert_eq!(
+            frames[0].0, 10,
+            "the pong goes before the rest of the queue"
+        );
     }
 
     #[test]

@@ -76,8 +76,18 @@ impl Groups {
     }
 
     /// Records an admitted connection (and pins its group to its user if not yet pinned).
-    pub fn join(&mut self, slot: u32, client_id: &Rc<str>, group_id: &Rc<str>, user: Option<&Rc<str>>) {
-        let member = Member { slot, user: user.cloned(), group: group_id.clone() };
+    pub fn join(
+        &mut self,
+        slot: u32,
+        client_id: &Rc<str>,
+        group_id: &Rc<str>,
+        user: Option<&Rc<str>>,
+    ) {
+        let member = Member {
+            slot,
+            user: user.cloned(),
+            group: group_id.clone(),
+        };
         // A replaced connection stops counting now; its later `leave` is then a no-op.
         if let Some(replaced) = self.clients.insert(client_id.clone(), member) {
             self.shrink(&replaced.group);
@@ -131,10 +141,19 @@ mod tests {
     fn same_user_replaces_anyone_else_probes() {
         let mut g = Groups::default();
         g.join(1, &rc("c1"), &rc("g"), Some(&rc("alice")));
-        assert_eq!(g.decide("c1", "g", Some("alice"), 64), Admission::Replace(1));
+        assert_eq!(
+            g.decide("c1", "g", Some("alice"), 64),
+            Admission::Replace(1)
+        );
         // Another user is refused by the pin before the clientID is even looked at.
-        assert!(matches!(g.decide("c1", "g", Some("bob"), 64), Admission::Refuse(ErrorKind::Unauthorized, _)));
-        assert!(matches!(g.decide("c1", "g", None, 64), Admission::Refuse(ErrorKind::Unauthorized, _)));
+        assert!(matches!(
+            g.decide("c1", "g", Some("bob"), 64),
+            Admission::Refuse(ErrorKind::Unauthorized, _)
+        ));
+        assert!(matches!(
+            g.decide("c1", "g", None, 64),
+            Admission::Refuse(ErrorKind::Unauthorized, _)
+        ));
         let mut anon = Groups::default();
         anon.join(1, &rc("c1"), &rc("g"), None);
         assert_eq!(anon.decide("c1", "g", None, 64), Admission::Probe(1));
@@ -146,10 +165,16 @@ mod tests {
         g.join(1, &rc("c1"), &rc("g"), Some(&rc("alice")));
         g.leave(1, "c1", "g");
         assert_eq!(g.group_size("g"), 0);
-        assert!(matches!(g.decide("c2", "g", Some("bob"), 64), Admission::Refuse(ErrorKind::Unauthorized, _)));
+        assert!(matches!(
+            g.decide("c2", "g", Some("bob"), 64),
+            Admission::Refuse(ErrorKind::Unauthorized, _)
+        ));
         assert_eq!(g.decide("c2", "g", Some("alice"), 64), Admission::Admit);
         g.join(2, &rc("c2"), &rc("g"), Some(&rc("alice")));
-        assert!(matches!(g.decide("c3", "g", Some("alice"), 1), Admission::Refuse(ErrorKind::ServerOverloaded, _)));
+        assert!(matches!(
+            g.decide("c3", "g", Some("alice"), 1),
+            Admission::Refuse(ErrorKind::ServerOverloaded, _)
+        ));
     }
 
     #[test]

@@ -10,7 +10,10 @@ use base64::Engine as _;
 /// `from` lets a caller that reads in pieces skip what it already scanned.
 pub fn head_end(buf: &[u8], from: usize) -> Option<usize> {
     let start = from.saturating_sub(3);
-    buf[start..].windows(4).position(|w| w == b"\r\n\r\n").map(|p| start + p + 4)
+    buf[start..]
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| start + p + 4)
 }
 
 /// What the daemon needs from a request head, owned so it outlives the read buffer.
@@ -72,9 +75,13 @@ pub fn parse_head(bytes: &[u8], max_headers: usize) -> Result<Head, HeadError> {
         let value = value.trim();
         let name = h.name;
         if name.eq_ignore_ascii_case("upgrade") {
-            upgrade_ws |= value.split(',').any(|v| v.trim().eq_ignore_ascii_case("websocket"));
+            upgrade_ws |= value
+                .split(',')
+                .any(|v| v.trim().eq_ignore_ascii_case("websocket"));
         } else if name.eq_ignore_ascii_case("connection") {
-            connection_upgrade |= value.split(',').any(|v| v.trim().eq_ignore_ascii_case("upgrade"));
+            connection_upgrade |= value
+                .split(',')
+                .any(|v| v.trim().eq_ignore_ascii_case("upgrade"));
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
             head.ws_key = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
@@ -145,15 +152,23 @@ pub fn switching_protocols(key: &str, protocol: Option<&str>, extensions: Option
 }
 
 /// A complete plain HTTP response that closes the connection.
-pub fn http_response(status: u16, extra_headers: &[(&str, &str)], content_type: &str, body: &[u8]) -> Vec<u8> {
+pub fn http_response(
+    status: u16,
+    extra_headers: &[(&str, &str)],
+    content_type: &str,
+    body: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(128 + body.len());
     out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason_phrase(status)).as_bytes());
     for (name, value) in extra_headers {
         out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
     }
     out.extend_from_slice(
-        format!("Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len())
-            .as_bytes(),
+        format!(
+            "Content-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
     );
     out.extend_from_slice(body);
     out
@@ -162,7 +177,12 @@ pub fn http_response(status: u16, extra_headers: &[(&str, &str)], content_type: 
 /// A plain-text error answer whose body says what was wrong.
 pub fn http_error(status: u16, extra_headers: &[(&str, &str)], message: &str) -> Vec<u8> {
     let body = format!("{message}\n");
-    http_response(status, extra_headers, "text/plain; charset=utf-8", body.as_bytes())
+    http_response(
+        status,
+        extra_headers,
+        "text/plain; charset=utf-8",
+        body.as_bytes(),
+    )
 }
 
 fn reason_phrase(status: u16) -> &'static str {
@@ -208,7 +228,10 @@ mod tests {
 
     #[test]
     fn refuses_bad_heads() {
-        assert_eq!(parse_head(b"\x00\x01garbage\r\n\r\n", 100), Err(HeadError::Malformed));
+        assert_eq!(
+            parse_head(b"\x00\x01garbage\r\n\r\n", 100),
+            Err(HeadError::Malformed)
+        );
         assert_eq!(parse_head(UPGRADE, 3), Err(HeadError::TooManyHeaders));
         let mut h = parse_head(UPGRADE, 100).unwrap();
         h.ws_version = Some("8".into());
@@ -222,7 +245,12 @@ mod tests {
 
     #[test]
     fn the_101_uses_the_rfc_accept_key_and_echoes_the_protocol() {
-        let r = String::from_utf8(switching_protocols("dGhlIHNhbXBsZSBub25jZQ==", Some("abc%3D%3D"), None)).unwrap();
+        let r = String::from_utf8(switching_protocols(
+            "dGhlIHNhbXBsZSBub25jZQ==",
+            Some("abc%3D%3D"),
+            None,
+        ))
+        .unwrap();
         assert!(r.starts_with("HTTP/1.1 101 "));
         assert!(r.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
         assert!(r.contains("Sec-WebSocket-Protocol: abc%3D%3D\r\n"));

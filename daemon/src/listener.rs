@@ -103,7 +103,9 @@ impl Listener {
         self.ring.arm_tick(tick, ring::token(TICK, 0));
         let mut cqes = Vec::with_capacity(256);
         loop {
-            self.ring.submit_and_wait().map_err(|e| format!("io_uring_enter: {e}"))?;
+            self.ring
+                .submit_and_wait()
+                .map_err(|e| format!("io_uring_enter: {e}"))?;
             self.ring.drain(&mut cqes);
             let now = Instant::now();
             for cqe in &cqes {
@@ -143,7 +145,9 @@ impl Listener {
             log::info!("listener: stop requested, no longer accepting");
             self.stopping = true;
             // Closing the listening socket would race the supervisor's copy; stop our accept.
-            let cancel = opcode::AsyncCancel::new(ring::token(ACCEPT, 0)).build().user_data(0);
+            let cancel = opcode::AsyncCancel::new(ring::token(ACCEPT, 0))
+                .build()
+                .user_data(0);
             self.ring.push(cancel);
         }
         self.arm_signal();
@@ -221,7 +225,9 @@ impl Listener {
     }
 
     fn on_recv(&mut self, index: u32, res: i32, now: Instant) {
-        let Some(p) = self.pending[index as usize].as_mut() else { return };
+        let Some(p) = self.pending[index as usize].as_mut() else {
+            return;
+        };
         if matches!(p.stage, Stage::Linger) {
             if res > 0 && !p.expired {
                 p.buf.clear();
@@ -246,7 +252,10 @@ impl Listener {
             Some(end) => self.on_head(index, end, now),
             None if p.buf.len() >= self.config.limits.max_head_bytes => {
                 self.metrics.inc(Metric::BadHeads);
-                let msg = format!("request head larger than {} bytes", self.config.limits.max_head_bytes);
+                let msg = format!(
+                    "request head larger than {} bytes",
+                    self.config.limits.max_head_bytes
+                );
                 self.answer(index, handshake::http_error(431, &[], &msg), now);
             }
             None => self.arm_recv(index),
@@ -264,7 +273,11 @@ impl Listener {
             }
             Err(HeadError::Malformed) => {
                 self.metrics.inc(Metric::BadHeads);
-                return self.answer(index, handshake::http_error(400, &[], "malformed HTTP request"), now);
+                return self.answer(
+                    index,
+                    handshake::http_error(400, &[], "malformed HTTP request"),
+                    now,
+                );
             }
         };
         if !head.upgrade {
@@ -275,17 +288,29 @@ impl Listener {
         match handshake::check_upgrade(&head) {
             Ok(()) => {}
             Err(UpgradeError::Method) => {
-                return self.answer(index, handshake::http_error(405, &[("Allow", "GET")], "WebSocket upgrades use GET"), now);
+                return self.answer(
+                    index,
+                    handshake::http_error(405, &[("Allow", "GET")], "WebSocket upgrades use GET"),
+                    now,
+                );
             }
             Err(UpgradeError::Version) => {
                 return self.answer(
                     index,
-                    handshake::http_error(426, &[("Sec-WebSocket-Version", "13")], "unsupported Sec-WebSocket-Version"),
+                    handshake::http_error(
+                        426,
+                        &[("Sec-WebSocket-Version", "13")],
+                        "unsupported Sec-WebSocket-Version",
+                    ),
                     now,
                 );
             }
             Err(UpgradeError::Key) => {
-                return self.answer(index, handshake::http_error(400, &[], "missing or invalid Sec-WebSocket-Key"), now);
+                return self.answer(
+                    index,
+                    handshake::http_error(400, &[], "missing or invalid Sec-WebSocket-Key"),
+                    now,
+                );
             }
         }
         // Route and parameter errors: upgrade, then close 1002 with the message, as zero-cache
@@ -304,7 +329,12 @@ impl Listener {
         };
         let worker = route::worker_for(&self.task_id, &params.client_group_id, self.channels.len());
         let p = self.pending[index as usize].as_ref().expect("pending");
-        match handoff::send(self.channels[worker].as_fd(), p.fd.as_raw_fd(), p.peer, &p.buf) {
+        match handoff::send(
+            self.channels[worker].as_fd(),
+            p.fd.as_raw_fd(),
+            p.peer,
+            &p.buf,
+        ) {
             Ok(()) => {
                 self.metrics.inc(Metric::Handoffs);
                 log::debug!(
@@ -318,7 +348,11 @@ impl Listener {
             Err(e) => {
                 self.metrics.inc(Metric::HandoffFailures);
                 log::warn!("handoff to worker {worker} failed: {e}; answering 503");
-                let out = handshake::http_error(503, &[("Retry-After", "1")], "worker busy, retry shortly");
+                let out = handshake::http_error(
+                    503,
+                    &[("Retry-After", "1")],
+                    "worker busy, retry shortly",
+                );
                 self.answer(index, out, now);
             }
         }
@@ -356,17 +390,27 @@ impl Listener {
 
     fn arm_send(&mut self, index: u32) {
         let p = self.pending[index as usize].as_ref().expect("pending");
-        let Stage::Answer { out, sent } = &p.stage else { return };
-        let entry = opcode::Send::new(types::Fd(p.fd.as_raw_fd()), out[*sent..].as_ptr(), (out.len() - sent) as u32)
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(ring::token(SEND, index));
+        let Stage::Answer { out, sent } = &p.stage else {
+            return;
+        };
+        let entry = opcode::Send::new(
+            types::Fd(p.fd.as_raw_fd()),
+            out[*sent..].as_ptr(),
+            (out.len() - sent) as u32,
+        )
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+        .user_data(ring::token(SEND, index));
         self.ring.push(entry);
     }
 
     fn on_send(&mut self, index: u32, res: i32, _now: Instant) {
-        let Some(p) = self.pending[index as usize].as_mut() else { return };
-        let Stage::Answer { out, sent } = &mut p.stage else { return };
+        let Some(p) = self.pending[index as usize].as_mut() else {
+            return;
+        };
+        let Stage::Answer { out, sent } = &mut p.stage else {
+            return;
+        };
         if res <= 0 || p.expired {
             self.remove(index);
             return;
@@ -388,7 +432,8 @@ impl Listener {
         for p in self.pending.iter_mut().flatten() {
             if !p.expired && now >= p.deadline {
                 p.expired = true;
-                let _ = nix::sys::socket::shutdown(p.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+                let _ =
+                    nix::sys::socket::shutdown(p.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
             }
         }
     }

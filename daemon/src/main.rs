@@ -13,7 +13,10 @@ use syncgate::{listener, logging, metrics, worker};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "syncgate", about = "WebSocket termination for Zero's sync protocol, on io_uring")]
+#[command(
+    name = "syncgate",
+    about = "WebSocket termination for Zero's sync protocol, on io_uring"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
@@ -50,10 +53,17 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Cmd::Run { config: std::env::var_os(CONFIG_PATH_ENV).map(PathBuf::from) }) {
+    match cli.command.unwrap_or(Cmd::Run {
+        config: std::env::var_os(CONFIG_PATH_ENV).map(PathBuf::from),
+    }) {
         Cmd::Run { config } => {
             let resolved = Config::load(config.as_deref());
-            logging::init("supervisor", resolved.as_ref().map_or(log::LevelFilter::Info, Config::level));
+            logging::init(
+                "supervisor",
+                resolved
+                    .as_ref()
+                    .map_or(log::LevelFilter::Info, Config::level),
+            );
             match resolved.and_then(supervisor::run) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -64,7 +74,11 @@ fn main() -> ExitCode {
         }
         Cmd::CheckConfig { file, config } => match Config::load(file.or(config).as_deref()) {
             Ok(c) => {
-                println!("configuration is valid: listen={} workers={}", c.listen, c.worker_count());
+                println!(
+                    "configuration is valid: listen={} workers={}",
+                    c.listen,
+                    c.worker_count()
+                );
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -81,21 +95,27 @@ fn main() -> ExitCode {
             let (listen, channels) = unsafe {
                 (
                     supervisor::inherited(fds::SOCKET),
-                    (0..workers as i32).map(|i| supervisor::inherited(fds::CHANNELS + i)).collect(),
+                    (0..workers as i32)
+                        .map(|i| supervisor::inherited(fds::CHANNELS + i))
+                        .collect(),
                 )
             };
-            let metrics = metrics::Metrics::map(&metrics_fd, 0).map_err(|e| format!("metrics: {e}"))?;
+            let metrics =
+                metrics::Metrics::map(&metrics_fd, 0).map_err(|e| format!("metrics: {e}"))?;
             let task_id = config.task_id.clone();
             let l = listener::Listener::new(config, listen, channels, metrics, task_id, signals)?;
             Ok(Box::new(move || l.run()))
         }),
-        Cmd::Worker { index } => child(&format!("worker-{index}"), |config, metrics_fd, signals| {
-            // SAFETY: the supervisor placed this descriptor at this number.
-            let channel = unsafe { supervisor::inherited(fds::SOCKET) };
-            let metrics = metrics::Metrics::map(&metrics_fd, index + 1).map_err(|e| format!("metrics: {e}"))?;
-            let w = worker::Worker::new(index, config, channel, metrics, signals)?;
-            Ok(Box::new(move || w.run()))
-        }),
+        Cmd::Worker { index } => {
+            child(&format!("worker-{index}"), |config, metrics_fd, signals| {
+                // SAFETY: the supervisor placed this descriptor at this number.
+                let channel = unsafe { supervisor::inherited(fds::SOCKET) };
+                let metrics = metrics::Metrics::map(&metrics_fd, index + 1)
+                    .map_err(|e| format!("metrics: {e}"))?;
+                let w = worker::Worker::new(index, config, channel, metrics, signals)?;
+                Ok(Box::new(move || w.run()))
+            })
+        }
     }
 }
 
@@ -105,9 +125,16 @@ type Runner = Box<dyn FnOnce() -> Result<(), String>>;
 /// ready byte goes out only once `build` succeeded, so a failure fails the daemon's startup.
 fn child(
     role: &str,
-    build: impl FnOnce(Config, std::os::fd::OwnedFd, nix::sys::signalfd::SignalFd) -> Result<Runner, String>,
+    build: impl FnOnce(
+        Config,
+        std::os::fd::OwnedFd,
+        nix::sys::signalfd::SignalFd,
+    ) -> Result<Runner, String>,
 ) -> ExitCode {
-    let config = match std::env::var(RESOLVED_ENV).map_err(|_| format!("{RESOLVED_ENV} not set: internal role started by hand?")).and_then(|t| Config::from_resolved(&t)) {
+    let config = match std::env::var(RESOLVED_ENV)
+        .map_err(|_| format!("{RESOLVED_ENV} not set: internal role started by hand?"))
+        .and_then(|t| Config::from_resolved(&t))
+    {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{role}: {e}");
@@ -118,7 +145,10 @@ fn child(
     let mut mask = nix::sys::signal::SigSet::empty();
     mask.add(nix::sys::signal::Signal::SIGTERM);
     mask.add(nix::sys::signal::Signal::SIGINT);
-    let signals = match nix::sys::signalfd::SignalFd::with_flags(&mask, nix::sys::signalfd::SfdFlags::SFD_CLOEXEC) {
+    let signals = match nix::sys::signalfd::SignalFd::with_flags(
+        &mask,
+        nix::sys::signalfd::SfdFlags::SFD_CLOEXEC,
+    ) {
         Ok(s) => s,
         Err(e) => {
             log::error!("signalfd: {e}");
@@ -126,7 +156,12 @@ fn child(
         }
     };
     // SAFETY: the supervisor placed these descriptors at these numbers.
-    let (ready, metrics_fd) = unsafe { (supervisor::inherited(fds::READY), supervisor::inherited(fds::METRICS)) };
+    let (ready, metrics_fd) = unsafe {
+        (
+            supervisor::inherited(fds::READY),
+            supervisor::inherited(fds::METRICS),
+        )
+    };
     let result = build(config, metrics_fd, signals).and_then(|run| {
         supervisor::report_ready(ready);
         run()

@@ -35,7 +35,10 @@ impl Ring {
             .setup_cqsize(ENTRIES * 4)
             .build(ENTRIES)
             .map_err(|e| unavailable_message(&e))?;
-        Ok(Ring { uring, tick: Box::new(types::Timespec::new()) })
+        Ok(Ring {
+            uring,
+            tick: Box::new(types::Timespec::new()),
+        })
     }
 
     /// Queues `entry`, submitting first if the queue is full.
@@ -56,8 +59,12 @@ impl Ring {
 
     /// Arms the periodic tick with `user_data`.
     pub fn arm_tick(&mut self, every: Duration, user_data: u64) {
-        *self.tick = types::Timespec::new().sec(every.as_secs()).nsec(every.subsec_nanos());
-        let entry = opcode::Timeout::new(&*self.tick).build().user_data(user_data);
+        *self.tick = types::Timespec::new()
+            .sec(every.as_secs())
+            .nsec(every.subsec_nanos());
+        let entry = opcode::Timeout::new(&*self.tick)
+            .build()
+            .user_data(user_data);
         self.push(entry);
     }
 
@@ -65,7 +72,12 @@ impl Ring {
     pub fn submit_and_wait(&mut self) -> io::Result<()> {
         match self.uring.submit_and_wait(1) {
             Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) || e.raw_os_error() == Some(libc::EBUSY) => Ok(()),
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINTR)
+                    || e.raw_os_error() == Some(libc::EBUSY) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(e),
         }
     }
@@ -146,7 +158,9 @@ impl BufRing {
         };
         // SAFETY: the mapping lives as long as `br`, which lives as long as the ring.
         unsafe {
-            ring.uring.submitter().register_buf_ring_with_flags(ptr as u64, count, group, 0)?;
+            ring.uring
+                .submitter()
+                .register_buf_ring_with_flags(ptr as u64, count, group, 0)?;
         }
         for bid in 0..count {
             br.push(bid);
@@ -169,7 +183,8 @@ impl BufRing {
         // SAFETY: the tail field of the first entry, per the kernel ABI; a release store so
         // the kernel sees the descriptors before the new tail.
         unsafe {
-            let tail = types::BufRingEntry::tail(self.entries) as *const std::sync::atomic::AtomicU16;
+            let tail =
+                types::BufRingEntry::tail(self.entries) as *const std::sync::atomic::AtomicU16;
             (*tail).store(self.tail, std::sync::atomic::Ordering::Release);
         }
     }

@@ -89,11 +89,17 @@ pub fn run(mut config: Config) -> Result<(), String> {
     let workers = config.worker_count();
     config.workers = workers;
     let mut mask = SigSet::empty();
-    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
+    for s in [
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+        Signal::SIGCHLD,
+    ] {
         mask.add(s);
     }
     // Blocked here and, through inheritance, in every child: each reads them from a signalfd.
-    mask.thread_block().map_err(|e| format!("sigprocmask: {e}"))?;
+    mask.thread_block()
+        .map_err(|e| format!("sigprocmask: {e}"))?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| format!("signalfd: {e}"))?;
     let addr = config.listen_addr()?;
@@ -169,7 +175,9 @@ impl Supervisor {
             Role::Listener => {
                 inherit.push(self.listen.as_fd());
                 inherit.extend(self.channels.iter().map(|(l, _)| l.as_fd()));
-                cmd.arg("__listener").arg("--workers").arg(self.channels.len().to_string());
+                cmd.arg("__listener")
+                    .arg("--workers")
+                    .arg(self.channels.len().to_string());
             }
             Role::Worker(w) => {
                 inherit.push(self.channels[w].1.as_fd());
@@ -204,7 +212,9 @@ impl Supervisor {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| format!("cannot start {role}: {e}"))?;
+        let child = cmd
+            .spawn()
+            .map_err(|e| format!("cannot start {role}: {e}"))?;
         drop(parked);
         drop(ready_w);
         let p = &mut self.procs[i];
@@ -224,7 +234,10 @@ impl Supervisor {
                 let ms = at.saturating_duration_since(now).as_millis().min(60_000) as u16;
                 nix::poll::PollTimeout::from(ms)
             });
-            let mut pfd = [nix::poll::PollFd::new(signals.as_fd(), nix::poll::PollFlags::POLLIN)];
+            let mut pfd = [nix::poll::PollFd::new(
+                signals.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
             match nix::poll::poll(&mut pfd, timeout) {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => return Err(format!("poll: {e}")),
@@ -232,9 +245,15 @@ impl Supervisor {
             while let Ok(Some(info)) = signals.read_signal() {
                 match Signal::try_from(info.ssi_signo as i32) {
                     Ok(Signal::SIGTERM | Signal::SIGINT) if stop_deadline.is_none() => {
-                        log::info!("shutting down: closing connections (drain timeout {} ms)", self.config.drain_timeout_ms);
+                        log::info!(
+                            "shutting down: closing connections (drain timeout {} ms)",
+                            self.config.drain_timeout_ms
+                        );
                         let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
-                        stop_deadline = Some(Instant::now() + Duration::from_millis(self.config.drain_timeout_ms + 1000));
+                        stop_deadline = Some(
+                            Instant::now()
+                                + Duration::from_millis(self.config.drain_timeout_ms + 1000),
+                        );
                         self.kill_all(Signal::SIGTERM);
                     }
                     Ok(Signal::SIGTERM | Signal::SIGINT) => {
@@ -291,11 +310,11 @@ impl Supervisor {
                 Ok(status) => status,
             };
             let Some(pid) = status.pid() else { return };
-            let Some(p) = self
-                .procs
-                .iter_mut()
-                .find(|p| p.child.as_ref().is_some_and(|c| c.id() as i32 == pid.as_raw()))
-            else {
+            let Some(p) = self.procs.iter_mut().find(|p| {
+                p.child
+                    .as_ref()
+                    .is_some_and(|c| c.id() as i32 == pid.as_raw())
+            }) else {
                 continue;
             };
             p.child = None;
@@ -304,10 +323,22 @@ impl Supervisor {
                 continue;
             }
             let uptime = p.started.elapsed();
-            p.backoff = if uptime >= HEALTHY_UPTIME { RESPAWN_MIN } else { (p.backoff * 2).min(RESPAWN_MAX) };
-            let delay = if uptime >= HEALTHY_UPTIME { RESPAWN_MIN } else { p.backoff };
+            p.backoff = if uptime >= HEALTHY_UPTIME {
+                RESPAWN_MIN
+            } else {
+                (p.backoff * 2).min(RESPAWN_MAX)
+            };
+            let delay = if uptime >= HEALTHY_UPTIME {
+                RESPAWN_MIN
+            } else {
+                p.backoff
+            };
             p.respawn_at = Some(Instant::now() + delay);
-            log::error!("{} died ({status:?}); respawning in {} ms", p.role, delay.as_millis());
+            log::error!(
+                "{} died ({status:?}); respawning in {} ms",
+                p.role,
+                delay.as_millis()
+            );
         }
     }
 
@@ -341,8 +372,14 @@ fn wait_ready(sup: &Supervisor, pipes: &[(usize, OwnedFd)]) -> Result<(), String
     while !waiting.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            let names: Vec<String> = waiting.iter().map(|(i, _)| sup.procs[*i].role.to_string()).collect();
-            return Err(format!("not ready after {START_TIMEOUT:?}: {}", names.join(", ")));
+            let names: Vec<String> = waiting
+                .iter()
+                .map(|(i, _)| sup.procs[*i].role.to_string())
+                .collect();
+            return Err(format!(
+                "not ready after {START_TIMEOUT:?}: {}",
+                names.join(", ")
+            ));
         }
         let mut pfds: Vec<_> = waiting
             .iter()
@@ -360,7 +397,12 @@ fn wait_ready(sup: &Supervisor, pipes: &[(usize, OwnedFd)]) -> Result<(), String
                 let mut b = [0u8; 1];
                 match nix::unistd::read(fd, &mut b) {
                     Ok(1) => done.push(k),
-                    _ => return Err(format!("{} failed to start (see its log line above)", sup.procs[*i].role)),
+                    _ => {
+                        return Err(format!(
+                            "{} failed to start (see its log line above)",
+                            sup.procs[*i].role
+                        ))
+                    }
                 }
             }
         }
@@ -374,23 +416,32 @@ fn wait_ready(sup: &Supervisor, pipes: &[(usize, OwnedFd)]) -> Result<(), String
 /// A dual-stack TCP listening socket for `addr` (IPv4 too when `addr` is `[::]`).
 fn bind(addr: std::net::SocketAddr) -> std::io::Result<OwnedFd> {
     use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
-    let family = if addr.is_ipv6() { AddressFamily::Inet6 } else { AddressFamily::Inet };
+    let family = if addr.is_ipv6() {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    };
     let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     if addr.is_ipv6() {
         socket::setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
     }
     socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
-    socket::listen(&fd, socket::Backlog::new(BACKLOG).unwrap_or(socket::Backlog::MAXCONN))?;
+    socket::listen(
+        &fd,
+        socket::Backlog::new(BACKLOG).unwrap_or(socket::Backlog::MAXCONN),
+    )?;
     Ok(fd)
 }
 
 fn local_addr(fd: &OwnedFd) -> Option<std::net::SocketAddr> {
-    let addr: nix::sys::socket::SockaddrStorage = nix::sys::socket::getsockname(fd.as_raw_fd()).ok()?;
+    let addr: nix::sys::socket::SockaddrStorage =
+        nix::sys::socket::getsockname(fd.as_raw_fd()).ok()?;
     if let Some(v4) = addr.as_sockaddr_in() {
         return Some(std::net::SocketAddr::from((v4.ip(), v4.port())));
     }
-    addr.as_sockaddr_in6().map(|v6| std::net::SocketAddr::from((v6.ip(), v6.port())))
+    addr.as_sockaddr_in6()
+        .map(|v6| std::net::SocketAddr::from((v6.ip(), v6.port())))
 }
 
 /// A close-on-exec copy of `fd` numbered above the fixed child descriptors.
@@ -409,8 +460,13 @@ fn park(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
 /// A per-start routing prefix when none is configured.
 fn random_id() -> String {
     let mut b = [0u8; 8];
-    if std::fs::File::open("/dev/urandom").and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b)).is_err() {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    if std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
+        .is_err()
+    {
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         b = (t.as_nanos() as u64 ^ std::process::id() as u64).to_le_bytes();
     }
     b.iter().map(|x| format!("{x:02x}")).collect()

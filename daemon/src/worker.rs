@@ -147,7 +147,9 @@ impl Worker {
         self.ring.arm_tick(tick, ring::token(TICK, 0));
         let mut cqes = Vec::with_capacity(512);
         loop {
-            self.ring.submit_and_wait().map_err(|e| format!("io_uring_enter: {e}"))?;
+            self.ring
+                .submit_and_wait()
+                .map_err(|e| format!("io_uring_enter: {e}"))?;
             self.ring.drain(&mut cqes);
             let now = Instant::now();
             for cqe in &cqes {
@@ -195,7 +197,11 @@ impl Worker {
 
     fn on_signal(&mut self, now: Instant) {
         if self.stopping.is_none() {
-            log::info!("worker {}: shutting down, closing {} connections with 1001", self.index, self.open);
+            log::info!(
+                "worker {}: shutting down, closing {} connections with 1001",
+                self.index,
+                self.open
+            );
             self.stopping = Some(now + Duration::from_millis(self.config.drain_timeout_ms));
             for index in 0..self.slots.len() as u32 {
                 if let Some(slot) = self.slots[index as usize].as_mut() {
@@ -215,10 +221,14 @@ impl Worker {
             match handoff::recv(self.channel.as_fd(), &mut self.channel_buf) {
                 Ok(h) => self.on_handoff(h, now),
                 Err(handoff::RecvError::WouldBlock) => return,
-                Err(handoff::RecvError::Malformed(why)) => log::warn!("worker {}: dropped a handoff: {why}", self.index),
+                Err(handoff::RecvError::Malformed(why)) => {
+                    log::warn!("worker {}: dropped a handoff: {why}", self.index)
+                }
                 Err(handoff::RecvError::Closed) => {
                     // The listener is gone (shutdown); stop polling a dead channel.
-                    let cancel = opcode::AsyncCancel::new(ring::token(CHANNEL, 0)).build().user_data(0);
+                    let cancel = opcode::AsyncCancel::new(ring::token(CHANNEL, 0))
+                        .build()
+                        .user_data(0);
                     self.ring.push(cancel);
                     return;
                 }
@@ -238,7 +248,11 @@ impl Worker {
         if peer_gone(&h.socket) {
             // Closed while in transit: drop it before spending any work on it.
             self.metrics.inc(Metric::DeadOnArrival);
-            log::debug!("worker {}: peer={} closed during handoff", self.index, h.peer);
+            log::debug!(
+                "worker {}: peer={} closed during handoff",
+                self.index,
+                h.peer
+            );
             return;
         }
         let Some(end) = handshake::head_end(&h.bytes, 0) else {
@@ -257,7 +271,8 @@ impl Worker {
             log::error!("worker {}: handoff failed to parse again", self.index);
             return;
         };
-        let _ = nix::sys::socket::setsockopt(&h.socket, nix::sys::socket::sockopt::TcpNoDelay, &true);
+        let _ =
+            nix::sys::socket::setsockopt(&h.socket, nix::sys::socket::sockopt::TcpNoDelay, &true);
         let identity = Identity {
             client_id: Rc::from(params.client_id.as_str()),
             client_group_id: Rc::from(params.client_group_id.as_str()),
@@ -267,7 +282,10 @@ impl Worker {
         };
         let mut conn = Connection::new(identity, self.settings.clone(), now);
         let key = head.ws_key.as_deref().unwrap_or_default();
-        conn.send_raw(handshake::switching_protocols(key, head.ws_protocol.as_deref(), None), now);
+        conn.send_raw(
+            handshake::switching_protocols(key, head.ws_protocol.as_deref(), None),
+            now,
+        );
         let index = self.insert(Slot {
             fd: h.socket,
             conn,
@@ -292,18 +310,45 @@ impl Worker {
     }
 
     /// Steps 2 to 6 of the lifecycle for a connection whose 101 is queued.
-    fn admit(&mut self, index: u32, head: &handshake::Head, params: &route::ConnectParams, now: Instant) {
-        let header = match head.ws_protocol.as_deref().map(protocol::decode_protocol_header) {
-            None => return self.refuse(index, ErrorKind::InvalidConnectionRequest, "missing Sec-WebSocket-Protocol header", 1002, now),
+    fn admit(
+        &mut self,
+        index: u32,
+        head: &handshake::Head,
+        params: &route::ConnectParams,
+        now: Instant,
+    ) {
+        let header = match head
+            .ws_protocol
+            .as_deref()
+            .map(protocol::decode_protocol_header)
+        {
+            None => {
+                return self.refuse(
+                    index,
+                    ErrorKind::InvalidConnectionRequest,
+                    "missing Sec-WebSocket-Protocol header",
+                    1002,
+                    now,
+                )
+            }
             Some(Err(e)) => {
                 let message = format!("invalid Sec-WebSocket-Protocol header: {e}");
-                return self.refuse(index, ErrorKind::InvalidConnectionRequest, &message, 1002, now);
+                return self.refuse(
+                    index,
+                    ErrorKind::InvalidConnectionRequest,
+                    &message,
+                    1002,
+                    now,
+                );
             }
             Some(Ok(header)) => header,
         };
         // 2. Authenticate first: nothing below looks at other connections before this.
         let user: Option<Rc<str>> = match header.auth_token.as_deref() {
-            Some(token) if self.verifier.has_keys() => match self.verifier.verify(token, epoch_secs()) {
+            Some(token) if self.verifier.has_keys() => match self
+                .verifier
+                .verify(token, epoch_secs())
+            {
                 Ok(verified) => {
                     if params.user_id.as_deref() != Some(verified.sub.as_str()) {
                         self.metrics.inc(Metric::AuthRefusals);
@@ -320,7 +365,13 @@ impl Worker {
             Some(_) => None,
             None if self.config.auth.required => {
                 self.metrics.inc(Metric::AuthRefusals);
-                return self.refuse(index, ErrorKind::Unauthorized, "a token is required", 3000, now);
+                return self.refuse(
+                    index,
+                    ErrorKind::Unauthorized,
+                    "a token is required",
+                    3000,
+                    now,
+                );
             }
             None => None,
         };
@@ -337,7 +388,11 @@ impl Worker {
         );
         if let Admission::Refuse(kind, message) = decision {
             self.metrics.inc(Metric::DisplacementRefusals);
-            let code = if kind == ErrorKind::Unauthorized { 3000 } else { 1008 };
+            let code = if kind == ErrorKind::Unauthorized {
+                3000
+            } else {
+                1008
+            };
             return self.refuse(index, kind, &message, code, now);
         }
         // 4. Version, before any existing connection is touched.
@@ -357,8 +412,13 @@ impl Worker {
             Admission::Probe(old) => {
                 if let Some(existing) = self.slots[old as usize].as_mut() {
                     existing.conn.probe(now);
-                    let deadline = now + Duration::from_millis(self.config.keepalive.probe_timeout_ms);
-                    self.probes.push(Probe { newcomer: index, existing: old, deadline });
+                    let deadline =
+                        now + Duration::from_millis(self.config.keepalive.probe_timeout_ms);
+                    self.probes.push(Probe {
+                        newcomer: index,
+                        existing: old,
+                        deadline,
+                    });
                     self.process(old);
                 } else {
                     self.open_connection(index, now);
@@ -369,7 +429,9 @@ impl Worker {
     }
 
     fn refuse(&mut self, index: u32, kind: ErrorKind, message: &str, code: u16, now: Instant) {
-        let Some(slot) = self.slots[index as usize].as_mut() else { return };
+        let Some(slot) = self.slots[index as usize].as_mut() else {
+            return;
+        };
         let id = slot.conn.identity();
         log::info!(
             "worker={} refused kind={} clientID={} clientGroupID={} wsid={} peer={}: {message}",
@@ -381,7 +443,8 @@ impl Worker {
             slot.peer
         );
         if kind == ErrorKind::ServerOverloaded {
-            slot.conn.fail_with_backoff(kind, message, code, OVERLOAD_BACKOFF, now);
+            slot.conn
+                .fail_with_backoff(kind, message, code, OVERLOAD_BACKOFF, now);
         } else {
             slot.conn.fail(kind, message, code, now);
         }
@@ -389,9 +452,12 @@ impl Worker {
 
     /// Steps 5 and 6: `connected`, then the header's `initConnection`.
     fn open_connection(&mut self, index: u32, now: Instant) {
-        let Some(slot) = self.slots[index as usize].as_mut() else { return };
+        let Some(slot) = self.slots[index as usize].as_mut() else {
+            return;
+        };
         let id = slot.conn.identity().clone();
-        self.groups.join(index, &id.client_id, &id.client_group_id, id.user.as_ref());
+        self.groups
+            .join(index, &id.client_id, &id.client_group_id, id.user.as_ref());
         slot.joined = true;
         let init = slot.init.take();
         slot.conn.open(init, now);
@@ -414,7 +480,12 @@ impl Worker {
         self.metrics.inc(Metric::Displaced);
         if let Some(slot) = self.slots[index as usize].as_mut() {
             let id = slot.conn.identity();
-            log::info!("worker={} displaced clientID={} wsid={}: {reason}", self.index, id.client_id, id.wsid);
+            log::info!(
+                "worker={} displaced clientID={} wsid={}: {reason}",
+                self.index,
+                id.client_id,
+                id.wsid
+            );
             self.groups.leave(index, &id.client_id, &id.client_group_id);
             slot.joined = false;
             slot.conn.close(1000, reason, now);
@@ -436,7 +507,9 @@ impl Worker {
     }
 
     fn arm_recv(&mut self, index: u32) {
-        let Some(slot) = self.slots[index as usize].as_mut() else { return };
+        let Some(slot) = self.slots[index as usize].as_mut() else {
+            return;
+        };
         if slot.recv_armed || slot.shut {
             return;
         }
@@ -485,7 +558,9 @@ impl Worker {
     }
 
     fn on_send(&mut self, index: u32, res: i32, now: Instant) {
-        let Some(slot) = self.slots[index as usize].as_mut() else { return };
+        let Some(slot) = self.slots[index as usize].as_mut() else {
+            return;
+        };
         slot.send_armed = false;
         if res > 0 {
             slot.conn.on_sent(res as usize, now);
@@ -500,7 +575,9 @@ impl Worker {
     /// After anything happened to a connection: act on its notices, write what it queued,
     /// or take it down.
     fn process(&mut self, index: u32) {
-        let Some(slot) = self.slots[index as usize].as_mut() else { return };
+        let Some(slot) = self.slots[index as usize].as_mut() else {
+            return;
+        };
         let (messages_in, bytes_in, messages_out) = slot.conn.take_counts();
         self.metrics.add(Metric::MessagesIn, messages_in);
         self.metrics.add(Metric::BytesIn, bytes_in);
@@ -541,7 +618,10 @@ impl Worker {
             }
             if !slot.shut {
                 slot.shut = true;
-                let _ = nix::sys::socket::shutdown(slot.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+                let _ = nix::sys::socket::shutdown(
+                    slot.fd.as_raw_fd(),
+                    nix::sys::socket::Shutdown::Both,
+                );
             }
             if !slot.recv_armed && !slot.send_armed {
                 self.slots[index as usize] = None;
@@ -551,10 +631,14 @@ impl Worker {
         }
         if !slot.send_armed {
             if let Some(bytes) = slot.conn.next_send() {
-                let entry = opcode::Send::new(types::Fd(slot.fd.as_raw_fd()), bytes.as_ptr(), bytes.len() as u32)
-                    .flags(libc::MSG_NOSIGNAL)
-                    .build()
-                    .user_data(ring::token(SEND, index));
+                let entry = opcode::Send::new(
+                    types::Fd(slot.fd.as_raw_fd()),
+                    bytes.as_ptr(),
+                    bytes.len() as u32,
+                )
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(ring::token(SEND, index));
                 slot.send_armed = true;
                 self.ring.push(entry);
             }
@@ -586,7 +670,9 @@ impl Worker {
             let newcomer_alive = self.slots[p.newcomer as usize]
                 .as_ref()
                 .is_some_and(|s| s.conn.state() == State::Pending);
-            let existing = self.slots[p.existing as usize].as_ref().filter(|s| s.joined);
+            let existing = self.slots[p.existing as usize]
+                .as_ref()
+                .filter(|s| s.joined);
             let answered = existing.and_then(|s| s.conn.probe_answered());
             let (newcomer, existing_index, deadline) = (p.newcomer, p.existing, p.deadline);
             let outcome = match (newcomer_alive, existing.is_some(), answered) {
@@ -595,7 +681,10 @@ impl Worker {
                 (true, true, Some(true)) => Some(Some(false)),
                 (true, true, _) if now >= deadline => {
                     if let Some(slot) = self.slots[existing_index as usize].as_mut() {
-                        log::info!("worker={} existing connection failed its probe; replacing it", self.index);
+                        log::info!(
+                            "worker={} existing connection failed its probe; replacing it",
+                            self.index
+                        );
                         slot.conn.terminate(End::KeepaliveTimeout);
                     }
                     self.metrics.inc(Metric::Displaced);
@@ -633,7 +722,11 @@ const OVERLOAD_BACKOFF: (u64, u64) = (1_000, 10_000);
 
 /// Whether the peer closed the socket while it travelled from the listener.
 fn peer_gone(fd: &OwnedFd) -> bool {
-    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN | libc::POLLRDHUP,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd, zero timeout.
     match unsafe { libc::poll(&mut pfd, 1, 0) } {
         0 => false,

@@ -194,8 +194,11 @@ impl ErrorBody {
             min_backoff_ms: self.min_backoff_ms.filter(|_| backoff),
             max_backoff_ms: self.max_backoff_ms.filter(|_| backoff),
             reconnect_params: self.reconnect_params.as_ref().filter(|_| backoff),
-            reason: matches!(self.kind, ErrorKind::PushFailed | ErrorKind::TransformFailed)
-                .then_some(REASON_INTERNAL),
+            reason: matches!(
+                self.kind,
+                ErrorKind::PushFailed | ErrorKind::TransformFailed
+            )
+            .then_some(REASON_INTERNAL),
             mutation_ids: (self.kind == ErrorKind::PushFailed).then_some(&self.mutation_ids),
             query_ids: (self.kind == ErrorKind::TransformFailed).then_some(&self.query_ids),
         };
@@ -212,12 +215,7 @@ impl ErrorBody {
 
 /// Appends `["error",{"kind":…,"message":…,"origin":"zeroCache",…}]` to
 /// `out`; `backoff` is `(min_ms, max_ms)` and only written for backoff kinds.
-pub fn write_error(
-    out: &mut Vec<u8>,
-    kind: ErrorKind,
-    message: &str,
-    backoff: Option<(u64, u64)>,
-) {
+pub fn write_error(out: &mut Vec<u8>, kind: ErrorKind, message: &str, backoff: Option<(u64, u64)>) {
     let mut body = ErrorBody::new(kind, message);
     if let Some((min_ms, max_ms)) = backoff {
         body = body.with_backoff(min_ms, max_ms);

@@ -108,15 +108,20 @@ pub fn decode_protocol_header(value: &str) -> Result<ProtocolHeader, HeaderError
     };
     let init_connection = match fields.remove("initConnectionMessage") {
         None | Some(Value::Null) => None,
-        Some(message) => Some(serde_json::to_vec(&message).map_err(|e| {
-            HeaderError::BadJson(format!("initConnectionMessage: {e}"))
-        })?),
+        Some(message) => Some(
+            serde_json::to_vec(&message)
+                .map_err(|e| HeaderError::BadJson(format!("initConnectionMessage: {e}")))?,
+        ),
     };
     let auth_token = match fields.remove("authToken") {
         None | Some(Value::Null) => None,
         Some(Value::String(token)) if token.is_empty() => None,
         Some(Value::String(token)) => Some(token),
-        Some(_) => return Err(HeaderError::BadJson("authToken must be a string".to_string())),
+        Some(_) => {
+            return Err(HeaderError::BadJson(
+                "authToken must be a string".to_string(),
+            ))
+        }
     };
     Ok(ProtocolHeader {
         init_connection,

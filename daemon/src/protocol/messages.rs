@@ -398,9 +398,7 @@ pub fn parse_upstream(json: &mut [u8]) -> Result<Upstream, String> {
         }
         "push" => decode(body).map(Upstream::Push),
         // The body is unused, but zero-cache still requires an array.
-        "closeConnection" => {
-            decode::<Vec<de::IgnoredAny>>(body).map(|_| Upstream::CloseConnection)
-        }
+        "closeConnection" => decode::<Vec<de::IgnoredAny>>(body).map(|_| Upstream::CloseConnection),
         "inspect" => decode(body).map(Upstream::Inspect),
         "ackMutationResponses" => decode(body).map(Upstream::AckMutationResponses),
         other => return Err(format!("unknown message tag: {other}")),
@@ -466,9 +464,7 @@ pub(crate) fn write_json<T: Serialize>(out: &mut Vec<u8>, value: &T) {
 /// [`MAX_JSON_DEPTH`]. Shared with the header decoder.
 pub(crate) fn parse_json(json: &mut [u8]) -> Result<Value, String> {
     if nesting_exceeds(json, MAX_JSON_DEPTH) {
-        return Err(format!(
-            "JSON nested deeper than {MAX_JSON_DEPTH} levels"
-        ));
+        return Err(format!("JSON nested deeper than {MAX_JSON_DEPTH} levels"));
     }
     simd_json::serde::from_slice(json).map_err(|e| format!("invalid JSON: {e}"))
 }
@@ -561,8 +557,9 @@ fn check_crud_op(op: &CrudOp) -> Result<(), DecodeError> {
         return Err(DecodeError::new("expected at least one column").inside("primaryKey"));
     }
     if op.conflict_columns.is_some() && op.op != CrudOpKind::Upsert {
-        return Err(DecodeError::new("only an upsert may have conflictColumns")
-            .inside("conflictColumns"));
+        return Err(
+            DecodeError::new("only an upsert may have conflictColumns").inside("conflictColumns")
+        );
     }
     if op.op == CrudOpKind::Delete {
         for (column, value) in &op.value {
@@ -606,7 +603,10 @@ fn check_inspect(inspect: &InspectBody) -> Result<(), DecodeError> {
         )));
     }
     let wrong_type = |expected: &str, got: &Value| {
-        Err(DecodeError::new(format!("expected {expected}, got {}", json_type(got))).inside("value"))
+        Err(
+            DecodeError::new(format!("expected {expected}, got {}", json_type(got)))
+                .inside("value"),
+        )
     };
     match (inspect.op, &inspect.value) {
         (InspectOp::Authenticate, None) => Err(DecodeError::new("missing field `value`")),
@@ -709,7 +709,13 @@ impl TryFrom<QueriesPatchOpWire> for QueriesPatchOp {
 /// Reads an optional field that, when present, must hold a `T` (valita's
 /// `.optional()` refuses `null`). Use with `#[serde(default)]`.
 fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
-    T::deserialize(d).map(Some)
+    match Option::<T>::deserialize(d)? {
+        Some(value) => Ok(Some(value)),
+        None => Err(de::Error::invalid_type(
+            Unexpected::Other("null"),
+            &"a value (leave the key out instead)",
+        )),
+    }
 }
 
 /// Like [`present`], for opaque values the schema requires to be objects.
@@ -997,5 +1003,565 @@ impl<'de> MapAccess<'de> for ObjectReader<'de> {
 
     fn size_hint(&self) -> Option<usize> {
         Some(self.entries.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// Messages the Zero 1.9.0 client sent (zero-client-capture.md), as
+    /// frames and as the `initConnectionMessage` of decoded headers.
+    const CAPTURED: &[&str] = &[
+        r#"["initConnection",{"desiredQueriesPatch":[],"clientSchema":{"tables":{"issue":{"columns":{"id":{"type":"string"},"title":{"type":"string"}},"primaryKey":["id"]}}},"activeClients":["jvp8kkl4ng86q8uhi0"]}]"#,
+        r#"["initConnection",{"desiredQueriesPatch":[{"op":"put","hash":"19040arbgigdy","ast":{"table":"issue","where":{"type":"simple","left":{"type":"column","name":"title"},"right":{"type":"literal","value":"x"},"op":"="},"limit":10,"orderBy":[["id","desc"]]},"ttl":300000}],"clientSchema":{"tables":{"issue":{"columns":{"id":{"type":"string"},"title":{"type":"string"}},"primaryKey":["id"]}}},"activeClients":["2vpg7mim73a9d946ve"]}]"#,
+        r#"["initConnection",{"desiredQueriesPatch":[],"clientSchema":{"tables":{"issue":{"columns":{"id":{"type":"string"},"title":{"type":"string"}},"primaryKey":["id"]}}},"activeClients":["e1skvd2fqie5aftv7f"]}]"#,
+        r#"["initConnection",{"desiredQueriesPatch":[],"activeClients":["e1skvd2fqie5aftv7f"]}]"#,
+        r#"["initConnection",{"desiredQueriesPatch":[{"op":"put","hash":"19040arbgigdy","ast":{"table":"issue","where":{"type":"simple","left":{"type":"column","name":"title"},"right":{"type":"literal","value":"x"},"op":"="},"limit":10,"orderBy":[["id","desc"]]},"ttl":300000}],"clientSchema":{"tables":{"issue":{"columns":{"id":{"type":"string"},"title":{"type":"string"}},"primaryKey":["id"]}}}}]"#,
+        r#"["changeDesiredQueries",{"desiredQueriesPatch":[{"op":"put","hash":"2uh1iy5olazzo","ast":{"table":"issue"},"ttl":300000}]}]"#,
+        r#"["changeDesiredQueries",{"desiredQueriesPatch":[{"op":"del","hash":"19040arbgigdy"}]}]"#,
+        r#"["push",{"timestamp":1795804857593,"clientGroupID":"0h3jon9uhlfna8iufn","mutations":[{"type":"crud","timestamp":1795804857589,"id":1,"clientID":"jvp8kkl4ng86q8uhi0","name":"_zero_crud","args":[{"ops":[{"op":"insert","tableName":"issue","primaryKey":["id"],"value":{"id":"i1","title":"x"}}]}]}],"pushVersion":1,"requestID":"jvp8kkl4ng86q8uhi0-f5bad97d-3"}]"#,
+        r#"["push",{"timestamp":1795804896413,"clientGroupID":"jcshdujn51p0nefrb2","mutations":[{"type":"crud","timestamp":1795804896407,"id":1,"clientID":"2vpg7mim73a9d946ve","name":"_zero_crud","args":[{"ops":[{"op":"upsert","tableName":"issue","primaryKey":["id"],"value":{"id":"i1","title":"x"}}]}]}],"pushVersion":1,"requestID":"2vpg7mim73a9d946ve-5418f167-2"}]"#,
+        r#"["push",{"timestamp":1795804896413,"clientGroupID":"jcshdujn51p0nefrb2","mutations":[{"type":"crud","timestamp":1795804896410,"id":2,"clientID":"2vpg7mim73a9d946ve","name":"_zero_crud","args":[{"ops":[{"op":"update","tableName":"issue","primaryKey":["id"],"value":{"id":"i1","title":"y"}}]}]}],"pushVersion":1,"requestID":"2vpg7mim73a9d946ve-5418f167-2"}]"#,
+        r#"["push",{"timestamp":1795804896415,"clientGroupID":"jcshdujn51p0nefrb2","mutations":[{"type":"crud","timestamp":1795804896413,"id":3,"clientID":"2vpg7mim73a9d946ve","name":"_zero_crud","args":[{"ops":[{"op":"delete","tableName":"issue","primaryKey":["id"],"value":{"id":"i1"}}]}]}],"pushVersion":1,"requestID":"2vpg7mim73a9d946ve-5418f167-3"}]"#,
+        r#"["push",{"timestamp":1795804896416,"clientGroupID":"jcshdujn51p0nefrb2","mutations":[{"type":"crud","timestamp":1795804896415,"id":4,"clientID":"2vpg7mim73a9d946ve","name":"_zero_crud","args":[{"ops":[{"op":"insert","tableName":"issue","primaryKey":["id"],"value":{"id":"i1a","title":"x"}},{"op":"insert","tableName":"issue","primaryKey":["id"],"value":{"id":"i1b","title":"x"}}]}]}],"pushVersion":1,"requestID":"2vpg7mim73a9d946ve-5418f167-4"}]"#,
+        r#"["ping",{}]"#,
+        r#"["deleteClients",{"clientIDs":["n2luf0tfljng3tt2ae"]}]"#,
+    ];
+
+    fn parse(text: &str) -> Result<Upstream, String> {
+        parse_upstream(&mut text.as_bytes().to_vec())
+    }
+
+    fn parse_value(value: serde_json::Value) -> Result<Upstream, String> {
+        parse(&value.to_string())
+    }
+
+    fn push_with_mutation(mutation: serde_json::Value) -> serde_json::Value {
+        json!(["push", {
+            "clientGroupID": "g", "mutations": [mutation], "pushVersion": 1,
+            "timestamp": 1, "requestID": "r"
+        }])
+    }
+
+    fn crud_mutation(ops: serde_json::Value) -> serde_json::Value {
+        json!({"type": "crud", "id": 1, "clientID": "c", "name": "_zero_crud",
+               "args": [{"ops": ops}], "timestamp": 1})
+    }
+
+    fn assert_refused(message: serde_json::Value, expected_text: &str) {
+        let error = parse_value(message.clone()).expect_err(&message.to_string());
+        assert!(
+            error.contains(expected_text),
+            "error {error:?} for {message} lacks {expected_text:?}"
+        );
+    }
+
+    #[test]
+    fn every_captured_message_parses() {
+        for text in CAPTURED {
+            parse(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+    }
+
+    #[test]
+    fn captured_init_connection_keeps_its_fields() {
+        let Upstream::InitConnection(init) = parse(CAPTURED[1]).unwrap() else {
+            panic!("not initConnection");
+        };
+        assert_eq!(
+            init.active_clients,
+            Some(vec!["2vpg7mim73a9d946ve".to_string()])
+        );
+        assert_eq!(
+            init.client_schema.unwrap()["tables"]["issue"]["primaryKey"],
+            json!(["id"])
+        );
+        let [QueriesPatchOp::Put(put)] = init.desired_queries_patch.as_slice() else {
+            panic!("expected one put");
+        };
+        assert_eq!(put.hash, "19040arbgigdy");
+        assert_eq!(put.ttl, Some(300000.0));
+        assert_eq!(
+            put.ast.as_ref().unwrap()["orderBy"],
+            json!([["id", "desc"]])
+        );
+        assert_eq!(put.name, None);
+    }
+
+    #[test]
+    fn captured_push_keeps_its_fields_and_ops() {
+        let Upstream::Push(push) = parse(CAPTURED[11]).unwrap() else {
+            panic!("not a push");
+        };
+        assert_eq!(push.client_group_id, "jcshdujn51p0nefrb2");
+        assert_eq!(push.push_version, 1);
+        assert_eq!(push.schema_version, None);
+        assert_eq!(push.request_id, "2vpg7mim73a9d946ve-5418f167-4");
+        let mutation = &push.mutations[0];
+        assert_eq!(mutation.kind, MutationKind::Crud);
+        assert_eq!(
+            (mutation.id, mutation.client_id.as_str()),
+            (4, "2vpg7mim73a9d946ve")
+        );
+        let ops = parse_crud_args(&mutation.args).unwrap();
+        assert_eq!(ops.len(), 2);
+        assert_eq!(ops[1].op, CrudOpKind::Insert);
+        assert_eq!(ops[1].table_name, "issue");
+        assert_eq!(ops[1].primary_key, vec!["id".to_string()]);
+        assert_eq!(ops[1].value["id"], json!("i1b"));
+    }
+
+    #[test]
+    fn captured_crud_kinds_are_recognized() {
+        let kinds: Vec<CrudOpKind> = CAPTURED[8..11]
+            .iter()
+            .map(|text| {
+                let Upstream::Push(push) = parse(text).unwrap() else {
+                    panic!()
+                };
+                parse_crud_args(&push.mutations[0].args).unwrap()[0].op
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [CrudOpKind::Upsert, CrudOpKind::Update, CrudOpKind::Delete]
+        );
+    }
+
+    #[test]
+    fn every_tag_parses() {
+        let cases = [
+            json!(["initConnection", {"desiredQueriesPatch": []}]),
+            json!(["ping", {}]),
+            json!(["changeDesiredQueries", {"desiredQueriesPatch": [{"op": "clear"}]}]),
+            json!(["deleteClients", {"clientIDs": ["a"], "clientGroupIDs": ["g"]}]),
+            json!(["pull", {"clientGroupID": "g", "cookie": null, "requestID": "r"}]),
+            json!(["updateAuth", {"auth": "tok"}]),
+            json!(["push", {"clientGroupID": "g", "mutations": [], "pushVersion": 1,
+                            "timestamp": 0, "requestID": "r"}]),
+            json!(["closeConnection", []]),
+            json!(["inspect", {"id": "i", "op": "version"}]),
+            json!(["ackMutationResponses", {"id": 1, "clientID": "c"}]),
+        ];
+        let parsed: Vec<Upstream> = cases
+            .into_iter()
+            .map(|case| parse_value(case).unwrap())
+            .collect();
+        assert_eq!(parsed[1], Upstream::Ping);
+        assert_eq!(
+            parsed[2],
+            Upstream::ChangeDesiredQueries(ChangeDesiredQueriesBody {
+                desired_queries_patch: vec![QueriesPatchOp::Clear],
+                traceparent: None,
+            })
+        );
+        assert_eq!(
+            parsed[4],
+            Upstream::Pull(PullBody {
+                client_group_id: "g".into(),
+                cookie: None,
+                request_id: "r".into(),
+            })
+        );
+        assert_eq!(parsed[5], Upstream::UpdateAuth { auth: "tok".into() });
+        assert_eq!(parsed[7], Upstream::CloseConnection);
+        assert_eq!(
+            parsed[9],
+            Upstream::AckMutationResponses(MutationId {
+                id: 1,
+                client_id: "c".into(),
+            })
+        );
+    }
+
+    #[test]
+    fn optional_fields_of_protocol_51_and_52_are_accepted() {
+        let init = json!(["initConnection", {
+            "desiredQueriesPatch": [{"op": "put", "hash": "h", "name": "issues",
+                                     "args": [1, {"a": null}], "ttl": -1,
+                                     "retryErrorVersion": "02"}],
+            "clientSchema": {"tables": {}},
+            "deleted": {"clientIDs": ["x"], "clientGroupIDs": []},
+            "userPushURL": "https://app/push", "userPushHeaders": {"x-a": "1"},
+            "userQueryURL": "https://app/query", "userQueryHeaders": {},
+            "activeClients": ["c"], "traceparent": "00-abc-def-01"
+        }]);
+        let Upstream::InitConnection(init) = parse_value(init).unwrap() else {
+            panic!()
+        };
+        assert_eq!(init.user_push_url.as_deref(), Some("https://app/push"));
+        assert_eq!(init.user_push_headers.unwrap()["x-a"], "1");
+        assert_eq!(init.traceparent.as_deref(), Some("00-abc-def-01"));
+        let QueriesPatchOp::Put(put) = &init.desired_queries_patch[0] else {
+            panic!()
+        };
+        assert_eq!(put.ttl, Some(-1.0));
+        assert_eq!(put.retry_error_version.as_deref(), Some("02"));
+
+        let push = json!(["push", {
+            "clientGroupID": "g", "pushVersion": 1, "schemaVersion": 3, "timestamp": 5.5,
+            "requestID": "r", "auth": "old-token", "traceparent": "00-1-2-01",
+            "mutations": [
+                {"type": "custom", "id": 7, "clientID": "c", "name": "issue.create",
+                 "args": [{"deep": [1, 2]}], "timestamp": 1},
+                crud_mutation(json!([{"op": "upsert", "tableName": "t", "primaryKey": ["a", "b"],
+                                      "value": {"a": 1, "b": "x", "c": null},
+                                      "conflictColumns": ["c"]}]))
+            ]
+        }]);
+        let Upstream::Push(push) = parse_value(push).unwrap() else {
+            panic!()
+        };
+        assert_eq!(push.schema_version, Some(3));
+        assert_eq!(push.auth.as_deref(), Some("old-token"));
+        assert_eq!(push.mutations[0].kind, MutationKind::Custom);
+        let ops = parse_crud_args(&push.mutations[1].args).unwrap();
+        assert_eq!(ops[0].conflict_columns, Some(vec!["c".to_string()]));
+
+        let change = json!(["changeDesiredQueries",
+                            {"desiredQueriesPatch": [], "traceparent": "t"}]);
+        assert!(parse_value(change).is_ok());
+    }
+
+    #[test]
+    fn every_inspect_op_parses() {
+        for body in [
+            json!({"id": "1", "op": "queries", "clientID": "c"}),
+            json!({"id": "2", "op": "metrics"}),
+            json!({"id": "3", "op": "version"}),
+            json!({"id": "4", "op": "authenticate", "value": "password"}),
+            json!({"id": "5", "op": "analyze-query", "ast": {"table": "t"},
+                   "options": {"vendedRows": true, "syncedRows": false, "joinPlans": true}}),
+            json!({"id": "6", "op": "analyze-query", "name": "q", "args": [1]}),
+            json!({"id": "7", "op": "analyze-query", "value": {"table": "t"}}),
+        ] {
+            parse_value(json!(["inspect", body])).unwrap();
+        }
+        let Upstream::Inspect(inspect) =
+            parse_value(json!(["inspect", {"id": "x", "op": "analyze-query"}])).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(inspect.op, InspectOp::AnalyzeQuery);
+    }
+
+    #[test]
+    fn inspect_fields_must_match_the_op() {
+        assert_refused(
+            json!(["inspect", {"id": "1", "op": "metrics", "clientID": "c"}]),
+            "unknown field `clientID`",
+        );
+        assert_refused(
+            json!(["inspect", {"id": "1", "op": "authenticate"}]),
+            "missing field `value`",
+        );
+        assert_refused(
+            json!(["inspect", {"id": "1", "op": "authenticate", "value": 5}]),
+            "expected a string",
+        );
+        assert_refused(
+            json!(["inspect", {"id": "1", "op": "analyze-query", "value": "x"}]),
+            "expected an object",
+        );
+        assert_refused(
+            json!(["inspect", {"id": "1", "op": "nope"}]),
+            "unknown variant `nope`",
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_at_every_level() {
+        assert_refused(json!(["ping", {"extra": 1}]), "unknown field `extra`");
+        assert_refused(
+            json!(["updateAuth", {"auth": "t", "x": 1}]),
+            "unknown field `x`",
+        );
+        assert_refused(
+            json!(["push", {"clientGroupID": "g", "mutations": [], "pushVersion": 1,
+                            "timestamp": 0, "requestID": "r", "extra": true}]),
+            "unknown field `extra`",
+        );
+        let mut mutation = crud_mutation(json!([]));
+        mutation["extra"] = json!(1);
+        assert_refused(push_with_mutation(mutation), "unknown field `extra`");
+        assert_refused(
+            push_with_mutation(crud_mutation(json!([{"op": "insert", "tableName": "t",
+                "primaryKey": ["id"], "value": {}, "extra": 1}]))),
+            "unknown field `extra`",
+        );
+        assert_refused(
+            json!(["changeDesiredQueries", {"desiredQueriesPatch": [{"op": "put", "hash": "h",
+                                                                     "extra": 1}]}]),
+            "unknown field `extra`",
+        );
+        assert_refused(
+            json!(["deleteClients", {"clientIDs": [], "all": true}]),
+            "unknown field `all`",
+        );
+        assert_refused(
+            json!(["ackMutationResponses", {"id": 1, "clientID": "c", "x": 0}]),
+            "unknown field `x`",
+        );
+    }
+
+    #[test]
+    fn wrong_types_are_refused() {
+        assert_refused(json!(["updateAuth", {"auth": 42}]), "invalid type");
+        assert_refused(json!(["initConnection", "not-an-object"]), "invalid type");
+        assert_refused(json!(["ping", []]), "invalid type: sequence");
+        let mut mutation = crud_mutation(json!([]));
+        mutation["id"] = json!("1");
+        assert_refused(push_with_mutation(mutation.clone()), "at mutations.0.id");
+        mutation["id"] = json!(-1);
+        assert_refused(push_with_mutation(mutation.clone()), "invalid value");
+        mutation["id"] = json!(1.5);
+        assert_refused(push_with_mutation(mutation), "invalid type: floating point");
+        assert_refused(
+            json!(["changeDesiredQueries", {"desiredQueriesPatch":
+                                            [{"op": "put", "hash": "h", "ttl": "5m"}]}]),
+            "invalid type",
+        );
+        assert_refused(
+            json!(["pull", {"clientGroupID": "g", "cookie": 3, "requestID": "r"}]),
+            "invalid type",
+        );
+    }
+
+    #[test]
+    fn structs_written_as_arrays_are_refused() {
+        assert_refused(json!(["updateAuth", ["tok"]]), "invalid type: sequence");
+        assert_refused(json!(["pull", ["g", null, "r"]]), "invalid type: sequence");
+        assert_refused(
+            json!(["ackMutationResponses", [1, "c"]]),
+            "invalid type: sequence",
+        );
+        assert_refused(
+            json!(["changeDesiredQueries", {"desiredQueriesPatch": [["put", "h"]]}]),
+            "invalid type: sequence",
+        );
+    }
+
+    #[test]
+    fn null_is_not_an_absent_optional_field() {
+        assert_refused(
+            json!(["initConnection", {"desiredQueriesPatch": [], "activeClients": null}]),
+            "invalid type: null",
+        );
+        assert_refused(
+            json!(["initConnection", {"desiredQueriesPatch": [], "clientSchema": null}]),
+            "expected an object",
+        );
+        assert_refused(
+            json!(["changeDesiredQueries", {"desiredQueriesPatch":
+                                            [{"op": "put", "hash": "h", "ast": null}]}]),
+            "expected an object",
+        );
+    }
+
+    #[test]
+    fn required_fields_must_be_present() {
+        assert_refused(
+            json!(["initConnection", {}]),
+            "missing field `desiredQueriesPatch`",
+        );
+        assert_refused(
+            json!(["pull", {"clientGroupID": "g", "requestID": "r"}]),
+            "missing field `cookie`",
+        );
+        assert_refused(
+            json!(["push", {"mutations": [], "pushVersion": 1, "timestamp": 0,
+                            "requestID": "r"}]),
+            "missing field `clientGroupID`",
+        );
+        assert_refused(
+            json!(["changeDesiredQueries", {"desiredQueriesPatch": [{"op": "put"}]}]),
+            "missing field `hash`",
+        );
+        assert_refused(
+            json!(["changeDesiredQueries", {"desiredQueriesPatch": [{"op": "del"}]}]),
+            "missing field `hash`",
+        );
+    }
+
+    #[test]
+    fn query_ops_take_only_their_own_fields() {
+        assert_refused(
+            json!(["changeDesiredQueries", {"desiredQueriesPatch":
+                                            [{"op": "del", "hash": "h", "ttl": 5}]}]),
+            "unknown field `ttl` in a `del` op",
+        );
+        assert_refused(
+            json!(["changeDesiredQueries", {"desiredQueriesPatch": [{"op": "clear", "hash": "h"}]}]),
+            "unknown field `hash` in a `clear` op",
+        );
+        assert_refused(
+            json!(["changeDesiredQueries", {"desiredQueriesPatch": [{"op": "replace", "hash": "h"}]}]),
+            "unknown variant `replace`",
+        );
+    }
+
+    #[test]
+    fn crud_mutations_are_checked() {
+        let mut renamed = crud_mutation(json!([]));
+        renamed["name"] = json!("issue.create");
+        assert_refused(push_with_mutation(renamed), "must be named _zero_crud");
+        let mut two_args = crud_mutation(json!([]));
+        two_args["args"] = json!([{"ops": []}, {"ops": []}]);
+        assert_refused(push_with_mutation(two_args), "of 1 element, got 2");
+        assert_refused(
+            push_with_mutation(crud_mutation(json!([{"op": "insert", "tableName": "t",
+                "primaryKey": [], "value": {}}]))),
+            "expected at least one column at mutations.0.args.0.ops.0.primaryKey",
+        );
+        assert_refused(
+            push_with_mutation(crud_mutation(json!([{"op": "delete", "tableName": "t",
+                "primaryKey": ["id"], "value": {"id": {"nested": 1}}}]))),
+            "at mutations.0.args.0.ops.0.value.id",
+        );
+        assert_refused(
+            push_with_mutation(crud_mutation(json!([{"op": "insert", "tableName": "t",
+                "primaryKey": ["id"], "value": {}, "conflictColumns": ["id"]}]))),
+            "only an upsert may have conflictColumns",
+        );
+        assert_refused(
+            push_with_mutation(crud_mutation(json!([{"op": "truncate", "tableName": "t",
+                "primaryKey": ["id"], "value": {}}]))),
+            "unknown variant `truncate`",
+        );
+        assert_refused(
+            push_with_mutation(json!({"type": "sql", "id": 1, "clientID": "c",
+                                                 "name": "n", "args": [], "timestamp": 1})),
+            "unknown variant `sql`",
+        );
+    }
+
+    #[test]
+    fn parse_crud_args_reports_paths_relative_to_args() {
+        assert_eq!(
+            parse_crud_args(&[json!({"ops": [{"op": "insert"}]})]).unwrap_err(),
+            "missing field `tableName` at 0.ops.0"
+        );
+        assert!(parse_crud_args(&[]).unwrap_err().contains("got 0"));
+        assert_eq!(parse_crud_args(&[json!({"ops": []})]).unwrap(), vec![]);
+    }
+
+    #[test]
+    fn the_envelope_must_be_a_two_element_array_with_a_known_tag() {
+        assert_eq!(
+            parse(r#"["foo",{}]"#).unwrap_err(),
+            "unknown message tag: foo"
+        );
+        assert_refused(
+            json!({"ping": {}}),
+            "expected a message array [tag, body], got an object",
+        );
+        assert_refused(json!([]), "got an array of 0 elements");
+        assert_refused(json!(["ping"]), "got an array of 1 elements");
+        assert_refused(json!(["ping", {}, {}]), "got an array of 3 elements");
+        assert_refused(
+            json!([1, {}]),
+            "expected a string message tag, got a number",
+        );
+        assert_refused(json!("ping"), "got a string");
+    }
+
+    #[test]
+    fn malformed_json_is_refused() {
+        for text in [
+            "",
+            r#"["ping",{}"#,
+            r#"["ping",{}]]"#,
+            r#"["ping",{}] x"#,
+            r#"["ping",{,}]"#,
+            r#"["push",{"clientGroupID":"g""#,
+        ] {
+            let error = parse(text).expect_err(text);
+            assert!(error.starts_with("invalid JSON"), "{text}: {error}");
+        }
+        let mut not_utf8 = b"[\"ping\",{\"a\":\"\xff\"}]".to_vec();
+        assert!(parse_upstream(&mut not_utf8)
+            .unwrap_err()
+            .starts_with("invalid JSON"));
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_without_overflowing_the_stack() {
+        for depth in [MAX_JSON_DEPTH + 1, 100_000] {
+            let text = "[".repeat(depth) + &"]".repeat(depth);
+            let error = parse(&text).unwrap_err();
+            assert!(error.contains("nested deeper than 256"), "{error}");
+        }
+        // Deep inside a field the server keeps as opaque JSON.
+        let deep_args = "[".repeat(200_000);
+        let text = format!(
+            r#"["push",{{"clientGroupID":"g","pushVersion":1,"timestamp":1,"requestID":"r","mutations":[{{"type":"custom","id":1,"clientID":"c","name":"n","timestamp":1,"args":{deep_args}"#
+        );
+        assert!(parse(&text).unwrap_err().contains("nested deeper"));
+    }
+
+    #[test]
+    fn nesting_up_to_the_limit_is_accepted() {
+        // The envelope and the body take 2 levels, clientSchema and its
+        // nested objects the rest.
+        let inner = MAX_JSON_DEPTH - 2;
+        let schema = "{\"a\":".repeat(inner) + "1" + &"}".repeat(inner);
+        let text =
+            format!(r#"["initConnection",{{"desiredQueriesPatch":[],"clientSchema":{schema}}}]"#);
+        assert!(parse(&text).is_ok());
+        let too_deep = text
+            .replacen("{\"a\":", "{\"a\":{\"a\":", 1)
+            .replacen("1}", "1}}", 1);
+        assert!(parse(&too_deep).unwrap_err().contains("nested deeper"));
+    }
+
+    #[test]
+    fn brackets_inside_strings_do_not_count_as_nesting() {
+        let brackets = "[{".repeat(MAX_JSON_DEPTH) + "\\\"]";
+        let text = json!(["updateAuth", {"auth": brackets}]).to_string();
+        assert_eq!(
+            parse(&text).unwrap(),
+            Upstream::UpdateAuth { auth: brackets }
+        );
+    }
+
+    #[test]
+    fn escaped_strings_are_unescaped() {
+        let Upstream::UpdateAuth { auth } =
+            parse(r#"["updateAuth",{"auth":"a\"b\\c\u00e9\n"}]"#).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(auth, "a\"b\\c\u{e9}\n");
+    }
+
+    #[test]
+    fn connected_has_the_exact_wire_form() {
+        assert_eq!(
+            connected("OiWdDwkhIjjRAVOfTiBv0", 1795804857565),
+            br#"["connected",{"wsid":"OiWdDwkhIjjRAVOfTiBv0","timestamp":1795804857565}]"#
+        );
+    }
+
+    #[test]
+    fn connected_escapes_the_wsid() {
+        let wsid = "a\"b\\c\n\u{1}é";
+        let bytes = connected(wsid, 7);
+        let value: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(value, json!(["connected", {"wsid": wsid, "timestamp": 7}]));
+    }
+
+    #[test]
+    fn writers_append_after_existing_bytes() {
+        let mut out = vec![0x81, 0x00];
+        write_pong(&mut out);
+        write_connected(&mut out, "w", 1);
+        assert_eq!(&out[..2], &[0x81, 0x00]);
+        assert_eq!(
+            &out[2..],
+            br#"["pong",{}]["connected",{"wsid":"w","timestamp":1}]"#
+        );
+        assert_eq!(pong(), br#"["pong",{}]"#);
     }
 }
