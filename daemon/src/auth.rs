@@ -208,14 +208,10 @@ impl Verifier {
     /// a usable public signing key, an unreadable or invalid JWKS file, and
     /// `required = true` without any key.
     pub fn new(cfg: &AuthConfig) -> Result<Self, String> {
-        let sources = [
-            cfg.secret.is_some(),
-            cfg.jwk.is_some(),
-            cfg.jwks_file.is_some(),
-        ];
+        let sources = [cfg.secret.is_some(), cfg.jwk.is_some(), cfg.jwks_file.is_some()];
         if sources.iter().filter(|set| **set).count() > 1 {
             return Err(
-                "auth: set only one of auth.secret, auth.jwk and auth.jwks_file".to_string(),
+                "auth: set only one of auth.secret, auth.jwk and auth.jwks_file".to_string()
             );
         }
         let keys = if let Some(secret) = &cfg.secret {
@@ -321,15 +317,9 @@ impl Verifier {
                 return Err(AuthError::WrongAudience);
             }
         }
-        let sub = claims
-            .sub
-            .filter(|sub| !sub.is_empty())
-            .ok_or(AuthError::NoSubject)?;
+        let sub = claims.sub.filter(|sub| !sub.is_empty()).ok_or(AuthError::NoSubject)?;
         // `as` saturates: a negative exp cannot get here, a huge one becomes u64::MAX.
-        Ok(Verified {
-            sub,
-            exp: claims.exp.map(|exp| exp as u64),
-        })
+        Ok(Verified { sub, exp: claims.exp.map(|exp| exp as u64) })
     }
 
     /// The key for a token's `kid`. A key set with several keys needs an exact `kid`
@@ -434,10 +424,7 @@ fn key_from_jwk(value: serde_json::Value) -> Result<Key, String> {
         Some("oct") => return Err("symmetric (oct) keys are not accepted: use auth.secret".into()),
         Some(_) => {}
     }
-    let alg_name = value
-        .get("alg")
-        .and_then(|alg| alg.as_str())
-        .map(str::to_owned);
+    let alg_name = value.get("alg").and_then(|alg| alg.as_str()).map(str::to_owned);
     let jwk: Jwk = serde_json::from_value(value).map_err(|e| format!("not a usable JWK: {e}"))?;
     if jwk.common.public_key_use == Some(PublicKeyUse::Encryption) {
         return Err("is an encryption key (use: enc)".to_string());
@@ -491,18 +478,12 @@ fn key_from_jwk(value: serde_json::Value) -> Result<Key, String> {
         }
     };
     let key = DecodingKey::from_jwk(&jwk).map_err(|e| format!("invalid key material: {e}"))?;
-    Ok(Key {
-        kid: jwk.common.key_id,
-        key,
-        validation: signature_only(algorithms),
-    })
+    Ok(Key { kid: jwk.common.key_id, key, validation: signature_only(algorithms) })
 }
 
 /// Decodes a base64url JWK member and measures it with `measure`.
 fn b64url_len(name: &str, value: &str, measure: fn(&[u8]) -> usize) -> Result<usize, String> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(value)
-        .map_err(|_| format!("{name} is not base64url"))?;
+    let bytes = URL_SAFE_NO_PAD.decode(value).map_err(|_| format!("{name} is not base64url"))?;
     Ok(measure(&bytes))
 }
 
@@ -545,10 +526,7 @@ struct CachedToken {
 
 impl TokenCache {
     fn new() -> Self {
-        TokenCache {
-            slots: (0..CACHE_SLOTS).map(|_| None).collect(),
-            hasher: RandomState::new(),
-        }
+        TokenCache { slots: (0..CACHE_SLOTS).map(|_| None).collect(), hasher: RandomState::new() }
     }
 
     fn slot(&self, token: &str) -> usize {
@@ -560,10 +538,8 @@ impl TokenCache {
     fn get(&mut self, token: &str, now_secs: u64) -> Option<Verified> {
         let slot = &mut self.slots[self.slot(token)];
         let entry = slot.as_ref().filter(|entry| &*entry.token == token)?;
-        let expired = entry
-            .verified
-            .exp
-            .is_some_and(|exp| now_secs >= exp.saturating_add(CLOCK_SKEW_SECS));
+        let expired =
+            entry.verified.exp.is_some_and(|exp| now_secs >= exp.saturating_add(CLOCK_SKEW_SECS));
         if expired {
             *slot = None;
             return None;
@@ -576,10 +552,7 @@ impl TokenCache {
             return;
         }
         let index = self.slot(token);
-        self.slots[index] = Some(CachedToken {
-            token: token.into(),
-            verified: verified.clone(),
-        });
+        self.slots[index] = Some(CachedToken { token: token.into(), verified: verified.clone() });
     }
 }
 
@@ -676,12 +649,7 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
     }
 
     fn hs(claims: serde_json::Value) -> String {
-        mint(
-            Algorithm::HS256,
-            None,
-            &EncodingKey::from_secret(SECRET.as_bytes()),
-            claims,
-        )
+        mint(Algorithm::HS256, None, &EncodingKey::from_secret(SECRET.as_bytes()), claims)
     }
 
     fn good_claims() -> serde_json::Value {
@@ -689,10 +657,7 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
     }
 
     fn secret_config() -> AuthConfig {
-        AuthConfig {
-            secret: Some(SECRET.into()),
-            ..AuthConfig::default()
-        }
+        AuthConfig { secret: Some(SECRET.into()), ..AuthConfig::default() }
     }
 
     fn verifier(cfg: AuthConfig) -> Verifier {
@@ -700,10 +665,7 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
     }
 
     fn jwk_verifier(jwk: &str) -> Verifier {
-        verifier(AuthConfig {
-            jwk: Some(jwk.into()),
-            ..AuthConfig::default()
-        })
+        verifier(AuthConfig { jwk: Some(jwk.into()), ..AuthConfig::default() })
     }
 
     /// Writes `contents` to a fresh file in the system temp dir and returns its path.
@@ -716,10 +678,7 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
     }
 
     fn jwks_config(path: PathBuf) -> AuthConfig {
-        AuthConfig {
-            jwks_file: Some(path),
-            ..AuthConfig::default()
-        }
+        AuthConfig { jwks_file: Some(path), ..AuthConfig::default() }
     }
 
     #[test]
@@ -727,13 +686,7 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
         let mut v = verifier(secret_config());
         assert!(v.has_keys());
         let verified = v.verify(&hs(good_claims()), NOW).unwrap();
-        assert_eq!(
-            verified,
-            Verified {
-                sub: "user-1".into(),
-                exp: Some(NOW + 3600)
-            }
-        );
+        assert_eq!(verified, Verified { sub: "user-1".into(), exp: Some(NOW + 3600) });
         // exp is optional; a fractional exp is floored.
         let verified = v.verify(&hs(json!({"sub": "u"})), NOW).unwrap();
         assert_eq!(verified.exp, None);
@@ -778,10 +731,7 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
         let nbf = NOW + 100;
         let token = hs(json!({"sub": "u", "exp": NOW + 3600, "nbf": nbf}));
         assert_eq!(v.verify(&token, NOW), Err(AuthError::NotYetValid));
-        assert_eq!(
-            v.verify(&token, nbf - CLOCK_SKEW_SECS - 1),
-            Err(AuthError::NotYetValid)
-        );
+        assert_eq!(v.verify(&token, nbf - CLOCK_SKEW_SECS - 1), Err(AuthError::NotYetValid));
         assert!(v.verify(&token, nbf - CLOCK_SKEW_SECS).is_ok());
     }
 
@@ -795,83 +745,49 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
             json!({"sub": "u", "aud": 7}),
             json!(["not", "an", "object"]),
         ] {
-            assert_eq!(
-                v.verify(&hs(claims.clone()), NOW),
-                Err(AuthError::Malformed),
-                "{claims}"
-            );
+            assert_eq!(v.verify(&hs(claims.clone()), NOW), Err(AuthError::Malformed), "{claims}");
         }
     }
 
     #[test]
     fn issuer_only_when_configured() {
         let mut open = verifier(secret_config());
-        assert!(open
-            .verify(&hs(json!({"sub": "u", "iss": "anyone"})), NOW)
-            .is_ok());
+        assert!(open.verify(&hs(json!({"sub": "u", "iss": "anyone"})), NOW).is_ok());
 
         let mut v = verifier(AuthConfig {
             issuer: Some("https://issuer.example".into()),
             ..secret_config()
         });
         let with = |iss: serde_json::Value| hs(json!({"sub": "u", "iss": iss}));
-        assert!(v
-            .verify(&with(json!("https://issuer.example")), NOW)
-            .is_ok());
+        assert!(v.verify(&with(json!("https://issuer.example")), NOW).is_ok());
         assert_eq!(
             v.verify(&with(json!("https://evil.example")), NOW),
             Err(AuthError::WrongIssuer)
         );
-        assert_eq!(
-            v.verify(&hs(json!({"sub": "u"})), NOW),
-            Err(AuthError::WrongIssuer)
-        );
+        assert_eq!(v.verify(&hs(json!({"sub": "u"})), NOW), Err(AuthError::WrongIssuer));
     }
 
     #[test]
     fn audience_only_when_configured() {
         // Not configured: a token's aud is not checked (zero-cache behaves the same).
         let mut open = verifier(secret_config());
-        assert!(open
-            .verify(&hs(json!({"sub": "u", "aud": "authenticated"})), NOW)
-            .is_ok());
+        assert!(open.verify(&hs(json!({"sub": "u", "aud": "authenticated"})), NOW).is_ok());
 
-        let mut v = verifier(AuthConfig {
-            audience: Some("sync".into()),
-            ..secret_config()
-        });
+        let mut v = verifier(AuthConfig { audience: Some("sync".into()), ..secret_config() });
         let with = |aud: serde_json::Value| hs(json!({"sub": "u", "aud": aud}));
         assert!(v.verify(&with(json!("sync")), NOW).is_ok());
         assert!(v.verify(&with(json!(["web", "sync"])), NOW).is_ok());
-        assert_eq!(
-            v.verify(&with(json!("web")), NOW),
-            Err(AuthError::WrongAudience)
-        );
-        assert_eq!(
-            v.verify(&with(json!([])), NOW),
-            Err(AuthError::WrongAudience)
-        );
-        assert_eq!(
-            v.verify(&hs(json!({"sub": "u"})), NOW),
-            Err(AuthError::WrongAudience)
-        );
+        assert_eq!(v.verify(&with(json!("web")), NOW), Err(AuthError::WrongAudience));
+        assert_eq!(v.verify(&with(json!([])), NOW), Err(AuthError::WrongAudience));
+        assert_eq!(v.verify(&hs(json!({"sub": "u"})), NOW), Err(AuthError::WrongAudience));
     }
 
     #[test]
     fn subject_is_required() {
         let mut v = verifier(secret_config());
-        assert_eq!(
-            v.verify(&hs(json!({"exp": NOW + 10})), NOW),
-            Err(AuthError::NoSubject)
-        );
-        assert_eq!(
-            v.verify(&hs(json!({"sub": ""})), NOW),
-            Err(AuthError::NoSubject)
-        );
-        assert_eq!(
-            v.verify(&hs(json!({"sub": null})), NOW),
-            Err(AuthError::NoSubject)
-        );
+        assert_eq!(v.verify(&hs(json!({"exp": NOW + 10})), NOW), Err(AuthError::NoSubject));
+        assert_eq!(v.verify(&hs(json!({"sub": ""})), NOW), Err(AuthError::NoSubject));
+        assert_eq!(v.verify(&hs(json!({"sub": null})), NOW), Err(AuthError::NoSubject));
     }
 
     #[test]
@@ -890,29 +806,17 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
             "!!!.???.***".to_string(),
             format!("{}.%%%%.{}", parts[0], parts[2]),
             format!("{}.{}.%%%%", parts[0], parts[1]),
-            format!(
-                "{}.{}.{}",
-                URL_SAFE_NO_PAD.encode("not json"),
-                parts[1],
-                parts[2]
-            ),
+            format!("{}.{}.{}", URL_SAFE_NO_PAD.encode("not json"), parts[1], parts[2]),
             format!("{}.{}.{}", parts[0], URL_SAFE_NO_PAD.encode("{"), parts[2]),
             // alg "none" is not an algorithm jsonwebtoken knows.
-            format!(
-                "{}.{}.",
-                URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#),
-                parts[1]
-            ),
+            format!("{}.{}.", URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#), parts[1]),
             too_long,
             "\u{e9}.\u{e9}.\u{e9}".to_string(),
         ];
         for token in &cases {
             let result = v.verify(token, NOW);
             assert!(
-                matches!(
-                    result,
-                    Err(AuthError::Malformed) | Err(AuthError::BadSignature)
-                ),
+                matches!(result, Err(AuthError::Malformed) | Err(AuthError::BadSignature)),
                 "{token:?}: {result:?}"
             );
         }
@@ -938,11 +842,7 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
             let signature =
                 jsonwebtoken::crypto::sign(message.as_bytes(), &key, Algorithm::HS256).unwrap();
             let token = format!("{message}.{signature}");
-            assert_eq!(
-                v.verify(&token, NOW),
-                Err(AuthError::Malformed),
-                "{payload}"
-            );
+            assert_eq!(v.verify(&token, NOW), Err(AuthError::Malformed), "{payload}");
         }
     }
 
@@ -957,10 +857,7 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
         assert_eq!(v.verify(&token, NOW).unwrap().sub, "user-1");
         // With alg RS256 in the JWK, PS256 is refused.
         let pinned = RSA_JWK.replace(r#""kty":"RSA""#, r#""kty":"RSA","alg":"RS256""#);
-        assert_eq!(
-            jwk_verifier(&pinned).verify(&token, NOW),
-            Err(AuthError::WrongAlgorithm)
-        );
+        assert_eq!(jwk_verifier(&pinned).verify(&token, NOW), Err(AuthError::WrongAlgorithm));
         // A flipped signature bit fails.
         // (Not the last character: its spare bits must be zero, so changing it is a
         // base64 error rather than a wrong signature.)
@@ -975,28 +872,17 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
     fn es256_and_eddsa_with_jwk() {
         let ec = EncodingKey::from_ec_der(&der(EC_A_PRIVATE_PEM));
         let token = mint(Algorithm::ES256, Some("ec-a"), &ec, good_claims());
-        assert_eq!(
-            jwk_verifier(EC_A_JWK).verify(&token, NOW).unwrap().sub,
-            "user-1"
-        );
+        assert_eq!(jwk_verifier(EC_A_JWK).verify(&token, NOW).unwrap().sub, "user-1");
         // Signed by the other EC key: same kid claimed, wrong signature.
         let other = EncodingKey::from_ec_der(&der(EC_B_PRIVATE_PEM));
         let forged = mint(Algorithm::ES256, Some("ec-a"), &other, good_claims());
-        assert_eq!(
-            jwk_verifier(EC_A_JWK).verify(&forged, NOW),
-            Err(AuthError::BadSignature)
-        );
+        assert_eq!(jwk_verifier(EC_A_JWK).verify(&forged, NOW), Err(AuthError::BadSignature));
 
         let ed = EncodingKey::from_ed_der(&der(ED_PRIVATE_PEM));
         let token = mint(Algorithm::EdDSA, None, &ed, good_claims());
         let mut v = jwk_verifier(ED_JWK);
         assert_eq!(v.verify(&token, NOW).unwrap().sub, "user-1");
-        let expired = mint(
-            Algorithm::EdDSA,
-            None,
-            &ed,
-            json!({"sub": "u", "exp": NOW - 60}),
-        );
+        let expired = mint(Algorithm::EdDSA, None, &ed, json!({"sub": "u", "exp": NOW - 60}));
         assert_eq!(v.verify(&expired, NOW), Err(AuthError::Expired));
     }
 
@@ -1049,12 +935,8 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
                 )
                 .unwrap(),
         ] {
-            let token = mint(
-                Algorithm::HS256,
-                None,
-                &EncodingKey::from_secret(&secret),
-                good_claims(),
-            );
+            let token =
+                mint(Algorithm::HS256, None, &EncodingKey::from_secret(&secret), good_claims());
             assert_eq!(v.verify(&token, NOW), Err(AuthError::WrongAlgorithm));
         }
         // An ES256 token against the RSA key, and RS256 against the HS256 secret.
@@ -1063,15 +945,9 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
         assert_eq!(v.verify(&es, NOW), Err(AuthError::WrongAlgorithm));
         let rsa = EncodingKey::from_rsa_der(&der(RSA_PRIVATE_PEM));
         let rs = mint(Algorithm::RS256, None, &rsa, good_claims());
-        assert_eq!(
-            verifier(secret_config()).verify(&rs, NOW),
-            Err(AuthError::WrongAlgorithm)
-        );
+        assert_eq!(verifier(secret_config()).verify(&rs, NOW), Err(AuthError::WrongAlgorithm));
         // An EdDSA key never accepts ES256, even with a matching kid.
-        assert_eq!(
-            jwk_verifier(ED_JWK).verify(&es, NOW),
-            Err(AuthError::WrongAlgorithm)
-        );
+        assert_eq!(jwk_verifier(ED_JWK).verify(&es, NOW), Err(AuthError::WrongAlgorithm));
     }
 
     #[test]
@@ -1083,15 +959,9 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
         // Swap the key: only a cache hit can still accept the token.
         v.keys[0].key = DecodingKey::from_secret(b"rotated");
         assert_eq!(v.verify(&token, NOW + 50).unwrap().sub, "u");
-        assert_eq!(
-            v.verify(&token, exp + CLOCK_SKEW_SECS - 1).unwrap().sub,
-            "u"
-        );
+        assert_eq!(v.verify(&token, exp + CLOCK_SKEW_SECS - 1).unwrap().sub, "u");
         // Past exp the entry is not used (a fresh check fails on the new key)...
-        assert_eq!(
-            v.verify(&token, exp + CLOCK_SKEW_SECS),
-            Err(AuthError::BadSignature)
-        );
+        assert_eq!(v.verify(&token, exp + CLOCK_SKEW_SECS), Err(AuthError::BadSignature));
         // ...and it was dropped: going back in time does not revive it.
         assert_eq!(v.verify(&token, NOW), Err(AuthError::BadSignature));
         // With the original key, the same token is simply expired.
@@ -1120,8 +990,7 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
             .find_map(|i| {
                 let token = hs(json!({"sub": format!("user-{i}")}));
                 let slot = v.cache.slot(&token);
-                seen.insert(slot, token.clone())
-                    .map(|earlier| (earlier, token))
+                seen.insert(slot, token.clone()).map(|earlier| (earlier, token))
             })
             .unwrap();
         assert!(v.verify(&first, NOW).is_ok());
@@ -1137,43 +1006,25 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
     fn no_key_configured() {
         let mut v = verifier(AuthConfig::default());
         assert!(!v.has_keys());
-        assert_eq!(
-            v.verify(&hs(good_claims()), NOW),
-            Err(AuthError::NoKeyConfigured)
-        );
-        let err = Verifier::new(&AuthConfig {
-            required: true,
-            ..AuthConfig::default()
-        })
-        .unwrap_err();
+        assert_eq!(v.verify(&hs(good_claims()), NOW), Err(AuthError::NoKeyConfigured));
+        let err =
+            Verifier::new(&AuthConfig { required: true, ..AuthConfig::default() }).unwrap_err();
         assert!(err.contains("auth.required"), "{err}");
     }
 
     #[test]
     fn config_errors_are_clear() {
         let err = |cfg: AuthConfig| Verifier::new(&cfg).unwrap_err();
-        let jwk = |text: &str| AuthConfig {
-            jwk: Some(text.into()),
-            ..AuthConfig::default()
-        };
+        let jwk = |text: &str| AuthConfig { jwk: Some(text.into()), ..AuthConfig::default() };
 
-        let both = err(AuthConfig {
-            jwk: Some(EC_A_JWK.into()),
-            ..secret_config()
-        });
+        let both = err(AuthConfig { jwk: Some(EC_A_JWK.into()), ..secret_config() });
         assert!(both.contains("only one of"), "{both}");
         assert_eq!(
-            err(AuthConfig {
-                secret: Some(String::new()),
-                ..AuthConfig::default()
-            }),
+            err(AuthConfig { secret: Some(String::new()), ..AuthConfig::default() }),
             "auth.secret is empty"
         );
         assert_eq!(
-            err(AuthConfig {
-                issuer: Some(String::new()),
-                ..secret_config()
-            }),
+            err(AuthConfig { issuer: Some(String::new()), ..secret_config() }),
             "auth.issuer is empty"
         );
         assert!(err(jwk("{not json")).starts_with("auth.jwk is not valid JSON"));
@@ -1185,10 +1036,8 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
         assert!(
             err(jwk(r#"{"kty":"EC","crv":"P-256","x":"AQAB","y":"AQAB"}"#)).contains("32 bytes")
         );
-        assert!(
-            err(jwk(r#"{"kty":"EC","crv":"P-521","x":"AQAB","y":"AQAB"}"#))
-                .contains("P-256 or P-384")
-        );
+        assert!(err(jwk(r#"{"kty":"EC","crv":"P-521","x":"AQAB","y":"AQAB"}"#))
+            .contains("P-256 or P-384"));
         assert!(err(jwk(r#"{"kty":"OKP","crv":"Ed25519","x":"!!"}"#)).contains("not base64url"));
         let enc = EC_A_JWK.replace(r#""kty""#, r#""use":"enc","kty""#);
         assert!(err(jwk(&enc)).contains("encryption key"));
@@ -1212,26 +1061,10 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
         let cases = [
             ("bad-json.json", "{".to_string(), "not a JWKS"),
             ("no-keys.json", r#"{"kid":"x"}"#.to_string(), "not a JWKS"),
-            (
-                "empty.json",
-                r#"{"keys":[]}"#.to_string(),
-                "no signing keys",
-            ),
-            (
-                "bad-key.json",
-                r#"{"keys":[{"kty":"EC"}]}"#.to_string(),
-                "key 0:",
-            ),
-            (
-                "dup.json",
-                format!(r#"{{"keys":[{EC_A_JWK},{EC_A_JWK}]}}"#),
-                "appears twice",
-            ),
-            (
-                "no-kid.json",
-                format!(r#"{{"keys":[{EC_A_JWK},{ED_JWK}]}}"#),
-                "needs a kid",
-            ),
+            ("empty.json", r#"{"keys":[]}"#.to_string(), "no signing keys"),
+            ("bad-key.json", r#"{"keys":[{"kty":"EC"}]}"#.to_string(), "key 0:"),
+            ("dup.json", format!(r#"{{"keys":[{EC_A_JWK},{EC_A_JWK}]}}"#), "appears twice"),
+            ("no-kid.json", format!(r#"{{"keys":[{EC_A_JWK},{ED_JWK}]}}"#), "needs a kid"),
         ];
         for (name, contents, expected) in cases {
             let path = temp_file(name, &contents);
@@ -1240,16 +1073,11 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
             assert!(message.contains(expected), "{name}: {message}");
         }
         let big = temp_file("big.json", &" ".repeat(MAX_JWKS_FILE_BYTES as usize + 1));
-        assert!(Verifier::new(&jwks_config(big))
-            .unwrap_err()
-            .contains("larger than"));
+        assert!(Verifier::new(&jwks_config(big)).unwrap_err().contains("larger than"));
 
         // Encryption keys in a JWKS are skipped rather than refused.
         let enc = RSA_JWK.replace(r#""kty""#, r#""use":"enc","kid":"e","kty""#);
-        let path = temp_file(
-            "with-enc.json",
-            &format!(r#"{{"keys":[{enc},{EC_A_JWK}]}}"#),
-        );
+        let path = temp_file("with-enc.json", &format!(r#"{{"keys":[{enc},{EC_A_JWK}]}}"#));
         let v = verifier(jwks_config(path));
         assert_eq!(v.keys.len(), 1);
     }
@@ -1264,14 +1092,8 @@ MC4CAQAwBQYDK2VwBCIEIBZDNVteCTpGEyJU8GA0V11ylwcenr5TdulTR491er0i
         assert_eq!(cfg.audience.as_deref(), Some("a"));
         assert!(cfg.required);
         let cfg: AuthConfig = toml::from_str("jwks_file = \"/etc/syncgate/jwks.json\"").unwrap();
-        assert_eq!(
-            cfg.jwks_file,
-            Some(PathBuf::from("/etc/syncgate/jwks.json"))
-        );
-        assert_eq!(
-            toml::from_str::<AuthConfig>("").unwrap(),
-            AuthConfig::default()
-        );
+        assert_eq!(cfg.jwks_file, Some(PathBuf::from("/etc/syncgate/jwks.json")));
+        assert_eq!(toml::from_str::<AuthConfig>("").unwrap(), AuthConfig::default());
         assert!(toml::from_str::<AuthConfig>("jwks_url = \"https://x\"").is_err());
     }
 

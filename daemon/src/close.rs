@@ -127,26 +127,19 @@ mod tests {
     #[test]
     fn code_and_reason_are_returned() {
         assert_eq!(parse_close_payload(&[0x03, 0xe8]), Ok(Some((1000, ""))));
-        assert_eq!(
-            parse_close_payload(b"\x0f\xa0caf\xc3\xa9"),
-            Ok(Some((4000, "caf\u{e9}")))
-        );
+        assert_eq!(parse_close_payload(b"\x0f\xa0caf\xc3\xa9"), Ok(Some((4000, "caf\u{e9}"))));
     }
 
     #[test]
     fn receivable_codes() {
-        let valid = [
-            1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999,
-        ];
+        let valid = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 3000, 3999, 4000, 4999];
         for code in valid {
             assert!(is_valid_close_code(code), "{code}");
             let p = code.to_be_bytes();
             assert_eq!(parse_close_payload(&p), Ok(Some((code, ""))));
         }
         // The invalid codes Autobahn sends (case 7.9.x) plus the edges of each range.
-        let invalid = [
-            0, 999, 1004, 1005, 1006, 1012, 1015, 1016, 1100, 2000, 2999, 5000, 65535,
-        ];
+        let invalid = [0, 999, 1004, 1005, 1006, 1012, 1015, 1016, 1100, 2000, 2999, 5000, 65535];
         for code in invalid {
             assert!(!is_valid_close_code(code), "{code}");
             let err = parse_close_payload(&code.to_be_bytes()).unwrap_err();
@@ -172,10 +165,7 @@ mod tests {
         assert_eq!(DecodeError::MessageTooBig.close_code(), 1009);
         assert_eq!(DecodeError::Protocol("x").reason(), "x");
         assert_eq!(DecodeError::Policy("y").reason(), "y");
-        assert_eq!(
-            DecodeError::MessageTooBig.to_string(),
-            "message too big (1009)"
-        );
+        assert_eq!(DecodeError::MessageTooBig.to_string(), "message too big (1009)");
     }
 
     #[test]

@@ -42,6 +42,16 @@ pub struct Config {
     pub keepalive: Keepalive,
     pub compression: Compression,
     pub storage: Storage,
+    pub conformance: Conformance,
+}
+
+/// Test-only routes. Never enable them in production.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Conformance {
+    /// Serves `/echo`: a plain WebSocket echo through the real listener, handoff, worker and
+    /// codec, without the sync protocol, for Autobahn|Testsuite.
+    pub echo: bool,
 }
 
 /// The limits of DESIGN.md's "Limits and defaults" table.
@@ -124,6 +134,7 @@ impl Default for Config {
             keepalive: Keepalive::default(),
             compression: Compression::default(),
             storage: Storage::default(),
+            conformance: Conformance::default(),
         }
     }
 }
@@ -170,21 +181,14 @@ impl Default for Compression {
 
 impl Default for Storage {
     fn default() -> Self {
-        Storage {
-            path: PathBuf::from("/var/lib/syncgate"),
-        }
+        Storage { path: PathBuf::from("/var/lib/syncgate") }
     }
 }
 
 /// Keys whose default is "unset", so they are absent from the serialised defaults but must
 /// still be settable from the environment. Every one of them is a string.
-const OPTIONAL_STRING_KEYS: &[&str] = &[
-    "auth.secret",
-    "auth.jwk",
-    "auth.jwks_file",
-    "auth.issuer",
-    "auth.audience",
-];
+const OPTIONAL_STRING_KEYS: &[&str] =
+    &["auth.secret", "auth.jwk", "auth.jwks_file", "auth.issuer", "auth.audience"];
 
 impl Config {
     /// Defaults, then `path` (if any), then the environment; validated.
@@ -199,9 +203,8 @@ impl Config {
             None => toml::Table::new(),
         };
         apply_env(&mut table, |name| std::env::var(name).ok())?;
-        let origin = path.map_or("configuration".to_string(), |p| {
-            format!("config file {}", p.display())
-        });
+        let origin =
+            path.map_or("configuration".to_string(), |p| format!("config file {}", p.display()));
         let config = from_table(table).map_err(|e| format!("{origin}: {e}"))?;
         config.validate()?;
         Ok(config)
@@ -226,10 +229,7 @@ impl Config {
             ));
         }
         if self.workers > MAX_WORKERS {
-            return Err(format!(
-                "workers: {} is over the maximum of {MAX_WORKERS}",
-                self.workers
-            ));
+            return Err(format!("workers: {} is over the maximum of {MAX_WORKERS}", self.workers));
         }
         let l = &self.limits;
         let positive = [
@@ -239,33 +239,18 @@ impl Config {
             ("limits.max_fragments", l.max_fragments as u64),
             ("limits.head_timeout_ms", l.head_timeout_ms),
             ("limits.max_headers", l.max_headers as u64),
-            (
-                "limits.max_group_connections",
-                l.max_group_connections as u64,
-            ),
+            ("limits.max_group_connections", l.max_group_connections as u64),
             ("limits.connect_per_client", l.connect_per_client as u64),
-            (
-                "limits.connect_per_client_window_ms",
-                l.connect_per_client_window_ms,
-            ),
+            ("limits.connect_per_client_window_ms", l.connect_per_client_window_ms),
             ("limits.max_outbound_bytes", l.max_outbound_bytes as u64),
             ("limits.slow_consumer_ms", l.slow_consumer_ms),
-            (
-                "limits.per_user_mutations_window_ms",
-                l.per_user_mutations_window_ms,
-            ),
+            ("limits.per_user_mutations_window_ms", l.per_user_mutations_window_ms),
             ("keepalive.idle_send_ms", self.keepalive.idle_send_ms),
             ("keepalive.check_ms", self.keepalive.check_ms),
             ("keepalive.silence_ms", self.keepalive.silence_ms),
             ("keepalive.ping_timeout_ms", self.keepalive.ping_timeout_ms),
-            (
-                "keepalive.probe_timeout_ms",
-                self.keepalive.probe_timeout_ms,
-            ),
-            (
-                "keepalive.close_timeout_ms",
-                self.keepalive.close_timeout_ms,
-            ),
+            ("keepalive.probe_timeout_ms", self.keepalive.probe_timeout_ms),
+            ("keepalive.close_timeout_ms", self.keepalive.close_timeout_ms),
             ("drain_timeout_ms", self.drain_timeout_ms),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
@@ -283,9 +268,7 @@ impl Config {
     }
 
     pub fn listen_addr(&self) -> Result<SocketAddr, String> {
-        self.listen
-            .parse()
-            .map_err(|_| format!("listen: {:?} is not an address:port", self.listen))
+        self.listen.parse().map_err(|_| format!("listen: {:?} is not an address:port", self.listen))
     }
 
     /// The worker count with 0 resolved against the machine's cores.
@@ -306,15 +289,11 @@ impl Keepalive {
     /// The period of a process's timer tick: fine enough for the shortest keepalive deadline,
     /// coarse enough that an idle worker barely wakes.
     pub fn tick(&self) -> Duration {
-        let shortest = [
-            self.check_ms,
-            self.ping_timeout_ms,
-            self.probe_timeout_ms,
-            self.close_timeout_ms,
-        ]
-        .into_iter()
-        .min()
-        .unwrap_or(1000);
+        let shortest =
+            [self.check_ms, self.ping_timeout_ms, self.probe_timeout_ms, self.close_timeout_ms]
+                .into_iter()
+                .min()
+                .unwrap_or(1000);
         Duration::from_millis((shortest / 4).clamp(5, 500))
     }
 }
@@ -345,9 +324,7 @@ fn from_table(table: toml::Table) -> Result<Config, String> {
     toml::from_str(&text).map_err(|e: toml::de::Error| {
         let entry = e.span().and_then(|span| {
             let start = text[..span.start].rfind('\n').map_or(0, |i| i + 1);
-            let end = text[span.start..]
-                .find('\n')
-                .map_or(text.len(), |i| span.start + i);
+            let end = text[span.start..].find('\n').map_or(text.len(), |i| span.start + i);
             let line = text[start..end].trim();
             let table = text[..start].lines().rev().find(|l| l.starts_with('['));
             (!line.is_empty())
@@ -375,11 +352,7 @@ pub fn env_name(key: &str) -> String {
 fn known_keys() -> Vec<(String, toml::Value)> {
     fn walk(prefix: &str, table: &toml::Table, out: &mut Vec<(String, toml::Value)>) {
         for (k, v) in table {
-            let key = if prefix.is_empty() {
-                k.clone()
-            } else {
-                format!("{prefix}.{k}")
-            };
+            let key = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
             match v {
                 toml::Value::Table(t) => walk(&key, t, out),
                 v => out.push((key, v.clone())),
@@ -408,16 +381,9 @@ fn apply_env(table: &mut toml::Table, get: impl Fn(&str) -> Option<String>) -> R
                 other => return Err(format!("{name}: {other:?} is not a boolean")),
             },
             toml::Value::Integer(_) => toml::Value::Integer(
-                raw.trim()
-                    .parse()
-                    .map_err(|_| format!("{name}: {raw:?} is not an integer"))?,
+                raw.trim().parse().map_err(|_| format!("{name}: {raw:?} is not an integer"))?,
             ),
-            other => {
-                return Err(format!(
-                    "{name}: unsupported value kind {}",
-                    other.type_str()
-                ))
-            }
+            other => return Err(format!("{name}: unsupported value kind {}", other.type_str())),
         };
         let mut parts: Vec<&str> = key.split('.').collect();
         let leaf = parts.pop().expect("key has a part");
@@ -442,9 +408,7 @@ mod tests {
     fn load_with(file: &str, env: &[(&str, &str)]) -> Result<Config, String> {
         let mut table: toml::Table = file.parse().map_err(|e| format!("{e}"))?;
         apply_env(&mut table, |name| {
-            env.iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.to_string())
+            env.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
         })?;
         let config = from_table(table)?;
         config.validate()?;
@@ -468,10 +432,7 @@ mod tests {
     #[test]
     fn env_names_follow_the_rule() {
         assert_eq!(env_name("auth.secret"), "SYNCGATE_AUTH_SECRET");
-        assert_eq!(
-            env_name("limits.connect_per_ip"),
-            "SYNCGATE_LIMITS_CONNECT_PER_IP"
-        );
+        assert_eq!(env_name("limits.connect_per_ip"), "SYNCGATE_LIMITS_CONNECT_PER_IP");
         assert_eq!(env_name("a-b.c"), "SYNCGATE_A_B_C");
     }
 
@@ -479,10 +440,7 @@ mod tests {
     fn env_wins_over_file() {
         let c = load_with(
             "workers = 3\n[limits]\nconnect_per_ip = 7\n",
-            &[
-                ("SYNCGATE_LIMITS_CONNECT_PER_IP", "9"),
-                ("SYNCGATE_AUTH_SECRET", "s3cret"),
-            ],
+            &[("SYNCGATE_LIMITS_CONNECT_PER_IP", "9"), ("SYNCGATE_AUTH_SECRET", "s3cret")],
         )
         .unwrap();
         assert_eq!(c.workers, 3);

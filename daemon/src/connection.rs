@@ -45,6 +45,8 @@ pub struct Identity {
     pub user: Option<Rc<str>>,
     /// The sync protocol version from the path.
     pub version: u32,
+    /// A conformance echo socket (`/echo`): messages come back as they came, no sync protocol.
+    pub echo: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -192,6 +194,9 @@ impl Connection {
             return;
         }
         c.state = State::Open;
+        if c.id.echo {
+            return;
+        }
         let mut msg = Vec::with_capacity(96);
         protocol::write_connected(&mut msg, &c.id.wsid, epoch_ms());
         c.send_text(&msg, now);
@@ -254,9 +259,7 @@ impl Connection {
         if matches!(core.state, State::Closing { received: true, .. }) {
             return;
         }
-        let result = self
-            .decoder
-            .feed(input, &mut |event| core.on_event(event, now));
+        let result = self.decoder.feed(input, &mut |event| core.on_event(event, now));
         if let Err(e) = result {
             let code = e.close_code();
             core.end.get_or_insert(End::Protocol(code));
@@ -359,10 +362,7 @@ impl Connection {
             InFlight::Queue => {
                 c.front_sent += n;
                 c.queued_bytes -= n.min(c.queued_bytes);
-                let done = c
-                    .queue
-                    .front()
-                    .is_some_and(|f| c.front_sent >= f.bytes().len());
+                let done = c.queue.front().is_some_and(|f| c.front_sent >= f.bytes().len());
                 if done {
                     c.queue.pop_front();
                     c.front_sent = 0;
@@ -439,9 +439,13 @@ impl Core {
     }
 
     fn send_text(&mut self, json: &[u8], now: Instant) {
+        self.send_frame(OpCode::Text, json, now);
+    }
+
+    fn send_frame(&mut self, opcode: OpCode, payload: &[u8], now: Instant) {
         self.messages_out += 1;
-        let mut f = Vec::with_capacity(json.len() + frame::MAX_SERVER_HEADER);
-        frame::encode_frame(&mut f, OpCode::Text, json, false);
+        let mut f = Vec::with_capacity(payload.len() + frame::MAX_SERVER_HEADER);
+        frame::encode_frame(&mut f, opcode, payload, false);
         self.push(Chunk::Owned(f), now);
     }
 
@@ -466,10 +470,8 @@ impl Core {
             frame::encode_close(&mut f, code, reason);
             self.push(Chunk::Owned(f), now);
             self.end.get_or_insert(End::Normal);
-            self.state = State::Closing {
-                deadline: now + self.settings.close_timeout,
-                received: false,
-            };
+            self.state =
+                State::Closing { deadline: now + self.settings.close_timeout, received: false };
         }
     }
 
@@ -496,10 +498,7 @@ impl Core {
             Event::Close(code) => {
                 match self.state {
                     State::Closing { deadline, .. } => {
-                        self.state = State::Closing {
-                            deadline,
-                            received: true,
-                        };
+                        self.state = State::Closing { deadline, received: true };
                     }
                     _ => {
                         // Echo the peer's code, as RFC 6455 5.5.1 asks.
@@ -518,10 +517,15 @@ impl Core {
                 }
                 return ControlFlow::Break(());
             }
-            Event::Text {
-                payload,
-                compressed: false,
-            } => {
+            Event::Text { payload, compressed: false } if self.id.echo => {
+                self.messages_in += 1;
+                self.send_frame(OpCode::Text, payload, now);
+            }
+            Event::Binary { payload, compressed: false } if self.id.echo => {
+                self.messages_in += 1;
+                self.send_frame(OpCode::Binary, payload, now);
+            }
+            Event::Text { payload, compressed: false } => {
                 self.messages_in += 1;
                 if self.state == State::Open {
                     self.on_text(payload, now);
@@ -618,6 +622,7 @@ mod tests {
             wsid: "w1".into(),
             user: None,
             version: 51,
+            echo: false,
         };
         let mut c = Connection::new(id, settings(), now);
         c.open(None, now);
@@ -638,10 +643,7 @@ mod tests {
             let op = wire[at] & 0x0f;
             let (len, hdr) = match wire[at + 1] & 0x7f {
                 126 => (u16::from_be_bytes([wire[at + 2], wire[at + 3]]) as usize, 4),
-                127 => (
-                    u64::from_be_bytes(wire[at + 2..at + 10].try_into().unwrap()) as usize,
-                    10,
-                ),
+                127 => (u64::from_be_bytes(wire[at + 2..at + 10].try_into().unwrap()) as usize, 10),
                 n => (n as usize, 2),
             };
             frames.push((op, wire[at + hdr..at + hdr + len].to_vec()));
@@ -663,9 +665,7 @@ mod tests {
         c.open(None, now);
         let frames = drain(&mut c, now);
         assert_eq!(frames.len(), 1, "connected is sent exactly once");
-        assert!(frames[0]
-            .1
-            .starts_with(br#"["connected",{"wsid":"w1","timestamp":"#));
+        assert!(frames[0].1.starts_with(br#"["connected",{"wsid":"w1","timestamp":"#));
         c.on_bytes(&mut client(OpCode::Text, br#"["ping",{}]"#), now);
         assert_eq!(drain(&mut c, now), vec![(1, br#"["pong",{}]"#.to_vec())]);
     }
@@ -726,10 +726,7 @@ mod tests {
         let t15 = t0 + Duration::from_secs(15);
         c.on_tick(t15);
         let frames = drain(&mut c, t15);
-        assert!(
-            frames.contains(&(9, vec![])),
-            "silent peer gets a WebSocket ping: {frames:?}"
-        );
+        assert!(frames.contains(&(9, vec![])), "silent peer gets a WebSocket ping: {frames:?}");
         c.on_tick(t15 + Duration::from_secs(4));
         assert_ne!(c.state(), State::Done);
         c.on_tick(t15 + Duration::from_secs(5));
@@ -766,10 +763,7 @@ mod tests {
         let pongs: Vec<_> = frames.iter().filter(|(op, _)| *op == 10).collect();
         assert_eq!(pongs.len(), 1, "one pong for a flood");
         assert_eq!(pongs[0].1, vec![49], "the latest ping's payload");
-        assert_eq!(
-            frames[0].0, 10,
-            "the pong goes before the rest of the queue"
-        );
+        assert_eq!(frames[0].0, 10, "the pong goes before the rest of the queue");
     }
 
     #[test]

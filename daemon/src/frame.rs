@@ -112,15 +112,9 @@ pub enum Event<'a> {
     /// A whole text message. `compressed` is the RSV1 bit of its first frame: when false the
     /// payload is valid UTF-8 already; when true the caller inflates and then validates it.
     /// Mutable so the payload can be inflated or parsed in place.
-    Text {
-        payload: &'a mut [u8],
-        compressed: bool,
-    },
+    Text { payload: &'a mut [u8], compressed: bool },
     /// A whole binary message; `compressed` as for `Text`.
-    Binary {
-        payload: &'a mut [u8],
-        compressed: bool,
-    },
+    Binary { payload: &'a mut [u8], compressed: bool },
     /// A ping; the caller answers with a pong carrying the same payload.
     Ping(&'a [u8]),
     /// A pong, the answer to the server's keepalive ping.
@@ -151,10 +145,7 @@ pub struct Decoder {
 enum State {
     /// Expecting a frame header. `head[..len]` is the start of one that the previous read cut
     /// short (usually `len` is 0).
-    Header {
-        head: [u8; MAX_CLIENT_HEADER],
-        len: u8,
-    },
+    Header { head: [u8; MAX_CLIENT_HEADER], len: u8 },
     /// Inside a frame payload that began in an earlier read.
     Payload(Partial),
     /// A close frame was delivered, an error returned or the caller stopped: nothing more is
@@ -163,10 +154,7 @@ enum State {
 }
 
 impl State {
-    const IDLE: State = State::Header {
-        head: [0; MAX_CLIENT_HEADER],
-        len: 0,
-    };
+    const IDLE: State = State::Header { head: [0; MAX_CLIENT_HEADER], len: 0 };
 }
 
 /// A frame whose payload is still arriving.
@@ -218,12 +206,7 @@ struct Head {
 impl Decoder {
     /// A decoder for a connection whose handshake just completed.
     pub fn new(limits: DecoderLimits) -> Self {
-        Decoder {
-            limits,
-            state: State::IDLE,
-            message: None,
-            buf: Vec::new(),
-        }
+        Decoder { limits, state: State::IDLE, message: None, buf: Vec::new() }
     }
 
     /// Applies to every header parsed from now on (a message already started keeps its RSV1).
@@ -405,9 +388,7 @@ impl Decoder {
             }
             OpCode::Continuation => {
                 let Some(message) = self.message.as_mut() else {
-                    return Err(DecodeError::Protocol(
-                        "continuation frame without a message",
-                    ));
+                    return Err(DecodeError::Protocol("continuation frame without a message"));
                 };
                 message.fragments += 1;
                 if message.fragments > self.limits.max_fragments {
@@ -471,10 +452,7 @@ impl Decoder {
         &mut self,
         on_event: &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
     ) -> ControlFlow<()> {
-        let message = self
-            .message
-            .take()
-            .expect("a final frame belongs to a message");
+        let message = self.message.take().expect("a final frame belongs to a message");
         let flow = on_event(data_event(message.text, message.compressed, &mut self.buf));
         self.buf.clear();
         flow
@@ -534,9 +512,7 @@ fn parse_head(bytes: &[u8], limits: &DecoderLimits) -> Result<Option<(Head, usiz
     if header.rsv1 {
         // RSV1 marks a whole message as compressed, so only its first frame may carry it.
         if !matches!(opcode, OpCode::Text | OpCode::Binary) {
-            return Err(DecodeError::Protocol(
-                "RSV1 on a control or continuation frame",
-            ));
+            return Err(DecodeError::Protocol("RSV1 on a control or continuation frame"));
         }
         if !limits.allow_rsv1 {
             return Err(DecodeError::Protocol("RSV1 without a negotiated extension"));
@@ -555,15 +531,9 @@ fn parse_head(bytes: &[u8], limits: &DecoderLimits) -> Result<Option<(Head, usiz
 
 fn data_event(text: bool, compressed: bool, payload: &mut [u8]) -> Event<'_> {
     if text {
-        Event::Text {
-            payload,
-            compressed,
-        }
+        Event::Text { payload, compressed }
     } else {
-        Event::Binary {
-            payload,
-            compressed,
-        }
+        Event::Binary { payload, compressed }
     }
 }
 
@@ -588,14 +558,7 @@ fn control_event(
 
 /// The header tungstenite formats for a frame with these properties.
 fn header(opcode: OpCode, fin: bool, rsv1: bool, mask: Option<[u8; 4]>) -> FrameHeader {
-    FrameHeader {
-        is_final: fin,
-        rsv1,
-        rsv2: false,
-        rsv3: false,
-        opcode: opcode.to_wire(),
-        mask,
-    }
+    FrameHeader { is_final: fin, rsv1, rsv2: false, rsv3: false, opcode: opcode.to_wire(), mask }
 }
 
 /// Appends a server frame (FIN set, not masked) carrying `payload` to `out`.
@@ -625,10 +588,7 @@ pub fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
 /// This lets a message be serialised once, straight into its final buffer, and shared by
 /// every recipient. Panics if `buf` is shorter than the reserved gap.
 pub fn finish_reserved(buf: &mut [u8], opcode: OpCode, rsv1: bool) -> usize {
-    assert!(
-        buf.len() >= MAX_SERVER_HEADER,
-        "no room reserved for the header"
-    );
+    assert!(buf.len() >= MAX_SERVER_HEADER, "no room reserved for the header");
     let payload_len = (buf.len() - MAX_SERVER_HEADER) as u64;
     let header = header(opcode, true, rsv1, None);
     let start = MAX_SERVER_HEADER - header.len(payload_len);
@@ -674,14 +634,8 @@ mod tests {
 
     fn own(event: Event<'_>) -> Ev {
         match event {
-            Event::Text {
-                payload,
-                compressed,
-            } => Ev::Text(payload.to_vec(), compressed),
-            Event::Binary {
-                payload,
-                compressed,
-            } => Ev::Binary(payload.to_vec(), compressed),
+            Event::Text { payload, compressed } => Ev::Text(payload.to_vec(), compressed),
+            Event::Binary { payload, compressed } => Ev::Binary(payload.to_vec(), compressed),
             Event::Ping(p) => Ev::Ping(p.to_vec()),
             Event::Pong(p) => Ev::Pong(p.to_vec()),
             Event::Close(c) => Ev::Close(c.map(|(code, reason)| (code, reason.to_owned()))),
@@ -743,10 +697,7 @@ mod tests {
     }
 
     fn deflate_limits() -> DecoderLimits {
-        DecoderLimits {
-            allow_rsv1: true,
-            ..DecoderLimits::default()
-        }
+        DecoderLimits { allow_rsv1: true, ..DecoderLimits::default() }
     }
 
     /// Several frames covering every frame type, all three length encodings, a fragmented
@@ -785,14 +736,8 @@ mod tests {
     #[test]
     fn decodes_a_mixed_stream_fed_at_once_and_byte_by_byte() {
         let (stream, expected) = mixed_stream();
-        assert_eq!(
-            feed_all(DecoderLimits::default(), &stream),
-            (expected.clone(), Ok(()))
-        );
-        assert_eq!(
-            feed_bytewise(DecoderLimits::default(), &stream),
-            (expected, Ok(()))
-        );
+        assert_eq!(feed_all(DecoderLimits::default(), &stream), (expected.clone(), Ok(())));
+        assert_eq!(feed_bytewise(DecoderLimits::default(), &stream), (expected, Ok(())));
     }
 
     #[test]
@@ -875,44 +820,21 @@ mod tests {
             ("ping without fin", raw(0x09, b""), 1002),
             ("close without fin", raw(0x08, b""), 1002),
             ("ping over 125", frame(OpCode::Ping, &[0; 126], true), 1002),
-            (
-                "continuation first",
-                frame(OpCode::Continuation, b"x", true),
-                1002,
-            ),
+            ("continuation first", frame(OpCode::Continuation, b"x", true), 1002),
             (
                 "new message inside a fragmented one",
-                [
-                    frame(OpCode::Text, b"a", false),
-                    frame(OpCode::Binary, b"b", true),
-                ]
-                .concat(),
+                [frame(OpCode::Text, b"a", false), frame(OpCode::Binary, b"b", true)].concat(),
                 1002,
             ),
             ("close of one byte", frame(OpCode::Close, &[3], true), 1002),
-            (
-                "close code 1005",
-                frame(OpCode::Close, &[0x03, 0xed], true),
-                1002,
-            ),
-            (
-                "close reason not utf-8",
-                frame(OpCode::Close, &close_bad_utf8, true),
-                1007,
-            ),
+            ("close code 1005", frame(OpCode::Close, &[0x03, 0xed], true), 1002),
+            ("close reason not utf-8", frame(OpCode::Close, &close_bad_utf8, true), 1007),
             ("text not utf-8", frame(OpCode::Text, b"ok\xff", true), 1007),
-            (
-                "text ends mid-character",
-                frame(OpCode::Text, b"\xe2\x82", true),
-                1007,
-            ),
+            ("text ends mid-character", frame(OpCode::Text, b"\xe2\x82", true), 1007),
             (
                 "fragmented text ends mid-character",
-                [
-                    frame(OpCode::Text, b"\xe2", false),
-                    frame(OpCode::Continuation, b"\x82", true),
-                ]
-                .concat(),
+                [frame(OpCode::Text, b"\xe2", false), frame(OpCode::Continuation, b"\x82", true)]
+                    .concat(),
                 1007,
             ),
             (
@@ -983,15 +905,9 @@ mod tests {
 
     #[test]
     fn message_size_limit_is_inclusive() {
-        let limits = DecoderLimits {
-            max_message_bytes: 16,
-            ..DecoderLimits::default()
-        };
+        let limits = DecoderLimits { max_message_bytes: 16, ..DecoderLimits::default() };
         let (events, result) = feed_all(limits, &frame(OpCode::Binary, &[1; 16], true));
-        assert_eq!(
-            (events, result),
-            (vec![Ev::Binary(vec![1; 16], false)], Ok(()))
-        );
+        assert_eq!((events, result), (vec![Ev::Binary(vec![1; 16], false)], Ok(())));
         let (_, result) = feed_all(limits, &frame(OpCode::Binary, &[1; 17], true));
         assert_eq!(result, Err(DecodeError::MessageTooBig));
         // Control frames are bound by their own 125-byte rule, not by the message limit.
@@ -1001,15 +917,10 @@ mod tests {
 
     #[test]
     fn fragments_adding_up_past_the_limit_are_refused_at_the_header() {
-        let limits = DecoderLimits {
-            max_message_bytes: 10,
-            ..DecoderLimits::default()
-        };
+        let limits = DecoderLimits { max_message_bytes: 10, ..DecoderLimits::default() };
         let mut decoder = Decoder::new(limits);
         let mut first = frame(OpCode::Text, b"123456", false);
-        decoder
-            .feed(&mut first, &mut |_| panic!("message not complete"))
-            .unwrap();
+        decoder.feed(&mut first, &mut |_| panic!("message not complete")).unwrap();
         assert_eq!(decoder.buffered_bytes(), 6);
         // Only the header of the second fragment: 6 + 6 > 10 is known already.
         let mut second = frame(OpCode::Continuation, b"789012", true);
@@ -1019,20 +930,14 @@ mod tests {
 
     #[test]
     fn too_many_fragments_is_a_policy_violation() {
-        let limits = DecoderLimits {
-            max_fragments: 3,
-            ..DecoderLimits::default()
-        };
+        let limits = DecoderLimits { max_fragments: 3, ..DecoderLimits::default() };
         let three = [
             frame(OpCode::Binary, b"a", false),
             frame(OpCode::Continuation, b"b", false),
             frame(OpCode::Continuation, b"c", true),
         ]
         .concat();
-        assert_eq!(
-            feed_all(limits, &three),
-            (vec![Ev::Binary(b"abc".to_vec(), false)], Ok(()))
-        );
+        assert_eq!(feed_all(limits, &three), (vec![Ev::Binary(b"abc".to_vec(), false)], Ok(())));
         let four = [
             frame(OpCode::Binary, b"a", false),
             frame(OpCode::Continuation, b"", false),
@@ -1043,10 +948,7 @@ mod tests {
         let (events, result) = feed_all(limits, &four);
         assert_eq!(events, vec![]);
         let err = result.unwrap_err();
-        assert_eq!(
-            (err, err.close_code()),
-            (DecodeError::Policy("too many fragments"), 1008)
-        );
+        assert_eq!((err, err.close_code()), (DecodeError::Policy("too many fragments"), 1008));
     }
 
     // Autobahn 6.4.x: "κόσμε", then a code point above U+10FFFF, then "edited".
@@ -1061,10 +963,7 @@ mod tests {
         let mut first = frame(OpCode::Text, PART1, false);
         assert_eq!(decoder.feed(&mut first, &mut no_event), Ok(()));
         let mut second = frame(OpCode::Continuation, PART2, false);
-        assert_eq!(
-            decoder.feed(&mut second, &mut no_event),
-            Err(DecodeError::InvalidUtf8)
-        );
+        assert_eq!(decoder.feed(&mut second, &mut no_event), Err(DecodeError::InvalidUtf8));
     }
 
     #[test]
@@ -1077,10 +976,7 @@ mod tests {
         let mut no_event = |_: Event<'_>| -> ControlFlow<()> { panic!("no event expected") };
         assert_eq!(decoder.feed(first, &mut no_event), Ok(()));
         let second = &mut rest[..PART2.len()];
-        assert_eq!(
-            decoder.feed(second, &mut no_event),
-            Err(DecodeError::InvalidUtf8)
-        );
+        assert_eq!(decoder.feed(second, &mut no_event), Err(DecodeError::InvalidUtf8));
     }
 
     #[test]
@@ -1091,10 +987,7 @@ mod tests {
         let mut first = frame(OpCode::Text, &[PART1, b"\xf4"].concat(), false);
         assert_eq!(decoder.feed(&mut first, &mut no_event), Ok(()));
         let mut second = frame(OpCode::Continuation, b"\x90\x80\x80", false);
-        assert_eq!(
-            decoder.feed(&mut second, &mut no_event),
-            Err(DecodeError::InvalidUtf8)
-        );
+        assert_eq!(decoder.feed(&mut second, &mut no_event), Err(DecodeError::InvalidUtf8));
 
         // A valid character split at each of its inner boundaries is accepted.
         let whole = "a\u{20ac}b\u{1f600}c".as_bytes();
@@ -1105,10 +998,7 @@ mod tests {
             ]
             .concat();
             let (events, result) = feed_all(DecoderLimits::default(), &stream);
-            assert_eq!(
-                (events, result),
-                (vec![Ev::Text(whole.to_vec(), false)], Ok(()))
-            );
+            assert_eq!((events, result), (vec![Ev::Text(whole.to_vec(), false)], Ok(())));
         }
     }
 
@@ -1123,9 +1013,7 @@ mod tests {
             ControlFlow::Continue(())
         };
         decoder.feed(&mut stream, &mut collect).unwrap();
-        decoder
-            .feed(&mut frame(OpCode::Text, b"later", true), &mut collect)
-            .unwrap();
+        decoder.feed(&mut frame(OpCode::Text, b"later", true), &mut collect).unwrap();
         assert_eq!(events, vec![Ev::Close(None)]);
         assert!(decoder.is_closed());
     }
@@ -1141,9 +1029,7 @@ mod tests {
             ControlFlow::Break(())
         };
         decoder.feed(&mut stream, &mut stop).unwrap();
-        decoder
-            .feed(&mut frame(OpCode::Text, b"three", true), &mut stop)
-            .unwrap();
+        decoder.feed(&mut frame(OpCode::Text, b"three", true), &mut stop).unwrap();
         assert_eq!(events, vec![text("one")]);
         assert!(decoder.is_closed());
     }
@@ -1157,9 +1043,7 @@ mod tests {
             ControlFlow::Continue(())
         };
         assert!(decoder.feed(&mut raw(0x83, b""), &mut collect).is_err());
-        decoder
-            .feed(&mut frame(OpCode::Text, b"after", true), &mut collect)
-            .unwrap();
+        decoder.feed(&mut frame(OpCode::Text, b"after", true), &mut collect).unwrap();
         assert_eq!(events, vec![]);
     }
 
@@ -1170,10 +1054,7 @@ mod tests {
         stream.extend_from_slice(&MASK);
         stream.extend_from_slice(b"hi");
         apply_mask(&mut stream[8..], MASK);
-        assert_eq!(
-            feed_all(DecoderLimits::default(), &stream),
-            (vec![text("hi")], Ok(()))
-        );
+        assert_eq!(feed_all(DecoderLimits::default(), &stream), (vec![text("hi")], Ok(())));
     }
 
     #[test]
@@ -1181,27 +1062,10 @@ mod tests {
         for len in [0, 1, 125, 126, 127, 65_535, 65_536, 70_000] {
             let payload: Vec<u8> = (0..len).map(|i| b'a' + (i % 26) as u8).collect();
             let mut stream = Vec::new();
-            encode_client_frame(
-                &mut stream,
-                OpCode::Text,
-                &payload,
-                [1, 2, 3, 4],
-                true,
-                false,
-            );
-            encode_client_frame(
-                &mut stream,
-                OpCode::Binary,
-                &payload,
-                [9, 0, 0, 7],
-                true,
-                false,
-            );
+            encode_client_frame(&mut stream, OpCode::Text, &payload, [1, 2, 3, 4], true, false);
+            encode_client_frame(&mut stream, OpCode::Binary, &payload, [9, 0, 0, 7], true, false);
             let expected = vec![Ev::Text(payload.clone(), false), Ev::Binary(payload, false)];
-            assert_eq!(
-                feed_all(DecoderLimits::default(), &stream),
-                (expected.clone(), Ok(()))
-            );
+            assert_eq!(feed_all(DecoderLimits::default(), &stream), (expected.clone(), Ok(())));
             // Cut inside the extended length and inside the payload.
             let cuts = [3, stream.len() / 2, stream.len() - 1];
             let got = feed_pieces(DecoderLimits::default(), &stream, &cuts);
@@ -1298,11 +1162,7 @@ mod tests {
 
     #[test]
     fn idle_decoder_is_small_and_holds_no_heap() {
-        assert!(
-            std::mem::size_of::<Decoder>() <= 96,
-            "{}",
-            std::mem::size_of::<Decoder>()
-        );
+        assert!(std::mem::size_of::<Decoder>() <= 96, "{}", std::mem::size_of::<Decoder>());
         let mut stream = frame(OpCode::Binary, &[5; 1000], true);
         let mut decoder = Decoder::new(DecoderLimits::default());
         let mut count = 0;

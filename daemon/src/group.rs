@@ -83,11 +83,7 @@ impl Groups {
         group_id: &Rc<str>,
         user: Option<&Rc<str>>,
     ) {
-        let member = Member {
-            slot,
-            user: user.cloned(),
-            group: group_id.clone(),
-        };
+        let member = Member { slot, user: user.cloned(), group: group_id.clone() };
         // A replaced connection stops counting now; its later `leave` is then a no-op.
         if let Some(replaced) = self.clients.insert(client_id.clone(), member) {
             self.shrink(&replaced.group);
@@ -141,10 +137,7 @@ mod tests {
     fn same_user_replaces_anyone_else_probes() {
         let mut g = Groups::default();
         g.join(1, &rc("c1"), &rc("g"), Some(&rc("alice")));
-        assert_eq!(
-            g.decide("c1", "g", Some("alice"), 64),
-            Admission::Replace(1)
-        );
+        assert_eq!(g.decide("c1", "g", Some("alice"), 64), Admission::Replace(1));
         // Another user is refused by the pin before the clientID is even looked at.
         assert!(matches!(
             g.decide("c1", "g", Some("bob"), 64),

@@ -60,13 +60,7 @@ pub fn send(
     let iov = [IoSlice::new(&addr), IoSlice::new(bytes)];
     let fds = [socket];
     let cmsg = [ControlMessage::ScmRights(&fds)];
-    sendmsg::<()>(
-        channel.as_raw_fd(),
-        &iov,
-        &cmsg,
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )?;
+    sendmsg::<()>(channel.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None)?;
     Ok(())
 }
 
@@ -102,11 +96,7 @@ pub fn recv(channel: BorrowedFd<'_>, buf: &mut [u8]) -> Result<Handoff, RecvErro
         for c in msg.cmsgs().map_err(RecvError::Io)? {
             if let ControlMessageOwned::ScmRights(received) = c {
                 // SAFETY: the kernel just installed these descriptors for us; we own them.
-                fds.extend(
-                    received
-                        .into_iter()
-                        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
-                );
+                fds.extend(received.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
             }
         }
         (msg.bytes, msg.flags, fds)
@@ -128,11 +118,7 @@ pub fn recv(channel: BorrowedFd<'_>, buf: &mut [u8]) -> Result<Handoff, RecvErro
     let ip = Ipv6Addr::from(octets);
     let ip = ip.to_ipv4_mapped().map_or(IpAddr::V6(ip), IpAddr::V4);
     let port = u16::from_be_bytes([buf[16], buf[17]]);
-    Ok(Handoff {
-        socket,
-        peer: SocketAddr::new(ip, port),
-        bytes: buf[ADDR_LEN..len].to_vec(),
-    })
+    Ok(Handoff { socket, peer: SocketAddr::new(ip, port), bytes: buf[ADDR_LEN..len].to_vec() })
 }
 
 #[cfg(test)]
@@ -157,10 +143,7 @@ mod tests {
         let mut got = [0u8; 2];
         a.read_exact(&mut got).unwrap();
         assert_eq!(&got, b"hi");
-        assert!(matches!(
-            recv(rx.as_fd(), &mut buf),
-            Err(RecvError::WouldBlock)
-        ));
+        assert!(matches!(recv(rx.as_fd(), &mut buf), Err(RecvError::WouldBlock)));
     }
 
     #[test]
@@ -178,10 +161,7 @@ mod tests {
         let (tx, rx) = pair().unwrap();
         nix::unistd::write(&tx, b"garbage").unwrap();
         let mut buf = vec![0u8; MAX_MESSAGE];
-        assert!(matches!(
-            recv(rx.as_fd(), &mut buf),
-            Err(RecvError::Malformed(_))
-        ));
+        assert!(matches!(recv(rx.as_fd(), &mut buf), Err(RecvError::Malformed(_))));
         drop(tx);
         assert!(matches!(recv(rx.as_fd(), &mut buf), Err(RecvError::Closed)));
     }

@@ -10,10 +10,7 @@ use base64::Engine as _;
 /// `from` lets a caller that reads in pieces skip what it already scanned.
 pub fn head_end(buf: &[u8], from: usize) -> Option<usize> {
     let start = from.saturating_sub(3);
-    buf[start..]
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|p| start + p + 4)
+    buf[start..].windows(4).position(|w| w == b"\r\n\r\n").map(|p| start + p + 4)
 }
 
 /// What the daemon needs from a request head, owned so it outlives the read buffer.
@@ -75,13 +72,10 @@ pub fn parse_head(bytes: &[u8], max_headers: usize) -> Result<Head, HeadError> {
         let value = value.trim();
         let name = h.name;
         if name.eq_ignore_ascii_case("upgrade") {
-            upgrade_ws |= value
-                .split(',')
-                .any(|v| v.trim().eq_ignore_ascii_case("websocket"));
+            upgrade_ws |= value.split(',').any(|v| v.trim().eq_ignore_ascii_case("websocket"));
         } else if name.eq_ignore_ascii_case("connection") {
-            connection_upgrade |= value
-                .split(',')
-                .any(|v| v.trim().eq_ignore_ascii_case("upgrade"));
+            connection_upgrade |=
+                value.split(',').any(|v| v.trim().eq_ignore_ascii_case("upgrade"));
         } else if name.eq_ignore_ascii_case("sec-websocket-key") {
             head.ws_key = Some(value.to_string());
         } else if name.eq_ignore_ascii_case("sec-websocket-version") {
@@ -177,12 +171,7 @@ pub fn http_response(
 /// A plain-text error answer whose body says what was wrong.
 pub fn http_error(status: u16, extra_headers: &[(&str, &str)], message: &str) -> Vec<u8> {
     let body = format!("{message}\n");
-    http_response(
-        status,
-        extra_headers,
-        "text/plain; charset=utf-8",
-        body.as_bytes(),
-    )
+    http_response(status, extra_headers, "text/plain; charset=utf-8", body.as_bytes())
 }
 
 fn reason_phrase(status: u16) -> &'static str {
@@ -228,10 +217,7 @@ mod tests {
 
     #[test]
     fn refuses_bad_heads() {
-        assert_eq!(
-            parse_head(b"\x00\x01garbage\r\n\r\n", 100),
-            Err(HeadError::Malformed)
-        );
+        assert_eq!(parse_head(b"\x00\x01garbage\r\n\r\n", 100), Err(HeadError::Malformed));
         assert_eq!(parse_head(UPGRADE, 3), Err(HeadError::TooManyHeaders));
         let mut h = parse_head(UPGRADE, 100).unwrap();
         h.ws_version = Some("8".into());

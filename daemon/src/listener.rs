@@ -24,6 +24,9 @@ const SEND: u8 = 3;
 const TICK: u8 = 4;
 const SIGNAL: u8 = 5;
 
+/// The conformance echo route (`conformance.echo`).
+pub const ECHO_PATH: &str = "/echo";
+
 /// First read buffer per socket: a browser's upgrade without a Zero header fits; the Zero
 /// client's 8 KiB header grows it once.
 const INITIAL_HEAD_BUFFER: usize = 2048;
@@ -103,9 +106,7 @@ impl Listener {
         self.ring.arm_tick(tick, ring::token(TICK, 0));
         let mut cqes = Vec::with_capacity(256);
         loop {
-            self.ring
-                .submit_and_wait()
-                .map_err(|e| format!("io_uring_enter: {e}"))?;
+            self.ring.submit_and_wait().map_err(|e| format!("io_uring_enter: {e}"))?;
             self.ring.drain(&mut cqes);
             let now = Instant::now();
             for cqe in &cqes {
@@ -145,9 +146,7 @@ impl Listener {
             log::info!("listener: stop requested, no longer accepting");
             self.stopping = true;
             // Closing the listening socket would race the supervisor's copy; stop our accept.
-            let cancel = opcode::AsyncCancel::new(ring::token(ACCEPT, 0))
-                .build()
-                .user_data(0);
+            let cancel = opcode::AsyncCancel::new(ring::token(ACCEPT, 0)).build().user_data(0);
             self.ring.push(cancel);
         }
         self.arm_signal();
@@ -252,10 +251,8 @@ impl Listener {
             Some(end) => self.on_head(index, end, now),
             None if p.buf.len() >= self.config.limits.max_head_bytes => {
                 self.metrics.inc(Metric::BadHeads);
-                let msg = format!(
-                    "request head larger than {} bytes",
-                    self.config.limits.max_head_bytes
-                );
+                let msg =
+                    format!("request head larger than {} bytes", self.config.limits.max_head_bytes);
                 self.answer(index, handshake::http_error(431, &[], &msg), now);
             }
             None => self.arm_recv(index),
@@ -313,6 +310,11 @@ impl Listener {
                 );
             }
         }
+        if self.config.conformance.echo && head.path == ECHO_PATH {
+            // Conformance echo: any worker will do; spread by the client's port.
+            let worker = p.peer.port() as usize % self.channels.len();
+            return self.hand_off(index, worker, now);
+        }
         // Route and parameter errors: upgrade, then close 1002 with the message, as zero-cache
         // does (an HTTP error looks like a hang to a browser's WebSocket).
         let routed = route::parse_sync_path(&head.path)
@@ -328,21 +330,21 @@ impl Listener {
             }
         };
         let worker = route::worker_for(&self.task_id, &params.client_group_id, self.channels.len());
+        log::debug!(
+            "handoff worker={worker} clientID={} clientGroupID={} peer={}",
+            params.client_id,
+            params.client_group_id,
+            p.peer
+        );
+        self.hand_off(index, worker, now);
+    }
+
+    /// Passes the socket and its bytes to `worker`, or answers 503 if that fails.
+    fn hand_off(&mut self, index: u32, worker: usize, now: Instant) {
         let p = self.pending[index as usize].as_ref().expect("pending");
-        match handoff::send(
-            self.channels[worker].as_fd(),
-            p.fd.as_raw_fd(),
-            p.peer,
-            &p.buf,
-        ) {
+        match handoff::send(self.channels[worker].as_fd(), p.fd.as_raw_fd(), p.peer, &p.buf) {
             Ok(()) => {
                 self.metrics.inc(Metric::Handoffs);
-                log::debug!(
-                    "handoff worker={worker} clientID={} clientGroupID={} peer={}",
-                    params.client_id,
-                    params.client_group_id,
-                    p.peer
-                );
                 self.remove(index);
             }
             Err(e) => {

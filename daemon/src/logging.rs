@@ -44,10 +44,7 @@ impl log::Log for Logger {
 
 /// Installs the logger for this process (once) and sets the level.
 pub fn init(role: &str, level: log::LevelFilter) {
-    let logger = LOGGER.get_or_init(|| Logger {
-        role: role.to_string(),
-        pid: std::process::id(),
-    });
+    let logger = LOGGER.get_or_init(|| Logger { role: role.to_string(), pid: std::process::id() });
     let _ = log::set_logger(logger);
     log::set_max_level(level);
 }

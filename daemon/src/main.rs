@@ -13,10 +13,7 @@ use syncgate::{listener, logging, metrics, worker};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(
-    name = "syncgate",
-    about = "WebSocket termination for Zero's sync protocol, on io_uring"
-)]
+#[command(name = "syncgate", about = "WebSocket termination for Zero's sync protocol, on io_uring")]
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,
@@ -53,16 +50,15 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Cmd::Run {
-        config: std::env::var_os(CONFIG_PATH_ENV).map(PathBuf::from),
-    }) {
+    match cli
+        .command
+        .unwrap_or(Cmd::Run { config: std::env::var_os(CONFIG_PATH_ENV).map(PathBuf::from) })
+    {
         Cmd::Run { config } => {
             let resolved = Config::load(config.as_deref());
             logging::init(
                 "supervisor",
-                resolved
-                    .as_ref()
-                    .map_or(log::LevelFilter::Info, Config::level),
+                resolved.as_ref().map_or(log::LevelFilter::Info, Config::level),
             );
             match resolved.and_then(supervisor::run) {
                 Ok(()) => ExitCode::SUCCESS,
@@ -95,9 +91,7 @@ fn main() -> ExitCode {
             let (listen, channels) = unsafe {
                 (
                     supervisor::inherited(fds::SOCKET),
-                    (0..workers as i32)
-                        .map(|i| supervisor::inherited(fds::CHANNELS + i))
-                        .collect(),
+                    (0..workers as i32).map(|i| supervisor::inherited(fds::CHANNELS + i)).collect(),
                 )
             };
             let metrics =
@@ -156,12 +150,8 @@ fn child(
         }
     };
     // SAFETY: the supervisor placed these descriptors at these numbers.
-    let (ready, metrics_fd) = unsafe {
-        (
-            supervisor::inherited(fds::READY),
-            supervisor::inherited(fds::METRICS),
-        )
-    };
+    let (ready, metrics_fd) =
+        unsafe { (supervisor::inherited(fds::READY), supervisor::inherited(fds::METRICS)) };
     let result = build(config, metrics_fd, signals).and_then(|run| {
         supervisor::report_ready(ready);
         run()

@@ -19,9 +19,7 @@ pub fn apply_mask(buf: &mut [u8], key: [u8; 4]) {
     // The words start `head.len()` bytes into the payload, so the key continues from there.
     let mut key = key;
     key.rotate_left(head.len() % 4);
-    let wide = u64::from_ne_bytes([
-        key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3],
-    ]);
+    let wide = u64::from_ne_bytes([key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3]]);
     for word in words {
         *word ^= wide;
     }

@@ -59,24 +59,14 @@ pub enum Metric {
 const SLOT_LEN: usize = 32;
 
 const ALL: &[(Metric, &str, &str, &str)] = &[
-    (
-        Metric::Accepted,
-        "syncgate_accepted_total",
-        "counter",
-        "Sockets accepted by the listener.",
-    ),
+    (Metric::Accepted, "syncgate_accepted_total", "counter", "Sockets accepted by the listener."),
     (
         Metric::HttpRequests,
         "syncgate_http_requests_total",
         "counter",
         "Plain HTTP requests answered.",
     ),
-    (
-        Metric::Handoffs,
-        "syncgate_handoffs_total",
-        "counter",
-        "Upgrades handed to a worker.",
-    ),
+    (Metric::Handoffs, "syncgate_handoffs_total", "counter", "Upgrades handed to a worker."),
     (
         Metric::HandoffFailures,
         "syncgate_handoff_failures_total",
@@ -137,18 +127,8 @@ const ALL: &[(Metric, &str, &str, &str)] = &[
         "counter",
         "Connections terminated for silence.",
     ),
-    (
-        Metric::MessagesIn,
-        "syncgate_messages_in_total",
-        "counter",
-        "WebSocket messages received.",
-    ),
-    (
-        Metric::MessagesOut,
-        "syncgate_messages_out_total",
-        "counter",
-        "WebSocket messages sent.",
-    ),
+    (Metric::MessagesIn, "syncgate_messages_in_total", "counter", "WebSocket messages received."),
+    (Metric::MessagesOut, "syncgate_messages_out_total", "counter", "WebSocket messages sent."),
     (
         Metric::BytesIn,
         "syncgate_bytes_in_total",
@@ -167,12 +147,7 @@ const ALL: &[(Metric, &str, &str, &str)] = &[
         "counter",
         "Connections closed for a client protocol error.",
     ),
-    (
-        Metric::OpenConnections,
-        "syncgate_connections_open",
-        "gauge",
-        "WebSocket connections open.",
-    ),
+    (Metric::OpenConnections, "syncgate_connections_open", "gauge", "WebSocket connections open."),
     (
         Metric::WorkerRestarts,
         "syncgate_worker_restarts_total",
@@ -227,11 +202,7 @@ impl Metrics {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Metrics {
-            base: ptr as *const AtomicU64,
-            slots,
-            own,
-        })
+        Ok(Metrics { base: ptr as *const AtomicU64, slots, own })
     }
 
     fn cell(&self, slot: usize, m: Metric) -> &AtomicU64 {
@@ -273,11 +244,8 @@ impl Metrics {
                 if slot == 0 {
                     let _ = writeln!(out, "{name}{{process=\"listener\"}} {v}");
                 } else {
-                    let _ = writeln!(
-                        out,
-                        "{name}{{process=\"worker\",worker=\"{}\"}} {v}",
-                        slot - 1
-                    );
+                    let _ =
+                        writeln!(out, "{name}{{process=\"worker\",worker=\"{}\"}} {v}", slot - 1);
                 }
             }
         }

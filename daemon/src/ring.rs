@@ -35,10 +35,7 @@ impl Ring {
             .setup_cqsize(ENTRIES * 4)
             .build(ENTRIES)
             .map_err(|e| unavailable_message(&e))?;
-        Ok(Ring {
-            uring,
-            tick: Box::new(types::Timespec::new()),
-        })
+        Ok(Ring { uring, tick: Box::new(types::Timespec::new()) })
     }
 
     /// Queues `entry`, submitting first if the queue is full.
@@ -59,12 +56,8 @@ impl Ring {
 
     /// Arms the periodic tick with `user_data`.
     pub fn arm_tick(&mut self, every: Duration, user_data: u64) {
-        *self.tick = types::Timespec::new()
-            .sec(every.as_secs())
-            .nsec(every.subsec_nanos());
-        let entry = opcode::Timeout::new(&*self.tick)
-            .build()
-            .user_data(user_data);
+        *self.tick = types::Timespec::new().sec(every.as_secs()).nsec(every.subsec_nanos());
+        let entry = opcode::Timeout::new(&*self.tick).build().user_data(user_data);
         self.push(entry);
     }
 
@@ -158,9 +151,7 @@ impl BufRing {
         };
         // SAFETY: the mapping lives as long as `br`, which lives as long as the ring.
         unsafe {
-            ring.uring
-                .submitter()
-                .register_buf_ring_with_flags(ptr as u64, count, group, 0)?;
+            ring.uring.submitter().register_buf_ring_with_flags(ptr as u64, count, group, 0)?;
         }
         for bid in 0..count {
             br.push(bid);

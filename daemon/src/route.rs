@@ -91,10 +91,7 @@ pub fn parse_sync_path(target: &str) -> Result<SyncPath, RouteError> {
         4 => (Some(segments[0]), segments[1], segments[2], segments[3]),
         _ => return Err(invalid_url()),
     };
-    let all_valid = base
-        .into_iter()
-        .chain([sync, version, action])
-        .all(is_segment);
+    let all_valid = base.into_iter().chain([sync, version, action]).all(is_segment);
     if !all_valid || sync != "sync" {
         return Err(invalid_url());
     }
@@ -104,11 +101,7 @@ pub fn parse_sync_path(target: &str) -> Result<SyncPath, RouteError> {
     let version = parse_version(digits)
         .ok_or_else(|| RouteError::Invalid(format!("Invalid version: {target}")))?;
 
-    Ok(SyncPath {
-        base: base.map(str::to_owned),
-        version,
-        action: action.to_owned(),
-    })
+    Ok(SyncPath { base: base.map(str::to_owned), version, action: action.to_owned() })
 }
 
 /// Whether `segment` matches `[A-Za-z0-9-_~ %]+`.
@@ -277,10 +270,7 @@ fn leading_integer(text: &str) -> Option<i64> {
         Some(b'+') => (false, &text[1..]),
         _ => (false, text),
     };
-    let digits_end = unsigned
-        .bytes()
-        .position(|b| !b.is_ascii_digit())
-        .unwrap_or(unsigned.len());
+    let digits_end = unsigned.bytes().position(|b| !b.is_ascii_digit()).unwrap_or(unsigned.len());
     if digits_end == 0 {
         return None;
     }
@@ -331,14 +321,7 @@ mod tests {
     #[test]
     fn captured_first_connect() {
         let path = parse_sync_path(FIRST_CONNECT).unwrap();
-        assert_eq!(
-            path,
-            SyncPath {
-                base: None,
-                version: 51,
-                action: "connect".into()
-            }
-        );
+        assert_eq!(path, SyncPath { base: None, version: 51, action: "connect".into() });
         let params = parse_connect_params(query_of(FIRST_CONNECT)).unwrap();
         assert_eq!(
             params,
@@ -382,12 +365,7 @@ mod tests {
         // Out-of-range versions parse; the range check belongs to the lifecycle.
         assert_eq!(parse_sync_path("/sync/v0/connect").unwrap().version, 0);
         assert_eq!(parse_sync_path("/sync/v099/connect").unwrap().version, 99);
-        assert_eq!(
-            parse_sync_path("/sync/v4294967295/connect")
-                .unwrap()
-                .version,
-            u32::MAX
-        );
+        assert_eq!(parse_sync_path("/sync/v4294967295/connect").unwrap().version, u32::MAX);
     }
 
     #[test]
@@ -395,10 +373,7 @@ mod tests {
         assert_eq!(parse_sync_path("/sync/v51/connect?").unwrap().version, 51);
         assert_eq!(parse_sync_path("/sync/v51/connect#x").unwrap().version, 51);
         // A query on a bad path shows up in the message, as in zero-cache.
-        assert_eq!(
-            invalid("/sync/x51/connect?a=b"),
-            "Invalid URL: /sync/x51/connect?a=b"
-        );
+        assert_eq!(invalid("/sync/x51/connect?a=b"), "Invalid URL: /sync/x51/connect?a=b");
     }
 
     #[test]
@@ -415,11 +390,7 @@ mod tests {
             "*",
             "http://host/sync/v51/connect",
         ] {
-            assert_eq!(
-                parse_sync_path(target),
-                Err(RouteError::NotSync),
-                "{target}"
-            );
+            assert_eq!(parse_sync_path(target), Err(RouteError::NotSync), "{target}");
         }
     }
 
@@ -428,45 +399,18 @@ mod tests {
         assert_eq!(invalid("/sync"), "Invalid URL: /sync");
         assert_eq!(invalid("/sync/v51"), "Invalid URL: /sync/v51");
         assert_eq!(invalid("/api/sync"), "Invalid URL: /api/sync");
-        assert_eq!(
-            invalid("/sync/v51/connect/extra"),
-            "Invalid URL: /sync/v51/connect/extra"
-        );
-        assert_eq!(
-            invalid("/a/sync/v51/connect/x/y/z"),
-            "Invalid URL: /a/sync/v51/connect/x/y/z"
-        );
-        assert_eq!(
-            invalid("/sync/v51/connect/"),
-            "Invalid URL: /sync/v51/connect/"
-        );
-        assert_eq!(
-            invalid("//sync/v51/connect"),
-            "Invalid URL: //sync/v51/connect"
-        );
+        assert_eq!(invalid("/sync/v51/connect/extra"), "Invalid URL: /sync/v51/connect/extra");
+        assert_eq!(invalid("/a/sync/v51/connect/x/y/z"), "Invalid URL: /a/sync/v51/connect/x/y/z");
+        assert_eq!(invalid("/sync/v51/connect/"), "Invalid URL: /sync/v51/connect/");
+        assert_eq!(invalid("//sync/v51/connect"), "Invalid URL: //sync/v51/connect");
         assert_eq!(invalid("/sync//connect"), "Invalid URL: /sync//connect");
         assert_eq!(invalid("/sync/51/connect"), "Invalid URL: /sync/51/connect");
-        assert_eq!(
-            invalid("/sync/V51/connect"),
-            "Invalid URL: /sync/V51/connect"
-        );
+        assert_eq!(invalid("/sync/V51/connect"), "Invalid URL: /sync/V51/connect");
         // Characters outside [A-Za-z0-9-_~ %].
-        assert_eq!(
-            invalid("/sync/v51/con.nect"),
-            "Invalid URL: /sync/v51/con.nect"
-        );
-        assert_eq!(
-            invalid("/../sync/v51/connect"),
-            "Invalid URL: /../sync/v51/connect"
-        );
-        assert_eq!(
-            invalid("/a+b/sync/v51/connect"),
-            "Invalid URL: /a+b/sync/v51/connect"
-        );
-        assert_eq!(
-            invalid("/sync/v51/conn\u{e9}ct"),
-            "Invalid URL: /sync/v51/conn\u{e9}ct"
-        );
+        assert_eq!(invalid("/sync/v51/con.nect"), "Invalid URL: /sync/v51/con.nect");
+        assert_eq!(invalid("/../sync/v51/connect"), "Invalid URL: /../sync/v51/connect");
+        assert_eq!(invalid("/a+b/sync/v51/connect"), "Invalid URL: /a+b/sync/v51/connect");
+        assert_eq!(invalid("/sync/v51/conn\u{e9}ct"), "Invalid URL: /sync/v51/conn\u{e9}ct");
         assert_eq!(invalid("/sync/v51/a:b"), "Invalid URL: /sync/v51/a:b");
     }
 
@@ -497,39 +441,25 @@ mod tests {
         assert_eq!(params.profile_id, None);
         assert!(!params.debug_perf);
         // The leading '?' is optional.
-        assert_eq!(
-            parse_connect_params(&format!("?{MINIMAL}")).unwrap(),
-            params
-        );
+        assert_eq!(parse_connect_params(&format!("?{MINIMAL}")).unwrap(), params);
     }
 
     #[test]
     fn each_missing_required_parameter() {
         for (name, message) in [
             ("clientID", "invalid querystring - missing clientID"),
-            (
-                "clientGroupID",
-                "invalid querystring - missing clientGroupID",
-            ),
+            ("clientGroupID", "invalid querystring - missing clientGroupID"),
             ("ts", "invalid querystring - missing ts"),
             ("lmid", "invalid querystring - missing lmid"),
         ] {
-            let without: Vec<&str> = MINIMAL
-                .split('&')
-                .filter(|pair| !pair.starts_with(&format!("{name}=")))
-                .collect();
-            assert_eq!(
-                parse_connect_params(&without.join("&")).unwrap_err(),
-                message
-            );
+            let without: Vec<&str> =
+                MINIMAL.split('&').filter(|pair| !pair.starts_with(&format!("{name}="))).collect();
+            assert_eq!(parse_connect_params(&without.join("&")).unwrap_err(), message);
             // Present but empty is missing too.
             let emptied = MINIMAL.replace(&format!("{name}="), &format!("{name}=&x="));
             assert_eq!(parse_connect_params(&emptied).unwrap_err(), message);
         }
-        assert_eq!(
-            parse_connect_params("").unwrap_err(),
-            "invalid querystring - missing clientID"
-        );
+        assert_eq!(parse_connect_params("").unwrap_err(), "invalid querystring - missing clientID");
     }
 
     #[test]
@@ -562,17 +492,11 @@ mod tests {
         assert_eq!(ok("0x10", "007"), (0, 7));
 
         let err = |ts: &str, lmid: &str| with(ts, lmid).unwrap_err();
-        assert_eq!(
-            err("abc", "0"),
-            "invalid querystring parameter ts, got: abc"
-        );
+        assert_eq!(err("abc", "0"), "invalid querystring parameter ts, got: abc");
         assert_eq!(err(".5", "0"), "invalid querystring parameter ts, got: .5");
         assert_eq!(err("-", "0"), "invalid querystring parameter ts, got: -");
         assert_eq!(err("1", "x"), "invalid querystring parameter lmid, got: x");
-        assert_eq!(
-            err("1", "-1"),
-            "invalid querystring parameter lmid, got: -1"
-        );
+        assert_eq!(err("1", "-1"), "invalid querystring parameter lmid, got: -1");
         assert_eq!(
             err("1", "99999999999999999999"),
             "invalid querystring parameter lmid, got: 99999999999999999999"
@@ -619,9 +543,7 @@ mod tests {
     #[test]
     fn debug_perf_is_true_only_for_true() {
         let with = |value: &str| {
-            parse_connect_params(&format!("{MINIMAL}&debugPerf={value}"))
-                .unwrap()
-                .debug_perf
+            parse_connect_params(&format!("{MINIMAL}&debugPerf={value}")).unwrap().debug_perf
         };
         assert!(with("true"));
         assert!(!with("1"));
@@ -635,14 +557,7 @@ mod tests {
         let over = "a".repeat(MAX_PARAM_BYTES + 1);
         let ok = format!("clientID={at_limit}&clientGroupID=g&ts=1&lmid=0");
         assert_eq!(parse_connect_params(&ok).unwrap().client_id, at_limit);
-        for name in [
-            "clientID",
-            "clientGroupID",
-            "wsid",
-            "baseCookie",
-            "userID",
-            "profileID",
-        ] {
+        for name in ["clientID", "clientGroupID", "wsid", "baseCookie", "userID", "profileID"] {
             let query = format!("{name}={over}&{MINIMAL}");
             assert_eq!(
                 parse_connect_params(&query).unwrap_err(),
@@ -652,9 +567,7 @@ mod tests {
         // The bound applies to the decoded value: 86 escapes of a 3-byte character.
         let wide = "%E2%9C%93".repeat(86);
         let query = format!("clientID={wide}&clientGroupID=g&ts=1&lmid=0");
-        assert!(parse_connect_params(&query)
-            .unwrap_err()
-            .contains("longer than"));
+        assert!(parse_connect_params(&query).unwrap_err().contains("longer than"));
     }
 
     #[test]
@@ -665,19 +578,13 @@ mod tests {
 
     #[test]
     fn worker_for_hashes_task_slash_group() {
-        for (task, group) in [
-            ("t", "g"),
-            ("", ""),
-            ("task-1", "0h3jon9uhlfna8iufn"),
-            ("\u{e9}", "\u{2713}"),
-        ] {
+        for (task, group) in
+            [("t", "g"), ("", ""), ("task-1", "0h3jon9uhlfna8iufn"), ("\u{e9}", "\u{2713}")]
+        {
             let joined = format!("{task}/{group}");
             let expected = xxh32(joined.as_bytes(), 0);
             for workers in [1, 2, 3, 7, 64] {
-                assert_eq!(
-                    worker_for(task, group, workers),
-                    expected as usize % workers
-                );
+                assert_eq!(worker_for(task, group, workers), expected as usize % workers);
             }
         }
         assert_eq!(worker_for("a", "bc", 1), 0);

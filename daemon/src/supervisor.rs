@@ -89,17 +89,11 @@ pub fn run(mut config: Config) -> Result<(), String> {
     let workers = config.worker_count();
     config.workers = workers;
     let mut mask = SigSet::empty();
-    for s in [
-        Signal::SIGTERM,
-        Signal::SIGINT,
-        Signal::SIGHUP,
-        Signal::SIGCHLD,
-    ] {
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
         mask.add(s);
     }
     // Blocked here and, through inheritance, in every child: each reads them from a signalfd.
-    mask.thread_block()
-        .map_err(|e| format!("sigprocmask: {e}"))?;
+    mask.thread_block().map_err(|e| format!("sigprocmask: {e}"))?;
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| format!("signalfd: {e}"))?;
     let addr = config.listen_addr()?;
@@ -175,9 +169,7 @@ impl Supervisor {
             Role::Listener => {
                 inherit.push(self.listen.as_fd());
                 inherit.extend(self.channels.iter().map(|(l, _)| l.as_fd()));
-                cmd.arg("__listener")
-                    .arg("--workers")
-                    .arg(self.channels.len().to_string());
+                cmd.arg("__listener").arg("--workers").arg(self.channels.len().to_string());
             }
             Role::Worker(w) => {
                 inherit.push(self.channels[w].1.as_fd());
@@ -212,9 +204,7 @@ impl Supervisor {
                 Ok(())
             });
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("cannot start {role}: {e}"))?;
+        let child = cmd.spawn().map_err(|e| format!("cannot start {role}: {e}"))?;
         drop(parked);
         drop(ready_w);
         let p = &mut self.procs[i];
@@ -234,10 +224,7 @@ impl Supervisor {
                 let ms = at.saturating_duration_since(now).as_millis().min(60_000) as u16;
                 nix::poll::PollTimeout::from(ms)
             });
-            let mut pfd = [nix::poll::PollFd::new(
-                signals.as_fd(),
-                nix::poll::PollFlags::POLLIN,
-            )];
+            let mut pfd = [nix::poll::PollFd::new(signals.as_fd(), nix::poll::PollFlags::POLLIN)];
             match nix::poll::poll(&mut pfd, timeout) {
                 Ok(_) | Err(nix::Error::EINTR) => {}
                 Err(e) => return Err(format!("poll: {e}")),
@@ -310,11 +297,11 @@ impl Supervisor {
                 Ok(status) => status,
             };
             let Some(pid) = status.pid() else { return };
-            let Some(p) = self.procs.iter_mut().find(|p| {
-                p.child
-                    .as_ref()
-                    .is_some_and(|c| c.id() as i32 == pid.as_raw())
-            }) else {
+            let Some(p) = self
+                .procs
+                .iter_mut()
+                .find(|p| p.child.as_ref().is_some_and(|c| c.id() as i32 == pid.as_raw()))
+            else {
                 continue;
             };
             p.child = None;
@@ -328,17 +315,9 @@ impl Supervisor {
             } else {
                 (p.backoff * 2).min(RESPAWN_MAX)
             };
-            let delay = if uptime >= HEALTHY_UPTIME {
-                RESPAWN_MIN
-            } else {
-                p.backoff
-            };
+            let delay = if uptime >= HEALTHY_UPTIME { RESPAWN_MIN } else { p.backoff };
             p.respawn_at = Some(Instant::now() + delay);
-            log::error!(
-                "{} died ({status:?}); respawning in {} ms",
-                p.role,
-                delay.as_millis()
-            );
+            log::error!("{} died ({status:?}); respawning in {} ms", p.role, delay.as_millis());
         }
     }
 
@@ -372,14 +351,9 @@ fn wait_ready(sup: &Supervisor, pipes: &[(usize, OwnedFd)]) -> Result<(), String
     while !waiting.is_empty() {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            let names: Vec<String> = waiting
-                .iter()
-                .map(|(i, _)| sup.procs[*i].role.to_string())
-                .collect();
-            return Err(format!(
-                "not ready after {START_TIMEOUT:?}: {}",
-                names.join(", ")
-            ));
+            let names: Vec<String> =
+                waiting.iter().map(|(i, _)| sup.procs[*i].role.to_string()).collect();
+            return Err(format!("not ready after {START_TIMEOUT:?}: {}", names.join(", ")));
         }
         let mut pfds: Vec<_> = waiting
             .iter()
@@ -416,21 +390,14 @@ fn wait_ready(sup: &Supervisor, pipes: &[(usize, OwnedFd)]) -> Result<(), String
 /// A dual-stack TCP listening socket for `addr` (IPv4 too when `addr` is `[::]`).
 fn bind(addr: std::net::SocketAddr) -> std::io::Result<OwnedFd> {
     use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
-    let family = if addr.is_ipv6() {
-        AddressFamily::Inet6
-    } else {
-        AddressFamily::Inet
-    };
+    let family = if addr.is_ipv6() { AddressFamily::Inet6 } else { AddressFamily::Inet };
     let fd = socket::socket(family, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
     socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
     if addr.is_ipv6() {
         socket::setsockopt(&fd, sockopt::Ipv6V6Only, &false)?;
     }
     socket::bind(fd.as_raw_fd(), &SockaddrStorage::from(addr))?;
-    socket::listen(
-        &fd,
-        socket::Backlog::new(BACKLOG).unwrap_or(socket::Backlog::MAXCONN),
-    )?;
+    socket::listen(&fd, socket::Backlog::new(BACKLOG).unwrap_or(socket::Backlog::MAXCONN))?;
     Ok(fd)
 }
 
@@ -440,8 +407,7 @@ fn local_addr(fd: &OwnedFd) -> Option<std::net::SocketAddr> {
     if let Some(v4) = addr.as_sockaddr_in() {
         return Some(std::net::SocketAddr::from((v4.ip(), v4.port())));
     }
-    addr.as_sockaddr_in6()
-        .map(|v6| std::net::SocketAddr::from((v6.ip(), v6.port())))
+    addr.as_sockaddr_in6().map(|v6| std::net::SocketAddr::from((v6.ip(), v6.port())))
 }
 
 /// A close-on-exec copy of `fd` numbered above the fixed child descriptors.
@@ -464,9 +430,8 @@ fn random_id() -> String {
         .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))
         .is_err()
     {
-        let t = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let t =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         b = (t.as_nanos() as u64 ^ std::process::id() as u64).to_le_bytes();
     }
     b.iter().map(|x| format!("{x:02x}")).collect()

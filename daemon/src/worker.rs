@@ -147,9 +147,7 @@ impl Worker {
         self.ring.arm_tick(tick, ring::token(TICK, 0));
         let mut cqes = Vec::with_capacity(512);
         loop {
-            self.ring
-                .submit_and_wait()
-                .map_err(|e| format!("io_uring_enter: {e}"))?;
+            self.ring.submit_and_wait().map_err(|e| format!("io_uring_enter: {e}"))?;
             self.ring.drain(&mut cqes);
             let now = Instant::now();
             for cqe in &cqes {
@@ -226,9 +224,8 @@ impl Worker {
                 }
                 Err(handoff::RecvError::Closed) => {
                     // The listener is gone (shutdown); stop polling a dead channel.
-                    let cancel = opcode::AsyncCancel::new(ring::token(CHANNEL, 0))
-                        .build()
-                        .user_data(0);
+                    let cancel =
+                        opcode::AsyncCancel::new(ring::token(CHANNEL, 0)).build().user_data(0);
                     self.ring.push(cancel);
                     return;
                 }
@@ -248,44 +245,50 @@ impl Worker {
         if peer_gone(&h.socket) {
             // Closed while in transit: drop it before spending any work on it.
             self.metrics.inc(Metric::DeadOnArrival);
-            log::debug!(
-                "worker {}: peer={} closed during handoff",
-                self.index,
-                h.peer
-            );
+            log::debug!("worker {}: peer={} closed during handoff", self.index, h.peer);
             return;
         }
         let Some(end) = handshake::head_end(&h.bytes, 0) else {
             log::warn!("worker {}: handoff without a complete head", self.index);
             return;
         };
-        let parsed = handshake::parse_head(&h.bytes[..end], self.config.limits.max_headers)
-            .ok()
-            .and_then(|head| {
-                let path = route::parse_sync_path(&head.path).ok()?;
-                let params = route::parse_connect_params(&head.query).ok()?;
-                Some((head, path, params))
-            });
-        let Some((head, path, params)) = parsed else {
+        let Ok(head) = handshake::parse_head(&h.bytes[..end], self.config.limits.max_headers)
+        else {
             // The listener validated these bytes; a mismatch is a bug, not a client error.
             log::error!("worker {}: handoff failed to parse again", self.index);
             return;
         };
+        let echo = self.config.conformance.echo && head.path == crate::listener::ECHO_PATH;
+        let routed = route::parse_sync_path(&head.path)
+            .ok()
+            .and_then(|path| Some((path, route::parse_connect_params(&head.query).ok()?)));
+        let identity = match &routed {
+            _ if echo => Identity {
+                client_id: Rc::from(""),
+                client_group_id: Rc::from(""),
+                wsid: String::new(),
+                user: None,
+                version: 0,
+                echo: true,
+            },
+            Some((path, params)) => Identity {
+                client_id: Rc::from(params.client_id.as_str()),
+                client_group_id: Rc::from(params.client_group_id.as_str()),
+                wsid: params.wsid.clone(),
+                user: None,
+                version: path.version,
+                echo: false,
+            },
+            None => {
+                log::error!("worker {}: handoff failed to parse again", self.index);
+                return;
+            }
+        };
         let _ =
             nix::sys::socket::setsockopt(&h.socket, nix::sys::socket::sockopt::TcpNoDelay, &true);
-        let identity = Identity {
-            client_id: Rc::from(params.client_id.as_str()),
-            client_group_id: Rc::from(params.client_group_id.as_str()),
-            wsid: params.wsid.clone(),
-            user: None,
-            version: path.version,
-        };
         let mut conn = Connection::new(identity, self.settings.clone(), now);
         let key = head.ws_key.as_deref().unwrap_or_default();
-        conn.send_raw(
-            handshake::switching_protocols(key, head.ws_protocol.as_deref(), None),
-            now,
-        );
+        conn.send_raw(handshake::switching_protocols(key, head.ws_protocol.as_deref(), None), now);
         let index = self.insert(Slot {
             fd: h.socket,
             conn,
@@ -298,7 +301,14 @@ impl Worker {
             init: None,
         });
         self.arm_recv(index);
-        self.admit(index, &head, &params, now);
+        match &routed {
+            Some((_, params)) if !echo => self.admit(index, &head, params, now),
+            _ => {
+                if let Some(slot) = self.slots[index as usize].as_mut() {
+                    slot.conn.open(None, now);
+                }
+            }
+        }
         // Bytes the client sent right behind its head (it may not wait for the 101).
         let mut early = h.bytes[end..].to_vec();
         if !early.is_empty() {
@@ -317,11 +327,7 @@ impl Worker {
         params: &route::ConnectParams,
         now: Instant,
     ) {
-        let header = match head
-            .ws_protocol
-            .as_deref()
-            .map(protocol::decode_protocol_header)
-        {
+        let header = match head.ws_protocol.as_deref().map(protocol::decode_protocol_header) {
             None => {
                 return self.refuse(
                     index,
@@ -388,11 +394,7 @@ impl Worker {
         );
         if let Admission::Refuse(kind, message) = decision {
             self.metrics.inc(Metric::DisplacementRefusals);
-            let code = if kind == ErrorKind::Unauthorized {
-                3000
-            } else {
-                1008
-            };
+            let code = if kind == ErrorKind::Unauthorized { 3000 } else { 1008 };
             return self.refuse(index, kind, &message, code, now);
         }
         // 4. Version, before any existing connection is touched.
@@ -414,11 +416,7 @@ impl Worker {
                     existing.conn.probe(now);
                     let deadline =
                         now + Duration::from_millis(self.config.keepalive.probe_timeout_ms);
-                    self.probes.push(Probe {
-                        newcomer: index,
-                        existing: old,
-                        deadline,
-                    });
+                    self.probes.push(Probe { newcomer: index, existing: old, deadline });
                     self.process(old);
                 } else {
                     self.open_connection(index, now);
@@ -443,8 +441,7 @@ impl Worker {
             slot.peer
         );
         if kind == ErrorKind::ServerOverloaded {
-            slot.conn
-                .fail_with_backoff(kind, message, code, OVERLOAD_BACKOFF, now);
+            slot.conn.fail_with_backoff(kind, message, code, OVERLOAD_BACKOFF, now);
         } else {
             slot.conn.fail(kind, message, code, now);
         }
@@ -456,8 +453,7 @@ impl Worker {
             return;
         };
         let id = slot.conn.identity().clone();
-        self.groups
-            .join(index, &id.client_id, &id.client_group_id, id.user.as_ref());
+        self.groups.join(index, &id.client_id, &id.client_group_id, id.user.as_ref());
         slot.joined = true;
         let init = slot.init.take();
         slot.conn.open(init, now);
@@ -670,9 +666,7 @@ impl Worker {
             let newcomer_alive = self.slots[p.newcomer as usize]
                 .as_ref()
                 .is_some_and(|s| s.conn.state() == State::Pending);
-            let existing = self.slots[p.existing as usize]
-                .as_ref()
-                .filter(|s| s.joined);
+            let existing = self.slots[p.existing as usize].as_ref().filter(|s| s.joined);
             let answered = existing.and_then(|s| s.conn.probe_answered());
             let (newcomer, existing_index, deadline) = (p.newcomer, p.existing, p.deadline);
             let outcome = match (newcomer_alive, existing.is_some(), answered) {
@@ -722,11 +716,8 @@ const OVERLOAD_BACKOFF: (u64, u64) = (1_000, 10_000);
 
 /// Whether the peer closed the socket while it travelled from the listener.
 fn peer_gone(fd: &OwnedFd) -> bool {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN | libc::POLLRDHUP,
-        revents: 0,
-    };
+    let mut pfd =
+        libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN | libc::POLLRDHUP, revents: 0 };
     // SAFETY: one valid pollfd, zero timeout.
     match unsafe { libc::poll(&mut pfd, 1, 0) } {
         0 => false,
@@ -736,7 +727,5 @@ fn peer_gone(fd: &OwnedFd) -> bool {
 }
 
 fn epoch_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

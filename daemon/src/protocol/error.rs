@@ -131,10 +131,7 @@ impl ErrorKind {
 
     /// Whether the body may carry a backoff window and reconnect parameters.
     pub fn is_backoff(self) -> bool {
-        matches!(
-            self,
-            ErrorKind::Rebalance | ErrorKind::Rehome | ErrorKind::ServerOverloaded
-        )
+        matches!(self, ErrorKind::Rebalance | ErrorKind::Rehome | ErrorKind::ServerOverloaded)
     }
 }
 
@@ -194,11 +191,8 @@ impl ErrorBody {
             min_backoff_ms: self.min_backoff_ms.filter(|_| backoff),
             max_backoff_ms: self.max_backoff_ms.filter(|_| backoff),
             reconnect_params: self.reconnect_params.as_ref().filter(|_| backoff),
-            reason: matches!(
-                self.kind,
-                ErrorKind::PushFailed | ErrorKind::TransformFailed
-            )
-            .then_some(REASON_INTERNAL),
+            reason: matches!(self.kind, ErrorKind::PushFailed | ErrorKind::TransformFailed)
+                .then_some(REASON_INTERNAL),
             mutation_ids: (self.kind == ErrorKind::PushFailed).then_some(&self.mutation_ids),
             query_ids: (self.kind == ErrorKind::TransformFailed).then_some(&self.query_ids),
         };
@@ -250,4 +244,139 @@ struct WireErrorBody<'a> {
     mutation_ids: Option<&'a Vec<MutationId>>,
     #[serde(rename = "queryIDs", skip_serializing_if = "Option::is_none")]
     query_ids: Option<&'a Vec<String>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    /// The 19 kinds of PROTOCOL.md, spelled as on the wire.
+    const WIRE_KINDS: [&str; 19] = [
+        "AuthInvalidated",
+        "ClientNotFound",
+        "InvalidConnectionRequest",
+        "InvalidConnectionRequestBaseCookie",
+        "InvalidConnectionRequestLastMutationID",
+        "InvalidConnectionRequestClientDeleted",
+        "InvalidMessage",
+        "InvalidPush",
+        "PushFailed",
+        "MutationFailed",
+        "MutationRateLimited",
+        "Rebalance",
+        "Rehome",
+        "TransformFailed",
+        "Unauthorized",
+        "VersionNotSupported",
+        "SchemaVersionNotSupported",
+        "ServerOverloaded",
+        "Internal",
+    ];
+
+    fn body_of(bytes: &[u8]) -> serde_json::Map<String, Value> {
+        let value: Value = serde_json::from_slice(bytes).unwrap();
+        let [tag, Value::Object(body)] = value.as_array().unwrap().as_slice() else {
+            panic!("not [tag, {{...}}]: {value}");
+        };
+        assert_eq!(tag, "error");
+        body.clone()
+    }
+
+    #[test]
+    fn kinds_have_their_wire_names() {
+        let names: Vec<&str> = ErrorKind::ALL.iter().map(|kind| kind.as_str()).collect();
+        assert_eq!(names, WIRE_KINDS);
+    }
+
+    #[test]
+    fn only_rebalance_rehome_and_overloaded_back_off() {
+        let backoff: Vec<&str> = ErrorKind::ALL
+            .iter()
+            .filter(|kind| kind.is_backoff())
+            .map(|kind| kind.as_str())
+            .collect();
+        assert_eq!(backoff, ["Rebalance", "Rehome", "ServerOverloaded"]);
+    }
+
+    #[test]
+    fn basic_error_has_the_exact_wire_form() {
+        assert_eq!(
+            encode_error(ErrorKind::Unauthorized, "no token", None),
+            br#"["error",{"kind":"Unauthorized","message":"no token","origin":"zeroCache"}]"#
+        );
+    }
+
+    #[test]
+    fn every_kind_is_sent_with_origin_and_only_its_own_fields() {
+        for kind in ErrorKind::ALL {
+            let body = body_of(&encode_error(kind, "m", Some((100, 200))));
+            assert_eq!(body["origin"], "zeroCache", "{kind:?}");
+            assert_eq!(body["kind"], kind.as_str());
+            assert_eq!(body["message"], "m");
+            // The client's strict schema: the fields each shape allows.
+            let allowed: &[&str] = match kind {
+                ErrorKind::Rebalance | ErrorKind::Rehome | ErrorKind::ServerOverloaded => &[
+                    "kind",
+                    "message",
+                    "origin",
+                    "minBackoffMs",
+                    "maxBackoffMs",
+                    "reconnectParams",
+                ],
+                ErrorKind::PushFailed => {
+                    &["kind", "message", "origin", "reason", "mutationIDs", "details"]
+                }
+                ErrorKind::TransformFailed => {
+                    &["kind", "message", "origin", "reason", "queryIDs", "details"]
+                }
+                _ => &["kind", "message", "origin"],
+            };
+            for key in body.keys() {
+                assert!(allowed.contains(&key.as_str()), "{kind:?} has {key}");
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_kinds_carry_the_window_and_reconnect_params() {
+        let mut body = ErrorBody::new(ErrorKind::Rebalance, "move").with_backoff(10, 20);
+        body.reconnect_params = Some(BTreeMap::from([("shard".to_string(), "2".to_string())]));
+        assert_eq!(
+            Value::Object(body_of(&body.encode())),
+            json!({"kind": "Rebalance", "message": "move", "origin": "zeroCache",
+                   "minBackoffMs": 10, "maxBackoffMs": 20, "reconnectParams": {"shard": "2"}})
+        );
+        let plain = body_of(&encode_error(ErrorKind::ServerOverloaded, "busy", None));
+        assert!(!plain.contains_key("minBackoffMs"));
+    }
+
+    #[test]
+    fn push_and_transform_failures_have_their_required_fields() {
+        let mut push = ErrorBody::new(ErrorKind::PushFailed, "db down");
+        push.mutation_ids.push(MutationId { id: 3, client_id: "c".to_string() });
+        assert_eq!(
+            Value::Object(body_of(&push.encode())),
+            json!({"kind": "PushFailed", "message": "db down", "origin": "zeroCache",
+                   "reason": "internal", "mutationIDs": [{"id": 3, "clientID": "c"}]})
+        );
+        let transform = body_of(&encode_error(ErrorKind::TransformFailed, "x", None));
+        assert_eq!(transform["reason"], "internal");
+        assert_eq!(transform["queryIDs"], json!([]));
+    }
+
+    #[test]
+    fn the_message_is_escaped() {
+        let message = "bad \"x\"\\\n\u{7}\u{2028} ünï";
+        let body = body_of(&encode_error(ErrorKind::InvalidMessage, message, None));
+        assert_eq!(body["message"], message);
+    }
+
+    #[test]
+    fn write_error_appends_after_existing_bytes() {
+        let mut out = vec![0x81, 0x7e, 0, 0];
+        write_error(&mut out, ErrorKind::Internal, "boom", None);
+        assert_eq!(&out[..4], &[0x81, 0x7e, 0, 0]);
+        assert_eq!(body_of(&out[4..])["kind"], "Internal");
+    }
 }

@@ -100,9 +100,7 @@ pub fn decode_protocol_header(value: &str) -> Result<ProtocolHeader, HeaderError
         return Err(HeaderError::TooLong { len: value.len() });
     }
     let base64: Vec<u8> = percent_decode_str(value.trim()).collect();
-    let mut json = BASE64_LENIENT
-        .decode(base64)
-        .map_err(|_| HeaderError::NotBase64)?;
+    let mut json = BASE64_LENIENT.decode(base64).map_err(|_| HeaderError::NotBase64)?;
     let Value::Object(mut fields) = parse_json(&mut json).map_err(HeaderError::BadJson)? else {
         return Err(HeaderError::BadJson("expected a JSON object".to_string()));
     };
@@ -117,16 +115,9 @@ pub fn decode_protocol_header(value: &str) -> Result<ProtocolHeader, HeaderError
         None | Some(Value::Null) => None,
         Some(Value::String(token)) if token.is_empty() => None,
         Some(Value::String(token)) => Some(token),
-        Some(_) => {
-            return Err(HeaderError::BadJson(
-                "authToken must be a string".to_string(),
-            ))
-        }
+        Some(_) => return Err(HeaderError::BadJson("authToken must be a string".to_string())),
     };
-    Ok(ProtocolHeader {
-        init_connection,
-        auth_token,
-    })
+    Ok(ProtocolHeader { init_connection, auth_token })
 }
 
 /// Encodes a header value the way the client does, for tests and the load
@@ -148,4 +139,141 @@ pub fn encode_protocol_header(init: Option<&str>, token: Option<&str>) -> String
     }
     json.push('}');
     utf8_percent_encode(&BASE64_PADDED.encode(json), URI_COMPONENT).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::messages::{parse_upstream, Upstream};
+    use serde_json::json;
+
+    /// The raw header value the 1.9.0 client sent on its first connect.
+    const CAPTURED_VALUE: &str = "eyJpbml0Q29ubmVjdGlvbk1lc3NhZ2UiOlsiaW5pdENvbm5lY3Rpb24iLHsiZGVzaXJlZFF1ZXJpZXNQYXRjaCI6W10sImNsaWVudFNjaGVtYSI6eyJ0YWJsZXMiOnsiaXNzdWUiOnsiY29sdW1ucyI6eyJpZCI6eyJ0eXBlIjoic3RyaW5nIn0sInRpdGxlIjp7InR5cGUiOiJzdHJpbmcifX0sInByaW1hcnlLZXkiOlsiaWQiXX19fSwiYWN0aXZlQ2xpZW50cyI6WyJqdnA4a2tsNG5nODZxOHVoaTAiXX1dfQ%3D%3D";
+
+    /// The `initConnectionMessage` inside [`CAPTURED_VALUE`].
+    const CAPTURED_INIT: &str = r#"["initConnection",{"desiredQueriesPatch":[],"clientSchema":{"tables":{"issue":{"columns":{"id":{"type":"string"},"title":{"type":"string"}},"primaryKey":["id"]}}},"activeClients":["jvp8kkl4ng86q8uhi0"]}]"#;
+
+    /// The other decoded headers of the capture.
+    const CAPTURED_JSON: &[&str] = &[
+        r#"{"initConnectionMessage":["initConnection",{"desiredQueriesPatch":[{"op":"put","hash":"19040arbgigdy","ast":{"table":"issue","where":{"type":"simple","left":{"type":"column","name":"title"},"right":{"type":"literal","value":"x"},"op":"="},"limit":10,"orderBy":[["id","desc"]]},"ttl":300000}],"clientSchema":{"tables":{"issue":{"columns":{"id":{"type":"string"},"title":{"type":"string"}},"primaryKey":["id"]}}},"activeClients":["2vpg7mim73a9d946ve"]}]}"#,
+        r#"{"authToken":"tok123"}"#,
+        r#"{"initConnectionMessage":["initConnection",{"desiredQueriesPatch":[],"clientSchema":{"tables":{"issue":{"columns":{"id":{"type":"string"},"title":{"type":"string"}},"primaryKey":["id"]}}},"activeClients":["e1skvd2fqie5aftv7f"]}],"authToken":"tok1"}"#,
+        r#"{"initConnectionMessage":["initConnection",{"desiredQueriesPatch":[],"activeClients":["e1skvd2fqie5aftv7f"]}],"authToken":"newtoken"}"#,
+    ];
+
+    /// Encodes arbitrary JSON text the way the client encodes its header.
+    fn encode_json(json: &str) -> String {
+        utf8_percent_encode(&BASE64_PADDED.encode(json), URI_COMPONENT).to_string()
+    }
+
+    fn init_value(header: &ProtocolHeader) -> serde_json::Value {
+        serde_json::from_slice(header.init_connection.as_ref().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn the_captured_value_decodes_to_a_parsable_init_connection() {
+        let header = decode_protocol_header(CAPTURED_VALUE).unwrap();
+        assert_eq!(header.auth_token, None);
+        let expected: serde_json::Value = serde_json::from_str(CAPTURED_INIT).unwrap();
+        assert_eq!(init_value(&header), expected);
+        let mut init = header.init_connection.unwrap();
+        assert!(matches!(parse_upstream(&mut init), Ok(Upstream::InitConnection(_))));
+    }
+
+    #[test]
+    fn encoding_matches_the_client_byte_for_byte() {
+        assert_eq!(encode_protocol_header(Some(CAPTURED_INIT), None), CAPTURED_VALUE);
+    }
+
+    #[test]
+    fn every_captured_header_decodes() {
+        let tokens: Vec<Option<String>> = CAPTURED_JSON
+            .iter()
+            .map(|json| {
+                let header = decode_protocol_header(&encode_json(json)).unwrap();
+                if let Some(mut init) = header.init_connection.clone() {
+                    parse_upstream(&mut init).unwrap();
+                }
+                header.auth_token
+            })
+            .collect();
+        assert_eq!(
+            tokens,
+            [None, Some("tok123".into()), Some("tok1".into()), Some("newtoken".into())]
+        );
+        let token_only = decode_protocol_header(&encode_json(CAPTURED_JSON[1])).unwrap();
+        assert_eq!(token_only.init_connection, None);
+    }
+
+    #[test]
+    fn round_trips_through_encode() {
+        let init = r#"["initConnection",{"desiredQueriesPatch":[],"activeClients":["ü→\"x"]}]"#;
+        let header =
+            decode_protocol_header(&encode_protocol_header(Some(init), Some("a.b+c/="))).unwrap();
+        assert_eq!(header.auth_token.as_deref(), Some("a.b+c/="));
+        assert_eq!(init_value(&header), serde_json::from_str::<serde_json::Value>(init).unwrap());
+        let none = decode_protocol_header(&encode_protocol_header(None, None)).unwrap();
+        assert_eq!(none, ProtocolHeader { init_connection: None, auth_token: None });
+    }
+
+    #[test]
+    fn empty_or_null_token_means_no_token() {
+        for json in [r#"{"authToken":""}"#, r#"{"authToken":null}"#, "{}"] {
+            assert_eq!(decode_protocol_header(&encode_json(json)).unwrap().auth_token, None);
+        }
+        let null_init = decode_protocol_header(&encode_json(r#"{"initConnectionMessage":null}"#));
+        assert_eq!(null_init.unwrap().init_connection, None);
+    }
+
+    #[test]
+    fn missing_padding_and_unescaped_base64_are_accepted() {
+        let unpadded = CAPTURED_VALUE.trim_end_matches("%3D");
+        assert_eq!(
+            decode_protocol_header(unpadded).unwrap(),
+            decode_protocol_header(CAPTURED_VALUE).unwrap()
+        );
+        let raw = BASE64_PADDED.encode(r#"{"authToken":"t"}"#);
+        assert_eq!(decode_protocol_header(&raw).unwrap().auth_token.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn unknown_keys_are_ignored_like_zero_cache_does() {
+        let header = decode_protocol_header(&encode_json(r#"{"authToken":"t","other":[1]}"#));
+        assert_eq!(header.unwrap().auth_token.as_deref(), Some("t"));
+    }
+
+    #[test]
+    fn malformed_values_are_refused() {
+        assert_eq!(
+            decode_protocol_header(&"A".repeat(MAX_PROTOCOL_HEADER_LEN + 1)),
+            Err(HeaderError::TooLong { len: MAX_PROTOCOL_HEADER_LEN + 1 })
+        );
+        assert_eq!(decode_protocol_header("not base64!"), Err(HeaderError::NotBase64));
+        assert_eq!(decode_protocol_header("%ZZ"), Err(HeaderError::NotBase64));
+        for json in ["not json", "[1,2]", r#"{"authToken":5}"#, r#"{"authToken":"t""#] {
+            let error = decode_protocol_header(&encode_json(json)).unwrap_err();
+            assert!(matches!(error, HeaderError::BadJson(_)), "{json}: {error:?}");
+        }
+        let deep = format!(r#"{{"initConnectionMessage":{}}}"#, "[".repeat(10_000));
+        assert!(matches!(
+            decode_protocol_header(&encode_json(&deep)),
+            Err(HeaderError::BadJson(_))
+        ));
+        let not_utf8 =
+            utf8_percent_encode(&BASE64_PADDED.encode(b"{\"authToken\":\"\xff\"}"), URI_COMPONENT)
+                .to_string();
+        assert!(matches!(decode_protocol_header(&not_utf8), Err(HeaderError::BadJson(_))));
+    }
+
+    #[test]
+    fn an_eight_kib_header_decodes() {
+        let queries: Vec<serde_json::Value> = (0..100)
+            .map(|i| json!({"op": "put", "hash": format!("hash{i:08}"), "ast": {"table": "issue"}, "ttl": 300000}))
+            .collect();
+        let init = json!(["initConnection", {"desiredQueriesPatch": queries}]).to_string();
+        let value = encode_protocol_header(Some(&init), Some(&"t".repeat(1000)));
+        assert!(value.len() > 8 * 1024, "{}", value.len());
+        let header = decode_protocol_header(&value).unwrap();
+        assert_eq!(header.auth_token.unwrap().len(), 1000);
+    }
 }

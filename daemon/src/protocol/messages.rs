@@ -10,7 +10,7 @@
 //!    overflow the stack.
 //! 2. simd-json parses the frame, in place, into a `serde_json::Value`.
 //! 3. The body is read out of that value into the serde-derived structs
-//!    below through [`Strict`], a small serde `Deserializer` that builds
+//!    below through `Strict`, a small serde `Deserializer` that builds
 //!    structs only from JSON objects and lists only from arrays, and refuses
 //!    array elements a visitor left unread. serde's stock deserializers
 //!    (simd-json's and serde_json's) also accept a struct written as an
@@ -370,10 +370,7 @@ pub struct AnalyzeQueryOptions {
 pub fn parse_upstream(json: &mut [u8]) -> Result<Upstream, String> {
     let value = parse_json(json)?;
     let Value::Array(elements) = &value else {
-        return Err(format!(
-            "expected a message array [tag, body], got {}",
-            json_type(&value)
-        ));
+        return Err(format!("expected a message array [tag, body], got {}", json_type(&value)));
     };
     let [tag, body] = elements.as_slice() else {
         return Err(format!(
@@ -382,10 +379,7 @@ pub fn parse_upstream(json: &mut [u8]) -> Result<Upstream, String> {
         ));
     };
     let Value::String(tag) = tag else {
-        return Err(format!(
-            "expected a string message tag, got {}",
-            json_type(tag)
-        ));
+        return Err(format!("expected a string message tag, got {}", json_type(tag)));
     };
     let message = match tag.as_str() {
         "initConnection" => decode(body).map(Upstream::InitConnection),
@@ -424,16 +418,7 @@ pub fn write_connected(out: &mut Vec<u8>, wsid: &str, timestamp_ms: u64) {
         wsid: &'a str,
         timestamp: u64,
     }
-    write_json(
-        out,
-        &(
-            "connected",
-            ConnectedBody {
-                wsid,
-                timestamp: timestamp_ms,
-            },
-        ),
-    );
+    write_json(out, &("connected", ConnectedBody { wsid, timestamp: timestamp_ms }));
 }
 
 /// `["connected",{"wsid":…,"timestamp":…}]` as a new buffer.
@@ -531,9 +516,7 @@ fn check_mutation(mutation: &Mutation) -> Result<(), DecodeError> {
         ))
         .inside("name"));
     }
-    crud_ops(&mutation.args)
-        .map(|_| ())
-        .map_err(|e| e.inside("args"))
+    crud_ops(&mutation.args).map(|_| ()).map_err(|e| e.inside("args"))
 }
 
 /// [`parse_crud_args`] with the error still open for more path.
@@ -579,7 +562,7 @@ fn check_crud_op(op: &CrudOp) -> Result<(), DecodeError> {
 /// Which fields each inspector `op` allows, as in zero-protocol's
 /// `inspect-up.ts`.
 fn check_inspect(inspect: &InspectBody) -> Result<(), DecodeError> {
-    let present = [
+    let set_fields = [
         ("clientID", inspect.client_id.is_some()),
         ("value", inspect.value.is_some()),
         ("options", inspect.options.is_some()),
@@ -593,9 +576,8 @@ fn check_inspect(inspect: &InspectBody) -> Result<(), DecodeError> {
         InspectOp::Authenticate => &["value"],
         InspectOp::AnalyzeQuery => &["value", "options", "ast", "name", "args"],
     };
-    if let Some((field, _)) = present
-        .iter()
-        .find(|(field, set)| *set && !allowed.contains(field))
+    if let Some((field, _)) =
+        set_fields.iter().find(|(field, set)| *set && !allowed.contains(field))
     {
         return Err(DecodeError::new(format!(
             "unknown field `{field}` for inspect op {:?}",
@@ -603,10 +585,8 @@ fn check_inspect(inspect: &InspectBody) -> Result<(), DecodeError> {
         )));
     }
     let wrong_type = |expected: &str, got: &Value| {
-        Err(
-            DecodeError::new(format!("expected {expected}, got {}", json_type(got)))
-                .inside("value"),
-        )
+        Err(DecodeError::new(format!("expected {expected}, got {}", json_type(got)))
+            .inside("value"))
     };
     match (inspect.op, &inspect.value) {
         (InspectOp::Authenticate, None) => Err(DecodeError::new("missing field `value`")),
@@ -629,6 +609,7 @@ struct Empty {}
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct UpdateAuthBody {
+    /// The new token.
     auth: String,
 }
 
@@ -636,6 +617,7 @@ struct UpdateAuthBody {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CrudArg {
+    /// The row writes, applied in order.
     ops: Vec<CrudOp>,
 }
 
@@ -644,17 +626,24 @@ struct CrudArg {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct QueriesPatchOpWire {
+    /// Which op this is; decides which of the other fields may be set.
     op: PatchOpKind,
+    /// `put` and `del`: see [`QueryPut::hash`].
     #[serde(default, deserialize_with = "present")]
     hash: Option<String>,
+    /// `put` only: see [`QueryPut::ast`].
     #[serde(default, deserialize_with = "present_object")]
     ast: Option<Value>,
+    /// `put` only: see [`QueryPut::name`].
     #[serde(default, deserialize_with = "present")]
     name: Option<String>,
+    /// `put` only: see [`QueryPut::args`].
     #[serde(default, deserialize_with = "present")]
     args: Option<Vec<Value>>,
+    /// `put` only: see [`QueryPut::ttl`].
     #[serde(default, deserialize_with = "present")]
     ttl: Option<f64>,
+    /// `put` only: see [`QueryPut::retry_error_version`].
     #[serde(default, deserialize_with = "present")]
     retry_error_version: Option<String>,
 }
@@ -663,8 +652,11 @@ struct QueriesPatchOpWire {
 #[derive(Deserialize)]
 #[serde(rename_all = "lowercase")]
 enum PatchOpKind {
+    /// `"put"`
     Put,
+    /// `"del"`
     Del,
+    /// `"clear"`
     Clear,
 }
 
@@ -722,10 +714,7 @@ fn present<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Optio
 fn present_object<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
     match Value::deserialize(d)? {
         value @ Value::Object(_) => Ok(Some(value)),
-        other => Err(de::Error::custom(format!(
-            "expected an object, got {}",
-            json_type(&other)
-        ))),
+        other => Err(de::Error::custom(format!("expected an object, got {}", json_type(&other)))),
     }
 }
 
@@ -765,10 +754,7 @@ struct DecodeError {
 impl DecodeError {
     /// An error at the current level, with no path yet.
     fn new(message: impl Into<String>) -> Self {
-        DecodeError {
-            message: message.into(),
-            path: Vec::new(),
-        }
+        DecodeError { message: message.into(), path: Vec::new() }
     }
 
     /// Records that the error happened inside `segment`.
@@ -809,7 +795,7 @@ impl Strict<'_> {
     /// The value as serde's `Unexpected`, for type errors.
     fn unexpected(&self) -> Unexpected<'_> {
         match self.0 {
-            Value::Null => Unexpected::Unit,
+            Value::Null => Unexpected::Other("null"),
             Value::Bool(b) => Unexpected::Bool(*b),
             Value::Number(n) => match (n.as_u64(), n.as_i64(), n.as_f64()) {
                 (Some(u), _, _) => Unexpected::Unsigned(u),
@@ -821,6 +807,19 @@ impl Strict<'_> {
             Value::Object(_) => Unexpected::Map,
         }
     }
+}
+
+/// Deserializer methods for types that are never null: they name a null
+/// as such, then read the value like `deserialize_any`.
+macro_rules! deserialize_non_null {
+    ($($method:ident)*) => {$(
+        fn $method<V: Visitor<'de>>(self, visitor: V) -> Result<V::Value, DecodeError> {
+            match self.0 {
+                Value::Null => Err(de::Error::invalid_type(self.unexpected(), &visitor)),
+                _ => self.deserialize_any(visitor),
+            }
+        }
+    )*};
 }
 
 impl<'de> Deserializer<'de> for Strict<'de> {
@@ -838,10 +837,9 @@ impl<'de> Deserializer<'de> for Strict<'de> {
             },
             Value::String(s) => visitor.visit_borrowed_str(s),
             Value::Array(elements) => visit_array(elements, visitor),
-            Value::Object(entries) => visitor.visit_map(ObjectReader {
-                entries: entries.iter(),
-                pending: None,
-            }),
+            Value::Object(entries) => {
+                visitor.visit_map(ObjectReader { entries: entries.iter(), pending: None })
+            }
         }
     }
 
@@ -914,9 +912,16 @@ impl<'de> Deserializer<'de> for Strict<'de> {
         }
     }
 
+    // Scalars: serde's visitors would call a null a "unit value".
+    deserialize_non_null! {
+        deserialize_bool deserialize_i8 deserialize_i16 deserialize_i32 deserialize_i64
+        deserialize_i128 deserialize_u8 deserialize_u16 deserialize_u32 deserialize_u64
+        deserialize_u128 deserialize_f32 deserialize_f64 deserialize_char deserialize_str
+        deserialize_string deserialize_bytes deserialize_byte_buf
+    }
+
     serde::forward_to_deserialize_any! {
-        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
-        bytes byte_buf unit unit_struct identifier ignored_any
+        unit unit_struct identifier ignored_any
     }
 }
 
@@ -926,9 +931,7 @@ fn visit_array<'de, V: Visitor<'de>>(
     elements: &'de [Value],
     visitor: V,
 ) -> Result<V::Value, DecodeError> {
-    let mut reader = ArrayReader {
-        elements: elements.iter().enumerate(),
-    };
+    let mut reader = ArrayReader { elements: elements.iter().enumerate() };
     let value = visitor.visit_seq(&mut reader)?;
     match reader.elements.len() {
         0 => Ok(value),
@@ -954,10 +957,9 @@ impl<'de> SeqAccess<'de> for ArrayReader<'de> {
         seed: T,
     ) -> Result<Option<T::Value>, DecodeError> {
         match self.elements.next() {
-            Some((index, element)) => seed
-                .deserialize(Strict(element))
-                .map(Some)
-                .map_err(|e| e.inside(index)),
+            Some((index, element)) => {
+                seed.deserialize(Strict(element)).map(Some).map_err(|e| e.inside(index))
+            }
             None => Ok(None),
         }
     }
@@ -986,18 +988,15 @@ impl<'de> MapAccess<'de> for ObjectReader<'de> {
             return Ok(None);
         };
         self.pending = Some((key.as_str(), value));
-        seed.deserialize(BorrowedStrDeserializer::new(key.as_str()))
-            .map(Some)
+        seed.deserialize(BorrowedStrDeserializer::new(key.as_str())).map(Some)
     }
 
     fn next_value_seed<V: DeserializeSeed<'de>>(
         &mut self,
         seed: V,
     ) -> Result<V::Value, DecodeError> {
-        let (key, value) = self
-            .pending
-            .take()
-            .ok_or_else(|| de::Error::custom("value read before its key"))?;
+        let (key, value) =
+            self.pending.take().ok_or_else(|| de::Error::custom("value read before its key"))?;
         seed.deserialize(Strict(value)).map_err(|e| e.inside(key))
     }
 
@@ -1070,23 +1069,14 @@ mod tests {
         let Upstream::InitConnection(init) = parse(CAPTURED[1]).unwrap() else {
             panic!("not initConnection");
         };
-        assert_eq!(
-            init.active_clients,
-            Some(vec!["2vpg7mim73a9d946ve".to_string()])
-        );
-        assert_eq!(
-            init.client_schema.unwrap()["tables"]["issue"]["primaryKey"],
-            json!(["id"])
-        );
+        assert_eq!(init.active_clients, Some(vec!["2vpg7mim73a9d946ve".to_string()]));
+        assert_eq!(init.client_schema.unwrap()["tables"]["issue"]["primaryKey"], json!(["id"]));
         let [QueriesPatchOp::Put(put)] = init.desired_queries_patch.as_slice() else {
             panic!("expected one put");
         };
         assert_eq!(put.hash, "19040arbgigdy");
         assert_eq!(put.ttl, Some(300000.0));
-        assert_eq!(
-            put.ast.as_ref().unwrap()["orderBy"],
-            json!([["id", "desc"]])
-        );
+        assert_eq!(put.ast.as_ref().unwrap()["orderBy"], json!([["id", "desc"]]));
         assert_eq!(put.name, None);
     }
 
@@ -1101,10 +1091,7 @@ mod tests {
         assert_eq!(push.request_id, "2vpg7mim73a9d946ve-5418f167-4");
         let mutation = &push.mutations[0];
         assert_eq!(mutation.kind, MutationKind::Crud);
-        assert_eq!(
-            (mutation.id, mutation.client_id.as_str()),
-            (4, "2vpg7mim73a9d946ve")
-        );
+        assert_eq!((mutation.id, mutation.client_id.as_str()), (4, "2vpg7mim73a9d946ve"));
         let ops = parse_crud_args(&mutation.args).unwrap();
         assert_eq!(ops.len(), 2);
         assert_eq!(ops[1].op, CrudOpKind::Insert);
@@ -1118,16 +1105,11 @@ mod tests {
         let kinds: Vec<CrudOpKind> = CAPTURED[8..11]
             .iter()
             .map(|text| {
-                let Upstream::Push(push) = parse(text).unwrap() else {
-                    panic!()
-                };
+                let Upstream::Push(push) = parse(text).unwrap() else { panic!() };
                 parse_crud_args(&push.mutations[0].args).unwrap()[0].op
             })
             .collect();
-        assert_eq!(
-            kinds,
-            [CrudOpKind::Upsert, CrudOpKind::Update, CrudOpKind::Delete]
-        );
+        assert_eq!(kinds, [CrudOpKind::Upsert, CrudOpKind::Update, CrudOpKind::Delete]);
     }
 
     #[test]
@@ -1145,10 +1127,8 @@ mod tests {
             json!(["inspect", {"id": "i", "op": "version"}]),
             json!(["ackMutationResponses", {"id": 1, "clientID": "c"}]),
         ];
-        let parsed: Vec<Upstream> = cases
-            .into_iter()
-            .map(|case| parse_value(case).unwrap())
-            .collect();
+        let parsed: Vec<Upstream> =
+            cases.into_iter().map(|case| parse_value(case).unwrap()).collect();
         assert_eq!(parsed[1], Upstream::Ping);
         assert_eq!(
             parsed[2],
@@ -1169,10 +1149,7 @@ mod tests {
         assert_eq!(parsed[7], Upstream::CloseConnection);
         assert_eq!(
             parsed[9],
-            Upstream::AckMutationResponses(MutationId {
-                id: 1,
-                client_id: "c".into(),
-            })
+            Upstream::AckMutationResponses(MutationId { id: 1, client_id: "c".into() })
         );
     }
 
@@ -1188,15 +1165,11 @@ mod tests {
             "userQueryURL": "https://app/query", "userQueryHeaders": {},
             "activeClients": ["c"], "traceparent": "00-abc-def-01"
         }]);
-        let Upstream::InitConnection(init) = parse_value(init).unwrap() else {
-            panic!()
-        };
+        let Upstream::InitConnection(init) = parse_value(init).unwrap() else { panic!() };
         assert_eq!(init.user_push_url.as_deref(), Some("https://app/push"));
         assert_eq!(init.user_push_headers.unwrap()["x-a"], "1");
         assert_eq!(init.traceparent.as_deref(), Some("00-abc-def-01"));
-        let QueriesPatchOp::Put(put) = &init.desired_queries_patch[0] else {
-            panic!()
-        };
+        let QueriesPatchOp::Put(put) = &init.desired_queries_patch[0] else { panic!() };
         assert_eq!(put.ttl, Some(-1.0));
         assert_eq!(put.retry_error_version.as_deref(), Some("02"));
 
@@ -1211,9 +1184,7 @@ mod tests {
                                       "conflictColumns": ["c"]}]))
             ]
         }]);
-        let Upstream::Push(push) = parse_value(push).unwrap() else {
-            panic!()
-        };
+        let Upstream::Push(push) = parse_value(push).unwrap() else { panic!() };
         assert_eq!(push.schema_version, Some(3));
         assert_eq!(push.auth.as_deref(), Some("old-token"));
         assert_eq!(push.mutations[0].kind, MutationKind::Custom);
@@ -1265,19 +1236,13 @@ mod tests {
             json!(["inspect", {"id": "1", "op": "analyze-query", "value": "x"}]),
             "expected an object",
         );
-        assert_refused(
-            json!(["inspect", {"id": "1", "op": "nope"}]),
-            "unknown variant `nope`",
-        );
+        assert_refused(json!(["inspect", {"id": "1", "op": "nope"}]), "unknown variant `nope`");
     }
 
     #[test]
     fn unknown_keys_are_refused_at_every_level() {
         assert_refused(json!(["ping", {"extra": 1}]), "unknown field `extra`");
-        assert_refused(
-            json!(["updateAuth", {"auth": "t", "x": 1}]),
-            "unknown field `x`",
-        );
+        assert_refused(json!(["updateAuth", {"auth": "t", "x": 1}]), "unknown field `x`");
         assert_refused(
             json!(["push", {"clientGroupID": "g", "mutations": [], "pushVersion": 1,
                             "timestamp": 0, "requestID": "r", "extra": true}]),
@@ -1333,10 +1298,7 @@ mod tests {
     fn structs_written_as_arrays_are_refused() {
         assert_refused(json!(["updateAuth", ["tok"]]), "invalid type: sequence");
         assert_refused(json!(["pull", ["g", null, "r"]]), "invalid type: sequence");
-        assert_refused(
-            json!(["ackMutationResponses", [1, "c"]]),
-            "invalid type: sequence",
-        );
+        assert_refused(json!(["ackMutationResponses", [1, "c"]]), "invalid type: sequence");
         assert_refused(
             json!(["changeDesiredQueries", {"desiredQueriesPatch": [["put", "h"]]}]),
             "invalid type: sequence",
@@ -1348,6 +1310,14 @@ mod tests {
         assert_refused(
             json!(["initConnection", {"desiredQueriesPatch": [], "activeClients": null}]),
             "invalid type: null",
+        );
+        assert_refused(
+            json!(["updateAuth", {"auth": null}]),
+            "invalid type: null, expected a string at auth",
+        );
+        assert_refused(
+            json!(["initConnection", {"desiredQueriesPatch": null}]),
+            "invalid type: null, expected a sequence",
         );
         assert_refused(
             json!(["initConnection", {"desiredQueriesPatch": [], "clientSchema": null}]),
@@ -1362,10 +1332,7 @@ mod tests {
 
     #[test]
     fn required_fields_must_be_present() {
-        assert_refused(
-            json!(["initConnection", {}]),
-            "missing field `desiredQueriesPatch`",
-        );
+        assert_refused(json!(["initConnection", {}]), "missing field `desiredQueriesPatch`");
         assert_refused(
             json!(["pull", {"clientGroupID": "g", "requestID": "r"}]),
             "missing field `cookie`",
@@ -1449,21 +1416,12 @@ mod tests {
 
     #[test]
     fn the_envelope_must_be_a_two_element_array_with_a_known_tag() {
-        assert_eq!(
-            parse(r#"["foo",{}]"#).unwrap_err(),
-            "unknown message tag: foo"
-        );
-        assert_refused(
-            json!({"ping": {}}),
-            "expected a message array [tag, body], got an object",
-        );
+        assert_eq!(parse(r#"["foo",{}]"#).unwrap_err(), "unknown message tag: foo");
+        assert_refused(json!({"ping": {}}), "expected a message array [tag, body], got an object");
         assert_refused(json!([]), "got an array of 0 elements");
         assert_refused(json!(["ping"]), "got an array of 1 elements");
         assert_refused(json!(["ping", {}, {}]), "got an array of 3 elements");
-        assert_refused(
-            json!([1, {}]),
-            "expected a string message tag, got a number",
-        );
+        assert_refused(json!([1, {}]), "expected a string message tag, got a number");
         assert_refused(json!("ping"), "got a string");
     }
 
@@ -1481,9 +1439,7 @@ mod tests {
             assert!(error.starts_with("invalid JSON"), "{text}: {error}");
         }
         let mut not_utf8 = b"[\"ping\",{\"a\":\"\xff\"}]".to_vec();
-        assert!(parse_upstream(&mut not_utf8)
-            .unwrap_err()
-            .starts_with("invalid JSON"));
+        assert!(parse_upstream(&mut not_utf8).unwrap_err().starts_with("invalid JSON"));
     }
 
     #[test]
@@ -1510,9 +1466,7 @@ mod tests {
         let text =
             format!(r#"["initConnection",{{"desiredQueriesPatch":[],"clientSchema":{schema}}}]"#);
         assert!(parse(&text).is_ok());
-        let too_deep = text
-            .replacen("{\"a\":", "{\"a\":{\"a\":", 1)
-            .replacen("1}", "1}}", 1);
+        let too_deep = text.replacen("{\"a\":", "{\"a\":{\"a\":", 1).replacen("1}", "1}}", 1);
         assert!(parse(&too_deep).unwrap_err().contains("nested deeper"));
     }
 
@@ -1520,10 +1474,7 @@ mod tests {
     fn brackets_inside_strings_do_not_count_as_nesting() {
         let brackets = "[{".repeat(MAX_JSON_DEPTH) + "\\\"]";
         let text = json!(["updateAuth", {"auth": brackets}]).to_string();
-        assert_eq!(
-            parse(&text).unwrap(),
-            Upstream::UpdateAuth { auth: brackets }
-        );
+        assert_eq!(parse(&text).unwrap(), Upstream::UpdateAuth { auth: brackets });
     }
 
     #[test]
@@ -1558,10 +1509,7 @@ mod tests {
         write_pong(&mut out);
         write_connected(&mut out, "w", 1);
         assert_eq!(&out[..2], &[0x81, 0x00]);
-        assert_eq!(
-            &out[2..],
-            br#"["pong",{}]["connected",{"wsid":"w","timestamp":1}]"#
-        );
+        assert_eq!(&out[2..], br#"["pong",{}]["connected",{"wsid":"w","timestamp":1}]"#);
         assert_eq!(pong(), br#"["pong",{}]"#);
     }
 }
