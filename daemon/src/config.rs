@@ -197,8 +197,11 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
-                text.parse::<toml::Table>()
-                    .map_err(|e| format!("config file {}: {e}", path.display()))?
+                text.parse::<toml::Table>().map_err(|e| {
+                    // One line: the log is line-oriented.
+                    let line = e.span().map_or(0, |sp| text[..sp.start].lines().count().max(1));
+                    format!("config file {} line {line}: {}", path.display(), e.message())
+                })?
             }
             None => toml::Table::new(),
         };

@@ -223,6 +223,12 @@ impl Connection {
         self.core.fail(kind, message, Some(backoff), code, now);
     }
 
+    /// New limits and timers from a reload; they apply from the next event on.
+    pub fn set_settings(&mut self, settings: Settings) {
+        self.decoder.set_limits(settings.decoder);
+        self.core.settings = settings;
+    }
+
     /// Records the verified user once the token is checked.
     pub fn set_user(&mut self, user: Option<Rc<str>>) {
         self.core.id.user = user;

@@ -23,6 +23,7 @@ pub mod auth;
 pub mod close;
 pub mod config;
 pub mod connection;
+pub mod control;
 pub mod frame;
 pub mod group;
 pub mod handoff;

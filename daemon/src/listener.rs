@@ -23,6 +23,7 @@ const RECV: u8 = 2;
 const SEND: u8 = 3;
 const TICK: u8 = 4;
 const SIGNAL: u8 = 5;
+const CONTROL: u8 = 6;
 
 /// The conformance echo route (`conformance.echo`).
 pub const ECHO_PATH: &str = "/echo";
@@ -69,6 +70,8 @@ pub struct Listener {
     stopping: bool,
     signalfd: nix::sys::signalfd::SignalFd,
     signal_buf: Box<[u8; 128]>,
+    /// The control channel from the supervisor (ready, reloads).
+    control: OwnedFd,
 }
 
 impl Listener {
@@ -79,6 +82,7 @@ impl Listener {
         metrics: Metrics,
         task_id: String,
         signalfd: nix::sys::signalfd::SignalFd,
+        control: OwnedFd,
     ) -> Result<Listener, String> {
         Ok(Listener {
             ring: Ring::new()?,
@@ -92,6 +96,7 @@ impl Listener {
             stopping: false,
             signalfd,
             signal_buf: Box::new([0; 128]),
+            control,
         })
     }
 
@@ -102,6 +107,9 @@ impl Listener {
             .user_data(ring::token(ACCEPT, 0));
         self.ring.push(accept);
         self.arm_signal();
+        crate::control::arm(&mut self.ring, &self.control, ring::token(CONTROL, 0));
+        crate::control::send_message(self.control.as_fd(), &crate::control::Message::Ready)
+            .map_err(|e| format!("control channel: {e}"))?;
         let tick = self.config.keepalive.tick().min(Duration::from_millis(250));
         self.ring.arm_tick(tick, ring::token(TICK, 0));
         let mut cqes = Vec::with_capacity(256);
@@ -120,6 +128,19 @@ impl Listener {
                         self.ring.arm_tick(tick, ring::token(TICK, 0));
                     }
                     SIGNAL => self.on_signal(),
+                    CONTROL => {
+                        if !cqueue::more(cqe.flags()) {
+                            crate::control::arm(
+                                &mut self.ring,
+                                &self.control,
+                                ring::token(CONTROL, 0),
+                            );
+                        }
+                        for config in crate::control::receive_configs(&self.control) {
+                            log::set_max_level(config.level());
+                            self.config = config;
+                        }
+                    }
                     _ => {}
                 }
             }

@@ -60,7 +60,7 @@ fn main() -> ExitCode {
                 "supervisor",
                 resolved.as_ref().map_or(log::LevelFilter::Info, Config::level),
             );
-            match resolved.and_then(supervisor::run) {
+            match resolved.and_then(|c| supervisor::run(c, config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     log::error!("{e}");
@@ -86,7 +86,7 @@ fn main() -> ExitCode {
             println!("syncgate {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Cmd::Listener { workers } => child("listener", |config, metrics_fd, signals| {
+        Cmd::Listener { workers } => child("listener", |config, metrics_fd, signals, control| {
             // SAFETY: the supervisor placed these descriptors at these numbers.
             let (listen, channels) = unsafe {
                 (
@@ -97,16 +97,18 @@ fn main() -> ExitCode {
             let metrics =
                 metrics::Metrics::map(&metrics_fd, 0).map_err(|e| format!("metrics: {e}"))?;
             let task_id = config.task_id.clone();
-            let l = listener::Listener::new(config, listen, channels, metrics, task_id, signals)?;
+            let l = listener::Listener::new(
+                config, listen, channels, metrics, task_id, signals, control,
+            )?;
             Ok(Box::new(move || l.run()))
         }),
         Cmd::Worker { index } => {
-            child(&format!("worker-{index}"), |config, metrics_fd, signals| {
+            child(&format!("worker-{index}"), |config, metrics_fd, signals, control| {
                 // SAFETY: the supervisor placed this descriptor at this number.
                 let channel = unsafe { supervisor::inherited(fds::SOCKET) };
                 let metrics = metrics::Metrics::map(&metrics_fd, index + 1)
                     .map_err(|e| format!("metrics: {e}"))?;
-                let w = worker::Worker::new(index, config, channel, metrics, signals)?;
+                let w = worker::Worker::new(index, config, channel, metrics, signals, control)?;
                 Ok(Box::new(move || w.run()))
             })
         }
@@ -123,6 +125,7 @@ fn child(
         Config,
         std::os::fd::OwnedFd,
         nix::sys::signalfd::SignalFd,
+        std::os::fd::OwnedFd,
     ) -> Result<Runner, String>,
 ) -> ExitCode {
     let config = match std::env::var(RESOLVED_ENV)
@@ -150,12 +153,11 @@ fn child(
         }
     };
     // SAFETY: the supervisor placed these descriptors at these numbers.
-    let (ready, metrics_fd) =
-        unsafe { (supervisor::inherited(fds::READY), supervisor::inherited(fds::METRICS)) };
-    let result = build(config, metrics_fd, signals).and_then(|run| {
-        supervisor::report_ready(ready);
-        run()
-    });
+    let (control, metrics_fd) =
+        unsafe { (supervisor::inherited(fds::CONTROL), supervisor::inherited(fds::METRICS)) };
+    // The loop says Ready on its control channel once it runs, so a failure in `build` (no
+    // io_uring, say) fails the daemon's startup with this process's log line.
+    let result = build(config, metrics_fd, signals, control).and_then(|run| run());
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

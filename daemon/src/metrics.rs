@@ -53,107 +53,39 @@ pub enum Metric {
     OpenConnections,
     /// Worker processes respawned by the supervisor (supervisor writes it in slot 0).
     WorkerRestarts,
+    /// Configuration reloads applied / refused (supervisor, slot 0).
+    Reloads,
+    ReloadFailures,
 }
 
 /// Counters per slot; a power of two keeps slots aligned and leaves room to grow.
 const SLOT_LEN: usize = 32;
 
+/// Name, type and help text of every metric, in exposition order.
+#[rustfmt::skip]
 const ALL: &[(Metric, &str, &str, &str)] = &[
     (Metric::Accepted, "syncgate_accepted_total", "counter", "Sockets accepted by the listener."),
-    (
-        Metric::HttpRequests,
-        "syncgate_http_requests_total",
-        "counter",
-        "Plain HTTP requests answered.",
-    ),
+    (Metric::HttpRequests, "syncgate_http_requests_total", "counter", "Plain HTTP requests answered."),
     (Metric::Handoffs, "syncgate_handoffs_total", "counter", "Upgrades handed to a worker."),
-    (
-        Metric::HandoffFailures,
-        "syncgate_handoff_failures_total",
-        "counter",
-        "Upgrades that could not be handed to a worker.",
-    ),
-    (
-        Metric::RouteErrors,
-        "syncgate_route_errors_total",
-        "counter",
-        "Upgrades closed 1002 for a route or parameter error.",
-    ),
-    (
-        Metric::BadHeads,
-        "syncgate_bad_heads_total",
-        "counter",
-        "Request heads refused: timeout, too large or malformed.",
-    ),
-    (
-        Metric::DeadOnArrival,
-        "syncgate_dead_on_arrival_total",
-        "counter",
-        "Sockets closed by the peer during the handoff.",
-    ),
-    (
-        Metric::Connected,
-        "syncgate_connected_total",
-        "counter",
-        "Handshakes completed with connected.",
-    ),
-    (
-        Metric::AuthRefusals,
-        "syncgate_auth_refusals_total",
-        "counter",
-        "Sockets refused for their token.",
-    ),
-    (
-        Metric::DisplacementRefusals,
-        "syncgate_displacement_refusals_total",
-        "counter",
-        "Newcomers refused by the displacement rules.",
-    ),
-    (
-        Metric::Displaced,
-        "syncgate_displaced_total",
-        "counter",
-        "Connections replaced by a newcomer with the same clientID.",
-    ),
-    (
-        Metric::VersionRefusals,
-        "syncgate_version_refusals_total",
-        "counter",
-        "Sockets refused for their protocol version.",
-    ),
-    (
-        Metric::KeepaliveTimeouts,
-        "syncgate_keepalive_timeouts_total",
-        "counter",
-        "Connections terminated for silence.",
-    ),
+    (Metric::HandoffFailures, "syncgate_handoff_failures_total", "counter", "Upgrades that could not be handed to a worker."),
+    (Metric::RouteErrors, "syncgate_route_errors_total", "counter", "Upgrades closed 1002 for a route or parameter error."),
+    (Metric::BadHeads, "syncgate_bad_heads_total", "counter", "Request heads refused: timeout, too large or malformed."),
+    (Metric::DeadOnArrival, "syncgate_dead_on_arrival_total", "counter", "Sockets closed by the peer during the handoff."),
+    (Metric::Connected, "syncgate_connected_total", "counter", "Handshakes completed with connected."),
+    (Metric::AuthRefusals, "syncgate_auth_refusals_total", "counter", "Sockets refused for their token."),
+    (Metric::DisplacementRefusals, "syncgate_displacement_refusals_total", "counter", "Newcomers refused by the displacement rules."),
+    (Metric::Displaced, "syncgate_displaced_total", "counter", "Connections replaced by a newcomer with the same clientID."),
+    (Metric::VersionRefusals, "syncgate_version_refusals_total", "counter", "Sockets refused for their protocol version."),
+    (Metric::KeepaliveTimeouts, "syncgate_keepalive_timeouts_total", "counter", "Connections terminated for silence."),
     (Metric::MessagesIn, "syncgate_messages_in_total", "counter", "WebSocket messages received."),
     (Metric::MessagesOut, "syncgate_messages_out_total", "counter", "WebSocket messages sent."),
-    (
-        Metric::BytesIn,
-        "syncgate_bytes_in_total",
-        "counter",
-        "Bytes received on WebSocket connections.",
-    ),
-    (
-        Metric::BytesOut,
-        "syncgate_bytes_out_total",
-        "counter",
-        "Bytes sent on WebSocket connections.",
-    ),
-    (
-        Metric::ProtocolErrors,
-        "syncgate_protocol_errors_total",
-        "counter",
-        "Connections closed for a client protocol error.",
-    ),
+    (Metric::BytesIn, "syncgate_bytes_in_total", "counter", "Bytes received on WebSocket connections."),
+    (Metric::BytesOut, "syncgate_bytes_out_total", "counter", "Bytes sent on WebSocket connections."),
+    (Metric::ProtocolErrors, "syncgate_protocol_errors_total", "counter", "Connections closed for a client protocol error."),
     (Metric::OpenConnections, "syncgate_connections_open", "gauge", "WebSocket connections open."),
-    (
-        Metric::WorkerRestarts,
-        "syncgate_worker_restarts_total",
-        "counter",
-        "Worker processes respawned.",
-    ),
+    (Metric::WorkerRestarts, "syncgate_worker_restarts_total", "counter", "Worker processes respawned."),
+    (Metric::Reloads, "syncgate_reloads_total", "counter", "Configuration reloads applied."),
+    (Metric::ReloadFailures, "syncgate_reload_failures_total", "counter", "Configuration reloads refused."),
 ];
 
 /// The shared counter table, mapped in this process.

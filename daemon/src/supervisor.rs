@@ -18,13 +18,14 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::config::{Config, RESOLVED_ENV};
+use crate::control::{self, Message};
 use crate::handoff;
 use crate::metrics::{Metric, Metrics};
 
 /// Descriptor numbers in a child.
 pub mod fds {
-    /// Write end of the readiness pipe: the child writes one byte once its ring runs.
-    pub const READY: i32 = 3;
+    /// The child's end of its control channel ([`crate::control`]).
+    pub const CONTROL: i32 = 3;
     /// The metrics memfd.
     pub const METRICS: i32 = 4;
     /// Listener: the listening socket; worker: its handoff channel.
@@ -43,6 +44,8 @@ const RESPAWN_MAX: Duration = Duration::from_secs(5);
 const HEALTHY_UPTIME: Duration = Duration::from_secs(10);
 /// Listen backlog: bursts of reconnects wait in the kernel instead of being refused.
 const BACKLOG: i32 = 4096;
+/// How long a reload waits for every child to confirm it applied the new configuration.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Role {
@@ -62,6 +65,10 @@ impl std::fmt::Display for Role {
 struct Process {
     role: Role,
     child: Option<Child>,
+    /// Our end of the child's control channel (replaced on respawn).
+    control: Option<OwnedFd>,
+    /// The child said `Ready` (a respawned child is not sent reloads before that).
+    ready: bool,
     started: Instant,
     /// Delay before the next respawn.
     backoff: Duration,
@@ -71,6 +78,10 @@ struct Process {
 
 struct Supervisor {
     config: Config,
+    /// The file reloads re-read (None: defaults and environment only).
+    path: Option<std::path::PathBuf>,
+    /// Reload generation, so acknowledgements are matched to the right reload.
+    generation: u64,
     resolved: String,
     listen: OwnedFd,
     metrics_fd: OwnedFd,
@@ -82,7 +93,7 @@ struct Supervisor {
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns an error message if startup fails.
-pub fn run(mut config: Config) -> Result<(), String> {
+pub fn run(mut config: Config, path: Option<std::path::PathBuf>) -> Result<(), String> {
     if config.task_id.is_empty() {
         config.task_id = random_id();
     }
@@ -104,23 +115,22 @@ pub fn run(mut config: Config) -> Result<(), String> {
     let channels = (0..workers)
         .map(|_| handoff::pair().map_err(|e| format!("socketpair: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut procs = vec![Process {
-        role: Role::Listener,
+    let process = |role| Process {
+        role,
         child: None,
+        control: None,
+        ready: false,
         started: Instant::now(),
         backoff: RESPAWN_MIN,
         respawn_at: None,
-    }];
-    procs.extend((0..workers).map(|i| Process {
-        role: Role::Worker(i),
-        child: None,
-        started: Instant::now(),
-        backoff: RESPAWN_MIN,
-        respawn_at: None,
-    }));
+    };
+    let mut procs = vec![process(Role::Listener)];
+    procs.extend((0..workers).map(|i| process(Role::Worker(i))));
     let mut sup = Supervisor {
         resolved: config.to_resolved(),
         config,
+        path,
+        generation: 0,
         listen,
         metrics_fd,
         metrics,
@@ -128,22 +138,17 @@ pub fn run(mut config: Config) -> Result<(), String> {
         procs,
     };
     // Workers first, so the listener never hands a socket to a worker that is not there.
-    let mut ready_pipes = Vec::new();
     for i in (1..sup.procs.len()).chain(std::iter::once(0)) {
-        match sup.spawn(i) {
-            Ok(pipe) => ready_pipes.push((i, pipe)),
-            Err(e) => {
-                sup.kill_all(Signal::SIGKILL);
-                return Err(e);
-            }
+        if let Err(e) = sup.spawn(i) {
+            sup.kill_all(Signal::SIGKILL);
+            return Err(e);
         }
     }
-    if let Err(e) = wait_ready(&sup, &ready_pipes) {
+    if let Err(e) = sup.wait_ready() {
         sup.kill_all(Signal::SIGKILL);
         sup.reap_all(Instant::now() + Duration::from_secs(2));
         return Err(e);
     }
-    drop(ready_pipes);
     log::info!(
         "ready listen={local} workers={workers} task_id={} pid={}",
         sup.config.task_id,
@@ -157,12 +162,11 @@ pub fn run(mut config: Config) -> Result<(), String> {
 }
 
 impl Supervisor {
-    /// Starts process `i`; returns the read end of its readiness pipe.
-    fn spawn(&mut self, i: usize) -> Result<OwnedFd, String> {
+    /// Starts process `i` with a fresh control channel.
+    fn spawn(&mut self, i: usize) -> Result<(), String> {
         let role = self.procs[i].role;
-        let (ready_r, ready_w) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"))?;
-        let mut inherit: Vec<BorrowedFd<'_>> = vec![ready_w.as_fd(), self.metrics_fd.as_fd()];
+        let (ours, theirs) = control::pair().map_err(|e| format!("socketpair: {e}"))?;
+        let mut inherit: Vec<BorrowedFd<'_>> = vec![theirs.as_fd(), self.metrics_fd.as_fd()];
         let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
         let mut cmd = Command::new(exe);
         match role {
@@ -196,7 +200,7 @@ impl Supervisor {
                 if libc::getppid() != parent {
                     libc::_exit(1);
                 }
-                for (target, &src) in (fds::READY..).zip(raw.iter()) {
+                for (target, &src) in (fds::CONTROL..).zip(raw.iter()) {
                     if libc::dup2(src, target) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -206,12 +210,173 @@ impl Supervisor {
         }
         let child = cmd.spawn().map_err(|e| format!("cannot start {role}: {e}"))?;
         drop(parked);
-        drop(ready_w);
+        drop(theirs);
         let p = &mut self.procs[i];
         p.child = Some(child);
+        p.control = Some(ours);
+        p.ready = false;
         p.started = Instant::now();
         p.respawn_at = None;
-        Ok(ready_r)
+        Ok(())
+    }
+
+    /// Waits until every child said `Ready`; a child that exits first fails startup.
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let deadline = Instant::now() + START_TIMEOUT;
+        while !self.procs.iter().all(|p| p.ready) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let names: Vec<String> =
+                    self.procs.iter().filter(|p| !p.ready).map(|p| p.role.to_string()).collect();
+                return Err(format!("not ready after {START_TIMEOUT:?}: {}", names.join(", ")));
+            }
+            for (i, m) in self.poll_controls(None, left)? {
+                match m {
+                    Ok(Message::Ready) => self.procs[i].ready = true,
+                    Err(control::RecvError::Closed) => {
+                        return Err(format!(
+                            "{} failed to start (see its log line above)",
+                            self.procs[i].role
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for control messages (and, with `signals`, for a signal); returns
+    /// the messages that arrived, by process index.
+    fn poll_controls(
+        &mut self,
+        signals: Option<&SignalFd>,
+        timeout: Duration,
+    ) -> Result<Vec<(usize, Result<Message, control::RecvError>)>, String> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let owners: Vec<usize> =
+            (0..self.procs.len()).filter(|&i| self.procs[i].control.is_some()).collect();
+        let mut pfds: Vec<PollFd<'_>> = owners
+            .iter()
+            .map(|&i| {
+                PollFd::new(
+                    self.procs[i].control.as_ref().expect("control").as_fd(),
+                    PollFlags::POLLIN,
+                )
+            })
+            .collect();
+        if let Some(s) = signals {
+            pfds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
+        }
+        let ms = timeout.as_millis().min(60_000) as u16;
+        match poll(&mut pfds, PollTimeout::from(ms)) {
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(format!("poll: {e}")),
+        }
+        let readable: Vec<usize> = owners
+            .iter()
+            .zip(&pfds)
+            .filter(|(_, p)| p.revents().is_some_and(|r| !r.is_empty()))
+            .map(|(&i, _)| i)
+            .collect();
+        drop(pfds);
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64];
+        for i in readable {
+            loop {
+                let fd = self.procs[i].control.as_ref().expect("control");
+                match control::recv_message(fd, &mut buf) {
+                    Err(control::RecvError::WouldBlock) => break,
+                    Err(control::RecvError::Closed) => {
+                        // The child is gone; its exit is reaped separately.
+                        self.procs[i].control = None;
+                        out.push((i, Err(control::RecvError::Closed)));
+                        break;
+                    }
+                    m => out.push((i, m)),
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// SIGHUP: validate the file, then apply it in every process, then say READY again.
+    fn reload(&mut self) {
+        let _ = sd_notify::notify(&[
+            sd_notify::NotifyState::Reloading,
+            sd_notify::NotifyState::monotonic_usec_now()
+                .unwrap_or(sd_notify::NotifyState::MonotonicUsec(0)),
+        ]);
+        let path =
+            self.path.as_deref().map_or("(no file)".to_string(), |p| p.display().to_string());
+        let mut next = match Config::load(self.path.as_deref()) {
+            Ok(next) => next,
+            Err(e) => {
+                self.metrics.add_to(0, Metric::ReloadFailures, 1);
+                log::error!("reload refused: {e}; the running configuration stays");
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                return;
+            }
+        };
+        // The routing prefix must not change under live client groups.
+        if next.task_id.is_empty() {
+            next.task_id = self.config.task_id.clone();
+        }
+        next.workers = next.worker_count();
+        let mut kept = Vec::new();
+        if next.listen != self.config.listen {
+            kept.push("listen");
+            next.listen = self.config.listen.clone();
+        }
+        if next.workers != self.config.workers {
+            kept.push("workers");
+            next.workers = self.config.workers;
+        }
+        if next.task_id != self.config.task_id {
+            kept.push("task_id");
+            next.task_id = self.config.task_id.clone();
+        }
+        if !kept.is_empty() {
+            log::warn!(
+                "reload: {} cannot change without a restart; kept the running value",
+                kept.join(", ")
+            );
+        }
+        self.generation += 1;
+        let generation = self.generation;
+        self.resolved = next.to_resolved();
+        log::set_max_level(next.level());
+        self.config = next;
+        let message = Message::Config { generation, resolved: self.resolved.clone() };
+        let mut waiting = Vec::new();
+        for (i, p) in self.procs.iter().enumerate() {
+            if let (Some(fd), true) = (&p.control, p.ready) {
+                if control::send_message(fd.as_fd(), &message).is_ok() {
+                    waiting.push(i);
+                }
+            }
+        }
+        let deadline = Instant::now() + RELOAD_TIMEOUT;
+        while !waiting.is_empty() && Instant::now() < deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let Ok(messages) = self.poll_controls(None, left) else { break };
+            for (i, m) in messages {
+                match m {
+                    Ok(Message::Applied(g)) if g == generation => waiting.retain(|&w| w != i),
+                    Ok(Message::Ready) => self.procs[i].ready = true,
+                    Err(control::RecvError::Closed) => waiting.retain(|&w| w != i),
+                    _ => {}
+                }
+            }
+        }
+        if !waiting.is_empty() {
+            let names: Vec<String> =
+                waiting.iter().map(|&i| self.procs[i].role.to_string()).collect();
+            log::warn!("reload: no confirmation from {} in time", names.join(", "));
+        }
+        self.metrics.add_to(0, Metric::Reloads, 1);
+        log::info!("reloaded configuration from {path} generation={generation}");
+        let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
     }
 
     fn serve(mut self, signals: SignalFd) -> Result<(), String> {
@@ -220,14 +385,13 @@ impl Supervisor {
             let now = Instant::now();
             let next_respawn = self.procs.iter().filter_map(|p| p.respawn_at).min();
             let wake = [next_respawn, stop_deadline].into_iter().flatten().min();
-            let timeout = wake.map_or(nix::poll::PollTimeout::NONE, |at| {
-                let ms = at.saturating_duration_since(now).as_millis().min(60_000) as u16;
-                nix::poll::PollTimeout::from(ms)
-            });
-            let mut pfd = [nix::poll::PollFd::new(signals.as_fd(), nix::poll::PollFlags::POLLIN)];
-            match nix::poll::poll(&mut pfd, timeout) {
-                Ok(_) | Err(nix::Error::EINTR) => {}
-                Err(e) => return Err(format!("poll: {e}")),
+            let timeout =
+                wake.map_or(Duration::from_secs(60), |at| at.saturating_duration_since(now));
+            // Control messages here are the `Ready` of respawned children.
+            for (i, m) in self.poll_controls(Some(&signals), timeout)? {
+                if let Ok(Message::Ready) = m {
+                    self.procs[i].ready = true;
+                }
             }
             while let Ok(Some(info)) = signals.read_signal() {
                 match Signal::try_from(info.ssi_signo as i32) {
@@ -249,9 +413,7 @@ impl Supervisor {
                         self.reap_all(Instant::now() + Duration::from_secs(2));
                         return Ok(());
                     }
-                    Ok(Signal::SIGHUP) => {
-                        log::warn!("SIGHUP: configuration reload is not implemented yet; keeping the running configuration");
-                    }
+                    Ok(Signal::SIGHUP) if stop_deadline.is_none() => self.reload(),
                     _ => {}
                 }
             }
@@ -273,7 +435,7 @@ impl Supervisor {
             for i in 0..self.procs.len() {
                 if self.procs[i].respawn_at.is_some_and(|at| now >= at) {
                     match self.spawn(i) {
-                        Ok(_ready) => {
+                        Ok(()) => {
                             self.metrics.add_to(0, Metric::WorkerRestarts, 1);
                             log::info!("{} respawned", self.procs[i].role);
                         }
@@ -344,49 +506,6 @@ impl Supervisor {
     }
 }
 
-/// Waits until every child wrote its ready byte; a child that exits first fails startup.
-fn wait_ready(sup: &Supervisor, pipes: &[(usize, OwnedFd)]) -> Result<(), String> {
-    let deadline = Instant::now() + START_TIMEOUT;
-    let mut waiting: Vec<&(usize, OwnedFd)> = pipes.iter().collect();
-    while !waiting.is_empty() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            let names: Vec<String> =
-                waiting.iter().map(|(i, _)| sup.procs[*i].role.to_string()).collect();
-            return Err(format!("not ready after {START_TIMEOUT:?}: {}", names.join(", ")));
-        }
-        let mut pfds: Vec<_> = waiting
-            .iter()
-            .map(|(_, fd)| nix::poll::PollFd::new(fd.as_fd(), nix::poll::PollFlags::POLLIN))
-            .collect();
-        let ms = left.as_millis().min(u16::MAX as u128) as u16;
-        match nix::poll::poll(&mut pfds, nix::poll::PollTimeout::from(ms)) {
-            Ok(_) | Err(nix::Error::EINTR) => {}
-            Err(e) => return Err(format!("poll: {e}")),
-        }
-        let mut done = Vec::new();
-        for (k, pfd) in pfds.iter().enumerate() {
-            if pfd.revents().is_some_and(|r| !r.is_empty()) {
-                let (i, fd) = waiting[k];
-                let mut b = [0u8; 1];
-                match nix::unistd::read(fd, &mut b) {
-                    Ok(1) => done.push(k),
-                    _ => {
-                        return Err(format!(
-                            "{} failed to start (see its log line above)",
-                            sup.procs[*i].role
-                        ))
-                    }
-                }
-            }
-        }
-        for k in done.into_iter().rev() {
-            waiting.remove(k);
-        }
-    }
-    Ok(())
-}
-
 /// A dual-stack TCP listening socket for `addr` (IPv4 too when `addr` is `[::]`).
 fn bind(addr: std::net::SocketAddr) -> std::io::Result<OwnedFd> {
     use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, SockaddrStorage};
@@ -446,6 +565,6 @@ pub unsafe fn inherited(n: i32) -> OwnedFd {
 }
 
 /// Child side: tells the supervisor this process is up.
-pub fn report_ready(ready: OwnedFd) {
-    let _ = nix::unistd::write(&ready, b"R");
+pub fn report_ready(control: &OwnedFd) {
+    let _ = control::send_message(control.as_fd(), &Message::Ready);
 }

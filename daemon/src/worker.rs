@@ -31,6 +31,7 @@ const RECV: u8 = 2;
 const SEND: u8 = 3;
 const TICK: u8 = 4;
 const SIGNAL: u8 = 5;
+const CONTROL: u8 = 6;
 
 /// Receive buffers in the provided-buffer ring: enough for a burst from many connections in
 /// one loop iteration; a connection that finds none is re-armed on the next tick.
@@ -86,6 +87,8 @@ pub struct Worker {
     stopping: Option<Instant>,
     signalfd: nix::sys::signalfd::SignalFd,
     signal_buf: Box<[u8; 128]>,
+    /// The control channel from the supervisor (ready, reloads).
+    control: OwnedFd,
 }
 
 fn settings_from(config: &Config) -> Settings {
@@ -113,6 +116,7 @@ impl Worker {
         channel: OwnedFd,
         metrics: Metrics,
         signalfd: nix::sys::signalfd::SignalFd,
+        control: OwnedFd,
     ) -> Result<Worker, String> {
         let ring = Ring::new()?;
         let bufs = BufRing::new(&ring, 0, RECV_BUFFERS, RECV_BUFFER_SIZE)
@@ -137,12 +141,16 @@ impl Worker {
             stopping: None,
             signalfd,
             signal_buf: Box::new([0; 128]),
+            control,
         })
     }
 
     pub fn run(mut self) -> Result<(), String> {
         self.arm_channel();
         self.arm_signal();
+        crate::control::arm(&mut self.ring, &self.control, ring::token(CONTROL, 0));
+        crate::control::send_message(self.control.as_fd(), &crate::control::Message::Ready)
+            .map_err(|e| format!("control channel: {e}"))?;
         let tick = self.config.keepalive.tick();
         self.ring.arm_tick(tick, ring::token(TICK, 0));
         let mut cqes = Vec::with_capacity(512);
@@ -161,6 +169,18 @@ impl Worker {
                         self.ring.arm_tick(tick, ring::token(TICK, 0));
                     }
                     SIGNAL => self.on_signal(now),
+                    CONTROL => {
+                        if !cqueue::more(cqe.flags()) {
+                            crate::control::arm(
+                                &mut self.ring,
+                                &self.control,
+                                ring::token(CONTROL, 0),
+                            );
+                        }
+                        for config in crate::control::receive_configs(&self.control) {
+                            self.apply(config);
+                        }
+                    }
                     _ => {}
                 }
             }
@@ -172,6 +192,21 @@ impl Worker {
                 }
             }
         }
+    }
+
+    /// A reloaded configuration: new connections get all of it; open ones get the new limits
+    /// and timers (nothing is closed).
+    fn apply(&mut self, config: Config) {
+        match Verifier::new(&config.auth) {
+            Ok(verifier) => self.verifier = verifier,
+            Err(e) => log::error!("worker {}: reload kept the old auth keys: {e}", self.index),
+        }
+        log::set_max_level(config.level());
+        self.settings = settings_from(&config);
+        for slot in self.slots.iter_mut().flatten() {
+            slot.conn.set_settings(self.settings.clone());
+        }
+        self.config = config;
     }
 
     fn arm_channel(&mut self) {

@@ -1,0 +1,144 @@
+//! The control channel between the supervisor and each child: one `SOCK_SEQPACKET` pair per
+//! child, so every message is one datagram.
+//!
+//! - child -> supervisor: `Ready` once its ring runs; `Applied(generation)` after a reload.
+//! - supervisor -> child: `Config { generation, resolved }` (a validated configuration).
+//!
+//! A child applies a configuration in its event loop between two completions, so no
+//! connection sees a half-applied one.
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+
+use nix::sys::socket::{recv, send, MsgFlags};
+
+/// Largest control datagram: a resolved configuration with inline keys fits many times over.
+pub const MAX_MESSAGE: usize = 256 * 1024;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Message {
+    Ready,
+    Applied(u64),
+    Config { generation: u64, resolved: String },
+}
+
+impl Message {
+    fn encode(&self) -> Vec<u8> {
+        match self {
+            Message::Ready => b"R".to_vec(),
+            Message::Applied(generation) => {
+                let mut out = b"A".to_vec();
+                out.extend_from_slice(&generation.to_le_bytes());
+                out
+            }
+            Message::Config { generation, resolved } => {
+                let mut out = b"C".to_vec();
+                out.extend_from_slice(&generation.to_le_bytes());
+                out.extend_from_slice(resolved.as_bytes());
+                out
+            }
+        }
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Message> {
+        let generation = || Some(u64::from_le_bytes(bytes.get(1..9)?.try_into().ok()?));
+        match bytes.first()? {
+            b'R' if bytes.len() == 1 => Some(Message::Ready),
+            b'A' if bytes.len() == 9 => Some(Message::Applied(generation()?)),
+            b'C' => Some(Message::Config {
+                generation: generation()?,
+                resolved: String::from_utf8(bytes[9..].to_vec()).ok()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// A pair `(supervisor_end, child_end)`; the child's end is non-blocking (its ring polls it).
+pub fn pair() -> nix::Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let (a, b) =
+        socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
+    nix::fcntl::fcntl(&b, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
+    Ok((a, b))
+}
+
+pub fn send_message(fd: BorrowedFd<'_>, m: &Message) -> nix::Result<()> {
+    send(fd.as_raw_fd(), &m.encode(), MsgFlags::MSG_NOSIGNAL).map(drop)
+}
+
+/// Why [`recv_message`] returned nothing.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RecvError {
+    WouldBlock,
+    /// The other end is gone.
+    Closed,
+    /// A datagram that is not a control message (dropped).
+    Malformed,
+    Io(nix::Error),
+}
+
+pub fn recv_message(fd: &impl AsFd, buf: &mut [u8]) -> Result<Message, RecvError> {
+    match recv(fd.as_fd().as_raw_fd(), buf, MsgFlags::MSG_DONTWAIT) {
+        Ok(0) => Err(RecvError::Closed),
+        Ok(n) => Message::decode(&buf[..n]).ok_or(RecvError::Malformed),
+        Err(nix::Error::EAGAIN) => Err(RecvError::WouldBlock),
+        Err(e) => Err(RecvError::Io(e)),
+    }
+}
+
+/// Child side: arms a multishot poll of the control channel on `ring`.
+pub fn arm(ring: &mut crate::ring::Ring, control: &OwnedFd, user_data: u64) {
+    use io_uring::{opcode, types};
+    let entry = opcode::PollAdd::new(types::Fd(control.as_raw_fd()), libc::POLLIN as u32)
+        .multi(true)
+        .build()
+        .user_data(user_data);
+    ring.push(entry);
+}
+
+/// Child side: drains the channel, acknowledging each configuration it returns. The
+/// supervisor validated them, so a parse failure here is a bug worth a loud log line.
+pub fn receive_configs(control: &OwnedFd) -> Vec<crate::config::Config> {
+    let mut buf = vec![0u8; MAX_MESSAGE];
+    let mut out = Vec::new();
+    loop {
+        match recv_message(control, &mut buf) {
+            Ok(Message::Config { generation, resolved }) => {
+                match crate::config::Config::from_resolved(&resolved) {
+                    Ok(config) => {
+                        out.push(config);
+                        log::info!("applied configuration generation={generation}");
+                    }
+                    Err(e) => log::error!("reload generation={generation} not applied: {e}"),
+                }
+                let _ = send_message(control.as_fd(), &Message::Applied(generation));
+            }
+            Ok(_) | Err(RecvError::Malformed) => {}
+            Err(_) => return out,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_round_trip() {
+        let (sup, child) = pair().unwrap();
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        for m in [
+            Message::Ready,
+            Message::Applied(7),
+            Message::Config { generation: 3, resolved: "workers = 2\n".into() },
+        ] {
+            send_message(sup.as_fd(), &m).unwrap();
+            assert_eq!(recv_message(&child, &mut buf).unwrap(), m);
+        }
+        assert_eq!(recv_message(&child, &mut buf), Err(RecvError::WouldBlock));
+        nix::unistd::write(&sup, b"?").unwrap();
+        assert_eq!(recv_message(&child, &mut buf), Err(RecvError::Malformed));
+        drop(sup);
+        assert_eq!(recv_message(&child, &mut buf), Err(RecvError::Closed));
+    }
+}

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The one test command (README): installs what the tests need, then runs every check.
+#
+#   scripts/test.sh            from any directory; CI runs it through .ci/run
+#
+# 1. Test clients, from the package registries, idempotently (a few milliseconds when they are
+#    already there): Python `websockets` into .venv (tests/clients/requirements.txt), Node `ws`
+#    into tests/clients/node/node_modules (`npm ci`, from package-lock.json). A stamp holding
+#    the hash of the pin file says whether the installed copy is current.
+# 2. cargo fmt --check, cargo clippy --all-targets -D warnings.
+# 3. The doctests (nextest does not run them), then the whole test suite under cargo-nextest
+#    (plain cargo test if nextest is missing).
+#
+# The Rust tests find the clients through SYNCGATE_TEST_PYTHON and SYNCGATE_TEST_NODE, set
+# here; a test whose client is missing fails, it never skips.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+# Debian packages for a machine that lacks a tool (we run as root in CI; elsewhere, say so).
+apt_install() {
+    if [ "$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null; then
+        log "missing $*: install it (Debian: apt-get install $*) and run again"
+        exit 1
+    fi
+    log "installing $* (apt)"
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+}
+
+stamp_of() { sha256sum "$1" | cut -d' ' -f1; }
+
+# --- Python websockets --------------------------------------------------------------------
+VENV="$ROOT/.venv"
+REQ="$ROOT/tests/clients/requirements.txt"
+if [ "$(cat "$VENV/.syncgate-stamp" 2>/dev/null || true)" != "$(stamp_of "$REQ")" ] ||
+    ! "$VENV/bin/python" -c 'import websockets' 2>/dev/null; then
+    command -v python3 >/dev/null || apt_install python3 python3-venv
+    if [ ! -x "$VENV/bin/python" ]; then
+        python3 -m venv "$VENV" 2>/dev/null || { apt_install python3-venv; rm -rf "$VENV"; python3 -m venv "$VENV"; }
+    fi
+    log "installing the Python test client's packages into .venv"
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -r "$REQ"
+    stamp_of "$REQ" >"$VENV/.syncgate-stamp"
+fi
+export SYNCGATE_TEST_PYTHON="$VENV/bin/python"
+
+# --- Node ws --------------------------------------------------------------------------------
+NODE_DIR="$ROOT/tests/clients/node"
+if [ "$(cat "$NODE_DIR/node_modules/.syncgate-stamp" 2>/dev/null || true)" != "$(stamp_of "$NODE_DIR/package-lock.json")" ]; then
+    command -v npm >/dev/null || apt_install nodejs npm
+    log "installing the Node test client's packages (npm ci)"
+    (cd "$NODE_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+    stamp_of "$NODE_DIR/package-lock.json" >"$NODE_DIR/node_modules/.syncgate-stamp"
+fi
+SYNCGATE_TEST_NODE="$(command -v node)"
+export SYNCGATE_TEST_NODE
+
+# --- Rust ---------------------------------------------------------------------------------
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+if cargo nextest --version >/dev/null 2>&1; then
+    # Doctests first: nextest does not run them, and its summary should be the last word.
+    log "doctests"
+    cargo test --workspace --locked --doc
+    log "cargo nextest run"
+    cargo nextest run --workspace --locked --no-fail-fast
+else
+    log "cargo-nextest not found: cargo test"
+    cargo test --workspace --locked --no-fail-fast
+fi

@@ -1,0 +1,439 @@
+//! The connection lifecycle of PROTOCOL.md, in its order: route and parameter errors, the
+//! protocol header, the token, the version, `connected` exactly once, then strict inbound
+//! validation.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+/// Keepalive timers far away, so no unsolicited message gets between a test and its answer.
+const QUIET: &str = "[keepalive]\nidle_send_ms = 60000\nsilence_ms = 60000\n";
+
+fn daemon_with_auth(extra: &str) -> Daemon {
+    Daemon::start(&format!("{QUIET}{}{extra}", auth_config()))
+}
+
+// ----- route and parameter errors: upgrade, then close 1002 `Error: ...` -----
+
+/// Opens a socket for `path` and expects the upgrade to complete and then a close 1002.
+fn expect_route_error(d: &Daemon, path: &str) -> String {
+    let mut ws = Ws::connect(d.addr, path, Some(&anon_header()))
+        .unwrap_or_else(|e| panic!("{path}: the upgrade must complete before the error: {e}"));
+    let reason = ws.expect_close(1002);
+    assert!(reason.starts_with("Error: "), "{path}: reason {reason:?}");
+    assert!(reason.len() <= 123, "a close reason has at most 123 bytes: {reason:?}");
+    reason
+}
+
+#[test]
+fn missing_or_malformed_parameters_close_1002() {
+    let d = Daemon::start(QUIET);
+    let reason = expect_route_error(
+        &d,
+        "/sync/v51/connect?clientGroupID=g1&baseCookie=&ts=1.5&lmid=0&wsid=w",
+    );
+    assert!(reason.contains("clientID"), "{reason}");
+    let reason = expect_route_error(&d, "/sync/v51/connect?clientID=c1&ts=1.5&lmid=0&wsid=w");
+    assert!(reason.contains("clientGroupID"), "{reason}");
+    let reason =
+        expect_route_error(&d, "/sync/v51/connect?clientID=c1&clientGroupID=g1&ts=1.5&lmid=abc");
+    assert!(reason.contains("lmid"), "{reason}");
+    let reason = expect_route_error(&d, "/sync/v51/connect?clientID=c1&clientGroupID=g1&lmid=0");
+    assert!(reason.contains("ts"), "{reason}");
+    expect_route_error(&d, "/foo/bar/x");
+    expect_route_error(&d, "/sync/vX/connect?clientID=c1&clientGroupID=g1&ts=1&lmid=0");
+    expect_route_error(&d, "/a/b/sync/v51/connect?clientID=c1&clientGroupID=g1&ts=1&lmid=0");
+    d.wait_metric("syncgate_route_errors_total", &[("process", "listener")], 7, WAIT);
+    assert_eq!(d.metric("syncgate_connected_total", &[]), 0);
+}
+
+#[test]
+fn a_base_segment_before_sync_is_accepted() {
+    let d = Daemon::start(QUIET);
+    let params = Params::new("c1", "g1");
+    let path = format!("/zero{}", params.path());
+    let mut ws = Ws::connect(d.addr, &path, Some(&anon_header())).unwrap();
+    let msg = ws.recv_json();
+    assert_eq!(msg[0], "connected", "{msg}");
+}
+
+#[test]
+fn a_missing_protocol_header_is_an_invalid_connection_request() {
+    let d = Daemon::start(QUIET);
+    let mut ws = d.ws(&Params::new("c1", "g1"), None);
+    ws.expect_error("InvalidConnectionRequest");
+    ws.expect_close(1002);
+    ws.expect_gone();
+    let mut ws = d.ws(&Params::new("c2", "g1"), Some("not%base64%at%all"));
+    ws.expect_error("InvalidConnectionRequest");
+    ws.expect_close(1002);
+    assert_eq!(d.metric("syncgate_connected_total", &[]), 0);
+}
+
+// ----- connected -----
+
+#[test]
+fn connected_comes_exactly_once_with_the_wsid_and_the_header_is_echoed() {
+    // Unsolicited pongs every ~100 ms: there is traffic to look at, and no second `connected`
+    // may be in it.
+    let d = Daemon::start("[keepalive]\nidle_send_ms = 100\ncheck_ms = 50\n");
+    let header = anon_header();
+    let params = Params::new("c1", "g1").wsid("OiWdDwkhIjjRAVOfTiBv0");
+    let before = now_ms();
+    let mut ws = d.ws(&params, Some(&header));
+    assert_eq!(
+        ws.protocol_echo.as_deref(),
+        Some(header.as_str()),
+        "the 101 must echo the header verbatim"
+    );
+    let msg = ws.recv_json();
+    assert_eq!(msg[0], "connected", "{msg}");
+    assert_eq!(msg[1]["wsid"], "OiWdDwkhIjjRAVOfTiBv0", "{msg}");
+    let ts = msg[1]["timestamp"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("timestamp must be an integer: {msg}"));
+    assert!(ts + 1000 >= before && ts <= now_ms() + 1000, "timestamp {ts} is not now ({before})");
+    assert_eq!(
+        msg[1].as_object().unwrap().len(),
+        2,
+        "connected has wsid and timestamp only: {msg}"
+    );
+    let mut texts = 0;
+    for got in ws.pump(Duration::from_millis(600)) {
+        match got {
+            Got::Text(t) => {
+                texts += 1;
+                assert_eq!(t, r#"["pong",{}]"#, "only keepalive pongs may follow connected");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(texts >= 1, "no unsolicited pong in 600 ms with idle_send_ms = 100");
+    ws.ping_pong();
+    let e = d.wait_event("connected", &[("clientID", "c1")], WAIT);
+    assert_eq!(e.field("clientGroupID"), Some("g1"));
+    assert_eq!(e.field("wsid"), Some("OiWdDwkhIjjRAVOfTiBv0"));
+    assert_eq!(e.field("version"), Some("51"));
+    let connected_lines =
+        d.events().iter().filter(|e| e.matches("connected", &[("clientID", "c1")])).count();
+    assert_eq!(connected_lines, 1);
+}
+
+#[test]
+fn an_empty_wsid_is_echoed_empty() {
+    let d = Daemon::start(QUIET);
+    let path = "/sync/v51/connect?clientID=c1&clientGroupID=g1&baseCookie=&ts=1&lmid=0";
+    let mut ws = Ws::connect(d.addr, path, Some(&anon_header())).unwrap();
+    let msg = ws.recv_json();
+    assert_eq!(msg, json!(["connected", {"wsid": "", "timestamp": msg[1]["timestamp"]}]));
+}
+
+#[test]
+fn ping_is_answered_with_pong_every_time() {
+    let d = Daemon::start(QUIET);
+    let mut ws = d.connected(&Params::new("c1", "g1"), Some(&anon_header()));
+    for _ in 0..5 {
+        ws.ping_pong();
+    }
+}
+
+#[test]
+fn the_header_init_connection_is_accepted_and_the_connection_stays_up() {
+    let d = Daemon::start(QUIET);
+    // The exact bytes of the 1.9.0 client (zero-client-capture.md, "basic").
+    let captured = "eyJpbml0Q29ubmVjdGlvbk1lc3NhZ2UiOlsiaW5pdENvbm5lY3Rpb24iLHsiZGVzaXJlZFF1ZXJpZXNQYXRjaCI6W10sImNsaWVudFNjaGVtYSI6eyJ0YWJsZXMiOnsiaXNzdWUiOnsiY29sdW1ucyI6eyJpZCI6eyJ0eXBlIjoic3RyaW5nIn0sInRpdGxlIjp7InR5cGUiOiJzdHJpbmcifX0sInByaW1hcnlLZXkiOlsiaWQiXX19fSwiYWN0aXZlQ2xpZW50cyI6WyJqdnA4a2tsNG5nODZxOHVoaTAiXX1dfQ%3D%3D";
+    let params = Params::new("jvp8kkl4ng86q8uhi0", "0h3jon9uhlfna8iufn")
+        .user("anon")
+        .wsid("OiWdDwkhIjjRAVOfTiBv0");
+    let mut ws = d.connected(&params, Some(captured));
+    assert_eq!(ws.protocol_echo.as_deref(), Some(captured));
+    ws.ping_pong();
+    // The "init" variant, with a query in it, built by our own encoder.
+    let header = protocol_header(None, Some(captured_init_connection("c2")));
+    let mut ws2 = d.connected(&Params::new("c2", "g2"), Some(&header));
+    ws2.ping_pong();
+    let rest = ws.pump(Duration::from_millis(300));
+    assert!(rest.is_empty(), "nothing else may arrive: {rest:?}");
+}
+
+#[test]
+fn an_8_kib_protocol_header_fits() {
+    // The client puts up to 8 KiB in the header before it moves initConnection into a message.
+    let d = Daemon::start(QUIET);
+    let mut init = captured_init_connection("big");
+    let mut header = String::new();
+    for i in 0.. {
+        init[1]["clientSchema"]["tables"]["issue"]["columns"][format!("column{i}")] =
+            json!({"type": "string"});
+        let bigger = protocol_header(None, Some(init.clone()));
+        if bigger.len() > 8 * 1024 {
+            break;
+        }
+        header = bigger;
+    }
+    assert!(header.len() > 8 * 1024 - 100, "header is {} bytes", header.len());
+    let mut ws = d.connected(&Params::new("big", "g1"), Some(&header));
+    assert_eq!(ws.protocol_echo.as_deref(), Some(header.as_str()));
+    ws.ping_pong();
+}
+
+#[test]
+fn init_connection_as_the_first_message_is_accepted() {
+    let d = Daemon::start(QUIET);
+    let token_only = protocol_header(None, None);
+    let mut ws = d.connected(&Params::new("c1", "g1"), Some(&token_only));
+    let mut init = captured_init_connection("c1");
+    init[1].as_object_mut().unwrap().remove("activeClients");
+    ws.send_json(&init);
+    ws.ping_pong();
+}
+
+#[test]
+fn captured_client_messages_are_accepted() {
+    let d = Daemon::start(QUIET);
+    let group = "0h3jon9uhlfna8iufn";
+    let client = "jvp8kkl4ng86q8uhi0";
+    let mut ws = d.connected(&Params::new(client, group), Some(&anon_header()));
+    let messages = [
+        r#"["changeDesiredQueries",{"desiredQueriesPatch":[{"op":"put","hash":"2uh1iy5olazzo","ast":{"table":"issue"},"ttl":300000}]}]"#,
+        r#"["changeDesiredQueries",{"desiredQueriesPatch":[{"op":"del","hash":"19040arbgigdy"}]}]"#,
+        r#"["push",{"timestamp":1795804857593,"clientGroupID":"0h3jon9uhlfna8iufn","mutations":[{"type":"crud","timestamp":1795804857589,"id":1,"clientID":"jvp8kkl4ng86q8uhi0","name":"_zero_crud","args":[{"ops":[{"op":"insert","tableName":"issue","primaryKey":["id"],"value":{"id":"i1","title":"x"}}]}]}],"pushVersion":1,"requestID":"jvp8kkl4ng86q8uhi0-f5bad97d-3"}]"#,
+        r#"["push",{"timestamp":1795804896416,"clientGroupID":"0h3jon9uhlfna8iufn","mutations":[{"type":"crud","timestamp":1795804896415,"id":4,"clientID":"jvp8kkl4ng86q8uhi0","name":"_zero_crud","args":[{"ops":[{"op":"insert","tableName":"issue","primaryKey":["id"],"value":{"id":"i1a","title":"x"}},{"op":"insert","tableName":"issue","primaryKey":["id"],"value":{"id":"i1b","title":"x"}}]}]}],"pushVersion":1,"requestID":"2vpg7mim73a9d946ve-5418f167-4"}]"#,
+        r#"["deleteClients",{"clientIDs":["n2luf0tfljng3tt2ae"]}]"#,
+    ];
+    for m in messages {
+        ws.send_text(m);
+    }
+    // Messages are handled in order: the pong comes after all of them were accepted.
+    ws.ping_pong();
+}
+
+// ----- the token -----
+
+#[test]
+fn a_valid_token_connects_and_names_the_user() {
+    let d = daemon_with_auth("");
+    let mut ws = d.connected(&Params::new("c1", "g1").user("alice"), Some(&user_header("alice")));
+    ws.ping_pong();
+    let e = d.wait_event("connected", &[("clientID", "c1")], WAIT);
+    assert_eq!(e.field("user"), Some("alice"), "{}", e.line);
+}
+
+/// Expects `kind` and a close 3000 for a socket with `header`.
+fn expect_auth_refusal(d: &Daemon, params: &Params, header: &str, kind: &str) {
+    let mut ws = d.ws(params, Some(header));
+    ws.expect_error(kind);
+    ws.expect_close(3000);
+    ws.expect_gone();
+    d.wait_event("refused", &[("kind", kind), ("clientID", &params.client_id)], WAIT);
+}
+
+#[test]
+fn a_token_with_a_bad_signature_is_auth_invalidated() {
+    let d = daemon_with_auth("");
+    let forged =
+        sign(&serde_json::json!({"sub": "alice", "exp": now_secs() + 3600}), "not-the-secret");
+    expect_auth_refusal(
+        &d,
+        &Params::new("c1", "g1").user("alice"),
+        &protocol_header(Some(&forged), None),
+        "AuthInvalidated",
+    );
+    // A token that is not a JWT at all.
+    expect_auth_refusal(
+        &d,
+        &Params::new("c2", "g1").user("alice"),
+        &protocol_header(Some("tok123"), None),
+        "AuthInvalidated",
+    );
+    d.wait_metric("syncgate_auth_refusals_total", &[], 2, WAIT);
+    assert_eq!(d.metric("syncgate_connected_total", &[]), 0);
+}
+
+#[test]
+fn an_expired_token_is_auth_invalidated() {
+    let d = daemon_with_auth("");
+    let expired = sign(&serde_json::json!({"sub": "alice", "exp": now_secs() - 3600}), SECRET);
+    expect_auth_refusal(
+        &d,
+        &Params::new("c1", "g1").user("alice"),
+        &protocol_header(Some(&expired), None),
+        "AuthInvalidated",
+    );
+}
+
+#[test]
+fn a_token_for_another_user_than_user_id_is_unauthorized() {
+    let d = daemon_with_auth("");
+    expect_auth_refusal(
+        &d,
+        &Params::new("c1", "g1").user("alice"),
+        &user_header("bob"),
+        "Unauthorized",
+    );
+    // A token and no userID at all.
+    expect_auth_refusal(&d, &Params::new("c2", "g1"), &user_header("bob"), "Unauthorized");
+    assert_eq!(d.metric("syncgate_connected_total", &[]), 0);
+}
+
+#[test]
+fn no_token_when_one_is_required_is_unauthorized() {
+    let d = daemon_with_auth("required = true\n");
+    expect_auth_refusal(&d, &Params::new("c1", "g1").user("alice"), &anon_header(), "Unauthorized");
+    // An empty token string means no token.
+    expect_auth_refusal(
+        &d,
+        &Params::new("c2", "g1").user("alice"),
+        &protocol_header(Some(""), None),
+        "Unauthorized",
+    );
+    // The same daemon admits a valid one.
+    d.connected(&Params::new("c3", "g1").user("alice"), Some(&user_header("alice")));
+}
+
+#[test]
+fn the_token_is_checked_before_the_version() {
+    let d = daemon_with_auth("");
+    let expired = sign(&serde_json::json!({"sub": "alice", "exp": now_secs() - 3600}), SECRET);
+    let mut ws = d.ws(
+        &Params::new("c1", "g1").user("alice").version(29),
+        Some(&protocol_header(Some(&expired), None)),
+    );
+    ws.expect_error("AuthInvalidated");
+    ws.expect_close(3000);
+}
+
+// ----- the version -----
+
+#[test]
+fn versions_outside_30_to_52_are_not_supported() {
+    let d = Daemon::start(QUIET);
+    for version in [29u32, 53, 1] {
+        let mut ws =
+            d.ws(&Params::new(&format!("c{version}"), "g1").version(version), Some(&anon_header()));
+        let body = ws.expect_error("VersionNotSupported");
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.contains(&version.to_string()),
+            "the message names the client's version: {message}"
+        );
+        ws.expect_close(1002);
+    }
+    d.wait_metric("syncgate_version_refusals_total", &[], 3, WAIT);
+    for version in [30u32, 52] {
+        let mut ws = d.connected(
+            &Params::new(&format!("c{version}"), "g1").version(version),
+            Some(&anon_header()),
+        );
+        ws.ping_pong();
+    }
+}
+
+// ----- strict inbound validation -----
+
+/// A fresh connection that sends `send` and must get `kind` and a close frame with `code`.
+fn expect_message_refused(
+    d: &Daemon,
+    client: &str,
+    send: impl FnOnce(&mut Ws),
+    kind: &str,
+    code: Option<u16>,
+) {
+    let mut ws = d.connected(&Params::new(client, "g1"), Some(&anon_header()));
+    send(&mut ws);
+    ws.expect_error(kind);
+    match (ws.recv_within(WAIT), code) {
+        (Got::Close(Some((got, _))), Some(code)) => assert_eq!(got, code, "{client}: close code"),
+        (Got::Close(_), None) => {}
+        (other, _) => panic!("{client}: expected a close frame after {kind}, got {other:?}"),
+    }
+    // Nothing is processed after the close: a ping now gets no pong.
+    let rest = ws.pump(Duration::from_millis(200));
+    assert!(
+        !rest.iter().any(|g| matches!(g, Got::Text(_))),
+        "{client}: messages after close: {rest:?}"
+    );
+}
+
+#[test]
+fn invalid_upstream_messages_close_the_connection() {
+    let d = Daemon::start(QUIET);
+    let text = |s: &'static str| move |ws: &mut Ws| ws.send_text(s);
+    expect_message_refused(&d, "unknown-tag", text(r#"["fly",{}]"#), "InvalidMessage", Some(1002));
+    expect_message_refused(
+        &d,
+        "extra-key",
+        text(r#"["ping",{"x":1}]"#),
+        "InvalidMessage",
+        Some(1002),
+    );
+    expect_message_refused(&d, "not-json", text("ping"), "InvalidMessage", Some(1002));
+    expect_message_refused(&d, "not-array", text(r#"{"ping":{}}"#), "InvalidMessage", Some(1002));
+    expect_message_refused(
+        &d,
+        "binary",
+        |ws| ws.send_binary(br#"["ping",{}]"#),
+        "InvalidMessage",
+        Some(1002),
+    );
+    assert_eq!(d.metric("syncgate_connected_total", &[]), 5);
+}
+
+#[test]
+fn a_push_for_another_client_group_is_invalid() {
+    let d = Daemon::start(QUIET);
+    let push = |ws: &mut Ws| {
+        ws.send_json(&json!(["push", {"timestamp": 1, "clientGroupID": "someone-elses", "mutations": [
+            {"type": "crud", "timestamp": 1, "id": 1, "clientID": "pusher", "name": "_zero_crud",
+             "args": [{"ops": [{"op": "insert", "tableName": "issue", "primaryKey": ["id"], "value": {"id": "i1"}}]}]}],
+            "pushVersion": 1, "requestID": "r1"}]))
+    };
+    expect_message_refused(&d, "pusher", push, "InvalidPush", None);
+}
+
+#[test]
+fn a_client_close_is_answered_and_logged() {
+    let d = Daemon::start(QUIET);
+    let mut ws = d.connected(&Params::new("c1", "g1"), Some(&anon_header()));
+    ws.close(1000);
+    match ws.recv_within(WAIT) {
+        Got::Close(Some((1000, _))) => {}
+        other => panic!("expected the close echoed with 1000, got {other:?}"),
+    }
+    ws.expect_gone();
+    d.wait_event("closed", &[("clientID", "c1")], WAIT);
+    let owner = expected_worker("g1").to_string();
+    d.wait_metric("syncgate_connections_open", &[("worker", &owner)], 0, WAIT);
+}
+
+#[test]
+fn invalid_utf8_in_a_text_frame_closes_1007() {
+    let d = Daemon::start(QUIET);
+    let params = Params::new("c1", "g1");
+    let mut raw = RawConn::handshake(d.addr, &params.path(), Some(&anon_header()));
+    match raw.read_frame(WAIT) {
+        RawEvent::Frame { opcode: OP_TEXT, payload } => {
+            assert!(
+                payload.starts_with(br#"["connected""#),
+                "{}",
+                String::from_utf8_lossy(&payload)
+            )
+        }
+        other => panic!("expected connected, got {other:?}"),
+    }
+    raw.send_frame(OP_TEXT, b"[\"ping\",{\xff}]");
+    loop {
+        match raw.read_frame(WAIT) {
+            RawEvent::Frame { opcode: OP_CLOSE, payload } => {
+                assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1007);
+                break;
+            }
+            // An InvalidMessage error before the close is fine too.
+            RawEvent::Frame { opcode: OP_TEXT, .. } => {}
+            other => panic!("expected a close 1007, got {other:?}"),
+        }
+    }
+}
