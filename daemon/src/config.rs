@@ -199,7 +199,7 @@ impl Config {
                     .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
                 text.parse::<toml::Table>().map_err(|e| {
                     // One line: the log is line-oriented.
-                    let line = e.span().map_or(0, |sp| text[..sp.start].lines().count().max(1));
+                    let line = e.span().map_or(0, |sp| text[..sp.start].matches('\n').count() + 1);
                     format!("config file {} line {line}: {}", path.display(), e.message())
                 })?
             }
