@@ -108,7 +108,13 @@ pub fn run(mut config: Config, path: Option<std::path::PathBuf>) -> Result<(), S
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| format!("signalfd: {e}"))?;
     let addr = config.listen_addr()?;
-    let listen = bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let listen = match activated_socket()? {
+        Some(fd) => {
+            log::info!("using the listening socket passed by the service manager (socket activation)");
+            fd
+        }
+        None => bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?,
+    };
     let local = local_addr(&listen).unwrap_or(addr);
     let metrics_fd = Metrics::create(workers).map_err(|e| format!("metrics memory: {e}"))?;
     let metrics = Metrics::map(&metrics_fd, 0).map_err(|e| format!("metrics memory: {e}"))?;
@@ -189,7 +195,11 @@ impl Supervisor {
             .map_err(|e| format!("dup: {e}"))?;
         let raw: Vec<RawFd> = parked.iter().map(AsRawFd::as_raw_fd).collect();
         let parent = std::process::id() as i32;
-        cmd.env(RESOLVED_ENV, &self.resolved).stdin(Stdio::null());
+        cmd.env(RESOLVED_ENV, &self.resolved)
+            .env_remove("LISTEN_FDS")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDNAMES")
+            .stdin(Stdio::null());
         // SAFETY: between fork and exec only async-signal-safe calls (prctl, getppid, dup2).
         unsafe {
             cmd.pre_exec(move || {
@@ -503,6 +513,32 @@ impl Supervisor {
                 }
             }
         }
+    }
+}
+
+/// The listening socket systemd passed (socket activation), if any. `listen` is then only
+/// a default: the unit's `ListenStream=` decides the address.
+fn activated_socket() -> Result<Option<OwnedFd>, String> {
+    let fds: Vec<RawFd> = sd_notify::listen_fds()
+        .map_err(|e| format!("socket activation: {e}"))?
+        .collect();
+    match fds.as_slice() {
+        [] => Ok(None),
+        [fd] => {
+            // SAFETY: systemd passed this descriptor to us (LISTEN_PID is our pid).
+            let fd = unsafe { OwnedFd::from_raw_fd(*fd) };
+            let listening =
+                nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::AcceptConn)
+                    .map_err(|e| format!("socket activation: descriptor 3: {e}"))?;
+            if !listening {
+                return Err("socket activation: descriptor 3 is not a listening socket".into());
+            }
+            Ok(Some(fd))
+        }
+        many => Err(format!(
+            "socket activation passed {} sockets; syncgate takes exactly one (one ListenStream=)",
+            many.len()
+        )),
     }
 }
 
