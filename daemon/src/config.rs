@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::auth::AuthConfig;
+use crate::deflate::CompressionConfig;
 
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_PATH_ENV: &str = "SYNCGATE_CONFIG";
@@ -40,7 +41,8 @@ pub struct Config {
     pub auth: AuthConfig,
     pub limits: Limits,
     pub keepalive: Keepalive,
-    pub compression: Compression,
+    /// permessage-deflate (`[compression]`, see [`crate::deflate`]).
+    pub compression: CompressionConfig,
     pub storage: Storage,
     pub conformance: Conformance,
 }
@@ -109,13 +111,6 @@ pub struct Keepalive {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct Compression {
-    /// permessage-deflate on or off; off by default, as in zero-cache.
-    pub enabled: bool,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
 pub struct Storage {
     /// Where durable client-group data lives.
     pub path: PathBuf,
@@ -132,7 +127,7 @@ impl Default for Config {
             auth: AuthConfig::default(),
             limits: Limits::default(),
             keepalive: Keepalive::default(),
-            compression: Compression::default(),
+            compression: CompressionConfig::default(),
             storage: Storage::default(),
             conformance: Conformance::default(),
         }
@@ -170,12 +165,6 @@ impl Default for Keepalive {
             probe_timeout_ms: 1_000,
             close_timeout_ms: 2_000,
         }
-    }
-}
-
-impl Default for Compression {
-    fn default() -> Self {
-        Compression { enabled: false }
     }
 }
 
@@ -267,6 +256,7 @@ impl Config {
             ));
         }
         crate::auth::Verifier::new(&self.auth).map_err(|e| format!("auth: {e}"))?;
+        self.compression.validate().map_err(|e| format!("compression: {e}"))?;
         Ok(())
     }
 

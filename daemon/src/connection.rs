@@ -14,6 +14,7 @@ use std::ops::ControlFlow;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use crate::deflate::{Agreement, Deflater, InflateError, Inflater, SharedContexts};
 use crate::frame::{self, Decoder, DecoderLimits, Event, OpCode};
 use crate::protocol::{self, ErrorKind, Upstream};
 
@@ -33,6 +34,41 @@ pub struct Settings {
     /// Time a consumer may stay stuck before it is closed 1008.
     pub slow_consumer: Duration,
     pub decoder: DecoderLimits,
+    /// Messages at least this long are compressed when permessage-deflate was agreed.
+    pub compress_threshold: usize,
+}
+
+/// Worker-wide compression state, lent to a connection while it handles its bytes, so
+/// connections in the shared mode hold no compression memory of their own.
+pub struct Codec {
+    pub shared: SharedContexts,
+    /// Where compressed messages are inflated; reused by every connection of the worker.
+    pub scratch: Vec<u8>,
+}
+
+impl Codec {
+    pub fn new(level: u32) -> Codec {
+        Codec { shared: SharedContexts::new(level), scratch: Vec::new() }
+    }
+
+    /// Gives back a large scratch buffer after a big message, so one burst does not pin
+    /// megabytes for the worker's lifetime.
+    pub fn trim(&mut self) {
+        if self.scratch.capacity() > SCRATCH_KEEP {
+            self.scratch = Vec::new();
+        }
+    }
+}
+
+/// Scratch capacity kept between messages.
+const SCRATCH_KEEP: usize = 256 * 1024;
+
+/// permessage-deflate state of one connection that agreed to it.
+struct Deflate {
+    agreement: Agreement,
+    /// Dedicated contexts (context takeover); `None` uses the worker's shared one.
+    deflater: Option<Deflater>,
+    inflater: Option<Inflater>,
 }
 
 /// Who the connection is, fixed at the handshake.
@@ -134,6 +170,8 @@ struct Core {
     probe_sent: Option<Instant>,
     /// Whether `initConnection` was already received (header or message).
     initialized: bool,
+    /// Set when permessage-deflate was negotiated.
+    deflate: Option<Box<Deflate>>,
     notices: Vec<Notice>,
     /// Counts since the last [`Connection::take_counts`], for metrics.
     messages_in: u64,
@@ -162,6 +200,7 @@ impl Connection {
                 ping_sent: None,
                 probe_sent: None,
                 initialized: false,
+                deflate: None,
                 notices: Vec::new(),
                 messages_in: 0,
                 bytes_in: 0,
@@ -225,7 +264,9 @@ impl Connection {
 
     /// New limits and timers from a reload; they apply from the next event on.
     pub fn set_settings(&mut self, settings: Settings) {
-        self.decoder.set_limits(settings.decoder);
+        let mut limits = settings.decoder;
+        limits.allow_rsv1 = self.core.deflate.is_some();
+        self.decoder.set_limits(limits);
         self.core.settings = settings;
     }
 
@@ -253,8 +294,23 @@ impl Connection {
         }
     }
 
+    /// Turns on permessage-deflate as agreed in the handshake (before any frame arrives).
+    pub fn enable_deflate(&mut self, agreement: Agreement, level: u32) {
+        let deflater = agreement.dedicated_deflater(level);
+        let inflater = agreement.dedicated_inflater();
+        self.core.deflate = Some(Box::new(Deflate { agreement, deflater, inflater }));
+        let mut limits = self.core.settings.decoder;
+        limits.allow_rsv1 = true;
+        self.decoder.set_limits(limits);
+    }
+
+    /// Bytes of dedicated compression contexts this connection holds (for the budget).
+    pub fn dedicated_deflate_bytes(&self) -> usize {
+        self.core.deflate.as_ref().map_or(0, |d| d.agreement.dedicated_bytes())
+    }
+
     /// Feeds bytes received from the socket.
-    pub fn on_bytes(&mut self, input: &mut [u8], now: Instant) {
+    pub fn on_bytes(&mut self, input: &mut [u8], codec: &mut Codec, now: Instant) {
         let core = &mut self.core;
         if core.state == State::Done {
             return;
@@ -265,7 +321,7 @@ impl Connection {
         if matches!(core.state, State::Closing { received: true, .. }) {
             return;
         }
-        let result = self.decoder.feed(input, &mut |event| core.on_event(event, now));
+        let result = self.decoder.feed(input, &mut |event| core.on_event(event, codec, now));
         if let Err(e) = result {
             let code = e.close_code();
             core.end.get_or_insert(End::Protocol(code));
@@ -455,6 +511,91 @@ impl Core {
         self.push(Chunk::Owned(f), now);
     }
 
+    /// Like [`send_frame`](Self::send_frame), compressed when deflate was agreed and the
+    /// message reaches the threshold (RFC 7692 lets a sender leave any message uncompressed).
+    fn send_compressible(
+        &mut self,
+        opcode: OpCode,
+        payload: &[u8],
+        shared: &mut SharedContexts,
+        now: Instant,
+    ) {
+        if payload.len() >= self.settings.compress_threshold {
+            if let Some(d) = self.deflate.as_mut() {
+                let bits = d.agreement.server_window_bits;
+                let deflater = match d.deflater.as_mut() {
+                    Some(own) => own,
+                    None => shared.deflater(bits),
+                };
+                let mut f = vec![0u8; frame::MAX_SERVER_HEADER];
+                if deflater.deflate(payload, &mut f).is_ok() {
+                    let start = frame::finish_reserved(&mut f, opcode, true);
+                    f.drain(..start);
+                    self.messages_out += 1;
+                    return self.push(Chunk::Owned(f), now);
+                }
+            }
+        }
+        self.send_frame(opcode, payload, now);
+    }
+
+    /// A complete data message: inflated if compressed, then echoed (conformance route) or
+    /// handled as a sync protocol message.
+    fn on_message(
+        &mut self,
+        opcode: OpCode,
+        payload: &mut [u8],
+        compressed: bool,
+        codec: &mut Codec,
+        now: Instant,
+    ) {
+        self.messages_in += 1;
+        let Codec { shared, scratch } = codec;
+        let payload: &mut [u8] = if compressed {
+            scratch.clear();
+            let limit = self.settings.decoder.max_message_bytes;
+            let result = match self.deflate.as_deref_mut() {
+                Some(Deflate { inflater: Some(own), .. }) => own.inflate(payload, limit, scratch),
+                Some(_) => shared.inflater().inflate(payload, limit, scratch),
+                // The decoder refuses RSV1 unless deflate was agreed; this is unreachable.
+                None => Err(InflateError::Invalid),
+            };
+            match result {
+                Ok(()) => {}
+                Err(InflateError::TooBig) => {
+                    self.end.get_or_insert(End::Protocol(1009));
+                    return self.close(1009, "message too big", now);
+                }
+                Err(InflateError::Invalid) => {
+                    self.end.get_or_insert(End::Protocol(1007));
+                    return self.close(1007, "invalid compressed data", now);
+                }
+            }
+            if opcode == OpCode::Text && simdutf8::basic::from_utf8(scratch).is_err() {
+                self.end.get_or_insert(End::Protocol(1007));
+                return self.close(1007, "invalid UTF-8", now);
+            }
+            &mut scratch[..]
+        } else {
+            payload
+        };
+        if self.id.echo {
+            return self.send_compressible(opcode, payload, shared, now);
+        }
+        if opcode != OpCode::Text {
+            return self.fail(
+                ErrorKind::InvalidMessage,
+                "expected a JSON text message",
+                None,
+                1002,
+                now,
+            );
+        }
+        if self.state == State::Open {
+            self.on_text(payload, now);
+        }
+    }
+
     fn fail(
         &mut self,
         kind: ErrorKind,
@@ -481,7 +622,7 @@ impl Core {
         }
     }
 
-    fn on_event(&mut self, event: Event<'_>, now: Instant) -> ControlFlow<()> {
+    fn on_event(&mut self, event: Event<'_>, codec: &mut Codec, now: Instant) -> ControlFlow<()> {
         // While our close frame waits for the peer's, only that close frame matters; the
         // decoder keeps running so it can be seen.
         if matches!(self.state, State::Closing { .. }) && !matches!(event, Event::Close(_)) {
@@ -523,29 +664,11 @@ impl Core {
                 }
                 return ControlFlow::Break(());
             }
-            Event::Text { payload, compressed: false } if self.id.echo => {
-                self.messages_in += 1;
-                self.send_frame(OpCode::Text, payload, now);
+            Event::Text { payload, compressed } => {
+                self.on_message(OpCode::Text, payload, compressed, codec, now)
             }
-            Event::Binary { payload, compressed: false } if self.id.echo => {
-                self.messages_in += 1;
-                self.send_frame(OpCode::Binary, payload, now);
-            }
-            Event::Text { payload, compressed: false } => {
-                self.messages_in += 1;
-                if self.state == State::Open {
-                    self.on_text(payload, now);
-                }
-            }
-            Event::Text { .. } | Event::Binary { .. } => {
-                self.messages_in += 1;
-                self.fail(
-                    ErrorKind::InvalidMessage,
-                    "expected a JSON text message",
-                    None,
-                    1002,
-                    now,
-                );
+            Event::Binary { payload, compressed } => {
+                self.on_message(OpCode::Binary, payload, compressed, codec, now)
             }
         }
         ControlFlow::Continue(())
@@ -618,6 +741,7 @@ mod tests {
             max_outbound: 1024,
             slow_consumer: Duration::from_secs(10),
             decoder: DecoderLimits::default(),
+            compress_threshold: 1024,
         }
     }
 
@@ -658,6 +782,10 @@ mod tests {
         frames
     }
 
+    fn codec() -> Codec {
+        Codec::new(1)
+    }
+
     fn client(op: OpCode, payload: &[u8]) -> Vec<u8> {
         let mut f = Vec::new();
         encode_client_frame(&mut f, op, payload, MASK, true, false);
@@ -672,7 +800,7 @@ mod tests {
         let frames = drain(&mut c, now);
         assert_eq!(frames.len(), 1, "connected is sent exactly once");
         assert!(frames[0].1.starts_with(br#"["connected",{"wsid":"w1","timestamp":"#));
-        c.on_bytes(&mut client(OpCode::Text, br#"["ping",{}]"#), now);
+        c.on_bytes(&mut client(OpCode::Text, br#"["ping",{}]"#), &mut codec(), now);
         assert_eq!(drain(&mut c, now), vec![(1, br#"["pong",{}]"#.to_vec())]);
     }
 
@@ -681,7 +809,7 @@ mod tests {
         let now = Instant::now();
         let mut c = open(now);
         drain(&mut c, now);
-        c.on_bytes(&mut client(OpCode::Text, br#"["nope",{}]"#), now);
+        c.on_bytes(&mut client(OpCode::Text, br#"["nope",{}]"#), &mut codec(), now);
         let frames = drain(&mut c, now);
         let error = String::from_utf8(frames[0].1.clone()).unwrap();
         assert!(error.contains(r#""kind":"InvalidMessage""#), "{error}");
@@ -689,10 +817,10 @@ mod tests {
         assert_eq!(frames[1].0, 8);
         assert_eq!(&frames[1].1[..2], &1002u16.to_be_bytes());
         // Nothing is processed after close.
-        c.on_bytes(&mut client(OpCode::Text, br#"["ping",{}]"#), now);
+        c.on_bytes(&mut client(OpCode::Text, br#"["ping",{}]"#), &mut codec(), now);
         assert!(drain(&mut c, now).is_empty());
         assert!(!c.finished(), "waits for the peer's close frame");
-        c.on_bytes(&mut client(OpCode::Close, &1002u16.to_be_bytes()), now);
+        c.on_bytes(&mut client(OpCode::Close, &1002u16.to_be_bytes()), &mut codec(), now);
         assert!(c.finished());
     }
 
@@ -702,7 +830,7 @@ mod tests {
         let mut c = open(now);
         drain(&mut c, now);
         let push = br#"["push",{"timestamp":1,"clientGroupID":"other","mutations":[],"pushVersion":1,"requestID":"r"}]"#;
-        c.on_bytes(&mut client(OpCode::Text, push), now);
+        c.on_bytes(&mut client(OpCode::Text, push), &mut codec(), now);
         let frames = drain(&mut c, now);
         assert!(String::from_utf8_lossy(&frames[0].1).contains("InvalidPush"));
         assert!(matches!(c.state(), State::Closing { .. }));
@@ -713,7 +841,7 @@ mod tests {
         let now = Instant::now();
         let mut c = open(now);
         drain(&mut c, now);
-        c.on_bytes(&mut client(OpCode::Close, &1000u16.to_be_bytes()), now);
+        c.on_bytes(&mut client(OpCode::Close, &1000u16.to_be_bytes()), &mut codec(), now);
         let frames = drain(&mut c, now);
         assert_eq!(frames, vec![(8, 1000u16.to_be_bytes().to_vec())]);
         assert!(c.finished());
@@ -746,7 +874,7 @@ mod tests {
         let mut c = open(t0);
         let t15 = t0 + Duration::from_secs(15);
         c.on_tick(t15);
-        c.on_bytes(&mut client(OpCode::Pong, b""), t15 + Duration::from_secs(1));
+        c.on_bytes(&mut client(OpCode::Pong, b""), &mut codec(), t15 + Duration::from_secs(1));
         c.on_tick(t15 + Duration::from_secs(6));
         assert_ne!(c.state(), State::Done);
     }
@@ -762,7 +890,7 @@ mod tests {
         // Start writing the first queued frame, then a flood of pings arrives.
         let first = c.next_send().unwrap().len();
         for i in 0..50u8 {
-            c.on_bytes(&mut client(OpCode::Ping, &[i]), now);
+            c.on_bytes(&mut client(OpCode::Ping, &[i]), &mut codec(), now);
         }
         c.on_sent(first, now);
         let frames = drain(&mut c, now);
@@ -792,7 +920,7 @@ mod tests {
         drain(&mut c, now);
         let mut unmasked = Vec::new();
         encode_frame(&mut unmasked, OpCode::Text, b"[]", false);
-        c.on_bytes(&mut unmasked, now);
+        c.on_bytes(&mut unmasked, &mut codec(), now);
         let frames = drain(&mut c, now);
         assert_eq!(frames.last().unwrap().0, 8);
         assert_eq!(&frames.last().unwrap().1[..2], &1002u16.to_be_bytes());

@@ -24,6 +24,7 @@ pub mod close;
 pub mod config;
 pub mod connection;
 pub mod control;
+pub mod deflate;
 pub mod frame;
 pub mod group;
 pub mod handoff;

@@ -110,7 +110,9 @@ pub fn run(mut config: Config, path: Option<std::path::PathBuf>) -> Result<(), S
     let addr = config.listen_addr()?;
     let listen = match activated_socket()? {
         Some(fd) => {
-            log::info!("using the listening socket passed by the service manager (socket activation)");
+            log::info!(
+                "using the listening socket passed by the service manager (socket activation)"
+            );
             fd
         }
         None => bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?,
@@ -519,9 +521,8 @@ impl Supervisor {
 /// The listening socket systemd passed (socket activation), if any. `listen` is then only
 /// a default: the unit's `ListenStream=` decides the address.
 fn activated_socket() -> Result<Option<OwnedFd>, String> {
-    let fds: Vec<RawFd> = sd_notify::listen_fds()
-        .map_err(|e| format!("socket activation: {e}"))?
-        .collect();
+    let fds: Vec<RawFd> =
+        sd_notify::listen_fds().map_err(|e| format!("socket activation: {e}"))?.collect();
     match fds.as_slice() {
         [] => Ok(None),
         [fd] => {

@@ -16,7 +16,7 @@ use io_uring::{cqueue, opcode, types};
 
 use crate::auth::Verifier;
 use crate::config::Config;
-use crate::connection::{Connection, End, Identity, Notice, Settings, State};
+use crate::connection::{Codec, Connection, End, Identity, Notice, Settings, State};
 use crate::frame::DecoderLimits;
 use crate::group::{Admission, Groups};
 use crate::handoff::{self, Handoff};
@@ -81,6 +81,10 @@ pub struct Worker {
     free: Vec<u32>,
     groups: Groups,
     probes: Vec<Probe>,
+    /// Shared compression contexts and inflate scratch, lent to connections.
+    codec: Codec,
+    /// Bytes of dedicated compression contexts in use, against `compression.memory_budget_bytes`.
+    dedicated_deflate_bytes: usize,
     open: u64,
     /// Set on SIGTERM: every connection was asked to close with 1001; exit when all are gone
     /// or at this deadline.
@@ -106,6 +110,7 @@ fn settings_from(config: &Config) -> Settings {
             max_fragments: l.max_fragments,
             allow_rsv1: false,
         },
+        compress_threshold: config.compression.threshold,
     }
 }
 
@@ -123,6 +128,7 @@ impl Worker {
             .map_err(|e| format!("cannot register the receive buffer ring: {e}"))?;
         let verifier = Verifier::new(&config.auth).map_err(|e| format!("auth: {e}"))?;
         metrics.set(Metric::OpenConnections, 0);
+        let level = config.compression.level;
         Ok(Worker {
             index,
             ring,
@@ -137,6 +143,8 @@ impl Worker {
             free: Vec::new(),
             groups: Groups::default(),
             probes: Vec::new(),
+            codec: Codec::new(level),
+            dedicated_deflate_bytes: 0,
             open: 0,
             stopping: None,
             signalfd,
@@ -322,8 +330,26 @@ impl Worker {
         let _ =
             nix::sys::socket::setsockopt(&h.socket, nix::sys::socket::sockopt::TcpNoDelay, &true);
         let mut conn = Connection::new(identity, self.settings.clone(), now);
+        let compression = &self.config.compression;
+        let agreement = match head.ws_extensions.as_deref() {
+            Some(offers) if compression.enabled => {
+                let dedicated_available = self.dedicated_deflate_bytes
+                    + compression.max_dedicated_bytes()
+                    <= compression.memory_budget_bytes;
+                crate::deflate::negotiate(offers, compression, dedicated_available)
+            }
+            _ => None,
+        };
         let key = head.ws_key.as_deref().unwrap_or_default();
-        conn.send_raw(handshake::switching_protocols(key, head.ws_protocol.as_deref(), None), now);
+        let extensions = agreement.as_ref().map(|a| a.response.as_str());
+        conn.send_raw(
+            handshake::switching_protocols(key, head.ws_protocol.as_deref(), extensions),
+            now,
+        );
+        if let Some(agreement) = agreement {
+            conn.enable_deflate(agreement, compression.level);
+            self.dedicated_deflate_bytes += conn.dedicated_deflate_bytes();
+        }
         let index = self.insert(Slot {
             fd: h.socket,
             conn,
@@ -348,7 +374,7 @@ impl Worker {
         let mut early = h.bytes[end..].to_vec();
         if !early.is_empty() {
             if let Some(slot) = self.slots[index as usize].as_mut() {
-                slot.conn.on_bytes(&mut early, now);
+                slot.conn.on_bytes(&mut early, &mut self.codec, now);
             }
         }
         self.process(index);
@@ -568,7 +594,7 @@ impl Worker {
         match (res, buffer) {
             (n, Some(bid)) if n > 0 => {
                 let data = self.bufs.get(bid, n as usize);
-                slot.conn.on_bytes(data, now);
+                slot.conn.on_bytes(data, &mut self.codec, now);
                 self.bufs.recycle(bid);
                 if !slot.recv_armed && !slot.shut {
                     // The multishot ended without an error (e.g. the kernel's own limits).
@@ -655,6 +681,7 @@ impl Worker {
                 );
             }
             if !slot.recv_armed && !slot.send_armed {
+                self.dedicated_deflate_bytes -= slot.conn.dedicated_deflate_bytes();
                 self.slots[index as usize] = None;
                 self.free.push(index);
             }

@@ -1,0 +1,1161 @@
+//! Rate limiters: connection attempts per client address or per clientID, and mutations per
+//! user per client group (DESIGN.md "Limits and defaults", finding MEDIUM-02).
+//!
+//! zero-cache had no connection rate limiting: any address could open sockets as fast as it
+//! liked and make the server verify a JWT for each. syncgate refuses an address over its
+//! limit in the listener, before any handoff or JWT work, and answers 429 with a
+//! `Retry-After` that tells an honest client exactly when to come back.
+//!
+//! Everything here is sans-IO and single-threaded: one event loop owns each limiter, passes
+//! the time in as an [`Instant`], and the limiters never read a clock, lock, or spawn.
+//!
+//! # The window
+//!
+//! Each key keeps a ring of counters, one per sub-window of `window / SUB_WINDOWS`, and an
+//! attempt is allowed while fewer than `max` attempts are counted in the ring. The ring holds
+//! one sub-window more than a window, the oldest of which lies partly before `now - window`,
+//! and that oldest one is counted in full. So:
+//!
+//! - the limiter is never lenient: in any interval of length `window` at most `max` attempts
+//!   are allowed, whatever their timing (the ring always covers the whole interval);
+//! - it is strict by at most one sub-window: an attempt is forgotten between `window` and
+//!   `window + window / SUB_WINDOWS` after it was made (60 to 75 s with the defaults),
+//!   instead of exactly `window`.
+//!
+//! The usual two-counter estimate (previous window weighted by its overlap, plus the current
+//! one) errs both ways: when the previous window's attempts were bunched at its end it lets
+//! through up to twice `max` in one window. This ring costs 12 more bytes per key and its only
+//! error is that bounded over-hold. Only allowed attempts are counted: a client that keeps
+//! knocking while refused does not push its own `Retry-After` further out, so the value it
+//! is told is exact: the start of the sub-window in which enough old attempts have dropped out.
+//!
+//! # The table ([`WindowLimiter`])
+//!
+//! Keys (client addresses, clientIDs) are attacker-chosen and unbounded in number, so the
+//! table is a fixed array of slots allocated once. A key is hashed with std's keyed SipHash
+//! (`RandomState`, random keys per process), so nobody can compute offline which addresses
+//! land together. The hash picks two buckets of [`WAYS`] slots (the key may live in either: the
+//! "two choices" keep buckets evenly filled) and is also stored as the slot's fingerprint; the
+//! key itself is never stored. `check` looks at those 16 slots only: O(1).
+//!
+//! A key found in its buckets uses its own slot. A new key takes, among its 16 candidates:
+//! 1. a slot whose attempts have all expired (or never used), oldest first; else
+//! 2. the slot with the fewest attempts still counted that is under the limit, and it takes
+//!    over that slot's counts: eviction changes whose attempts they were, never how many.
+//!    So flooding the table cannot lower any count: every slot allows at most `max` attempts
+//!    per window, which bounds what any number of addresses together can get through to
+//!    `capacity * max` per window, and a key that churns in and out of a slot shares that
+//!    slot's budget instead of starting afresh each time;
+//! 3. if all 16 slots hold keys at or over their limit, the new key is refused (fail closed)
+//!    with the `Retry-After` of the soonest of them to drop under the limit.
+//!
+//! A limited key is never evicted, so no flood of other keys can reset it. The cost of
+//! failing closed: an attacker who keeps the whole table full of limited keys (which takes
+//! `max` allowed attempts per slot per window, all of them passing to JWT verification, so it
+//! is visible and bounded by the connection caps) locks out addresses new to the table.
+//! Failing open instead would hand an untracked, unlimited key to exactly the attacker that
+//! filled the table, which is the attack the limiter exists to stop. With the table less than
+//! full, a key that found a free slot when it arrived is only ever limited by its own attempts;
+//! [`WindowLimiter::saturated_refusals`] counts the fail-closed refusals so that operators see
+//! when the table is too small. Size it above the number of distinct keys expected within a
+//! window (each slot is 40 bytes: 65,536 keys take 2.5 MiB).
+//!
+//! # Client addresses
+//!
+//! [`ip_key`] groups IPv6 clients by /64 (one host usually owns a whole /64, and a limit per
+//! address would give it 2^64 budgets). [`TrustedProxies`] takes the client address from
+//! `X-Forwarded-For` only when the socket's peer is a configured proxy.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::net::{IpAddr, Ipv6Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+/// Sub-windows per window. More of them forget an attempt closer to exactly one window after
+/// it was made, at 4 bytes per sub-window per key; 4 keeps a slot at 40 bytes and the
+/// over-hold under 15 s of the default 60 s window.
+const SUB_WINDOWS: usize = 4;
+
+/// Counters per key: one more than [`SUB_WINDOWS`], so that the counted sub-windows always
+/// cover at least one whole window behind `now`.
+const RING: usize = SUB_WINDOWS + 1;
+
+/// Slots per bucket of a [`WindowLimiter`] table. With two buckets per key a new key has 16
+/// candidates: enough that a table well short of full practically never makes a key fail
+/// closed, few enough that `check` reads 10 cache lines at most.
+const WAYS: usize = 8;
+
+/// The number of whole seconds to put in an HTTP `Retry-After` header: rounded up, because a
+/// client told to come back before its wait is over is refused again; at least 1.
+pub fn retry_after_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
+}
+
+/// Turns instants into sub-window numbers. Sub-window 0 starts at the first instant seen, as
+/// the limiters never read the clock themselves.
+#[derive(Debug, Clone)]
+struct Clock {
+    /// The instant sub-window 0 starts at; `None` until the first `tick`.
+    origin: Option<Instant>,
+    /// Length of a sub-window in nanoseconds, at least 1.
+    width_ns: u64,
+    /// Nanoseconds from `origin` to the latest instant seen. Time never goes back behind it, so
+    /// an instant out of order cannot bring counted attempts back, and a window change can
+    /// re-express "now" in the new sub-windows without being passed an instant.
+    latest_ns: u64,
+}
+
+impl Clock {
+    fn new(window: Duration) -> Clock {
+        Clock { origin: None, width_ns: Self::width(window), latest_ns: 0 }
+    }
+
+    /// A window's sub-window length, rounded up so that `SUB_WINDOWS` of them span at least
+    /// the window (rounding down would make the limiter lenient).
+    fn width(window: Duration) -> u64 {
+        let ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+        ns.div_ceil(SUB_WINDOWS as u64).max(1)
+    }
+
+    /// The sub-window `now` falls in (never one before the latest seen).
+    fn tick(&mut self, now: Instant) -> u64 {
+        let origin = *self.origin.get_or_insert(now);
+        let since = now.saturating_duration_since(origin).as_nanos();
+        self.latest_ns = self.latest_ns.max(u64::try_from(since).unwrap_or(u64::MAX));
+        self.current()
+    }
+
+    /// The sub-window of the latest instant seen.
+    fn current(&self) -> u64 {
+        self.latest_ns / self.width_ns
+    }
+
+    /// How long from `now` until sub-window `tick` starts; more than zero for any tick after
+    /// the current one.
+    fn until(&self, tick: u64, now: Instant) -> Duration {
+        let origin = self.origin.unwrap_or(now);
+        let offset = Duration::from_nanos(tick.saturating_mul(self.width_ns));
+        match origin.checked_add(offset) {
+            Some(start) => start.saturating_duration_since(now),
+            // Only a window of centuries gets here; "much later" is the honest answer.
+            None => Duration::from_nanos(u64::MAX),
+        }
+    }
+}
+
+/// The attempts one key made in the sub-windows still counted, oldest first.
+#[derive(Debug, Clone, Copy, Default)]
+struct Window {
+    /// The newest sub-window held; `counts` holds `newest - SUB_WINDOWS ..= newest`. Also
+    /// serves as "last used" when picking which slot a new key takes.
+    newest: u64,
+    /// `counts[k]`: attempts allowed in sub-window `newest - SUB_WINDOWS + k` (zero for
+    /// sub-windows before the first).
+    counts: [u32; RING],
+    /// The sum of `counts` (at most `max`, as only attempts under the limit are counted), so
+    /// that the common case, a window already seen in the current sub-window, is not summed
+    /// again for each of a key's 16 candidates.
+    total: u32,
+}
+
+impl Window {
+    /// Moves forward to sub-window `tick`: the oldest counts drop out, zeros come in.
+    fn advance(&mut self, tick: u64) {
+        if tick <= self.newest {
+            return;
+        }
+        let gap = tick - self.newest;
+        if gap >= RING as u64 {
+            self.counts = [0; RING];
+        } else {
+            let gap = gap as usize;
+            self.counts.copy_within(gap.., 0);
+            self.counts[RING - gap..].fill(0);
+        }
+        self.newest = tick;
+        self.total = u32::try_from(self.sum_from(0)).unwrap_or(u32::MAX);
+    }
+
+    /// Attempts still counted in sub-window `tick` (`newest` or later), without moving.
+    fn live(&self, tick: u64) -> u64 {
+        match tick.saturating_sub(self.newest) {
+            0 => u64::from(self.total),
+            // The oldest `gone` counts have dropped out by `tick`.
+            gone if gone < RING as u64 => self.sum_from(gone as usize),
+            _ => 0,
+        }
+    }
+
+    /// The sum of `counts[k..]`. Index loops here and in `free_at` rather than iterators: in
+    /// debug builds, where the tests flood a table with a million keys, every iterator step
+    /// is a function call.
+    fn sum_from(&self, mut k: usize) -> u64 {
+        let mut sum = 0;
+        while k < RING {
+            sum += u64::from(self.counts[k]);
+            k += 1;
+        }
+        sum
+    }
+
+    /// Counts one attempt in sub-window `tick` if fewer than `max` are counted; otherwise
+    /// says from which sub-window on one would be allowed.
+    fn try_count(&mut self, max: u32, tick: u64) -> Result<(), u64> {
+        self.advance(tick);
+        if self.live(tick) < u64::from(max) {
+            let newest = &mut self.counts[RING - 1];
+            *newest = newest.saturating_add(1);
+            self.total = self.total.saturating_add(1);
+            Ok(())
+        } else {
+            Err(self.free_at(max))
+        }
+    }
+
+    /// The first sub-window in which fewer than `max` attempts are counted, if none are added:
+    /// drop sub-windows oldest first until enough have gone. `counts[k]` stops counting when
+    /// sub-window `newest + 1 + k` starts. Needs `max > 0` and a window at its limit now
+    /// (then counts that have dropped out already cannot be the answer, so the window need
+    /// not be moved to now first).
+    fn free_at(&self, max: u32) -> u64 {
+        let mut left = self.live(self.newest);
+        let mut k = 0;
+        while k < RING {
+            left -= u64::from(self.counts[k]);
+            if left < u64::from(max) {
+                return self.newest + 1 + k as u64;
+            }
+            k += 1;
+        }
+        // Not reached when `max > 0`: nothing is left after the newest sub-window.
+        self.newest + RING as u64
+    }
+
+    /// Re-expresses the window after a window change: every attempt still counted at
+    /// `old_tick` (old sub-windows) is treated as made in `new_tick` (new sub-windows). That
+    /// keeps a limited key limited, for up to one new window; finer history cannot be
+    /// converted.
+    fn collapse(&mut self, old_tick: u64, new_tick: u64) {
+        let total = u32::try_from(self.live(old_tick)).unwrap_or(u32::MAX);
+        self.counts = [0; RING];
+        self.counts[RING - 1] = total;
+        self.total = total;
+        self.newest = new_tick;
+    }
+}
+
+/// One entry of a [`WindowLimiter`] table.
+#[derive(Debug, Clone, Copy, Default)]
+struct Slot {
+    /// The keyed hash of the key that owns the slot, 0 for a slot never used (hashes of 0 are
+    /// stored as 1). 64 bits make two live keys sharing one a 2^-64 event, which is what lets
+    /// the table keep no key bytes and stay fixed-size; keys that did share one would only
+    /// share a budget (stricter, never more lenient).
+    fingerprint: u64,
+    /// The owner's attempts (and, after an eviction, those of the key it took over from).
+    window: Window,
+}
+
+/// A sliding-window limit on attempts per key, in a table of fixed size (see the module doc).
+#[derive(Debug)]
+pub struct WindowLimiter {
+    /// Attempts allowed per window; 0 turns the limiter off.
+    max: u32,
+    /// Sub-window numbering for `window`.
+    clock: Clock,
+    /// Keyed SipHash with random per-process keys: nobody can choose offline a set of keys
+    /// that land in the same buckets.
+    hasher: RandomState,
+    /// The table, `WAYS` slots per bucket, allocated once in `new` and never grown.
+    slots: Box<[Slot]>,
+    /// Attempts refused only because every candidate slot held a limited key (failing closed);
+    /// a count that keeps growing says the table is too small for the traffic.
+    saturated: u64,
+}
+
+impl WindowLimiter {
+    /// A limiter of `max` attempts per `window` (`max` 0: off) tracking at least `capacity`
+    /// keys: the table gets `capacity` rounded up to a multiple of 8 slots, at least 8.
+    pub fn new(max: u32, window: Duration, capacity: usize) -> Self {
+        let buckets = capacity.div_ceil(WAYS).max(1);
+        WindowLimiter {
+            max,
+            clock: Clock::new(window),
+            hasher: RandomState::new(),
+            slots: vec![Slot::default(); buckets * WAYS].into_boxed_slice(),
+            saturated: 0,
+        }
+    }
+
+    /// Counts an attempt by `key` at `now` if it is allowed; otherwise refuses it, without
+    /// counting it, with how long the key has to wait (never zero).
+    pub fn check(&mut self, key: &[u8], now: Instant) -> Result<(), Duration> {
+        if self.max == 0 {
+            return Ok(());
+        }
+        let tick = self.clock.tick(now);
+        let mut hasher = self.hasher.build_hasher();
+        hasher.write(key);
+        let hash = hasher.finish();
+        let fingerprint = hash.max(1);
+        let buckets = self.slots.len() / WAYS;
+        let first = (hash as u32) as usize % buckets;
+        let mut second = (hash >> 32) as usize % buckets;
+        if second == first {
+            second = (first + 1) % buckets;
+        }
+        let candidates = [first, second];
+        let candidates = &candidates[..buckets.min(2)];
+
+        // The key's own slot or, if it has none, the one it takes: the least used under the
+        // limit, ranked by (attempts still counted, last used).
+        let mut victim: Option<(usize, (u64, u64))> = None;
+        for &bucket in candidates {
+            for i in bucket * WAYS..(bucket + 1) * WAYS {
+                let slot = &mut self.slots[i];
+                if slot.fingerprint == fingerprint {
+                    return slot.window.try_count(self.max, tick).map_err(|t| self.clock.until(t, now));
+                }
+                let rank = (slot.window.live(tick), slot.window.newest);
+                let better = match victim {
+                    None => rank.0 < u64::from(self.max),
+                    Some((_, best)) => rank < best,
+                };
+                if better {
+                    victim = Some((i, rank));
+                }
+            }
+        }
+        if let Some((i, _)) = victim {
+            let slot = &mut self.slots[i];
+            slot.fingerprint = fingerprint;
+            return slot.window.try_count(self.max, tick).map_err(|t| self.clock.until(t, now));
+        }
+        // Every candidate is limited: fail closed until the first of them drops under its limit.
+        self.saturated += 1;
+        let mut soonest_free = u64::MAX;
+        for &bucket in candidates {
+            for slot in &self.slots[bucket * WAYS..(bucket + 1) * WAYS] {
+                let free_at = slot.window.free_at(self.max);
+                if free_at < soonest_free {
+                    soonest_free = free_at;
+                }
+            }
+        }
+        Err(self.clock.until(soonest_free, now))
+    }
+
+    /// Applies a config reload without forgetting anyone's attempts. A new `max` applies to
+    /// the attempts already counted. A new `window` cannot convert the old sub-windows, so
+    /// every attempt still counted is treated as made at the latest `check`: a limited key
+    /// stays limited, for up to one new window.
+    pub fn set_limits(&mut self, max: u32, window: Duration) {
+        self.max = max;
+        let width = Clock::width(window);
+        if width == self.clock.width_ns {
+            return;
+        }
+        let old_tick = self.clock.current();
+        self.clock.width_ns = width;
+        let new_tick = self.clock.current();
+        for slot in self.slots.iter_mut().filter(|s| s.fingerprint != 0) {
+            slot.window.collapse(old_tick, new_tick);
+        }
+    }
+
+    /// Bytes this limiter holds, table included; fixed at construction.
+    pub fn memory_bytes(&self) -> usize {
+        std::mem::size_of::<Self>() + std::mem::size_of_val::<[Slot]>(&self.slots)
+    }
+
+    /// The number of keys the table holds (the `capacity` asked for, rounded up).
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Attempts refused because the key's candidate slots all held limited keys (see the
+    /// module doc); for metrics, to tell that the table is too small.
+    pub fn saturated_refusals(&self) -> u64 {
+        self.saturated
+    }
+}
+
+/// The rate-limit key of a client address: an IPv4 address whole (as its IPv4-mapped IPv6
+/// form), an IPv6 address by its /64 (the rest zeroed), an IPv4-mapped IPv6 address as the
+/// IPv4 address it carries. The two kinds cannot collide: a mapped key has `ff ff` in bytes
+/// 10 and 11, where a /64 key has zeros.
+pub fn ip_key(ip: IpAddr) -> [u8; 16] {
+    match canonical(ip) {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => {
+            let mut key = [0; 16];
+            key[..8].copy_from_slice(&v6.octets()[..8]);
+            key
+        }
+    }
+}
+
+/// An IPv4-mapped IPv6 address (what a dual-stack socket reports for IPv4 peers) as the IPv4
+/// address it is; anything else unchanged.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        IpAddr::V4(_) => ip,
+    }
+}
+
+/// One trusted network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Net {
+    /// An IPv4 network: the address with its host bits zero, and the prefix length (0..=32).
+    V4(u32, u8),
+    /// An IPv6 network: the address with its host bits zero, and the prefix length (0..=128).
+    V6(u128, u8),
+}
+
+impl Net {
+    fn contains(self, ip: IpAddr) -> bool {
+        match (self, canonical(ip)) {
+            (Net::V4(net, len), IpAddr::V4(ip)) => u32::from(ip) & mask_v4(len) == net,
+            (Net::V6(net, len), IpAddr::V6(ip)) => u128::from(ip) & mask_v6(len) == net,
+            _ => false,
+        }
+    }
+}
+
+fn mask_v4(len: u8) -> u32 {
+    u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0)
+}
+
+fn mask_v6(len: u8) -> u128 {
+    u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0)
+}
+
+/// The reverse proxies whose `X-Forwarded-For` is believed. Empty (the default) believes
+/// nobody, so a client cannot pick its own rate-limit key by sending the header itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TrustedProxies {
+    /// The trusted networks; IPv4 ones also match IPv4-mapped IPv6 peers.
+    nets: Vec<Net>,
+}
+
+impl TrustedProxies {
+    /// Parses networks written `addr/prefix` or as a bare address (one host), IPv4 or IPv6.
+    /// Host bits set (`10.0.0.1/8`) are refused rather than guessed at: that entry may have
+    /// been meant as one host or as the network. An IPv4-mapped IPv6 network with a prefix of
+    /// at least 96 is taken as the IPv4 network it denotes.
+    pub fn parse(list: &[String]) -> Result<Self, String> {
+        let nets = list.iter().map(|entry| parse_net(entry)).collect::<Result<_, _>>()?;
+        Ok(TrustedProxies { nets })
+    }
+
+    /// Whether `ip` is inside a trusted network.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.nets.iter().any(|net| net.contains(ip))
+    }
+
+    /// The client's address for a connection from `peer` carrying `x_forwarded_for` (every
+    /// `X-Forwarded-For` header of the request joined with `,` in order). Only when `peer` is
+    /// trusted is the header read, from the right (each proxy appends the address it got the
+    /// request from, so entries to the left of a trusted one's were written by whoever the
+    /// client was and prove nothing): trusted hops are skipped and the first untrusted one is
+    /// the client. A malformed entry stops the walk at the last trusted hop, as does the end
+    /// of the list; that hop stands for its clients, which then share one limit (strict
+    /// rather than spoofable). IPv4-mapped addresses come back as IPv4.
+    pub fn client_ip(&self, peer: IpAddr, x_forwarded_for: Option<&str>) -> IpAddr {
+        let mut last_trusted = canonical(peer);
+        if !self.contains(last_trusted) {
+            return last_trusted;
+        }
+        let Some(header) = x_forwarded_for else { return last_trusted };
+        for hop in header.rsplit(',') {
+            let Some(ip) = parse_hop(hop) else { return last_trusted };
+            if !self.contains(ip) {
+                return ip;
+            }
+            last_trusted = ip;
+        }
+        last_trusted
+    }
+}
+
+fn parse_net(entry: &str) -> Result<Net, String> {
+    let text = entry.trim();
+    let (addr, len) = match text.split_once('/') {
+        Some((addr, len)) => (addr, Some(len)),
+        None => (text, None),
+    };
+    let ip: IpAddr = addr.parse().map_err(|_| {
+        format!("trusted proxy {entry:?}: {addr:?} is not an IPv4 or IPv6 address")
+    })?;
+    let max_len = if ip.is_ipv4() { 32 } else { 128 };
+    let len = match len {
+        None => max_len,
+        Some(len) => match len.parse::<u8>() {
+            Ok(n) if n <= max_len && !len.starts_with('+') => n,
+            _ => {
+                return Err(format!(
+                    "trusted proxy {entry:?}: prefix length {len:?} is not a number from 0 to \
+                     {max_len}"
+                ))
+            }
+        },
+    };
+    let net = match ip {
+        IpAddr::V4(v4) => Net::V4(u32::from(v4), len),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) if len >= 96 => Net::V4(u32::from(v4), len - 96),
+            _ => Net::V6(u128::from(v6), len),
+        },
+    };
+    let host_bits_clear = match net {
+        Net::V4(bits, len) => bits & !mask_v4(len) == 0,
+        Net::V6(bits, len) => bits & !mask_v6(len) == 0,
+    };
+    if !host_bits_clear {
+        return Err(format!(
+            "trusted proxy {entry:?}: the address has bits set after the /{len} prefix; write \
+             the network address, or the host without a prefix"
+        ));
+    }
+    Ok(net)
+}
+
+/// One `X-Forwarded-For` entry: an address, an IPv6 address in brackets, either of those with
+/// a port (some proxies add one). Anything else (`unknown`, RFC 7239's obfuscated names,
+/// empty) is malformed.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim_matches([' ', '\t']);
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return Some(canonical(ip));
+    }
+    if let Some(rest) = hop.strip_prefix('[') {
+        let (addr, after) = rest.split_once(']')?;
+        let port_ok = after.is_empty()
+            || after.strip_prefix(':').is_some_and(|p| p.parse::<u16>().is_ok());
+        return if port_ok { addr.parse::<Ipv6Addr>().ok().map(|v6| canonical(v6.into())) } else { None };
+    }
+    hop.parse::<SocketAddrV4>().ok().map(|sa| IpAddr::V4(*sa.ip()))
+}
+
+/// zero-cache's `perUserMutationLimit`: at most `max` mutations per window for each user in
+/// each client group, over the same sliding window as [`WindowLimiter`]. A refused mutation
+/// gets `MutationRateLimited` and the connection stays open.
+///
+/// Users and groups come from verified tokens and live connections, so entries are exact (a
+/// map, not a fixed table); memory is bounded by the live groups because the worker calls
+/// [`MutationLimiter::forget_group`] when a group's last client leaves, and within a group by
+/// the users active in the last window.
+#[derive(Debug)]
+pub struct MutationLimiter {
+    /// Mutations allowed per user per group per window; 0 turns the limit off.
+    max: u32,
+    /// Sub-window numbering for `window`.
+    clock: Clock,
+    /// Windows by client group, then by user, so that a group's entries go in one removal.
+    groups: HashMap<String, HashMap<String, Window>>,
+}
+
+impl MutationLimiter {
+    /// A limit of `max` mutations per `window` per user per group; `max` 0 turns it off.
+    pub fn new(max: u32, window: Duration) -> Self {
+        MutationLimiter { max, clock: Clock::new(window), groups: HashMap::new() }
+    }
+
+    /// Counts a mutation by `user` in `group` at `now` if allowed; otherwise refuses it,
+    /// without counting it, with how long the user has to wait (never zero).
+    pub fn check(&mut self, user: &str, group: &str, now: Instant) -> Result<(), Duration> {
+        if self.max == 0 {
+            return Ok(());
+        }
+        let tick = self.clock.tick(now);
+        let result = match self.groups.get_mut(group) {
+            Some(users) => Self::check_user(users, user, self.max, tick),
+            None => {
+                let mut users = HashMap::new();
+                let result = Self::check_user(&mut users, user, self.max, tick);
+                self.groups.insert(group.to_owned(), users);
+                result
+            }
+        };
+        result.map_err(|t| self.clock.until(t, now))
+    }
+
+    fn check_user(
+        users: &mut HashMap<String, Window>,
+        user: &str,
+        max: u32,
+        tick: u64,
+    ) -> Result<(), u64> {
+        if let Some(window) = users.get_mut(user) {
+            return window.try_count(max, tick);
+        }
+        // A user new to the group: drop the windows that have run out, so that a long-lived
+        // group holds only the users of the last window.
+        users.retain(|_, window| window.live(tick) > 0);
+        let mut window = Window::default();
+        let result = window.try_count(max, tick);
+        users.insert(user.to_owned(), window);
+        result
+    }
+
+    /// Drops a group's counts; called when its last client leaves. A client that rejoins
+    /// starts afresh, which only reconnecting buys (and the connection limits meter that).
+    pub fn forget_group(&mut self, group: &str) {
+        self.groups.remove(group);
+    }
+
+    /// Applies a config reload, as [`WindowLimiter::set_limits`] does; `max` 0 turns the limit
+    /// off and frees its memory.
+    pub fn set_limits(&mut self, max: u32, window: Duration) {
+        self.max = max;
+        if max == 0 {
+            self.groups = HashMap::new();
+        }
+        let width = Clock::width(window);
+        if width == self.clock.width_ns {
+            return;
+        }
+        let old_tick = self.clock.current();
+        self.clock.width_ns = width;
+        let new_tick = self.clock.current();
+        for window in self.groups.values_mut().flat_map(|users| users.values_mut()) {
+            window.collapse(old_tick, new_tick);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn secs(n: u64) -> Duration {
+        Duration::from_secs(n)
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    /// A deterministic generator for schedules and keys (xorshift64*).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+    }
+
+    // ----- WindowLimiter -----
+
+    #[test]
+    fn allows_max_then_refuses_with_the_wait_until_the_oldest_attempts_expire() {
+        let t0 = Instant::now();
+        let mut l = WindowLimiter::new(3, MINUTE, 64);
+        for s in 0..3 {
+            assert_eq!(l.check(b"a", t0 + secs(s)), Ok(()), "attempt {s}");
+        }
+        // All three fell in sub-window 0 (0..15 s), which stops counting at 75 s.
+        assert_eq!(l.check(b"a", t0 + secs(3)), Err(secs(72)));
+        assert_eq!(l.check(b"b", t0 + secs(3)), Ok(()), "other keys have their own count");
+    }
+
+    #[test]
+    fn retry_after_is_exact_and_short_when_little_is_left() {
+        let t0 = Instant::now();
+        let mut l = WindowLimiter::new(3, MINUTE, 64);
+        for s in [0, 20, 40] {
+            l.check(b"k", t0 + secs(s)).unwrap();
+        }
+        // Only the attempt at 0 s has to drop out: at 75 s, not a whole window from now.
+        assert_eq!(l.check(b"k", t0 + secs(50)), Err(secs(25)));
+        assert_eq!(l.check(b"k", t0 + ms(74_900)), Err(ms(100)));
+        let just_before = t0 + secs(75) - Duration::from_nanos(1);
+        assert_eq!(l.check(b"k", just_before), Err(Duration::from_nanos(1)));
+        assert_eq!(l.check(b"k", t0 + secs(75)), Ok(()));
+        // Now 20, 40 and 75 s are counted; 20 s (sub-window 1) drops out at 90 s.
+        assert_eq!(l.check(b"k", t0 + secs(76)), Err(secs(14)));
+    }
+
+    #[test]
+    fn refused_attempts_do_not_extend_the_wait() {
+        let t0 = Instant::now();
+        let mut l = WindowLimiter::new(2, MINUTE, 64);
+        l.check(b"k", t0).unwrap();
+        l.check(b"k", t0).unwrap();
+        for s in 1..75 {
+            let wait = l.check(b"k", t0 + secs(s)).unwrap_err();
+            assert_eq!(wait, secs(75 - s), "at {s} s");
+        }
+        assert_eq!(l.check(b"k", t0 + secs(75)), Ok(()));
+    }
+
+    #[test]
+    fn a_limited_key_is_allowed_again_after_the_window() {
+        let t0 = Instant::now();
+        let mut l = WindowLimiter::new(5, ms(1000), 64);
+        for _ in 0..5 {
+            l.check(b"k", t0).unwrap();
+        }
+        let wait = l.check(b"k", t0).unwrap_err();
+        assert!(wait > ms(1000) && wait <= ms(1250), "{wait:?}");
+        for _ in 0..5 {
+            assert_eq!(l.check(b"k", t0 + wait), Ok(()));
+        }
+        assert!(l.check(b"k", t0 + wait).is_err());
+    }
+
+    /// The error bound of the module doc, checked against an exact log of allowed attempts
+    /// under random timing: never more than `max` in any window, and a refusal only when
+    /// `max` were allowed within the last window and one sub-window.
+    #[test]
+    fn never_lenient_and_strict_by_at_most_one_sub_window() {
+        let t0 = Instant::now();
+        let (max, window) = (10u32, ms(1000));
+        let mut l = WindowLimiter::new(max, window, 64);
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut allowed: Vec<Duration> = Vec::new();
+        let mut now = Duration::ZERO;
+        let (mut refusals, mut admits) = (0, 0);
+        for _ in 0..20_000 {
+            // Bursts and lulls: mostly short gaps, sometimes long ones.
+            now += match rng.next() % 10 {
+                0 => ms(rng.next() % 1500),
+                _ => ms(rng.next() % 60),
+            };
+            // `allowed` is in time order: count its tail within `span` of now.
+            let in_window = |span: Duration| allowed.len() - allowed.partition_point(|&a| a + span <= now);
+            match l.check(b"k", t0 + now) {
+                Ok(()) => {
+                    admits += 1;
+                    assert!(in_window(window) < max as usize, "lenient at {now:?}");
+                    allowed.push(now);
+                }
+                Err(wait) => {
+                    refusals += 1;
+                    assert!(wait > Duration::ZERO);
+                    assert!(
+                        in_window(window + window / SUB_WINDOWS as u32) >= max as usize,
+                        "refused at {now:?} with fewer than max in window + sub-window"
+                    );
+                    assert!(wait <= window + window / SUB_WINDOWS as u32, "{wait:?}");
+                }
+            }
+        }
+        assert!(refusals > 1000 && admits > 1000, "the schedule exercised both sides");
+    }
+
+    /// The flood the module exists for: a million distinct addresses (IPv6 /64s are cheap)
+    /// against a 4096-slot table, all within one window.
+    #[test]
+    fn a_flood_of_distinct_keys_neither_grows_memory_nor_resets_a_limited_key() {
+        let t0 = Instant::now();
+        let mut l = WindowLimiter::new(100, MINUTE, 4096);
+        let before = l.memory_bytes();
+        let table = l.slots.as_ptr();
+        assert_eq!(l.capacity(), 4096);
+        assert_eq!(std::mem::size_of::<Slot>(), 40, "the size the module doc quotes");
+        assert!(before >= 4096 * 40 && before < 4096 * 40 + 1024, "{before}");
+
+        let victim = ip_key(ip("203.0.113.9"));
+        for _ in 0..100 {
+            l.check(&victim, t0).unwrap();
+        }
+        let wait = l.check(&victim, t0).unwrap_err();
+        let mut allowed = 0u64;
+        for i in 0u64..1_000_000 {
+            let attacker = IpAddr::V6(Ipv6Addr::from(u128::from(i) << 64));
+            allowed += u64::from(l.check(&ip_key(attacker), t0 + Duration::from_micros(i)).is_ok());
+        }
+        assert_eq!(l.memory_bytes(), before);
+        assert_eq!(l.slots.as_ptr(), table, "the table was never reallocated");
+        assert!(allowed <= 4096 * 100, "at most capacity * max got through: {allowed}");
+        assert!(l.saturated_refusals() > 0, "the table filled up and failed closed");
+
+        let now = t0 + secs(1);
+        assert_eq!(l.check(&victim, now), Err(wait - secs(1)), "still limited, same wait");
+        assert_eq!(l.check(&victim, t0 + wait), Ok(()), "and free once the window passed");
+    }
+
+    /// A 16-slot table is one candidate set (two buckets of 8), so which slot a key takes is
+    /// deterministic whatever the hash keys are.
+    fn one_set(max: u32) -> WindowLimiter {
+        let l = WindowLimiter::new(max, MINUTE, 16);
+        assert_eq!(l.capacity(), 16);
+        l
+    }
+
+    #[test]
+    fn flooding_cannot_get_more_than_capacity_times_max_through() {
+        let t0 = Instant::now();
+        let mut l = one_set(3);
+        let allowed = (0u32..10_000).filter(|i| l.check(&i.to_le_bytes(), t0).is_ok()).count();
+        assert_eq!(allowed, 16 * 3);
+
+        // Two keys taking turns in a full table, each arrival taking over the least used slot
+        // (often the other's), get no more than the budget left in the table: 1 in each of
+        // the 15 busy slots and 3 in the free one. Were evicted counts forgotten, every turn
+        // would start afresh and all 1000 would pass.
+        let mut l = one_set(3);
+        for i in 0u32..15 {
+            for _ in 0..2 {
+                l.check(&i.to_le_bytes(), t0).unwrap();
+            }
+        }
+        let turns = (0..1000).filter(|n| l.check(if n % 2 == 0 { b"x" } else { b"y" }, t0).is_ok());
+        let turns = turns.count();
+        assert!((2..=15 + 3).contains(&turns), "{turns}");
+    }
+
+    #[test]
+    fn a_key_under_its_limit_is_not_refused_while_a_slot_is_free() {
+        let t0 = Instant::now();
+        let mut l = one_set(3);
+        for i in 0u32..15 {
+            for _ in 0..3 {
+                l.check(&i.to_le_bytes(), t0 + secs(u64::from(i))).unwrap();
+            }
+            assert!(l.check(&i.to_le_bytes(), t0 + secs(u64::from(i))).is_err());
+        }
+        let now = t0 + secs(20);
+        for _ in 0..3 {
+            assert_eq!(l.check(b"newcomer", now), Ok(()));
+        }
+        assert!(l.check(b"newcomer", now).is_err());
+        assert_eq!(l.saturated_refusals(), 0);
+
+        // Every slot is now limited: a 17th key fails closed, told to come back when the
+        // first slot drops under its limit (key 0's attempts, sub-window 0, free at 75 s).
+        assert_eq!(l.check(b"late", now), Err(secs(55)));
+        assert_eq!(l.saturated_refusals(), 1);
+        for i in 0u32..15 {
+            assert!(l.check(&i.to_le_bytes(), now).is_err(), "no limited key was evicted");
+        }
+        assert_eq!(l.check(b"late", t0 + secs(75)), Ok(()));
+    }
+
+    #[test]
+    fn a_new_key_takes_an_expired_slot_then_the_least_used_one() {
+        let t0 = Instant::now();
+        let mut l = one_set(4);
+        // 16 keys with 2 attempts each, except key 5 with 1.
+        for i in 0u32..16 {
+            let n = if i == 5 { 1 } else { 2 };
+            for _ in 0..n {
+                l.check(&i.to_le_bytes(), t0).unwrap();
+            }
+        }
+        // The newcomer takes key 5's slot and its one attempt: 3 more for it.
+        for _ in 0..3 {
+            assert_eq!(l.check(b"new", t0), Ok(()));
+        }
+        assert!(l.check(b"new", t0).is_err());
+        // Nobody else lost their count: each of the other 15 has exactly 2 left.
+        for i in (0u32..16).filter(|&i| i != 5) {
+            assert_eq!(l.check(&i.to_le_bytes(), t0), Ok(()));
+            assert_eq!(l.check(&i.to_le_bytes(), t0), Ok(()));
+            assert!(l.check(&i.to_le_bytes(), t0).is_err(), "key {i}");
+        }
+
+        // Once everything has expired, a newcomer gets a whole budget again.
+        let later = t0 + secs(80);
+        for _ in 0..4 {
+            assert_eq!(l.check(b"later", later), Ok(()));
+        }
+        assert!(l.check(b"later", later).is_err());
+    }
+
+    #[test]
+    fn set_limits_keeps_the_counts() {
+        let t0 = Instant::now();
+        let mut l = WindowLimiter::new(5, MINUTE, 64);
+        for _ in 0..3 {
+            l.check(b"k", t0).unwrap();
+        }
+        l.set_limits(3, MINUTE);
+        assert!(l.check(b"k", t0 + secs(1)).is_err(), "lower max applies to the counted");
+        l.set_limits(4, MINUTE);
+        assert_eq!(l.check(b"k", t0 + secs(1)), Ok(()));
+        assert!(l.check(b"k", t0 + secs(1)).is_err());
+
+        // A shorter window: the four attempts count as made at the last check (1 s) and are
+        // held for up to one new window plus a sub-window.
+        l.set_limits(4, secs(10));
+        let wait = l.check(b"k", t0 + secs(2)).unwrap_err();
+        assert!(wait > secs(8) && wait <= secs(11), "{wait:?}");
+        assert!(l.check(b"k", t0 + secs(2) + wait - ms(1)).is_err());
+        assert_eq!(l.check(b"k", t0 + secs(2) + wait), Ok(()));
+    }
+
+    #[test]
+    fn max_zero_turns_the_limiter_off() {
+        let t0 = Instant::now();
+        let mut l = WindowLimiter::new(0, MINUTE, 8);
+        assert!((0..1000).all(|_| l.check(b"k", t0).is_ok()));
+        l.set_limits(1, MINUTE);
+        assert_eq!(l.check(b"k", t0), Ok(()));
+        assert!(l.check(b"k", t0).is_err());
+    }
+
+    #[test]
+    fn an_instant_out_of_order_is_harmless() {
+        let t0 = Instant::now();
+        let mut l = WindowLimiter::new(2, MINUTE, 8);
+        l.check(b"k", t0 + secs(30)).unwrap();
+        l.check(b"k", t0 + secs(30)).unwrap();
+        // Earlier than anything seen: still counted as "now", not before the attempts.
+        let wait = l.check(b"k", t0 + secs(1)).unwrap_err();
+        assert!(wait > secs(60), "{wait:?}");
+        // Earlier than the very first instant the limiter saw.
+        let mut l = WindowLimiter::new(1, MINUTE, 8);
+        l.check(b"k", t0 + secs(5)).unwrap();
+        assert!(l.check(b"k", t0).is_err());
+    }
+
+    #[test]
+    fn capacity_rounds_up_to_whole_buckets() {
+        assert_eq!(WindowLimiter::new(1, MINUTE, 0).capacity(), 8);
+        assert_eq!(WindowLimiter::new(1, MINUTE, 9).capacity(), 16);
+        let t0 = Instant::now();
+        let mut l = WindowLimiter::new(1, MINUTE, 0);
+        let allowed = (0u32..100).filter(|i| l.check(&i.to_le_bytes(), t0).is_ok()).count();
+        assert_eq!(allowed, 8, "one bucket: its 8 slots' budgets");
+    }
+
+    #[test]
+    fn tiny_and_huge_windows_do_not_break_the_arithmetic() {
+        let t0 = Instant::now();
+        let mut l = WindowLimiter::new(1, Duration::ZERO, 8);
+        l.check(b"k", t0).unwrap();
+        assert_eq!(l.check(b"k", t0), Err(Duration::from_nanos(RING as u64)));
+        let mut l = WindowLimiter::new(1, Duration::MAX, 8);
+        l.check(b"k", t0).unwrap();
+        assert!(l.check(b"k", t0 + secs(1_000_000)).unwrap_err() > secs(1_000_000));
+    }
+
+    #[test]
+    fn retry_after_seconds_round_up() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_nanos(1)), 1);
+        assert_eq!(retry_after_secs(secs(1)), 1);
+        assert_eq!(retry_after_secs(secs(1) + Duration::from_nanos(1)), 2);
+        assert_eq!(retry_after_secs(secs(72)), 72);
+    }
+
+    // ----- ip_key -----
+
+    #[test]
+    fn ip_keys_group_ipv6_by_64_and_keep_ipv4_whole() {
+        assert_eq!(ip_key(ip("192.0.2.1")), Ipv4Addr::new(192, 0, 2, 1).to_ipv6_mapped().octets());
+        assert_ne!(ip_key(ip("192.0.2.1")), ip_key(ip("192.0.2.2")));
+        assert_eq!(ip_key(ip("::ffff:192.0.2.1")), ip_key(ip("192.0.2.1")));
+        assert_eq!(ip_key(ip("2001:db8:1:2:aaaa::1")), ip_key(ip("2001:db8:1:2:ffff:1:2:3")));
+        assert_ne!(ip_key(ip("2001:db8:1:2::1")), ip_key(ip("2001:db8:1:3::1")));
+        assert_eq!(ip_key(ip("2001:db8:1:2:3:4:5:6"))[8..], [0; 8]);
+        // The /64 that holds the mapped range does not alias IPv4 keys.
+        assert_ne!(ip_key(ip("::1")), ip_key(ip("0.0.0.1")));
+        assert_ne!(ip_key(ip("::")), ip_key(ip("0.0.0.0")));
+    }
+
+    // ----- TrustedProxies -----
+
+    fn proxies(list: &[&str]) -> TrustedProxies {
+        TrustedProxies::parse(&list.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap()
+    }
+
+    fn parse_err(entry: &str) -> String {
+        TrustedProxies::parse(&[entry.to_string()]).unwrap_err()
+    }
+
+    #[test]
+    fn parses_networks_and_hosts() {
+        let p = proxies(&["10.0.0.0/8", " 192.168.1.7 ", "2001:db8::/32", "::1", "0.0.0.0/0"]);
+        assert_eq!(p.nets.len(), 5);
+        let p = proxies(&["10.0.0.0/8", "192.168.1.7", "2001:db8::/32", "::1"]);
+        assert!(p.contains(ip("10.255.0.1")));
+        assert!(!p.contains(ip("11.0.0.1")));
+        assert!(p.contains(ip("192.168.1.7")));
+        assert!(!p.contains(ip("192.168.1.8")));
+        assert!(p.contains(ip("2001:db8:ffff::1")));
+        assert!(!p.contains(ip("2001:db9::1")));
+        assert!(p.contains(ip("::1")));
+        assert!(!p.contains(ip("::2")));
+        assert!(p.contains(ip("::ffff:10.1.2.3")), "IPv4 networks match mapped peers");
+        assert!(proxies(&["::ffff:10.0.0.0/104"]).contains(ip("10.9.9.9")));
+        assert!(proxies(&["0.0.0.0/0"]).contains(ip("8.8.8.8")));
+        assert!(!proxies(&["0.0.0.0/0"]).contains(ip("2001:db8::1")));
+        assert!(!TrustedProxies::default().contains(ip("127.0.0.1")));
+    }
+
+    #[test]
+    fn refuses_malformed_networks_with_clear_errors() {
+        for (entry, says) in [
+            ("", "is not an IPv4 or IPv6 address"),
+            ("10.0.0", "is not an IPv4 or IPv6 address"),
+            ("example.com", "is not an IPv4 or IPv6 address"),
+            ("fe80::1%eth0", "is not an IPv4 or IPv6 address"),
+            ("10.0.0.0/33", "prefix length \"33\" is not a number from 0 to 32"),
+            ("2001:db8::/129", "from 0 to 128"),
+            ("10.0.0.0/", "prefix length \"\""),
+            ("10.0.0.0/+8", "prefix length"),
+            ("10.0.0.0/x", "prefix length"),
+            ("10.0.0.1/8", "bits set after the /8 prefix"),
+            ("2001:db8::1/64", "bits set after the /64 prefix"),
+        ] {
+            let e = parse_err(entry);
+            assert!(e.contains(says), "{entry:?}: {e}");
+            assert!(e.contains(&format!("{entry:?}")), "names the entry: {e}");
+        }
+        let list = vec!["10.0.0.0/8".to_string(), "bad".to_string()];
+        assert!(TrustedProxies::parse(&list).unwrap_err().contains("\"bad\""));
+    }
+
+    #[test]
+    fn a_client_cannot_spoof_its_address_without_a_trusted_proxy() {
+        let p = proxies(&["10.0.0.0/8"]);
+        let attacker = ip("198.51.100.7");
+        assert_eq!(p.client_ip(attacker, Some("1.2.3.4")), attacker);
+        assert_eq!(p.client_ip(attacker, Some("10.0.0.1")), attacker);
+        assert_eq!(p.client_ip(attacker, None), attacker);
+        // Nobody trusted: the header is never read.
+        assert_eq!(TrustedProxies::default().client_ip(attacker, Some("1.2.3.4")), attacker);
+    }
+
+    #[test]
+    fn through_a_trusted_proxy_the_rightmost_untrusted_hop_is_the_client() {
+        let p = proxies(&["10.0.0.0/8", "2001:db8::/32"]);
+        let proxy = ip("10.0.0.1");
+        assert_eq!(p.client_ip(proxy, Some("203.0.113.5")), ip("203.0.113.5"));
+        // The client wrote a fake entry itself; the proxy appended the real address.
+        assert_eq!(p.client_ip(proxy, Some("1.2.3.4, 203.0.113.5")), ip("203.0.113.5"));
+        // A client pretending to be one of our proxies does not make its own entry trusted.
+        assert_eq!(p.client_ip(proxy, Some("10.9.9.9,203.0.113.5")), ip("203.0.113.5"));
+        // Chains of trusted proxies are skipped.
+        assert_eq!(p.client_ip(proxy, Some("203.0.113.5, 10.0.0.2, 2001:db8::7")), ip("203.0.113.5"));
+        // No header from a trusted proxy: the proxy is the client.
+        assert_eq!(p.client_ip(proxy, None), proxy);
+        // Every hop trusted: the leftmost is the client.
+        assert_eq!(p.client_ip(proxy, Some("10.0.0.3, 10.0.0.2")), ip("10.0.0.3"));
+        // Mapped peers and entries come back as IPv4.
+        assert_eq!(p.client_ip(ip("::ffff:10.0.0.1"), Some("::ffff:203.0.113.5")), ip("203.0.113.5"));
+        assert_eq!(p.client_ip(ip("::ffff:198.51.100.1"), Some("1.2.3.4")), ip("198.51.100.1"));
+    }
+
+    #[test]
+    fn forwarded_entries_with_ports_and_brackets_are_read() {
+        let p = proxies(&["10.0.0.0/8"]);
+        let proxy = ip("10.0.0.1");
+        assert_eq!(p.client_ip(proxy, Some("203.0.113.5:4711")), ip("203.0.113.5"));
+        assert_eq!(p.client_ip(proxy, Some("[2001:db8::5]")), ip("2001:db8::5"));
+        assert_eq!(p.client_ip(proxy, Some("[2001:db8::5]:443")), ip("2001:db8::5"));
+        assert_eq!(p.client_ip(proxy, Some("\t2001:db8::5 ")), ip("2001:db8::5"));
+    }
+
+    #[test]
+    fn a_malformed_entry_stops_at_the_last_trusted_hop() {
+        let p = proxies(&["10.0.0.0/8"]);
+        let proxy = ip("10.0.0.1");
+        for bad in [
+            "unknown",
+            "",
+            " , ",
+            "_hidden",
+            "300.1.1.1",
+            "[2001:db8::5",
+            "[2001:db8::5]:99999",
+            "[2001:db8::5]x",
+            "[10.0.0.1]",
+            "2001:db8::5:443:x",
+        ] {
+            assert_eq!(p.client_ip(proxy, Some(bad)), proxy, "{bad:?}");
+        }
+        // The walk stops at the garbage even when an address lies beyond it.
+        assert_eq!(p.client_ip(proxy, Some("203.0.113.5, garbage, 10.0.0.2")), ip("10.0.0.2"));
+        assert_eq!(p.client_ip(proxy, Some("203.0.113.5,")), proxy);
+    }
+
+    // ----- MutationLimiter -----
+
+    #[test]
+    fn mutations_are_limited_per_user_and_group() {
+        let t0 = Instant::now();
+        let mut m = MutationLimiter::new(2, MINUTE);
+        assert_eq!(m.check("alice", "g1", t0), Ok(()));
+        assert_eq!(m.check("alice", "g1", t0 + secs(20)), Ok(()));
+        assert_eq!(m.check("alice", "g1", t0 + secs(21)), Err(secs(54)));
+        assert_eq!(m.check("alice", "g2", t0 + secs(21)), Ok(()), "another group");
+        assert_eq!(m.check("bob", "g1", t0 + secs(21)), Ok(()), "another user");
+        assert_eq!(m.check("alice", "g1", t0 + secs(75)), Ok(()));
+        assert!(m.check("alice", "g1", t0 + secs(75)).is_err());
+    }
+
+    #[test]
+    fn mutation_limit_zero_is_off_and_holds_nothing() {
+        let t0 = Instant::now();
+        let mut m = MutationLimiter::new(0, MINUTE);
+        assert!((0..1000).all(|i| m.check("u", &format!("g{i}"), t0).is_ok()));
+        assert!(m.groups.is_empty());
+        m.set_limits(1, MINUTE);
+        assert_eq!(m.check("u", "g", t0), Ok(()));
+        assert!(m.check("u", "g", t0).is_err());
+        m.set_limits(0, MINUTE);
+        assert!(m.groups.is_empty());
+        assert_eq!(m.check("u", "g", t0), Ok(()));
+    }
+
+    #[test]
+    fn forgetting_a_group_frees_its_entries() {
+        let t0 = Instant::now();
+        let mut m = MutationLimiter::new(1, MINUTE);
+        for g in 0..100 {
+            m.check("u", &format!("g{g}"), t0).unwrap();
+        }
+        assert_eq!(m.groups.len(), 100);
+        for g in 0..100 {
+            m.forget_group(&format!("g{g}"));
+        }
+        assert!(m.groups.is_empty());
+        m.forget_group("never-seen");
+        assert_eq!(m.check("u", "g0", t0), Ok(()), "a rejoined group starts afresh");
+    }
+
+    #[test]
+    fn a_group_keeps_only_the_users_of_the_last_window() {
+        let t0 = Instant::now();
+        let mut m = MutationLimiter::new(1, MINUTE);
+        m.check("old", "g", t0).unwrap();
+        m.check("recent", "g", t0 + secs(70)).unwrap();
+        // "old" ran out at 75 s: a new user at 80 s drops its entry, not "recent"'s.
+        m.check("new", "g", t0 + secs(80)).unwrap();
+        let mut users: Vec<_> = m.groups["g"].keys().cloned().collect();
+        users.sort();
+        assert_eq!(users, ["new", "recent"]);
+        assert!(m.check("recent", "g", t0 + secs(80)).is_err());
+    }
+
+    #[test]
+    fn mutation_limits_reload_keeps_counts() {
+        let t0 = Instant::now();
+        let mut m = MutationLimiter::new(3, MINUTE);
+        for _ in 0..3 {
+            m.check("u", "g", t0).unwrap();
+        }
+        m.set_limits(4, MINUTE);
+        assert_eq!(m.check("u", "g", t0), Ok(()));
+        m.set_limits(4, secs(10));
+        let wait = m.check("u", "g", t0 + secs(1)).unwrap_err();
+        assert!(wait > secs(8) && wait <= secs(13), "{wait:?}");
+        assert_eq!(m.check("u", "g", t0 + secs(1) + wait), Ok(()));
+    }
+}
