@@ -62,6 +62,16 @@ pub struct Conformance {
 pub struct Limits {
     /// Connection attempts allowed per client address (IPv6 by /64) per window.
     pub connect_per_ip: u32,
+    /// Addresses the per-address limiter tracks; its memory is fixed by this (40 bytes each).
+    pub limiter_capacity: usize,
+    /// Proxies (CIDR or address) whose `X-Forwarded-For` is believed; nobody else's is.
+    pub trusted_proxies: Vec<String>,
+    /// Requests being read or answered at once, in all; past it new sockets get 503.
+    pub max_handshakes: usize,
+    /// The same per client address, so one slow-loris source cannot take the whole pool.
+    pub max_handshakes_per_ip: usize,
+    /// WebSocket connections open in all workers; 0 derives it from RLIMIT_NOFILE.
+    pub max_connections: usize,
     /// The sliding window of `connect_per_ip`.
     pub connect_window_ms: u64,
     /// Largest inbound message, after inflation (close 1009 beyond).
@@ -138,6 +148,11 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             connect_per_ip: 100,
+            limiter_capacity: 65_536,
+            trusted_proxies: Vec::new(),
+            max_handshakes: 4_096,
+            max_handshakes_per_ip: 32,
+            max_connections: 0,
             connect_window_ms: 60_000,
             max_message_bytes: 10 * 1024 * 1024,
             max_fragments: 131_072,
@@ -227,6 +242,9 @@ impl Config {
         let positive = [
             ("limits.connect_per_ip", l.connect_per_ip as u64),
             ("limits.connect_window_ms", l.connect_window_ms),
+            ("limits.limiter_capacity", l.limiter_capacity as u64),
+            ("limits.max_handshakes", l.max_handshakes as u64),
+            ("limits.max_handshakes_per_ip", l.max_handshakes_per_ip as u64),
             ("limits.max_message_bytes", l.max_message_bytes as u64),
             ("limits.max_fragments", l.max_fragments as u64),
             ("limits.head_timeout_ms", l.head_timeout_ms),
@@ -255,6 +273,8 @@ impl Config {
                 "limits.max_head_bytes must be between {MIN_HEAD_BYTES} and {MAX_HEAD_BYTES}"
             ));
         }
+        crate::limits::TrustedProxies::parse(&l.trusted_proxies)
+            .map_err(|e| format!("limits.trusted_proxies: {e}"))?;
         crate::auth::Verifier::new(&self.auth).map_err(|e| format!("auth: {e}"))?;
         self.compression.validate().map_err(|e| format!("compression: {e}"))?;
         Ok(())
@@ -271,6 +291,17 @@ impl Config {
         }
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         cores.saturating_sub(1).max(1)
+    }
+
+    /// The global connection cap: configured, or most of the descriptors this process may
+    /// open (each connection costs one; some are kept for the daemon itself).
+    pub fn connection_cap(&self) -> usize {
+        if self.limits.max_connections > 0 {
+            return self.limits.max_connections;
+        }
+        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(1024, |(soft, _)| soft);
+        (soft as usize).saturating_sub(RESERVED_FDS).max(1)
     }
 
     pub fn level(&self) -> log::LevelFilter {
@@ -290,6 +321,9 @@ impl Keepalive {
         Duration::from_millis((shortest / 4).clamp(5, 500))
     }
 }
+
+/// Descriptors each process keeps for itself (rings, channels, logs) under RLIMIT_NOFILE.
+const RESERVED_FDS: usize = 64;
 
 /// A bound on `workers` that catches typos (`workers = 1000000`) before they fork-bomb a host.
 const MAX_WORKERS: usize = 1024;
@@ -373,6 +407,14 @@ fn apply_env(table: &mut toml::Table, get: impl Fn(&str) -> Option<String>) -> R
                 "false" | "0" | "no" | "off" => toml::Value::Boolean(false),
                 other => return Err(format!("{name}: {other:?} is not a boolean")),
             },
+            // Lists come comma-separated: SYNCGATE_LIMITS_TRUSTED_PROXIES=10.0.0.0/8,::1
+            toml::Value::Array(_) => toml::Value::Array(
+                raw.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(|s| toml::Value::String(s.to_string()))
+                    .collect(),
+            ),
             toml::Value::Integer(_) => toml::Value::Integer(
                 raw.trim().parse().map_err(|_| format!("{name}: {raw:?} is not an integer"))?,
             ),
@@ -441,6 +483,8 @@ mod tests {
         assert_eq!(c.auth.secret.as_deref(), Some("s3cret"));
         let c = load_with("", &[("SYNCGATE_COMPRESSION_ENABLED", "true")]).unwrap();
         assert!(c.compression.enabled);
+        let c = load_with("", &[("SYNCGATE_LIMITS_TRUSTED_PROXIES", "10.0.0.0/8, ::1")]).unwrap();
+        assert_eq!(c.limits.trusted_proxies, vec!["10.0.0.0/8".to_string(), "::1".to_string()]);
     }
 
     #[test]

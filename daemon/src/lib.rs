@@ -29,6 +29,7 @@ pub mod frame;
 pub mod group;
 pub mod handoff;
 pub mod handshake;
+pub mod limits;
 pub mod listener;
 pub mod logging;
 pub mod mask;

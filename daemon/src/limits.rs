@@ -11,54 +11,56 @@
 //!
 //! # The window
 //!
-//! Each key keeps a ring of counters, one per sub-window of `window / SUB_WINDOWS`, and an
-//! attempt is allowed while fewer than `max` attempts are counted in the ring. The ring holds
-//! one sub-window more than a window, the oldest of which lies partly before `now - window`,
-//! and that oldest one is counted in full. So:
+//! Each key keeps one counter per sub-window of `window / SUB_WINDOWS`, and an attempt is
+//! allowed while fewer than `max` attempts are counted. The counters span one sub-window more
+//! than a window: the oldest lies partly before `now - window`, and it is counted in full.
+//! So:
 //!
 //! - the limiter is never lenient: in any interval of length `window` at most `max` attempts
-//!   are allowed, whatever their timing (the ring always covers the whole interval);
+//!   are allowed, whatever their timing (the counters always cover the whole interval);
 //! - it is strict by at most one sub-window: an attempt is forgotten between `window` and
 //!   `window + window / SUB_WINDOWS` after it was made (60 to 75 s with the defaults),
 //!   instead of exactly `window`.
 //!
 //! The usual two-counter estimate (previous window weighted by its overlap, plus the current
 //! one) errs both ways: when the previous window's attempts were bunched at its end it lets
-//! through up to twice `max` in one window. This ring costs 12 more bytes per key and its only
-//! error is that bounded over-hold. Only allowed attempts are counted: a client that keeps
-//! knocking while refused does not push its own `Retry-After` further out, so the value it
-//! is told is exact: the start of the sub-window in which enough old attempts have dropped out.
+//! through up to twice `max` in one window. These counters cost 16 more bytes per key and
+//! their only error is that bounded over-hold. Only allowed attempts are counted: a client
+//! that keeps knocking while refused does not push its own wait further out, so the
+//! `Retry-After` it is told is exact: the start of the sub-window in which enough of its old
+//! attempts have dropped out.
 //!
 //! # The table ([`WindowLimiter`])
 //!
-//! Keys (client addresses, clientIDs) are attacker-chosen and unbounded in number, so the
+//! Keys (client addresses, clientIDs) are chosen by clients and unbounded in number, so the
 //! table is a fixed array of slots allocated once. A key is hashed with std's keyed SipHash
-//! (`RandomState`, random keys per process), so nobody can compute offline which addresses
-//! land together. The hash picks two buckets of [`WAYS`] slots (the key may live in either: the
-//! "two choices" keep buckets evenly filled) and is also stored as the slot's fingerprint; the
+//! (`RandomState`, random keys per process), so nobody can compute offline which keys land
+//! together. The hash picks two buckets of `WAYS` (8) slots, the key may live in either (two
+//! choices keep the buckets evenly filled), and the hash is also the slot's fingerprint: the
 //! key itself is never stored. `check` looks at those 16 slots only: O(1).
 //!
-//! A key found in its buckets uses its own slot. A new key takes, among its 16 candidates:
-//! 1. a slot whose attempts have all expired (or never used), oldest first; else
-//! 2. the slot with the fewest attempts still counted that is under the limit, and it takes
-//!    over that slot's counts: eviction changes whose attempts they were, never how many.
-//!    So flooding the table cannot lower any count: every slot allows at most `max` attempts
-//!    per window, which bounds what any number of addresses together can get through to
-//!    `capacity * max` per window, and a key that churns in and out of a slot shares that
-//!    slot's budget instead of starting afresh each time;
-//! 3. if all 16 slots hold keys at or over their limit, the new key is refused (fail closed)
-//!    with the `Retry-After` of the soonest of them to drop under the limit.
+//! A key found there uses its own slot. A new key takes the candidate ranked first by
+//! (attempts still counted, last use), among those under the limit:
+//! 1. a slot never used or whose attempts have all expired, which is a fresh start; else
+//! 2. the least used slot under the limit, counts included: eviction changes whose attempts
+//!    they were, never how many. So no flood can lower a count, every slot lets at most `max`
+//!    attempts through per window (any number of keys together get at most `capacity * max`),
+//!    and keys that churn through one slot share its budget instead of starting afresh;
+//! 3. if all 16 hold keys at or over their limit, the new key is refused (fail closed) until
+//!    the first of them drops under its limit, and told so in its `Retry-After`.
 //!
 //! A limited key is never evicted, so no flood of other keys can reset it. The cost of
-//! failing closed: an attacker who keeps the whole table full of limited keys (which takes
-//! `max` allowed attempts per slot per window, all of them passing to JWT verification, so it
-//! is visible and bounded by the connection caps) locks out addresses new to the table.
-//! Failing open instead would hand an untracked, unlimited key to exactly the attacker that
-//! filled the table, which is the attack the limiter exists to stop. With the table less than
-//! full, a key that found a free slot when it arrived is only ever limited by its own attempts;
-//! [`WindowLimiter::saturated_refusals`] counts the fail-closed refusals so that operators see
-//! when the table is too small. Size it above the number of distinct keys expected within a
-//! window (each slot is 40 bytes: 65,536 keys take 2.5 MiB).
+//! failing closed: whoever keeps both buckets of a key full of limited keys locks that key
+//! out while it is new to the table. Doing that to many keys means keeping much of the table
+//! limited, which takes `max` allowed attempts per slot per window, every one passing on to
+//! JWT verification: visible, and bounded by the connection caps. Failing open instead would
+//! give an untracked, unlimited key to exactly the client that filled the table, the attack
+//! the limiter exists to stop. A key that found a slot under the limit when it arrived is only
+//! ever refused for attempts counted in its slot, and with two choices of 8 a key finds one
+//! until roughly 70% of the whole table holds limited keys.
+//! [`WindowLimiter::saturated_refusals`] counts the fail-closed refusals, so operators see a
+//! table too small for its traffic; size it above the distinct keys expected per window
+//! (40 bytes a slot: 65,536 keys take 2.5 MiB).
 //!
 //! # Client addresses
 //!
@@ -66,7 +68,7 @@
 //! address would give it 2^64 budgets). [`TrustedProxies`] takes the client address from
 //! `X-Forwarded-For` only when the socket's peer is a configured proxy.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher, RandomState};
 use std::net::{IpAddr, Ipv6Addr, SocketAddrV4};
 use std::time::{Duration, Instant};
@@ -78,11 +80,12 @@ const SUB_WINDOWS: usize = 4;
 
 /// Counters per key: one more than [`SUB_WINDOWS`], so that the counted sub-windows always
 /// cover at least one whole window behind `now`.
-const RING: usize = SUB_WINDOWS + 1;
+const COUNTERS: usize = SUB_WINDOWS + 1;
 
 /// Slots per bucket of a [`WindowLimiter`] table. With two buckets per key a new key has 16
-/// candidates: enough that a table well short of full practically never makes a key fail
-/// closed, few enough that `check` reads 10 cache lines at most.
+/// candidates: enough that a key practically never fails closed until about 70% of the table
+/// holds limited keys (one bucket of 8 fails 5% of new keys at 50%), few enough that `check`
+/// reads about 10 cache lines.
 const WAYS: usize = 8;
 
 /// The number of whole seconds to put in an HTTP `Retry-After` header: rounded up, because a
@@ -152,7 +155,7 @@ struct Window {
     newest: u64,
     /// `counts[k]`: attempts allowed in sub-window `newest - SUB_WINDOWS + k` (zero for
     /// sub-windows before the first).
-    counts: [u32; RING],
+    counts: [u32; COUNTERS],
     /// The sum of `counts` (at most `max`, as only attempts under the limit are counted), so
     /// that the common case, a window already seen in the current sub-window, is not summed
     /// again for each of a key's 16 candidates.
@@ -166,12 +169,12 @@ impl Window {
             return;
         }
         let gap = tick - self.newest;
-        if gap >= RING as u64 {
-            self.counts = [0; RING];
+        if gap >= COUNTERS as u64 {
+            self.counts = [0; COUNTERS];
         } else {
             let gap = gap as usize;
             self.counts.copy_within(gap.., 0);
-            self.counts[RING - gap..].fill(0);
+            self.counts[COUNTERS - gap..].fill(0);
         }
         self.newest = tick;
         self.total = u32::try_from(self.sum_from(0)).unwrap_or(u32::MAX);
@@ -182,7 +185,7 @@ impl Window {
         match tick.saturating_sub(self.newest) {
             0 => u64::from(self.total),
             // The oldest `gone` counts have dropped out by `tick`.
-            gone if gone < RING as u64 => self.sum_from(gone as usize),
+            gone if gone < COUNTERS as u64 => self.sum_from(gone as usize),
             _ => 0,
         }
     }
@@ -192,7 +195,7 @@ impl Window {
     /// is a function call.
     fn sum_from(&self, mut k: usize) -> u64 {
         let mut sum = 0;
-        while k < RING {
+        while k < COUNTERS {
             sum += u64::from(self.counts[k]);
             k += 1;
         }
@@ -204,7 +207,7 @@ impl Window {
     fn try_count(&mut self, max: u32, tick: u64) -> Result<(), u64> {
         self.advance(tick);
         if self.live(tick) < u64::from(max) {
-            let newest = &mut self.counts[RING - 1];
+            let newest = &mut self.counts[COUNTERS - 1];
             *newest = newest.saturating_add(1);
             self.total = self.total.saturating_add(1);
             Ok(())
@@ -219,9 +222,9 @@ impl Window {
     /// (then counts that have dropped out already cannot be the answer, so the window need
     /// not be moved to now first).
     fn free_at(&self, max: u32) -> u64 {
-        let mut left = self.live(self.newest);
+        let mut left = u64::from(self.total);
         let mut k = 0;
-        while k < RING {
+        while k < COUNTERS {
             left -= u64::from(self.counts[k]);
             if left < u64::from(max) {
                 return self.newest + 1 + k as u64;
@@ -229,7 +232,7 @@ impl Window {
             k += 1;
         }
         // Not reached when `max > 0`: nothing is left after the newest sub-window.
-        self.newest + RING as u64
+        self.newest + COUNTERS as u64
     }
 
     /// Re-expresses the window after a window change: every attempt still counted at
@@ -238,8 +241,8 @@ impl Window {
     /// converted.
     fn collapse(&mut self, old_tick: u64, new_tick: u64) {
         let total = u32::try_from(self.live(old_tick)).unwrap_or(u32::MAX);
-        self.counts = [0; RING];
-        self.counts[RING - 1] = total;
+        self.counts = [0; COUNTERS];
+        self.counts[COUNTERS - 1] = total;
         self.total = total;
         self.newest = new_tick;
     }
@@ -299,6 +302,7 @@ impl WindowLimiter {
         hasher.write(key);
         let hash = hasher.finish();
         let fingerprint = hash.max(1);
+        // Two buckets from the two halves of the hash (a table of one bucket has just that).
         let buckets = self.slots.len() / WAYS;
         let first = (hash as u32) as usize % buckets;
         let mut second = (hash >> 32) as usize % buckets;
@@ -309,25 +313,32 @@ impl WindowLimiter {
         let candidates = &candidates[..buckets.min(2)];
 
         // The key's own slot or, if it has none, the one it takes: the least used under the
-        // limit, ranked by (attempts still counted, last used).
-        let mut victim: Option<(usize, (u64, u64))> = None;
+        // limit, ranked by attempts still counted, then by last use. (Index loops, and the
+        // rank packed into one integer, because iterator steps and tuple comparisons are
+        // function calls in the debug builds that run the million-key flood test.)
+        let mut victim = None;
+        // Ranks from this one up belong to slots at their limit, which are never taken.
+        let mut best = u128::from(self.max) << 64;
         for &bucket in candidates {
-            for i in bucket * WAYS..(bucket + 1) * WAYS {
+            let mut i = bucket * WAYS;
+            while i < (bucket + 1) * WAYS {
                 let slot = &mut self.slots[i];
                 if slot.fingerprint == fingerprint {
-                    return slot.window.try_count(self.max, tick).map_err(|t| self.clock.until(t, now));
+                    return slot
+                        .window
+                        .try_count(self.max, tick)
+                        .map_err(|t| self.clock.until(t, now));
                 }
-                let rank = (slot.window.live(tick), slot.window.newest);
-                let better = match victim {
-                    None => rank.0 < u64::from(self.max),
-                    Some((_, best)) => rank < best,
-                };
-                if better {
-                    victim = Some((i, rank));
+                let rank =
+                    u128::from(slot.window.live(tick)) << 64 | u128::from(slot.window.newest);
+                if rank < best {
+                    victim = Some(i);
+                    best = rank;
                 }
+                i += 1;
             }
         }
-        if let Some((i, _)) = victim {
+        if let Some(i) = victim {
             let slot = &mut self.slots[i];
             slot.fingerprint = fingerprint;
             return slot.window.try_count(self.max, tick).map_err(|t| self.clock.until(t, now));
@@ -336,11 +347,13 @@ impl WindowLimiter {
         self.saturated += 1;
         let mut soonest_free = u64::MAX;
         for &bucket in candidates {
-            for slot in &self.slots[bucket * WAYS..(bucket + 1) * WAYS] {
-                let free_at = slot.window.free_at(self.max);
+            let mut i = bucket * WAYS;
+            while i < (bucket + 1) * WAYS {
+                let free_at = self.slots[i].window.free_at(self.max);
                 if free_at < soonest_free {
                     soonest_free = free_at;
                 }
+                i += 1;
             }
         }
         Err(self.clock.until(soonest_free, now))
@@ -486,9 +499,9 @@ fn parse_net(entry: &str) -> Result<Net, String> {
         Some((addr, len)) => (addr, Some(len)),
         None => (text, None),
     };
-    let ip: IpAddr = addr.parse().map_err(|_| {
-        format!("trusted proxy {entry:?}: {addr:?} is not an IPv4 or IPv6 address")
-    })?;
+    let ip: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("trusted proxy {entry:?}: {addr:?} is not an IPv4 or IPv6 address"))?;
     let max_len = if ip.is_ipv4() { 32 } else { 128 };
     let len = match len {
         None => max_len,
@@ -532,9 +545,13 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
     }
     if let Some(rest) = hop.strip_prefix('[') {
         let (addr, after) = rest.split_once(']')?;
-        let port_ok = after.is_empty()
-            || after.strip_prefix(':').is_some_and(|p| p.parse::<u16>().is_ok());
-        return if port_ok { addr.parse::<Ipv6Addr>().ok().map(|v6| canonical(v6.into())) } else { None };
+        let port_ok =
+            after.is_empty() || after.strip_prefix(':').is_some_and(|p| p.parse::<u16>().is_ok());
+        return if port_ok {
+            addr.parse::<Ipv6Addr>().ok().map(|v6| canonical(v6.into()))
+        } else {
+            None
+        };
     }
     hop.parse::<SocketAddrV4>().ok().map(|sa| IpAddr::V4(*sa.ip()))
 }
@@ -544,23 +561,43 @@ fn parse_hop(hop: &str) -> Option<IpAddr> {
 /// gets `MutationRateLimited` and the connection stays open.
 ///
 /// Users and groups come from verified tokens and live connections, so entries are exact (a
-/// map, not a fixed table); memory is bounded by the live groups because the worker calls
-/// [`MutationLimiter::forget_group`] when a group's last client leaves, and within a group by
-/// the users active in the last window.
+/// map, not a fixed table). The worker calls [`MutationLimiter::forget_group`] when a group's
+/// last client leaves; the group's counts are then kept only until they run out (one window
+/// and a sub-window at most), so that leaving and rejoining does not reset them. Memory is
+/// thus bounded by the live groups plus those left within the last window, and within a group
+/// by the users active in the last window.
 #[derive(Debug)]
 pub struct MutationLimiter {
     /// Mutations allowed per user per group per window; 0 turns the limit off.
     max: u32,
     /// Sub-window numbering for `window`.
     clock: Clock,
-    /// Windows by client group, then by user, so that a group's entries go in one removal.
-    groups: HashMap<String, HashMap<String, Window>>,
+    /// Counts by client group.
+    groups: HashMap<String, Group>,
+    /// Groups whose last client left, with the sub-window it left in, oldest first: all their
+    /// counts have run out `COUNTERS` sub-windows later, and then the group goes.
+    departed: VecDeque<(u64, String)>,
+}
+
+/// One client group's mutation counts.
+#[derive(Debug, Default)]
+struct Group {
+    /// Windows by user.
+    users: HashMap<String, Window>,
+    /// The sub-window in which the group's last client left, while it has none; it matches
+    /// its `departed` entry, unless the group came back (and maybe left again) since.
+    left_at: Option<u64>,
 }
 
 impl MutationLimiter {
     /// A limit of `max` mutations per `window` per user per group; `max` 0 turns it off.
     pub fn new(max: u32, window: Duration) -> Self {
-        MutationLimiter { max, clock: Clock::new(window), groups: HashMap::new() }
+        MutationLimiter {
+            max,
+            clock: Clock::new(window),
+            groups: HashMap::new(),
+            departed: VecDeque::new(),
+        }
     }
 
     /// Counts a mutation by `user` in `group` at `now` if allowed; otherwise refuses it,
@@ -570,12 +607,16 @@ impl MutationLimiter {
             return Ok(());
         }
         let tick = self.clock.tick(now);
+        self.prune(tick);
         let result = match self.groups.get_mut(group) {
-            Some(users) => Self::check_user(users, user, self.max, tick),
+            Some(entry) => {
+                entry.left_at = None;
+                Self::check_user(&mut entry.users, user, self.max, tick)
+            }
             None => {
-                let mut users = HashMap::new();
-                let result = Self::check_user(&mut users, user, self.max, tick);
-                self.groups.insert(group.to_owned(), users);
+                let mut entry = Group::default();
+                let result = Self::check_user(&mut entry.users, user, self.max, tick);
+                self.groups.insert(group.to_owned(), entry);
                 result
             }
         };
@@ -600,10 +641,24 @@ impl MutationLimiter {
         result
     }
 
-    /// Drops a group's counts; called when its last client leaves. A client that rejoins
-    /// starts afresh, which only reconnecting buys (and the connection limits meter that).
+    /// Says that `group`'s last client left: its counts go once they have run out.
     pub fn forget_group(&mut self, group: &str) {
-        self.groups.remove(group);
+        let tick = self.clock.current();
+        if let Some(entry) = self.groups.get_mut(group) {
+            entry.left_at = Some(tick);
+            self.departed.push_back((tick, group.to_owned()));
+        }
+        self.prune(tick);
+    }
+
+    /// Drops the departed groups whose counts have all run out by sub-window `tick`.
+    fn prune(&mut self, tick: u64) {
+        while self.departed.front().is_some_and(|(left, _)| left + COUNTERS as u64 <= tick) {
+            let Some((left, group)) = self.departed.pop_front() else { break };
+            if self.groups.get(&group).is_some_and(|entry| entry.left_at == Some(left)) {
+                self.groups.remove(&group);
+            }
+        }
     }
 
     /// Applies a config reload, as [`WindowLimiter::set_limits`] does; `max` 0 turns the limit
@@ -612,6 +667,7 @@ impl MutationLimiter {
         self.max = max;
         if max == 0 {
             self.groups = HashMap::new();
+            self.departed = VecDeque::new();
         }
         let width = Clock::width(window);
         if width == self.clock.width_ns {
@@ -620,8 +676,17 @@ impl MutationLimiter {
         let old_tick = self.clock.current();
         self.clock.width_ns = width;
         let new_tick = self.clock.current();
-        for window in self.groups.values_mut().flat_map(|users| users.values_mut()) {
-            window.collapse(old_tick, new_tick);
+        // Every count now dates from `new_tick`, and so does every departure.
+        for entry in self.groups.values_mut() {
+            for window in entry.users.values_mut() {
+                window.collapse(old_tick, new_tick);
+            }
+            if entry.left_at.is_some() {
+                entry.left_at = Some(new_tick);
+            }
+        }
+        for (left, _) in &mut self.departed {
+            *left = new_tick;
         }
     }
 }
@@ -735,7 +800,8 @@ mod tests {
                 _ => ms(rng.next() % 60),
             };
             // `allowed` is in time order: count its tail within `span` of now.
-            let in_window = |span: Duration| allowed.len() - allowed.partition_point(|&a| a + span <= now);
+            let in_window =
+                |span: Duration| allowed.len() - allowed.partition_point(|&a| a + span <= now);
             match l.check(b"k", t0 + now) {
                 Ok(()) => {
                     admits += 1;
@@ -766,7 +832,7 @@ mod tests {
         let table = l.slots.as_ptr();
         assert_eq!(l.capacity(), 4096);
         assert_eq!(std::mem::size_of::<Slot>(), 40, "the size the module doc quotes");
-        assert!(before >= 4096 * 40 && before < 4096 * 40 + 1024, "{before}");
+        assert!((4096 * 40..4096 * 40 + 1024).contains(&before), "{before}");
 
         let victim = ip_key(ip("203.0.113.9"));
         for _ in 0..100 {
@@ -775,8 +841,10 @@ mod tests {
         let wait = l.check(&victim, t0).unwrap_err();
         let mut allowed = 0u64;
         for i in 0u64..1_000_000 {
-            let attacker = IpAddr::V6(Ipv6Addr::from(u128::from(i) << 64));
-            allowed += u64::from(l.check(&ip_key(attacker), t0 + Duration::from_micros(i)).is_ok());
+            // What `ip_key` makes of an address in the i-th /64.
+            let mut attacker = [0; 16];
+            attacker[..8].copy_from_slice(&i.to_be_bytes());
+            allowed += u64::from(l.check(&attacker, t0 + Duration::from_micros(i)).is_ok());
         }
         assert_eq!(l.memory_bytes(), before);
         assert_eq!(l.slots.as_ptr(), table, "the table was never reallocated");
@@ -938,7 +1006,7 @@ mod tests {
         let t0 = Instant::now();
         let mut l = WindowLimiter::new(1, Duration::ZERO, 8);
         l.check(b"k", t0).unwrap();
-        assert_eq!(l.check(b"k", t0), Err(Duration::from_nanos(RING as u64)));
+        assert_eq!(l.check(b"k", t0), Err(Duration::from_nanos(COUNTERS as u64)));
         let mut l = WindowLimiter::new(1, Duration::MAX, 8);
         l.check(b"k", t0).unwrap();
         assert!(l.check(b"k", t0 + secs(1_000_000)).unwrap_err() > secs(1_000_000));
@@ -1042,13 +1110,19 @@ mod tests {
         // A client pretending to be one of our proxies does not make its own entry trusted.
         assert_eq!(p.client_ip(proxy, Some("10.9.9.9,203.0.113.5")), ip("203.0.113.5"));
         // Chains of trusted proxies are skipped.
-        assert_eq!(p.client_ip(proxy, Some("203.0.113.5, 10.0.0.2, 2001:db8::7")), ip("203.0.113.5"));
+        assert_eq!(
+            p.client_ip(proxy, Some("203.0.113.5, 10.0.0.2, 2001:db8::7")),
+            ip("203.0.113.5")
+        );
         // No header from a trusted proxy: the proxy is the client.
         assert_eq!(p.client_ip(proxy, None), proxy);
         // Every hop trusted: the leftmost is the client.
         assert_eq!(p.client_ip(proxy, Some("10.0.0.3, 10.0.0.2")), ip("10.0.0.3"));
         // Mapped peers and entries come back as IPv4.
-        assert_eq!(p.client_ip(ip("::ffff:10.0.0.1"), Some("::ffff:203.0.113.5")), ip("203.0.113.5"));
+        assert_eq!(
+            p.client_ip(ip("::ffff:10.0.0.1"), Some("::ffff:203.0.113.5")),
+            ip("203.0.113.5")
+        );
         assert_eq!(p.client_ip(ip("::ffff:198.51.100.1"), Some("1.2.3.4")), ip("198.51.100.1"));
     }
 
@@ -1115,19 +1189,42 @@ mod tests {
     }
 
     #[test]
-    fn forgetting_a_group_frees_its_entries() {
+    fn leaving_and_rejoining_does_not_reset_a_group() {
+        let t0 = Instant::now();
+        let mut m = MutationLimiter::new(1, MINUTE);
+        m.check("u", "g", t0).unwrap();
+        m.forget_group("g");
+        assert_eq!(m.check("u", "g", t0 + secs(1)), Err(secs(74)), "still counted");
+        m.forget_group("g");
+        m.forget_group("never-seen");
+        assert_eq!(m.check("u", "g", t0 + secs(75)), Ok(()));
+    }
+
+    #[test]
+    fn departed_groups_are_dropped_once_their_counts_run_out() {
         let t0 = Instant::now();
         let mut m = MutationLimiter::new(1, MINUTE);
         for g in 0..100 {
             m.check("u", &format!("g{g}"), t0).unwrap();
-        }
-        assert_eq!(m.groups.len(), 100);
-        for g in 0..100 {
             m.forget_group(&format!("g{g}"));
         }
-        assert!(m.groups.is_empty());
-        m.forget_group("never-seen");
-        assert_eq!(m.check("u", "g0", t0), Ok(()), "a rejoined group starts afresh");
+        // One that left and came back stays however long ago it first left.
+        m.check("u", "g7", t0 + secs(10)).unwrap_err();
+        m.check("u", "live", t0 + secs(10)).unwrap();
+        assert_eq!(m.groups.len(), 101);
+        m.check("u", "live", t0 + secs(74)).unwrap_err();
+        assert_eq!(m.groups.len(), 101, "nothing has run out yet");
+        m.check("u", "live", t0 + secs(75)).unwrap();
+        let mut left: Vec<_> = m.groups.keys().cloned().collect();
+        left.sort();
+        assert_eq!(left, ["g7", "live"]);
+        assert!(m.departed.is_empty());
+        // g7 leaving again goes through the same delay, from its new departure.
+        m.forget_group("g7");
+        m.check("u", "live", t0 + secs(89)).unwrap_err();
+        assert!(m.groups.contains_key("g7"));
+        m.check("u", "live", t0 + secs(150)).unwrap();
+        assert!(!m.groups.contains_key("g7"));
     }
 
     #[test]
@@ -1138,7 +1235,7 @@ mod tests {
         m.check("recent", "g", t0 + secs(70)).unwrap();
         // "old" ran out at 75 s: a new user at 80 s drops its entry, not "recent"'s.
         m.check("new", "g", t0 + secs(80)).unwrap();
-        let mut users: Vec<_> = m.groups["g"].keys().cloned().collect();
+        let mut users: Vec<_> = m.groups["g"].users.keys().cloned().collect();
         users.sort();
         assert_eq!(users, ["new", "recent"]);
         assert!(m.check("recent", "g", t0 + secs(80)).is_err());

@@ -14,7 +14,9 @@ use io_uring::{cqueue, opcode, types};
 
 use crate::config::Config;
 use crate::handshake::{self, Head, HeadError, UpgradeError};
+use crate::limits::{self, TrustedProxies, WindowLimiter};
 use crate::metrics::{Metric, Metrics};
+use crate::protocol::{self, ErrorKind};
 use crate::ring::{self, Ring};
 use crate::{frame, handoff, route};
 
@@ -46,6 +48,8 @@ enum Stage {
 struct Pending {
     fd: OwnedFd,
     peer: SocketAddr,
+    /// The peer's limiter key, for the per-address handshake count.
+    peer_key: [u8; 16],
     /// Bytes read so far; capacity grows up to the head cap.
     buf: Vec<u8>,
     /// When the current stage's deadline passes (head timeout, or linger timeout).
@@ -68,6 +72,14 @@ pub struct Listener {
     free: Vec<u32>,
     /// Set on SIGTERM: stop accepting, finish what is pending, exit.
     stopping: bool,
+    /// Sockets in `pending` per peer address (the slow-loris bound).
+    pending_per_ip: std::collections::HashMap<[u8; 16], usize>,
+    /// Upgrade attempts per client address (MEDIUM-02), checked before any handoff or JWT.
+    ip_limiter: WindowLimiter,
+    /// Upgrade attempts per clientID and address, so one client cannot storm a worker and
+    /// nobody elsewhere can lock a known clientID out.
+    client_limiter: WindowLimiter,
+    proxies: TrustedProxies,
     signalfd: nix::sys::signalfd::SignalFd,
     signal_buf: Box<[u8; 128]>,
     /// The control channel from the supervisor (ready, reloads).
@@ -84,7 +96,18 @@ impl Listener {
         signalfd: nix::sys::signalfd::SignalFd,
         control: OwnedFd,
     ) -> Result<Listener, String> {
+        let l = &config.limits;
+        let window = Duration::from_millis(l.connect_window_ms);
+        let ip_limiter = WindowLimiter::new(l.connect_per_ip, window, l.limiter_capacity);
+        let client_window = Duration::from_millis(l.connect_per_client_window_ms);
+        let client_limiter =
+            WindowLimiter::new(l.connect_per_client, client_window, l.limiter_capacity);
+        let proxies = TrustedProxies::parse(&l.trusted_proxies)?;
         Ok(Listener {
+            pending_per_ip: std::collections::HashMap::new(),
+            ip_limiter,
+            client_limiter,
+            proxies,
             ring: Ring::new()?,
             config,
             listen,
@@ -137,8 +160,7 @@ impl Listener {
                             );
                         }
                         for config in crate::control::receive_configs(&self.control) {
-                            log::set_max_level(config.level());
-                            self.config = config;
+                            self.apply(config);
                         }
                     }
                     _ => {}
@@ -196,20 +218,65 @@ impl Listener {
         }
         self.metrics.inc(Metric::Accepted);
         let peer = peer_addr(fd.as_raw_fd());
+        let peer_key = limits::ip_key(peer.ip());
         let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::TcpNoDelay, &true);
         let head_timeout = Duration::from_millis(self.config.limits.head_timeout_ms);
+        let overload = self.overloaded(&peer_key);
         let index = self.insert(Pending {
             fd,
             peer,
+            peer_key,
             buf: Vec::with_capacity(INITIAL_HEAD_BUFFER),
             deadline: now + head_timeout,
             stage: Stage::Head,
             expired: false,
         });
+        if let Some(why) = overload {
+            // Answered without reading: the request is never parsed, nothing reaches a worker.
+            self.metrics.inc(Metric::Overloaded);
+            log::debug!("peer={peer} refused: {why}");
+            let out = handshake::http_error(503, &[("Retry-After", "1")], why);
+            return self.answer(index, out, now);
+        }
         self.arm_recv(index);
     }
 
+    /// Whether a new socket must be turned away before its request is read.
+    fn overloaded(&self, peer_key: &[u8; 16]) -> Option<&'static str> {
+        let l = &self.config.limits;
+        if self.pending.len() - self.free.len() >= l.max_handshakes {
+            return Some("too many requests in progress");
+        }
+        if self.pending_per_ip.get(peer_key).copied().unwrap_or(0) >= l.max_handshakes_per_ip {
+            return Some("too many requests in progress from this address");
+        }
+        let open: u64 = (1..=self.channels.len())
+            .map(|slot| self.metrics.get(slot, Metric::OpenConnections))
+            .sum();
+        if open as usize >= self.config.connection_cap() {
+            return Some("connection limit reached");
+        }
+        None
+    }
+
+    /// A reloaded configuration: limits, timeouts and the log level, from the next event on.
+    fn apply(&mut self, config: Config) {
+        let l = &config.limits;
+        self.ip_limiter.set_limits(l.connect_per_ip, Duration::from_millis(l.connect_window_ms));
+        self.client_limiter.set_limits(
+            l.connect_per_client,
+            Duration::from_millis(l.connect_per_client_window_ms),
+        );
+        match TrustedProxies::parse(&l.trusted_proxies) {
+            Ok(p) => self.proxies = p,
+            Err(e) => log::error!("reload kept the old trusted proxies: {e}"),
+        }
+        log::set_max_level(config.level());
+        self.config = config;
+    }
+
     fn insert(&mut self, p: Pending) -> u32 {
+        *self.pending_per_ip.entry(p.peer_key).or_insert(0) += 1;
         match self.free.pop() {
             Some(i) => {
                 self.pending[i as usize] = Some(p);
@@ -223,7 +290,14 @@ impl Listener {
     }
 
     fn remove(&mut self, index: u32) {
-        self.pending[index as usize] = None;
+        if let Some(p) = self.pending[index as usize].take() {
+            if let Some(n) = self.pending_per_ip.get_mut(&p.peer_key) {
+                *n -= 1;
+                if *n == 0 {
+                    self.pending_per_ip.remove(&p.peer_key);
+                }
+            }
+        }
         self.free.push(index);
     }
 
@@ -303,6 +377,19 @@ impl Listener {
             let out = self.plain_http(&head);
             return self.answer(index, out, now);
         }
+        // MEDIUM-02: the per-address limit comes before anything else an upgrade costs.
+        let client_ip = self.proxies.client_ip(p.peer.ip(), head.forwarded_for.as_deref());
+        if let Err(wait) = self.ip_limiter.check(&limits::ip_key(client_ip), now) {
+            self.metrics.inc(Metric::RateLimited);
+            log::info!("peer={} client={client_ip} refused: connection rate limit", p.peer);
+            let retry = limits::retry_after_secs(wait).to_string();
+            let out = handshake::http_error(
+                429,
+                &[("Retry-After", &retry)],
+                "too many connection attempts from this address",
+            );
+            return self.answer(index, out, now);
+        }
         match handshake::check_upgrade(&head) {
             Ok(()) => {}
             Err(UpgradeError::Method) => {
@@ -350,6 +437,25 @@ impl Listener {
                 return self.answer(index, out, now);
             }
         };
+        let mut client_key = limits::ip_key(client_ip).to_vec();
+        client_key.extend_from_slice(params.client_id.as_bytes());
+        if let Err(wait) = self.client_limiter.check(&client_key, now) {
+            self.metrics.inc(Metric::RateLimited);
+            log::info!(
+                "peer={} clientID={} refused: clientID rate limit",
+                p.peer,
+                params.client_id
+            );
+            let wait_ms = wait.as_millis() as u64;
+            let out = upgrade_then_error(
+                &head,
+                ErrorKind::ServerOverloaded,
+                "too many connection attempts for this clientID",
+                Some((wait_ms, wait_ms.saturating_mul(2))),
+                1008,
+            );
+            return self.answer(index, out, now);
+        }
         let worker = route::worker_for(&self.task_id, &params.client_group_id, self.channels.len());
         log::debug!(
             "handoff worker={worker} clientID={} clientGroupID={} peer={}",
@@ -460,6 +566,27 @@ impl Listener {
             }
         }
     }
+}
+
+/// The bytes of a 101, an error message and a close frame: refusing a client in a way its
+/// WebSocket reports (an HTTP error looks like a network failure to a browser).
+fn upgrade_then_error(
+    head: &Head,
+    kind: ErrorKind,
+    message: &str,
+    backoff: Option<(u64, u64)>,
+    code: u16,
+) -> Vec<u8> {
+    let key = head.ws_key.as_deref().unwrap_or_default();
+    let mut out = handshake::switching_protocols(key, head.ws_protocol.as_deref(), None);
+    frame::encode_frame(
+        &mut out,
+        frame::OpCode::Text,
+        &protocol::encode_error(kind, message, backoff),
+        false,
+    );
+    frame::encode_close(&mut out, code, message);
+    out
 }
 
 /// The bytes of a 101 followed by a close frame 1002 carrying `Error: <message>`.

@@ -53,6 +53,10 @@ pub enum Metric {
     OpenConnections,
     /// Worker processes respawned by the supervisor (supervisor writes it in slot 0).
     WorkerRestarts,
+    /// Upgrades refused by the per-address or per-clientID rate limit (listener).
+    RateLimited,
+    /// Sockets turned away with 503: too many handshakes or connections (listener).
+    Overloaded,
     /// Configuration reloads applied / refused (supervisor, slot 0).
     Reloads,
     ReloadFailures,
@@ -84,6 +88,8 @@ const ALL: &[(Metric, &str, &str, &str)] = &[
     (Metric::ProtocolErrors, "syncgate_protocol_errors_total", "counter", "Connections closed for a client protocol error."),
     (Metric::OpenConnections, "syncgate_connections_open", "gauge", "WebSocket connections open."),
     (Metric::WorkerRestarts, "syncgate_worker_restarts_total", "counter", "Worker processes respawned."),
+    (Metric::RateLimited, "syncgate_rate_limited_total", "counter", "Upgrades refused by a connection rate limit."),
+    (Metric::Overloaded, "syncgate_overloaded_total", "counter", "Sockets refused with 503 (handshake or connection caps)."),
     (Metric::Reloads, "syncgate_reloads_total", "counter", "Configuration reloads applied."),
     (Metric::ReloadFailures, "syncgate_reload_failures_total", "counter", "Configuration reloads refused."),
 ];
