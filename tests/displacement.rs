@@ -126,10 +126,25 @@ fn the_same_users_valid_token_replaces_the_old_connection() {
     }
     d.wait_metric("syncgate_displaced_total", &[], 1, WAIT);
     assert_eq!(d.metric("syncgate_displacement_refusals_total", &[]), 0);
-    // The group counts one connection, not two.
-    let owner = expected_worker("g1").to_string();
-    d.wait_metric("syncgate_connections_open", &[("worker", &owner)], 1, WAIT);
     new.ping_pong();
+}
+
+#[test]
+fn a_replaced_connection_no_longer_counts_as_open() {
+    let d = daemon();
+    let owner = expected_worker("g1").to_string();
+    let params = Params::new("c1", "g1").user("alice");
+    let mut old = d.connected(&params.clone().wsid("old"), Some(&user_header("alice")));
+    d.wait_metric("syncgate_connections_open", &[("worker", &owner)], 1, WAIT);
+    let mut new = d.connected(&params.clone().wsid("new"), Some(&user_header("alice")));
+    old.expect_close(1000);
+    old.expect_gone();
+    // One socket is open: the replaced one finished its close handshake and is gone.
+    d.wait_metric("syncgate_connections_open", &[("worker", &owner)], 1, WAIT);
+    new.close(1000);
+    new.expect_close(1000);
+    d.wait_event("closed", &[("clientID", "c1"), ("wsid", "new")], WAIT);
+    d.wait_metric("syncgate_connections_open", &[("worker", &owner)], 0, WAIT);
 }
 
 #[test]
@@ -230,4 +245,45 @@ fn a_refused_newcomer_leaves_the_existing_connection_in_its_group() {
     let owner = expected_worker("g1").to_string();
     d.wait_metric("syncgate_connections_open", &[("worker", &owner)], 1, WAIT);
     assert_eq!(d.metric("syncgate_connected_total", &[]), 1);
+}
+
+#[test]
+fn a_newcomer_with_an_unsupported_version_does_not_displace() {
+    // The version is checked before any existing connection is touched (PROTOCOL.md step 4):
+    // a same-user socket that is then refused must not have closed the live one on its way.
+    let d = daemon();
+    let params = Params::new("c1", "g1").user("alice");
+    let live = d
+        .connected(&params.clone().wsid("live"), Some(&user_header("alice")))
+        .respond_in_background();
+    let mut newer = d.ws(&params.clone().wsid("v53").version(53), Some(&user_header("alice")));
+    newer.expect_error("VersionNotSupported");
+    newer.expect_close(1002);
+    let (mut live, got) = live.stop();
+    assert_untouched(&got);
+    live.ping_pong();
+    assert_eq!(d.metric("syncgate_displaced_total", &[]), 0);
+}
+
+#[test]
+fn a_dead_connection_is_replaced_by_its_users_reconnect_at_once() {
+    // With tokens the same user replaces the old socket without waiting for a probe, even if
+    // the old peer never answers the close.
+    let d = daemon();
+    let params = Params::new("c1", "g1").user("alice");
+    let header = user_header("alice");
+    let mut dead = RawConn::handshake(d.addr, &params.clone().wsid("dead").path(), Some(&header));
+    dead.expect_connected();
+    let started = Instant::now();
+    let mut reconnect = d.connected(&params.clone().wsid("reconnect"), Some(&header));
+    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    reconnect.ping_pong();
+    // The old socket got a close 1000 and, never answering it, is dropped after the close
+    // timeout.
+    assert_eq!(dead.expect_close(), 1000);
+    match dead.read_frame(Duration::from_secs(10)) {
+        RawEvent::Eof => {}
+        other => panic!("the dead socket must be dropped after the close timeout, got {other:?}"),
+    }
+    reconnect.ping_pong();
 }

@@ -35,18 +35,25 @@ fn missing_or_malformed_parameters_close_1002() {
         &d,
         "/sync/v51/connect?clientGroupID=g1&baseCookie=&ts=1.5&lmid=0&wsid=w",
     );
-    assert!(reason.contains("clientID"), "{reason}");
+    // zero-cache's wording, which developers search for.
+    assert!(reason.contains("missing clientID"), "{reason}");
     let reason = expect_route_error(&d, "/sync/v51/connect?clientID=c1&ts=1.5&lmid=0&wsid=w");
-    assert!(reason.contains("clientGroupID"), "{reason}");
+    assert!(reason.contains("missing clientGroupID"), "{reason}");
     let reason =
         expect_route_error(&d, "/sync/v51/connect?clientID=c1&clientGroupID=g1&ts=1.5&lmid=abc");
-    assert!(reason.contains("lmid"), "{reason}");
+    assert!(reason.contains("parameter lmid"), "{reason}");
     let reason = expect_route_error(&d, "/sync/v51/connect?clientID=c1&clientGroupID=g1&lmid=0");
-    assert!(reason.contains("ts"), "{reason}");
+    assert!(reason.contains("missing ts"), "{reason}");
     expect_route_error(&d, "/foo/bar/x");
     expect_route_error(&d, "/sync/vX/connect?clientID=c1&clientGroupID=g1&ts=1&lmid=0");
     expect_route_error(&d, "/a/b/sync/v51/connect?clientID=c1&clientGroupID=g1&ts=1&lmid=0");
-    d.wait_metric("syncgate_route_errors_total", &[("process", "listener")], 7, WAIT);
+    // A message longer than a close frame can carry is cut (to at most 123 bytes, checked by
+    // expect_route_error), not dropped and not sent whole.
+    let long =
+        format!("/sync/v51/{}/connect?clientID=c1&clientGroupID=g1&ts=1&lmid=0", "x".repeat(300));
+    let reason = expect_route_error(&d, &long);
+    assert!(reason.len() >= 100, "the cut reason keeps what fits: {reason:?}");
+    d.wait_metric("syncgate_route_errors_total", &[("process", "listener")], 8, WAIT);
     assert_eq!(d.metric("syncgate_connected_total", &[]), 0);
 }
 
@@ -183,8 +190,8 @@ fn an_8_kib_protocol_header_fits() {
 #[test]
 fn init_connection_as_the_first_message_is_accepted() {
     let d = Daemon::start(QUIET);
-    let token_only = protocol_header(None, None);
-    let mut ws = d.connected(&Params::new("c1", "g1"), Some(&token_only));
+    let without_init = protocol_header(None, None);
+    let mut ws = d.connected(&Params::new("c1", "g1"), Some(&without_init));
     let mut init = captured_init_connection("c1");
     init[1].as_object_mut().unwrap().remove("activeClients");
     ws.send_json(&init);
@@ -414,26 +421,56 @@ fn invalid_utf8_in_a_text_frame_closes_1007() {
     let d = Daemon::start(QUIET);
     let params = Params::new("c1", "g1");
     let mut raw = RawConn::handshake(d.addr, &params.path(), Some(&anon_header()));
-    match raw.read_frame(WAIT) {
-        RawEvent::Frame { opcode: OP_TEXT, payload } => {
-            assert!(
-                payload.starts_with(br#"["connected""#),
-                "{}",
-                String::from_utf8_lossy(&payload)
-            )
-        }
-        other => panic!("expected connected, got {other:?}"),
-    }
+    raw.expect_connected();
     raw.send_frame(OP_TEXT, b"[\"ping\",{\xff}]");
-    loop {
+    assert_eq!(raw.expect_close(), 1007);
+}
+
+// ----- how bytes arrive -----
+
+/// Reads `n` `["pong",{}]` text frames.
+fn expect_pongs(raw: &mut RawConn, n: usize) {
+    for i in 0..n {
         match raw.read_frame(WAIT) {
-            RawEvent::Frame { opcode: OP_CLOSE, payload } => {
-                assert_eq!(u16::from_be_bytes([payload[0], payload[1]]), 1007);
-                break;
+            RawEvent::Frame { opcode: OP_TEXT, payload } => {
+                assert_eq!(payload, br#"["pong",{}]"#, "message {i}")
             }
-            // An InvalidMessage error before the close is fine too.
-            RawEvent::Frame { opcode: OP_TEXT, .. } => {}
-            other => panic!("expected a close 1007, got {other:?}"),
+            other => panic!("expected pong {i} of {n}, got {other:?}"),
         }
     }
+}
+
+#[test]
+fn a_message_pipelined_behind_the_request_head_is_answered_after_connected() {
+    let d = Daemon::start(QUIET);
+    let ping = client_frame(true, OP_TEXT, br#"["ping",{}]"#);
+    let params = Params::new("c1", "g1");
+    let mut raw = RawConn::handshake_then(d.addr, &params.path(), Some(&anon_header()), &ping);
+    raw.expect_connected();
+    expect_pongs(&mut raw, 1);
+}
+
+#[test]
+fn a_message_written_one_byte_at_a_time_is_reassembled() {
+    let d = Daemon::start(QUIET);
+    let mut raw = RawConn::handshake(d.addr, &Params::new("c1", "g1").path(), Some(&anon_header()));
+    raw.expect_connected();
+    for byte in client_frame(true, OP_TEXT, br#"["ping",{}]"#) {
+        // Each byte its own segment (TCP_NODELAY), each its own receive on the server.
+        std::io::Write::write_all(&mut raw.stream, &[byte]).unwrap();
+    }
+    expect_pongs(&mut raw, 1);
+}
+
+#[test]
+fn many_messages_in_one_write_are_all_answered_in_order() {
+    let d = Daemon::start(QUIET);
+    let mut raw = RawConn::handshake(d.addr, &Params::new("c1", "g1").path(), Some(&anon_header()));
+    raw.expect_connected();
+    // 2000 pings (over 40 KiB): more than one receive buffer's worth in a single write.
+    let burst: Vec<u8> =
+        (0..2000).flat_map(|_| client_frame(true, OP_TEXT, br#"["ping",{}]"#)).collect();
+    std::io::Write::write_all(&mut raw.stream, &burst).unwrap();
+    expect_pongs(&mut raw, 2000);
+    assert_eq!(raw.read_frame(std::time::Duration::from_millis(200)), RawEvent::Timeout);
 }

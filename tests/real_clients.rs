@@ -55,7 +55,8 @@ fn run(mut cmd: Command) -> Output {
     child.wait_with_output().expect("client output")
 }
 
-fn assert_success(what: &str, out: &Output) {
+/// Checks that the client script passed every step; returns the extensions it negotiated.
+fn assert_success(what: &str, out: &Output) -> String {
     assert!(
         out.status.success(),
         "{what} failed ({}):\n--- stdout ---\n{}\n--- stderr ---\n{}",
@@ -64,9 +65,22 @@ fn assert_success(what: &str, out: &Output) {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    for step in ["handshake ok", "connected ok", "ping/pong ok", "websocket ping ok", "close ok"] {
+    for step in [
+        "handshake ok",
+        "connected ok",
+        "ping/pong ok",
+        "big ping ok",
+        "websocket ping ok",
+        "close ok",
+    ] {
         assert!(stdout.contains(step), "{what} did not report {step:?}:\n{stdout}");
     }
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("extensions:"))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// Fails with the install command if Python or its `websockets` package is missing.
@@ -100,8 +114,9 @@ fn require_node_ws() -> (PathBuf, PathBuf) {
     (node(), dir)
 }
 
-/// Runs the Python client against `d` and checks the daemon saw the session.
-fn python_session(d: &Daemon, params: &Params, header: &str) {
+/// Runs the Python client against `d` and checks the daemon saw the session; returns the
+/// extensions the client negotiated.
+fn python_session(d: &Daemon, params: &Params, header: &str) -> String {
     let py = require_python_websockets();
     let mut cmd = Command::new(py);
     cmd.arg(repo_root().join("tests/clients/python_client.py"))
@@ -111,8 +126,24 @@ fn python_session(d: &Daemon, params: &Params, header: &str) {
         .arg(header)
         .arg("--wsid")
         .arg(&params.wsid);
-    assert_success("the Python websockets client", &run(cmd));
+    let extensions = assert_success("the Python websockets client", &run(cmd));
     daemon_saw_session(d, params);
+    extensions
+}
+
+/// Runs the Node client against `d` and checks the daemon saw the session; returns the
+/// extensions the client negotiated.
+fn node_session(d: &Daemon, params: &Params, header: &str) -> String {
+    let (node, dir) = require_node_ws();
+    let mut cmd = Command::new(node);
+    cmd.current_dir(&dir)
+        .arg("client.mjs")
+        .arg(format!("ws://{}{}", d.addr, params.path()))
+        .arg(header)
+        .arg(&params.wsid);
+    let extensions = assert_success("the Node ws client", &run(cmd));
+    daemon_saw_session(d, params);
+    extensions
 }
 
 fn daemon_saw_session(d: &Daemon, params: &Params) {
@@ -128,7 +159,8 @@ fn python_websockets_client_completes_a_session() {
     let d = Daemon::start("");
     let params = Params::new("py-client", "py-group").wsid("py-wsid");
     let header = protocol_header(None, Some(captured_init_connection("py-client")));
-    python_session(&d, &params, &header);
+    let extensions = python_session(&d, &params, &header);
+    assert_eq!(extensions, "", "compression is off by default: nothing may be negotiated");
 }
 
 #[test]
@@ -144,16 +176,25 @@ fn python_websockets_client_with_a_token_completes_a_session() {
 #[test]
 fn node_ws_client_completes_a_session() {
     let d = Daemon::start(&auth_config());
-    let (node, dir) = require_node_ws();
     let params = Params::new("node-client", "node-group").user("alice").wsid("node-wsid");
     let header =
         protocol_header(Some(&token("alice")), Some(captured_init_connection("node-client")));
-    let mut cmd = Command::new(node);
-    cmd.current_dir(&dir)
-        .arg("client.mjs")
-        .arg(format!("ws://{}{}", d.addr, params.path()))
-        .arg(&header)
-        .arg(&params.wsid);
-    assert_success("the Node ws client", &run(cmd));
-    daemon_saw_session(&d, &params);
+    let extensions = node_session(&d, &params, &header);
+    assert_eq!(extensions, "", "compression is off by default: nothing may be negotiated");
+}
+
+/// With `compression.enabled` both clients' permessage-deflate offers are accepted (DESIGN.md
+/// LOW-01), and their compressed 4 KiB message is inflated correctly.
+#[test]
+fn real_clients_negotiate_permessage_deflate_when_enabled() {
+    let d = Daemon::start("[compression]\nenabled = true\n");
+    let params = Params::new("py-deflate", "deflate-group").wsid("py-wsid");
+    let extensions = python_session(&d, &params, &anon_header());
+    assert!(
+        extensions.starts_with("permessage-deflate"),
+        "Python client negotiated {extensions:?}"
+    );
+    let params = Params::new("node-deflate", "deflate-group").wsid("node-wsid");
+    let extensions = node_session(&d, &params, &anon_header());
+    assert!(extensions.contains("permessage-deflate"), "Node client negotiated {extensions:?}");
 }

@@ -44,6 +44,9 @@ const RESPAWN_MAX: Duration = Duration::from_secs(5);
 const HEALTHY_UPTIME: Duration = Duration::from_secs(10);
 /// Listen backlog: bursts of reconnects wait in the kernel instead of being refused.
 const BACKLOG: i32 = 4096;
+/// What a poll of the control channels got from one child.
+type Received = Result<Message, control::RecvError>;
+
 /// How long a reload waits for every child to confirm it applied the new configuration.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -264,7 +267,7 @@ impl Supervisor {
         &mut self,
         signals: Option<&SignalFd>,
         timeout: Duration,
-    ) -> Result<Vec<(usize, Result<Message, control::RecvError>)>, String> {
+    ) -> Result<Vec<(usize, Received)>, String> {
         use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
         let owners: Vec<usize> =
             (0..self.procs.len()).filter(|&i| self.procs[i].control.is_some()).collect();

@@ -426,7 +426,7 @@ impl Worker {
                 }
                 Err(e) => {
                     self.metrics.inc(Metric::AuthRefusals);
-                    return self.refuse(index, ErrorKind::AuthInvalidated, &e.message(), 3000, now);
+                    return self.refuse(index, ErrorKind::AuthInvalidated, e.message(), 3000, now);
                 }
             },
             Some(_) => None,
@@ -543,8 +543,9 @@ impl Worker {
                 id.client_id,
                 id.wsid
             );
+            // It stays `joined` so its end is counted and logged like any other; leaving the
+            // groups now frees its clientID for the newcomer.
             self.groups.leave(index, &id.client_id, &id.client_group_id);
-            slot.joined = false;
             slot.conn.close(1000, reason, now);
             self.process(index);
         }

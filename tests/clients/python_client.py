@@ -5,10 +5,12 @@ Sec-WebSocket-Protocol value and the wsid. The script connects offering that val
 only subprotocol (as the Zero client does), and checks:
   - the handshake completes and the server echoed the subprotocol verbatim;
   - the first message is ["connected", {"wsid": <wsid>, "timestamp": <int ms>}];
-  - ["ping",{}] is answered with ["pong",{}];
+  - ["ping",{}] is answered with ["pong",{}], also when padded to 4 KiB (compressed by the
+    client when permessage-deflate was negotiated);
   - a WebSocket-level ping is answered with a pong;
   - a normal close (1000) is answered with a close 1000.
-It prints one line per step and exits 0 only if every check passed.
+It prints one line per step (and the negotiated extensions) and exits 0 only if every
+check passed.
 """
 
 import argparse
@@ -31,6 +33,7 @@ def main() -> int:
     with connect(args.url, subprotocols=[args.protocol], open_timeout=TIMEOUT, close_timeout=TIMEOUT) as ws:
         assert ws.subprotocol == args.protocol, f"subprotocol echo: {ws.subprotocol!r}"
         print("handshake ok", flush=True)
+        print(f"extensions: {ws.response.headers.get('Sec-WebSocket-Extensions', '')}", flush=True)
 
         connected = json.loads(ws.recv(timeout=TIMEOUT))
         assert connected[0] == "connected", connected
@@ -43,6 +46,11 @@ def main() -> int:
         pong = json.loads(ws.recv(timeout=TIMEOUT))
         assert pong == ["pong", {}], pong
         print("ping/pong ok", flush=True)
+
+        ws.send('["ping",{}' + " " * 4096 + "]")
+        pong = json.loads(ws.recv(timeout=TIMEOUT))
+        assert pong == ["pong", {}], pong
+        print("big ping ok", flush=True)
 
         assert ws.ping(b"py").wait(TIMEOUT), "no answer to a WebSocket ping"
         print("websocket ping ok", flush=True)

@@ -12,14 +12,15 @@
 //!   malformed requests no HTTP library would send.
 //! - [`token`] and [`protocol_header`] build what a Zero client puts in `Sec-WebSocket-Protocol`.
 //!
-//! Nothing here sleeps to let the daemon "get somewhere": every wait is for a message, a log
-//! line or a socket event, under a deadline.
+//! Nothing here sleeps in place of waiting for something: every wait is for a message, a log
+//! line, a socket event, a process exit or a metric value, under a deadline (the last two are
+//! polled, as there is nothing to block on).
 
 // Each test binary compiles this module and uses a different part of it.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -90,19 +91,39 @@ fn temp_config_path() -> PathBuf {
 
 impl Daemon {
     /// Starts the daemon with [`BASE_CONFIG`] plus `extra` (TOML: tables such as
-    /// `[keepalive]`; top-level keys only before any table) and waits until it is ready.
+    /// `[keepalive]`; top-level keys, which override the base's, only before any table) and
+    /// waits until it is ready.
     ///
-    /// The per-address and per-clientID attempt limits are raised (inside the test's own
-    /// `[limits]` table if it has one): every test connects from 127.0.0.1 and some open
-    /// dozens of sockets, and those limits are not what these tests are about.
+    /// The per-address and per-clientID attempt limits are raised unless the test sets them
+    /// (inside the test's own `[limits]` table if it has one): every test connects from
+    /// 127.0.0.1 and some open dozens of sockets, and those limits have tests of their own.
     pub fn start(extra: &str) -> Daemon {
-        const RAISED: &str = "connect_per_ip = 100000\nconnect_per_client = 100000\n";
+        Daemon::start_env(extra, &[])
+    }
+
+    /// Like [`Daemon::start`], with `SYNCGATE_*` (or other) variables in the daemon's
+    /// environment. Nothing else of the caller's `SYNCGATE_*` environment reaches it.
+    pub fn start_env(extra: &str, env: &[(&str, &str)]) -> Daemon {
+        let raised: String = ["connect_per_ip", "connect_per_client"]
+            .iter()
+            .filter(|key| !extra.contains(&format!("{key} =")))
+            .map(|key| format!("{key} = 100000\n"))
+            .collect();
         let extra = if extra.contains("[limits]\n") {
-            extra.replacen("[limits]\n", &format!("[limits]\n{RAISED}"), 1)
+            extra.replacen("[limits]\n", &format!("[limits]\n{raised}"), 1)
         } else {
-            format!("{extra}\n[limits]\n{RAISED}")
+            format!("{extra}\n[limits]\n{raised}")
         };
-        let config = format!("{BASE_CONFIG}{extra}");
+        // A top-level key of the test's own replaces the base's (TOML forbids repeating it).
+        let base: String = BASE_CONFIG
+            .lines()
+            .filter(|line| {
+                let key = line.split('=').next().unwrap_or_default().trim();
+                !extra.lines().any(|l| l.split('=').next().unwrap_or_default().trim() == key)
+            })
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let config = format!("{base}{extra}");
         let config_path = temp_config_path();
         std::fs::write(&config_path, &config).expect("write the test config");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_syncgate"));
@@ -113,6 +134,15 @@ impl Daemon {
                 cmd.env_remove(name);
             }
         }
+        cmd.envs(env.iter().copied());
+        Daemon::spawn(cmd, config_path).unwrap_or_else(|log| {
+            panic!("syncgate did not become ready; config:\n{config}\nlog:\n{log}")
+        })
+    }
+
+    /// Starts `cmd` (a `syncgate run`) and waits for its ready line; on failure returns
+    /// what it logged.
+    pub fn spawn(mut cmd: Command, config_path: PathBuf) -> Result<Daemon, String> {
         cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("start the syncgate binary");
         let stderr = child.stderr.take().expect("piped stderr");
@@ -132,14 +162,47 @@ impl Daemon {
             seen: Mutex::new(Vec::new()),
             config_path,
         };
-        let ready = daemon
-            .try_wait_line(|l| l.contains(" ready listen="), START_TIMEOUT)
-            .unwrap_or_else(|| {
-                panic!("syncgate did not report ready within {START_TIMEOUT:?}; config:\n{config}")
-            });
-        daemon.addr =
-            ready_addr(&ready).unwrap_or_else(|| panic!("no address in the ready line: {ready}"));
-        daemon
+        let Some(ready) = daemon.try_wait_line(|l| l.contains(" ready listen="), START_TIMEOUT)
+        else {
+            return Err(daemon.log_text());
+        };
+        daemon.addr = ready_addr(&ready).ok_or_else(|| format!("no address in: {ready}"))?;
+        Ok(daemon)
+    }
+
+    /// The supervisor's process id.
+    pub fn pid(&self) -> libc::pid_t {
+        self.child.id() as libc::pid_t
+    }
+
+    /// Sends `signal` to the supervisor.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
+        assert_eq!(unsafe { libc::kill(self.pid(), signal) }, 0, "kill({signal})");
+    }
+
+    /// Waits for the supervisor to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waitpid") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The config file the daemon reads (a reload test rewrites it).
+    pub fn config_path(&self) -> &Path {
+        &self.config_path
+    }
+
+    /// The supervisor's child processes: `(pid, role arguments)`, e.g. `__worker --index 1`.
+    pub fn children(&self) -> Vec<(libc::pid_t, String)> {
+        children_of(self.pid())
     }
 
     /// Moves lines that arrived into `seen`, waiting at most `timeout` for one.
@@ -263,19 +326,12 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        let pid = self.child.id() as libc::pid_t;
-        // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
-        unsafe { libc::kill(pid, libc::SIGTERM) };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        let mut stopped = false;
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                stopped = true;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let running = matches!(self.child.try_wait(), Ok(None));
+        if running {
+            // SAFETY: plain kill(2) on our own child, which has not been reaped yet.
+            unsafe { libc::kill(self.pid(), libc::SIGTERM) };
         }
-        if !stopped {
+        if running && self.wait_exit(STOP_TIMEOUT).is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
@@ -284,6 +340,31 @@ impl Drop for Daemon {
             eprintln!("---- syncgate log ----\n{}\n----------------------", self.log_text());
         }
     }
+}
+
+/// Live processes whose parent is `parent`, with their arguments after the program name.
+pub fn children_of(parent: libc::pid_t) -> Vec<(libc::pid_t, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<libc::pid_t>() else { continue };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else { continue };
+        let ppid = status.lines().find_map(|l| l.strip_prefix("PPid:")).map(str::trim);
+        let zombie = status.lines().any(|l| l.starts_with("State:") && l.contains('Z'));
+        if ppid != Some(&parent.to_string()) || zombie {
+            continue;
+        }
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let args: Vec<String> =
+            cmdline.split(|&b| b == 0).skip(1).map(|a| String::from_utf8_lossy(a).into()).collect();
+        out.push((pid, args.join(" ").trim().to_string()));
+    }
+    out
+}
+
+/// Whether process `pid` still exists (and is not a zombie).
+pub fn alive(pid: libc::pid_t) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .is_ok_and(|s| !s.lines().any(|l| l.starts_with("State:") && l.contains('Z')))
 }
 
 /// The address of `... ready listen=127.0.0.1:PORT workers=N ...`.
@@ -308,7 +389,8 @@ impl LogEvent {
         let event = tokens.next()?.trim_end_matches(':').to_string();
         let fields = tokens
             .filter_map(|t| t.split_once('='))
-            .map(|(k, v)| (k.to_string(), v.to_string()))
+            // The last field before a free-text message ends with a colon.
+            .map(|(k, v)| (k.to_string(), v.trim_end_matches(':').to_string()))
             .collect();
         Some(LogEvent { worker, event, fields, line: line.to_string() })
     }
@@ -716,6 +798,17 @@ pub enum RawEvent {
 impl RawConn {
     /// Sends the opening handshake and reads the 101; fails the test unless it is a 101.
     pub fn handshake(addr: SocketAddr, path: &str, protocol: Option<&str>) -> RawConn {
+        RawConn::handshake_then(addr, path, protocol, &[])
+    }
+
+    /// Like [`RawConn::handshake`], with `early` bytes (frames) written in the same write as
+    /// the request head, before the 101 arrives: clients may pipeline.
+    pub fn handshake_then(
+        addr: SocketAddr,
+        path: &str,
+        protocol: Option<&str>,
+        early: &[u8],
+    ) -> RawConn {
         let mut stream = TcpStream::connect(addr).expect("tcp connect");
         stream.set_nodelay(true).unwrap();
         let protocol_line =
@@ -724,7 +817,9 @@ impl RawConn {
             "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{protocol_line}\r\n"
         );
-        stream.write_all(req.as_bytes()).unwrap();
+        let mut bytes = req.into_bytes();
+        bytes.extend_from_slice(early);
+        stream.write_all(&bytes).unwrap();
         let mut conn = RawConn { stream, buf: Vec::new() };
         let deadline = Instant::now() + WAIT;
         let end = loop {
@@ -790,27 +885,65 @@ impl RawConn {
         }
     }
 
-    /// Sends one masked client frame.
-    pub fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
-        let mut f = vec![0x80 | opcode];
-        match payload.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n <= 0xffff => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
+    /// Reads frames until a close frame; returns its code. Text frames before it (an error
+    /// message) are skipped; anything else fails the test.
+    pub fn expect_close(&mut self) -> u16 {
+        loop {
+            match self.read_frame(WAIT) {
+                RawEvent::Frame { opcode: OP_CLOSE, payload } => {
+                    assert!(payload.len() >= 2, "a close frame without a code");
+                    return u16::from_be_bytes([payload[0], payload[1]]);
+                }
+                RawEvent::Frame { opcode: OP_TEXT, .. } => {}
+                other => panic!("expected a close frame, got {other:?}"),
             }
         }
-        let mask = [0x37, 0xfa, 0x21, 0x3d];
-        f.extend_from_slice(&mask);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        self.stream.write_all(&f).expect("send a raw frame");
+    }
+
+    /// Reads the `connected` message that must come first.
+    pub fn expect_connected(&mut self) {
+        match self.read_frame(WAIT) {
+            RawEvent::Frame { opcode: OP_TEXT, payload } => assert!(
+                payload.starts_with(br#"["connected""#),
+                "{}",
+                String::from_utf8_lossy(&payload)
+            ),
+            other => panic!("expected connected, got {other:?}"),
+        }
+    }
+
+    /// Sends one masked, final client frame.
+    pub fn send_frame(&mut self, opcode: u8, payload: &[u8]) {
+        self.send_fragment(true, opcode, payload);
+    }
+
+    /// Sends one masked client frame, final or not (`opcode` 0 continues a message).
+    pub fn send_fragment(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
+        self.stream.write_all(&client_frame(fin, opcode, payload)).expect("send a raw frame");
     }
 }
 
+/// The bytes of one masked client frame.
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
 pub const OP_BINARY: u8 = 0x2;
 pub const OP_CLOSE: u8 = 0x8;
@@ -894,11 +1027,6 @@ pub fn parse_http(raw: &[u8]) -> Option<HttpResponse> {
     let head = String::from_utf8_lossy(&raw[..end]).to_string();
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
     Some(HttpResponse { status, head, body: raw[end..].to_vec() })
-}
-
-/// Half-closes our side (what a client that sent everything does).
-pub fn shutdown_write(s: &TcpStream) {
-    let _ = s.shutdown(Shutdown::Write);
 }
 
 /// The repository root (for scripts under tests/clients).

@@ -6,10 +6,12 @@
 // permessage-deflate, which the server may decline), and checks:
 //   - the handshake completes with the subprotocol echoed verbatim;
 //   - the first message is ["connected", {wsid, timestamp}];
-//   - ["ping",{}] is answered with ["pong",{}];
+//   - ["ping",{}] is answered with ["pong",{}], also when padded to 4 KiB (compressed by the
+//     client when permessage-deflate was negotiated);
 //   - a WebSocket-level ping is answered with a pong;
 //   - a normal close (1000) is answered with a close 1000.
-// It prints one line per step and exits 0 only if every check passed.
+// It prints one line per step (and the negotiated extensions) and exits 0 only if every check
+// passed.
 
 import WebSocket from 'ws';
 
@@ -32,6 +34,7 @@ ws.on('error', (e) => fail(`socket error: ${e.message}`));
 ws.on('open', () => {
   if (ws.protocol !== protocol) fail(`subprotocol echo: ${ws.protocol}`);
   console.log('handshake ok');
+  console.log(`extensions: ${ws.extensions}`);
 });
 ws.on('message', (data, isBinary) => {
   if (isBinary) fail('binary frame at protocol 51');
@@ -47,6 +50,11 @@ ws.on('message', (data, isBinary) => {
   } else if (step === 'pong') {
     if (JSON.stringify(msg) !== '["pong",{}]') fail(`answer to ping: ${data}`);
     console.log('ping/pong ok');
+    step = 'big-pong';
+    ws.send('["ping",{}' + ' '.repeat(4096) + ']');
+  } else if (step === 'big-pong') {
+    if (JSON.stringify(msg) !== '["pong",{}]') fail(`answer to a big ping: ${data}`);
+    console.log('big ping ok');
     step = 'ws-pong';
     ws.ping(Buffer.from('node'));
   } else {

@@ -1,0 +1,243 @@
+#!/usr/bin/env bash
+# Autobahn|Testsuite conformance gate: runs the fuzzingclient's 517 cases against syncgate's
+# conformance echo route (`/echo`, `[conformance] echo = true`) and diffs the verdicts against
+# tests/autobahn/expected.txt, as tungstenite's CI does. Exits non-zero, listing the cases,
+# when any verdict differs (better or worse: an improvement is recorded with --update).
+#
+#   scripts/autobahn.sh                 build (debug), run all cases, compare
+#   scripts/autobahn.sh --release       the same with a release build of syncgate
+#   scripts/autobahn.sh --update        run all cases and rewrite tests/autobahn/expected.txt
+#   scripts/autobahn.sh --cases '5.*,7.9.*'   run some cases; compare only those
+#
+# The tool is the reference `wstest` (autobahntestsuite==0.8.2), which only runs on Python 2.7.
+# It installs from PyPI into $AUTOBAHN_VENV (default .autobahn-venv in the repository root,
+# ignored by git) from scripts/autobahn/requirements-py27.txt, which pins every dependency to
+# its last release for 2.7 (unpinned, pip would pick releases that no longer install there).
+# The install runs once; it is redone when that file changes. Python 2.7 is looked for in
+# $AUTOBAHN_PYTHON2, then pyenv's versions/2.7.* (CI machines have 2.7.18 there), then
+# `python2.7` on PATH; a few packages build from source, so a C compiler is needed (~30 s).
+#
+# Why not kosoku (a Python 3 runner of the same case files): it is faster, but it does not
+# reproduce wstest's verdicts. wstest waits for the server to drop TCP after the close
+# handshake and grades "FAILED BY CLIENT" when it has to drop it itself; kosoku graded those
+# cases OK. The reference tool is the one whose verdicts mean something to other projects.
+#
+# Cost: with a debug build the whole run takes about a minute when every case passes (the 9.*
+# performance cases take ~7 s of it); each case where the server fails to close the TCP
+# connection adds wstest's 1 s (0.5 s for 6.*) close timeout.
+#
+# Outputs under $CARGO_TARGET_DIR/autobahn (target/autobahn by default): reports/ (wstest's
+# HTML and JSON per case, index.json), verdicts.txt (the condensed list), syncgate.log,
+# wstest.log, the config and the spec.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+HERE="$ROOT/scripts/autobahn"
+REQUIREMENTS="$HERE/requirements-py27.txt"
+EXPECTED="$ROOT/tests/autobahn/expected.txt"
+VENV="${AUTOBAHN_VENV:-$ROOT/.autobahn-venv}"
+# wstest has no overall limit of its own; a hung case must not hang CI.
+RUN_TIMEOUT="${AUTOBAHN_TIMEOUT:-600}"
+# The last virtualenv that runs on Python 2.7 (and so can make a 2.7 environment).
+VIRTUALENV_PIN="virtualenv==20.15.1"
+
+update=0
+profile=debug
+cases=""
+while [[ $# -gt 0 ]]; do
+    case "$1" in
+        --update) update=1 ;;
+        --release) profile=release ;;
+        --cases)
+            [[ $# -ge 2 ]] || { echo "--cases needs a value, e.g. '1.*,7.9.*'" >&2; exit 2; }
+            cases="$2"
+            shift
+            ;;
+        -h | --help)
+            sed -n '2,13p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+            exit 0
+            ;;
+        *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+    esac
+    shift
+done
+if [[ $update == 1 && -n $cases ]]; then
+    echo "--update rewrites every case's verdict: run it without --cases" >&2
+    exit 2
+fi
+
+started=$SECONDS
+log() { echo "autobahn: [$((SECONDS - started))s] $*"; }
+
+find_python2() {
+    local candidate
+    local -a candidates=()
+    [[ -n ${AUTOBAHN_PYTHON2:-} ]] && candidates+=("$AUTOBAHN_PYTHON2")
+    local pyenv_root="${PYENV_ROOT:-$HOME/.pyenv}"
+    candidates+=("$pyenv_root"/versions/2.7*/bin/python2.7)
+    candidates+=(python2.7)
+    for candidate in "${candidates[@]}"; do
+        # A pyenv shim exists even when it cannot run 2.7, so ask the interpreter itself.
+        if "$candidate" -c 'import sys; assert sys.version_info[:2] == (2, 7)' 2>/dev/null; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    return 1
+}
+
+install_wstest() {
+    local stamp="$VENV/.requirements-installed"
+    if [[ -x $VENV/bin/wstest && -f $stamp ]] && cmp -s "$stamp" "$REQUIREMENTS"; then
+        return 0
+    fi
+    local python2
+    if ! python2="$(find_python2)"; then
+        echo "autobahn: wstest needs Python 2.7; none found (set AUTOBAHN_PYTHON2," \
+            "or install it with pyenv: pyenv install 2.7.18)" >&2
+        exit 1
+    fi
+    log "installing wstest into $VENV with $python2"
+    rm -rf "$VENV"
+    # Python 2.7 has no venv module; virtualenv goes into a private directory, not into the
+    # interpreter's own site-packages.
+    "$python2" -m pip install --quiet --disable-pip-version-check --no-python-version-warning --no-warn-script-location \
+        --target "$VENV.bootstrap" "$VIRTUALENV_PIN"
+    PYTHONPATH="$VENV.bootstrap" "$python2" -m virtualenv --quiet "$VENV"
+    rm -rf "$VENV.bootstrap"
+    "$VENV/bin/pip" install --quiet --disable-pip-version-check --no-python-version-warning -r "$REQUIREMENTS"
+    cp "$REQUIREMENTS" "$stamp"
+}
+
+install_wstest
+PY="$VENV/bin/python"
+# wstest's imports warn that Python 2 is unsupported on every start.
+export PYTHONWARNINGS=ignore
+
+log "building syncgate ($profile)"
+build_flags=(--bin syncgate)
+[[ $profile == release ]] && build_flags+=(--release)
+cargo build --quiet "${build_flags[@]}"
+target_dir="$(cargo metadata --format-version 1 --no-deps |
+    "$PY" -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')"
+BIN="$target_dir/$profile/syncgate"
+OUT="$target_dir/autobahn"
+rm -rf "$OUT"
+mkdir -p "$OUT"
+
+cat >"$OUT/syncgate.toml" <<'EOF'
+# Written by scripts/autobahn.sh.
+listen = "127.0.0.1:0"
+workers = 1
+# Shutdown after the run need not wait for anyone.
+drain_timeout_ms = 1000
+[conformance]
+echo = true
+[limits]
+# 9.* sends messages of up to 16 MiB, in up to 16 Ki frames (9.5.1/9.6.1 in 64-byte frames
+# would be 256 Ki); DESIGN.md's defaults (10 MiB, 128 Ki) would fail them with 1009/1008.
+max_message_bytes = 67108864
+max_fragments = 1048576
+# Every case is a new connection from 127.0.0.1: ~520 in a minute.
+connect_per_ip = 1000000
+EOF
+
+daemon_pid=""
+stop_daemon() {
+    [[ -n $daemon_pid ]] || return 0
+    local pid=$daemon_pid
+    daemon_pid=""
+    kill -TERM "$pid" 2>/dev/null || return 0
+    for _ in $(seq 100); do
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if kill -0 "$pid" 2>/dev/null; then
+        echo "autobahn: syncgate did not stop within 10 s of SIGTERM; killing it" >&2
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    wait "$pid" 2>/dev/null || true
+}
+trap stop_daemon EXIT
+
+"$BIN" run --config "$OUT/syncgate.toml" 2>"$OUT/syncgate.log" &
+daemon_pid=$!
+addr=""
+for _ in $(seq 300); do
+    addr="$(sed -n 's/.* ready listen=\([^ ]*\) .*/\1/p' "$OUT/syncgate.log" | head -n 1)"
+    [[ -n $addr ]] && break
+    if ! kill -0 "$daemon_pid" 2>/dev/null; then
+        echo "autobahn: syncgate exited during startup:" >&2
+        cat "$OUT/syncgate.log" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+if [[ -z $addr ]]; then
+    echo "autobahn: syncgate did not report ready within 30 s:" >&2
+    cat "$OUT/syncgate.log" >&2
+    exit 1
+fi
+log "syncgate ready on $addr"
+
+case_list='"*"'
+if [[ -n $cases ]]; then
+    case_list="$(echo "$cases" | "$PY" -c 'import json, sys
+print(", ".join(json.dumps(c.strip()) for c in sys.stdin.read().split(",") if c.strip()))')"
+fi
+cat >"$OUT/fuzzingclient.json" <<EOF
+{
+    "outdir": "$OUT/reports",
+    "servers": [{"agent": "syncgate", "url": "ws://$addr/echo"}],
+    "cases": [$case_list],
+    "exclude-cases": [],
+    "exclude-agent-cases": {}
+}
+EOF
+
+log "running wstest fuzzingclient (cases: ${cases:-all}); log in $OUT/wstest.log"
+run_started=$SECONDS
+status=0
+(cd "$OUT" && timeout "$RUN_TIMEOUT" "$VENV/bin/wstest" -m fuzzingclient -s fuzzingclient.json) \
+    >"$OUT/wstest.log" 2>&1 || status=$?
+log "wstest finished in $((SECONDS - run_started))s"
+if [[ $status != 0 || ! -f $OUT/reports/index.json ]]; then
+    echo "autobahn: wstest failed (exit $status); last lines of $OUT/wstest.log:" >&2
+    tail -n 20 "$OUT/wstest.log" >&2
+    exit 1
+fi
+
+alive=1
+kill -0 "$daemon_pid" 2>/dev/null || alive=0
+stop_daemon
+failed=0
+if [[ $alive == 0 ]]; then
+    echo "autobahn: syncgate exited during the run; see $OUT/syncgate.log" >&2
+    failed=1
+fi
+# A worker that panics is respawned by the supervisor, so a crash can hide behind a single
+# failed case: look for it in the log.
+if grep -n -E 'panicked|died|respawn' "$OUT/syncgate.log" >"$OUT/crashes.txt"; then
+    echo "autobahn: syncgate's log reports crashed processes:" >&2
+    head -n 20 "$OUT/crashes.txt" >&2
+    failed=1
+fi
+
+"$PY" "$HERE/verdicts.py" condense "$OUT/reports" "$OUT/verdicts.txt"
+if [[ $update == 1 ]]; then
+    {
+        echo "# Autobahn|Testsuite 0.8.2 fuzzingclient verdicts for syncgate's /echo route: one"
+        echo "# line per case, CASE BEHAVIOR BEHAVIOR_CLOSE, sorted by case number."
+        echo "# Checked by scripts/autobahn.sh; rewritten by scripts/autobahn.sh --update."
+        cat "$OUT/verdicts.txt"
+    } >"$EXPECTED"
+    log "wrote $EXPECTED"
+    exit "$failed"
+fi
+subset=()
+[[ -n $cases ]] && subset=(--subset)
+"$PY" "$HERE/verdicts.py" compare "$EXPECTED" "$OUT/verdicts.txt" "$OUT/reports" "${subset[@]}" ||
+    failed=1
+log "done"
+exit "$failed"
