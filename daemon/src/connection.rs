@@ -112,7 +112,12 @@ pub enum End {
 /// Something the worker must act on beyond this connection.
 #[derive(Debug)]
 pub enum Notice {
-    /// A validated push for this connection's group (applied by the group sync, later issue).
+    /// `initConnection` (from the header or as the first message): the client joins its
+    /// group's pokes from here on.
+    Init(Box<protocol::InitConnectionBody>),
+    ChangeDesiredQueries(Vec<protocol::QueriesPatchOp>),
+    DeleteClients(protocol::DeleteClientsBody),
+    /// A push for this connection's own group (checked here).
     Push(Box<protocol::PushBody>),
 }
 
@@ -284,6 +289,13 @@ impl Connection {
     pub fn terminate(&mut self, why: End) {
         self.core.end.get_or_insert(why);
         self.core.state = State::Done;
+    }
+
+    /// Sends an error message without closing (e.g. `MutationFailed`).
+    pub fn send_error(&mut self, kind: ErrorKind, message: &str, now: Instant) {
+        if self.core.state == State::Open {
+            self.core.send_text(&protocol::encode_error(kind, message, None), now);
+        }
     }
 
     /// Queues a frame shared with other connections (a broadcast encoded once).
@@ -687,7 +699,7 @@ impl Core {
                 protocol::write_pong(&mut out);
                 self.send_text(&out, now);
             }
-            Upstream::InitConnection(_) => {
+            Upstream::InitConnection(body) => {
                 if self.initialized {
                     return self.fail(
                         ErrorKind::InvalidMessage,
@@ -698,7 +710,12 @@ impl Core {
                     );
                 }
                 self.initialized = true;
+                self.notices.push(Notice::Init(Box::new(body)));
             }
+            Upstream::ChangeDesiredQueries(body) => {
+                self.notices.push(Notice::ChangeDesiredQueries(body.desired_queries_patch));
+            }
+            Upstream::DeleteClients(body) => self.notices.push(Notice::DeleteClients(body)),
             Upstream::Push(push) => {
                 if push.client_group_id != *self.id.client_group_id {
                     let message = format!(
@@ -709,8 +726,14 @@ impl Core {
                 }
                 self.notices.push(Notice::Push(Box::new(push)));
             }
-            // Parsed and validated; what they do to a client group is the group sync's job.
-            _ => {}
+            // Validated, and nothing to do: pull is answered by pokes, the rest carry nothing
+            // this server acts on (closeConnection is deprecated; inspect needs zero-cache's
+            // query engine; acknowledgements concern custom mutators' responses).
+            Upstream::Pull(_)
+            | Upstream::UpdateAuth { .. }
+            | Upstream::CloseConnection
+            | Upstream::Inspect(_)
+            | Upstream::AckMutationResponses(_) => {}
         }
     }
 }

@@ -75,30 +75,44 @@ impl Groups {
         Admission::Admit
     }
 
+    /// Pins a group to the owner the store remembered (rule 4 across restarts).
+    pub fn pin(&mut self, group_id: &Rc<str>, user: &str) {
+        if !self.pins.contains_key(group_id) {
+            self.insert_pin(group_id, Rc::from(user));
+        }
+    }
+
+    fn insert_pin(&mut self, group_id: &Rc<str>, user: Rc<str>) {
+        if self.pins.len() >= MAX_PINS {
+            if let Some(old) = self.pin_order.pop_front() {
+                self.pins.remove(&old);
+            }
+        }
+        self.pins.insert(group_id.clone(), user);
+        self.pin_order.push_back(group_id.clone());
+    }
+
     /// Records an admitted connection (and pins its group to its user if not yet pinned).
+    /// Returns whether this pinned the group.
     pub fn join(
         &mut self,
         slot: u32,
         client_id: &Rc<str>,
         group_id: &Rc<str>,
         user: Option<&Rc<str>>,
-    ) {
+    ) -> bool {
         let member = Member { slot, user: user.cloned(), group: group_id.clone() };
         // A replaced connection stops counting now; its later `leave` is then a no-op.
         if let Some(replaced) = self.clients.insert(client_id.clone(), member) {
             self.shrink(&replaced.group);
         }
         *self.sizes.entry(group_id.clone()).or_insert(0) += 1;
-        if let Some(user) = user {
-            if !self.pins.contains_key(group_id) {
-                if self.pins.len() >= MAX_PINS {
-                    if let Some(old) = self.pin_order.pop_front() {
-                        self.pins.remove(&old);
-                    }
-                }
-                self.pins.insert(group_id.clone(), user.clone());
-                self.pin_order.push_back(group_id.clone());
+        match user {
+            Some(user) if !self.pins.contains_key(group_id) => {
+                self.insert_pin(group_id, user.clone());
+                true
             }
+            _ => false,
         }
     }
 

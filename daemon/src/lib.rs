@@ -40,4 +40,5 @@ pub mod ring;
 pub mod route;
 pub mod store;
 pub mod supervisor;
+pub mod sync;
 pub mod worker;

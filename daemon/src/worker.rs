@@ -25,6 +25,7 @@ use crate::metrics::{Metric, Metrics};
 use crate::protocol::{self, ErrorKind};
 use crate::ring::{self, BufRing, Ring};
 use crate::route;
+use crate::sync::{Delivery, GroupSync, Who};
 
 const CHANNEL: u8 = 1;
 const RECV: u8 = 2;
@@ -57,6 +58,15 @@ struct Slot {
     starved: bool,
     /// The header's `initConnection`, kept while the admission waits on a probe.
     init: Option<Vec<u8>>,
+    /// Unique per connection in this worker: deliveries name it so a reused slot never
+    /// receives what was meant for its previous connection.
+    serial: u64,
+    /// The connect parameters the group sync checks at `initConnection`.
+    base_cookie: Option<String>,
+    lmid: u64,
+    /// Whose mutations these are, for the per-user mutation limit: the verified user, else
+    /// the claimed userID, else the clientID.
+    user_key: String,
 }
 
 /// A newcomer waiting for the liveness probe of the connection holding its clientID.
@@ -83,6 +93,9 @@ pub struct Worker {
     probes: Vec<Probe>,
     /// Shared compression contexts and inflate scratch, lent to connections.
     codec: Codec,
+    /// The replicas of this worker's client groups and their durable store.
+    sync: GroupSync,
+    next_serial: u64,
     /// Bytes of dedicated compression contexts in use, against `compression.memory_budget_bytes`.
     dedicated_deflate_bytes: usize,
     open: u64,
@@ -129,6 +142,8 @@ impl Worker {
         let verifier = Verifier::new(&config.auth).map_err(|e| format!("auth: {e}"))?;
         metrics.set(Metric::OpenConnections, 0);
         let level = config.compression.level;
+        let window = Duration::from_millis(config.limits.per_user_mutations_window_ms);
+        let sync = GroupSync::open(&config.storage.path, config.limits.per_user_mutations, window)?;
         Ok(Worker {
             index,
             ring,
@@ -144,6 +159,8 @@ impl Worker {
             groups: Groups::default(),
             probes: Vec::new(),
             codec: Codec::new(level),
+            sync,
+            next_serial: 0,
             dedicated_deflate_bytes: 0,
             open: 0,
             stopping: None,
@@ -192,6 +209,14 @@ impl Worker {
                     _ => {}
                 }
             }
+            // Deliveries can make connections ready to write, never new changes, so this
+            // settles at once; the bound is a guard, not a schedule.
+            for _ in 0..4 {
+                if !self.sync.has_pending() {
+                    break;
+                }
+                self.flush_sync(now);
+            }
             self.metrics.set(Metric::OpenConnections, self.open);
             if let Some(deadline) = self.stopping {
                 if self.slots.iter().all(Option::is_none) || now >= deadline {
@@ -211,6 +236,10 @@ impl Worker {
         }
         log::set_max_level(config.level());
         self.settings = settings_from(&config);
+        self.sync.set_mutation_limit(
+            config.limits.per_user_mutations,
+            Duration::from_millis(config.limits.per_user_mutations_window_ms),
+        );
         for slot in self.slots.iter_mut().flatten() {
             slot.conn.set_settings(self.settings.clone());
         }
@@ -360,7 +389,14 @@ impl Worker {
             joined: false,
             starved: false,
             init: None,
+            serial: self.next_serial,
+            base_cookie: routed.as_ref().and_then(|(_, p)| p.base_cookie.clone()),
+            lmid: routed.as_ref().map_or(0, |(_, p)| p.lmid),
+            user_key: routed.as_ref().map_or(String::new(), |(_, p)| {
+                p.user_id.clone().unwrap_or_else(|| format!("client:{}", p.client_id))
+            }),
         });
+        self.next_serial += 1;
         self.arm_recv(index);
         match &routed {
             Some((_, params)) if !echo => self.admit(index, &head, params, now),
@@ -443,9 +479,21 @@ impl Worker {
             None => None,
         };
         let slot = self.slots[index as usize].as_mut().expect("slot");
+        if let Some(user) = &user {
+            slot.user_key = user.to_string();
+        }
         slot.conn.set_user(user.clone());
         slot.init = header.init_connection;
         let id = slot.conn.identity().clone();
+        // The group's durable owner pins it before any admission decision (rule 4).
+        match self.sync.load(&id.client_group_id) {
+            Ok(Some(owner)) => self.groups.pin(&id.client_group_id, &owner),
+            Ok(None) => {}
+            Err(e) => {
+                log::error!("worker={} storage: {e}", self.index);
+                return self.refuse(index, ErrorKind::Internal, "storage unavailable", 1011, now);
+            }
+        }
         // 3. Displacement, against verified identities only.
         let decision = self.groups.decide(
             &id.client_id,
@@ -514,8 +562,18 @@ impl Worker {
             return;
         };
         let id = slot.conn.identity().clone();
-        self.groups.join(index, &id.client_id, &id.client_group_id, id.user.as_ref());
+        if self.groups.join(index, &id.client_id, &id.client_group_id, id.user.as_ref()) {
+            if let Some(user) = &id.user {
+                self.sync.set_owner(&id.client_group_id, user);
+            }
+        }
         slot.joined = true;
+        // Loaded at admission; loading again is a no-op unless a flush dropped it meanwhile
+        // (a newcomer that waited on a probe).
+        if let Err(e) = self.sync.load(&id.client_group_id) {
+            log::error!("worker={} storage: {e}", self.index);
+        }
+        self.sync.admitted(&id.client_group_id);
         let init = slot.init.take();
         slot.conn.open(init, now);
         self.open += 1;
@@ -640,21 +698,36 @@ impl Worker {
         self.metrics.add(Metric::MessagesIn, messages_in);
         self.metrics.add(Metric::BytesIn, bytes_in);
         self.metrics.add(Metric::MessagesOut, messages_out);
-        for notice in slot.conn.take_notices() {
-            match notice {
-                // Validated; applying it to the group's state is the group sync's job.
-                Notice::Push(push) => log::debug!(
-                    "worker={} push clientGroupID={} mutations={}",
-                    self.index,
-                    push.client_group_id,
-                    push.mutations.len()
-                ),
+        let notices = slot.conn.take_notices();
+        if !notices.is_empty() {
+            let id = slot.conn.identity();
+            let who = Who {
+                slot: index,
+                serial: slot.serial,
+                client_id: &id.client_id,
+                group_id: &id.client_group_id,
+                version: id.version,
+            };
+            let now = Instant::now();
+            for notice in notices {
+                match notice {
+                    Notice::Init(body) => {
+                        self.sync.on_init(&who, slot.base_cookie.as_deref(), slot.lmid, &body)
+                    }
+                    Notice::ChangeDesiredQueries(ops) => self.sync.on_queries(&who, &ops),
+                    Notice::DeleteClients(body) => self.sync.on_delete_clients(
+                        who.group_id,
+                        body.client_ids.as_deref().unwrap_or_default(),
+                    ),
+                    Notice::Push(push) => self.sync.on_push(&who, &slot.user_key, &push, now),
+                }
             }
         }
         if slot.conn.finished() {
             if slot.joined {
                 let id = slot.conn.identity();
                 self.groups.leave(index, &id.client_id, &id.client_group_id);
+                self.sync.left(index, &id.client_group_id);
                 slot.joined = false;
                 self.open -= 1;
                 let end = slot.conn.end().cloned().unwrap_or(End::Normal);
@@ -704,6 +777,56 @@ impl Worker {
         }
         if slot.starved && !slot.recv_armed {
             self.arm_recv(index);
+        }
+    }
+
+    /// The durability point: commit the iteration's changes, then send the pokes and errors
+    /// that wait on them.
+    fn flush_sync(&mut self, now: Instant) {
+        let (deliveries, failed) = self.sync.flush();
+        let mut touched = Vec::with_capacity(deliveries.len());
+        for delivery in deliveries {
+            let to = delivery.to();
+            let Some(slot) =
+                self.slots[to.slot as usize].as_mut().filter(|s| s.serial == to.serial)
+            else {
+                continue;
+            };
+            match delivery {
+                Delivery::Frames { frames, .. } => {
+                    for f in frames.iter() {
+                        slot.conn.send_shared(f.clone(), now);
+                    }
+                }
+                Delivery::Error { kind, message, close: false, .. } => {
+                    slot.conn.send_error(kind, &message, now)
+                }
+                Delivery::Error { kind, message, close: true, .. } => {
+                    slot.conn.fail(kind, &message, 1002, now)
+                }
+            }
+            touched.push(to.slot);
+        }
+        for group in failed {
+            // Another process changed the group, or the commit failed: these clients must
+            // reconnect and load what is on disk.
+            log::warn!(
+                "worker={} clientGroupID={group}: state changed elsewhere; rehoming its clients",
+                self.index
+            );
+            for (i, slot) in self.slots.iter_mut().enumerate() {
+                if let Some(slot) =
+                    slot.as_mut().filter(|s| *s.conn.identity().client_group_id == *group)
+                {
+                    let message = "client group state moved; reconnect";
+                    slot.conn.fail_with_backoff(ErrorKind::Rehome, message, 1012, (100, 1000), now);
+                    touched.push(i as u32);
+                }
+            }
+        }
+        touched.dedup();
+        for index in touched {
+            self.process(index);
         }
     }
 

@@ -134,6 +134,10 @@ impl Daemon {
                 cmd.env_remove(name);
             }
         }
+        // Each daemon gets its own store, so tests that reuse group names never meet.
+        if !extra.contains("[storage]") && !env.iter().any(|(k, _)| *k == "SYNCGATE_STORAGE_PATH") {
+            cmd.env("SYNCGATE_STORAGE_PATH", config_path.with_extension("store"));
+        }
         cmd.envs(env.iter().copied());
         Daemon::spawn(cmd, config_path).unwrap_or_else(|log| {
             panic!("syncgate did not become ready; config:\n{config}\nlog:\n{log}")
@@ -336,6 +340,7 @@ impl Drop for Daemon {
             let _ = self.child.wait();
         }
         let _ = std::fs::remove_file(&self.config_path);
+        let _ = std::fs::remove_dir_all(self.config_path.with_extension("store"));
         if std::thread::panicking() {
             eprintln!("---- syncgate log ----\n{}\n----------------------", self.log_text());
         }

@@ -1,0 +1,301 @@
+//! Client-group sync on one worker: the replicas of the groups this worker owns, their
+//! durable store, and the pokes that fan their changes out.
+//!
+//! The worker hands it what its connections asked for ([`Notice`](crate::connection::Notice)s)
+//! and, once per loop iteration, calls [`GroupSync::flush`]: one SQLite commit for every
+//! group changed in the iteration (the fsync), then the deliveries. A poke is therefore never
+//! sent before the change it carries is on disk, and many groups share one fsync.
+//!
+//! Each poke is encoded once per wire format (text for protocol <= 51, binary chunks for 52)
+//! and the same frames go to every recipient.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use crate::frame::{self, OpCode};
+use crate::limits::MutationLimiter;
+use crate::protocol::{ErrorKind, InitConnectionBody, PushBody, QueriesPatchOp};
+use crate::replica::{self, CatchUp, Change, PokeFormat, PushResult, Replica};
+use crate::store::Store;
+
+/// Encoded WebSocket frames of one poke, shared by all its recipients.
+pub type Frames = Rc<[Rc<[u8]>]>;
+
+/// Something to send once the iteration's commit is done, in order.
+pub enum Delivery {
+    Frames {
+        to: To,
+        frames: Frames,
+    },
+    /// An error message; `close` ends the connection (code 1002) after it.
+    Error {
+        to: To,
+        kind: ErrorKind,
+        message: String,
+        close: bool,
+    },
+}
+
+/// A delivery's recipient: slot and serial, so nothing reaches a later connection that
+/// took over a freed slot.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct To {
+    pub slot: u32,
+    pub serial: u64,
+}
+
+impl Delivery {
+    pub fn to(&self) -> To {
+        match self {
+            Delivery::Frames { to, .. } | Delivery::Error { to, .. } => *to,
+        }
+    }
+}
+
+/// A connection that receives a group's pokes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Member {
+    to: To,
+    format: PokeFormat,
+}
+
+struct Group {
+    replica: Replica,
+    members: Vec<Member>,
+    /// Admitted connections of the group, members or not yet; the replica is dropped when
+    /// this reaches zero (after the commit of its last change).
+    connections: usize,
+}
+
+pub struct GroupSync {
+    store: Store,
+    groups: HashMap<Rc<str>, Group>,
+    outbox: Vec<Delivery>,
+    limits: replica::Limits,
+    mutations: MutationLimiter,
+}
+
+/// The connection a notice came from, as far as group sync cares.
+pub struct Who<'a> {
+    pub slot: u32,
+    /// Tells this connection from a later one that reuses its slot.
+    pub serial: u64,
+    pub client_id: &'a str,
+    pub group_id: &'a Rc<str>,
+    pub version: u32,
+}
+
+impl Who<'_> {
+    fn to(&self) -> To {
+        To { slot: self.slot, serial: self.serial }
+    }
+}
+
+impl GroupSync {
+    pub fn open(
+        dir: &Path,
+        per_user_mutations: u32,
+        window: Duration,
+    ) -> Result<GroupSync, String> {
+        std::fs::create_dir_all(dir).map_err(|e| format!("storage.path {}: {e}", dir.display()))?;
+        Ok(GroupSync {
+            store: Store::open(dir)?,
+            groups: HashMap::new(),
+            outbox: Vec::new(),
+            limits: replica::Limits::default(),
+            mutations: MutationLimiter::new(per_user_mutations, window),
+        })
+    }
+
+    pub fn set_mutation_limit(&mut self, max: u32, window: Duration) {
+        self.mutations.set_limits(max, window);
+    }
+
+    /// Loads `group_id` if it is not in memory; returns its pinned owner.
+    pub fn load(&mut self, group_id: &Rc<str>) -> Result<Option<String>, String> {
+        if self.groups.contains_key(group_id) {
+            return Ok(None);
+        }
+        let (replica, owner) = match self.store.load(group_id)? {
+            Some(stored) => (
+                Replica::from_snapshot(group_id, self.limits.clone(), stored.snapshot)?,
+                stored.owner,
+            ),
+            None => (Replica::new(group_id, self.limits.clone()), None),
+        };
+        self.groups
+            .insert(group_id.clone(), Group { replica, members: Vec::new(), connections: 0 });
+        Ok(owner)
+    }
+
+    /// Pins a group to its first verified user, durably.
+    pub fn set_owner(&mut self, group_id: &str, user: &str) {
+        self.store.set_owner(group_id, user);
+    }
+
+    /// An admitted connection of a loaded group.
+    pub fn admitted(&mut self, group_id: &str) {
+        if let Some(g) = self.groups.get_mut(group_id) {
+            g.connections += 1;
+        }
+    }
+
+    /// A connection of the group ended.
+    pub fn left(&mut self, slot: u32, group_id: &str) {
+        if let Some(g) = self.groups.get_mut(group_id) {
+            g.members.retain(|m| m.to.slot != slot);
+            g.connections = g.connections.saturating_sub(1);
+        }
+    }
+
+    /// `initConnection`: catch the client up, make it a recipient, then apply its queries.
+    pub fn on_init(
+        &mut self,
+        who: &Who<'_>,
+        base_cookie: Option<&str>,
+        lmid: u64,
+        body: &InitConnectionBody,
+    ) {
+        let Some(g) = self.groups.get_mut(&**who.group_id) else { return };
+        let format = PokeFormat::for_protocol(who.version);
+        match g.replica.check_connect(who.client_id, base_cookie, lmid) {
+            Err((kind, message)) => {
+                return self.outbox.push(Delivery::Error {
+                    to: who.to(),
+                    kind,
+                    message,
+                    close: true,
+                });
+            }
+            Ok(CatchUp::Poke(poke)) => {
+                let frames = frames_of(&replica::encode_poke_as(&poke, format));
+                self.outbox.push(Delivery::Frames { to: who.to(), frames });
+            }
+            Ok(CatchUp::Nothing) => {}
+        }
+        g.members.push(Member { to: who.to(), format });
+        if let Some(deleted) = &body.deleted {
+            self.on_delete_clients(who.group_id, deleted.client_ids.as_deref().unwrap_or_default());
+        }
+        self.on_queries(who, &body.desired_queries_patch);
+    }
+
+    pub fn on_queries(&mut self, who: &Who<'_>, ops: &[QueriesPatchOp]) {
+        let Some(g) = self.groups.get_mut(&**who.group_id) else { return };
+        match g.replica.change_desired_queries(who.client_id, ops) {
+            Ok(Some(change)) => self.broadcast(who.group_id, change),
+            Ok(None) => {}
+            Err((kind, message)) => {
+                self.outbox.push(Delivery::Error { to: who.to(), kind, message, close: true });
+            }
+        }
+    }
+
+    pub fn on_delete_clients(&mut self, group_id: &Rc<str>, client_ids: &[String]) {
+        let Some(g) = self.groups.get_mut(&**group_id) else { return };
+        if let Some(change) = g.replica.delete_clients(client_ids) {
+            self.broadcast(group_id, change);
+        }
+    }
+
+    /// A push: each mutation in order, under the per-user mutation limit.
+    pub fn on_push(&mut self, who: &Who<'_>, user_key: &str, push: &PushBody, now: Instant) {
+        for mutation in &push.mutations {
+            if let Err(wait) = self.mutations.check(user_key, who.group_id, now) {
+                let message = format!(
+                    "mutation rate limit exceeded; retry in {} ms",
+                    wait.as_millis().max(1)
+                );
+                let kind = ErrorKind::MutationRateLimited;
+                return self.outbox.push(Delivery::Error {
+                    to: who.to(),
+                    kind,
+                    message,
+                    close: false,
+                });
+            }
+            let Some(g) = self.groups.get_mut(&**who.group_id) else { return };
+            match g.replica.apply_push(mutation) {
+                PushResult::Applied(change) => self.broadcast(who.group_id, change),
+                PushResult::AlreadyProcessed => {}
+                PushResult::Failed { change, message }
+                | PushResult::LimitExceeded { change, message } => {
+                    self.broadcast(who.group_id, change);
+                    let kind = ErrorKind::MutationFailed;
+                    self.outbox.push(Delivery::Error { to: who.to(), kind, message, close: false });
+                }
+                PushResult::Gap(message) | PushResult::Refused(message) => {
+                    let kind = ErrorKind::InvalidPush;
+                    return self.outbox.push(Delivery::Error {
+                        to: who.to(),
+                        kind,
+                        message,
+                        close: true,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Stages a change and queues its poke to every member, encoded once per format.
+    fn broadcast(&mut self, group_id: &str, change: Change) {
+        self.store.stage(group_id, &change);
+        let Some(g) = self.groups.get(group_id) else { return };
+        let poke = change.poke();
+        let mut encoded: [Option<Frames>; 2] = [None, None];
+        for m in &g.members {
+            let i = (m.format == PokeFormat::Binary) as usize;
+            let frames = encoded[i]
+                .get_or_insert_with(|| frames_of(&replica::encode_poke_as(&poke, m.format)))
+                .clone();
+            self.outbox.push(Delivery::Frames { to: m.to, frames });
+        }
+    }
+
+    /// Commits what the iteration changed, then hands out the deliveries. Groups whose commit
+    /// failed or that another process changed meanwhile are returned: their connections must
+    /// reconnect (and load the current state); nothing queued for them is delivered.
+    pub fn flush(&mut self) -> (Vec<Delivery>, Vec<String>) {
+        let mut failed = Vec::new();
+        if self.store.has_staged() {
+            match self.store.commit() {
+                Ok(committed) => failed = committed.stale_groups,
+                Err(e) => {
+                    log::error!("storage commit failed: {}", e.message);
+                    failed = e.groups;
+                }
+            }
+        }
+        let mut out = std::mem::take(&mut self.outbox);
+        if !failed.is_empty() {
+            let dead: Vec<To> = failed
+                .iter()
+                .filter_map(|g| self.groups.remove(g.as_str()))
+                .flat_map(|g| g.members.into_iter().map(|m| m.to))
+                .collect();
+            out.retain(|d| !dead.contains(&d.to()));
+        }
+        // Groups nobody is connected to leave memory once their changes are on disk.
+        self.groups.retain(|_, g| g.connections > 0);
+        (out, failed)
+    }
+
+    pub fn has_pending(&self) -> bool {
+        !self.outbox.is_empty() || self.store.has_staged()
+    }
+}
+
+/// Frames each payload: binary chunks (protocol 52) are binary frames, the rest text.
+fn frames_of(payloads: &[Vec<u8>]) -> Frames {
+    payloads
+        .iter()
+        .map(|p| {
+            let opcode = if replica::is_binary_payload(p) { OpCode::Binary } else { OpCode::Text };
+            let mut f = Vec::with_capacity(p.len() + frame::MAX_SERVER_HEADER);
+            frame::encode_frame(&mut f, opcode, p, false);
+            Rc::from(f)
+        })
+        .collect()
+}
