@@ -59,6 +59,9 @@ fi
 SYNCGATE_TEST_NODE="$(command -v node)"
 export SYNCGATE_TEST_NODE
 
+# --- systemd tools (the unit tests run systemd-analyze; ExecReload names /bin/kill) ---------
+{ command -v systemd-analyze >/dev/null && [ -x /bin/kill ]; } || apt_install systemd procps
+
 # --- Rust ---------------------------------------------------------------------------------
 log "cargo fmt --check"
 cargo fmt --all -- --check

@@ -109,7 +109,9 @@ fn connection_attempts_per_address_are_limited_with_429() {
     let r = http(d.addr, upgrade.as_bytes());
     assert_eq!(r.status, 429, "the 4th attempt in the window: {}", r.head);
     let retry: u64 = r.header("Retry-After").expect("Retry-After").parse().expect("seconds");
-    assert!((1..=60).contains(&retry), "Retry-After {retry}");
+    // The limiter forgets an attempt between one window and a quarter window more after it
+    // (limits.rs documents the bound), and Retry-After says exactly when.
+    assert!((1..=75).contains(&retry), "Retry-After {retry}");
     // The limit is on attempts, not on what is open: the admitted ones are still served.
     for ws in &mut open {
         ws.ping_pong();
