@@ -326,7 +326,7 @@ impl Keepalive {
 const RESERVED_FDS: usize = 64;
 
 /// A bound on `workers` that catches typos (`workers = 1000000`) before they fork-bomb a host.
-const MAX_WORKERS: usize = 1024;
+pub const MAX_WORKERS: usize = 1024;
 /// The Zero client's protocol header can be 8 KiB: the head must hold it and the rest.
 const MIN_HEAD_BYTES: usize = 9 * 1024;
 /// A head travels to its worker in one Unix datagram, which must fit the socket's default

@@ -18,13 +18,20 @@ pub const MAX_MESSAGE: usize = 256 * 1024;
 pub enum Message {
     Ready,
     Applied(u64),
-    Config { generation: u64, resolved: String },
+    Config {
+        generation: u64,
+        resolved: String,
+    },
+    /// A graceful replacement took over: keep the connections for the drain timeout, then
+    /// close them with 1012 and exit.
+    Drain,
 }
 
 impl Message {
     fn encode(&self) -> Vec<u8> {
         match self {
             Message::Ready => b"R".to_vec(),
+            Message::Drain => b"D".to_vec(),
             Message::Applied(generation) => {
                 let mut out = b"A".to_vec();
                 out.extend_from_slice(&generation.to_le_bytes());
@@ -43,6 +50,7 @@ impl Message {
         let generation = || Some(u64::from_le_bytes(bytes.get(1..9)?.try_into().ok()?));
         match bytes.first()? {
             b'R' if bytes.len() == 1 => Some(Message::Ready),
+            b'D' if bytes.len() == 1 => Some(Message::Drain),
             b'A' if bytes.len() == 9 => Some(Message::Applied(generation()?)),
             b'C' => Some(Message::Config {
                 generation: generation()?,
@@ -96,9 +104,15 @@ pub fn arm(ring: &mut crate::ring::Ring, control: &OwnedFd, user_data: u64) {
     ring.push(entry);
 }
 
+/// What a child is told to do.
+pub enum Order {
+    Apply(crate::config::Config),
+    Drain,
+}
+
 /// Child side: drains the channel, acknowledging each configuration it returns. The
 /// supervisor validated them, so a parse failure here is a bug worth a loud log line.
-pub fn receive_configs(control: &OwnedFd) -> Vec<crate::config::Config> {
+pub fn receive_orders(control: &OwnedFd) -> Vec<Order> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let mut out = Vec::new();
     loop {
@@ -106,13 +120,14 @@ pub fn receive_configs(control: &OwnedFd) -> Vec<crate::config::Config> {
             Ok(Message::Config { generation, resolved }) => {
                 match crate::config::Config::from_resolved(&resolved) {
                     Ok(config) => {
-                        out.push(config);
+                        out.push(Order::Apply(config));
                         log::info!("applied configuration generation={generation}");
                     }
                     Err(e) => log::error!("reload generation={generation} not applied: {e}"),
                 }
                 let _ = send_message(control.as_fd(), &Message::Applied(generation));
             }
+            Ok(Message::Drain) => out.push(Order::Drain),
             Ok(_) | Err(RecvError::Malformed) => {}
             Err(_) => return out,
         }
@@ -131,6 +146,7 @@ mod tests {
             Message::Ready,
             Message::Applied(7),
             Message::Config { generation: 3, resolved: "workers = 2\n".into() },
+            Message::Drain,
         ] {
             send_message(sup.as_fd(), &m).unwrap();
             assert_eq!(recv_message(&child, &mut buf).unwrap(), m);

@@ -159,8 +159,11 @@ impl Listener {
                                 ring::token(CONTROL, 0),
                             );
                         }
-                        for config in crate::control::receive_configs(&self.control) {
-                            self.apply(config);
+                        for order in crate::control::receive_orders(&self.control) {
+                            // A replaced listener is told to stop with SIGTERM, not Drain.
+                            if let crate::control::Order::Apply(config) = order {
+                                self.apply(config);
+                            }
                         }
                     }
                     _ => {}
@@ -250,9 +253,7 @@ impl Listener {
         if self.pending_per_ip.get(peer_key).copied().unwrap_or(0) >= l.max_handshakes_per_ip {
             return Some("too many requests in progress from this address");
         }
-        let open: u64 = (1..=self.channels.len())
-            .map(|slot| self.metrics.get(slot, Metric::OpenConnections))
-            .sum();
+        let open = self.metrics.workers_total(Metric::OpenConnections);
         if open as usize >= self.config.connection_cap() {
             return Some("connection limit reached");
         }

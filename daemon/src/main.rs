@@ -45,6 +45,9 @@ enum Cmd {
     Worker {
         #[arg(long)]
         index: usize,
+        /// Its metrics slot (see `metrics::worker_slot`).
+        #[arg(long)]
+        slot: usize,
     },
 }
 
@@ -102,11 +105,11 @@ fn main() -> ExitCode {
             )?;
             Ok(Box::new(move || l.run()))
         }),
-        Cmd::Worker { index } => {
+        Cmd::Worker { index, slot } => {
             child(&format!("worker-{index}"), |config, metrics_fd, signals, control| {
                 // SAFETY: the supervisor placed this descriptor at this number.
                 let channel = unsafe { supervisor::inherited(fds::SOCKET) };
-                let metrics = metrics::Metrics::map(&metrics_fd, index + 1)
+                let metrics = metrics::Metrics::map(&metrics_fd, slot)
                     .map_err(|e| format!("metrics: {e}"))?;
                 let w = worker::Worker::new(index, config, channel, metrics, signals, control)?;
                 Ok(Box::new(move || w.run()))

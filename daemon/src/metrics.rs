@@ -57,9 +57,19 @@ pub enum Metric {
     RateLimited,
     /// Sockets turned away with 503: too many handshakes or connections (listener).
     Overloaded,
+    /// Set to 1 by a worker when it maps its slot, so unused slots stay out of the exposition.
+    InUse,
     /// Configuration reloads applied / refused (supervisor, slot 0).
     Reloads,
     ReloadFailures,
+}
+
+use crate::config::MAX_WORKERS;
+
+/// The slot of worker `index` of worker generation `generation` (a generation is one set of
+/// workers; a reload that changes their number starts the next one).
+pub fn worker_slot(generation: usize, index: usize) -> usize {
+    1 + (generation % 2) * MAX_WORKERS + index
 }
 
 /// Counters per slot; a power of two keeps slots aligned and leaves room to grow.
@@ -90,6 +100,7 @@ const ALL: &[(Metric, &str, &str, &str)] = &[
     (Metric::WorkerRestarts, "syncgate_worker_restarts_total", "counter", "Worker processes respawned."),
     (Metric::RateLimited, "syncgate_rate_limited_total", "counter", "Upgrades refused by a connection rate limit."),
     (Metric::Overloaded, "syncgate_overloaded_total", "counter", "Sockets refused with 503 (handshake or connection caps)."),
+    (Metric::InUse, "syncgate_slot_in_use", "gauge", "Internal: the slot belongs to a worker."),
     (Metric::Reloads, "syncgate_reloads_total", "counter", "Configuration reloads applied."),
     (Metric::ReloadFailures, "syncgate_reload_failures_total", "counter", "Configuration reloads refused."),
 ];
@@ -109,11 +120,14 @@ unsafe impl Send for Metrics {}
 unsafe impl Sync for Metrics {}
 
 impl Metrics {
-    /// Creates the shared memory for `workers` workers (supervisor only).
-    pub fn create(workers: usize) -> std::io::Result<OwnedFd> {
+    /// Creates the shared memory (supervisor only): slot 0 for the listener and the
+    /// supervisor, then two banks of worker slots, so a graceful replacement's new workers
+    /// count beside the old ones while those drain (see [`worker_slot`]). Untouched slots
+    /// cost no memory: the memfd's pages are allocated on first write.
+    pub fn create() -> std::io::Result<OwnedFd> {
         let fd =
             nix::sys::memfd::memfd_create(c"syncgate-metrics", nix::sys::memfd::MFdFlags::empty())?;
-        let len = ((workers + 1) * SLOT_LEN * 8) as i64;
+        let len = ((1 + 2 * MAX_WORKERS) * SLOT_LEN * 8) as i64;
         nix::unistd::ftruncate(fd.as_fd(), len)?;
         Ok(fd)
     }
@@ -171,20 +185,29 @@ impl Metrics {
         self.cell(slot, m).fetch_add(n, Ordering::Relaxed);
     }
 
+    /// The sum of `m` over every worker slot (e.g. connections open in the whole daemon).
+    pub fn workers_total(&self, m: Metric) -> u64 {
+        (1..self.slots).map(|slot| self.get(slot, m)).sum()
+    }
+
     /// Prometheus text exposition of every slot. Worker slots carry a `worker` label so a
     /// test or an operator can see which worker served what; the listener's is `listener`.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
+        let used: Vec<usize> = (0..MAX_WORKERS)
+            .filter(|&i| (0..2).any(|g| self.get(worker_slot(g, i), Metric::InUse) != 0))
+            .collect();
         for &(m, name, kind, help) in ALL {
+            if m == Metric::InUse {
+                continue;
+            }
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for slot in 0..self.slots {
-                let v = self.get(slot, m);
-                if slot == 0 {
-                    let _ = writeln!(out, "{name}{{process=\"listener\"}} {v}");
-                } else {
-                    let _ =
-                        writeln!(out, "{name}{{process=\"worker\",worker=\"{}\"}} {v}", slot - 1);
-                }
+            let _ = writeln!(out, "{name}{{process=\"listener\"}} {}", self.get(0, m));
+            // Both generations of a worker index add up: one series per worker, whatever
+            // reloads happened.
+            for &i in &used {
+                let v: u64 = (0..2).map(|g| self.get(worker_slot(g, i), m)).sum();
+                let _ = writeln!(out, "{name}{{process=\"worker\",worker=\"{i}\"}} {v}");
             }
         }
         out
@@ -197,16 +220,22 @@ mod tests {
 
     #[test]
     fn slots_are_separate_and_shared_across_mappings() {
-        let fd = Metrics::create(2).unwrap();
-        let w1 = Metrics::map(&fd, 2).unwrap();
+        let fd = Metrics::create().unwrap();
+        let w1 = Metrics::map(&fd, worker_slot(0, 1)).unwrap();
+        let w1_next = Metrics::map(&fd, worker_slot(1, 1)).unwrap();
         let l = Metrics::map(&fd, 0).unwrap();
+        w1.set(Metric::InUse, 1);
         w1.add(Metric::MessagesIn, 5);
+        w1_next.add(Metric::MessagesIn, 2);
         l.inc(Metric::Accepted);
-        assert_eq!(l.get(2, Metric::MessagesIn), 5);
-        assert_eq!(l.get(1, Metric::MessagesIn), 0);
         let text = l.render();
-        assert!(text.contains("syncgate_messages_in_total{process=\"worker\",worker=\"1\"} 5"));
+        assert!(
+            text.contains("syncgate_messages_in_total{process=\"worker\",worker=\"1\"} 7"),
+            "{text}"
+        );
+        assert!(!text.contains("worker=\"0\""), "unused slots stay out: {text}");
         assert!(text.contains("syncgate_accepted_total{process=\"listener\"} 1"));
+        assert!(!text.contains("syncgate_slot_in_use"));
         assert!(ALL.len() <= SLOT_LEN);
     }
 }

@@ -93,6 +93,29 @@ struct Supervisor {
     /// while a worker restarts.
     channels: Vec<(OwnedFd, OwnedFd)>,
     procs: Vec<Process>,
+    /// Processes of an earlier generation after a graceful replacement: never respawned,
+    /// gone once they drained.
+    draining: Vec<Process>,
+    /// Counts graceful replacements; picks the workers' metrics bank.
+    worker_generation: usize,
+    /// The listening socket came from systemd: `listen` cannot change.
+    activated: bool,
+}
+
+/// The processes of one generation: the listener first, then the workers.
+fn generation(workers: usize) -> Vec<Process> {
+    let process = |role| Process {
+        role,
+        child: None,
+        control: None,
+        ready: false,
+        started: Instant::now(),
+        backoff: RESPAWN_MIN,
+        respawn_at: None,
+    };
+    let mut procs = vec![process(Role::Listener)];
+    procs.extend((0..workers).map(|i| process(Role::Worker(i))));
+    procs
 }
 
 /// Runs the daemon until SIGTERM/SIGINT. Returns an error message if startup fails.
@@ -111,7 +134,9 @@ pub fn run(mut config: Config, path: Option<std::path::PathBuf>) -> Result<(), S
     let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
         .map_err(|e| format!("signalfd: {e}"))?;
     let addr = config.listen_addr()?;
-    let listen = match activated_socket()? {
+    let activated = activated_socket()?;
+    let was_activated = activated.is_some();
+    let listen = match activated {
         Some(fd) => {
             log::info!(
                 "using the listening socket passed by the service manager (socket activation)"
@@ -121,23 +146,15 @@ pub fn run(mut config: Config, path: Option<std::path::PathBuf>) -> Result<(), S
         None => bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?,
     };
     let local = local_addr(&listen).unwrap_or(addr);
-    let metrics_fd = Metrics::create(workers).map_err(|e| format!("metrics memory: {e}"))?;
+    let metrics_fd = Metrics::create().map_err(|e| format!("metrics memory: {e}"))?;
     let metrics = Metrics::map(&metrics_fd, 0).map_err(|e| format!("metrics memory: {e}"))?;
     let channels = (0..workers)
         .map(|_| handoff::pair().map_err(|e| format!("socketpair: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
-    let process = |role| Process {
-        role,
-        child: None,
-        control: None,
-        ready: false,
-        started: Instant::now(),
-        backoff: RESPAWN_MIN,
-        respawn_at: None,
-    };
-    let mut procs = vec![process(Role::Listener)];
-    procs.extend((0..workers).map(|i| process(Role::Worker(i))));
     let mut sup = Supervisor {
+        draining: Vec::new(),
+        worker_generation: 0,
+        activated: was_activated,
         resolved: config.to_resolved(),
         config,
         path,
@@ -146,7 +163,7 @@ pub fn run(mut config: Config, path: Option<std::path::PathBuf>) -> Result<(), S
         metrics_fd,
         metrics,
         channels,
-        procs,
+        procs: generation(workers),
     };
     // Workers first, so the listener never hands a socket to a worker that is not there.
     for i in (1..sup.procs.len()).chain(std::iter::once(0)) {
@@ -188,7 +205,9 @@ impl Supervisor {
             }
             Role::Worker(w) => {
                 inherit.push(self.channels[w].1.as_fd());
+                let slot = crate::metrics::worker_slot(self.worker_generation, w);
                 cmd.arg("__worker").arg("--index").arg(w.to_string());
+                cmd.arg("--slot").arg(slot.to_string());
             }
         }
         // Park the descriptors above the fixed numbers first, so the dup2 calls in the child
@@ -315,6 +334,60 @@ impl Supervisor {
         Ok(out)
     }
 
+    /// A reload that needs new sockets or another worker count: a new listener and new
+    /// workers take over new connections; the old workers keep theirs for the drain timeout
+    /// and then close them with 1012. Client groups are never split for new connections: the
+    /// new listener routes every socket by the new worker count alone.
+    fn replace(&mut self, next: &Config) -> Result<(), String> {
+        let new_listen = if next.listen != self.config.listen {
+            if self.activated {
+                return Err("listen cannot change under socket activation".into());
+            }
+            let addr = next.listen_addr()?;
+            Some(bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?)
+        } else {
+            None
+        };
+        let channels = (0..next.workers)
+            .map(|_| handoff::pair().map_err(|e| format!("socketpair: {e}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let old_procs = std::mem::replace(&mut self.procs, generation(next.workers));
+        let old_channels = std::mem::replace(&mut self.channels, channels);
+        let old_listen = new_listen.map(|l| std::mem::replace(&mut self.listen, l));
+        let old_resolved = std::mem::replace(&mut self.resolved, next.to_resolved());
+        self.worker_generation += 1;
+        let started = (1..self.procs.len())
+            .chain(std::iter::once(0))
+            .try_for_each(|i| self.spawn(i))
+            .and_then(|()| self.wait_ready());
+        if let Err(e) = started {
+            // Back to the running generation, untouched.
+            self.kill_all_current(Signal::SIGKILL);
+            self.reap_all(Instant::now() + Duration::from_secs(2));
+            self.procs = old_procs;
+            self.channels = old_channels;
+            if let Some(l) = old_listen {
+                self.listen = l;
+            }
+            self.resolved = old_resolved;
+            self.worker_generation -= 1;
+            return Err(format!("the new processes did not start: {e}"));
+        }
+        for p in &old_procs {
+            match (p.role, &p.child, &p.control) {
+                (Role::Listener, Some(child), _) => {
+                    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+                }
+                (Role::Worker(_), Some(_), Some(control)) => {
+                    let _ = control::send_message(control.as_fd(), &Message::Drain);
+                }
+                _ => {}
+            }
+        }
+        self.draining.extend(old_procs.into_iter().filter(|p| p.child.is_some()));
+        Ok(())
+    }
+
     /// SIGHUP: validate the file, then apply it in every process, then say READY again.
     fn reload(&mut self) {
         let _ = sd_notify::notify(&[
@@ -338,24 +411,29 @@ impl Supervisor {
             next.task_id = self.config.task_id.clone();
         }
         next.workers = next.worker_count();
-        let mut kept = Vec::new();
-        if next.listen != self.config.listen {
-            kept.push("listen");
-            next.listen = self.config.listen.clone();
-        }
-        if next.workers != self.config.workers {
-            kept.push("workers");
-            next.workers = self.config.workers;
-        }
         if next.task_id != self.config.task_id {
-            kept.push("task_id");
+            log::warn!(
+                "reload: task_id cannot change under live client groups; kept the running value"
+            );
             next.task_id = self.config.task_id.clone();
         }
-        if !kept.is_empty() {
-            log::warn!(
-                "reload: {} cannot change without a restart; kept the running value",
-                kept.join(", ")
+        if next.listen != self.config.listen || next.workers != self.config.workers {
+            if let Err(e) = self.replace(&next) {
+                self.metrics.add_to(0, Metric::ReloadFailures, 1);
+                log::error!("reload refused: {e}; the running configuration stays");
+                let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+                return;
+            }
+            self.config = next;
+            self.metrics.add_to(0, Metric::Reloads, 1);
+            log::set_max_level(self.config.level());
+            log::info!(
+                "reloaded configuration from {path} by graceful replacement: listen={} workers={}",
+                self.config.listen,
+                self.config.workers
             );
+            let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+            return;
         }
         self.generation += 1;
         let generation = self.generation;
@@ -425,7 +503,7 @@ impl Supervisor {
                     Ok(Signal::SIGTERM | Signal::SIGINT) => {
                         log::warn!("second stop signal: exiting now");
                         self.kill_all(Signal::SIGKILL);
-                        self.reap_all(Instant::now() + Duration::from_secs(2));
+                        self.reap_everything(Instant::now() + Duration::from_secs(2));
                         return Ok(());
                     }
                     Ok(Signal::SIGHUP) if stop_deadline.is_none() => self.reload(),
@@ -434,14 +512,14 @@ impl Supervisor {
             }
             self.reap(stop_deadline.is_none());
             if let Some(deadline) = stop_deadline {
-                if self.procs.iter().all(|p| p.child.is_none()) {
+                if self.procs.iter().all(|p| p.child.is_none()) && self.draining.is_empty() {
                     log::info!("stopped");
                     return Ok(());
                 }
                 if Instant::now() >= deadline {
                     log::warn!("drain timeout: killing what is left");
                     self.kill_all(Signal::SIGKILL);
-                    self.reap_all(Instant::now() + Duration::from_secs(2));
+                    self.reap_everything(Instant::now() + Duration::from_secs(2));
                     return Ok(());
                 }
                 continue;
@@ -466,7 +544,8 @@ impl Supervisor {
         }
     }
 
-    /// Collects exited children; schedules their respawn unless stopping.
+    /// Collects exited children; schedules their respawn unless stopping. Drained processes
+    /// of an earlier generation are only forgotten.
     fn reap(&mut self, respawn: bool) {
         loop {
             let status = match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
@@ -474,48 +553,67 @@ impl Supervisor {
                 Ok(status) => status,
             };
             let Some(pid) = status.pid() else { return };
-            let Some(p) = self
-                .procs
-                .iter_mut()
-                .find(|p| p.child.as_ref().is_some_and(|c| c.id() as i32 == pid.as_raw()))
-            else {
+            let is = |p: &Process| p.child.as_ref().is_some_and(|c| c.id() as i32 == pid.as_raw());
+            if let Some(k) = self.draining.iter().position(is) {
+                let p = self.draining.swap_remove(k);
+                log::info!("{} of the previous generation exited ({status:?})", p.role);
                 continue;
-            };
+            }
+            let Some(p) = self.procs.iter_mut().find(|p| is(p)) else { continue };
             p.child = None;
+            p.control = None;
+            p.ready = false;
             if !respawn {
                 log::info!("{} exited ({status:?})", p.role);
                 continue;
             }
-            let uptime = p.started.elapsed();
-            p.backoff = if uptime >= HEALTHY_UPTIME {
-                RESPAWN_MIN
-            } else {
-                (p.backoff * 2).min(RESPAWN_MAX)
-            };
-            let delay = if uptime >= HEALTHY_UPTIME { RESPAWN_MIN } else { p.backoff };
+            if p.started.elapsed() >= HEALTHY_UPTIME {
+                p.backoff = RESPAWN_MIN;
+            }
+            let delay = p.backoff;
+            p.backoff = (p.backoff * 2).min(RESPAWN_MAX);
             p.respawn_at = Some(Instant::now() + delay);
             log::error!("{} died ({status:?}); respawning in {} ms", p.role, delay.as_millis());
         }
     }
 
+    /// Signals every child, draining ones included.
     fn kill_all(&self, signal: Signal) {
-        for p in &self.procs {
-            if let Some(child) = &p.child {
-                let _ = kill(Pid::from_raw(child.id() as i32), signal);
-            }
-        }
+        self.kill_all_current(signal);
+        signal_all(&self.draining, signal);
     }
 
-    /// Waits (bounded) for every child to exit after a kill.
+    fn kill_all_current(&self, signal: Signal) {
+        signal_all(&self.procs, signal);
+    }
+
+    /// Waits (bounded) for the current generation to exit after a kill.
     fn reap_all(&mut self, deadline: Instant) {
-        for p in &mut self.procs {
-            if let Some(mut child) = p.child.take() {
-                while Instant::now() < deadline {
-                    if let Ok(Some(_)) = child.try_wait() {
-                        break;
-                    }
-                    std::thread::sleep(Duration::from_millis(10));
+        reap_list(&mut self.procs, deadline);
+    }
+
+    fn reap_everything(&mut self, deadline: Instant) {
+        reap_list(&mut self.procs, deadline);
+        reap_list(&mut self.draining, deadline);
+    }
+}
+
+fn signal_all(procs: &[Process], signal: Signal) {
+    for child in procs.iter().filter_map(|p| p.child.as_ref()) {
+        let _ = kill(Pid::from_raw(child.id() as i32), signal);
+    }
+}
+
+/// Waits until every process of `procs` exited, or `deadline`.
+fn reap_list(procs: &mut [Process], deadline: Instant) {
+    for p in procs {
+        if let Some(mut child) = p.child.take() {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    break;
                 }
+                // Bounded wait for a process we just SIGKILLed: it has nothing to report on.
+                std::thread::sleep(Duration::from_millis(10));
             }
         }
     }

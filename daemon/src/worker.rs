@@ -102,6 +102,9 @@ pub struct Worker {
     /// Set on SIGTERM: every connection was asked to close with 1001; exit when all are gone
     /// or at this deadline.
     stopping: Option<Instant>,
+    /// Set when a graceful replacement took over: at this time the connections still here
+    /// are closed with 1012 (service restart) and the worker stops.
+    drain_at: Option<Instant>,
     signalfd: nix::sys::signalfd::SignalFd,
     signal_buf: Box<[u8; 128]>,
     /// The control channel from the supervisor (ready, reloads).
@@ -141,6 +144,7 @@ impl Worker {
             .map_err(|e| format!("cannot register the receive buffer ring: {e}"))?;
         let verifier = Verifier::new(&config.auth).map_err(|e| format!("auth: {e}"))?;
         metrics.set(Metric::OpenConnections, 0);
+        metrics.set(Metric::InUse, 1);
         let level = config.compression.level;
         let window = Duration::from_millis(config.limits.per_user_mutations_window_ms);
         let sync = GroupSync::open(&config.storage.path, config.limits.per_user_mutations, window)?;
@@ -164,6 +168,7 @@ impl Worker {
             dedicated_deflate_bytes: 0,
             open: 0,
             stopping: None,
+            drain_at: None,
             signalfd,
             signal_buf: Box::new([0; 128]),
             control,
@@ -202,8 +207,11 @@ impl Worker {
                                 ring::token(CONTROL, 0),
                             );
                         }
-                        for config in crate::control::receive_configs(&self.control) {
-                            self.apply(config);
+                        for order in crate::control::receive_orders(&self.control) {
+                            match order {
+                                crate::control::Order::Apply(config) => self.apply(config),
+                                crate::control::Order::Drain => self.drain(now),
+                            }
                         }
                     }
                     _ => {}
@@ -272,17 +280,39 @@ impl Worker {
                 self.index,
                 self.open
             );
-            self.stopping = Some(now + Duration::from_millis(self.config.drain_timeout_ms));
-            for index in 0..self.slots.len() as u32 {
-                if let Some(slot) = self.slots[index as usize].as_mut() {
-                    slot.conn.close(1001, "server shutting down", now);
-                    self.process(index);
-                }
-            }
+            let deadline = now + Duration::from_millis(self.config.drain_timeout_ms);
+            self.close_all(1001, "server shutting down", deadline, now);
         }
         self.arm_signal();
     }
 
+    /// A graceful replacement took over: keep the connections for the drain timeout, so
+    /// clients move over at their own pace.
+    fn drain(&mut self, now: Instant) {
+        // The channel stays open: a socket the old listener handed off just before it stopped
+        // is still served here rather than lost.
+        if self.drain_at.is_none() && self.stopping.is_none() {
+            self.drain_at = Some(now + Duration::from_millis(self.config.drain_timeout_ms));
+            log::info!(
+                "worker {}: replaced; draining {} connections for {} ms",
+                self.index,
+                self.open,
+                self.config.drain_timeout_ms
+            );
+        }
+    }
+
+    /// Starts the close handshake of every connection; the worker exits when all are gone
+    /// or at `deadline`.
+    fn close_all(&mut self, code: u16, reason: &str, deadline: Instant, now: Instant) {
+        self.stopping = Some(deadline);
+        for index in 0..self.slots.len() as u32 {
+            if let Some(slot) = self.slots[index as usize].as_mut() {
+                slot.conn.close(code, reason, now);
+                self.process(index);
+            }
+        }
+    }
     fn on_channel(&mut self, cqe: &cqueue::Entry, now: Instant) {
         if !cqueue::more(cqe.flags()) {
             self.arm_channel();
@@ -831,6 +861,15 @@ impl Worker {
     }
 
     fn on_tick(&mut self, now: Instant) {
+        if self.drain_at.is_some_and(|at| now >= at) && self.stopping.is_none() {
+            log::info!(
+                "worker {}: drain over, closing {} connections with 1012",
+                self.index,
+                self.open
+            );
+            let deadline = now + Duration::from_millis(self.config.keepalive.close_timeout_ms);
+            self.close_all(1012, "service restart", deadline, now);
+        }
         self.resolve_probes(now);
         for index in 0..self.slots.len() as u32 {
             if let Some(slot) = self.slots[index as usize].as_mut() {
