@@ -106,7 +106,7 @@ pub fn arm(ring: &mut crate::ring::Ring, control: &OwnedFd, user_data: u64) {
 
 /// What a child is told to do.
 pub enum Order {
-    Apply(crate::config::Config),
+    Apply(Box<crate::config::Config>),
     Drain,
 }
 
@@ -120,7 +120,7 @@ pub fn receive_orders(control: &OwnedFd) -> Vec<Order> {
             Ok(Message::Config { generation, resolved }) => {
                 match crate::config::Config::from_resolved(&resolved) {
                     Ok(config) => {
-                        out.push(Order::Apply(config));
+                        out.push(Order::Apply(Box::new(config)));
                         log::info!("applied configuration generation={generation}");
                     }
                     Err(e) => log::error!("reload generation={generation} not applied: {e}"),

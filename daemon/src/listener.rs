@@ -162,7 +162,7 @@ impl Listener {
                         for order in crate::control::receive_orders(&self.control) {
                             // A replaced listener is told to stop with SIGTERM, not Drain.
                             if let crate::control::Order::Apply(config) = order {
-                                self.apply(config);
+                                self.apply(*config);
                             }
                         }
                     }

@@ -209,7 +209,7 @@ impl Worker {
                         }
                         for order in crate::control::receive_orders(&self.control) {
                             match order {
-                                crate::control::Order::Apply(config) => self.apply(config),
+                                crate::control::Order::Apply(config) => self.apply(*config),
                                 crate::control::Order::Drain => self.drain(now),
                             }
                         }
