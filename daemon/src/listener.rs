@@ -244,7 +244,8 @@ impl Listener {
         self.arm_recv(index);
     }
 
-    /// Whether a new socket must be turned away before its request is read.
+    /// Whether a new socket must be turned away before its request is read (health checks
+    /// and metrics included: these caps bound the listener's own memory).
     fn overloaded(&self, peer_key: &[u8; 16]) -> Option<&'static str> {
         let l = &self.config.limits;
         if self.pending.len() - self.free.len() >= l.max_handshakes {
@@ -252,10 +253,6 @@ impl Listener {
         }
         if self.pending_per_ip.get(peer_key).copied().unwrap_or(0) >= l.max_handshakes_per_ip {
             return Some("too many requests in progress from this address");
-        }
-        let open = self.metrics.workers_total(Metric::OpenConnections);
-        if open as usize >= self.config.connection_cap() {
-            return Some("connection limit reached");
         }
         None
     }
@@ -389,6 +386,15 @@ impl Listener {
                 &[("Retry-After", &retry)],
                 "too many connection attempts from this address",
             );
+            return self.answer(index, out, now);
+        }
+        // The connection cap refuses upgrades only: health checks and metrics stay answered
+        // exactly when an operator needs them.
+        let open = self.metrics.workers_total(Metric::OpenConnections);
+        if open as usize >= self.config.connection_cap() {
+            self.metrics.inc(Metric::Overloaded);
+            let out =
+                handshake::http_error(503, &[("Retry-After", "1")], "connection limit reached");
             return self.answer(index, out, now);
         }
         match handshake::check_upgrade(&head) {

@@ -938,6 +938,36 @@ impl RawConn {
     pub fn send_fragment(&mut self, fin: bool, opcode: u8, payload: &[u8]) {
         self.stream.write_all(&client_frame(fin, opcode, payload)).expect("send a raw frame");
     }
+
+    /// Sends one masked frame whose first byte (FIN, RSV bits, opcode) is given whole.
+    pub fn send_raw_frame(&mut self, first_byte: u8, payload: &[u8]) {
+        let mut f = client_frame(true, 0, payload);
+        f[0] = first_byte;
+        self.stream.write_all(&f).expect("send a raw frame");
+    }
+
+    /// Wraps a stream on which the test wrote its own upgrade request.
+    pub fn from_stream(stream: TcpStream) -> RawConn {
+        RawConn { stream, buf: Vec::new() }
+    }
+
+    /// Reads the response head (for a request written by hand) and returns it.
+    pub fn read_head(&mut self) -> String {
+        let deadline = Instant::now() + WAIT;
+        let end = loop {
+            if let Some(p) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break p + 4;
+            }
+            assert!(
+                self.fill(deadline),
+                "no response head: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+        };
+        let head = String::from_utf8_lossy(&self.buf[..end]).to_string();
+        self.buf.drain(..end);
+        head
+    }
 }
 
 /// The bytes of one masked client frame.

@@ -1,0 +1,277 @@
+//! Hostile traffic against the real binary: connection storms, slow-loris, decompression
+//! bombs, absurd frame headers, connection caps and stuck consumers (MEDIUM-02, LOW-01 and
+//! DESIGN.md's limits table).
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const QUIET: &str = "[keepalive]\nidle_send_ms = 60000\nsilence_ms = 60000\n";
+
+/// A TCP connection to `to` from the local address `from` (any 127.0.0.0/8 address works on
+/// loopback), so one test can play several clients.
+fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
+    use nix::sys::socket::{
+        bind, connect, socket, AddressFamily, SockFlag, SockType, SockaddrStorage,
+    };
+    let fd = socket(AddressFamily::Inet, SockType::Stream, SockFlag::empty(), None).unwrap();
+    bind(fd.as_raw_fd(), &SockaddrStorage::from(SocketAddr::new(from, 0))).unwrap();
+    connect(fd.as_raw_fd(), &SockaddrStorage::from(to)).unwrap();
+    // SAFETY: a connected socket we own, handed over whole.
+    unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) }
+}
+
+fn upgrade_request(params: &Params, extra_headers: &str) -> String {
+    format!(
+        "GET {} HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Protocol: {}\r\n{extra_headers}\r\n",
+        params.path(),
+        anon_header()
+    )
+}
+
+/// Sends an upgrade from `from` and returns the status code and the raw answer head.
+fn attempt(from: IpAddr, to: SocketAddr, params: &Params) -> (u16, String) {
+    let mut s = connect_from(from, to);
+    s.write_all(upgrade_request(params, "").as_bytes()).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match s.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            other => panic!("no answer head: {other:?} after {:?}", String::from_utf8_lossy(&head)),
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("a status code");
+    (status, head)
+}
+
+fn header_value(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (n, v) = l.split_once(':')?;
+        n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+    })
+}
+
+fn local(n: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, n])
+}
+
+#[test]
+fn a_connection_storm_is_refused_before_any_worker_or_token_check() {
+    let d = Daemon::start(&format!(
+        "{QUIET}{}[limits]\nconnect_per_ip = 100\nconnect_window_ms = 1000\n",
+        auth_config()
+    ));
+    let mut refused = Vec::new();
+    let mut accepted = 0;
+    for i in 0..150 {
+        let (status, head) = attempt(local(1), d.addr, &Params::new(&format!("s{i}"), "storm"));
+        match status {
+            101 => accepted += 1,
+            429 => refused.push(head),
+            other => panic!("unexpected status {other}: {head}"),
+        }
+    }
+    assert_eq!(accepted, 100, "the first 100 attempts in the window are let through");
+    assert_eq!(refused.len(), 50);
+    // None of the refused reached a worker, so none cost a token check: the listener handed
+    // off exactly the accepted ones, and the workers saw exactly those.
+    assert_eq!(d.metric("syncgate_handoffs_total", &[("process", "listener")]), 100);
+    assert_eq!(d.metric("syncgate_rate_limited_total", &[("process", "listener")]), 50);
+    // Another address is served meanwhile.
+    let (status, head) = attempt(local(2), d.addr, &Params::new("other", "g2"));
+    assert_eq!(status, 101, "another address is not limited: {head}");
+    // After the window (Retry-After says when) the address is served again.
+    let retry: u64 = header_value(&refused[49], "Retry-After").unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry), "Retry-After {retry} for a 1 s window");
+    std::thread::sleep(Duration::from_secs(retry));
+    let (status, head) = attempt(local(1), d.addr, &Params::new("later", "g3"));
+    assert_eq!(status, 101, "served again after Retry-After: {head}");
+}
+
+#[test]
+fn slow_loris_does_not_keep_a_normal_client_out() {
+    let d = Daemon::start(&format!("{QUIET}[limits]\nhead_timeout_ms = 10000\n"));
+    // 200 requests that never finish their head, from one address.
+    let mut loris = Vec::new();
+    for _ in 0..200 {
+        let mut s = connect_from(local(7), d.addr);
+        s.write_all(b"GET /sync/v51/connect?clientID=x HTTP/1.1\r\nHost: t\r\n").unwrap();
+        loris.push(s);
+    }
+    // The per-address cap turned most away with 503 at once, without reading them.
+    d.wait_metric("syncgate_overloaded_total", &[("process", "listener")], 200 - 32, WAIT);
+    // A normal client from elsewhere connects in its usual time.
+    let started = Instant::now();
+    let mut s = connect_from(local(8), d.addr);
+    s.write_all(upgrade_request(&Params::new("normal", "g1"), "").as_bytes()).unwrap();
+    s.set_read_timeout(Some(WAIT)).unwrap();
+    let mut buf = [0u8; 12];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 101");
+    assert!(started.elapsed() < Duration::from_secs(1), "took {:?}", started.elapsed());
+    drop(loris);
+}
+
+#[test]
+fn too_many_handshakes_in_progress_get_503() {
+    let d = Daemon::start(&format!("{QUIET}[limits]\nmax_handshakes = 4\n"));
+    let mut held = Vec::new();
+    for n in 0..4 {
+        let mut s = connect_from(local(10 + n), d.addr);
+        s.write_all(b"GET / HTTP/1.1\r\n").unwrap();
+        held.push(s);
+    }
+    // The kernel hands connections to the listener in the order they were made, so the four
+    // are held by the time the fifth is accepted.
+    let mut s = connect_from(local(20), d.addr);
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let answer = read_to_end_within(&mut s, WAIT);
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 503 "), "{text}");
+    assert!(text.contains("Retry-After: 1\r\n"), "{text}");
+    drop(held);
+}
+
+#[test]
+fn the_global_connection_cap_answers_503() {
+    let d = Daemon::start(&format!("{QUIET}[limits]\nmax_connections = 2\n"));
+    let mut a = d.connected(&Params::new("a", "g1"), Some(&anon_header()));
+    let mut b = d.connected(&Params::new("b", "g2"), Some(&anon_header()));
+    d.wait_metric("syncgate_connections_open", &[], 2, WAIT);
+    let (status, head) = attempt(local(1), d.addr, &Params::new("c", "g3"));
+    assert_eq!(status, 503, "{head}");
+    assert!(header_value(&head, "Retry-After").is_some(), "{head}");
+    a.ping_pong();
+    b.ping_pong();
+}
+
+/// Raw deflate of `n` zero bytes: a few hundred bytes that inflate to `n`.
+fn zero_bomb(n: usize) -> Vec<u8> {
+    use flate2::{write::DeflateEncoder, Compression};
+    let mut e = DeflateEncoder::new(Vec::new(), Compression::best());
+    let chunk = vec![0u8; 1 << 20];
+    let mut left = n;
+    while left > 0 {
+        let k = left.min(chunk.len());
+        e.write_all(&chunk[..k]).unwrap();
+        left -= k;
+    }
+    e.finish().unwrap()
+}
+
+/// Peak resident memory of the worker serving `group`, in KiB.
+fn worker_peak_kib(d: &Daemon, group: &str) -> u64 {
+    let index = expected_worker(group);
+    let (pid, _) = d
+        .children()
+        .into_iter()
+        .find(|(_, cmd)| cmd.contains("__worker") && cmd.contains(&format!("--index {index}")))
+        .expect("the worker process");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM")
+}
+
+#[test]
+fn a_decompression_bomb_closes_1009_and_the_worker_stays_small() {
+    let d = Daemon::start(&format!(
+        "{QUIET}[compression]\nenabled = true\n[limits]\nmax_message_bytes = 1048576\n"
+    ));
+    let params = Params::new("bomber", "bombs");
+    let mut s = TcpStream::connect(d.addr).unwrap();
+    let req = upgrade_request(
+        &params,
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
+    );
+    s.write_all(req.as_bytes()).unwrap();
+    let mut raw = RawConn::from_stream(s);
+    let head = raw.read_head();
+    assert!(head.contains("permessage-deflate"), "deflate negotiated: {head}");
+    raw.expect_connected();
+    let before = worker_peak_kib(&d, "bombs");
+    // 32 MiB of zeros in about 32 KiB, as one compressed text message (RSV1): 32 times the
+    // limit, so a worker that inflated it whole would show it in its peak memory.
+    let bomb = zero_bomb(32 << 20);
+    raw.send_raw_frame(0x80 | 0x40 | OP_TEXT, &bomb);
+    assert_eq!(raw.expect_close(), 1009);
+    let after = worker_peak_kib(&d, "bombs");
+    assert!(
+        after < before + 8 * 1024,
+        "the worker's peak memory grew from {before} KiB to {after} KiB"
+    );
+}
+
+#[test]
+fn an_absurd_frame_length_closes_1009_without_allocating() {
+    let d = Daemon::start(QUIET);
+    let params = Params::new("liar", "liars");
+    let mut raw = RawConn::handshake(d.addr, &params.path(), Some(&anon_header()));
+    raw.expect_connected();
+    let before = worker_peak_kib(&d, "liars");
+    // A masked binary frame header that declares 2^40 bytes, then a few bytes of it.
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&(1u64 << 40).to_be_bytes());
+    frame.extend_from_slice(&[1, 2, 3, 4, 0, 0, 0, 0]);
+    raw.stream.write_all(&frame).unwrap();
+    assert_eq!(raw.expect_close(), 1009);
+    let after = worker_peak_kib(&d, "liars");
+    assert!(after < before + 4 * 1024, "peak memory grew from {before} KiB to {after} KiB");
+}
+
+#[test]
+fn a_consumer_that_stops_reading_is_closed_1008() {
+    let d = Daemon::start(&format!(
+        "{QUIET}[limits]\nmax_outbound_bytes = 65536\nslow_consumer_ms = 500\n"
+    ));
+    // The stuck member: joins the group's pokes, then never reads again.
+    let stuck = Params::new("stuck", "busy");
+    let header = protocol_header(None, Some(captured_init_connection("stuck")));
+    let mut raw = RawConn::handshake(d.addr, &stuck.path(), Some(&header));
+    raw.expect_connected();
+    let fd = raw.stream.as_raw_fd();
+    // A small receive buffer so the kernel stops taking the server's bytes early.
+    nix::sys::socket::setsockopt(
+        &unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) },
+        nix::sys::socket::sockopt::RcvBuf,
+        &4096,
+    )
+    .unwrap();
+    let pusher = Params::new("pusher", "busy");
+    let init = captured_init_connection("pusher");
+    let mut ws = d.connected(&pusher, Some(&protocol_header(None, Some(init))));
+    // Loopback socket buffers swallow megabytes before the server's own queue grows, so the
+    // stuck member is sent far more than that; the pusher reads each poke, so only the stuck
+    // member falls behind.
+    let big = "x".repeat(64 * 1024);
+    for id in 1..=200u64 {
+        let value = serde_json::json!({"id": format!("r{id}"), "title": big});
+        ws.send_json(&serde_json::json!(["push", {
+            "timestamp": 1, "clientGroupID": "busy", "pushVersion": 1, "requestID": format!("q{id}"),
+            "mutations": [{"type": "crud", "timestamp": 1, "id": id, "clientID": "pusher",
+                "name": "_zero_crud", "args": [{"ops": [{"op": "insert", "tableName": "issue",
+                "primaryKey": ["id"], "value": value}]}]}]
+        }]));
+        while ws.recv_json()[0] != "pokeEnd" {}
+        let gone = |l: &str| l.contains(" closed ") && l.contains("clientID=stuck");
+        if d.try_wait_line(gone, Duration::ZERO).is_some() {
+            break;
+        }
+    }
+    let closed = d.wait_event("closed", &[("clientID", "stuck")], Duration::from_secs(10));
+    assert_eq!(closed.field("end"), Some("SlowConsumer"), "{closed:?}");
+    // The pusher was never held up by the stuck member.
+    ws.ping_pong();
+}
