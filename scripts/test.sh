@@ -5,7 +5,8 @@
 #
 # 1. Test clients, from the package registries, idempotently (a few milliseconds when they are
 #    already there): Python `websockets` into .venv (tests/clients/requirements.txt), Node `ws`
-#    into tests/clients/node/node_modules (`npm ci`, from package-lock.json). A stamp holding
+#    into tests/clients/node/node_modules and the Zero client into tests/clients/zero/node_modules
+#    (`npm ci`, from each package-lock.json). A stamp holding
 #    the hash of the pin file says whether the installed copy is current.
 # 2. cargo fmt --check, cargo clippy --all-targets -D warnings.
 # 3. The doctests (nextest does not run them), then the whole test suite under cargo-nextest
@@ -58,6 +59,15 @@ if [ "$(cat "$NODE_DIR/node_modules/.syncgate-stamp" 2>/dev/null || true)" != "$
 fi
 SYNCGATE_TEST_NODE="$(command -v node)"
 export SYNCGATE_TEST_NODE
+
+# --- The real Zero client (@rocicorp/zero 1.9.0, pinned: later releases need Node >= 22) ----
+# --ignore-scripts: the package's native SQLite module is for zero-cache, not the client.
+ZERO_DIR="$ROOT/tests/clients/zero"
+if [ "$(cat "$ZERO_DIR/node_modules/.syncgate-stamp" 2>/dev/null || true)" != "$(stamp_of "$ZERO_DIR/package-lock.json")" ]; then
+    log "installing the Zero client for tests/zero_client.rs (npm ci)"
+    (cd "$ZERO_DIR" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+    stamp_of "$ZERO_DIR/package-lock.json" >"$ZERO_DIR/node_modules/.syncgate-stamp"
+fi
 
 # --- systemd tools (the unit tests run systemd-analyze; ExecReload names /bin/kill) ---------
 { command -v systemd-analyze >/dev/null && [ -x /bin/kill ]; } || apt_install systemd procps

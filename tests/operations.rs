@@ -64,7 +64,7 @@ fn a_killed_worker_is_respawned_and_the_other_keeps_serving() {
     let (pid, _) = d
         .children()
         .into_iter()
-        .find(|(_, args)| args.contains("__worker") && args.ends_with('1'))
+        .find(|(_, args)| args.contains("__worker") && args.contains("--index 1 "))
         .unwrap_or_else(|| panic!("no worker 1 among {:?}", d.children()));
     // SAFETY: kill(2) on a process of the daemon under test.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);

@@ -25,6 +25,10 @@ pub enum Message {
     /// A graceful replacement took over: keep the connections for the drain timeout, then
     /// close them with 1012 and exit.
     Drain,
+    /// Listener: stop accepting (a new listener takes over); answered with `Stopped` once no
+    /// accept can complete here any more.
+    Stop,
+    Stopped,
 }
 
 impl Message {
@@ -32,6 +36,8 @@ impl Message {
         match self {
             Message::Ready => b"R".to_vec(),
             Message::Drain => b"D".to_vec(),
+            Message::Stop => b"S".to_vec(),
+            Message::Stopped => b"s".to_vec(),
             Message::Applied(generation) => {
                 let mut out = b"A".to_vec();
                 out.extend_from_slice(&generation.to_le_bytes());
@@ -51,6 +57,8 @@ impl Message {
         match bytes.first()? {
             b'R' if bytes.len() == 1 => Some(Message::Ready),
             b'D' if bytes.len() == 1 => Some(Message::Drain),
+            b'S' if bytes.len() == 1 => Some(Message::Stop),
+            b's' if bytes.len() == 1 => Some(Message::Stopped),
             b'A' if bytes.len() == 9 => Some(Message::Applied(generation()?)),
             b'C' => Some(Message::Config {
                 generation: generation()?,
@@ -108,6 +116,7 @@ pub fn arm(ring: &mut crate::ring::Ring, control: &OwnedFd, user_data: u64) {
 pub enum Order {
     Apply(Box<crate::config::Config>),
     Drain,
+    Stop,
 }
 
 /// Child side: drains the channel, acknowledging each configuration it returns. The
@@ -128,6 +137,7 @@ pub fn receive_orders(control: &OwnedFd) -> Vec<Order> {
                 let _ = send_message(control.as_fd(), &Message::Applied(generation));
             }
             Ok(Message::Drain) => out.push(Order::Drain),
+            Ok(Message::Stop) => out.push(Order::Stop),
             Ok(_) | Err(RecvError::Malformed) => {}
             Err(_) => return out,
         }
@@ -147,6 +157,8 @@ mod tests {
             Message::Applied(7),
             Message::Config { generation: 3, resolved: "workers = 2\n".into() },
             Message::Drain,
+            Message::Stop,
+            Message::Stopped,
         ] {
             send_message(sup.as_fd(), &m).unwrap();
             assert_eq!(recv_message(&child, &mut buf).unwrap(), m);

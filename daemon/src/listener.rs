@@ -160,9 +160,10 @@ impl Listener {
                             );
                         }
                         for order in crate::control::receive_orders(&self.control) {
-                            // A replaced listener is told to stop with SIGTERM, not Drain.
-                            if let crate::control::Order::Apply(config) = order {
-                                self.apply(*config);
+                            match order {
+                                crate::control::Order::Apply(config) => self.apply(*config),
+                                crate::control::Order::Stop => self.stop(),
+                                crate::control::Order::Drain => {}
                             }
                         }
                     }
@@ -188,6 +189,13 @@ impl Listener {
     }
 
     fn on_signal(&mut self) {
+        self.stop();
+        self.arm_signal();
+    }
+
+    /// Stops accepting (SIGTERM, or a new listener took over); pending sockets are still
+    /// served, then the loop ends.
+    fn stop(&mut self) {
         if !self.stopping {
             log::info!("listener: stop requested, no longer accepting");
             self.stopping = true;
@@ -195,10 +203,16 @@ impl Listener {
             let cancel = opcode::AsyncCancel::new(ring::token(ACCEPT, 0)).build().user_data(0);
             self.ring.push(cancel);
         }
-        self.arm_signal();
     }
 
     fn on_accept(&mut self, cqe: &cqueue::Entry, now: Instant) {
+        if !cqueue::more(cqe.flags()) && self.stopping {
+            // The last accept completion: from here on the new listener gets every socket.
+            let _ = crate::control::send_message(
+                self.control.as_fd(),
+                &crate::control::Message::Stopped,
+            );
+        }
         if !cqueue::more(cqe.flags()) && !self.stopping {
             // The kernel ends a multishot accept on some errors (e.g. EMFILE); re-arm it.
             let accept = opcode::AcceptMulti::new(types::Fd(self.listen.as_raw_fd()))
@@ -216,9 +230,8 @@ impl Listener {
         }
         // SAFETY: the kernel gave us this new descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        if self.stopping {
-            return;
-        }
+        // Served even while stopping: it was accepted before the accept was cancelled, and
+        // dropping it would reset a client that did nothing wrong.
         self.metrics.inc(Metric::Accepted);
         let peer = peer_addr(fd.as_raw_fd());
         let peer_key = limits::ip_key(peer.ip());

@@ -146,6 +146,11 @@ pub fn run(mut config: Config, path: Option<std::path::PathBuf>) -> Result<(), S
         None => bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?,
     };
     let local = local_addr(&listen).unwrap_or(addr);
+    // Create and migrate the store here, once: workers opening a new file at the same time
+    // would race for the lock that switching it to WAL takes.
+    std::fs::create_dir_all(&config.storage.path)
+        .map_err(|e| format!("storage.path {}: {e}", config.storage.path.display()))?;
+    crate::store::Store::open(&config.storage.path)?;
     let metrics_fd = Metrics::create().map_err(|e| format!("metrics memory: {e}"))?;
     let metrics = Metrics::map(&metrics_fd, 0).map_err(|e| format!("metrics memory: {e}"))?;
     let channels = (0..workers)
@@ -375,8 +380,13 @@ impl Supervisor {
         }
         for p in &old_procs {
             match (p.role, &p.child, &p.control) {
-                (Role::Listener, Some(child), _) => {
-                    let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+                (Role::Listener, Some(_), Some(control)) => {
+                    // Once it confirms, every new socket reaches the new listener.
+                    if control::send_message(control.as_fd(), &Message::Stop).is_ok()
+                        && !wait_for(control, &Message::Stopped, RELOAD_TIMEOUT)
+                    {
+                        log::warn!("reload: the previous listener did not confirm it stopped");
+                    }
                 }
                 (Role::Worker(_), Some(_), Some(control)) => {
                     let _ = control::send_message(control.as_fd(), &Message::Drain);
@@ -416,6 +426,10 @@ impl Supervisor {
                 "reload: task_id cannot change under live client groups; kept the running value"
             );
             next.task_id = self.config.task_id.clone();
+        }
+        if next.storage.path != self.config.storage.path {
+            log::warn!("reload: storage.path cannot change while groups are open; kept the running value (restart to move it)");
+            next.storage.path = self.config.storage.path.clone();
         }
         if next.listen != self.config.listen || next.workers != self.config.workers {
             if let Err(e) = self.replace(&next) {
@@ -614,6 +628,32 @@ fn reap_list(procs: &mut [Process], deadline: Instant) {
                 }
                 // Bounded wait for a process we just SIGKILLed: it has nothing to report on.
                 std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+    }
+}
+
+/// Waits up to `timeout` for `want` on one control channel (other messages are dropped).
+fn wait_for(control: &OwnedFd, want: &Message, timeout: Duration) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let deadline = Instant::now() + timeout;
+    let mut buf = [0u8; 64];
+    loop {
+        match control::recv_message(control, &mut buf) {
+            Ok(m) if m == *want => return true,
+            Ok(_) | Err(control::RecvError::Malformed) => continue,
+            Err(control::RecvError::WouldBlock) => {}
+            Err(_) => return false,
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let mut pfd = [PollFd::new(control.as_fd(), PollFlags::POLLIN)];
+        let ms = left.as_millis().min(u16::MAX as u128) as u16;
+        if let Err(e) = poll(&mut pfd, PollTimeout::from(ms)) {
+            if e != nix::Error::EINTR {
+                return false;
             }
         }
     }

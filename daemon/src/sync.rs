@@ -278,7 +278,13 @@ impl GroupSync {
             out.retain(|d| !dead.contains(&d.to()));
         }
         // Groups nobody is connected to leave memory once their changes are on disk.
-        self.groups.retain(|_, g| g.connections > 0);
+        let mutations = &mut self.mutations;
+        self.groups.retain(|id, g| {
+            if g.connections == 0 {
+                mutations.forget_group(id);
+            }
+            g.connections > 0
+        });
         (out, failed)
     }
 

@@ -211,6 +211,7 @@ impl Worker {
                             match order {
                                 crate::control::Order::Apply(config) => self.apply(*config),
                                 crate::control::Order::Drain => self.drain(now),
+                                crate::control::Order::Stop => {}
                             }
                         }
                     }

@@ -1,0 +1,629 @@
+//! Client-group sync at the protocol level, through the real binary: what a Zero client sees
+//! of pushes, pokes, cookies and the store, byte for byte, with the harness's own WebSocket
+//! client. tests/zero_client.rs drives the real Zero client through the same paths.
+//!
+//! Every connection here carries `initConnection` in its `Sec-WebSocket-Protocol` header, as
+//! the 1.9.0 client does: that is when the daemon checks `baseCookie`/`lmid`, sends the
+//! catch-up poke and makes the connection a recipient of the group's pokes.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use common::*;
+
+/// No unsolicited pongs or WebSocket pings in the middle of what a test reads.
+const QUIET: &str = "[keepalive]\nidle_send_ms = 60000\nsilence_ms = 60000\n";
+
+// ---------------------------------------------------------------------------------------------
+// Connecting
+// ---------------------------------------------------------------------------------------------
+
+/// One sync socket's connect parameters, with the ones group sync looks at.
+#[derive(Clone)]
+struct Join {
+    client: String,
+    group: String,
+    /// `baseCookie`: empty means null (no data yet).
+    base_cookie: String,
+    lmid: u64,
+    version: u32,
+    user: Option<String>,
+    /// The token in the header (None: no token).
+    token: Option<String>,
+}
+
+impl Join {
+    fn new(client: &str, group: &str) -> Join {
+        Join {
+            client: client.into(),
+            group: group.into(),
+            base_cookie: String::new(),
+            lmid: 0,
+            version: 51,
+            user: None,
+            token: None,
+        }
+    }
+
+    fn cookie(mut self, cookie: &str) -> Join {
+        self.base_cookie = cookie.into();
+        self
+    }
+
+    fn lmid(mut self, lmid: u64) -> Join {
+        self.lmid = lmid;
+        self
+    }
+
+    fn version(mut self, version: u32) -> Join {
+        self.version = version;
+        self
+    }
+
+    /// Connects as `user` with a valid token for them.
+    fn user(mut self, user: &str) -> Join {
+        self.user = Some(user.into());
+        self.token = Some(token(user));
+        self
+    }
+
+    /// The request target, shaped like the 1.9.0 client's (zero-client-capture.md).
+    fn path(&self) -> String {
+        let user = self.user.as_deref().map(|u| format!("&userID={u}")).unwrap_or_default();
+        format!(
+            "/sync/v{}/connect?clientID={}&clientGroupID={}{user}&baseCookie={}&ts=12.5&lmid={}&wsid=ws-{}",
+            self.version, self.client, self.group, self.base_cookie, self.lmid, self.client
+        )
+    }
+
+    /// The header: the token if any, and an initConnection that desires no query.
+    fn header(&self) -> String {
+        let init =
+            json!(["initConnection", {"desiredQueriesPatch": [], "activeClients": [self.client]}]);
+        protocol_header(self.token.as_deref(), Some(init))
+    }
+
+    /// Opens the socket; it must get `connected`.
+    fn open(&self, d: &Daemon) -> Ws {
+        let mut ws = Ws::connect(d.addr, &self.path(), Some(&self.header()))
+            .unwrap_or_else(|e| panic!("connect {}: {e}", self.path()));
+        let msg = ws.recv_json();
+        assert_eq!(msg[0], "connected", "first message of {}: {msg}", self.path());
+        ws
+    }
+
+    /// Opens the socket and reads the catch-up poke that a client without data gets.
+    fn open_fresh(&self, d: &Daemon) -> (Ws, Poke) {
+        assert!(self.base_cookie.is_empty(), "open_fresh is for baseCookie null");
+        let mut ws = self.open(d);
+        let poke = read_poke(&mut ws);
+        assert_eq!(poke.base_cookie, Value::Null, "the first poke of a client without data");
+        (ws, poke)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pushing
+// ---------------------------------------------------------------------------------------------
+
+fn insert(id: &str, title: &str) -> Value {
+    json!({"op": "insert", "tableName": "issue", "primaryKey": ["id"], "value": {"id": id, "title": title}})
+}
+
+fn update(id: &str, title: &str) -> Value {
+    json!({"op": "update", "tableName": "issue", "primaryKey": ["id"], "value": {"id": id, "title": title}})
+}
+
+fn delete(id: &str) -> Value {
+    json!({"op": "delete", "tableName": "issue", "primaryKey": ["id"], "value": {"id": id}})
+}
+
+/// Sends one push with one CRUD mutation, as the 1.9.0 client does (zero-client-capture.md).
+fn push(ws: &mut Ws, group: &str, client: &str, id: u64, ops: &[Value]) {
+    ws.send_json(&json!(["push", {
+        "timestamp": now_ms(),
+        "clientGroupID": group,
+        "mutations": [{"type": "crud", "timestamp": now_ms(), "id": id, "clientID": client,
+                       "name": "_zero_crud", "args": [{"ops": ops}]}],
+        "pushVersion": 1,
+        "requestID": format!("{client}-{id}"),
+    }]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading pokes
+// ---------------------------------------------------------------------------------------------
+
+/// One poke as the client assembles it from pokeStart, its parts and pokeEnd.
+struct Poke {
+    base_cookie: Value,
+    cookie: String,
+    parts: Vec<Value>,
+    /// Binary frames its parts came in (protocol 52).
+    binary_frames: usize,
+    /// Text `pokePart` messages (protocol 51 and below).
+    text_parts: usize,
+}
+
+impl Poke {
+    /// Every `rowsPatch` op of every part, in order.
+    fn rows(&self) -> Vec<Value> {
+        self.parts
+            .iter()
+            .flat_map(|p| p["rowsPatch"].as_array().cloned().unwrap_or_default())
+            .collect()
+    }
+
+    /// The `lastMutationIDChanges` of all parts, merged.
+    fn lmids(&self) -> Value {
+        let mut out = serde_json::Map::new();
+        for p in &self.parts {
+            if let Some(m) = p["lastMutationIDChanges"].as_object() {
+                out.extend(m.clone());
+            }
+        }
+        Value::Object(out)
+    }
+}
+
+/// Shown in failure messages: the parts cut short, as a poke may hold megabytes.
+impl std::fmt::Debug for Poke {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let parts: String =
+            Value::Array(self.parts.clone()).to_string().chars().take(600).collect();
+        write!(
+            f,
+            "Poke {{ base_cookie: {}, cookie: {}, binary_frames: {}, text_parts: {}, parts: {parts} }}",
+            self.base_cookie, self.cookie, self.binary_frames, self.text_parts
+        )
+    }
+}
+
+/// A `put` of an `issue` row, as it appears in `rowsPatch`.
+fn put(id: &str, title: &str) -> Value {
+    json!({"op": "put", "tableName": "issue", "value": {"id": id, "title": title}})
+}
+
+/// A `del` of an `issue` row.
+fn del(id: &str) -> Value {
+    json!({"op": "del", "tableName": "issue", "id": {"id": id}})
+}
+
+/// Reads one whole poke; anything else before its end fails the test. Binary parts must
+/// start with the chunk type byte 0x00; their concatenation is the JSON array of parts.
+fn read_poke(ws: &mut Ws) -> Poke {
+    let start = ws.recv_json();
+    assert_eq!(start[0], "pokeStart", "expected a poke, got {start}");
+    let id = start[1]["pokeID"].clone();
+    let mut poke = Poke {
+        base_cookie: start[1]["baseCookie"].clone(),
+        cookie: String::new(),
+        parts: Vec::new(),
+        binary_frames: 0,
+        text_parts: 0,
+    };
+    let mut chunks = Vec::new();
+    loop {
+        match ws.recv_within(WAIT) {
+            Got::Text(text) => {
+                let msg: Value = serde_json::from_str(&text).expect("JSON message");
+                match msg[0].as_str() {
+                    Some("pokePart") => {
+                        assert_eq!(msg[1]["pokeID"], id, "part of another poke: {msg}");
+                        poke.text_parts += 1;
+                        poke.parts.push(msg[1].clone());
+                    }
+                    Some("pokeEnd") => {
+                        assert_eq!(msg[1]["pokeID"], id, "end of another poke: {msg}");
+                        assert!(msg[1].get("cancel").is_none(), "a canceled poke: {msg}");
+                        poke.cookie = msg[1]["cookie"].as_str().expect("cookie").to_string();
+                        break;
+                    }
+                    _ => panic!("inside poke {id}: unexpected {msg}"),
+                }
+            }
+            Got::Binary(bytes) => {
+                assert_eq!(bytes.first(), Some(&0x00), "a binary poke chunk starts with 0x00");
+                chunks.extend_from_slice(&bytes[1..]);
+                poke.binary_frames += 1;
+            }
+            other => panic!("inside poke {id}: expected a poke message, got {other:?}"),
+        }
+    }
+    if !chunks.is_empty() {
+        let parts: Vec<Value> = serde_json::from_slice(&chunks).expect("binary parts are JSON");
+        for part in parts {
+            assert_eq!(part["pokeID"], id, "binary part of another poke: {part}");
+            poke.parts.push(part);
+        }
+    }
+    assert!(!poke.parts.is_empty(), "a poke without parts: {poke:?}");
+    poke
+}
+
+/// Reads `n` pokes and checks that they chain: each starts from the cookie the last ended at.
+fn read_chain(ws: &mut Ws, from: &str, n: usize) -> Vec<Poke> {
+    let mut cookie = from.to_string();
+    (0..n)
+        .map(|i| {
+            let poke = read_poke(ws);
+            assert_eq!(poke.base_cookie, json!(cookie), "poke {i} must start where the last ended");
+            assert!(poke.cookie > cookie, "cookies must grow: {} after {cookie}", poke.cookie);
+            cookie = poke.cookie.clone();
+            poke
+        })
+        .collect()
+}
+
+/// Pings and expects the pong as the very next message: nothing (no poke, no error) may be
+/// queued before it. (The harness's `ping_pong` looks past pokes; these tests count them.)
+fn pong_next(ws: &mut Ws) {
+    ws.send_json(&json!(["ping", {}]));
+    assert_eq!(ws.recv_json(), json!(["pong", {}]), "the next message must be the pong");
+}
+
+/// Expects an error of `kind` as the very next message (the harness's `expect_error` looks
+/// past pokes); returns its body.
+fn error_next(ws: &mut Ws, kind: &str) -> Value {
+    let msg = ws.recv_json();
+    assert_eq!(msg[0], "error", "expected an {kind} error next, got {msg}");
+    assert_eq!(msg[1]["kind"], kind, "error kind: {msg}");
+    assert_eq!(msg[1]["origin"], "zeroCache", "every error must carry origin zeroCache: {msg}");
+    msg[1].clone()
+}
+
+/// A storage directory of the test's own (for restarts), removed when dropped.
+struct StorageDir(PathBuf);
+
+impl StorageDir {
+    fn new(name: &str) -> StorageDir {
+        let dir = std::env::temp_dir().join(format!(
+            "syncgate-group-sync-{name}-{}-{}",
+            std::process::id(),
+            now_ms()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        StorageDir(dir)
+    }
+
+    fn config(&self) -> String {
+        format!("[storage]\npath = \"{}\"\n", self.0.display())
+    }
+}
+
+impl Drop for StorageDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Stops a daemon the way systemd does and waits for it to exit.
+fn stop(mut d: Daemon) {
+    d.signal(libc::SIGTERM);
+    let status = d.wait_exit(Duration::from_secs(10)).expect("the daemon stops on SIGTERM");
+    assert!(status.success(), "exit status after SIGTERM: {status:?}\n{}", d.log_text());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------
+
+#[test]
+fn a_push_is_poked_to_every_connection_of_the_group_in_order() {
+    let d = Daemon::start(QUIET);
+    let (mut writer, first) = Join::new("w", "fan").open_fresh(&d);
+    assert_eq!(first.cookie, "00", "an empty group is at version 0");
+    let (mut r1, _) = Join::new("r1", "fan").open_fresh(&d);
+    let (mut r2, _) = Join::new("r2", "fan").open_fresh(&d);
+    let (mut outsider, _) = Join::new("o", "elsewhere").open_fresh(&d);
+
+    push(&mut writer, "fan", "w", 1, &[insert("i1", "one")]);
+    push(&mut writer, "fan", "w", 2, &[update("i1", "two"), insert("i2", "x")]);
+    push(&mut writer, "fan", "w", 3, &[delete("i1")]);
+    let expected_rows =
+        [vec![put("i1", "one")], vec![put("i1", "two"), put("i2", "x")], vec![del("i1")]];
+    let mut cookies = Vec::new();
+    for (name, ws) in [("writer", &mut writer), ("r1", &mut r1), ("r2", &mut r2)] {
+        let chain = read_chain(ws, "00", 3);
+        for (i, poke) in chain.iter().enumerate() {
+            assert_eq!(poke.lmids(), json!({"w": i + 1}), "{name}, poke {i}: {poke:?}");
+            assert_eq!(poke.rows(), expected_rows[i], "{name}, poke {i}: {poke:?}");
+        }
+        cookies.push(chain.iter().map(|p| p.cookie.clone()).collect::<Vec<_>>());
+    }
+    assert_eq!(cookies[0], ["01", "02", "03"]);
+    assert!(cookies.iter().all(|c| *c == cookies[0]), "every member sees the same versions");
+    // Another group's connection got nothing: the pong is the next thing it reads (pokes of
+    // one iteration are all delivered before the next message is read).
+    pong_next(&mut outsider);
+    pong_next(&mut r1);
+}
+
+#[test]
+fn base_cookie_null_current_older_and_unknown() {
+    let d = Daemon::start(QUIET);
+    let (mut writer, _) = Join::new("w", "cg").open_fresh(&d);
+    for (id, row) in [(1, "a"), (2, "b"), (3, "c")] {
+        push(&mut writer, "cg", "w", id, &[insert(row, row)]);
+    }
+    let chain = read_chain(&mut writer, "00", 3);
+    assert_eq!(chain[2].cookie, "03");
+
+    // null: everything.
+    let (_fresh, full) = Join::new("fresh", "cg").open_fresh(&d);
+    assert_eq!(full.cookie, "03");
+    assert_eq!(full.rows(), [put("a", "a"), put("b", "b"), put("c", "c")]);
+    assert_eq!(full.lmids(), json!({"w": 3}));
+
+    // The current cookie: nothing to catch up, so the first poke it gets is the next change.
+    let mut current = Join::new("current", "cg").cookie("03").open(&d);
+    // An older cookie: only what changed after it.
+    let mut older = Join::new("older", "cg").cookie("01").open(&d);
+    let diff = read_poke(&mut older);
+    assert_eq!(diff.base_cookie, json!("01"));
+    assert_eq!(diff.cookie, "03");
+    assert_eq!(diff.rows(), [put("b", "b"), put("c", "c")], "only the rows after 01: {diff:?}");
+    assert_eq!(diff.lmids(), json!({"w": 3}));
+
+    push(&mut writer, "cg", "w", 4, &[insert("d", "d")]);
+    for ws in [&mut current, &mut older, &mut writer] {
+        let next = read_poke(ws);
+        assert_eq!(next.base_cookie, json!("03"), "{next:?}");
+        assert_eq!(next.rows(), [put("d", "d")]);
+    }
+
+    // Cookies this group never issued: not a cookie at all, ahead of the group, malformed.
+    for (i, cookie) in ["zz", "09", "003", "0A"].into_iter().enumerate() {
+        let mut ws = Join::new(&format!("bad-cookie-{i}"), "cg").cookie(cookie).open(&d);
+        let error = error_next(&mut ws, "InvalidConnectionRequestBaseCookie");
+        assert!(error["message"].as_str().unwrap().contains(cookie), "{error}");
+        ws.expect_close(1002);
+    }
+    // The group is untouched by the refusals.
+    pong_next(&mut writer);
+    let (_again, full) = Join::new("fresh2", "cg").open_fresh(&d);
+    assert_eq!(full.cookie, "04");
+}
+
+#[test]
+fn an_lmid_above_what_the_server_recorded_is_refused() {
+    let d = Daemon::start(QUIET);
+    let (mut writer, _) = Join::new("w", "lm").open_fresh(&d);
+    // A client also pushes the pending mutations of other clients of its group (DD31), so
+    // the writer can give x and y a recorded last mutation ID of 1 without connecting them.
+    push(&mut writer, "lm", "x", 1, &[insert("a", "a")]);
+    push(&mut writer, "lm", "y", 1, &[insert("b", "b")]);
+    let chain = read_chain(&mut writer, "00", 2);
+    assert_eq!(chain[1].lmids(), json!({"y": 1}));
+    // Claiming what the server recorded is fine; claiming more is not.
+    let mut same = Join::new("x", "lm").lmid(1).cookie("02").open(&d);
+    pong_next(&mut same);
+    let mut ahead = Join::new("y", "lm").lmid(2).cookie("02").open(&d);
+    let error = error_next(&mut ahead, "InvalidConnectionRequestLastMutationID");
+    assert!(error["message"].as_str().unwrap().contains("last mutation ID 2"), "{error}");
+    ahead.expect_close(1002);
+    // A client the server never heard of cannot claim any mutation either.
+    let mut stranger = Join::new("nobody", "lm").lmid(1).cookie("02").open(&d);
+    error_next(&mut stranger, "InvalidConnectionRequestLastMutationID");
+    stranger.expect_close(1002);
+    // The refusals changed nothing.
+    pong_next(&mut same);
+    pong_next(&mut writer);
+}
+
+#[test]
+fn a_duplicate_mutation_id_is_ignored() {
+    let d = Daemon::start(QUIET);
+    let (mut ws, _) = Join::new("c", "dup").open_fresh(&d);
+    push(&mut ws, "dup", "c", 1, &[insert("a", "first")]);
+    let first = read_poke(&mut ws);
+    assert_eq!((first.base_cookie.clone(), first.cookie.as_str()), (json!("00"), "01"));
+    // A resend after a reconnect: already processed, nothing happens (the row would clash).
+    push(&mut ws, "dup", "c", 1, &[insert("a", "first")]);
+    push(&mut ws, "dup", "c", 1, &[update("a", "changed by a resend")]);
+    push(&mut ws, "dup", "c", 2, &[update("a", "second")]);
+    let next = read_poke(&mut ws);
+    assert_eq!(next.base_cookie, json!("01"), "the duplicates made no version: {next:?}");
+    assert_eq!(next.cookie, "02");
+    assert_eq!(next.lmids(), json!({"c": 2}));
+    assert_eq!(next.rows(), [put("a", "second")]);
+    pong_next(&mut ws);
+}
+
+#[test]
+fn a_mutation_id_gap_is_an_invalid_push_that_closes() {
+    let d = Daemon::start(QUIET);
+    let (mut ws, _) = Join::new("c", "gap").open_fresh(&d);
+    push(&mut ws, "gap", "c", 1, &[insert("a", "a")]);
+    read_poke(&mut ws);
+    push(&mut ws, "gap", "c", 3, &[insert("b", "b")]);
+    let error = error_next(&mut ws, "InvalidPush");
+    assert!(error["message"].as_str().unwrap().contains("unexpected mutation id 3"), "{error}");
+    ws.expect_close(1002);
+    // Nothing of the refused mutation was kept.
+    let (_probe, full) = Join::new("probe", "gap").open_fresh(&d);
+    assert_eq!(full.rows(), [put("a", "a")]);
+    assert_eq!(full.lmids(), json!({"c": 1}));
+    assert_eq!(full.cookie, "01");
+}
+
+#[test]
+fn inserting_an_existing_row_fails_the_mutation_without_closing() {
+    let d = Daemon::start(QUIET);
+    let (mut ws, _) = Join::new("c", "clash").open_fresh(&d);
+    let (mut other, _) = Join::new("other", "clash").open_fresh(&d);
+    push(&mut ws, "clash", "c", 1, &[insert("a", "original")]);
+    read_poke(&mut ws);
+    read_poke(&mut other);
+    push(&mut ws, "clash", "c", 2, &[insert("b", "new"), insert("a", "duplicate")]);
+    // The last mutation ID advances (zero-cache's error mode), no row changes (not even the
+    // op before the failing one), and the pusher alone hears why.
+    let advanced = read_poke(&mut ws);
+    assert_eq!(advanced.lmids(), json!({"c": 2}));
+    assert_eq!(advanced.rows(), Vec::<Value>::new(), "a failed mutation writes nothing");
+    let error = error_next(&mut ws, "MutationFailed");
+    assert!(error["message"].as_str().unwrap().contains("already exists"), "{error}");
+    let seen_by_other = read_poke(&mut other);
+    assert_eq!(seen_by_other.lmids(), json!({"c": 2}));
+    assert_eq!(seen_by_other.rows(), Vec::<Value>::new());
+    // Still open, and the next mutation is id 3.
+    pong_next(&mut ws);
+    push(&mut ws, "clash", "c", 3, &[update("a", "after")]);
+    let next = read_poke(&mut ws);
+    assert_eq!(next.base_cookie, json!(advanced.cookie));
+    assert_eq!(next.rows(), [put("a", "after")]);
+    // The other member saw the same, and no error: its next message after the poke is a pong.
+    assert_eq!(read_poke(&mut other).rows(), [put("a", "after")]);
+    pong_next(&mut other);
+}
+
+#[test]
+fn protocol_52_gets_binary_poke_parts_and_51_never_a_binary_frame() {
+    let d = Daemon::start(QUIET);
+    let mut v52 = Join::new("new", "bin").version(52).open(&d);
+    let first = read_poke(&mut v52);
+    assert_eq!(first.base_cookie, Value::Null);
+    assert!(first.binary_frames >= 1 && first.text_parts == 0, "v52 catch-up: {first:?}");
+    let (mut v51, first) = Join::new("old", "bin").version(51).open_fresh(&d);
+    assert!(first.binary_frames == 0 && first.text_parts >= 1, "v51 catch-up: {first:?}");
+
+    // A poke of 1.2 MB: several 256 KiB text parts for v51, and for v52 more than one 1 MiB
+    // chunk, cut inside a run of two-byte characters.
+    let big = "é".repeat(100_000);
+    let big_rows: Vec<Value> = (0..6).map(|i| insert(&format!("big{i}"), &big)).collect();
+    push(&mut v51, "bin", "old", 1, &[insert("small", "s")]);
+    push(&mut v51, "bin", "old", 2, &big_rows);
+    for (n, min_pieces) in [(0, 1), (1, 2)] {
+        let (at52, at51) = (read_poke(&mut v52), read_poke(&mut v51));
+        assert!(at52.binary_frames >= min_pieces && at52.text_parts == 0, "v52 poke {n}: {at52:?}");
+        assert!(at51.binary_frames == 0 && at51.text_parts >= min_pieces, "v51 poke {n}: {at51:?}");
+        assert_eq!(at52.rows(), at51.rows(), "both formats carry the same rows");
+        assert_eq!(at52.lmids(), at51.lmids());
+        assert_eq!(at52.cookie, at51.cookie);
+    }
+    // The v52 pusher gets binary parts for its own mutation too.
+    push(&mut v52, "bin", "new", 1, &[insert("from52", "x")]);
+    let own = read_poke(&mut v52);
+    assert!(own.binary_frames >= 1 && own.text_parts == 0);
+    assert_eq!(own.rows(), [put("from52", "x")]);
+    let other = read_poke(&mut v51);
+    assert_eq!(other.binary_frames, 0, "v51 got a binary frame");
+    assert_eq!(other.rows(), [put("from52", "x")]);
+    // Nothing else (binary or not) was queued for v51: its next message is the pong.
+    pong_next(&mut v51);
+}
+
+#[test]
+fn data_survives_a_daemon_restart() {
+    let storage = StorageDir::new("restart");
+    let d = Daemon::start(&format!("{QUIET}{}", storage.config()));
+    let (mut ws, _) = Join::new("c", "durable").open_fresh(&d);
+    push(&mut ws, "durable", "c", 1, &[insert("a", "before restart")]);
+    push(&mut ws, "durable", "c", 2, &[insert("b", "second")]);
+    let chain = read_chain(&mut ws, "00", 2);
+    drop(ws);
+    stop(d);
+
+    let d = Daemon::start(&format!("{QUIET}{}", storage.config()));
+    let (_fresh, full) = Join::new("fresh", "durable").open_fresh(&d);
+    assert_eq!(full.cookie, "02");
+    assert_eq!(full.rows(), [put("a", "before restart"), put("b", "second")]);
+    assert_eq!(full.lmids(), json!({"c": 2}));
+    // The history survived too: a client holding the first cookie gets only the second row.
+    let mut behind = Join::new("c", "durable").cookie(&chain[0].cookie).lmid(1).open(&d);
+    let diff = read_poke(&mut behind);
+    assert_eq!(diff.base_cookie, json!("01"));
+    assert_eq!(diff.rows(), [put("b", "second")]);
+    // And the last mutation ID: the next mutation of `c` is 3.
+    push(&mut behind, "durable", "c", 3, &[update("a", "after restart")]);
+    let next = read_poke(&mut behind);
+    assert_eq!(next.lmids(), json!({"c": 3}));
+    assert_eq!(next.rows(), [put("a", "after restart")]);
+}
+
+#[test]
+fn two_hundred_connections_of_one_group_each_get_every_poke_in_order() {
+    const MEMBERS: usize = 200;
+    const PUSHES: u64 = 5;
+    let d = Daemon::start(&format!("{QUIET}[limits]\nmax_group_connections = 300\n"));
+    let mut members: Vec<Ws> = (0..MEMBERS)
+        .map(|i| {
+            let (ws, first) = Join::new(&format!("m{i}"), "crowd").open_fresh(&d);
+            assert_eq!(first.cookie, "00");
+            ws
+        })
+        .collect();
+    for id in 1..=PUSHES {
+        push(&mut members[0], "crowd", "m0", id, &[insert(&format!("r{id}"), "x")]);
+    }
+    for (i, ws) in members.iter_mut().enumerate() {
+        let chain = read_chain(ws, "00", PUSHES as usize);
+        for (n, poke) in chain.iter().enumerate() {
+            let id = n as u64 + 1;
+            assert_eq!(poke.rows(), [put(&format!("r{id}"), "x")], "member {i}, poke {n}");
+            assert_eq!(poke.lmids(), json!({"m0": id}), "member {i}, poke {n}");
+        }
+    }
+    // Nothing more was queued for anyone: the next message of each is its pong.
+    for ws in members.iter_mut().step_by(20) {
+        pong_next(ws);
+    }
+    assert_eq!(d.metric("syncgate_protocol_errors_total", &[]), 0);
+}
+
+#[test]
+fn the_per_user_mutation_limit_refuses_the_fourth_push_and_stays_open() {
+    let d = Daemon::start(&format!(
+        "{QUIET}[limits]\nper_user_mutations = 3\nper_user_mutations_window_ms = 60000\n"
+    ));
+    let (mut ws, _) = Join::new("c", "rl").open_fresh(&d);
+    for id in 1..=3 {
+        push(&mut ws, "rl", "c", id, &[insert(&format!("r{id}"), "x")]);
+    }
+    read_chain(&mut ws, "00", 3);
+    push(&mut ws, "rl", "c", 4, &[insert("r4", "x")]);
+    let error = error_next(&mut ws, "MutationRateLimited");
+    assert!(error["message"].as_str().unwrap().contains("retry"), "{error}");
+    // Still open, and the refused mutation was not applied.
+    pong_next(&mut ws);
+    let (_probe, full) = Join::new("probe", "rl").open_fresh(&d);
+    assert_eq!(full.lmids(), json!({"c": 3}));
+    assert_eq!(full.rows().len(), 3);
+}
+
+#[test]
+fn a_group_pinned_to_alice_refuses_bob_even_after_a_restart() {
+    let storage = StorageDir::new("pin");
+    let config = format!("{QUIET}{}{}", auth_config(), storage.config());
+    let d = Daemon::start(&config);
+    let (mut alice, _) = Join::new("a1", "pinned").user("alice").open_fresh(&d);
+    push(&mut alice, "pinned", "a1", 1, &[insert("a", "alice's")]);
+    read_poke(&mut alice);
+    let mut bob = Join::new("b1", "pinned").user("bob").open_unchecked(&d);
+    error_next(&mut bob, "Unauthorized");
+    bob.expect_close(3000);
+    drop(alice);
+    stop(d);
+
+    let d = Daemon::start(&config);
+    let mut bob = Join::new("b1", "pinned").user("bob").open_unchecked(&d);
+    let error = error_next(&mut bob, "Unauthorized");
+    assert!(error["message"].as_str().unwrap().contains("another user"), "{error}");
+    bob.expect_close(3000);
+    d.wait_event("refused", &[("clientID", "b1"), ("kind", "Unauthorized")], WAIT);
+    // Alice still gets in, and her data is there.
+    let (_alice, full) = Join::new("a2", "pinned").user("alice").open_fresh(&d);
+    assert_eq!(full.rows(), [put("a", "alice's")]);
+}
+
+impl Join {
+    /// Opens the socket without expecting `connected` (for refusals).
+    fn open_unchecked(&self, d: &Daemon) -> Ws {
+        Ws::connect(d.addr, &self.path(), Some(&self.header()))
+            .unwrap_or_else(|e| panic!("connect {}: {e}", self.path()))
+    }
+}
