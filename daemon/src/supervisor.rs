@@ -380,13 +380,12 @@ impl Supervisor {
         }
         for p in &old_procs {
             match (p.role, &p.child, &p.control) {
-                (Role::Listener, Some(_), Some(control)) => {
-                    // Once it confirms, every new socket reaches the new listener.
+                // Once it confirms, every new socket reaches the new listener.
+                (Role::Listener, Some(_), Some(control))
                     if control::send_message(control.as_fd(), &Message::Stop).is_ok()
-                        && !wait_for(control, &Message::Stopped, RELOAD_TIMEOUT)
-                    {
-                        log::warn!("reload: the previous listener did not confirm it stopped");
-                    }
+                        && !wait_for(control, &Message::Stopped, RELOAD_TIMEOUT) =>
+                {
+                    log::warn!("reload: the previous listener did not confirm it stopped");
                 }
                 (Role::Worker(_), Some(_), Some(control)) => {
                     let _ = control::send_message(control.as_fd(), &Message::Drain);
