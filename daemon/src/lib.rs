@@ -38,6 +38,7 @@ pub mod protocol;
 pub mod replica;
 pub mod ring;
 pub mod route;
+pub mod slab;
 pub mod store;
 pub mod supervisor;
 pub mod sync;

@@ -18,6 +18,7 @@ use crate::limits::{self, TrustedProxies, WindowLimiter};
 use crate::metrics::{Metric, Metrics};
 use crate::protocol::{self, ErrorKind};
 use crate::ring::{self, Ring};
+use crate::slab::Slab;
 use crate::{frame, handoff, route};
 
 const ACCEPT: u8 = 1;
@@ -67,9 +68,8 @@ pub struct Listener {
     channels: Vec<OwnedFd>,
     metrics: Metrics,
     task_id: String,
-    /// Sockets between accept and handoff (or answer); `None` slots are free.
-    pending: Vec<Option<Pending>>,
-    free: Vec<u32>,
+    /// Sockets between accept and handoff (or answer).
+    pending: Slab<Pending>,
     /// Set on SIGTERM: stop accepting, finish what is pending, exit.
     stopping: bool,
     /// Sockets in `pending` per peer address (the slow-loris bound).
@@ -114,8 +114,7 @@ impl Listener {
             channels,
             metrics,
             task_id,
-            pending: Vec::new(),
-            free: Vec::new(),
+            pending: Slab::default(),
             stopping: false,
             signalfd,
             signal_buf: Box::new([0; 128]),
@@ -170,7 +169,7 @@ impl Listener {
                     _ => {}
                 }
             }
-            if self.stopping && self.pending.iter().all(Option::is_none) {
+            if self.stopping && self.pending.is_empty() {
                 log::info!("listener stopped");
                 return Ok(());
             }
@@ -261,7 +260,7 @@ impl Listener {
     /// and metrics included: these caps bound the listener's own memory).
     fn overloaded(&self, peer_key: &[u8; 16]) -> Option<&'static str> {
         let l = &self.config.limits;
-        if self.pending.len() - self.free.len() >= l.max_handshakes {
+        if self.pending.len() >= l.max_handshakes {
             return Some("too many requests in progress");
         }
         if self.pending_per_ip.get(peer_key).copied().unwrap_or(0) >= l.max_handshakes_per_ip {
@@ -288,20 +287,11 @@ impl Listener {
 
     fn insert(&mut self, p: Pending) -> u32 {
         *self.pending_per_ip.entry(p.peer_key).or_insert(0) += 1;
-        match self.free.pop() {
-            Some(i) => {
-                self.pending[i as usize] = Some(p);
-                i
-            }
-            None => {
-                self.pending.push(Some(p));
-                (self.pending.len() - 1) as u32
-            }
-        }
+        self.pending.insert(p)
     }
 
     fn remove(&mut self, index: u32) {
-        if let Some(p) = self.pending[index as usize].take() {
+        if let Some(p) = self.pending.remove(index) {
             if let Some(n) = self.pending_per_ip.get_mut(&p.peer_key) {
                 *n -= 1;
                 if *n == 0 {
@@ -309,11 +299,10 @@ impl Listener {
                 }
             }
         }
-        self.free.push(index);
     }
 
     fn arm_recv(&mut self, index: u32) {
-        let p = self.pending[index as usize].as_mut().expect("pending");
+        let p = self.pending.get_mut(index).expect("pending");
         if p.buf.len() == p.buf.capacity() {
             let cap = (p.buf.capacity() * 4).min(self.config.limits.max_head_bytes);
             p.buf.reserve_exact(cap - p.buf.len());
@@ -330,7 +319,7 @@ impl Listener {
     }
 
     fn on_recv(&mut self, index: u32, res: i32, now: Instant) {
-        let Some(p) = self.pending[index as usize].as_mut() else {
+        let Some(p) = self.pending.get_mut(index) else {
             return;
         };
         if matches!(p.stage, Stage::Linger) {
@@ -366,7 +355,7 @@ impl Listener {
     }
 
     fn on_head(&mut self, index: u32, end: usize, now: Instant) {
-        let p = self.pending[index as usize].as_ref().expect("pending");
+        let p = self.pending.get(index).expect("pending");
         let head = match handshake::parse_head(&p.buf[..end], self.config.limits.max_headers) {
             Ok(head) => head,
             Err(HeadError::TooManyHeaders) => {
@@ -488,7 +477,7 @@ impl Listener {
 
     /// Passes the socket and its bytes to `worker`, or answers 503 if that fails.
     fn hand_off(&mut self, index: u32, worker: usize, now: Instant) {
-        let p = self.pending[index as usize].as_ref().expect("pending");
+        let p = self.pending.get(index).expect("pending");
         match handoff::send(self.channels[worker].as_fd(), p.fd.as_raw_fd(), p.peer, &p.buf) {
             Ok(()) => {
                 self.metrics.inc(Metric::Handoffs);
@@ -531,14 +520,14 @@ impl Listener {
 
     /// Writes `out` to the socket, then lingers and closes.
     fn answer(&mut self, index: u32, out: Vec<u8>, now: Instant) {
-        let p = self.pending[index as usize].as_mut().expect("pending");
+        let p = self.pending.get_mut(index).expect("pending");
         p.stage = Stage::Answer { out, sent: 0 };
         p.deadline = now + Duration::from_millis(self.config.keepalive.close_timeout_ms);
         self.arm_send(index);
     }
 
     fn arm_send(&mut self, index: u32) {
-        let p = self.pending[index as usize].as_ref().expect("pending");
+        let p = self.pending.get(index).expect("pending");
         let Stage::Answer { out, sent } = &p.stage else {
             return;
         };
@@ -554,7 +543,7 @@ impl Listener {
     }
 
     fn on_send(&mut self, index: u32, res: i32, _now: Instant) {
-        let Some(p) = self.pending[index as usize].as_mut() else {
+        let Some(p) = self.pending.get_mut(index) else {
             return;
         };
         let Stage::Answer { out, sent } = &mut p.stage else {
@@ -578,7 +567,7 @@ impl Listener {
     /// Expires deadlines: shutting a socket down completes its in-flight operation, which
     /// then frees it, so nothing is freed while the kernel still holds its buffer.
     fn on_tick(&mut self, now: Instant) {
-        for p in self.pending.iter_mut().flatten() {
+        for (_, p) in self.pending.iter_mut() {
             if !p.expired && now >= p.deadline {
                 p.expired = true;
                 let _ =

@@ -25,6 +25,7 @@ use crate::metrics::{Metric, Metrics};
 use crate::protocol::{self, ErrorKind};
 use crate::ring::{self, BufRing, Ring};
 use crate::route;
+use crate::slab::Slab;
 use crate::sync::{Delivery, GroupSync, Who};
 
 const CHANNEL: u8 = 1;
@@ -87,8 +88,8 @@ pub struct Worker {
     /// The handoff channel from the listener.
     channel: OwnedFd,
     channel_buf: Vec<u8>,
-    slots: Vec<Option<Slot>>,
-    free: Vec<u32>,
+    /// Connections by the index their operations carry in `user_data`.
+    slots: Slab<Slot>,
     groups: Groups,
     probes: Vec<Probe>,
     /// Shared compression contexts and inflate scratch, lent to connections.
@@ -158,8 +159,7 @@ impl Worker {
             verifier,
             channel,
             channel_buf: vec![0; handoff::MAX_MESSAGE],
-            slots: Vec::new(),
-            free: Vec::new(),
+            slots: Slab::default(),
             groups: Groups::default(),
             probes: Vec::new(),
             codec: Codec::new(level),
@@ -228,7 +228,7 @@ impl Worker {
             }
             self.metrics.set(Metric::OpenConnections, self.open);
             if let Some(deadline) = self.stopping {
-                if self.slots.iter().all(Option::is_none) || now >= deadline {
+                if self.slots.is_empty() || now >= deadline {
                     log::info!("worker {} stopped", self.index);
                     return Ok(());
                 }
@@ -249,7 +249,7 @@ impl Worker {
             config.limits.per_user_mutations,
             Duration::from_millis(config.limits.per_user_mutations_window_ms),
         );
-        for slot in self.slots.iter_mut().flatten() {
+        for (_, slot) in self.slots.iter_mut() {
             slot.conn.set_settings(self.settings.clone());
         }
         self.config = config;
@@ -307,8 +307,8 @@ impl Worker {
     /// or at `deadline`.
     fn close_all(&mut self, code: u16, reason: &str, deadline: Instant, now: Instant) {
         self.stopping = Some(deadline);
-        for index in 0..self.slots.len() as u32 {
-            if let Some(slot) = self.slots[index as usize].as_mut() {
+        for index in self.slots.indices() {
+            if let Some(slot) = self.slots.get_mut(index) {
                 slot.conn.close(code, reason, now);
                 self.process(index);
             }
@@ -410,7 +410,7 @@ impl Worker {
             conn.enable_deflate(agreement, compression.level);
             self.dedicated_deflate_bytes += conn.dedicated_deflate_bytes();
         }
-        let index = self.insert(Slot {
+        let index = self.slots.insert(Slot {
             fd: h.socket,
             conn,
             peer: h.peer,
@@ -432,7 +432,7 @@ impl Worker {
         match &routed {
             Some((_, params)) if !echo => self.admit(index, &head, params, now),
             _ => {
-                if let Some(slot) = self.slots[index as usize].as_mut() {
+                if let Some(slot) = self.slots.get_mut(index) {
                     slot.conn.open(None, now);
                 }
             }
@@ -440,7 +440,7 @@ impl Worker {
         // Bytes the client sent right behind its head (it may not wait for the 101).
         let mut early = h.bytes[end..].to_vec();
         if !early.is_empty() {
-            if let Some(slot) = self.slots[index as usize].as_mut() {
+            if let Some(slot) = self.slots.get_mut(index) {
                 slot.conn.on_bytes(&mut early, &mut self.codec, now);
             }
         }
@@ -509,7 +509,7 @@ impl Worker {
             }
             None => None,
         };
-        let slot = self.slots[index as usize].as_mut().expect("slot");
+        let slot = self.slots.get_mut(index).expect("slot");
         if let Some(user) = &user {
             slot.user_key = user.to_string();
         }
@@ -552,7 +552,7 @@ impl Worker {
                 self.open_connection(index, now);
             }
             Admission::Probe(old) => {
-                if let Some(existing) = self.slots[old as usize].as_mut() {
+                if let Some(existing) = self.slots.get_mut(old) {
                     existing.conn.probe(now);
                     let deadline =
                         now + Duration::from_millis(self.config.keepalive.probe_timeout_ms);
@@ -567,7 +567,7 @@ impl Worker {
     }
 
     fn refuse(&mut self, index: u32, kind: ErrorKind, message: &str, code: u16, now: Instant) {
-        let Some(slot) = self.slots[index as usize].as_mut() else {
+        let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
         let id = slot.conn.identity();
@@ -589,7 +589,7 @@ impl Worker {
 
     /// Steps 5 and 6: `connected`, then the header's `initConnection`.
     fn open_connection(&mut self, index: u32, now: Instant) {
-        let Some(slot) = self.slots[index as usize].as_mut() else {
+        let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
         let id = slot.conn.identity().clone();
@@ -624,7 +624,7 @@ impl Worker {
     /// Closes an existing connection that a newcomer replaces.
     fn displace(&mut self, index: u32, reason: &str, now: Instant) {
         self.metrics.inc(Metric::Displaced);
-        if let Some(slot) = self.slots[index as usize].as_mut() {
+        if let Some(slot) = self.slots.get_mut(index) {
             let id = slot.conn.identity();
             log::info!(
                 "worker={} displaced clientID={} wsid={}: {reason}",
@@ -640,21 +640,8 @@ impl Worker {
         }
     }
 
-    fn insert(&mut self, slot: Slot) -> u32 {
-        match self.free.pop() {
-            Some(i) => {
-                self.slots[i as usize] = Some(slot);
-                i
-            }
-            None => {
-                self.slots.push(Some(slot));
-                (self.slots.len() - 1) as u32
-            }
-        }
-    }
-
     fn arm_recv(&mut self, index: u32) {
-        let Some(slot) = self.slots[index as usize].as_mut() else {
+        let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
         if slot.recv_armed || slot.shut {
@@ -672,7 +659,7 @@ impl Worker {
         let res = cqe.result();
         let flags = cqe.flags();
         let buffer = cqueue::buffer_select(flags);
-        let Some(slot) = self.slots[index as usize].as_mut() else {
+        let Some(slot) = self.slots.get_mut(index) else {
             if let Some(bid) = buffer {
                 self.bufs.recycle(bid);
             }
@@ -705,7 +692,7 @@ impl Worker {
     }
 
     fn on_send(&mut self, index: u32, res: i32, now: Instant) {
-        let Some(slot) = self.slots[index as usize].as_mut() else {
+        let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
         slot.send_armed = false;
@@ -722,7 +709,7 @@ impl Worker {
     /// After anything happened to a connection: act on its notices, write what it queued,
     /// or take it down.
     fn process(&mut self, index: u32) {
-        let Some(slot) = self.slots[index as usize].as_mut() else {
+        let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
         let (messages_in, bytes_in, messages_out) = slot.conn.take_counts();
@@ -787,8 +774,7 @@ impl Worker {
             }
             if !slot.recv_armed && !slot.send_armed {
                 self.dedicated_deflate_bytes -= slot.conn.dedicated_deflate_bytes();
-                self.slots[index as usize] = None;
-                self.free.push(index);
+                self.slots.remove(index);
             }
             return;
         }
@@ -818,9 +804,7 @@ impl Worker {
         let mut touched = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             let to = delivery.to();
-            let Some(slot) =
-                self.slots[to.slot as usize].as_mut().filter(|s| s.serial == to.serial)
-            else {
+            let Some(slot) = self.slots.get_mut(to.slot).filter(|s| s.serial == to.serial) else {
                 continue;
             };
             match delivery {
@@ -845,13 +829,11 @@ impl Worker {
                 "worker={} clientGroupID={group}: state changed elsewhere; rehoming its clients",
                 self.index
             );
-            for (i, slot) in self.slots.iter_mut().enumerate() {
-                if let Some(slot) =
-                    slot.as_mut().filter(|s| *s.conn.identity().client_group_id == *group)
-                {
+            for (i, slot) in self.slots.iter_mut() {
+                if *slot.conn.identity().client_group_id == *group {
                     let message = "client group state moved; reconnect";
                     slot.conn.fail_with_backoff(ErrorKind::Rehome, message, 1012, (100, 1000), now);
-                    touched.push(i as u32);
+                    touched.push(i);
                 }
             }
         }
@@ -872,8 +854,8 @@ impl Worker {
             self.close_all(1012, "service restart", deadline, now);
         }
         self.resolve_probes(now);
-        for index in 0..self.slots.len() as u32 {
-            if let Some(slot) = self.slots[index as usize].as_mut() {
+        for index in self.slots.indices() {
+            if let Some(slot) = self.slots.get_mut(index) {
                 slot.conn.on_tick(now);
                 if slot.conn.state() == State::Open && slot.conn.flushed() {
                     slot.conn.shrink();
@@ -889,10 +871,9 @@ impl Worker {
         let mut i = 0;
         while i < self.probes.len() {
             let p = &self.probes[i];
-            let newcomer_alive = self.slots[p.newcomer as usize]
-                .as_ref()
-                .is_some_and(|s| s.conn.state() == State::Pending);
-            let existing = self.slots[p.existing as usize].as_ref().filter(|s| s.joined);
+            let newcomer_alive =
+                self.slots.get(p.newcomer).is_some_and(|s| s.conn.state() == State::Pending);
+            let existing = self.slots.get(p.existing).filter(|s| s.joined);
             let answered = existing.and_then(|s| s.conn.probe_answered());
             let (newcomer, existing_index, deadline) = (p.newcomer, p.existing, p.deadline);
             let outcome = match (newcomer_alive, existing.is_some(), answered) {
@@ -900,7 +881,7 @@ impl Worker {
                 (true, false, _) => Some(Some(true)),
                 (true, true, Some(true)) => Some(Some(false)),
                 (true, true, _) if now >= deadline => {
-                    if let Some(slot) = self.slots[existing_index as usize].as_mut() {
+                    if let Some(slot) = self.slots.get_mut(existing_index) {
                         log::info!(
                             "worker={} existing connection failed its probe; replacing it",
                             self.index
@@ -917,7 +898,7 @@ impl Worker {
                 None => i += 1,
                 Some(admit) => {
                     self.probes.swap_remove(i);
-                    if let Some(slot) = self.slots[existing_index as usize].as_mut() {
+                    if let Some(slot) = self.slots.get_mut(existing_index) {
                         slot.conn.clear_probe();
                     }
                     match admit {
