@@ -335,9 +335,7 @@ impl Connection {
         }
         let result = self.decoder.feed(input, &mut |event| core.on_event(event, codec, now));
         if let Err(e) = result {
-            let code = e.close_code();
-            core.end.get_or_insert(End::Protocol(code));
-            core.close(code, e.reason(), now);
+            core.fail_connection(e.close_code(), e.reason(), now);
         }
     }
 
@@ -575,17 +573,14 @@ impl Core {
             match result {
                 Ok(()) => {}
                 Err(InflateError::TooBig) => {
-                    self.end.get_or_insert(End::Protocol(1009));
-                    return self.close(1009, "message too big", now);
+                    return self.fail_connection(1009, "message too big", now)
                 }
                 Err(InflateError::Invalid) => {
-                    self.end.get_or_insert(End::Protocol(1007));
-                    return self.close(1007, "invalid compressed data", now);
+                    return self.fail_connection(1007, "invalid compressed data", now)
                 }
             }
             if opcode == OpCode::Text && simdutf8::basic::from_utf8(scratch).is_err() {
-                self.end.get_or_insert(End::Protocol(1007));
-                return self.close(1007, "invalid UTF-8", now);
+                return self.fail_connection(1007, "invalid UTF-8", now);
             }
             &mut scratch[..]
         } else {
@@ -620,6 +615,17 @@ impl Core {
             self.send_text(&protocol::encode_error(kind, message, backoff), now);
             self.end.get_or_insert(End::Protocol(code));
             self.close(code, message, now);
+        }
+    }
+
+    /// RFC 6455 7.1.7, _Fail the WebSocket Connection_: the stream can no longer be trusted,
+    /// so the close frame goes out and the socket is dropped as soon as it is written,
+    /// without waiting for the peer's close frame.
+    fn fail_connection(&mut self, code: u16, reason: &str, now: Instant) {
+        self.end.get_or_insert(End::Protocol(code));
+        self.close(code, reason, now);
+        if let State::Closing { deadline, .. } = self.state {
+            self.state = State::Closing { deadline, received: true };
         }
     }
 
@@ -948,6 +954,8 @@ mod tests {
         assert_eq!(frames.last().unwrap().0, 8);
         assert_eq!(&frames.last().unwrap().1[..2], &1002u16.to_be_bytes());
         assert_eq!(c.end(), Some(&End::Protocol(1002)));
+        // A failed connection does not wait for the peer's close frame (RFC 6455 7.1.7).
+        assert!(c.finished());
     }
 
     use crate::frame::encode_frame;
