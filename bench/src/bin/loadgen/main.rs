@@ -1,0 +1,518 @@
+//! `loadgen`: the load client of the syncgate benchmarks.
+//!
+//! It reproduces uWebSockets' load_test method against a server that speaks Zero's sync
+//! protocol: connections are opened in turn, then every connection (every group, for
+//! fan-out) keeps exactly one message in flight with fixed, pre-encoded, masked frames;
+//! after a warm-up it counts completed operations over fixed windows and reports the
+//! median window, latency percentiles, and the server's CPU time per operation. Every
+//! reply is checked; a wrong or missing one fails the run instead of producing a number.
+//!
+//! `loadgen run ...` measures one scenario and appends one JSON record (see
+//! `syncgate_bench::record`); `loadgen keygen` and `loadgen mint` prepare the tokens of
+//! the connect-storm scenario. bench/README.md has the method and scripts/bench.sh the
+//! full matrix.
+
+mod net;
+mod workloads;
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use syncgate_bench::record::Record;
+use syncgate_bench::report::thousands;
+use syncgate_bench::stats::{self, median};
+use syncgate_bench::token::{self, Signer};
+use syncgate_bench::zero;
+
+use net::{Client, Target};
+use workloads::{Counters, Idle, Measured, Names, Ping, Push, Storm};
+
+#[derive(Parser)]
+#[command(name = "loadgen", about = "Closed-loop WebSocket load client for Zero's sync protocol")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Measure one scenario against one server.
+    Run(Box<RunArgs>),
+    /// Write a fresh RSA key (rs256.pk8), its public JWK (jwk.json) and an HS256 secret.
+    Keygen {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Pre-mint distinct tokens for the connect storm, one `userID<TAB>protocol header`
+    /// per line.
+    Mint {
+        #[arg(long, value_enum)]
+        alg: Alg,
+        /// The directory `keygen` wrote.
+        #[arg(long)]
+        keys: PathBuf,
+        #[arg(long, default_value_t = 32768)]
+        count: usize,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Alg {
+    Hs256,
+    Rs256,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// `["ping",{}]` -> `["pong",{}]` round trips.
+    Ping,
+    /// A push per round trip, each connection its own client group.
+    Echo,
+    /// Groups of --group-size connections, one pusher each; counts deliveries.
+    Fanout,
+    /// New connections per second, each closed right after `connected`.
+    Storm,
+    /// Hold --connections idle connections and measure the server's memory.
+    Idle,
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Name of the server under test, for the record.
+    #[arg(long)]
+    server: String,
+    /// The server's address (IPv4).
+    #[arg(long)]
+    addr: SocketAddrV4,
+    #[arg(long, value_enum)]
+    scenario: Scenario,
+    /// Connections (ping, echo, idle); in-flight handshakes for the storm.
+    #[arg(long, default_value_t = 100)]
+    connections: usize,
+    /// Size of each push in bytes of JSON (echo, fanout).
+    #[arg(long, default_value_t = 512)]
+    size: usize,
+    /// Connections per client group (fanout).
+    #[arg(long, default_value_t = 10)]
+    group_size: usize,
+    /// Number of client groups (fanout).
+    #[arg(long, default_value_t = 1)]
+    groups: usize,
+    /// Offer permessage-deflate, require it, and compress what the client sends.
+    #[arg(long)]
+    deflate: bool,
+    /// Token file from `loadgen mint` (storm); without it no token is sent.
+    #[arg(long)]
+    tokens: Option<PathBuf>,
+    /// Handshakes in flight while opening connections (1: in turn, as load_test does).
+    #[arg(long, default_value_t = 1)]
+    connect_concurrency: usize,
+    /// Seconds of traffic before measuring.
+    #[arg(long, default_value_t = 2.0)]
+    warmup: f64,
+    /// Seconds per window.
+    #[arg(long, default_value_t = 1.0)]
+    window: f64,
+    /// Number of windows (the median is reported; at least 5).
+    #[arg(long, default_value_t = 5)]
+    windows: usize,
+    /// Seconds to wait after the idle connections are open before reading memory.
+    #[arg(long, default_value_t = 2.0)]
+    settle: f64,
+    /// Seconds a reply may take before the run fails.
+    #[arg(long, default_value_t = 5.0)]
+    reply_timeout: f64,
+    /// PID of the server's top process: its CPU and memory (and its children's) are read.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Spread connections over 127.0.0.1 ..= 127.0.0.N as source addresses.
+    #[arg(long, default_value_t = 1)]
+    sources: u8,
+    /// Row label; made from the other arguments when absent.
+    #[arg(long)]
+    variant: Option<String>,
+    /// A note for the report (e.g. "no JWT work").
+    #[arg(long)]
+    note: Option<String>,
+    /// Tag in every clientID and clientGroupID of the run (default: made from the time
+    /// and PID), so runs never reuse a group a server may remember.
+    #[arg(long)]
+    tag: Option<String>,
+    /// Measure nothing: record this failure for the run these arguments describe (the
+    /// bench script uses it when the server did not start).
+    #[arg(long)]
+    fail_with: Option<String>,
+    /// Append the JSON record to this file.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => return run(*args),
+        Command::Keygen { dir } => keygen(&dir),
+        Command::Mint { alg, keys, count, out } => mint(alg, &keys, count, &out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("loadgen: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn keygen(dir: &std::path::Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (der, jwk) = token::generate_rsa()?;
+    let secret = token::random_secret()?;
+    for (name, bytes) in
+        [("rs256.pk8", der), ("jwk.json", jwk.into_bytes()), ("hs256.secret", secret.into_bytes())]
+    {
+        std::fs::write(dir.join(name), bytes).map_err(|e| format!("{name}: {e}"))?;
+    }
+    Ok(())
+}
+
+fn mint(
+    alg: Alg,
+    keys: &std::path::Path,
+    count: usize,
+    out: &std::path::Path,
+) -> Result<(), String> {
+    let read = |name: &str| std::fs::read(keys.join(name)).map_err(|e| format!("{name}: {e}"));
+    let signer = match alg {
+        Alg::Hs256 => Signer::hs256(String::from_utf8_lossy(&read("hs256.secret")?).trim()),
+        Alg::Rs256 => Signer::rs256(&read("rs256.pk8")?)?,
+    };
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| e.to_string())?.as_secs();
+    // RSA signing is slow: use every core (this runs before any measurement).
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(count.max(1));
+    let chunks: Vec<Result<String, String>> = std::thread::scope(|scope| {
+        let signer = &signer;
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                scope.spawn(move || {
+                    let mut text = String::new();
+                    for i in (t..count).step_by(threads) {
+                        let user = format!("bench-user-{i}");
+                        // Valid for a day, so one pool serves every run of a session.
+                        let token = signer.mint(&user, i as u64, now, 86_400)?;
+                        text.push_str(&format!(
+                            "{user}\t{}\n",
+                            zero::protocol_header(Some(&token))
+                        ));
+                    }
+                    Ok(text)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|_| Err("minting thread panicked".into())))
+            .collect()
+    });
+    let text = chunks.into_iter().collect::<Result<Vec<_>, _>>()?.concat();
+    std::fs::write(out, text).map_err(|e| format!("{}: {e}", out.display()))
+}
+
+fn variant(a: &RunArgs) -> String {
+    if let Some(v) = &a.variant {
+        return v.clone();
+    }
+    match a.scenario {
+        Scenario::Ping => format!("{} conns", a.connections),
+        Scenario::Echo => format!("{} x {} conns", size_label(a.size), a.connections),
+        Scenario::Fanout => format!("{} groups of {}", a.groups, a.group_size),
+        Scenario::Storm => format!("{} in flight", a.connections),
+        Scenario::Idle => format!("{} conns", a.connections),
+    }
+}
+
+fn size_label(n: usize) -> String {
+    if n >= 1024 && n % 1024 == 0 {
+        format!("{} KiB", n / 1024)
+    } else {
+        format!("{n} B")
+    }
+}
+
+fn run(a: RunArgs) -> ExitCode {
+    let mut rec = Record {
+        server: a.server.clone(),
+        scenario: match a.scenario {
+            Scenario::Ping => "ping",
+            Scenario::Echo => "echo",
+            Scenario::Fanout => "fanout",
+            Scenario::Storm => "storm",
+            Scenario::Idle => "idle",
+        }
+        .into(),
+        variant: variant(&a),
+        compressed: a.deflate,
+        note: a.note.clone(),
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        ..Record::default()
+    };
+    let label = format!(
+        "[{} {} {}{}]",
+        rec.server,
+        rec.scenario,
+        rec.variant,
+        if a.deflate { " deflate" } else { "" }
+    );
+    let result = match &a.fail_with {
+        Some(reason) => Err(reason.clone()),
+        None => measure(&a, &mut rec, &label),
+    };
+    if let Err(e) = result {
+        eprintln!("{label} FAILED: {e}");
+        rec.error = Some(e);
+    }
+    let line = serde_json::to_string(&rec).unwrap_or_default();
+    if let Some(path) = &a.out {
+        let written = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .and_then(|mut f| writeln!(f, "{line}"));
+        if let Err(e) = written {
+            eprintln!("loadgen: {}: {e}", path.display());
+            return ExitCode::FAILURE;
+        }
+    }
+    println!("{line}");
+    if rec.error.is_some() {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn measure(a: &RunArgs, rec: &mut Record, label: &str) -> Result<(), String> {
+    if a.windows < 5 {
+        return Err("at least 5 windows are needed for a median".into());
+    }
+    let sources = (1..=a.sources.max(1)).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect::<Vec<_>>();
+    let mut client = Client::new(Target {
+        addr: a.addr,
+        sources: if a.sources > 1 { sources } else { Vec::new() },
+        deflate: a.deflate,
+    })?;
+    let timeout = Duration::from_secs_f64(a.reply_timeout);
+    let names = Names::new(&a.tag.clone().unwrap_or_else(run_tag));
+    match a.scenario {
+        Scenario::Ping => {
+            rec.unit = "round trips/s".into();
+            rec.connections = a.connections;
+            let mut wl = Ping::new(names, a.connections, timeout);
+            open_all(&mut client, &mut wl, a.connections, a.connect_concurrency, label)?;
+            let r = windows(&mut client, &mut wl, a, rec, label);
+            rec.other_pokes = wl.counters.other_pokes;
+            r
+        }
+        Scenario::Echo | Scenario::Fanout => {
+            let (groups, size) = match a.scenario {
+                Scenario::Echo => (a.connections, 1),
+                _ => (a.groups, a.group_size),
+            };
+            rec.unit = if size == 1 { "round trips/s" } else { "deliveries/s" }.into();
+            rec.connections = groups * size;
+            let mut wl = Push::new(names, groups, size, a.size, timeout);
+            open_all(&mut client, &mut wl, groups * size, a.connect_concurrency, label)?;
+            let r = windows(&mut client, &mut wl, a, rec, label);
+            rec.other_pokes = wl.counters.other_pokes;
+            r
+        }
+        Scenario::Storm => {
+            rec.unit = "connections/s".into();
+            rec.connections = a.connections;
+            let tokens = match &a.tokens {
+                None => Vec::new(),
+                Some(path) => read_tokens(path)?,
+            };
+            let mut wl = Storm::new(names, tokens);
+            client.set_target(a.connections, a.connections);
+            windows(&mut client, &mut wl, a, rec, label)
+        }
+        Scenario::Idle => idle(&mut client, names, a, rec, label),
+    }
+}
+
+/// Six hex digits from the clock and the PID.
+fn run_tag() -> String {
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_nanos() as u64;
+    format!("{:06x}", (nanos ^ u64::from(std::process::id()).rotate_left(32)) & 0xff_ffff)
+}
+
+fn read_tokens(path: &std::path::Path) -> Result<Vec<(String, String)>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let tokens: Vec<(String, String)> = text
+        .lines()
+        .filter_map(|l| l.split_once('\t'))
+        .map(|(u, p)| (u.to_string(), p.to_string()))
+        .collect();
+    if tokens.is_empty() {
+        return Err(format!("{}: no tokens", path.display()));
+    }
+    Ok(tokens)
+}
+
+/// Opens `n` connections (`concurrency` handshakes at a time) and waits for them all.
+fn open_all<W: net::Workload>(
+    client: &mut Client,
+    wl: &mut W,
+    n: usize,
+    concurrency: usize,
+    label: &str,
+) -> Result<(), String> {
+    client.set_target(n, concurrency);
+    let started = Instant::now();
+    let mut next_report = started + Duration::from_secs(2);
+    // Generous: even a slow server opens a few hundred connections a second.
+    let limit = Duration::from_secs(30) + Duration::from_millis(5 * n as u64);
+    while client.open_now() < n {
+        client.run_until(Instant::now() + Duration::from_millis(20), wl)?;
+        let now = Instant::now();
+        if now - started > limit {
+            return Err(format!(
+                "only {} of {n} connections open after {limit:?}",
+                client.open_now()
+            ));
+        }
+        if now >= next_report {
+            eprintln!("{label} opening: {}/{n}", client.open_now());
+            next_report = now + Duration::from_secs(2);
+        }
+    }
+    eprintln!("{label} {n} connections open in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// CPU seconds of the server's processes, if a PID was given.
+fn server_cpu(pids: &Option<Vec<u32>>) -> Option<f64> {
+    pids.as_ref().map(|p| stats::cpu_seconds(p))
+}
+
+/// Warm-up, then the measured windows; fills the rate, latency and CPU fields.
+fn windows<W: Measured>(
+    client: &mut Client,
+    wl: &mut W,
+    a: &RunArgs,
+    rec: &mut Record,
+    label: &str,
+) -> Result<(), String> {
+    let start = Instant::now();
+    wl.start(client.writer(), start)?;
+    client.run_until(start + Duration::from_secs_f64(a.warmup), wl)?;
+    wl.counters().recording = true;
+    let pids = a.server_pid.map(stats::process_tree);
+    let t0 = Instant::now();
+    let (cpu0, me0, done0) = (server_cpu(&pids), stats::self_cpu_seconds(), wl.counters().done);
+    let machine0 = stats::machine_busy_seconds();
+    let mut window_start = (t0, done0);
+    for i in 0..a.windows {
+        let end = t0 + Duration::from_secs_f64(a.window * (i + 1) as f64);
+        client.run_until(end, wl)?;
+        let now = Instant::now();
+        let done = wl.counters().done;
+        let rate = (done - window_start.1) as f64 / (now - window_start.0).as_secs_f64();
+        rec.windows.push(rate);
+        eprintln!("{label} window {}/{}: {} {}", i + 1, a.windows, thousands(rate), rec.unit);
+        window_start = (now, done);
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let ops = (wl.counters().done - done0) as f64;
+    if ops == 0.0 {
+        return Err("no operation completed in the measured windows".into());
+    }
+    rec.rate = median(&rec.windows);
+    if let (Some(c0), Some(c1)) = (cpu0, server_cpu(&pids)) {
+        rec.server_cpu_us_per_op = Some((c1 - c0) * 1e6 / ops);
+        rec.server_cpu_util = Some((c1 - c0) / wall);
+    }
+    rec.client_cpu_util = Some((stats::self_cpu_seconds() - me0) / wall);
+    if let (Some(m0), Some(m1), Some(c0), Some(c1)) =
+        (machine0, stats::machine_busy_seconds(), cpu0, server_cpu(&pids))
+    {
+        let others = (m1 - m0 - (c1 - c0)) / wall - rec.client_cpu_util.unwrap_or(0.0);
+        rec.other_cpu_util = Some(others.max(0.0));
+    }
+    let c: &Counters = wl.counters();
+    let us = |q: f64| c.latency.quantile(q).map(|n| n as f64 / 1000.0);
+    (rec.p50_us, rec.p99_us, rec.p999_us) = (us(0.5), us(0.99), us(0.999));
+    eprintln!(
+        "{label} median {} {}, p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, server cpu {} us/op ({}), client cpu {:.0}%, others {}",
+        thousands(rec.rate.unwrap_or(0.0)),
+        rec.unit,
+        rec.p50_us.unwrap_or(0.0),
+        rec.p99_us.unwrap_or(0.0),
+        rec.p999_us.unwrap_or(0.0),
+        rec.server_cpu_us_per_op.map_or("?".into(), |v| format!("{v:.2}")),
+        rec.server_cpu_util.map_or("?".into(), |v| format!("{:.0}%", v * 100.0)),
+        rec.client_cpu_util.unwrap_or(0.0) * 100.0,
+        rec.other_cpu_util.map_or("?".into(), |v| format!("{:.0}%", v * 100.0))
+    );
+    Ok(())
+}
+
+/// Kernel TCP memory once it stops moving (up to 3 s): sockets of an earlier run may
+/// still be releasing their buffers, which would make the baseline too high.
+fn settled_tcp_memory() -> Option<u64> {
+    let mut last = stats::tcp_memory_bytes()?;
+    for _ in 0..15 {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = stats::tcp_memory_bytes()?;
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    Some(last)
+}
+
+/// Opens the idle connections and reads the server's memory before and after.
+fn idle(
+    client: &mut Client,
+    names: Names,
+    a: &RunArgs,
+    rec: &mut Record,
+    label: &str,
+) -> Result<(), String> {
+    let pid = a.server_pid.ok_or("the idle scenario needs --server-pid")?;
+    rec.unit = "bytes/conn".into();
+    rec.connections = a.connections;
+    let rss0 = stats::rss_bytes(&stats::process_tree(pid));
+    let sock0 = settled_tcp_memory();
+    let slab0 = stats::slab_bytes();
+    let mut wl = Idle::new(names, a.connections);
+    open_all(client, &mut wl, a.connections, a.connect_concurrency, label)?;
+    client.run_until(Instant::now() + Duration::from_secs_f64(a.settle), &mut wl)?;
+    let rss1 = stats::rss_bytes(&stats::process_tree(pid));
+    let n = a.connections as f64;
+    rec.rss_per_conn = Some((rss1 as f64 - rss0 as f64) / n);
+    if let (Some(s0), Some(s1)) = (sock0, stats::tcp_memory_bytes()) {
+        rec.kernel_per_conn = Some((s1 as f64 - s0 as f64) / n);
+    }
+    if let (Some(s0), Some(s1)) = (slab0, stats::slab_bytes()) {
+        rec.slab_per_conn = Some((s1 as f64 - s0 as f64) / n);
+    }
+    rec.other_pokes = wl.other_pokes;
+    eprintln!(
+        "{label} server RSS {:.0} -> {:.0} MiB: {:.0} B/conn; kernel TCP buffers {:.0} B/conn, slab {:.0} B/conn",
+        rss0 as f64 / 1048576.0,
+        rss1 as f64 / 1048576.0,
+        rec.rss_per_conn.unwrap_or(0.0),
+        rec.kernel_per_conn.unwrap_or(0.0),
+        rec.slab_per_conn.unwrap_or(0.0)
+    );
+    Ok(())
+}

@@ -1,0 +1,481 @@
+//! The scenarios' traffic: what each connection sends and what it must get back.
+//!
+//! Every workload keeps exactly one message in flight per connection (per group for
+//! fan-out) and sends the next only when the reply came and checked out: the closed loop
+//! of uWebSockets' load_test. A reply that is wrong ends the run; one that does not come
+//! within the reply timeout ends it too.
+
+use std::time::{Duration, Instant};
+
+use syncgate_bench::stats::Histogram;
+use syncgate_bench::wsframe::{self, OP_TEXT};
+use syncgate_bench::zero::{self, Identity, PokeCheck, PokeEvent, PushFrame};
+
+use crate::net::{AfterOpen, ConnectSpec, Workload, Writer};
+
+/// What a workload has counted.
+#[derive(Default)]
+pub struct Counters {
+    /// Completed operations (round trips, deliveries or connections).
+    pub done: u64,
+    /// Latency of each completed operation while `recording`.
+    pub latency: Histogram,
+    /// Set once warm-up is over: only measured windows feed the histogram.
+    pub recording: bool,
+    /// Pokes that carried no mutation of this run (ignored, but reported).
+    pub other_pokes: u64,
+}
+
+impl Counters {
+    fn complete(&mut self, took: Duration) {
+        self.done += 1;
+        if self.recording {
+            self.latency.record(took.as_nanos().min(u128::from(u64::MAX)) as u64);
+        }
+    }
+}
+
+/// A workload the driver can start and read counters from.
+pub trait Measured: Workload {
+    /// Sends the first message(s) once every connection is open.
+    fn start(&mut self, w: &mut Writer, now: Instant) -> Result<(), String>;
+    /// The counters.
+    fn counters(&mut self) -> &mut Counters;
+}
+
+/// The names of one run's connections.
+///
+/// The run tag makes every clientID and clientGroupID unique to the run, so a server that
+/// keeps client-group state (syncgate stores it durably) never takes a new run's
+/// mutation 1 for one it already applied in an earlier run.
+#[derive(Clone, Debug)]
+pub struct Names {
+    /// Short, unique per run.
+    tag: String,
+}
+
+impl Names {
+    pub fn new(tag: &str) -> Self {
+        Names { tag: tag.to_string() }
+    }
+
+    fn client(&self, n: u64) -> String {
+        format!("c{}-{n}", self.tag)
+    }
+
+    fn group(&self, n: u64) -> String {
+        format!("g{}-{n}", self.tag)
+    }
+
+    /// Connection `client` in group `group`; the group's user is `u<group>`.
+    fn identity(&self, client: u64, group: u64) -> Identity {
+        Identity {
+            client_id: self.client(client),
+            group_id: self.group(group),
+            user_id: format!("u{}-{group}", self.tag),
+            wsid: format!("w{}-{client}", self.tag),
+        }
+    }
+}
+
+/// A text frame holding `msg`, compressed when the connection negotiated deflate.
+fn text_frame(msg: &[u8], deflate_bits: Option<u8>) -> Vec<u8> {
+    let mut out = Vec::new();
+    match deflate_bits {
+        None => wsframe::encode_masked(OP_TEXT, false, msg, &mut out),
+        Some(bits) => {
+            let mut z = wsframe::deflate_segment(msg, bits);
+            z.truncate(z.len() - wsframe::DEFLATE_TAIL.len());
+            wsframe::encode_masked(OP_TEXT, true, &z, &mut out)
+        }
+    };
+    out
+}
+
+/// `["ping",{}]` -> `["pong",{}]` round trips.
+pub struct Ping {
+    /// Connection names.
+    names: Names,
+    /// The pre-encoded ping frame (built at start, when deflate is known).
+    frame: Vec<u8>,
+    /// When each connection's ping went out; `None` while none is in flight.
+    sent_at: Vec<Option<Instant>>,
+    /// Follows the pokes a server may send besides the pongs.
+    pokes: Vec<PokeCheck>,
+    /// A pong later than this is a missing reply.
+    timeout: Duration,
+    /// What was counted.
+    pub counters: Counters,
+}
+
+impl Ping {
+    pub fn new(names: Names, connections: usize, timeout: Duration) -> Self {
+        Ping {
+            names,
+            frame: Vec::new(),
+            sent_at: vec![None; connections],
+            pokes: (0..connections).map(|_| PokeCheck::default()).collect(),
+            timeout,
+            counters: Counters::default(),
+        }
+    }
+}
+
+impl Workload for Ping {
+    fn request(&mut self, id: usize, _now: Instant) -> ConnectSpec {
+        ConnectSpec {
+            who: self.names.identity(id as u64, id as u64),
+            protocol: zero::protocol_header(None),
+        }
+    }
+
+    fn on_open(&mut self, _id: usize, _now: Instant, _w: &mut Writer) -> Result<AfterOpen, String> {
+        Ok(AfterOpen::Keep)
+    }
+
+    fn on_message(
+        &mut self,
+        id: usize,
+        msg: &[u8],
+        now: Instant,
+        w: &mut Writer,
+    ) -> Result<(), String> {
+        if msg != zero::PONG {
+            // A server may poke a new client (syncgate sends a catch-up poke after
+            // initConnection); a well-formed poke is ignored, anything else is an error.
+            return match self.pokes[id].on_message(msg, b"\x00", 0, b"\x00") {
+                Ok(PokeEvent::Other) => {
+                    self.counters.other_pokes += 1;
+                    Ok(())
+                }
+                Ok(_) => Ok(()),
+                Err(_) => Err(format!("connection {id}: expected pong, got {}", zero::lossy(msg))),
+            };
+        }
+        // A pong with no ping in flight is the server's keepalive: ignored.
+        if let Some(sent) = self.sent_at[id] {
+            self.counters.complete(now - sent);
+            self.sent_at[id] = Some(now);
+            w.send(id, &self.frame)?;
+        }
+        Ok(())
+    }
+
+    fn check(&mut self, now: Instant) -> Result<(), String> {
+        for (id, sent) in self.sent_at.iter().enumerate() {
+            if sent.is_some_and(|t| now - t > self.timeout) {
+                return Err(format!("connection {id}: no pong within {:?}", self.timeout));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Measured for Ping {
+    fn start(&mut self, w: &mut Writer, now: Instant) -> Result<(), String> {
+        self.frame = text_frame(zero::PING, w.deflate_bits(0));
+        for id in 0..self.sent_at.len() {
+            if w.deflate_bits(id) != w.deflate_bits(0) {
+                return Err("connections negotiated different deflate windows".into());
+            }
+            self.sent_at[id] = Some(now);
+            w.send(id, &self.frame)?;
+        }
+        Ok(())
+    }
+
+    fn counters(&mut self) -> &mut Counters {
+        &mut self.counters
+    }
+}
+
+/// One client group of the push workload.
+struct Group {
+    /// Connection that pushes (the group's first).
+    pusher: usize,
+    /// The pusher's push frame, once started.
+    frame: Option<PushFrame>,
+    /// The mutation id in flight (0 before the first push).
+    id: u64,
+    /// Members still waiting for the poke of mutation `id`.
+    pending: usize,
+    /// When mutation `id` was sent.
+    sent_at: Instant,
+    /// `"<pusher clientID>":`, as it appears in `lastMutationIDChanges`.
+    needle: Vec<u8>,
+}
+
+/// One connection of the push workload.
+struct Member {
+    /// Index into the groups.
+    group: usize,
+    /// Follows this connection's pokes.
+    check: PokeCheck,
+    /// Last mutation id delivered here: a second delivery of it is an error.
+    delivered: u64,
+}
+
+/// A CRUD push per round trip; the poke goes to every member of the pusher's group.
+/// With groups of one this is the echo-size scenario, with more it is fan-out.
+pub struct Push {
+    /// Connection names.
+    names: Names,
+    /// One per client group, indexed by group number.
+    groups: Vec<Group>,
+    /// One per connection, indexed by slot.
+    members: Vec<Member>,
+    /// Connections per group.
+    group_size: usize,
+    /// Size of each push, bytes of JSON.
+    size: usize,
+    /// A group whose deliveries take longer than this has a missing reply.
+    timeout: Duration,
+    /// Pushes completed (every member got the poke).
+    pub pushes: u64,
+    /// Deliveries (one per member per push) and their latency.
+    pub counters: Counters,
+}
+
+impl Push {
+    pub fn new(
+        names: Names,
+        groups: usize,
+        group_size: usize,
+        size: usize,
+        timeout: Duration,
+    ) -> Self {
+        let now = Instant::now();
+        Push {
+            groups: (0..groups)
+                .map(|g| Group {
+                    pusher: g * group_size,
+                    frame: None,
+                    id: 0,
+                    pending: 0,
+                    sent_at: now,
+                    needle: format!(r#""{}":"#, names.client((g * group_size) as u64)).into_bytes(),
+                })
+                .collect(),
+            members: (0..groups * group_size)
+                .map(|id| Member {
+                    group: id / group_size,
+                    check: PokeCheck::default(),
+                    delivered: 0,
+                })
+                .collect(),
+            names,
+            group_size,
+            size,
+            timeout,
+            pushes: 0,
+            counters: Counters::default(),
+        }
+    }
+}
+
+impl Workload for Push {
+    fn request(&mut self, id: usize, _now: Instant) -> ConnectSpec {
+        let g = id / self.group_size;
+        ConnectSpec {
+            who: self.names.identity(id as u64, g as u64),
+            protocol: zero::protocol_header(None),
+        }
+    }
+
+    fn on_open(&mut self, _id: usize, _now: Instant, _w: &mut Writer) -> Result<AfterOpen, String> {
+        Ok(AfterOpen::Keep)
+    }
+
+    fn on_message(
+        &mut self,
+        id: usize,
+        msg: &[u8],
+        now: Instant,
+        w: &mut Writer,
+    ) -> Result<(), String> {
+        let m = &mut self.members[id];
+        let g = &mut self.groups[m.group];
+        let value = g.frame.as_ref().map_or(&b"\x00"[..], PushFrame::value);
+        match m.check.on_message(msg, &g.needle, g.id, value) {
+            Err(e) => Err(format!("connection {id}: {e}")),
+            Ok(PokeEvent::Pending) => Ok(()),
+            Ok(PokeEvent::Other) => {
+                self.counters.other_pokes += 1;
+                Ok(())
+            }
+            Ok(PokeEvent::Delivered) => {
+                if m.delivered == g.id {
+                    return Err(format!("connection {id}: mutation {} delivered twice", g.id));
+                }
+                m.delivered = g.id;
+                g.pending -= 1;
+                self.counters.complete(now - g.sent_at);
+                if g.pending == 0 {
+                    self.pushes += 1;
+                    g.id += 1;
+                    g.pending = self.group_size;
+                    g.sent_at = now;
+                    let frame = g.frame.as_mut().ok_or("delivery before the first push")?;
+                    frame.set_id(g.id);
+                    w.send(g.pusher, frame.frame())?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn check(&mut self, now: Instant) -> Result<(), String> {
+        for (i, g) in self.groups.iter().enumerate() {
+            if g.pending > 0 && now - g.sent_at > self.timeout {
+                return Err(format!(
+                    "group g{i}: {} of {} deliveries of mutation {} missing after {:?}",
+                    g.pending, self.group_size, g.id, self.timeout
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Measured for Push {
+    fn start(&mut self, w: &mut Writer, now: Instant) -> Result<(), String> {
+        for (i, g) in self.groups.iter_mut().enumerate() {
+            let mut frame = PushFrame::new(
+                &self.names.group(i as u64),
+                &self.names.client(g.pusher as u64),
+                self.size,
+                w.deflate_bits(g.pusher),
+            )?;
+            g.id = 1;
+            frame.set_id(1);
+            g.pending = self.group_size;
+            g.sent_at = now;
+            w.send(g.pusher, frame.frame())?;
+            g.frame = Some(frame);
+        }
+        Ok(())
+    }
+
+    fn counters(&mut self) -> &mut Counters {
+        &mut self.counters
+    }
+}
+
+/// New connections in a closed loop: connect, upgrade (token verified by the server),
+/// `connected`, close handshake, and again.
+pub struct Storm {
+    /// Connection names.
+    names: Names,
+    /// Connections made so far; names each one uniquely (clientID, group, wsid).
+    serial: u64,
+    /// When each slot's current connection started.
+    started: Vec<Instant>,
+    /// Pre-minted (userID, protocol header) pairs, used in turn; empty for no token.
+    tokens: Vec<(String, String)>,
+    /// Connections completed and their connect-to-`connected` latency.
+    pub counters: Counters,
+}
+
+impl Storm {
+    pub fn new(names: Names, tokens: Vec<(String, String)>) -> Self {
+        Storm { names, serial: 0, started: Vec::new(), tokens, counters: Counters::default() }
+    }
+}
+
+impl Workload for Storm {
+    fn request(&mut self, id: usize, now: Instant) -> ConnectSpec {
+        self.serial += 1;
+        let s = self.serial;
+        if self.started.len() <= id {
+            self.started.resize(id + 1, now);
+        }
+        self.started[id] = now;
+        let mut who = self.names.identity(s, s);
+        let protocol = if self.tokens.is_empty() {
+            zero::protocol_header(None)
+        } else {
+            // The token's subject is the user; the group is new, so it pins to that user.
+            let (user, protocol) = &self.tokens[(s as usize) % self.tokens.len()];
+            who.user_id = user.clone();
+            protocol.clone()
+        };
+        ConnectSpec { who, protocol }
+    }
+
+    fn on_open(&mut self, id: usize, now: Instant, _w: &mut Writer) -> Result<AfterOpen, String> {
+        self.counters.complete(now - self.started[id]);
+        Ok(AfterOpen::Close)
+    }
+
+    fn on_message(
+        &mut self,
+        id: usize,
+        msg: &[u8],
+        _now: Instant,
+        _w: &mut Writer,
+    ) -> Result<(), String> {
+        Err(format!("connection {id}: unexpected message {}", zero::lossy(msg)))
+    }
+}
+
+impl Measured for Storm {
+    fn start(&mut self, _w: &mut Writer, _now: Instant) -> Result<(), String> {
+        Ok(())
+    }
+
+    fn counters(&mut self) -> &mut Counters {
+        &mut self.counters
+    }
+}
+
+/// Connections that send nothing; keepalive pongs and WebSocket pings are answered or
+/// ignored, anything else is an error.
+pub struct Idle {
+    /// Connection names.
+    names: Names,
+    /// Follows pokes a server may send unprompted (none of ours exist).
+    checks: Vec<PokeCheck>,
+    /// Pokes seen, for the record.
+    pub other_pokes: u64,
+}
+
+impl Idle {
+    pub fn new(names: Names, connections: usize) -> Self {
+        Idle {
+            names,
+            checks: (0..connections).map(|_| PokeCheck::default()).collect(),
+            other_pokes: 0,
+        }
+    }
+}
+
+impl Workload for Idle {
+    fn request(&mut self, id: usize, _now: Instant) -> ConnectSpec {
+        ConnectSpec {
+            who: self.names.identity(id as u64, id as u64),
+            protocol: zero::protocol_header(None),
+        }
+    }
+
+    fn on_open(&mut self, _id: usize, _now: Instant, _w: &mut Writer) -> Result<AfterOpen, String> {
+        Ok(AfterOpen::Keep)
+    }
+
+    fn on_message(
+        &mut self,
+        id: usize,
+        msg: &[u8],
+        _now: Instant,
+        _w: &mut Writer,
+    ) -> Result<(), String> {
+        // No client ID matches the NUL needle, so any poke is "other".
+        match self.checks[id].on_message(msg, b"\x00", 0, b"\x00") {
+            Ok(PokeEvent::Other) => {
+                self.other_pokes += 1;
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+            Err(e) => Err(format!("connection {id}: {e}")),
+        }
+    }
+}

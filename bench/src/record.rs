@@ -1,0 +1,64 @@
+//! The result of one load-client run, written as one JSON line and read back by the
+//! report tool. One record is one (server, scenario, variant) cell of the table.
+
+use serde::{Deserialize, Serialize};
+
+/// One run's figures, or the reason it has none.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// The server under test: `syncgate`, `tokio-tungstenite`, `fastwebsockets`, `node-ws`...
+    pub server: String,
+    /// `ping`, `echo`, `fanout`, `storm` or `idle`.
+    pub scenario: String,
+    /// What varies inside a scenario, e.g. `512 B x 100 conns` or `groups of 100`.
+    pub variant: String,
+    /// permessage-deflate was negotiated.
+    pub compressed: bool,
+    /// `None` when the run measured; the failure otherwise (a wrong or missing reply, a
+    /// refused connection): such a run has no figures.
+    pub error: Option<String>,
+    /// What [`Record::rate`] counts: `round trips/s`, `deliveries/s`, `connections/s`.
+    pub unit: String,
+    /// Median of the per-window rates.
+    pub rate: Option<f64>,
+    /// Every window's rate, in order.
+    pub windows: Vec<f64>,
+    /// Latency percentiles in microseconds (round trip, delivery or handshake).
+    pub p50_us: Option<f64>,
+    /// 99th percentile latency.
+    pub p99_us: Option<f64>,
+    /// 99.9th percentile latency.
+    pub p999_us: Option<f64>,
+    /// Server CPU time (all its processes, user + system) per counted operation.
+    pub server_cpu_us_per_op: Option<f64>,
+    /// Server CPU seconds per wall second over the windows: near 1.0 means the server's
+    /// core was saturated, well below means the load client was the limit.
+    pub server_cpu_util: Option<f64>,
+    /// The load client's CPU seconds per wall second over the windows.
+    pub client_cpu_util: Option<f64>,
+    /// CPU seconds per wall second that everything else on the machine used over the
+    /// windows: well above zero means the figures were taken on a busy machine.
+    pub other_cpu_util: Option<f64>,
+    /// Connections held open during the measurement (in flight, for the storm).
+    pub connections: usize,
+    /// Idle scenario: server resident memory (all processes) per connection, bytes.
+    pub rss_per_conn: Option<f64>,
+    /// Idle scenario: kernel TCP buffer memory per connection, bytes (both ends).
+    pub kernel_per_conn: Option<f64>,
+    /// Idle scenario: kernel slab memory per connection, bytes (socket, inode, file and
+    /// epoll structures of both ends, plus whatever else the machine allocated meanwhile).
+    pub slab_per_conn: Option<f64>,
+    /// Pokes that carried no mutation of the run (initial or query pokes), ignored.
+    pub other_pokes: u64,
+    /// Anything a reader must know about this cell (e.g. "peer does no JWT work").
+    pub note: Option<String>,
+    /// The exact load-client command line.
+    pub command: String,
+}
+
+impl Record {
+    /// The table row this record belongs to.
+    pub fn row_key(&self) -> (String, String, bool) {
+        (self.scenario.clone(), self.variant.clone(), self.compressed)
+    }
+}

@@ -1,0 +1,214 @@
+//! End-to-end checks of the load client: every scenario against the Rust peers (which
+//! also proves the peers answer the protocol subset correctly), and the failures a
+//! misbehaving server must cause (a wrong reply, a missing reply, a header not echoed).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::thread;
+
+use syncgate_bench::record::Record;
+
+/// A peer server on an ephemeral port; killed on drop.
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(bin: &str) -> Server {
+    let mut child =
+        Command::new(bin).arg("127.0.0.1:0").stderr(Stdio::piped()).spawn().expect("start peer");
+    let mut line = String::new();
+    BufReader::new(child.stderr.take().unwrap()).read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("ready listen=")
+        .unwrap_or_else(|| panic!("no ready line: {line:?}"))
+        .to_string();
+    Server { child, addr }
+}
+
+/// Runs `loadgen run` with short windows; returns its record.
+fn loadgen(addr: &str, args: &[&str]) -> Record {
+    let out = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "--server", "test", "--addr", addr])
+        .args(["--warmup", "0.1", "--window", "0.2", "--windows", "5"])
+        .args(args)
+        .output()
+        .expect("run loadgen");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let rec: Record = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(out.status.success(), rec.error.is_none(), "exit status follows the error");
+    rec
+}
+
+fn assert_measured(rec: &Record) {
+    assert_eq!(rec.error, None, "{rec:?}");
+    assert_eq!(rec.windows.len(), 5);
+    // Not the median: on a loaded CI machine a few short windows may come out empty.
+    assert!(rec.rate.is_some() && rec.windows.iter().sum::<f64>() > 0.0);
+    assert!(rec.p50_us.unwrap() > 0.0 && rec.p50_us <= rec.p999_us);
+}
+
+fn every_scenario(bin: &str) {
+    let s = start(bin);
+    let pid = s.child.id().to_string();
+    let ping =
+        loadgen(&s.addr, &["--scenario", "ping", "--connections", "20", "--server-pid", &pid]);
+    assert_measured(&ping);
+    assert!(ping.server_cpu_us_per_op.unwrap() > 0.0);
+    assert_eq!(ping.unit, "round trips/s");
+    let echo = loadgen(&s.addr, &["--scenario", "echo", "--connections", "10", "--size", "16384"]);
+    assert_measured(&echo);
+    let fanout = loadgen(&s.addr, &["--scenario", "fanout", "--groups", "2", "--group-size", "10"]);
+    assert_measured(&fanout);
+    assert_eq!((fanout.unit.as_str(), fanout.connections), ("deliveries/s", 20));
+    let storm = loadgen(&s.addr, &["--scenario", "storm", "--connections", "4"]);
+    assert_measured(&storm);
+    let idle = loadgen(
+        &s.addr,
+        &["--scenario", "idle", "--connections", "200", "--settle", "0.2", "--server-pid", &pid],
+    );
+    assert_eq!(idle.error, None);
+    assert!(idle.rss_per_conn.is_some());
+}
+
+#[test]
+fn every_scenario_against_tokio_tungstenite() {
+    every_scenario(env!("CARGO_BIN_EXE_peer-tungstenite"));
+}
+
+#[test]
+fn every_scenario_against_fastwebsockets() {
+    every_scenario(env!("CARGO_BIN_EXE_peer-fastwebsockets"));
+}
+
+#[test]
+fn storm_with_tokens_and_deflate_refusal() {
+    let dir = std::env::temp_dir().join(format!("loadgen-test-{}", std::process::id()));
+    let keygen = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["keygen", "--dir", dir.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(keygen.success());
+    let tokens = dir.join("tokens");
+    let mint = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["mint", "--alg", "hs256", "--count", "10", "--keys", dir.to_str().unwrap()])
+        .args(["--out", tokens.to_str().unwrap()])
+        .status()
+        .unwrap();
+    assert!(mint.success());
+    assert_eq!(std::fs::read_to_string(&tokens).unwrap().lines().count(), 10);
+    let s = start(env!("CARGO_BIN_EXE_peer-tungstenite"));
+    let storm = loadgen(
+        &s.addr,
+        &["--scenario", "storm", "--connections", "2", "--tokens", tokens.to_str().unwrap()],
+    );
+    assert_measured(&storm);
+    // tokio-tungstenite has no permessage-deflate: the run must fail, not measure.
+    let z = loadgen(&s.addr, &["--scenario", "ping", "--connections", "2", "--deflate"]);
+    assert!(z.error.unwrap().contains("declined permessage-deflate"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// How the fake server misbehaves.
+#[derive(Clone, Copy)]
+enum Fault {
+    /// Answers every frame with `["pang",{}]`.
+    WrongReply,
+    /// Never answers.
+    Silent,
+    /// Leaves the protocol header out of the 101.
+    NoProtocolEcho,
+    /// Sends a catch-up poke after `connected` (as syncgate does), then answers pongs.
+    PokeFirst,
+}
+
+/// A server that completes the handshake and then misbehaves as told.
+fn fake_server(fault: Fault) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    let Ok(n @ 1..) = stream.read(&mut buf) else { return };
+                    head.extend_from_slice(&buf[..n]);
+                }
+                let (req, mut resp) = syncgate_bench::peer::upgrade(&head).unwrap();
+                if let Fault::NoProtocolEcho = fault {
+                    resp =
+                        resp.replace(&format!("Sec-WebSocket-Protocol: {}\r\n", req.protocol), "");
+                }
+                let text = |s: &str| [&[0x81, s.len() as u8][..], s.as_bytes()].concat();
+                let _ = stream.write_all(resp.as_bytes());
+                let connected = syncgate_bench::peer::connected_message(&req.wsid);
+                let _ = stream.write_all(&text(&connected));
+                if let Fault::PokeFirst = fault {
+                    for m in [
+                        r#"["pokeStart",{"pokeID":"00","baseCookie":null}]"#,
+                        r#"["pokePart",{"pokeID":"00"}]"#,
+                        r#"["pokeEnd",{"pokeID":"00","cookie":"00"}]"#,
+                    ] {
+                        let _ = stream.write_all(&text(m));
+                    }
+                }
+                // One frame per read: the load client has one message in flight.
+                while let Ok(1..) = stream.read(&mut buf) {
+                    let reply = match fault {
+                        Fault::WrongReply => r#"["pang",{}]"#,
+                        Fault::PokeFirst => r#"["pong",{}]"#,
+                        _ => continue,
+                    };
+                    let _ = stream.write_all(&text(reply));
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn a_wrong_reply_is_an_error() {
+    let rec =
+        loadgen(&fake_server(Fault::WrongReply), &["--scenario", "ping", "--connections", "2"]);
+    assert!(rec.error.as_deref().unwrap().contains("expected pong"), "{rec:?}");
+    assert_eq!(rec.rate, None);
+}
+
+#[test]
+fn a_missing_reply_is_an_error() {
+    let addr = fake_server(Fault::Silent);
+    let rec =
+        loadgen(&addr, &["--scenario", "ping", "--connections", "2", "--reply-timeout", "0.2"]);
+    assert!(rec.error.as_deref().unwrap().contains("no pong within"), "{rec:?}");
+    let rec =
+        loadgen(&addr, &["--scenario", "echo", "--connections", "2", "--reply-timeout", "0.2"]);
+    assert!(rec.error.as_deref().unwrap().contains("deliveries of mutation 1 missing"), "{rec:?}");
+}
+
+#[test]
+fn a_protocol_header_that_is_not_echoed_is_an_error() {
+    let rec =
+        loadgen(&fake_server(Fault::NoProtocolEcho), &["--scenario", "ping", "--connections", "1"]);
+    assert!(rec.error.as_deref().unwrap().contains("not echoed"), "{rec:?}");
+}
+
+#[test]
+fn a_catch_up_poke_is_counted_not_an_error() {
+    let rec =
+        loadgen(&fake_server(Fault::PokeFirst), &["--scenario", "ping", "--connections", "3"]);
+    assert_measured(&rec);
+    assert_eq!(rec.other_pokes, 3, "one catch-up poke per connection");
+}
