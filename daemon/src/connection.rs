@@ -299,10 +299,11 @@ impl Connection {
     }
 
     /// Queues a frame shared with other connections (a broadcast encoded once).
-    pub fn send_shared(&mut self, frame: Rc<[u8]>, now: Instant) {
+    /// `frames` holds `messages` complete frames back to back.
+    pub fn send_shared(&mut self, frames: Rc<[u8]>, messages: u64, now: Instant) {
         if matches!(self.core.state, State::Open) {
-            self.core.messages_out += 1;
-            self.core.push(Chunk::Shared(frame), now);
+            self.core.messages_out += messages;
+            self.core.push(Chunk::Shared(frames), now);
         }
     }
 
@@ -914,7 +915,7 @@ mod tests {
         let mut c = open(now);
         drain(&mut c, now);
         for i in 0..10u8 {
-            c.send_shared(Rc::from(vec![0x81, 1, i]), now);
+            c.send_shared(Rc::from(vec![0x81, 1, i]), 1, now);
         }
         // Start writing the first queued frame, then a flood of pings arrives.
         let first = c.next_send().unwrap().len();

@@ -20,22 +20,20 @@ use crate::protocol::{ErrorKind, InitConnectionBody, PushBody, QueriesPatchOp};
 use crate::replica::{self, CatchUp, Change, PokeFormat, PushResult, Replica};
 use crate::store::Store;
 
-/// Encoded WebSocket frames of one poke, shared by all its recipients.
-pub type Frames = Rc<[Rc<[u8]>]>;
+/// The WebSocket frames of one poke back to back in one buffer, shared by all its
+/// recipients: one buffer to queue and, usually, one send per recipient.
+pub type Frames = Rc<[u8]>;
 
 /// Something to send once the iteration's commit is done, in order.
 pub enum Delivery {
     Frames {
         to: To,
         frames: Frames,
+        /// How many WebSocket messages `frames` holds, for metrics.
+        messages: u64,
     },
     /// An error message; `close` ends the connection (code 1002) after it.
-    Error {
-        to: To,
-        kind: ErrorKind,
-        message: String,
-        close: bool,
-    },
+    Error { to: To, kind: ErrorKind, message: String, close: bool },
 }
 
 /// A delivery's recipient: slot and serial, so nothing reaches a later connection that
@@ -170,8 +168,9 @@ impl GroupSync {
                 });
             }
             Ok(CatchUp::Poke(poke)) => {
-                let frames = frames_of(&replica::encode_poke_as(&poke, format));
-                self.outbox.push(Delivery::Frames { to: who.to(), frames });
+                let payloads = replica::encode_poke_as(&poke, format);
+                let (frames, messages) = (frames_of(&payloads), payloads.len() as u64);
+                self.outbox.push(Delivery::Frames { to: who.to(), frames, messages });
             }
             Ok(CatchUp::Nothing) => {}
         }
@@ -244,13 +243,16 @@ impl GroupSync {
         self.store.stage(group_id, &change);
         let Some(g) = self.groups.get(group_id) else { return };
         let poke = change.poke();
-        let mut encoded: [Option<Frames>; 2] = [None, None];
+        let mut encoded: [Option<(Frames, u64)>; 2] = [None, None];
         for m in &g.members {
             let i = (m.format == PokeFormat::Binary) as usize;
-            let frames = encoded[i]
-                .get_or_insert_with(|| frames_of(&replica::encode_poke_as(&poke, m.format)))
+            let (frames, messages) = encoded[i]
+                .get_or_insert_with(|| {
+                    let payloads = replica::encode_poke_as(&poke, m.format);
+                    (frames_of(&payloads), payloads.len() as u64)
+                })
                 .clone();
-            self.outbox.push(Delivery::Frames { to: m.to, frames });
+            self.outbox.push(Delivery::Frames { to: m.to, frames, messages });
         }
     }
 
@@ -293,15 +295,14 @@ impl GroupSync {
     }
 }
 
-/// Frames each payload: binary chunks (protocol 52) are binary frames, the rest text.
+/// Frames each payload into one buffer: binary chunks (protocol 52) are binary frames, the
+/// rest text.
 fn frames_of(payloads: &[Vec<u8>]) -> Frames {
-    payloads
-        .iter()
-        .map(|p| {
-            let opcode = if replica::is_binary_payload(p) { OpCode::Binary } else { OpCode::Text };
-            let mut f = Vec::with_capacity(p.len() + frame::MAX_SERVER_HEADER);
-            frame::encode_frame(&mut f, opcode, p, false);
-            Rc::from(f)
-        })
-        .collect()
+    let len = payloads.iter().map(|p| p.len() + frame::MAX_SERVER_HEADER).sum();
+    let mut out = Vec::with_capacity(len);
+    for p in payloads {
+        let opcode = if replica::is_binary_payload(p) { OpCode::Binary } else { OpCode::Text };
+        frame::encode_frame(&mut out, opcode, p, false);
+    }
+    Rc::from(out)
 }

@@ -808,10 +808,8 @@ impl Worker {
                 continue;
             };
             match delivery {
-                Delivery::Frames { frames, .. } => {
-                    for f in frames.iter() {
-                        slot.conn.send_shared(f.clone(), now);
-                    }
+                Delivery::Frames { frames, messages, .. } => {
+                    slot.conn.send_shared(frames, messages, now)
                 }
                 Delivery::Error { kind, message, close: false, .. } => {
                     slot.conn.send_error(kind, &message, now)
