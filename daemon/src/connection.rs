@@ -935,7 +935,7 @@ mod tests {
         let t0 = Instant::now();
         let mut c = open(t0);
         drain(&mut c, t0);
-        c.send_shared(Rc::from(vec![0u8; 4096]), t0);
+        c.send_shared(Rc::from(vec![0u8; 4096]), 1, t0);
         c.on_tick(t0 + Duration::from_secs(9));
         assert_eq!(c.state(), State::Open);
         c.on_tick(t0 + Duration::from_secs(10));
