@@ -13,11 +13,16 @@
 //! - [`auth`]: JWT verification and its cache.
 //! - [`protocol`]: Zero's messages, error kinds and the `Sec-WebSocket-Protocol` header.
 //! - [`frame`], [`mask`], [`close`]: the WebSocket frame codec.
+//! - [`deflate`]: permessage-deflate negotiation and bounded (de)compression.
+//! - [`limits`]: the fixed-memory rate limiters and trusted proxies.
 //! - [`connection`]: one connection's state machine (lifecycle, keepalive, close).
 //! - [`group`]: client groups and the displacement rules.
+//! - [`replica`]: one client group's data, CRUD mutations, cookies, catch-up, pokes.
 //!
-//! Plumbing: [`ring`] (io_uring, buffer ring), [`handoff`] (fd passing), [`metrics`]
-//! (shared counters), [`config`], [`logging`].
+//! Plumbing: [`sync`] (a worker's replicas, their commits and poke fan-out), [`store`]
+//! (SQLite), [`ring`] (io_uring, buffer ring), [`slab`], [`handoff`] (fd passing),
+//! [`control`] (supervisor <-> children), [`metrics`] (shared counters), [`config`],
+//! [`logging`].
 
 pub mod auth;
 pub mod close;
