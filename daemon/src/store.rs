@@ -18,7 +18,7 @@
 //! Layout (schema version 1): `groups` (version and pinned owner), `rows`,
 //! `clients` (last mutation IDs), `queries` (desired queries) and `history`
 //! (recent patches as JSON, for catch-up). `schema_version` holds the number
-//! of [`MIGRATIONS`] applied; a later release appends migrations.
+//! of `MIGRATIONS` applied; a later release appends migrations.
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

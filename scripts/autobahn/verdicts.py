@@ -4,8 +4,11 @@ expected verdicts kept in the repository (tests/autobahn/expected.txt).
 Runs under wstest's own Python 2.7 (the only Python scripts/autobahn.sh is sure to have set
 up) and under Python 3, so it uses nothing newer than both have.
 
-    verdicts.py condense REPORT_DIR OUT      # REPORT_DIR/index.json -> OUT
-    verdicts.py compare EXPECTED ACTUAL REPORT_DIR [--subset]
+    verdicts.py condense OUT REPORT_DIR...                  # REPORT_DIR/index.json -> OUT
+    verdicts.py compare EXPECTED ACTUAL [--subset] REPORT_DIR...
+
+Several report directories are merged: scripts/autobahn.sh runs the cases in several wstest
+processes, each with its own report.
 
 A line is `CASE BEHAVIOR BEHAVIOR_CLOSE`, e.g. `3.1 OK OK` or `2.5 OK FAILED BY CLIENT`:
 BEHAVIOR never contains a space, BEHAVIOR_CLOSE may, so the line splits on the first two
@@ -25,13 +28,21 @@ def case_key(case):
     return tuple(int(part) for part in case.split("."))
 
 
-def load_index(report_dir):
-    """The per-case summary of the only agent in the report's index.json."""
-    with io.open(os.path.join(report_dir, "index.json"), encoding="utf-8") as f:
-        index = json.load(f)
-    if len(index) != 1:
-        sys.exit("expected one agent in index.json, found %d" % len(index))
-    return list(index.values())[0]
+def load_index(report_dirs):
+    """Case -> its summary from the index.json of every report directory, with the path of
+    its JSON report. Each report must hold one agent, and a case may appear only once."""
+    cases = {}
+    for report_dir in report_dirs:
+        with io.open(os.path.join(report_dir, "index.json"), encoding="utf-8") as f:
+            index = json.load(f)
+        if len(index) != 1:
+            sys.exit("%s: expected one agent in index.json, found %d" % (report_dir, len(index)))
+        for case, entry in list(index.values())[0].items():
+            if case in cases:
+                sys.exit("case %s is in more than one report" % case)
+            entry["path"] = os.path.join(report_dir, entry["reportfile"])
+            cases[case] = entry
+    return cases
 
 
 def read_verdicts(path):
@@ -49,8 +60,8 @@ def read_verdicts(path):
     return verdicts
 
 
-def condense(report_dir, out):
-    cases = load_index(report_dir)
+def condense(out, report_dirs):
+    cases = load_index(report_dirs)
     lines = [
         u"%s %s %s" % (case, cases[case]["behavior"], cases[case]["behaviorClose"])
         for case in sorted(cases, key=case_key)
@@ -65,27 +76,27 @@ def condense(report_dir, out):
         len(cases), ", ".join("%s %d" % (v, n) for v, n in sorted(counts.items()))))
 
 
-def explain(report_dir, cases, case):
+def explain(cases, case):
     """What the report says about one case: enough to start from without opening the HTML."""
     entry = cases.get(case)
     if entry is None:
         return ""
     try:
-        with io.open(os.path.join(report_dir, entry["reportfile"]), encoding="utf-8") as f:
+        with io.open(entry["path"], encoding="utf-8") as f:
             detail = json.load(f)
-    except (IOError, OSError, ValueError, KeyError):
+    except (IOError, OSError, ValueError):
         return ""
     return "      %s / %s (close code %s, %s ms; report %s)" % (
         detail.get("result"), detail.get("resultClose"), detail.get("remoteCloseCode"),
-        detail.get("duration"), os.path.join(report_dir, entry["reportfile"]))
+        detail.get("duration"), entry["path"])
 
 
-def compare(expected_path, actual_path, report_dir, subset):
+def compare(expected_path, actual_path, report_dirs, subset):
     """Prints every case whose verdict differs; returns the number of differences. With
     `subset` (only some cases were run) expected cases that did not run are not differences."""
     expected = read_verdicts(expected_path)
     actual = read_verdicts(actual_path)
-    cases = load_index(report_dir)
+    cases = load_index(report_dirs)
     differences = 0
     for case in sorted(set(expected) | set(actual), key=case_key):
         want, got = expected.get(case), actual.get(case)
@@ -93,21 +104,22 @@ def compare(expected_path, actual_path, report_dir, subset):
             continue
         differences += 1
         print("  %-8s expected %-28s got %s" % (case, want or "(not listed)", got or "(not run)"))
-        detail = explain(report_dir, cases, case)
+        detail = explain(cases, case)
         if detail:
             print(detail)
     return differences
 
 
 def main(argv):
-    if len(argv) == 3 and argv[0] == "condense":
-        condense(argv[1], argv[2])
+    if len(argv) >= 3 and argv[0] == "condense":
+        condense(argv[1], argv[2:])
         return 0
-    if len(argv) in (4, 5) and argv[0] == "compare":
-        subset = argv[4:] == ["--subset"]
-        if len(argv) == 5 and not subset:
-            sys.exit("unknown option %r" % argv[4])
-        differences = compare(argv[1], argv[2], argv[3], subset)
+    if len(argv) >= 4 and argv[0] == "compare":
+        subset = argv[3] == "--subset"
+        report_dirs = argv[4:] if subset else argv[3:]
+        if not report_dirs:
+            sys.exit(__doc__)
+        differences = compare(argv[1], argv[2], report_dirs, subset)
         if differences:
             print("autobahn: %d case(s) differ from %s" % (differences, argv[1]))
             return 1
