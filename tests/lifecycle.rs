@@ -229,6 +229,24 @@ fn a_valid_token_connects_and_names_the_user() {
     assert_eq!(e.field("user"), Some("alice"), "{}", e.line);
 }
 
+#[test]
+fn update_auth_must_verify_and_name_the_same_user() {
+    let d = daemon_with_auth("");
+    // A fresh token for the same user is taken; the connection goes on.
+    let mut ws = d.connected(&Params::new("c1", "g1").user("alice"), Some(&user_header("alice")));
+    ws.send_json(&serde_json::json!(["updateAuth", {"auth": token("alice")}]));
+    ws.ping_pong();
+    // A token for another user is refused and the connection closed.
+    ws.send_json(&serde_json::json!(["updateAuth", {"auth": token("bob")}]));
+    ws.expect_error("Unauthorized");
+    ws.expect_close(3000);
+    // A token that does not verify is refused as invalid.
+    let mut ws = d.connected(&Params::new("c2", "g2").user("carol"), Some(&user_header("carol")));
+    ws.send_json(&serde_json::json!(["updateAuth", {"auth": "not.a.token"}]));
+    ws.expect_error("AuthInvalidated");
+    ws.expect_close(3000);
+}
+
 /// Expects `kind` and a close 3000 for a socket with `header`.
 fn expect_auth_refusal(d: &Daemon, params: &Params, header: &str, kind: &str) {
     let mut ws = d.ws(params, Some(header));

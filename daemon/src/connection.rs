@@ -119,6 +119,8 @@ pub enum Notice {
     DeleteClients(protocol::DeleteClientsBody),
     /// A push for this connection's own group (checked here).
     Push(Box<protocol::PushBody>),
+    /// A refreshed token: it must verify and name the same user as the connection's.
+    UpdateAuth(String),
 }
 
 /// A frame waiting to be written: owned by this connection, or one encoded buffer shared by
@@ -736,8 +738,8 @@ impl Core {
             // Validated, and nothing to do: pull is answered by pokes, the rest carry nothing
             // this server acts on (closeConnection is deprecated; inspect needs zero-cache's
             // query engine; acknowledgements concern custom mutators' responses).
+            Upstream::UpdateAuth { auth } => self.notices.push(Notice::UpdateAuth(auth)),
             Upstream::Pull(_)
-            | Upstream::UpdateAuth { .. }
             | Upstream::CloseConnection
             | Upstream::Inspect(_)
             | Upstream::AckMutationResponses(_) => {}

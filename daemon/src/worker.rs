@@ -621,6 +621,35 @@ impl Worker {
         );
     }
 
+    /// `updateAuth`: a refreshed token must verify, and must name the connection's own user
+    /// (a socket cannot become someone else's halfway through).
+    fn update_auth(&mut self, index: u32, token: &str) {
+        if !self.verifier.has_keys() {
+            return;
+        }
+        let now = Instant::now();
+        let result = self.verifier.verify(token, epoch_secs());
+        let Some(slot) = self.slots.get_mut(index) else {
+            return;
+        };
+        match result {
+            Err(e) => {
+                self.metrics.inc(Metric::AuthRefusals);
+                slot.conn.fail(ErrorKind::AuthInvalidated, e.message(), 3000, now);
+            }
+            Ok(v) if slot.conn.identity().user.as_deref() != Some(v.sub.as_str()) => {
+                self.metrics.inc(Metric::AuthRefusals);
+                slot.conn.fail(
+                    ErrorKind::Unauthorized,
+                    "the new token names another user",
+                    3000,
+                    now,
+                );
+            }
+            Ok(_) => {}
+        }
+    }
+
     /// Closes an existing connection that a newcomer replaces.
     fn displace(&mut self, index: u32, reason: &str, now: Instant) {
         self.metrics.inc(Metric::Displaced);
@@ -717,6 +746,7 @@ impl Worker {
         self.metrics.add(Metric::BytesIn, bytes_in);
         self.metrics.add(Metric::MessagesOut, messages_out);
         let notices = slot.conn.take_notices();
+        let mut refreshed = Vec::new();
         if !notices.is_empty() {
             let id = slot.conn.identity();
             let who = Who {
@@ -738,9 +768,16 @@ impl Worker {
                         body.client_ids.as_deref().unwrap_or_default(),
                     ),
                     Notice::Push(push) => self.sync.on_push(&who, &slot.user_key, &push, now),
+                    Notice::UpdateAuth(token) => refreshed.push(token),
                 }
             }
         }
+        for token in refreshed {
+            self.update_auth(index, &token);
+        }
+        let Some(slot) = self.slots.get_mut(index) else {
+            return;
+        };
         if slot.conn.finished() {
             if slot.joined {
                 let id = slot.conn.identity();
