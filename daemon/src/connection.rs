@@ -166,6 +166,11 @@ struct Core {
     /// one buffer) and it jumps the queue, so keepalive works behind a backed-up queue.
     pong: Option<Vec<u8>>,
     pong_sent: usize,
+    /// A newer pong that arrived while `pong` was partly written (which must finish first);
+    /// it replaces itself, so a flood still costs at most two pongs.
+    next_pong: Option<Vec<u8>>,
+    /// The raw 101 response is out: before that, no pong may jump ahead of it.
+    greeted: bool,
     in_flight: InFlight,
     /// When the queue went over `max_outbound` (None while under it).
     stuck_since: Option<Instant>,
@@ -200,6 +205,8 @@ impl Connection {
                 queued_bytes: 0,
                 pong: None,
                 pong_sent: 0,
+                next_pong: None,
+                greeted: true,
                 in_flight: InFlight::None,
                 stuck_since: None,
                 last_recv: now,
@@ -230,6 +237,7 @@ impl Connection {
 
     /// Queues raw bytes (the 101 response) ahead of any frame.
     pub fn send_raw(&mut self, bytes: Vec<u8>, now: Instant) {
+        self.core.greeted = false;
         self.core.push(Chunk::Owned(bytes), now);
     }
 
@@ -410,8 +418,9 @@ impl Connection {
         if c.in_flight != InFlight::None {
             return None;
         }
-        // The pong may only go between frames, never inside a half-written one.
-        if c.front_sent == 0 {
+        // A started pong finishes first; a new one goes only between frames, never inside a
+        // half-written one, and never before the 101.
+        if c.pong_sent > 0 || (c.front_sent == 0 && c.greeted) {
             if let Some(p) = &c.pong {
                 c.in_flight = InFlight::Pong;
                 return Some(&p[c.pong_sent..]);
@@ -430,7 +439,7 @@ impl Connection {
             InFlight::Pong => {
                 c.pong_sent += n;
                 if c.pong.as_ref().is_some_and(|p| c.pong_sent >= p.len()) {
-                    c.pong = None;
+                    c.pong = c.next_pong.take();
                     c.pong_sent = 0;
                 }
             }
@@ -439,6 +448,7 @@ impl Connection {
                 c.queued_bytes -= n.min(c.queued_bytes);
                 let done = c.queue.front().is_some_and(|f| c.front_sent >= f.bytes().len());
                 if done {
+                    c.greeted = true;
                     c.queue.pop_front();
                     c.front_sent = 0;
                 }
@@ -450,7 +460,7 @@ impl Connection {
         if n > 0 {
             c.last_send = now;
         }
-        if c.queue.is_empty() && c.pong.is_none() {
+        if c.queue.is_empty() && c.pong.is_none() && c.next_pong.is_none() {
             c.queue.shrink_to(4);
         }
     }
@@ -459,6 +469,7 @@ impl Connection {
     pub fn flushed(&self) -> bool {
         self.core.queue.is_empty()
             && self.core.pong.is_none()
+            && self.core.next_pong.is_none()
             && self.core.in_flight == InFlight::None
     }
 
@@ -653,10 +664,10 @@ impl Core {
             Event::Ping(payload) => {
                 let mut f = Vec::with_capacity(payload.len() + 2);
                 frame::encode_frame(&mut f, OpCode::Pong, payload, false);
-                if self.in_flight == InFlight::Pong {
-                    // The previous pong is being written; queue this one behind it instead of
-                    // replacing a buffer the kernel is reading.
-                    self.push(Chunk::Owned(f), now);
+                if self.in_flight == InFlight::Pong || self.pong_sent > 0 {
+                    // The previous pong is partly written (or being written): it must finish
+                    // whole, so this one waits behind it, replacing any other that waits.
+                    self.next_pong = Some(f);
                 } else {
                     self.pong = Some(f);
                     self.pong_sent = 0;
@@ -930,6 +941,40 @@ mod tests {
         assert_eq!(pongs.len(), 1, "one pong for a flood");
         assert_eq!(pongs[0].1, vec![49], "the latest ping's payload");
         assert_eq!(frames[0].0, 10, "the pong goes before the rest of the queue");
+    }
+
+    #[test]
+    fn no_pong_goes_before_the_101() {
+        // Found by fuzzing (fuzz/artifacts/connection/pong-before-101).
+        let now = Instant::now();
+        let id = open(now).identity().clone();
+        let mut c = Connection::new(id, settings(), now);
+        c.send_raw(b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec(), now);
+        c.on_bytes(&mut client(OpCode::Ping, b"early"), &mut codec(), now);
+        let first = c.next_send().unwrap().to_vec();
+        assert!(first.starts_with(b"HTTP/1.1 101"), "{first:02x?}");
+    }
+
+    #[test]
+    fn a_partly_written_pong_finishes_before_the_next() {
+        // Found by fuzzing (fuzz/artifacts/connection/pong-replaced-mid-write).
+        let now = Instant::now();
+        let mut c = open(now);
+        drain(&mut c, now);
+        c.on_bytes(&mut client(OpCode::Ping, b"one"), &mut codec(), now);
+        let mut wire = c.next_send().unwrap()[..2].to_vec();
+        c.on_sent(2, now);
+        c.on_bytes(&mut client(OpCode::Ping, b"two"), &mut codec(), now);
+        c.on_bytes(&mut client(OpCode::Ping, b"three"), &mut codec(), now);
+        while let Some(bytes) = c.next_send() {
+            let n = bytes.len();
+            wire.extend_from_slice(bytes);
+            c.on_sent(n, now);
+        }
+        let mut expected = Vec::new();
+        encode_frame(&mut expected, OpCode::Pong, b"one", false);
+        encode_frame(&mut expected, OpCode::Pong, b"three", false);
+        assert_eq!(wire, expected, "the first pong whole, then only the latest");
     }
 
     #[test]
