@@ -6,13 +6,14 @@
 //! The scripts get the binary cargo built for these tests (`SYNCGATE_BIN`), so no release
 //! build is needed.
 
+mod common;
+
+use common::TempDir;
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use syncgate::config::Config;
 
@@ -20,27 +21,6 @@ use syncgate::config::Config;
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 /// The binary under test, installed in place of a release build.
 const BIN: &str = env!("CARGO_BIN_EXE_syncgate");
-
-/// A directory under the system temp dir, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let path =
-            std::env::temp_dir().join(format!("syncgate-{tag}-{}-{n}-{nanos}", std::process::id()));
-        std::fs::create_dir(&path).expect("create a temp dir");
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Runs `scripts/<script>` with `args`, DESTDIR=`dest` and `env`; the caller's DESTDIR,
 /// PREFIX and SYNCGATE_BIN are not passed on, so only the test decides them.

@@ -119,6 +119,20 @@ pub enum Order {
     Stop,
 }
 
+/// Child side, on a completion of the control poll: re-arms the poll if the kernel ended
+/// it, then returns what the supervisor asked for.
+pub fn on_readable(
+    ring: &mut crate::ring::Ring,
+    control: &OwnedFd,
+    cqe: &io_uring::cqueue::Entry,
+    user_data: u64,
+) -> Vec<Order> {
+    if !io_uring::cqueue::more(cqe.flags()) {
+        arm(ring, control, user_data);
+    }
+    receive_orders(control)
+}
+
 /// Child side: drains the channel, acknowledging each configuration it returns. The
 /// supervisor validated them, so a parse failure here is a bug worth a loud log line.
 pub fn receive_orders(control: &OwnedFd) -> Vec<Order> {

@@ -200,14 +200,10 @@ impl Worker {
                     }
                     SIGNAL => self.on_signal(now),
                     CONTROL => {
-                        if !cqueue::more(cqe.flags()) {
-                            crate::control::arm(
-                                &mut self.ring,
-                                &self.control,
-                                ring::token(CONTROL, 0),
-                            );
-                        }
-                        for order in crate::control::receive_orders(&self.control) {
+                        let token = ring::token(CONTROL, 0);
+                        let orders =
+                            crate::control::on_readable(&mut self.ring, &self.control, cqe, token);
+                        for order in orders {
                             match order {
                                 crate::control::Order::Apply(config) => self.apply(*config),
                                 crate::control::Order::Drain => self.drain(now),
