@@ -539,9 +539,17 @@ impl Deflater {
         };
         match result {
             Ok(()) => {
-                debug_assert!(out[start..].ends_with(&TAIL), "a sync flush ends with TAIL");
+                // A sync flush ends with TAIL, except when the stream was already flushed and
+                // the message is empty: then zlib writes nothing at all.
                 if out[start..].ends_with(&TAIL) {
                     out.truncate(out.len() - TAIL.len());
+                }
+                // RFC 7692 7.2.3.6: an empty message is the single byte 0x00. After a flush
+                // with nothing new to say zlib emits only the tail; sent empty, the peer's
+                // inflater reads the tail it appends as the start of a stored block, and a
+                // context-takeover stream breaks from there (found by fuzzing).
+                if out.len() == start {
+                    out.push(0x00);
                 }
                 if self.reset_each_message {
                     self.ctx.reset();
@@ -1479,5 +1487,20 @@ mod tests {
         shared.deflater(10).deflate(&msg, &mut payload).unwrap();
         assert!(max_distance(&payload) <= 1 << 10);
         assert_eq!(inflate_all(shared.inflater(), &payload).unwrap(), msg);
+    }
+
+    #[test]
+    fn an_empty_message_after_another_is_one_zero_byte() {
+        // Found by fuzzing (fuzz/artifacts/deflate/empty-message-after-flush).
+        let mut d = Deflater::new(15, 1, false);
+        let mut i = Inflater::new(15, false);
+        for message in [&b"abcabc"[..], b"", b"abc"] {
+            let mut packed = Vec::new();
+            d.deflate(message, &mut packed).unwrap();
+            assert!(!packed.is_empty(), "empty payload for {message:?}");
+            let mut out = Vec::new();
+            i.inflate(&packed, 1 << 20, &mut out).unwrap();
+            assert_eq!(out, message);
+        }
     }
 }

@@ -10,7 +10,8 @@
 //!   Writes are cut at arbitrary points, so a frame interleaved into another shows here.
 //! - The outbound queue stays bounded: what is written after a full drain is at most twice
 //!   what the peer sent since the last drain, plus the broadcasts queued and a constant per
-//!   timer tick (keepalive) and per drain (a close frame, an error message).
+//!   timer tick (keepalive), per call of the worker's and per drain (a close frame, an error
+//!   message).
 //! - Once `finished()` is true the worker drops the socket; the harness stops there.
 
 #![no_main]
@@ -33,8 +34,11 @@ const RESPONSE: &[u8] = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket
 const MAX_CONTROL_PAYLOAD: usize = 125;
 /// Outbound bytes one tick may add: a keepalive ping and an idle `["pong",{}]`, with headers.
 const PER_TICK: usize = 64;
-/// Outbound bytes the worker's own calls and one protocol failure may add between two drains
-/// (an error message with its text, a close frame, a probe ping).
+/// Outbound bytes one call of the worker may add (`connected`, an error message, a close
+/// frame, a probe ping).
+const PER_CALL: usize = 256;
+/// Outbound bytes one protocol failure of the peer's may add between two drains (an error
+/// message quoting at most what the peer sent, and a close frame).
 const PER_DRAIN: usize = 1024;
 
 #[derive(Debug, Arbitrary)]
@@ -68,6 +72,8 @@ enum Op {
     Open,
     Close(u16),
     Fail,
+    /// An error message without a close (the worker's non-fatal errors).
+    SendError,
     Probe,
     ClearProbe,
     /// A broadcast frame shared with other connections.
@@ -108,10 +114,12 @@ fn identity(echo: bool) -> Identity {
 /// drain period.
 struct Wire {
     bytes: Vec<u8>,
-    /// Bytes the peer sent, broadcasts queued and ticks since the last full drain.
+    /// Bytes the peer sent, broadcasts queued, ticks and worker calls since the last full
+    /// drain.
     fed: usize,
     shared: usize,
     ticks: usize,
+    calls: usize,
     /// Where the last full drain ended in `bytes`.
     drained_at: usize,
 }
@@ -133,18 +141,24 @@ impl Wire {
         while self.write(conn, usize::MAX, now) {}
         assert!(conn.flushed(), "nothing offered, yet not flushed");
         let written = self.bytes.len() - self.drained_at;
-        let bound = 2 * self.fed + self.shared + PER_TICK * self.ticks + PER_DRAIN;
+        let bound = 2 * self.fed
+            + self.shared
+            + PER_TICK * self.ticks
+            + PER_CALL * self.calls
+            + PER_DRAIN;
         assert!(
             written <= bound,
-            "{written} bytes queued from {} received, {} broadcast, {} ticks",
+            "{written} bytes queued from {} received, {} broadcast, {} ticks, {} calls",
             self.fed,
             self.shared,
-            self.ticks
+            self.ticks,
+            self.calls
         );
         self.drained_at = self.bytes.len();
         self.fed = 0;
         self.shared = 0;
         self.ticks = 0;
+        self.calls = 0;
     }
 }
 
@@ -211,7 +225,7 @@ fuzz_target!(|input: Input| {
     let mut conn = Connection::new(identity(input.echo), settings(&input), now);
     let mut codec = Codec::new(1);
     conn.send_raw(RESPONSE.to_vec(), now);
-    let mut wire = Wire { bytes: Vec::new(), fed: 0, shared: 0, ticks: 0, drained_at: 0 };
+    let mut wire = Wire { bytes: Vec::new(), fed: 0, shared: 0, ticks: 0, calls: 0, drained_at: 0 };
     if input.write_101_first {
         wire.drain(&mut conn, now);
     }
@@ -220,6 +234,9 @@ fuzz_target!(|input: Input| {
         if conn.finished() {
             // The worker shuts the socket down here: no more reads, writes or calls.
             break;
+        }
+        if matches!(op, Op::Open | Op::Close(_) | Op::Fail | Op::SendError | Op::Probe) {
+            wire.calls += 1;
         }
         match op {
             Op::Bytes(bytes) => {
@@ -253,13 +270,14 @@ fuzz_target!(|input: Input| {
             Op::Open => conn.open(None, now),
             Op::Close(code) => conn.close(*code % 5000, "closing", now),
             Op::Fail => conn.fail(ErrorKind::InvalidMessage, "fuzz", 1002, now),
+            Op::SendError => conn.send_error(ErrorKind::Unauthorized, "fuzz", now),
             Op::Probe => conn.probe(now),
             Op::ClearProbe => conn.clear_probe(),
             Op::Shared(payload) => {
                 let mut frame = Vec::new();
                 encode_frame(&mut frame, OpCode::Binary, payload, false);
                 wire.shared += frame.len();
-                conn.send_shared(Rc::from(frame), now);
+                conn.send_shared(Rc::from(frame), 1, now);
             }
             Op::Terminate => conn.terminate(syncgate::connection::End::Normal),
             Op::Shrink => conn.shrink(),

@@ -121,6 +121,10 @@ fn round_trip(messages: &[Vec<u8>], bits: u8, level: u8, nct: bool) {
         deflater.deflate(message, &mut packed).expect("deflate refused a message");
         assert_eq!(&packed[..10], &[0u8; 10], "deflate touched the bytes before its output");
         let packed = &packed[10..];
+        // RFC 7692 7.2.3.6: an empty message compresses to at least one byte (0x00). An empty
+        // payload makes a client's zlib read the appended 00 00 ff ff as the start of a
+        // stored block, and every later message on a context-takeover stream then fails.
+        assert!(!packed.is_empty(), "empty compressed payload for {} bytes", message.len());
         if nct && !message.is_empty() {
             // Without context takeover each message stands alone, so a refused attempt
             // costs nothing and the same bytes inflate again afterwards.
