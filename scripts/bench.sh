@@ -6,19 +6,24 @@
 #
 # Options: --servers a,b,...  (syncgate, tokio-tungstenite, fastwebsockets, node-ws,
 #          node-ws-nobufferutil), --scenarios a,b,... (ping, echo, fanout, storm, idle,
-#          compressed), --no-build.
+#          compressed), --idle-sizes n,n,... (idle connection counts; default 10000 in
+#          quick mode, 10000,50000,100000 in full mode), --no-build.
 # Environment: SERVER_CPU / CLIENT_CPU (default 0 and 1), SYNCGATE_BENCH_STORAGE (where
 # syncgate's client-group store goes; default /dev/shm, see README), CARGO_TARGET_DIR.
 #
 # It builds in release mode, pins the server to one core and the load client to the
 # other, raises the open-file limit, starts each server afresh for every run, runs the
 # load client, and writes bench/results/<date>/{results.jsonl,table.md,chart.svg}.
+# Idle runs past one process's open-file limit spread the load client over several
+# processes and syncgate over several workers (the peers, single processes, are skipped).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+INVOCATION="scripts/bench.sh $*"
 MODE=full
 SERVERS=syncgate,tokio-tungstenite,fastwebsockets,node-ws,node-ws-nobufferutil
 SCENARIOS=ping,echo,fanout,storm,idle,compressed
+IDLE_SIZES=
 BUILD=1
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -26,8 +31,9 @@ while [[ $# -gt 0 ]]; do
     --full) MODE=full ;;
     --servers) SERVERS=$2; shift ;;
     --scenarios) SCENARIOS=$2; shift ;;
+    --idle-sizes) IDLE_SIZES=$2; shift ;;
     --no-build) BUILD=0 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -108,13 +114,17 @@ EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range)
 PORT=$((EPHEMERAL_LOW > 22000 ? 10000 + RANDOM % 10000 : 1024 + RANDOM % 4000))
 SERVER_PID=
 RUN=0
+# syncgate's worker processes, and its global connection cap when set (the idle runs set
+# both; an empty cap keeps the daemon's default, derived from one process's file limit).
+SG_WORKERS=1
+SG_MAX_CONNECTIONS=
 
 # Writes a syncgate config for one run; $1: extra TOML (auth, compression).
 syncgate_config() {
   local cfg=$LOGS/syncgate-$RUN.toml
   cat >"$cfg" <<EOF
 listen = "127.0.0.1:$PORT"
-workers = 1
+workers = $SG_WORKERS
 log_level = "warn"
 [storage]
 path = "$STORE/run-$RUN"
@@ -123,6 +133,7 @@ max_group_connections = 2000
 connect_per_ip = 1000000000
 max_handshakes = 100000
 max_handshakes_per_ip = 100000
+${SG_MAX_CONNECTIONS:+max_connections = $SG_MAX_CONNECTIONS}
 $1
 EOF
   # Keys a daemon of another version does not know are dropped (with a note), not fatal.
@@ -241,6 +252,7 @@ else
   FANOUT=(10 100 1000) IDLE=(10000 50000 100000)
   ZPING=(100 500) ZECHO=("512 100" "1024 100" "16384 100") STORMS=(hs256 rs256)
 fi
+[[ -n $IDLE_SIZES ]] && IFS=, read -r -a IDLE <<<"$IDLE_SIZES"
 
 if wanted ping "$SCENARIOS"; then
   for n in "${PING[@]}"; do each plain --scenario ping --connections "$n" "${TIMING[@]}"; done
@@ -270,14 +282,41 @@ if wanted storm "$SCENARIOS"; then
   done
 fi
 if wanted idle "$SCENARIOS"; then
+  # One process holds at most FD_LIMIT descriptors (the hard limit; raising it needs
+  # CAP_SYS_RESOURCE), 200 of them kept for everything but connections.
+  PER_PROCESS=$((FD_LIMIT - 200))
   for n in "${IDLE[@]}"; do
-    if (( n + 1000 > FD_LIMIT )); then
-      log "idle $n skipped: open-file limit $FD_LIMIT (hard limit; raising it needs CAP_SYS_RESOURCE)"
-      echo "idle $n connections: skipped, open-file limit $FD_LIMIT" >>"$OUT/skipped.txt"
-      continue
+    # The load client in as many processes as that takes, each from its own source
+    # addresses, at most 10k connections per address: connect() tries one parity of the
+    # ephemeral ports first (about 14k of 28k), and past them every connect() scans them
+    # all before it finds a free port of the other parity, which slows opening to a crawl.
+    procs=$(( (n + PER_PROCESS - 1) / PER_PROCESS ))
+    per_proc=$(( (n + procs - 1) / procs ))
+    sources=$(( procs * ((per_proc + 9999) / 10000) ))
+    args=(--scenario idle --connections "$n" --sources "$sources" --settle 3 --connect-concurrency 8)
+    (( procs > 1 )) && args+=(--processes "$procs")
+    skipped=()
+    for s in "${SERVER_LIST[@]}"; do
+      if [[ $s != syncgate ]]; then
+        # A peer is one process: it must hold every connection itself.
+        if (( n + 1000 > FD_LIMIT )); then skipped+=("$s"); continue; fi
+        measure "$s" plain "${args[@]}"
+        continue
+      fi
+      # syncgate: enough workers that each holds under half the limit, which leaves
+      # room for the routing hash's imbalance, and a global cap that lets them all in
+      # (the default derives from one process's open-file limit).
+      SG_WORKERS=$(( (n + FD_LIMIT / 2 - 1) / (FD_LIMIT / 2) ))
+      SG_MAX_CONNECTIONS=$((n + 1000))
+      note=
+      (( SG_WORKERS > 1 || procs > 1 )) && note="syncgate with $SG_WORKERS workers, load client in $procs processes"
+      measure syncgate plain "${args[@]}" ${note:+--note "$note"}
+      SG_WORKERS=1 SG_MAX_CONNECTIONS=
+    done
+    if (( ${#skipped[@]} > 0 )); then
+      log "idle $n skipped for ${skipped[*]}: a single process, open-file limit $FD_LIMIT"
+      echo "idle $n connections for ${skipped[*]}: a peer is a single process and may hold only $FD_LIMIT descriptors (hard open-file limit; raising it needs CAP_SYS_RESOURCE), while syncgate spreads them over workers" >>"$OUT/skipped.txt"
     fi
-    # Each source address has about 28k ephemeral ports.
-    each plain --scenario idle --connections "$n" --sources $((n / 20000 + 1)) --settle 3 --connect-concurrency 8
   done
 fi
 if wanted compressed "$SCENARIOS"; then
@@ -294,10 +333,10 @@ fi
   echo
   echo "- Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')), $(free -g | awk '/Mem:/{print $2}') GiB, Linux $(uname -r)"
   echo "- Pinning: $PINNING; open-file limit $FD_LIMIT"
-  echo "- syncgate $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?'), workers = 1, log_level = warn, client-group store on $(dirname "$STORE")"
+  echo "- syncgate $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?'), workers = 1 (idle runs past the open-file limit: more, see their note), log_level = warn, client-group store on $(dirname "$STORE")"
   echo "- Peers: tokio-tungstenite and fastwebsockets (bench/, current-thread tokio), Node $(node --version 2>/dev/null || echo 'n/a') with ws $(node -p "require('$ROOT/bench/node-peer/node_modules/ws/package.json').version" 2>/dev/null || echo 'n/a') (node-ws: with bufferutil; node-ws-nobufferutil: WS_NO_BUFFER_UTIL=1)"
   echo "- Timing: ${TIMING[*]} (median of the windows); each run starts its server afresh"
-  echo "- Command: scripts/bench.sh $([[ $MODE == quick ]] && echo --quick) (every record's exact load-client command is in results.jsonl; server commands in servers.txt)"
+  echo "- Command: $INVOCATION (every record's exact load-client command is in results.jsonl; server commands and syncgate's configs in servers.txt and logs/)"
   if [[ -f $OUT/skipped.txt ]]; then
     echo "- Skipped: $(paste -sd ';' "$OUT/skipped.txt")"
   fi

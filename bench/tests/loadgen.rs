@@ -6,6 +6,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use syncgate_bench::record::Record;
 
@@ -89,6 +90,76 @@ fn every_scenario_against_tokio_tungstenite() {
 #[test]
 fn every_scenario_against_fastwebsockets() {
     every_scenario(env!("CARGO_BIN_EXE_peer-fastwebsockets"));
+}
+
+/// Descriptors the process holds: a peer holds one per connection.
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn idle_over_two_processes() {
+    let s = start(env!("CARGO_BIN_EXE_peer-tungstenite"));
+    let pid = s.child.id();
+    let idle_fds = open_fds(pid);
+    let mut run = Command::new(env!("CARGO_BIN_EXE_loadgen"))
+        .args(["run", "--server", "test", "--addr", &s.addr, "--scenario", "idle"])
+        .args(["--connections", "301", "--processes", "2", "--sources", "3", "--settle", "1"])
+        .args(["--server-pid", &pid.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run loadgen");
+    // Both children's shares must be open at once, while the parent settles and measures.
+    let mut most = 0;
+    while run.try_wait().unwrap().is_none() {
+        most = most.max(open_fds(pid));
+        thread::sleep(Duration::from_millis(20));
+    }
+    let out = run.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let rec: Record =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {stderr}"));
+    assert!(out.status.success(), "{rec:?} {stderr}");
+    assert_eq!((rec.error, rec.connections), (None, 301));
+    assert!(rec.rss_per_conn.is_some() && rec.slab_per_conn.is_some());
+    assert!(most >= idle_fds + 301, "the peer held at most {most} descriptors");
+    // The split: 151 and 150 connections, from disjoint source addresses.
+    assert!(
+        stderr.contains("process 0: connections 0..151 from 127.0.0.1..=127.0.0.2"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("process 1: connections 151..301 from 127.0.0.3..=127.0.0.3"),
+        "{stderr}"
+    );
+    // The children closed their connections when told and are gone.
+    let gone = Instant::now() + Duration::from_secs(5);
+    while open_fds(pid) > idle_fds && Instant::now() < gone {
+        thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(open_fds(pid), idle_fds, "the peer still holds connections");
+}
+
+/// A child process's failure is the run's, with its message.
+#[test]
+fn a_failing_process_fails_the_run() {
+    let me = std::process::id().to_string();
+    let rec = loadgen(
+        &fake_server(Fault::NoProtocolEcho),
+        &["--scenario", "idle", "--connections", "4", "--processes", "2", "--sources", "2"]
+            .iter()
+            .chain(&["--server-pid", &me])
+            .copied()
+            .collect::<Vec<_>>(),
+    );
+    assert!(rec.error.as_deref().unwrap().contains("not echoed"), "{rec:?}");
+    // Not an idle run, and processes without addresses of their own: refused.
+    let addr = "127.0.0.1:9";
+    let ping = loadgen(addr, &["--scenario", "ping", "--processes", "2", "--server-pid", &me]);
+    assert!(ping.error.unwrap().contains("idle scenario only"));
+    let idle = loadgen(addr, &["--scenario", "idle", "--processes", "2", "--server-pid", &me]);
+    assert!(idle.error.unwrap().contains("its own addresses"));
 }
 
 #[test]

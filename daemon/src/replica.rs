@@ -517,6 +517,16 @@ impl Replica {
         &self.group_id
     }
 
+    /// Whether nothing happened to the group yet: what [`Replica::new`] makes. The caller
+    /// may drop such a replica and make a new one when needed.
+    pub fn is_pristine(&self) -> bool {
+        self.version == 0
+            && self.tables.is_empty()
+            && self.clients.is_empty()
+            && self.got_queries.is_empty()
+            && self.history.is_empty()
+    }
+
     /// The current version.
     pub fn version(&self) -> u64 {
         self.version

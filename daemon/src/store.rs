@@ -449,7 +449,7 @@ fn write_change(tx: &Transaction, change: &StagedChange) -> rusqlite::Result<()>
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::protocol::{parse_upstream, Mutation, QueriesPatchOp, QueryPut, Upstream};
     use crate::replica::{CatchUp, Limits, PushResult, Replica};
@@ -458,10 +458,10 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A directory removed when the test ends.
-    struct TempDir(PathBuf);
+    pub(crate) struct TempDir(pub(crate) PathBuf);
 
     impl TempDir {
-        fn new() -> TempDir {
+        pub(crate) fn new() -> TempDir {
             static NEXT: AtomicUsize = AtomicUsize::new(0);
             let name = format!(
                 "syncgate-store-test-{}-{}",

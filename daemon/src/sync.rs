@@ -60,11 +60,30 @@ struct Member {
 }
 
 struct Group {
-    replica: Replica,
+    /// `None` while the group is pristine (version 0: nothing stored, no client known).
+    /// Most connections are idle, often each in a group of its own: an empty replica for
+    /// each would cost them a few hundred bytes apiece for nothing.
+    replica: Option<Box<Replica>>,
+    /// The connections its pokes go to.
     members: Vec<Member>,
-    /// Admitted connections of the group, members or not yet; the replica is dropped when
+    /// Admitted connections of the group, members or not yet; the group leaves memory when
     /// this reaches zero (after the commit of its last change).
     connections: usize,
+}
+
+impl Group {
+    /// The group's replica, a fresh one if it has none; call [`Group::settle`] after use.
+    fn replica(&mut self, group_id: &str, limits: &replica::Limits) -> &mut Replica {
+        self.replica.get_or_insert_with(|| Box::new(Replica::new(group_id, limits.clone())))
+    }
+
+    /// Drops a replica that is still pristine (what [`Group::replica`] made and nothing
+    /// changed): the group costs only its members again.
+    fn settle(&mut self) {
+        if self.replica.as_ref().is_some_and(|r| r.is_pristine()) {
+            self.replica = None;
+        }
+    }
 }
 
 pub struct GroupSync {
@@ -117,11 +136,12 @@ impl GroupSync {
             return Ok(None);
         }
         let (replica, owner) = match self.store.load(group_id)? {
-            Some(stored) => (
-                Replica::from_snapshot(group_id, self.limits.clone(), stored.snapshot)?,
-                stored.owner,
-            ),
-            None => (Replica::new(group_id, self.limits.clone()), None),
+            Some(stored) => {
+                let replica =
+                    Replica::from_snapshot(group_id, self.limits.clone(), stored.snapshot)?;
+                (Some(Box::new(replica)), stored.owner)
+            }
+            None => (None, None),
         };
         self.groups
             .insert(group_id.clone(), Group { replica, members: Vec::new(), connections: 0 });
@@ -158,7 +178,10 @@ impl GroupSync {
     ) {
         let Some(g) = self.groups.get_mut(&**who.group_id) else { return };
         let format = PokeFormat::for_protocol(who.version);
-        match g.replica.check_connect(who.client_id, base_cookie, lmid) {
+        let checked =
+            g.replica(who.group_id, &self.limits).check_connect(who.client_id, base_cookie, lmid);
+        g.settle();
+        match checked {
             Err((kind, message)) => {
                 return self.outbox.push(Delivery::Error {
                     to: who.to(),
@@ -174,6 +197,10 @@ impl GroupSync {
             }
             Ok(CatchUp::Nothing) => {}
         }
+        if g.members.is_empty() {
+            // Most groups have one member: room for exactly one, not the default four.
+            g.members.reserve_exact(1);
+        }
         g.members.push(Member { to: who.to(), format });
         if let Some(deleted) = &body.deleted {
             self.on_delete_clients(who.group_id, deleted.client_ids.as_deref().unwrap_or_default());
@@ -183,7 +210,10 @@ impl GroupSync {
 
     pub fn on_queries(&mut self, who: &Who<'_>, ops: &[QueriesPatchOp]) {
         let Some(g) = self.groups.get_mut(&**who.group_id) else { return };
-        match g.replica.change_desired_queries(who.client_id, ops) {
+        let changed =
+            g.replica(who.group_id, &self.limits).change_desired_queries(who.client_id, ops);
+        g.settle();
+        match changed {
             Ok(Some(change)) => self.broadcast(who.group_id, change),
             Ok(None) => {}
             Err((kind, message)) => {
@@ -194,7 +224,9 @@ impl GroupSync {
 
     pub fn on_delete_clients(&mut self, group_id: &Rc<str>, client_ids: &[String]) {
         let Some(g) = self.groups.get_mut(&**group_id) else { return };
-        if let Some(change) = g.replica.delete_clients(client_ids) {
+        let changed = g.replica(group_id, &self.limits).delete_clients(client_ids);
+        g.settle();
+        if let Some(change) = changed {
             self.broadcast(group_id, change);
         }
     }
@@ -216,7 +248,9 @@ impl GroupSync {
                 });
             }
             let Some(g) = self.groups.get_mut(&**who.group_id) else { return };
-            match g.replica.apply_push(mutation) {
+            let result = g.replica(who.group_id, &self.limits).apply_push(mutation);
+            g.settle();
+            match result {
                 PushResult::Applied(change) => self.broadcast(who.group_id, change),
                 PushResult::AlreadyProcessed => {}
                 PushResult::Failed { change, message }
@@ -305,4 +339,54 @@ fn frames_of(payloads: &[Vec<u8>]) -> Frames {
         frame::encode_frame(&mut out, opcode, p, false);
     }
     Rc::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::{parse_upstream, Upstream};
+    use crate::store::tests::TempDir;
+
+    fn upstream(text: &str) -> Upstream {
+        parse_upstream(&mut text.as_bytes().to_vec()).unwrap()
+    }
+
+    #[test]
+    fn a_group_holds_a_replica_only_once_something_changed() {
+        let dir = TempDir::new();
+        let mut sync = GroupSync::open(&dir.0, 0, Duration::from_secs(60)).unwrap();
+        let g: Rc<str> = Rc::from("g");
+        sync.load(&g).unwrap();
+        sync.admitted("g");
+        let who = Who { slot: 0, serial: 1, client_id: "c1", group_id: &g, version: 51 };
+        let Upstream::InitConnection(init) =
+            upstream(r#"["initConnection",{"desiredQueriesPatch":[]}]"#)
+        else {
+            panic!("not initConnection")
+        };
+        sync.on_init(&who, None, 0, &init);
+        sync.on_queries(&who, &[]);
+        assert!(sync.groups["g"].replica.is_none(), "an idle client of a new group");
+        let (out, failed) = sync.flush();
+        assert!(failed.is_empty());
+        assert_eq!(out.len(), 1, "the new client still gets its catch-up poke");
+
+        let Upstream::Push(push) = upstream(
+            r#"["push",{"clientGroupID":"g","pushVersion":1,"timestamp":1,"requestID":"r",
+            "mutations":[{"type":"crud","id":1,"clientID":"c1","name":"_zero_crud","timestamp":1,
+            "args":[{"ops":[{"op":"insert","tableName":"t","primaryKey":["id"],"value":{"id":"a"}}]}]}]}]"#,
+        ) else {
+            panic!("not a push")
+        };
+        sync.on_push(&who, "c1", &push, Instant::now());
+        assert_eq!(sync.groups["g"].replica.as_ref().map(|r| r.version()), Some(1));
+        let (out, _) = sync.flush();
+        assert_eq!(out.len(), 1, "the poke of the insert");
+        // A later connection of the group loads what was stored.
+        sync.left(0, "g");
+        sync.flush();
+        assert!(!sync.groups.contains_key("g"));
+        sync.load(&g).unwrap();
+        assert_eq!(sync.groups["g"].replica.as_ref().map(|r| r.version()), Some(1));
+    }
 }

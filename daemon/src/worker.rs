@@ -82,7 +82,7 @@ pub struct Worker {
     ring: Ring,
     bufs: BufRing,
     config: Config,
-    settings: Settings,
+    settings: Rc<Settings>,
     metrics: Metrics,
     verifier: Verifier,
     /// The handoff channel from the listener.
@@ -153,7 +153,7 @@ impl Worker {
             index,
             ring,
             bufs,
-            settings: settings_from(&config),
+            settings: Rc::new(settings_from(&config)),
             config,
             metrics,
             verifier,
@@ -240,7 +240,7 @@ impl Worker {
             Err(e) => log::error!("worker {}: reload kept the old auth keys: {e}", self.index),
         }
         log::set_max_level(config.level());
-        self.settings = settings_from(&config);
+        self.settings = Rc::new(settings_from(&config));
         self.sync.set_mutation_limit(
             config.limits.per_user_mutations,
             Duration::from_millis(config.limits.per_user_mutations_window_ms),
@@ -756,7 +756,9 @@ impl Worker {
             for notice in notices {
                 match notice {
                     Notice::Init(body) => {
-                        self.sync.on_init(&who, slot.base_cookie.as_deref(), slot.lmid, &body)
+                        // Needed once: an idle connection should not keep holding it.
+                        let base_cookie = slot.base_cookie.take();
+                        self.sync.on_init(&who, base_cookie.as_deref(), slot.lmid, &body)
                     }
                     Notice::ChangeDesiredQueries(ops) => self.sync.on_queries(&who, &ops),
                     Notice::DeleteClients(body) => self.sync.on_delete_clients(

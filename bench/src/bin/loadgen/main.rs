@@ -10,9 +10,11 @@
 //! `loadgen run ...` measures one scenario and appends one JSON record (see
 //! `syncgate_bench::record`); `loadgen keygen` and `loadgen mint` prepare the tokens of
 //! the connect-storm scenario. bench/README.md has the method and scripts/bench.sh the
-//! full matrix.
+//! full matrix. The idle scenario can spread its connections over several processes
+//! (`--processes`, see `processes.rs`) when one may not hold them all.
 
 mod net;
+mod processes;
 mod workloads;
 
 use std::fs::OpenOptions;
@@ -135,6 +137,21 @@ struct RunArgs {
     /// Spread connections over 127.0.0.1 ..= 127.0.0.N as source addresses.
     #[arg(long, default_value_t = 1)]
     sources: u8,
+    /// Load-client processes holding the idle connections, each a share of them: one
+    /// process may hold only as many sockets as its open-file limit allows. Each takes
+    /// its own source addresses, so --sources must be at least this.
+    #[arg(long, default_value_t = 1)]
+    processes: usize,
+    /// The first source address is 127.0.0.<this> (a child process's own addresses).
+    #[arg(long, default_value_t = 1, hide = true, value_parser = clap::value_parser!(u8).range(1..))]
+    first_source: u8,
+    /// Number of the first connection, in its clientID, group and wsid (a child process's
+    /// share, so names stay unique across the run's processes).
+    #[arg(long, default_value_t = 0, hide = true)]
+    id_offset: usize,
+    /// Run as child N of --processes: hold the connections until stdin ends, record nothing.
+    #[arg(long, hide = true)]
+    child: Option<usize>,
     /// Row label; made from the other arguments when absent.
     #[arg(long)]
     variant: Option<String>,
@@ -157,7 +174,12 @@ struct RunArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => return run(*args),
+        Command::Run(args) => {
+            return match args.child {
+                Some(index) => processes::child(&args, index),
+                None => run(*args),
+            }
+        }
         Command::Keygen { dir } => keygen(&dir),
         Command::Mint { alg, keys, count, out } => mint(alg, &keys, count, &out),
     };
@@ -301,12 +323,13 @@ fn measure(a: &RunArgs, rec: &mut Record, label: &str) -> Result<(), String> {
     if a.windows < 5 {
         return Err("at least 5 windows are needed for a median".into());
     }
-    let sources = (1..=a.sources.max(1)).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect::<Vec<_>>();
-    let mut client = Client::new(Target {
-        addr: a.addr,
-        sources: if a.sources > 1 { sources } else { Vec::new() },
-        deflate: a.deflate,
-    })?;
+    match (a.processes, a.scenario) {
+        (0, _) => return Err("--processes must be at least 1".into()),
+        (1, _) => {}
+        (_, Scenario::Idle) => return processes::idle(a, rec, label),
+        _ => return Err("--processes applies to the idle scenario only".into()),
+    }
+    let mut client = Client::new(target(a)?)?;
     let timeout = Duration::from_secs_f64(a.reply_timeout);
     let names = Names::new(&a.tag.clone().unwrap_or_else(run_tag));
     match a.scenario {
@@ -314,7 +337,14 @@ fn measure(a: &RunArgs, rec: &mut Record, label: &str) -> Result<(), String> {
             rec.unit = "round trips/s".into();
             rec.connections = a.connections;
             let mut wl = Ping::new(names, a.connections, timeout);
-            open_all(&mut client, &mut wl, a.connections, a.connect_concurrency, label)?;
+            open_all(
+                &mut client,
+                &mut wl,
+                a.connections,
+                a.connect_concurrency,
+                open_limit(a.connections),
+                label,
+            )?;
             let r = windows(&mut client, &mut wl, a, rec, label);
             rec.other_pokes = wl.counters.other_pokes;
             r
@@ -327,7 +357,8 @@ fn measure(a: &RunArgs, rec: &mut Record, label: &str) -> Result<(), String> {
             rec.unit = if size == 1 { "round trips/s" } else { "deliveries/s" }.into();
             rec.connections = groups * size;
             let mut wl = Push::new(names, groups, size, a.size, timeout);
-            open_all(&mut client, &mut wl, groups * size, a.connect_concurrency, label)?;
+            let n = groups * size;
+            open_all(&mut client, &mut wl, n, a.connect_concurrency, open_limit(n), label)?;
             let r = windows(&mut client, &mut wl, a, rec, label);
             rec.other_pokes = wl.counters.other_pokes;
             r
@@ -345,6 +376,23 @@ fn measure(a: &RunArgs, rec: &mut Record, label: &str) -> Result<(), String> {
         }
         Scenario::Idle => idle(&mut client, names, a, rec, label),
     }
+}
+
+/// The server, and the source addresses: --sources of them from 127.0.0.<first-source>;
+/// the kernel chooses when that is 127.0.0.1 alone.
+fn target(a: &RunArgs) -> Result<Target, String> {
+    let count = a.sources.max(1);
+    let last = a.first_source.checked_add(count - 1).ok_or("source addresses past 127.0.0.255")?;
+    let explicit = count > 1 || a.first_source > 1;
+    Ok(Target {
+        addr: a.addr,
+        sources: if explicit {
+            (a.first_source..=last).map(|i| Ipv4Addr::new(127, 0, 0, i)).collect()
+        } else {
+            Vec::new()
+        },
+        deflate: a.deflate,
+    })
 }
 
 /// Six hex digits from the clock and the PID.
@@ -366,19 +414,25 @@ fn read_tokens(path: &std::path::Path) -> Result<Vec<(String, String)>, String> 
     Ok(tokens)
 }
 
-/// Opens `n` connections (`concurrency` handshakes at a time) and waits for them all.
+/// How long opening `n` connections to one server may take. Generous: even a slow server
+/// opens a few hundred connections a second.
+fn open_limit(n: usize) -> Duration {
+    Duration::from_secs(30) + Duration::from_millis(5 * n as u64)
+}
+
+/// Opens `n` connections (`concurrency` handshakes at a time) and waits for them all, for
+/// at most `limit`.
 fn open_all<W: net::Workload>(
     client: &mut Client,
     wl: &mut W,
     n: usize,
     concurrency: usize,
+    limit: Duration,
     label: &str,
 ) -> Result<(), String> {
     client.set_target(n, concurrency);
     let started = Instant::now();
     let mut next_report = started + Duration::from_secs(2);
-    // Generous: even a slow server opens a few hundred connections a second.
-    let limit = Duration::from_secs(30) + Duration::from_millis(5 * n as u64);
     while client.open_now() < n {
         client.run_until(Instant::now() + Duration::from_millis(20), wl)?;
         let now = Instant::now();
@@ -389,12 +443,18 @@ fn open_all<W: net::Workload>(
             ));
         }
         if now >= next_report {
-            eprintln!("{label} opening: {}/{n}", client.open_now());
+            log_line(&format!("{label} opening: {}/{n}", client.open_now()));
             next_report = now + Duration::from_secs(2);
         }
     }
-    eprintln!("{label} {n} connections open in {:.1} s", started.elapsed().as_secs_f64());
+    log_line(&format!("{label} {n} connections open in {:.1} s", started.elapsed().as_secs_f64()));
     Ok(())
+}
+
+/// Writes `line` to stderr in one write: the processes of one run share their log, and
+/// `eprintln!` may write a line in pieces that another process's line splits.
+fn log_line(line: &str) {
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 /// CPU seconds of the server's processes, if a PID was given.
@@ -479,6 +539,50 @@ fn settled_tcp_memory() -> Option<u64> {
     Some(last)
 }
 
+/// The server's memory and the machine's kernel memory at one moment (idle scenario).
+struct Memory {
+    /// Resident memory of the server's whole process tree.
+    rss: u64,
+    /// Kernel TCP buffer memory; `None` where /proc/net/sockstat cannot be read.
+    tcp: Option<u64>,
+    /// Kernel slab memory; `None` where /proc/meminfo cannot be read.
+    slab: Option<u64>,
+}
+
+impl Memory {
+    /// The reading before connections open; TCP memory is first let settle.
+    fn baseline(server_pid: u32) -> Memory {
+        let rss = stats::rss_bytes(&stats::process_tree(server_pid));
+        Memory { rss, tcp: settled_tcp_memory(), slab: stats::slab_bytes() }
+    }
+
+    /// The reading while the connections are open.
+    fn now(server_pid: u32) -> Memory {
+        let rss = stats::rss_bytes(&stats::process_tree(server_pid));
+        Memory { rss, tcp: stats::tcp_memory_bytes(), slab: stats::slab_bytes() }
+    }
+}
+
+/// Fills the idle record's per-connection figures: growth over `rec.connections`.
+fn record_memory(rec: &mut Record, before: &Memory, after: &Memory, label: &str) {
+    let n = rec.connections as f64;
+    rec.rss_per_conn = Some((after.rss as f64 - before.rss as f64) / n);
+    if let (Some(s0), Some(s1)) = (before.tcp, after.tcp) {
+        rec.kernel_per_conn = Some((s1 as f64 - s0 as f64) / n);
+    }
+    if let (Some(s0), Some(s1)) = (before.slab, after.slab) {
+        rec.slab_per_conn = Some((s1 as f64 - s0 as f64) / n);
+    }
+    eprintln!(
+        "{label} server RSS {:.0} -> {:.0} MiB: {:.0} B/conn; kernel TCP buffers {:.0} B/conn, slab {:.0} B/conn",
+        before.rss as f64 / 1048576.0,
+        after.rss as f64 / 1048576.0,
+        rec.rss_per_conn.unwrap_or(0.0),
+        rec.kernel_per_conn.unwrap_or(0.0),
+        rec.slab_per_conn.unwrap_or(0.0)
+    );
+}
+
 /// Opens the idle connections and reads the server's memory before and after.
 fn idle(
     client: &mut Client,
@@ -490,29 +594,13 @@ fn idle(
     let pid = a.server_pid.ok_or("the idle scenario needs --server-pid")?;
     rec.unit = "bytes/conn".into();
     rec.connections = a.connections;
-    let rss0 = stats::rss_bytes(&stats::process_tree(pid));
-    let sock0 = settled_tcp_memory();
-    let slab0 = stats::slab_bytes();
-    let mut wl = Idle::new(names, a.connections);
-    open_all(client, &mut wl, a.connections, a.connect_concurrency, label)?;
+    let before = Memory::baseline(pid);
+    let mut wl = Idle::new(names, a.connections, a.id_offset);
+    let limit = open_limit(a.connections);
+    open_all(client, &mut wl, a.connections, a.connect_concurrency, limit, label)?;
     client.run_until(Instant::now() + Duration::from_secs_f64(a.settle), &mut wl)?;
-    let rss1 = stats::rss_bytes(&stats::process_tree(pid));
-    let n = a.connections as f64;
-    rec.rss_per_conn = Some((rss1 as f64 - rss0 as f64) / n);
-    if let (Some(s0), Some(s1)) = (sock0, stats::tcp_memory_bytes()) {
-        rec.kernel_per_conn = Some((s1 as f64 - s0 as f64) / n);
-    }
-    if let (Some(s0), Some(s1)) = (slab0, stats::slab_bytes()) {
-        rec.slab_per_conn = Some((s1 as f64 - s0 as f64) / n);
-    }
+    let after = Memory::now(pid);
     rec.other_pokes = wl.other_pokes;
-    eprintln!(
-        "{label} server RSS {:.0} -> {:.0} MiB: {:.0} B/conn; kernel TCP buffers {:.0} B/conn, slab {:.0} B/conn",
-        rss0 as f64 / 1048576.0,
-        rss1 as f64 / 1048576.0,
-        rec.rss_per_conn.unwrap_or(0.0),
-        rec.kernel_per_conn.unwrap_or(0.0),
-        rec.slab_per_conn.unwrap_or(0.0)
-    );
+    record_memory(rec, &before, &after, label);
     Ok(())
 }

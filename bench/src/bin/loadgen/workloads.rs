@@ -433,6 +433,9 @@ impl Measured for Storm {
 pub struct Idle {
     /// Connection names.
     names: Names,
+    /// Number of the first connection: a process holding one share of a run's connections
+    /// names its own (see `processes.rs`).
+    first: u64,
     /// Follows pokes a server may send unprompted (none of ours exist).
     checks: Vec<PokeCheck>,
     /// Pokes seen, for the record.
@@ -440,9 +443,10 @@ pub struct Idle {
 }
 
 impl Idle {
-    pub fn new(names: Names, connections: usize) -> Self {
+    pub fn new(names: Names, connections: usize, first: usize) -> Self {
         Idle {
             names,
+            first: first as u64,
             checks: (0..connections).map(|_| PokeCheck::default()).collect(),
             other_pokes: 0,
         }
@@ -452,7 +456,7 @@ impl Idle {
 impl Workload for Idle {
     fn request(&mut self, id: usize, _now: Instant) -> ConnectSpec {
         ConnectSpec {
-            who: self.names.identity(id as u64, id as u64),
+            who: self.names.identity(self.first + id as u64, self.first + id as u64),
             protocol: zero::protocol_header(None),
         }
     }
