@@ -36,6 +36,12 @@ pub const DB_FILE_NAME: &str = "syncgate.db";
 /// is stuck, and failing is better than blocking the worker's loop forever.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// The stored history is trimmed to the replica's bounds every this many versions of a
+/// group (and after any patch of [`HISTORY_TRIM_BYTES`] or more), not on every change.
+const HISTORY_TRIM_EVERY: i64 = 64;
+/// A patch this large trims the stored history at once.
+const HISTORY_TRIM_BYTES: usize = 64 * 1024;
+
 /// The schema, one step per release that changed it; `schema_version` holds
 /// how many have run. Never edit a step that has shipped: append one.
 const MIGRATIONS: &[&str] = &["
@@ -366,15 +372,19 @@ fn write_batch(conn: &mut Connection, staged: &[Staged]) -> rusqlite::Result<Com
                 if stale.contains(group_id) {
                     continue;
                 }
-                let current = match versions.get(group_id) {
-                    Some(&version) => version,
-                    None => tx
-                        .prepare_cached("SELECT version FROM groups WHERE group_id = ?1")?
-                        .query_row([group_id], |row| row.get(0))
-                        .optional()?
-                        .unwrap_or(0),
+                let advanced = match versions.get(group_id) {
+                    Some(&version) => {
+                        version == change.base_version && {
+                            tx.prepare_cached(
+                                "UPDATE groups SET version = ?2 WHERE group_id = ?1",
+                            )?
+                            .execute(params![group_id, change.version])?;
+                            true
+                        }
+                    }
+                    None => advance_version(&tx, change)?,
                 };
-                if current != change.base_version {
+                if !advanced {
                     stale.insert(group_id);
                     committed.stale_groups.push(group_id.to_owned());
                     continue;
@@ -388,14 +398,31 @@ fn write_batch(conn: &mut Connection, staged: &[Staged]) -> rusqlite::Result<Com
     Ok(committed)
 }
 
-/// Writes one change whose base version matched.
+/// Moves a group from the change's base version to its version, the first time the batch
+/// touches the group: false if the stored version is another (another process changed the
+/// group since this one loaded it). One statement in the usual case: the check is the
+/// update's condition.
+fn advance_version(tx: &Transaction, change: &StagedChange) -> rusqlite::Result<bool> {
+    let group = &change.group_id;
+    let updated = tx
+        .prepare_cached("UPDATE groups SET version = ?3 WHERE group_id = ?1 AND version = ?2")?
+        .execute(params![group, change.base_version, change.version])?;
+    if updated == 1 {
+        return Ok(true);
+    }
+    // Not updated: a group never stored (its base is 0), or a stale one.
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO groups (group_id, version) VALUES (?1, ?2)
+             ON CONFLICT (group_id) DO NOTHING",
+        )?
+        .execute(params![group, change.version])?;
+    Ok(inserted == 1 && change.base_version == 0)
+}
+
+/// Writes one change whose base version matched (the group's version is already advanced).
 fn write_change(tx: &Transaction, change: &StagedChange) -> rusqlite::Result<()> {
     let group = &change.group_id;
-    tx.prepare_cached(
-        "INSERT INTO groups (group_id, version) VALUES (?1, ?2)
-         ON CONFLICT (group_id) DO UPDATE SET version = excluded.version",
-    )?
-    .execute(params![group, change.version])?;
     for (table, key, value) in &change.rows {
         match value {
             Some(value) => tx
@@ -443,8 +470,14 @@ fn write_change(tx: &Transaction, change: &StagedChange) -> rusqlite::Result<()>
         "INSERT OR REPLACE INTO history (group_id, version, patch) VALUES (?1, ?2, ?3)",
     )?
     .execute(params![group, change.version, change.patch])?;
-    tx.prepare_cached("DELETE FROM history WHERE group_id = ?1 AND version <= ?2")?
-        .execute(params![group, change.history_floor])?;
+    // The replica keeps its history bounded and a load trims what it reads to the same
+    // bounds, so the file may hold a few entries more: trimming every change would dirty
+    // the history's oldest page on every push. Large patches trim at once, so the excess
+    // stays under HISTORY_TRIM_EVERY x HISTORY_TRIM_BYTES.
+    if change.version % HISTORY_TRIM_EVERY == 0 || change.patch.len() >= HISTORY_TRIM_BYTES {
+        tx.prepare_cached("DELETE FROM history WHERE group_id = ?1 AND version <= ?2")?
+            .execute(params![group, change.history_floor])?;
+    }
     Ok(())
 }
 
@@ -559,8 +592,10 @@ pub(crate) mod tests {
         let mut reopened = Store::open(&dir.0).unwrap();
         let stored = reopened.load("g").unwrap().unwrap();
         assert_eq!(stored.owner.as_deref(), Some("alice"));
-        assert_eq!(stored.snapshot, replica.snapshot());
+        // The file may keep history beyond the bound (trimmed in batches); a load trims it.
+        assert!(stored.snapshot.history.len() >= 4);
         let copy = Replica::from_snapshot("g", limits, stored.snapshot).unwrap();
+        assert_eq!(copy.snapshot(), replica.snapshot());
         assert_eq!(copy.cookie(), replica.cookie());
         assert_eq!(copy.row_bytes(), replica.row_bytes());
         // Catch-up from the oldest kept cookie is the same poke as before.
@@ -577,16 +612,52 @@ pub(crate) mod tests {
         let mut store = Store::open(&dir.0).unwrap();
         let limits = Limits { max_history: 2, ..Limits::default() };
         let mut replica = Replica::new("g", limits.clone());
-        for id in 1..=6 {
+        let count = |store: &Store| -> i64 {
+            store.conn.query_row("SELECT count(*) FROM history", [], |row| row.get(0)).unwrap()
+        };
+        let mut most = 0;
+        for id in 1..=70 {
             let change = change_of(replica.apply_push(&crud("c1", id, json!([]))));
             store.stage("g", &change);
             store.commit().unwrap();
+            most = most.max(count(&store));
         }
-        let count: i64 =
-            store.conn.query_row("SELECT count(*) FROM history", [], |row| row.get(0)).unwrap();
-        assert_eq!(count, 2);
+        // Trimmed to the bound at version 64 (63 and 64 kept), then 65..=70 added.
+        assert_eq!(count(&store), 8);
+        // At most: versions 1..=63, before the first trim.
+        assert_eq!(most, HISTORY_TRIM_EVERY - 1);
+        let copy = reload(&mut store, "g", limits.clone());
+        assert_eq!(copy.snapshot().history, replica.snapshot().history);
+
+        // A large patch trims at once.
+        let big = "x".repeat(HISTORY_TRIM_BYTES);
+        let change = change_of(replica.apply_push(&crud("c1", 71, insert("i", &big))));
+        store.stage("g", &change);
+        store.commit().unwrap();
+        assert_eq!(count(&store), 2);
         let copy = reload(&mut store, "g", limits);
         assert_eq!(copy.snapshot().history, replica.snapshot().history);
+    }
+
+    #[test]
+    fn a_new_group_and_a_stale_group_are_told_apart() {
+        let dir = TempDir::new();
+        let mut first = Store::open(&dir.0).unwrap();
+        let mut second = Store::open(&dir.0).unwrap();
+        // Both processes load the group while it does not exist.
+        let mut a = Replica::new("g", Limits::default());
+        let mut b = Replica::new("g", Limits::default());
+        first.stage("g", &change_of(a.apply_push(&crud("c1", 1, insert("i1", "x")))));
+        assert!(first.commit().unwrap().stale_groups.is_empty());
+        // The second one's change was based on version 0 too: stale, nothing written.
+        second.stage("g", &change_of(b.apply_push(&crud("c2", 1, insert("i2", "y")))));
+        assert_eq!(second.commit().unwrap().stale_groups, vec!["g".to_string()]);
+        assert_eq!(reload(&mut second, "g", Limits::default()).snapshot(), a.snapshot());
+        // Two changes of one group in one batch: the second follows the first.
+        first.stage("g", &change_of(a.apply_push(&crud("c1", 2, insert("i3", "z")))));
+        first.stage("g", &change_of(a.apply_push(&crud("c1", 3, insert("i4", "w")))));
+        assert!(first.commit().unwrap().stale_groups.is_empty());
+        assert_eq!(reload(&mut second, "g", Limits::default()).snapshot(), a.snapshot());
     }
 
     #[test]
