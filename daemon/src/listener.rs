@@ -63,6 +63,9 @@ struct Pending {
 pub struct Listener {
     ring: Ring,
     config: Config,
+    /// `config.connection_cap()`, kept: deriving it reads RLIMIT_NOFILE, a system call per
+    /// upgrade otherwise.
+    connection_cap: usize,
     listen: OwnedFd,
     /// One handoff channel per worker, indexed by worker number.
     channels: Vec<OwnedFd>,
@@ -109,6 +112,7 @@ impl Listener {
             client_limiter,
             proxies,
             ring: Ring::new()?,
+            connection_cap: config.connection_cap(),
             config,
             listen,
             channels,
@@ -278,6 +282,7 @@ impl Listener {
             Err(e) => log::error!("reload kept the old trusted proxies: {e}"),
         }
         log::set_max_level(config.level());
+        self.connection_cap = config.connection_cap();
         self.config = config;
     }
 
@@ -389,7 +394,7 @@ impl Listener {
         // The connection cap refuses upgrades only: health checks and metrics stay answered
         // exactly when an operator needs them.
         let open = self.metrics.workers_total(Metric::OpenConnections);
-        if open as usize >= self.config.connection_cap() {
+        if open as usize >= self.connection_cap {
             self.metrics.inc(Metric::Overloaded);
             let out =
                 handshake::http_error(503, &[("Retry-After", "1")], "connection limit reached");

@@ -36,6 +36,9 @@ pub const DB_FILE_NAME: &str = "syncgate.db";
 /// is stuck, and failing is better than blocking the worker's loop forever.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Prepared statements kept per connection: room for all of the store's (about 20).
+const STATEMENT_CACHE: usize = 32;
+
 /// The stored history is trimmed to the replica's bounds every this many versions of a
 /// group (and after any patch of [`HISTORY_TRIM_BYTES`] or more), not on every change.
 const HISTORY_TRIM_EVERY: i64 = 64;
@@ -171,6 +174,9 @@ impl Store {
         // FULL: a commit is on disk (WAL fsynced) before it returns, so a
         // poke never acknowledges a mutation a power cut could lose.
         conn.pragma_update(None, "synchronous", "FULL").map_err(fail)?;
+        // Every statement of the store stays prepared (rusqlite's default keeps 16, fewer than
+        // the store's statements, and preparing costs more than running most of them).
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         migrate(&mut conn).map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(Store { conn, staged: Vec::new() })
     }
@@ -181,6 +187,17 @@ impl Store {
     /// process still holds changes for: staged changes are not visible.
     pub fn load(&mut self, group_id: &str) -> Result<Option<StoredGroup>, String> {
         let fail = |e: rusqlite::Error| format!("cannot load client group {group_id}: {e}");
+        // Most loads are of a group never stored (every new client group): one statement
+        // says so, without a transaction. A group's rows are written in the transaction that
+        // creates its `groups` row, so there is nothing else to read.
+        let exists = self
+            .conn
+            .prepare_cached("SELECT 1 FROM groups WHERE group_id = ?1")
+            .and_then(|mut s| s.exists([group_id]))
+            .map_err(fail)?;
+        if !exists {
+            return Ok(None);
+        }
         let tx = self.conn.transaction().map_err(fail)?;
         let group = load_group(&tx, group_id)
             .map_err(|e| format!("cannot load client group {group_id}: {e}"))?;
@@ -299,14 +316,14 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
 /// Reads a group inside a read transaction.
 fn load_group(tx: &Transaction, group_id: &str) -> rusqlite::Result<Option<StoredGroup>> {
     let group: Option<(i64, Option<String>)> = tx
-        .query_row("SELECT version, owner FROM groups WHERE group_id = ?1", [group_id], |row| {
-            Ok((row.get(0)?, row.get(1)?))
-        })
+        .prepare_cached("SELECT version, owner FROM groups WHERE group_id = ?1")?
+        .query_row([group_id], |row| Ok((row.get(0)?, row.get(1)?)))
         .optional()?;
     let Some((version, owner)) = group else { return Ok(None) };
     let mut snapshot = ReplicaSnapshot { version: from_sql_int(version)?, ..Default::default() };
 
-    let mut rows = tx.prepare("SELECT table_name, row_key, value FROM rows WHERE group_id = ?1")?;
+    let mut rows =
+        tx.prepare_cached("SELECT table_name, row_key, value FROM rows WHERE group_id = ?1")?;
     let mut cursor = rows.query([group_id])?;
     while let Some(row) = cursor.next()? {
         let table: String = row.get(0)?;
@@ -317,14 +334,15 @@ fn load_group(tx: &Transaction, group_id: &str) -> rusqlite::Result<Option<Store
     }
 
     let mut clients =
-        tx.prepare("SELECT client_id, last_mutation_id FROM clients WHERE group_id = ?1")?;
+        tx.prepare_cached("SELECT client_id, last_mutation_id FROM clients WHERE group_id = ?1")?;
     let mut cursor = clients.query([group_id])?;
     while let Some(row) = cursor.next()? {
         let client: String = row.get(0)?;
         snapshot.clients.entry(client).or_default().last_mutation_id = from_sql_int(row.get(1)?)?;
     }
 
-    let mut queries = tx.prepare("SELECT client_id, hash, ttl FROM queries WHERE group_id = ?1")?;
+    let mut queries =
+        tx.prepare_cached("SELECT client_id, hash, ttl FROM queries WHERE group_id = ?1")?;
     let mut cursor = queries.query([group_id])?;
     while let Some(row) = cursor.next()? {
         let client: String = row.get(0)?;
@@ -332,8 +350,9 @@ fn load_group(tx: &Transaction, group_id: &str) -> rusqlite::Result<Option<Store
         entry.desired_queries.insert(row.get(1)?, DesiredQuery { ttl: row.get(2)? });
     }
 
-    let mut history =
-        tx.prepare("SELECT version, patch FROM history WHERE group_id = ?1 ORDER BY version")?;
+    let mut history = tx.prepare_cached(
+        "SELECT version, patch FROM history WHERE group_id = ?1 ORDER BY version",
+    )?;
     let mut cursor = history.query([group_id])?;
     while let Some(row) = cursor.next()? {
         let patch: String = row.get(1)?;
