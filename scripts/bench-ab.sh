@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Compares syncgate builds on one benchmark scenario: runs them in turn, several rounds, on
+# the same machine, and prints each run and the median per build. For checking that a
+# change is faster before it lands (bench/RESULTS.md records what it printed).
+#
+#   scripts/bench-ab.sh [--rounds N] [--auth] BIN... -- LOADGEN_RUN_ARGS...
+#
+# BIN: syncgate binaries (e.g. copies of target/release/syncgate built at two commits).
+# LOADGEN_RUN_ARGS: the scenario, as for `loadgen run` (e.g. --scenario ping --connections
+# 500). --auth gives syncgate an HS256 secret (for --scenario storm with --tokens from
+# scripts/bench.sh's cache). Environment: LOADGEN (default target/release/loadgen under
+# CARGO_TARGET_DIR), SERVER_CPU / CLIENT_CPU (default 0 and 1).
+#
+# Each run starts the binary afresh with the config scripts/bench.sh uses (one worker,
+# store on /dev/shm, connection limits raised), pins it and the load client to their
+# cores, and reads the load client's record. Runs alternate between builds so that a
+# change in the machine's load hits every build alike.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+ROUNDS=3
+AUTH=0
+BINS=()
+while [[ $# -gt 0 && $1 != -- ]]; do
+  case $1 in
+    --rounds) ROUNDS=$2; shift ;;
+    --auth) AUTH=1 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    *) [[ -x $1 ]] || { echo "bench-ab.sh: $1 is not an executable" >&2; exit 2; }
+       BINS+=("$(realpath "$1")") ;;
+  esac
+  shift
+done
+[[ ${1:-} == -- ]] || { echo "bench-ab.sh: expected -- and the loadgen arguments" >&2; exit 2; }
+shift
+(( ${#BINS[@]} > 0 )) || { echo "bench-ab.sh: no syncgate binary given" >&2; exit 2; }
+LOADGEN=${LOADGEN:-${CARGO_TARGET_DIR:-$ROOT/target}/release/loadgen}
+[[ -x $LOADGEN ]] || { echo "bench-ab.sh: no load client at $LOADGEN (cargo build --release -p syncgate-bench)" >&2; exit 2; }
+SECRET_FILE=${XDG_CACHE_HOME:-$HOME/.cache}/syncgate-bench/hs256.secret
+if [[ $AUTH == 1 && ! -f $SECRET_FILE ]]; then
+  echo "bench-ab.sh: --auth needs $SECRET_FILE (run scripts/bench.sh --scenarios storm once)" >&2
+  exit 2
+fi
+
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+PIN_SERVER=(taskset -c "${SERVER_CPU:-0}")
+PIN_CLIENT=(taskset -c "${CLIENT_CPU:-1}")
+WORK=$(mktemp -d /dev/shm/syncgate-ab.XXXXXX)
+SERVER_PID=
+cleanup() {
+  [[ -n $SERVER_PID ]] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# GET / answers 200 once every worker is up.
+healthy() {
+  local reply
+  # shellcheck disable=SC2016 # $1 expands in the inner shell
+  reply=$(timeout 1 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf "GET / HTTP/1.0\r\n\r\n" >&3 && head -c 12 <&3' _ "$1" 2>/dev/null) || return 1
+  [[ $reply == "HTTP/1.1 200" ]]
+}
+
+# One run of binary $1 (run number $2); prints "rate cpu_us_per_op".
+run_one() {
+  local bin=$1 n=$2 port=$((10000 + RANDOM % 10000))
+  local dir=$WORK/run-$n
+  mkdir -p "$dir"
+  cat >"$dir/syncgate.toml" <<EOF
+listen = "127.0.0.1:$port"
+workers = 1
+log_level = "warn"
+[storage]
+path = "$dir/store"
+[limits]
+max_group_connections = 2000
+connect_per_ip = 1000000000
+max_handshakes = 100000
+max_handshakes_per_ip = 100000
+EOF
+  [[ $AUTH == 1 ]] && printf '[auth]\nsecret = "%s"\n' "$(cat "$SECRET_FILE")" >>"$dir/syncgate.toml"
+  "${PIN_SERVER[@]}" "$bin" run --config "$dir/syncgate.toml" 2>"$dir/server.log" &
+  SERVER_PID=$!
+  for _ in $(seq 100); do healthy "$port" && break; sleep 0.1; done
+  healthy "$port" || { echo "bench-ab.sh: $bin did not start:" >&2; tail -5 "$dir/server.log" >&2; exit 1; }
+  "${PIN_CLIENT[@]}" "$LOADGEN" run --server syncgate --addr "127.0.0.1:$port" \
+    --server-pid "$SERVER_PID" --out "$dir/record.jsonl" "$@" 2>"$dir/loadgen.log" \
+    || { echo "bench-ab.sh: the load client failed:" >&2; tail -3 "$dir/loadgen.log" >&2; exit 1; }
+  kill "$SERVER_PID"
+  wait "$SERVER_PID" 2>/dev/null || true
+  SERVER_PID=
+  python3 -c '
+import json, sys
+r = json.loads(open(sys.argv[1]).readline())
+if r["error"]:
+    sys.exit("bench-ab.sh: the run failed: " + r["error"])
+print("%.0f %.2f" % (r["rate"], r["server_cpu_us_per_op"]))' "$dir/record.jsonl"
+}
+
+echo "loadgen run ... $*"
+echo "rounds: $ROUNDS; builds in turn: ${BINS[*]}"
+declare -A RATES CPUS
+n=0
+for round in $(seq "$ROUNDS"); do
+  for b in "${!BINS[@]}"; do
+    n=$((n + 1))
+    read -r rate cpu < <(run_one "${BINS[$b]}" "$n" "$@")
+    echo "round $round build $((b + 1)): rate $rate, server CPU $cpu us/op"
+    RATES[$b]+="$rate "
+    CPUS[$b]+="$cpu "
+  done
+done
+median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR]=$1} END {print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
+echo
+echo "| build | median rate | median server CPU us/op |"
+echo "|---|---:|---:|"
+for b in "${!BINS[@]}"; do
+  echo "| ${BINS[$b]} | $(median <<<"${RATES[$b]}") | $(median <<<"${CPUS[$b]}") |"
+done
