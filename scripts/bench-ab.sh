@@ -61,9 +61,10 @@ healthy() {
   [[ $reply == "HTTP/1.1 200" ]]
 }
 
-# One run of binary $1 (run number $2); prints "rate cpu_us_per_op".
+# One run of binary $1 (run number $2, then the loadgen arguments); sets RATE and CPU.
 run_one() {
   local bin=$1 n=$2 port=$((10000 + RANDOM % 10000))
+  shift 2
   local dir=$WORK/run-$n
   mkdir -p "$dir"
   cat >"$dir/syncgate.toml" <<EOF
@@ -84,17 +85,18 @@ EOF
   for _ in $(seq 100); do healthy "$port" && break; sleep 0.1; done
   healthy "$port" || { echo "bench-ab.sh: $bin did not start:" >&2; tail -5 "$dir/server.log" >&2; exit 1; }
   "${PIN_CLIENT[@]}" "$LOADGEN" run --server syncgate --addr "127.0.0.1:$port" \
-    --server-pid "$SERVER_PID" --out "$dir/record.jsonl" "$@" 2>"$dir/loadgen.log" \
+    --server-pid "$SERVER_PID" --out "$dir/record.jsonl" "$@" >"$dir/loadgen.out" 2>"$dir/loadgen.log" \
     || { echo "bench-ab.sh: the load client failed:" >&2; tail -3 "$dir/loadgen.log" >&2; exit 1; }
   kill "$SERVER_PID"
   wait "$SERVER_PID" 2>/dev/null || true
   SERVER_PID=
-  python3 -c '
+  read -r RATE CPU < <(python3 -c '
 import json, sys
 r = json.loads(open(sys.argv[1]).readline())
 if r["error"]:
     sys.exit("bench-ab.sh: the run failed: " + r["error"])
-print("%.0f %.2f" % (r["rate"], r["server_cpu_us_per_op"]))' "$dir/record.jsonl"
+print("%.0f %.2f" % (r["rate"], r["server_cpu_us_per_op"]))' "$dir/record.jsonl")
+  [[ -n ${CPU:-} ]] || exit 1
 }
 
 echo "loadgen run ... $*"
@@ -104,10 +106,11 @@ n=0
 for round in $(seq "$ROUNDS"); do
   for b in "${!BINS[@]}"; do
     n=$((n + 1))
-    read -r rate cpu < <(run_one "${BINS[$b]}" "$n" "$@")
-    echo "round $round build $((b + 1)): rate $rate, server CPU $cpu us/op"
-    RATES[$b]+="$rate "
-    CPUS[$b]+="$cpu "
+    RATE='' CPU=''
+    run_one "${BINS[$b]}" "$n" "$@"
+    echo "round $round build $((b + 1)): rate $RATE, server CPU $CPU us/op"
+    RATES[$b]+="$RATE "
+    CPUS[$b]+="$CPU "
   done
 done
 median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR]=$1} END {print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
