@@ -392,15 +392,13 @@ fn write_batch(conn: &mut Connection, staged: &[Staged]) -> rusqlite::Result<Com
                     continue;
                 }
                 let advanced = match versions.get(group_id) {
-                    Some(&version) => {
-                        version == change.base_version && {
-                            tx.prepare_cached(
-                                "UPDATE groups SET version = ?2 WHERE group_id = ?1",
-                            )?
+                    // A later change of a group this batch has advanced already.
+                    Some(&version) if version == change.base_version => {
+                        tx.prepare_cached("UPDATE groups SET version = ?2 WHERE group_id = ?1")?
                             .execute(params![group_id, change.version])?;
-                            true
-                        }
+                        true
                     }
+                    Some(_) => false,
                     None => advance_version(&tx, change)?,
                 };
                 if !advanced {
