@@ -18,6 +18,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/bench-common.sh
+source "$ROOT/scripts/bench-common.sh"
 ROUNDS=3
 AUTH=0
 BINS=()
@@ -53,37 +55,19 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# GET / answers 200 once every worker is up.
-healthy() {
-  local reply
-  # shellcheck disable=SC2016 # $1 expands in the inner shell
-  reply=$(timeout 1 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf "GET / HTTP/1.0\r\n\r\n" >&3 && head -c 12 <&3' _ "$1" 2>/dev/null) || return 1
-  [[ $reply == "HTTP/1.1 200" ]]
-}
-
 # One run of binary $1 (run number $2, then the loadgen arguments); sets RATE and CPU.
 run_one() {
   local bin=$1 n=$2 port=$((10000 + RANDOM % 10000))
   shift 2
   local dir=$WORK/run-$n
   mkdir -p "$dir"
-  cat >"$dir/syncgate.toml" <<EOF
-listen = "127.0.0.1:$port"
-workers = 1
-log_level = "warn"
-[storage]
-path = "$dir/store"
-[limits]
-max_group_connections = 2000
-connect_per_ip = 1000000000
-max_handshakes = 100000
-max_handshakes_per_ip = 100000
-EOF
-  [[ $AUTH == 1 ]] && printf '[auth]\nsecret = "%s"\n' "$(cat "$SECRET_FILE")" >>"$dir/syncgate.toml"
+  local auth=''
+  [[ $AUTH == 1 ]] && auth=$(printf '[auth]\nsecret = "%s"' "$(cat "$SECRET_FILE")")
+  syncgate_bench_toml "$port" "$dir/store" 1 '' "$auth" >"$dir/syncgate.toml"
   "${PIN_SERVER[@]}" "$bin" run --config "$dir/syncgate.toml" 2>"$dir/server.log" &
   SERVER_PID=$!
-  for _ in $(seq 100); do healthy "$port" && break; sleep 0.1; done
-  healthy "$port" || { echo "bench-ab.sh: $bin did not start:" >&2; tail -5 "$dir/server.log" >&2; exit 1; }
+  for _ in $(seq 100); do syncgate_healthy "$port" && break; sleep 0.1; done
+  syncgate_healthy "$port" || { echo "bench-ab.sh: $bin did not start:" >&2; tail -5 "$dir/server.log" >&2; exit 1; }
   "${PIN_CLIENT[@]}" "$LOADGEN" run --server syncgate --addr "127.0.0.1:$port" \
     --server-pid "$SERVER_PID" --out "$dir/record.jsonl" "$@" >"$dir/loadgen.out" 2>"$dir/loadgen.log" \
     || { echo "bench-ab.sh: the load client failed:" >&2; tail -3 "$dir/loadgen.log" >&2; exit 1; }

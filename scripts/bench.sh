@@ -19,6 +19,8 @@
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/bench-common.sh
+source "$ROOT/scripts/bench-common.sh"
 INVOCATION="scripts/bench.sh $*"
 MODE=full
 SERVERS=syncgate,tokio-tungstenite,fastwebsockets,node-ws,node-ws-nobufferutil
@@ -122,20 +124,7 @@ SG_MAX_CONNECTIONS=
 # Writes a syncgate config for one run; $1: extra TOML (auth, compression).
 syncgate_config() {
   local cfg=$LOGS/syncgate-$RUN.toml
-  cat >"$cfg" <<EOF
-listen = "127.0.0.1:$PORT"
-workers = $SG_WORKERS
-log_level = "warn"
-[storage]
-path = "$STORE/run-$RUN"
-[limits]
-max_group_connections = 2000
-connect_per_ip = 1000000000
-max_handshakes = 100000
-max_handshakes_per_ip = 100000
-${SG_MAX_CONNECTIONS:+max_connections = $SG_MAX_CONNECTIONS}
-$1
-EOF
+  syncgate_bench_toml "$PORT" "$STORE/run-$RUN" "$SG_WORKERS" "$SG_MAX_CONNECTIONS" "$1" >"$cfg"
   # Keys a daemon of another version does not know are dropped (with a note), not fatal.
   if ! "$TARGET/syncgate" check-config "$cfg" >/dev/null 2>"$cfg.err"; then
     for key in max_handshakes_per_ip max_handshakes connect_per_ip; do
@@ -181,19 +170,11 @@ start_server() {
   for _ in $(seq 200); do
     kill -0 "$SERVER_PID" 2>/dev/null || { log "$name died at start:"; tail -5 "$log" >&2; return 1; }
     grep -qs "ready listen=" "$log" && return 0
-    if [[ $name == syncgate ]] && health "$PORT"; then return 0; fi
+    if [[ $name == syncgate ]] && syncgate_healthy "$PORT"; then return 0; fi
     sleep 0.1
   done
   log "$name not ready after 20 s"
   return 1
-}
-
-# syncgate's health check: GET / answers 200 once every worker is up.
-health() {
-  local reply
-  # shellcheck disable=SC2016 # $1 expands in the inner shell
-  reply=$(timeout 1 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf "GET / HTTP/1.0\r\n\r\n" >&3 && head -c 12 <&3' _ "$1" 2>/dev/null) || return 1
-  [[ $reply == "HTTP/1.1 200" ]]
 }
 
 stop_server() {
