@@ -72,17 +72,21 @@ struct Group {
 }
 
 impl Group {
-    /// The group's replica, a fresh one if it has none; call [`Group::settle`] after use.
-    fn replica(&mut self, group_id: &str, limits: &replica::Limits) -> &mut Replica {
-        self.replica.get_or_insert_with(|| Box::new(Replica::new(group_id, limits.clone())))
-    }
-
-    /// Drops a replica that is still pristine (what [`Group::replica`] made and nothing
-    /// changed): the group costs only its members again.
-    fn settle(&mut self) {
-        if self.replica.as_ref().is_some_and(|r| r.is_pristine()) {
+    /// Runs `f` on the group's replica, a fresh one if it has none; a replica still pristine
+    /// afterwards is dropped again, so the group costs only its members.
+    fn with_replica<T>(
+        &mut self,
+        group_id: &str,
+        limits: &replica::Limits,
+        f: impl FnOnce(&mut Replica) -> T,
+    ) -> T {
+        let replica =
+            self.replica.get_or_insert_with(|| Box::new(Replica::new(group_id, limits.clone())));
+        let result = f(replica);
+        if replica.is_pristine() {
             self.replica = None;
         }
+        result
     }
 }
 
@@ -178,9 +182,9 @@ impl GroupSync {
     ) {
         let Some(g) = self.groups.get_mut(&**who.group_id) else { return };
         let format = PokeFormat::for_protocol(who.version);
-        let checked =
-            g.replica(who.group_id, &self.limits).check_connect(who.client_id, base_cookie, lmid);
-        g.settle();
+        let checked = g.with_replica(who.group_id, &self.limits, |r| {
+            r.check_connect(who.client_id, base_cookie, lmid)
+        });
         match checked {
             Err((kind, message)) => {
                 return self.outbox.push(Delivery::Error {
@@ -210,9 +214,9 @@ impl GroupSync {
 
     pub fn on_queries(&mut self, who: &Who<'_>, ops: &[QueriesPatchOp]) {
         let Some(g) = self.groups.get_mut(&**who.group_id) else { return };
-        let changed =
-            g.replica(who.group_id, &self.limits).change_desired_queries(who.client_id, ops);
-        g.settle();
+        let changed = g.with_replica(who.group_id, &self.limits, |r| {
+            r.change_desired_queries(who.client_id, ops)
+        });
         match changed {
             Ok(Some(change)) => self.broadcast(who.group_id, change),
             Ok(None) => {}
@@ -224,8 +228,7 @@ impl GroupSync {
 
     pub fn on_delete_clients(&mut self, group_id: &Rc<str>, client_ids: &[String]) {
         let Some(g) = self.groups.get_mut(&**group_id) else { return };
-        let changed = g.replica(group_id, &self.limits).delete_clients(client_ids);
-        g.settle();
+        let changed = g.with_replica(group_id, &self.limits, |r| r.delete_clients(client_ids));
         if let Some(change) = changed {
             self.broadcast(group_id, change);
         }
@@ -248,8 +251,7 @@ impl GroupSync {
                 });
             }
             let Some(g) = self.groups.get_mut(&**who.group_id) else { return };
-            let result = g.replica(who.group_id, &self.limits).apply_push(mutation);
-            g.settle();
+            let result = g.with_replica(who.group_id, &self.limits, |r| r.apply_push(mutation));
             match result {
                 PushResult::Applied(change) => self.broadcast(who.group_id, change),
                 PushResult::AlreadyProcessed => {}
