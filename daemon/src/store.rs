@@ -7,26 +7,42 @@
 //! and only then sends the pokes that acknowledge them. One transaction per
 //! iteration, not per mutation, keeps the fsyncs few under load.
 //!
+//! A commit appends each change to the group's `history` (one row: the patch
+//! as JSON) and writes nothing else: the history is the log. Every
+//! [`MATERIALIZE_EVERY`] versions of a group (or sooner after large patches)
+//! the commit also folds the changes since the last time into the `rows`,
+//! `clients` and `queries` tables, moves `groups.version` up to them, and
+//! trims the history to the replica's bounds. A load reads the materialized
+//! state and replays the history after it. So a push dirties one history page
+//! instead of a page in each of four B-trees, and a row written on every push
+//! is written to `rows` once per materialization.
+//!
 //! Several processes open the file at once; SQLite's locking serializes their
 //! commits and `busy_timeout` makes a writer wait its turn. A group is written
 //! by the one worker that owns it, but during a handover (a restarted worker,
 //! a graceful replacement) two processes may briefly hold the same group. A
 //! change therefore carries the version it was based on, and the commit skips
-//! the changes of a group whose stored version differs: that process lost the
-//! group and must drop it (its clients reconnect and load the current state).
+//! the changes of a group whose stored version (the newer of `groups.version`
+//! and the last history entry) differs: that process lost the group and must
+//! drop it (its clients reconnect and load the current state). The history is
+//! never trimmed above `groups.version`, so a stale base always shows.
 //!
-//! Layout (schema version 1): `groups` (version and pinned owner), `rows`,
-//! `clients` (last mutation IDs), `queries` (desired queries) and `history`
-//! (recent patches as JSON, for catch-up). `schema_version` holds the number
-//! of `MIGRATIONS` applied; a later release appends migrations.
+//! Layout: `groups` (materialized version and pinned owner), `rows`, `clients`
+//! (last mutation IDs), `queries` (desired queries) and `history` (every patch
+//! after the materialized version, and older ones kept for catch-up; with the
+//! clients a change forgot). `schema_version` holds the number of `MIGRATIONS`
+//! applied; a later release appends migrations.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use crate::replica::{Change, ClientSnapshot, DesiredQuery, HistoryEntry, Patch, ReplicaSnapshot};
+use crate::replica::{
+    Change, ClientSnapshot, DesiredQuery, HistoryEntry, Patch, ReplicaSnapshot, Row,
+};
 
 /// The database file inside the storage directory.
 pub const DB_FILE_NAME: &str = "syncgate.db";
@@ -39,15 +55,19 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Prepared statements kept per connection: room for all of the store's (about 20).
 const STATEMENT_CACHE: usize = 32;
 
-/// The stored history is trimmed to the replica's bounds every this many versions of a
-/// group (and after any patch of [`HISTORY_TRIM_BYTES`] or more), not on every change.
-const HISTORY_TRIM_EVERY: i64 = 64;
-/// A patch this large trims the stored history at once.
-const HISTORY_TRIM_BYTES: usize = 64 * 1024;
+/// A group's changes are folded into its tables every this many versions: often enough
+/// that a load replays at most this many patches and the history is trimmed in step with
+/// the replica's, seldom enough that a busy row is written to `rows` once per this many
+/// pushes rather than on each.
+const MATERIALIZE_EVERY: usize = 64;
+/// Patch JSON since the last materialization that brings the next one forward: bounds what
+/// the store holds in memory per group and the history kept beyond the replica's bounds.
+const MATERIALIZE_BYTES: usize = 256 * 1024;
 
 /// The schema, one step per release that changed it; `schema_version` holds
 /// how many have run. Never edit a step that has shipped: append one.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
     CREATE TABLE groups (
         group_id TEXT NOT NULL PRIMARY KEY,
         version INTEGER NOT NULL,
@@ -79,7 +99,12 @@ const MIGRATIONS: &[&str] = &["
         patch TEXT NOT NULL,
         PRIMARY KEY (group_id, version)
     );
-"];
+",
+    // The history became the log (see the module doc). A file of schema 1 has every change
+    // materialized already, so it reads the same; replaying a change must also forget the
+    // clients it forgot (a JSON array, NULL for none).
+    "ALTER TABLE history ADD COLUMN forgotten TEXT;",
+];
 
 /// The storage of every client group, over one SQLite connection.
 pub struct Store {
@@ -87,6 +112,10 @@ pub struct Store {
     conn: Connection,
     /// What [`Store::commit`] will write, in the order it was staged.
     staged: Vec<Staged>,
+    /// For each group in memory, the changes committed since its last materialization:
+    /// what the next one folds into the tables (shared with the replica's history, not
+    /// copied).
+    pending: HashMap<String, Pending>,
 }
 
 /// A group as stored.
@@ -127,12 +156,11 @@ enum Staged {
         /// The user.
         user: String,
     },
-    /// One change of a group, already turned into column values.
+    /// One change of a group.
     Change(StagedChange),
 }
 
-/// A [`Change`] as the values to write, prepared at staging time so that the
-/// commit only runs statements.
+/// A [`Change`] as the commit writes it.
 struct StagedChange {
     /// The group.
     group_id: String,
@@ -140,18 +168,35 @@ struct StagedChange {
     base_version: i64,
     /// The version after the change.
     version: i64,
-    /// History at or below this version is deleted.
+    /// History at or below this version may be deleted.
     history_floor: i64,
-    /// (table, key, row JSON or `None` for a delete).
-    rows: Vec<(String, String, Option<String>)>,
-    /// (client, last mutation ID).
-    last_mutation_ids: Vec<(String, i64)>,
-    /// (client, hash, `Some(ttl)` to store the query or `None` to drop it).
-    queries: Vec<(String, String, Option<Option<f64>>)>,
-    /// Clients to forget entirely.
-    forgotten_clients: Vec<String>,
-    /// The patch as JSON, for the history.
-    patch: String,
+    /// The change itself, for the next materialization.
+    logged: Logged,
+    /// The patch as JSON, for the history (serialized at staging time, so that the commit
+    /// only runs statements).
+    patch_json: String,
+    /// `logged.forgotten` as JSON, `None` when empty (most changes).
+    forgotten_json: Option<String>,
+}
+
+/// A change committed to the history and not yet materialized.
+#[derive(Clone)]
+struct Logged {
+    /// What changed.
+    patch: Arc<Patch>,
+    /// Clients the change forgot, applied after the patch.
+    forgotten: Vec<String>,
+    /// Size of the patch's JSON, for [`MATERIALIZE_BYTES`].
+    bytes: usize,
+}
+
+/// The changes of one group since its last materialization, oldest first.
+#[derive(Default)]
+struct Pending {
+    /// The changes.
+    logged: Vec<Logged>,
+    /// Sum of their `bytes`.
+    bytes: usize,
 }
 
 impl Store {
@@ -178,18 +223,20 @@ impl Store {
         // the store's statements, and preparing costs more than running most of them).
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         migrate(&mut conn).map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(Store { conn, staged: Vec::new() })
+        Ok(Store { conn, staged: Vec::new(), pending: HashMap::new() })
     }
 
-    /// Loads a group, or `None` if nothing of it was ever committed.
+    /// Loads a group, or `None` if nothing of it was ever committed: the materialized state
+    /// with the history after it replayed.
     ///
     /// Reads one consistent snapshot of the file. Do not load a group this
-    /// process still holds changes for: staged changes are not visible.
+    /// process still holds (call [`Store::forget`] when dropping one): staged
+    /// changes are not visible.
     pub fn load(&mut self, group_id: &str) -> Result<Option<StoredGroup>, String> {
         let fail = |e: rusqlite::Error| format!("cannot load client group {group_id}: {e}");
         // Most loads are of a group never stored (every new client group): one statement
-        // says so, without a transaction. A group's rows are written in the transaction that
-        // creates its `groups` row, so there is nothing else to read.
+        // says so, without a transaction. A group's history is written in the transaction
+        // that creates its `groups` row, so there is nothing else to read.
         let exists = self
             .conn
             .prepare_cached("SELECT 1 FROM groups WHERE group_id = ?1")
@@ -199,49 +246,38 @@ impl Store {
             return Ok(None);
         }
         let tx = self.conn.transaction().map_err(fail)?;
-        let group = load_group(&tx, group_id)
-            .map_err(|e| format!("cannot load client group {group_id}: {e}"))?;
+        let loaded = load_group(&tx, group_id).map_err(fail)?;
         tx.finish().map_err(fail)?;
-        Ok(group)
+        let Some((group, pending)) = loaded else { return Ok(None) };
+        if pending.logged.is_empty() {
+            self.pending.remove(group_id);
+        } else {
+            self.pending.insert(group_id.to_owned(), pending);
+        }
+        Ok(Some(group))
+    }
+
+    /// Drops what the store remembers of a group this process no longer holds.
+    pub fn forget(&mut self, group_id: &str) {
+        self.pending.remove(group_id);
     }
 
     /// Stages a change of a group for the next [`Store::commit`]. Changes of
     /// one group must be staged in the order the replica produced them.
     pub fn stage(&mut self, group_id: &str, change: &Change) {
-        let patch = &change.patch;
-        let rows = patch
-            .rows
-            .iter()
-            .flat_map(|(table, rows)| rows.iter().map(move |(key, row)| (table, key, row)))
-            .map(|(table, key, row)| {
-                // A map of JSON values always serializes.
-                let json = row.as_ref().map(|r| serde_json::to_string(r).unwrap_or_default());
-                (table.clone(), key.clone(), json)
-            })
-            .collect();
-        let queries = patch
-            .desired_queries
-            .iter()
-            .flat_map(|(client, queries)| queries.iter().map(move |(hash, q)| (client, hash, q)))
-            .map(|(client, hash, query)| {
-                (client.clone(), hash.clone(), query.as_ref().map(|q| q.ttl))
-            })
-            .collect();
+        // Serializing plain maps of strings and JSON values cannot fail.
+        let patch_json = serde_json::to_string(&*change.patch).unwrap_or_default();
+        let forgotten = change.forgotten_clients.clone();
+        let forgotten_json =
+            (!forgotten.is_empty()).then(|| serde_json::to_string(&forgotten).unwrap_or_default());
         self.staged.push(Staged::Change(StagedChange {
             group_id: group_id.to_owned(),
             base_version: to_sql_int(change.base_version),
             version: to_sql_int(change.version),
             history_floor: to_sql_int(change.history_floor),
-            rows,
-            last_mutation_ids: patch
-                .last_mutation_ids
-                .iter()
-                .map(|(client, id)| (client.clone(), to_sql_int(*id)))
-                .collect(),
-            queries,
-            forgotten_clients: change.forgotten_clients.clone(),
-            // Serializing plain maps of strings and JSON values cannot fail.
-            patch: serde_json::to_string(&**patch).unwrap_or_default(),
+            logged: Logged { patch: Arc::clone(&change.patch), forgotten, bytes: patch_json.len() },
+            patch_json,
+            forgotten_json,
         }));
     }
 
@@ -263,19 +299,38 @@ impl Store {
             return Ok(Committed::default());
         }
         let staged = std::mem::take(&mut self.staged);
-        write_batch(&mut self.conn, &staged).map_err(|e| {
-            let mut groups: Vec<String> = Vec::new();
-            for item in &staged {
-                let group_id = match item {
-                    Staged::Owner { group_id, .. } => group_id,
-                    Staged::Change(change) => &change.group_id,
-                };
-                if !groups.contains(group_id) {
-                    groups.push(group_id.clone());
+        match write_batch(&mut self.conn, &staged, &self.pending) {
+            Ok(written) => {
+                for group in &written.committed.stale_groups {
+                    self.pending.remove(group);
                 }
+                for change in written.logged {
+                    let pending = self.pending.entry(change.group_id.clone()).or_default();
+                    pending.bytes += change.logged.bytes;
+                    pending.logged.push(change.logged.clone());
+                }
+                for group in written.materialized {
+                    self.pending.remove(group);
+                }
+                Ok(written.committed)
             }
-            CommitError { message: e.to_string(), groups }
-        })
+            Err(e) => {
+                let mut groups: Vec<String> = Vec::new();
+                for item in &staged {
+                    let group_id = match item {
+                        Staged::Owner { group_id, .. } => group_id,
+                        Staged::Change(change) => &change.group_id,
+                    };
+                    if !groups.contains(group_id) {
+                        groups.push(group_id.clone());
+                    }
+                }
+                for group in &groups {
+                    self.pending.remove(group);
+                }
+                Err(CommitError { message: e.to_string(), groups })
+            }
+        }
     }
 }
 
@@ -313,8 +368,13 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
     tx.commit()
 }
 
-/// Reads a group inside a read transaction.
-fn load_group(tx: &Transaction, group_id: &str) -> rusqlite::Result<Option<StoredGroup>> {
+/// Reads a group inside a read transaction: its materialized state, then the history
+/// replayed onto it. Also returns the replayed changes, which the next materialization
+/// folds into the tables.
+fn load_group(
+    tx: &Transaction,
+    group_id: &str,
+) -> rusqlite::Result<Option<(StoredGroup, Pending)>> {
     let group: Option<(i64, Option<String>)> = tx
         .prepare_cached("SELECT version, owner FROM groups WHERE group_id = ?1")?
         .query_row([group_id], |row| Ok((row.get(0)?, row.get(1)?)))
@@ -350,18 +410,69 @@ fn load_group(tx: &Transaction, group_id: &str) -> rusqlite::Result<Option<Store
         entry.desired_queries.insert(row.get(1)?, DesiredQuery { ttl: row.get(2)? });
     }
 
+    let mut pending = Pending::default();
     let mut history = tx.prepare_cached(
-        "SELECT version, patch FROM history WHERE group_id = ?1 ORDER BY version",
+        "SELECT version, patch, forgotten FROM history WHERE group_id = ?1 ORDER BY version",
     )?;
     let mut cursor = history.query([group_id])?;
     while let Some(row) = cursor.next()? {
-        let patch: String = row.get(1)?;
-        let patch: Patch = serde_json::from_str(&patch).map_err(|e| json_error(1, e))?;
-        snapshot
-            .history
-            .push(HistoryEntry { version: from_sql_int(row.get(0)?)?, patch: patch.into() });
+        let version = from_sql_int(row.get(0)?)?;
+        let json: String = row.get(1)?;
+        let patch: Arc<Patch> =
+            Arc::new(serde_json::from_str(&json).map_err(|e| json_error(1, e))?);
+        if version > snapshot.version {
+            // A change after the materialized state: replay it. The log has no gaps (each
+            // commit checks its base against the last entry).
+            if version != snapshot.version + 1 {
+                return Err(rusqlite::Error::InvalidParameterName(format!(
+                    "the history of client group {group_id} skips from version {} to {version}",
+                    snapshot.version
+                )));
+            }
+            let forgotten: Option<String> = row.get(2)?;
+            let forgotten: Vec<String> = match forgotten {
+                Some(json) => serde_json::from_str(&json).map_err(|e| json_error(2, e))?,
+                None => Vec::new(),
+            };
+            replay(&mut snapshot, &patch, &forgotten);
+            snapshot.version = version;
+            pending.bytes += json.len();
+            pending.logged.push(Logged { patch: Arc::clone(&patch), forgotten, bytes: json.len() });
+        }
+        snapshot.history.push(HistoryEntry { version, patch });
     }
-    Ok(Some(StoredGroup { owner, snapshot }))
+    Ok(Some((StoredGroup { owner, snapshot }, pending)))
+}
+
+/// Applies one logged change to a loaded group: the patch, then the clients it forgot.
+fn replay(snapshot: &mut ReplicaSnapshot, patch: &Patch, forgotten: &[String]) {
+    for (table, rows) in &patch.rows {
+        let stored = snapshot.rows.entry(table.clone()).or_default();
+        for (key, row) in rows {
+            match row {
+                Some(row) => stored.insert(key.clone(), row.clone()),
+                None => stored.remove(key),
+            };
+        }
+        if stored.is_empty() {
+            snapshot.rows.remove(table);
+        }
+    }
+    for (client, id) in &patch.last_mutation_ids {
+        snapshot.clients.entry(client.clone()).or_default().last_mutation_id = *id;
+    }
+    for (client, queries) in &patch.desired_queries {
+        let desired = &mut snapshot.clients.entry(client.clone()).or_default().desired_queries;
+        for (hash, query) in queries {
+            match query {
+                Some(query) => desired.insert(hash.clone(), query.clone()),
+                None => desired.remove(hash),
+            };
+        }
+    }
+    for client in forgotten {
+        snapshot.clients.remove(client);
+    }
 }
 
 /// A stored JSON column that does not parse.
@@ -369,13 +480,28 @@ fn json_error(column: usize, e: serde_json::Error) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(column, rusqlite::types::Type::Text, Box::new(e))
 }
 
-/// Writes one batch; returns the groups skipped as stale.
-fn write_batch(conn: &mut Connection, staged: &[Staged]) -> rusqlite::Result<Committed> {
+/// What [`write_batch`] wrote.
+struct Written<'a> {
+    /// Groups skipped as stale.
+    committed: Committed,
+    /// The changes appended to the history, in order.
+    logged: Vec<&'a StagedChange>,
+    /// Groups whose changes were folded into the tables (nothing of them is pending now).
+    materialized: Vec<&'a str>,
+}
+
+/// Writes one batch: each change appended to its group's history, then the groups due for it
+/// materialized.
+fn write_batch<'a>(
+    conn: &mut Connection,
+    staged: &'a [Staged],
+    pending: &HashMap<String, Pending>,
+) -> rusqlite::Result<Written<'a>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    // The version each group is at within this batch, once checked.
-    let mut versions: HashMap<&str, i64> = HashMap::new();
-    let mut stale: HashSet<&str> = HashSet::new();
-    let mut committed = Committed::default();
+    // The version each group is at within this batch, once checked; `None` once stale.
+    let mut versions: HashMap<&str, Option<i64>> = HashMap::new();
+    let mut written =
+        Written { committed: Committed::default(), logged: Vec::new(), materialized: Vec::new() };
     for item in staged {
         match item {
             Staged::Owner { group_id, user } => {
@@ -388,66 +514,133 @@ fn write_batch(conn: &mut Connection, staged: &[Staged]) -> rusqlite::Result<Com
             }
             Staged::Change(change) => {
                 let group_id = change.group_id.as_str();
-                if stale.contains(group_id) {
-                    continue;
-                }
-                let advanced = match versions.get(group_id) {
-                    // A later change of a group this batch has advanced already.
-                    Some(&version) if version == change.base_version => {
-                        tx.prepare_cached("UPDATE groups SET version = ?2 WHERE group_id = ?1")?
-                            .execute(params![group_id, change.version])?;
-                        true
-                    }
-                    Some(_) => false,
-                    None => advance_version(&tx, change)?,
+                let current = match versions.get(group_id) {
+                    Some(&current) => current,
+                    None => stored_version(&tx, group_id)?,
                 };
-                if !advanced {
-                    stale.insert(group_id);
-                    committed.stale_groups.push(group_id.to_owned());
+                if current != Some(change.base_version) {
+                    if versions.insert(group_id, None) != Some(None) {
+                        written.committed.stale_groups.push(group_id.to_owned());
+                    }
                     continue;
                 }
-                write_change(&tx, change)?;
-                versions.insert(group_id, change.version);
+                tx.prepare_cached(
+                    "INSERT INTO history (group_id, version, patch, forgotten)
+                     VALUES (?1, ?2, ?3, ?4)",
+                )?
+                .execute(params![
+                    group_id,
+                    change.version,
+                    change.patch_json,
+                    change.forgotten_json
+                ])?;
+                versions.insert(group_id, Some(change.version));
+                written.logged.push(change);
             }
         }
     }
-    tx.commit()?;
-    Ok(committed)
-}
-
-/// Moves a group from the change's base version to its version, the first time the batch
-/// touches the group: false if the stored version is another (another process changed the
-/// group since this one loaded it). One statement in the usual case: the check is the
-/// update's condition.
-fn advance_version(tx: &Transaction, change: &StagedChange) -> rusqlite::Result<bool> {
-    let group = &change.group_id;
-    let updated = tx
-        .prepare_cached("UPDATE groups SET version = ?3 WHERE group_id = ?1 AND version = ?2")?
-        .execute(params![group, change.base_version, change.version])?;
-    if updated == 1 {
-        return Ok(true);
+    // Materialize the groups whose log has grown enough, counting what this batch added.
+    let mut batch: Vec<(&str, Vec<&StagedChange>)> = Vec::new();
+    for change in &written.logged {
+        match batch.iter_mut().find(|(g, _)| *g == change.group_id) {
+            Some((_, changes)) => changes.push(change),
+            None => batch.push((&change.group_id, vec![change])),
+        }
     }
-    // Not updated: a group never stored (its base is 0), or a stale one.
-    let inserted = tx
-        .prepare_cached(
-            "INSERT INTO groups (group_id, version) VALUES (?1, ?2)
-             ON CONFLICT (group_id) DO NOTHING",
-        )?
-        .execute(params![group, change.version])?;
-    Ok(inserted == 1 && change.base_version == 0)
+    for (group_id, changes) in batch {
+        let before = pending.get(group_id);
+        let count = before.map_or(0, |p| p.logged.len()) + changes.len();
+        let bytes =
+            before.map_or(0, |p| p.bytes) + changes.iter().map(|c| c.logged.bytes).sum::<usize>();
+        if count < MATERIALIZE_EVERY && bytes < MATERIALIZE_BYTES {
+            continue;
+        }
+        let logged =
+            before.into_iter().flat_map(|p| &p.logged).chain(changes.iter().map(|c| &c.logged));
+        let last = changes.last().expect("a group in the batch has a change");
+        materialize(&tx, group_id, logged, last.version, last.history_floor)?;
+        written.materialized.push(group_id);
+    }
+    tx.commit()?;
+    Ok(written)
 }
 
-/// Writes one change whose base version matched (the group's version is already advanced).
-fn write_change(tx: &Transaction, change: &StagedChange) -> rusqlite::Result<()> {
-    let group = &change.group_id;
-    for (table, key, value) in &change.rows {
-        match value {
-            Some(value) => tx
-                .prepare_cached(
+/// The version a group is stored at: the newer of its materialized version and its last
+/// history entry; `Some(0)` for a group never stored (its `groups` row is created here, in
+/// the transaction of its first change); `None` for a group whose history runs ahead of
+/// nothing (impossible unless edited by hand: treated as stale).
+fn stored_version(tx: &Transaction, group_id: &str) -> rusqlite::Result<Option<i64>> {
+    let (materialized, logged): (Option<i64>, Option<i64>) = tx
+        .prepare_cached(
+            "SELECT (SELECT version FROM groups WHERE group_id = ?1),
+                    (SELECT max(version) FROM history WHERE group_id = ?1)",
+        )?
+        .query_row([group_id], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    match (materialized, logged) {
+        (Some(materialized), logged) => Ok(Some(materialized.max(logged.unwrap_or(0)))),
+        (None, None) => {
+            tx.prepare_cached("INSERT INTO groups (group_id, version) VALUES (?1, 0)")?
+                .execute([group_id])?;
+            Ok(Some(0))
+        }
+        (None, Some(_)) => Ok(None),
+    }
+}
+
+/// Folds a group's logged changes, oldest first, into its tables, moves its materialized
+/// version to `version` and trims its history at or below `history_floor` (never above
+/// `version`: the history after it is the log). Each row, client and query is written once,
+/// with its latest state.
+fn materialize<'a>(
+    tx: &Transaction,
+    group: &str,
+    logged: impl Iterator<Item = &'a Logged>,
+    version: i64,
+    history_floor: i64,
+) -> rusqlite::Result<()> {
+    let mut rows: BTreeMap<(&str, &str), Option<&Row>> = BTreeMap::new();
+    let mut last_mutation_ids: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut queries: BTreeMap<(&str, &str), Option<Option<f64>>> = BTreeMap::new();
+    // Forgotten clients are deleted first; what the log says of them later is written after.
+    let mut forgotten: BTreeSet<&str> = BTreeSet::new();
+    for entry in logged {
+        let patch = &*entry.patch;
+        for (table, table_rows) in &patch.rows {
+            for (key, row) in table_rows {
+                rows.insert((table, key), row.as_ref());
+            }
+        }
+        for (client, id) in &patch.last_mutation_ids {
+            last_mutation_ids.insert(client, *id);
+        }
+        for (client, client_queries) in &patch.desired_queries {
+            for (hash, query) in client_queries {
+                queries.insert((client, hash), query.as_ref().map(|q| q.ttl));
+            }
+        }
+        for client in &entry.forgotten {
+            last_mutation_ids.remove(client.as_str());
+            queries.retain(|(c, _), _| *c != client);
+            forgotten.insert(client);
+        }
+    }
+    for client in forgotten {
+        tx.prepare_cached("DELETE FROM clients WHERE group_id = ?1 AND client_id = ?2")?
+            .execute(params![group, client])?;
+        tx.prepare_cached("DELETE FROM queries WHERE group_id = ?1 AND client_id = ?2")?
+            .execute(params![group, client])?;
+    }
+    for ((table, key), row) in rows {
+        match row {
+            Some(row) => {
+                // A map of JSON values always serializes.
+                let value = serde_json::to_string(row).unwrap_or_default();
+                tx.prepare_cached(
                     "INSERT INTO rows (group_id, table_name, row_key, value) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT (group_id, table_name, row_key) DO UPDATE SET value = excluded.value",
                 )?
-                .execute(params![group, table, key, value])?,
+                .execute(params![group, table, key, value])?
+            }
             None => tx
                 .prepare_cached(
                     "DELETE FROM rows WHERE group_id = ?1 AND table_name = ?2 AND row_key = ?3",
@@ -455,14 +648,14 @@ fn write_change(tx: &Transaction, change: &StagedChange) -> rusqlite::Result<()>
                 .execute(params![group, table, key])?,
         };
     }
-    for (client, id) in &change.last_mutation_ids {
+    for (client, id) in last_mutation_ids {
         tx.prepare_cached(
             "INSERT INTO clients (group_id, client_id, last_mutation_id) VALUES (?1, ?2, ?3)
              ON CONFLICT (group_id, client_id) DO UPDATE SET last_mutation_id = excluded.last_mutation_id",
         )?
-        .execute(params![group, client, id])?;
+        .execute(params![group, client, to_sql_int(id)])?;
     }
-    for (client, hash, query) in &change.queries {
+    for ((client, hash), query) in queries {
         match query {
             Some(ttl) => tx
                 .prepare_cached(
@@ -477,24 +670,10 @@ fn write_change(tx: &Transaction, change: &StagedChange) -> rusqlite::Result<()>
                 .execute(params![group, client, hash])?,
         };
     }
-    for client in &change.forgotten_clients {
-        tx.prepare_cached("DELETE FROM clients WHERE group_id = ?1 AND client_id = ?2")?
-            .execute(params![group, client])?;
-        tx.prepare_cached("DELETE FROM queries WHERE group_id = ?1 AND client_id = ?2")?
-            .execute(params![group, client])?;
-    }
-    tx.prepare_cached(
-        "INSERT OR REPLACE INTO history (group_id, version, patch) VALUES (?1, ?2, ?3)",
-    )?
-    .execute(params![group, change.version, change.patch])?;
-    // The replica keeps its history bounded and a load trims what it reads to the same
-    // bounds, so the file may hold a few entries more: trimming every change would dirty
-    // the history's oldest page on every push. Large patches trim at once, so the excess
-    // stays under HISTORY_TRIM_EVERY x HISTORY_TRIM_BYTES.
-    if change.version % HISTORY_TRIM_EVERY == 0 || change.patch.len() >= HISTORY_TRIM_BYTES {
-        tx.prepare_cached("DELETE FROM history WHERE group_id = ?1 AND version <= ?2")?
-            .execute(params![group, change.history_floor])?;
-    }
+    tx.prepare_cached("UPDATE groups SET version = ?2 WHERE group_id = ?1")?
+        .execute(params![group, version])?;
+    tx.prepare_cached("DELETE FROM history WHERE group_id = ?1 AND version <= ?2")?
+        .execute(params![group, history_floor.min(version)])?;
     Ok(())
 }
 
@@ -623,6 +802,80 @@ pub(crate) mod tests {
         assert!(reopened.load("other").unwrap().is_none());
     }
 
+    /// Rows in one of the store's tables.
+    fn rows_in(store: &Store, table: &str) -> i64 {
+        let sql = format!("SELECT count(*) FROM {table}");
+        store.conn.query_row(&sql, [], |row| row.get(0)).unwrap()
+    }
+
+    #[test]
+    fn a_commit_appends_to_the_log_and_every_64th_version_materializes() {
+        let dir = TempDir::new();
+        let mut store = Store::open(&dir.0).unwrap();
+        let mut replica = Replica::new("g", Limits::default());
+        for id in 1..MATERIALIZE_EVERY as u64 {
+            let ops = json!([{"op": "upsert", "tableName": "issue", "primaryKey": ["id"],
+                              "value": {"id": "i1", "n": id}}]);
+            store.stage("g", &change_of(replica.apply_push(&crud("c1", id, ops))));
+            store.commit().unwrap();
+        }
+        // Only the log was written: the tables still hold version 0.
+        assert_eq!((rows_in(&store, "rows"), rows_in(&store, "clients")), (0, 0));
+        assert_eq!(rows_in(&store, "history"), MATERIALIZE_EVERY as i64 - 1);
+        let stored = store.load("g").unwrap().unwrap();
+        assert_eq!(stored.snapshot, replica.snapshot(), "the log replays to the same state");
+
+        let last = MATERIALIZE_EVERY as u64;
+        store.stage("g", &change_of(replica.apply_push(&crud("c1", last, insert("i2", "b")))));
+        store.commit().unwrap();
+        // The 64th version folded 64 changes into one row per row and client.
+        assert_eq!((rows_in(&store, "rows"), rows_in(&store, "clients")), (2, 1));
+        let materialized: i64 =
+            store.conn.query_row("SELECT version FROM groups", [], |r| r.get(0)).unwrap();
+        assert_eq!(materialized, last as i64);
+        let stored = store.load("g").unwrap().unwrap();
+        assert_eq!(stored.snapshot, replica.snapshot());
+    }
+
+    #[test]
+    fn materialization_resumes_after_the_group_moves_to_another_process() {
+        let dir = TempDir::new();
+        let limits = Limits { max_history: 8, ..Limits::default() };
+        let mut first = Store::open(&dir.0).unwrap();
+        let mut replica = Replica::new("g", limits.clone());
+        let push = |store: &mut Store,
+                    replica: &mut Replica,
+                    client: &str,
+                    ids: std::ops::RangeInclusive<u64>| {
+            for id in ids {
+                let ops = json!([{"op": "upsert", "tableName": "t", "primaryKey": ["id"],
+                                  "value": {"id": id % 3, "v": id}}]);
+                store.stage("g", &change_of(replica.apply_push(&crud(client, id, ops))));
+            }
+            store.commit().unwrap();
+        };
+        // Materialized at 64; 65..=70 are only in the log.
+        push(&mut first, &mut replica, "c1", 1..=64);
+        push(&mut first, &mut replica, "c1", 65..=70);
+        first.forget("g");
+        // Another process takes the group over from the file, forgets a client, goes on.
+        let mut second = Store::open(&dir.0).unwrap();
+        let mut moved = reload(&mut second, "g", limits.clone());
+        assert_eq!(moved.snapshot(), replica.snapshot());
+        let forget = moved.delete_clients(&["c1".into()]).unwrap();
+        second.stage("g", &forget);
+        second.commit().unwrap();
+        push(&mut second, &mut moved, "c2", 1..=57);
+        // Version 128 materialized what the first process had logged too.
+        let materialized: i64 =
+            second.conn.query_row("SELECT version FROM groups", [], |r| r.get(0)).unwrap();
+        assert_eq!(materialized, 128);
+        assert_eq!(rows_in(&second, "clients"), 1);
+        assert!(rows_in(&second, "history") <= 8 + 3, "trimmed to the replica's bound");
+        let mut third = Store::open(&dir.0).unwrap();
+        assert_eq!(reload(&mut third, "g", limits).snapshot(), moved.snapshot());
+    }
+
     #[test]
     fn the_history_on_disk_is_trimmed_like_the_one_in_memory() {
         let dir = TempDir::new();
@@ -641,13 +894,13 @@ pub(crate) mod tests {
         }
         // Trimmed to the bound at version 64 (63 and 64 kept), then 65..=70 added.
         assert_eq!(count(&store), 8);
-        // At most: versions 1..=63, before the first trim.
-        assert_eq!(most, HISTORY_TRIM_EVERY - 1);
+        // At most: versions 1..=63, before the first materialization.
+        assert_eq!(most, MATERIALIZE_EVERY as i64 - 1);
         let copy = reload(&mut store, "g", limits.clone());
         assert_eq!(copy.snapshot().history, replica.snapshot().history);
 
-        // A large patch trims at once.
-        let big = "x".repeat(HISTORY_TRIM_BYTES);
+        // A large patch materializes, and so trims, at once.
+        let big = "x".repeat(MATERIALIZE_BYTES);
         let change = change_of(replica.apply_push(&crud("c1", 71, insert("i", &big))));
         store.stage("g", &change);
         store.commit().unwrap();
@@ -795,9 +1048,15 @@ pub(crate) mod tests {
         let mut replica = Replica::new("g", Limits::default());
         store.stage("g", &change_of(replica.apply_push(&crud("c1", 1, insert("i1", "x")))));
         store.commit().unwrap();
-        store.conn.execute("UPDATE rows SET value = 'not json'", []).unwrap();
+        store.conn.execute("UPDATE history SET patch = 'not json'", []).unwrap();
         let error = store.load("g").unwrap_err();
         assert!(error.contains("cannot load client group g"), "{error}");
+        // A log with a hole cannot be replayed.
+        let empty = serde_json::to_string(&Patch::default()).unwrap();
+        store.conn.execute("UPDATE history SET patch = ?1, version = 2", [empty]).unwrap();
+        let error = store.load("g").unwrap_err();
+        assert!(error.contains("skips from version 0 to 2"), "{error}");
+        store.conn.execute("UPDATE history SET version = 1", []).unwrap();
 
         // A commit that cannot write reports every group of its batch.
         store.conn.execute_batch("DROP TABLE history").unwrap();

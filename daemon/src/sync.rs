@@ -308,6 +308,9 @@ impl GroupSync {
         }
         let mut out = std::mem::take(&mut self.outbox);
         if !failed.is_empty() {
+            for group in &failed {
+                self.store.forget(group);
+            }
             let dead: Vec<To> = failed
                 .iter()
                 .filter_map(|g| self.groups.remove(g.as_str()))
@@ -316,10 +319,11 @@ impl GroupSync {
             out.retain(|d| !dead.contains(&d.to()));
         }
         // Groups nobody is connected to leave memory once their changes are on disk.
-        let mutations = &mut self.mutations;
+        let (mutations, store) = (&mut self.mutations, &mut self.store);
         self.groups.retain(|id, g| {
             if g.connections == 0 {
                 mutations.forget_group(id);
+                store.forget(id);
             }
             g.connections > 0
         });
