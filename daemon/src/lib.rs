@@ -18,6 +18,7 @@
 //! - [`connection`]: one connection's state machine (lifecycle, keepalive, close).
 //! - [`group`]: client groups and the displacement rules.
 //! - [`replica`]: one client group's data, CRUD mutations, cookies, catch-up, pokes.
+//! - [`json`]: rows written as JSON without escaping byte by byte.
 //!
 //! Plumbing: [`sync`] (a worker's replicas, their commits and poke fan-out), [`store`]
 //! (SQLite), [`ring`] (io_uring, buffer ring), [`slab`], [`handoff`] (fd passing),
@@ -34,6 +35,7 @@ pub mod frame;
 pub mod group;
 pub mod handoff;
 pub mod handshake;
+pub mod json;
 pub mod limits;
 pub mod listener;
 pub mod logging;

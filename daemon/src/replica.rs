@@ -36,12 +36,12 @@
 //!   and is ignored; one beyond the next is a fatal `InvalidPush`.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::json;
 use crate::protocol::{
     parse_crud_args, CrudOp, CrudOpKind, ErrorKind, Mutation, MutationKind, QueriesPatchOp,
     CRUD_MUTATION_NAME,
@@ -185,6 +185,39 @@ impl Patch {
         for (hash, got) in &later.got_queries {
             self.got_queries.insert(hash.clone(), *got);
         }
+    }
+
+    /// The patch as JSON, exactly as its `Serialize` writes it (the store keeps this in the
+    /// history and `Deserialize` reads it back), with the rows written by [`json`].
+    pub fn to_json(&self) -> String {
+        let mut out = b"{\"rows\":{".to_vec();
+        for (i, (table, rows)) in self.rows.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            json::write_str(&mut out, table);
+            out.extend_from_slice(b":{");
+            for (j, (key, row)) in rows.iter().enumerate() {
+                if j > 0 {
+                    out.push(b',');
+                }
+                json::write_str(&mut out, key);
+                out.push(b':');
+                match row {
+                    Some(row) => json::write_object(&mut out, row),
+                    None => out.extend_from_slice(b"null"),
+                }
+            }
+            out.push(b'}');
+        }
+        out.extend_from_slice(b"},\"last_mutation_ids\":");
+        write_json(&mut out, &self.last_mutation_ids);
+        out.extend_from_slice(b",\"desired_queries\":");
+        write_json(&mut out, &self.desired_queries);
+        out.extend_from_slice(b",\"got_queries\":");
+        write_json(&mut out, &self.got_queries);
+        out.push(b'}');
+        String::from_utf8(out).expect("JSON written from strings is UTF-8")
     }
 
     /// Roughly the memory the patch holds, for the history's byte bound.
@@ -1127,24 +1160,7 @@ fn patch_keys_valid(patch: &Patch) -> bool {
 
 /// The size a row counts for in the limits: table name, key and JSON.
 fn row_size(table: &str, key: &str, row: &Row) -> usize {
-    let mut counter = ByteCounter(0);
-    // Counting cannot fail, and a Map has only string keys.
-    let _ = serde_json::to_writer(&mut counter, row);
-    table.len() + key.len() + counter.0
-}
-
-/// An `io::Write` that only counts, to measure JSON without building it.
-struct ByteCounter(usize);
-
-impl io::Write for ByteCounter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
+    table.len() + key.len() + json::object_len(row)
 }
 
 /// How a connection receives poke parts, by its sync protocol version.
@@ -1306,16 +1322,23 @@ fn poke_parts(poke: &Poke) -> Vec<Vec<u8>> {
     for (table_name, rows) in &patch.rows {
         for (key, row) in rows {
             part.extend_from_slice(if rows_in_part == 0 { b",\"rowsPatch\":[" } else { b"," });
-            let op = match row {
-                Some(value) => RowOpWire::Put { table_name, value },
+            match row {
+                // serde's form of the tagged op, with the row written by `json` (the row is
+                // most of a poke).
+                Some(value) => {
+                    part.extend_from_slice(b"{\"op\":\"put\",\"tableName\":");
+                    json::write_str(&mut part, table_name);
+                    part.extend_from_slice(b",\"value\":");
+                    json::write_object(&mut part, value);
+                    part.push(b'}');
+                }
                 None => {
                     // Keys are built by `row_key` or checked on load, so
                     // they parse.
                     let id = key_columns(key).unwrap_or_default().into_iter().collect();
-                    RowOpWire::Del { table_name, id }
+                    write_json(&mut part, &RowOpWire::Del { table_name, id });
                 }
-            };
-            write_json(&mut part, &op);
+            }
             rows_in_part += 1;
             if part.len() >= POKE_PART_TARGET_BYTES {
                 part.extend_from_slice(b"]}");
@@ -1368,18 +1391,11 @@ struct PokeEndBody<'a> {
     cookie: &'a str,
 }
 
-/// One op of `rowsPatch`, as zero-protocol's `row-patch.ts` defines it.
+/// A deleting op of `rowsPatch`, as zero-protocol's `row-patch.ts` defines it (`poke_parts`
+/// writes the `put` ops itself).
 #[derive(Serialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 enum RowOpWire<'a> {
-    /// Sets the whole row.
-    Put {
-        /// The table.
-        #[serde(rename = "tableName")]
-        table_name: &'a str,
-        /// The row.
-        value: &'a Row,
-    },
     /// Deletes the row with this primary key.
     Del {
         /// The table.
@@ -1441,6 +1457,27 @@ mod tests {
 
     fn replica() -> Replica {
         Replica::new(GROUP, Limits::default())
+    }
+
+    #[test]
+    fn a_patch_as_json_is_what_serde_writes() {
+        let row = |v: Value| v.as_object().unwrap().clone();
+        let mut patch = Patch::default();
+        let issues = patch.rows.entry("issue".into()).or_default();
+        issues.insert(r#"[["id","i1"]]"#.into(), Some(row(json!({"id": "i1", "t": "a\"b\n"}))));
+        issues.insert(r#"[["id","i2"]]"#.into(), None);
+        let users = patch.rows.entry("user \"x\"".into()).or_default();
+        users.insert(r#"[["id",1]]"#.into(), Some(row(json!({"id": 1, "n": [1.5, null]}))));
+        patch.last_mutation_ids.insert("c1".into(), 7);
+        let queries = patch.desired_queries.entry("c1".into()).or_default();
+        queries.insert("q1".into(), Some(DesiredQuery { ttl: Some(300000.0) }));
+        queries.insert("q2".into(), None);
+        patch.got_queries.insert("q1".into(), true);
+        for patch in [Patch::default(), patch] {
+            let ours = patch.to_json();
+            assert_eq!(ours, serde_json::to_string(&patch).unwrap());
+            assert_eq!(serde_json::from_str::<Patch>(&ours).unwrap(), patch);
+        }
     }
 
     /// A CRUD mutation parsed from the wire, as the worker gets it.

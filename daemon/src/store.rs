@@ -265,8 +265,7 @@ impl Store {
     /// Stages a change of a group for the next [`Store::commit`]. Changes of
     /// one group must be staged in the order the replica produced them.
     pub fn stage(&mut self, group_id: &str, change: &Change) {
-        // Serializing plain maps of strings and JSON values cannot fail.
-        let patch_json = serde_json::to_string(&*change.patch).unwrap_or_default();
+        let patch_json = change.patch.to_json();
         let forgotten = change.forgotten_clients.clone();
         let forgotten_json =
             (!forgotten.is_empty()).then(|| serde_json::to_string(&forgotten).unwrap_or_default());
@@ -633,8 +632,9 @@ fn materialize<'a>(
     for ((table, key), row) in rows {
         match row {
             Some(row) => {
-                // A map of JSON values always serializes.
-                let value = serde_json::to_string(row).unwrap_or_default();
+                let mut value = Vec::new();
+                crate::json::write_object(&mut value, row);
+                let value = String::from_utf8(value).expect("JSON written from strings is UTF-8");
                 tx.prepare_cached(
                     "INSERT INTO rows (group_id, table_name, row_key, value) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT (group_id, table_name, row_key) DO UPDATE SET value = excluded.value",

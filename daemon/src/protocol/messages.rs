@@ -460,21 +460,25 @@ pub(crate) fn parse_json(json: &mut [u8]) -> Result<Value, String> {
 /// recurse; it needs no validity, only string boundaries.
 fn nesting_exceeds(json: &[u8], max_depth: usize) -> bool {
     let mut depth = 0usize;
-    let mut in_string = false;
-    let mut escaped = false;
-    for &byte in json {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if byte == b'\\' {
-                escaped = true;
-            } else if byte == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
+    let mut i = 0;
+    while let Some(&byte) = json.get(i) {
+        i += 1;
         match byte {
-            b'"' => in_string = true,
+            // Strings are most of a large message (a row's text): jump from one quote or
+            // backslash to the next (memchr looks at many bytes per step) instead of
+            // stepping through every byte. A backslash escapes the byte after it.
+            b'"' => loop {
+                let rest = json.get(i..).unwrap_or_default();
+                match memchr::memchr2(b'"', b'\\', rest) {
+                    // Unterminated: nothing nests inside a string; the parser reports it.
+                    None => return false,
+                    Some(at) if rest[at] == b'\\' => i += at + 2,
+                    Some(at) => {
+                        i += at + 1;
+                        break;
+                    }
+                }
+            },
             b'[' | b'{' => {
                 depth += 1;
                 if depth > max_depth {
@@ -1475,6 +1479,58 @@ mod tests {
         let brackets = "[{".repeat(MAX_JSON_DEPTH) + "\\\"]";
         let text = json!(["updateAuth", {"auth": brackets}]).to_string();
         assert_eq!(parse(&text).unwrap(), Upstream::UpdateAuth { auth: brackets });
+    }
+
+    #[test]
+    fn the_nesting_scan_agrees_with_a_byte_by_byte_scan() {
+        // The plain definition: depth of brackets outside strings, a backslash escaping the
+        // next byte inside one.
+        fn reference(json: &[u8], max_depth: usize) -> bool {
+            let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+            for &byte in json {
+                match (in_string, escaped, byte) {
+                    (true, true, _) => escaped = false,
+                    (true, false, b'\\') => escaped = true,
+                    (true, false, b'"') => in_string = false,
+                    (true, false, _) => {}
+                    (false, _, b'"') => in_string = true,
+                    (false, _, b'[' | b'{') => {
+                        depth += 1;
+                        if depth > max_depth {
+                            return true;
+                        }
+                    }
+                    (false, _, b']' | b'}') => depth = depth.saturating_sub(1),
+                    (false, _, _) => {}
+                }
+            }
+            false
+        }
+        let pieces: [&[u8]; 9] =
+            [b"[", b"]", b"{", b"\"", b"\\", b"a", b"\\\"", b"}", b"[[\"x\\\\\"[["];
+        // Every sequence of up to 5 pieces, against depth limits 0 to 3: escapes at the end,
+        // escaped quotes and backslashes, brackets inside and after strings.
+        let mut inputs: Vec<Vec<u8>> = vec![Vec::new()];
+        for _ in 0..5 {
+            let longer: Vec<Vec<u8>> = inputs
+                .iter()
+                .filter(|i| i.len() < 5 * 8)
+                .flat_map(|i| pieces.iter().map(move |p| [i.as_slice(), p].concat()))
+                .collect();
+            inputs.extend(longer);
+            inputs.dedup();
+        }
+        assert!(inputs.len() > 60_000);
+        for input in &inputs {
+            for max_depth in 0..4 {
+                assert_eq!(
+                    nesting_exceeds(input, max_depth),
+                    reference(input, max_depth),
+                    "{:?} at depth {max_depth}",
+                    String::from_utf8_lossy(input)
+                );
+            }
+        }
     }
 
     #[test]
