@@ -221,8 +221,8 @@ pub struct PushBody {
 
 /// One mutation of a push.
 ///
-/// The arguments stay raw; for a CRUD mutation [`parse_upstream`] has already
-/// checked them, and [`parse_crud_args`] turns them into [`CrudOp`]s.
+/// The arguments stay raw; for a CRUD mutation [`parse_upstream`] has also
+/// decoded and checked them into `crud_ops`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mutation {
@@ -241,6 +241,11 @@ pub struct Mutation {
     pub args: Vec<Value>,
     /// When the client ran the mutation, in milliseconds since the epoch.
     pub timestamp: f64,
+    /// A CRUD mutation's ops, decoded from `args` by [`parse_upstream`] (which has to check
+    /// them anyway): decoded once, the rows are not copied again to apply them. Empty for a
+    /// custom mutation.
+    #[serde(skip)]
+    pub crud_ops: Vec<CrudOp>,
 }
 
 /// The `type` of a mutation.
@@ -398,16 +403,8 @@ pub fn parse_upstream(json: &mut [u8]) -> Result<Upstream, String> {
         other => return Err(format!("unknown message tag: {other}")),
     };
     message
-        .and_then(|message| check_semantics(&message).map(|()| message))
+        .and_then(|mut message| check_semantics(&mut message).map(|()| message))
         .map_err(|e| format!("{tag}: {e}"))
-}
-
-/// Reads the `args` of a CRUD mutation: exactly one element, `{ops: [...]}`.
-///
-/// [`parse_upstream`] has already run this on every CRUD mutation of a push,
-/// so for those it cannot fail. Error paths are relative to `args`.
-pub fn parse_crud_args(args: &[Value]) -> Result<Vec<CrudOp>, String> {
-    crud_ops(args).map_err(|e| e.to_string())
 }
 
 /// Appends `["connected",{"wsid":…,"timestamp":…}]`, the first message of
@@ -494,10 +491,10 @@ fn nesting_exceeds(json: &[u8], max_depth: usize) -> bool {
 
 /// Checks what serde cannot express: which fields go with which `op`, and
 /// the contents of CRUD mutations.
-fn check_semantics(message: &Upstream) -> Result<(), DecodeError> {
+fn check_semantics(message: &mut Upstream) -> Result<(), DecodeError> {
     match message {
         Upstream::Push(push) => {
-            for (i, mutation) in push.mutations.iter().enumerate() {
+            for (i, mutation) in push.mutations.iter_mut().enumerate() {
                 check_mutation(mutation).map_err(|e| e.inside(i).inside("mutations"))?;
             }
             Ok(())
@@ -509,7 +506,8 @@ fn check_semantics(message: &Upstream) -> Result<(), DecodeError> {
 
 /// A CRUD mutation must be named [`CRUD_MUTATION_NAME`] and carry valid ops;
 /// a custom mutation may carry any arguments.
-fn check_mutation(mutation: &Mutation) -> Result<(), DecodeError> {
+/// Checks one mutation of a push and decodes a CRUD mutation's ops into `crud_ops`.
+fn check_mutation(mutation: &mut Mutation) -> Result<(), DecodeError> {
     if mutation.kind == MutationKind::Custom {
         return Ok(());
     }
@@ -520,10 +518,12 @@ fn check_mutation(mutation: &Mutation) -> Result<(), DecodeError> {
         ))
         .inside("name"));
     }
-    crud_ops(&mutation.args).map(|_| ()).map_err(|e| e.inside("args"))
+    mutation.crud_ops = crud_ops(&mutation.args).map_err(|e| e.inside("args"))?;
+    Ok(())
 }
 
-/// [`parse_crud_args`] with the error still open for more path.
+/// Reads the `args` of a CRUD mutation: exactly one element, `{ops: [...]}`. Error paths
+/// are relative to `args` and still open for more path.
 fn crud_ops(args: &[Value]) -> Result<Vec<CrudOp>, DecodeError> {
     let [arg] = args else {
         return Err(DecodeError::new(format!(
@@ -1096,7 +1096,7 @@ mod tests {
         let mutation = &push.mutations[0];
         assert_eq!(mutation.kind, MutationKind::Crud);
         assert_eq!((mutation.id, mutation.client_id.as_str()), (4, "2vpg7mim73a9d946ve"));
-        let ops = parse_crud_args(&mutation.args).unwrap();
+        let ops = &mutation.crud_ops;
         assert_eq!(ops.len(), 2);
         assert_eq!(ops[1].op, CrudOpKind::Insert);
         assert_eq!(ops[1].table_name, "issue");
@@ -1110,7 +1110,7 @@ mod tests {
             .iter()
             .map(|text| {
                 let Upstream::Push(push) = parse(text).unwrap() else { panic!() };
-                parse_crud_args(&push.mutations[0].args).unwrap()[0].op
+                push.mutations[0].crud_ops[0].op
             })
             .collect();
         assert_eq!(kinds, [CrudOpKind::Upsert, CrudOpKind::Update, CrudOpKind::Delete]);
@@ -1192,7 +1192,7 @@ mod tests {
         assert_eq!(push.schema_version, Some(3));
         assert_eq!(push.auth.as_deref(), Some("old-token"));
         assert_eq!(push.mutations[0].kind, MutationKind::Custom);
-        let ops = parse_crud_args(&push.mutations[1].args).unwrap();
+        let ops = &push.mutations[1].crud_ops;
         assert_eq!(ops[0].conflict_columns, Some(vec!["c".to_string()]));
 
         let change = json!(["changeDesiredQueries",
@@ -1409,13 +1409,15 @@ mod tests {
     }
 
     #[test]
-    fn parse_crud_args_reports_paths_relative_to_args() {
+    fn crud_args_errors_report_paths_relative_to_args() {
+        let error = |args: &[Value]| crud_ops(args).unwrap_err().to_string();
         assert_eq!(
-            parse_crud_args(&[json!({"ops": [{"op": "insert"}]})]).unwrap_err(),
+            error(&[json!({"ops": [{"op": "insert"}]})]),
             "missing field `tableName` at 0.ops.0"
         );
-        assert!(parse_crud_args(&[]).unwrap_err().contains("got 0"));
-        assert_eq!(parse_crud_args(&[json!({"ops": []})]).unwrap(), vec![]);
+        assert!(error(&[]).contains("got 0"));
+        assert!(error(&[json!("not ops")]).contains("at 0"));
+        assert_eq!(crud_ops(&[json!({"ops": []})]).unwrap(), vec![]);
     }
 
     #[test]

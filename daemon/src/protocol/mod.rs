@@ -28,8 +28,8 @@ pub use header::{
     MAX_PROTOCOL_HEADER_LEN,
 };
 pub use messages::{
-    connected, parse_crud_args, parse_upstream, pong, write_connected, write_pong,
-    AnalyzeQueryOptions, ChangeDesiredQueriesBody, CrudOp, CrudOpKind, DeleteClientsBody,
-    InitConnectionBody, InspectBody, InspectOp, Mutation, MutationId, MutationKind, PullBody,
-    PushBody, QueriesPatchOp, QueryPut, Upstream, CRUD_MUTATION_NAME, MAX_JSON_DEPTH,
+    connected, parse_upstream, pong, write_connected, write_pong, AnalyzeQueryOptions,
+    ChangeDesiredQueriesBody, CrudOp, CrudOpKind, DeleteClientsBody, InitConnectionBody,
+    InspectBody, InspectOp, Mutation, MutationId, MutationKind, PullBody, PushBody, QueriesPatchOp,
+    QueryPut, Upstream, CRUD_MUTATION_NAME, MAX_JSON_DEPTH,
 };
