@@ -155,6 +155,57 @@ fn the_global_connection_cap_answers_503() {
     b.ping_pong();
 }
 
+/// A worker refuses sockets beyond the connections its descriptor limit lets it hold, with the
+/// listener's 503, though the global cap has room: groups need not spread evenly over the
+/// workers, and a worker out of descriptors would lose a handed-off socket unanswered.
+#[test]
+fn a_worker_refuses_sockets_beyond_its_descriptor_limit() {
+    use std::os::unix::process::CommandExt;
+    // Every process keeps 64 descriptors for itself: at 67 a worker holds 3 connections and
+    // the default global cap is 2 workers x 3.
+    const NOFILE: libc::rlim_t = 67;
+    let d = Daemon::start_with(QUIET, &[], |cmd| {
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                limit.rlim_cur = NOFILE.min(limit.rlim_max);
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    });
+    let on = |worker: usize| {
+        (0..).map(|i| format!("cap{i}")).filter(move |g| expected_worker(g) == worker)
+    };
+    let mut held: Vec<Ws> = on(0)
+        .take(3)
+        .enumerate()
+        .map(|(i, g)| d.connected(&Params::new(&format!("c{i}"), &g), Some(&anon_header())))
+        .collect();
+    d.wait_metric("syncgate_connections_open", &[], 3, WAIT);
+    let full = on(0).nth(3).unwrap();
+    let (status, head) = attempt(local(1), d.addr, &Params::new("c3", &full));
+    assert_eq!(status, 503, "{head}");
+    assert!(head.contains("Retry-After: 1\r\n"), "{head}");
+    assert_eq!(d.metric("syncgate_overloaded_total", &[]), 1);
+    // The other worker has room, and the full one is still fine.
+    let mut other = d.connected(&Params::new("c4", &on(1).next().unwrap()), Some(&anon_header()));
+    other.ping_pong();
+    for ws in &mut held {
+        ws.ping_pong();
+    }
+    // A connection that leaves makes room again.
+    drop(held.pop());
+    d.wait_metric("syncgate_connections_open", &[], 3, WAIT);
+    d.connected(&Params::new("c5", &full), Some(&anon_header())).ping_pong();
+}
+
 /// Raw deflate of `n` zero bytes: a few hundred bytes that inflate to `n`.
 fn zero_bomb(n: usize) -> Vec<u8> {
     use flate2::{write::DeflateEncoder, Compression};

@@ -70,7 +70,8 @@ pub struct Limits {
     pub max_handshakes: usize,
     /// The same per client address, so one slow-loris source cannot take the whole pool.
     pub max_handshakes_per_ip: usize,
-    /// WebSocket connections open in all workers; 0 derives it from RLIMIT_NOFILE.
+    /// WebSocket connections open in all workers; 0 derives it from RLIMIT_NOFILE (see
+    /// [`Config::connection_cap`]).
     pub max_connections: usize,
     /// The sliding window of `connect_per_ip`.
     pub connect_window_ms: u64,
@@ -293,15 +294,13 @@ impl Config {
         cores.saturating_sub(1).max(1)
     }
 
-    /// The global connection cap: configured, or most of the descriptors this process may
-    /// open (each connection costs one; some are kept for the daemon itself).
+    /// The global connection cap: configured, or what the workers can hold together (see
+    /// [`worker_connection_cap`]; every process has the same RLIMIT_NOFILE).
     pub fn connection_cap(&self) -> usize {
         if self.limits.max_connections > 0 {
             return self.limits.max_connections;
         }
-        let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-            .map_or(1024, |(soft, _)| soft);
-        (soft as usize).saturating_sub(RESERVED_FDS).max(1)
+        self.worker_count().saturating_mul(worker_connection_cap())
     }
 
     pub fn level(&self) -> log::LevelFilter {
@@ -322,7 +321,18 @@ impl Keepalive {
     }
 }
 
-/// Descriptors each process keeps for itself (rings, channels, logs) under RLIMIT_NOFILE.
+/// Connections one worker process can hold: most of the descriptors it may open (each
+/// connection costs one; some are kept for the process itself). A worker refuses sockets
+/// beyond it: the listener's global cap cannot see how groups spread over the workers, and a
+/// worker out of descriptors would lose a socket in the handoff without answering it.
+pub fn worker_connection_cap() -> usize {
+    let soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_or(1024, |(soft, _)| soft);
+    usize::try_from(soft).unwrap_or(usize::MAX).saturating_sub(RESERVED_FDS).max(1)
+}
+
+/// Descriptors each process keeps for itself (rings, channels, the store's files, logs, a
+/// socket being refused) under RLIMIT_NOFILE.
 const RESERVED_FDS: usize = 64;
 
 /// A bound on `workers` that catches typos (`workers = 1000000`) before they fork-bomb a host.

@@ -217,9 +217,10 @@ impl Supervisor {
         }
         // Park the descriptors above the fixed numbers first, so the dup2 calls in the child
         // can never overwrite a source that is still to be moved.
+        let first_free = fds::CONTROL + i32::try_from(inherit.len()).unwrap_or(i32::MAX);
         let parked: Vec<OwnedFd> = inherit
             .iter()
-            .map(|fd| park(*fd))
+            .map(|fd| park(*fd, first_free))
             .collect::<Result<_, _>>()
             .map_err(|e| format!("dup: {e}"))?;
         let raw: Vec<RawFd> = parked.iter().map(AsRawFd::as_raw_fd).collect();
@@ -706,12 +707,12 @@ fn local_addr(fd: &OwnedFd) -> Option<std::net::SocketAddr> {
     addr.as_sockaddr_in6().map(|v6| std::net::SocketAddr::from((v6.ip(), v6.port())))
 }
 
-/// A close-on-exec copy of `fd` numbered above the fixed child descriptors.
-fn park(fd: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
-    /// Well above [`fds`]'s numbers.
-    const ABOVE: i32 = 100;
+/// A close-on-exec copy of `fd` numbered `above` or higher: past every fixed child descriptor
+/// (a listener of many workers inherits one per worker), and as low as that allows, so a
+/// small descriptor limit still has room.
+fn park(fd: BorrowedFd<'_>, above: i32) -> std::io::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC returns a new descriptor that we then own.
-    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, ABOVE) };
+    let n = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, above) };
     if n < 0 {
         return Err(std::io::Error::last_os_error());
     }

@@ -13,6 +13,7 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, types};
+use nix::sys::socket::{MsgFlags, Shutdown};
 
 use crate::auth::Verifier;
 use crate::config::Config;
@@ -85,6 +86,9 @@ pub struct Worker {
     settings: Rc<Settings>,
     metrics: Metrics,
     verifier: Verifier,
+    /// Connections this process can hold (`config::worker_connection_cap`, read once: the
+    /// descriptor limit does not change while it runs); sockets beyond it get a 503.
+    connection_cap: usize,
     /// The handoff channel from the listener.
     channel: OwnedFd,
     channel_buf: Vec<u8>,
@@ -157,6 +161,7 @@ impl Worker {
             config,
             metrics,
             verifier,
+            connection_cap: crate::config::worker_connection_cap(),
             channel,
             channel_buf: vec![0; handoff::MAX_MESSAGE],
             slots: Slab::default(),
@@ -345,6 +350,19 @@ impl Worker {
             // Closed while in transit: drop it before spending any work on it.
             self.metrics.inc(Metric::DeadOnArrival);
             log::debug!("worker {}: peer={} closed during handoff", self.index, h.peer);
+            return;
+        }
+        if self.slots.len() >= self.connection_cap {
+            // Refused as the listener refuses at the global cap, before any work.
+            self.metrics.inc(Metric::Overloaded);
+            log::debug!("worker {}: peer={} refused: worker connection limit", self.index, h.peer);
+            let out =
+                handshake::http_error(503, &[("Retry-After", "1")], "connection limit reached");
+            let flags = MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT;
+            // A fresh socket's send buffer takes a short answer whole; if not, the close is
+            // the answer.
+            let _ = nix::sys::socket::send(h.socket.as_raw_fd(), &out, flags);
+            let _ = nix::sys::socket::shutdown(h.socket.as_raw_fd(), Shutdown::Write);
             return;
         }
         let Some(end) = handshake::head_end(&h.bytes, 0) else {

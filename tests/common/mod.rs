@@ -104,6 +104,16 @@ impl Daemon {
     /// Like [`Daemon::start`], with `SYNCGATE_*` (or other) variables in the daemon's
     /// environment. Nothing else of the caller's `SYNCGATE_*` environment reaches it.
     pub fn start_env(extra: &str, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with(extra, env, |_| {})
+    }
+
+    /// Like [`Daemon::start_env`], with `adjust` applied to the command before it starts
+    /// (e.g. resource limits set in `pre_exec`).
+    pub fn start_with(
+        extra: &str,
+        env: &[(&str, &str)],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let raised: String = ["connect_per_ip", "connect_per_client"]
             .iter()
             .filter(|key| !extra.contains(&format!("{key} =")))
@@ -139,6 +149,7 @@ impl Daemon {
             cmd.env("SYNCGATE_STORAGE_PATH", config_path.with_extension("store"));
         }
         cmd.envs(env.iter().copied());
+        adjust(&mut cmd);
         Daemon::spawn(cmd, config_path).unwrap_or_else(|log| {
             panic!("syncgate did not become ready; config:\n{config}\nlog:\n{log}")
         })
