@@ -482,6 +482,26 @@ fn inserting_an_existing_row_fails_the_mutation_without_closing() {
 }
 
 #[test]
+fn the_group_row_limit_comes_from_the_config_and_a_reload_raises_it() {
+    let d = Daemon::start(&format!("{QUIET}[limits]\ngroup_max_rows = 2\n"));
+    let (mut ws, _) = Join::new("c", "lim").open_fresh(&d);
+    push(&mut ws, "lim", "c", 1, &[insert("a", "x"), insert("b", "y")]);
+    assert_eq!(read_poke(&mut ws).rows().len(), 2);
+    push(&mut ws, "lim", "c", 2, &[insert("c", "z")]);
+    assert_eq!(read_poke(&mut ws).rows(), Vec::<Value>::new(), "over the limit: no row");
+    let error = error_next(&mut ws, "MutationFailed");
+    assert!(error["message"].as_str().unwrap().contains("over its limit of 2"), "{error}");
+    // A reload raises the limit, for the group already in memory too.
+    let config = std::fs::read_to_string(d.config_path()).unwrap();
+    std::fs::write(d.config_path(), config.replace("group_max_rows = 2", "group_max_rows = 3"))
+        .unwrap();
+    d.signal(libc::SIGHUP);
+    d.wait_log(|l| l.contains("reloaded configuration") && l.contains("generation=1"), WAIT);
+    push(&mut ws, "lim", "c", 3, &[insert("c", "z")]);
+    assert_eq!(read_poke(&mut ws).rows(), [put("c", "z")]);
+}
+
+#[test]
 fn protocol_52_gets_binary_poke_parts_and_51_never_a_binary_frame() {
     let d = Daemon::start(QUIET);
     let mut v52 = Join::new("new", "bin").version(52).open(&d);

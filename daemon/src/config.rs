@@ -99,6 +99,35 @@ pub struct Limits {
     pub per_user_mutations: u32,
     /// The sliding window of `per_user_mutations`.
     pub per_user_mutations_window_ms: u64,
+    /// Rows one client group may hold; a mutation that would pass it fails (`MutationFailed`).
+    pub group_max_rows: usize,
+    /// Bytes of row data one client group may hold (table, key and JSON of each row): bounds
+    /// a worker's memory per group and the first poke of a new client.
+    pub group_max_row_bytes: usize,
+    /// Changes a group keeps for catch-up (in memory and on disk); a client whose cookie is
+    /// older must resync from nothing.
+    pub group_history: usize,
+    /// Bytes of changes a group keeps for catch-up; the oldest go first.
+    pub group_history_bytes: usize,
+    /// Clients a group remembers (last mutation IDs, desired queries), so that made-up client
+    /// IDs cannot grow it without bound.
+    pub group_max_clients: usize,
+    /// Desired queries one client may have.
+    pub group_max_queries_per_client: usize,
+}
+
+impl Limits {
+    /// The bounds of a client group's data, for its replica.
+    pub fn group(&self) -> crate::replica::Limits {
+        crate::replica::Limits {
+            max_rows: self.group_max_rows,
+            max_row_bytes: self.group_max_row_bytes,
+            max_history: self.group_history,
+            max_history_bytes: self.group_history_bytes,
+            max_clients: self.group_max_clients,
+            max_queries_per_client: self.group_max_queries_per_client,
+        }
+    }
 }
 
 /// Keepalive timers (PROTOCOL.md "Connection lifecycle" step 7, DESIGN.md "silence").
@@ -147,6 +176,7 @@ impl Default for Config {
 
 impl Default for Limits {
     fn default() -> Self {
+        let group = crate::replica::Limits::default();
         Limits {
             connect_per_ip: 100,
             limiter_capacity: 65_536,
@@ -167,6 +197,13 @@ impl Default for Limits {
             slow_consumer_ms: 10_000,
             per_user_mutations: 0,
             per_user_mutations_window_ms: 60_000,
+            // The replica's own defaults, which say why.
+            group_max_rows: group.max_rows,
+            group_max_row_bytes: group.max_row_bytes,
+            group_history: group.max_history,
+            group_history_bytes: group.max_history_bytes,
+            group_max_clients: group.max_clients,
+            group_max_queries_per_client: group.max_queries_per_client,
         }
     }
 }
@@ -256,6 +293,12 @@ impl Config {
             ("limits.max_outbound_bytes", l.max_outbound_bytes as u64),
             ("limits.slow_consumer_ms", l.slow_consumer_ms),
             ("limits.per_user_mutations_window_ms", l.per_user_mutations_window_ms),
+            ("limits.group_max_rows", l.group_max_rows as u64),
+            ("limits.group_max_row_bytes", l.group_max_row_bytes as u64),
+            ("limits.group_history", l.group_history as u64),
+            ("limits.group_history_bytes", l.group_history_bytes as u64),
+            ("limits.group_max_clients", l.group_max_clients as u64),
+            ("limits.group_max_queries_per_client", l.group_max_queries_per_client as u64),
             ("keepalive.idle_send_ms", self.keepalive.idle_send_ms),
             ("keepalive.check_ms", self.keepalive.check_ms),
             ("keepalive.silence_ms", self.keepalive.silence_ms),
@@ -471,6 +514,7 @@ mod tests {
         assert_eq!(c.limits.max_fragments, 131_072);
         assert_eq!(c.limits.max_head_bytes, 16 << 10);
         assert_eq!(c.limits.max_group_connections, 64);
+        assert_eq!(c.limits.group(), crate::replica::Limits::default());
         assert!(!c.compression.enabled);
     }
 

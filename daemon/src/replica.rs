@@ -544,6 +544,13 @@ impl Replica {
         }
     }
 
+    /// Applies new bounds (a reload): the history is trimmed to them at once; rows and
+    /// clients over them stay, but the group cannot grow until it is back under them.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+        self.trim_history();
+    }
+
     /// The group's ID.
     pub fn group_id(&self) -> &str {
         &self.group_id
@@ -1458,6 +1465,22 @@ mod tests {
 
     fn replica() -> Replica {
         Replica::new(GROUP, Limits::default())
+    }
+
+    #[test]
+    fn lowered_limits_trim_the_history_at_once_and_stop_growth() {
+        let mut r = replica();
+        for id in 1..=5 {
+            let ops = json!([op("upsert", "issue", json!({"id": "i", "n": id}))]);
+            applied(r.apply_push(&crud(C1, id, ops)));
+        }
+        assert_eq!((r.history_len(), r.row_count()), (5, 1));
+        r.set_limits(Limits { max_history: 2, max_rows: 1, ..Limits::default() });
+        assert_eq!(r.history_len(), 2, "trimmed by the new bound");
+        // The row already there stays; another one is over the new limit.
+        let ops = json!([op("insert", "issue", json!({"id": "j"}))]);
+        assert!(matches!(r.apply_push(&crud(C1, 6, ops)), PushResult::LimitExceeded { .. }));
+        assert_eq!(r.row_count(), 1);
     }
 
     #[test]

@@ -117,6 +117,7 @@ impl Who<'_> {
 impl GroupSync {
     pub fn open(
         dir: &Path,
+        limits: replica::Limits,
         per_user_mutations: u32,
         window: Duration,
     ) -> Result<GroupSync, String> {
@@ -125,13 +126,21 @@ impl GroupSync {
             store: Store::open(dir)?,
             groups: HashMap::new(),
             outbox: Vec::new(),
-            limits: replica::Limits::default(),
+            limits,
             mutations: MutationLimiter::new(per_user_mutations, window),
         })
     }
 
     pub fn set_mutation_limit(&mut self, max: u32, window: Duration) {
         self.mutations.set_limits(max, window);
+    }
+
+    /// New bounds for the groups' data (a reload), applied to the loaded groups too.
+    pub fn set_group_limits(&mut self, limits: replica::Limits) {
+        for replica in self.groups.values_mut().filter_map(|g| g.replica.as_mut()) {
+            replica.set_limits(limits.clone());
+        }
+        self.limits = limits;
     }
 
     /// Loads `group_id` if it is not in memory; returns its pinned owner.
@@ -360,7 +369,9 @@ mod tests {
     #[test]
     fn a_group_holds_a_replica_only_once_something_changed() {
         let dir = TempDir::new();
-        let mut sync = GroupSync::open(&dir.0, 0, Duration::from_secs(60)).unwrap();
+        let mut sync =
+            GroupSync::open(&dir.0, replica::Limits::default(), 0, Duration::from_secs(60))
+                .unwrap();
         let g: Rc<str> = Rc::from("g");
         sync.load(&g).unwrap();
         sync.admitted("g");

@@ -152,7 +152,8 @@ impl Worker {
         metrics.set(Metric::InUse, 1);
         let level = config.compression.level;
         let window = Duration::from_millis(config.limits.per_user_mutations_window_ms);
-        let sync = GroupSync::open(&config.storage.path, config.limits.per_user_mutations, window)?;
+        let l = &config.limits;
+        let sync = GroupSync::open(&config.storage.path, l.group(), l.per_user_mutations, window)?;
         Ok(Worker {
             index,
             ring,
@@ -250,6 +251,7 @@ impl Worker {
             config.limits.per_user_mutations,
             Duration::from_millis(config.limits.per_user_mutations_window_ms),
         );
+        self.sync.set_group_limits(config.limits.group());
         for (_, slot) in self.slots.iter_mut() {
             slot.conn.set_settings(self.settings.clone());
         }
