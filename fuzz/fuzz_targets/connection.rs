@@ -222,7 +222,7 @@ fn check_wire(wire: &[u8], cut: bool) {
 fuzz_target!(|input: Input| {
     let start = Instant::now();
     let mut now = start;
-    let mut conn = Connection::new(identity(input.echo), settings(&input), now);
+    let mut conn = Connection::new(identity(input.echo), settings(&input).into(), now);
     let mut codec = Codec::new(1);
     conn.send_raw(RESPONSE.to_vec(), now);
     let mut wire = Wire { bytes: Vec::new(), fed: 0, shared: 0, ticks: 0, calls: 0, drained_at: 0 };
