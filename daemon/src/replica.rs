@@ -218,30 +218,6 @@ impl Patch {
         out.push(b'}');
         String::from_utf8(out).expect("JSON written from strings is UTF-8")
     }
-
-    /// Roughly the memory the patch holds, for the history's byte bound.
-    fn approx_bytes(&self) -> usize {
-        /// Bookkeeping per entry (map node, numbers), a rough guess.
-        const ENTRY: usize = 32;
-        let rows: usize = self
-            .rows
-            .iter()
-            .flat_map(|(table, rows)| rows.iter().map(move |(key, row)| (table, key, row)))
-            .map(|(table, key, row)| match row {
-                Some(row) => row_size(table, key, row),
-                None => table.len() + key.len() + ENTRY,
-            })
-            .sum();
-        let clients: usize = self.last_mutation_ids.keys().map(|c| c.len() + ENTRY).sum();
-        let queries: usize = self
-            .desired_queries
-            .iter()
-            .flat_map(|(client, queries)| queries.keys().map(move |h| client.len() + h.len()))
-            .chain(self.got_queries.keys().map(String::len))
-            .map(|len| len + ENTRY)
-            .sum();
-        rows + clients + queries
-    }
 }
 
 /// One accepted change of a group's state, returned by the methods that
@@ -255,8 +231,11 @@ pub struct Change {
     pub base_version: u64,
     /// The version after the change.
     pub version: u64,
-    /// What changed; shared with the history entry, not copied.
+    /// What changed, for the poke and the store.
     pub patch: Arc<Patch>,
+    /// The patch as JSON ([`Patch::to_json`]), written once: the history entry keeps it and
+    /// the store writes it.
+    pub json: Arc<str>,
     /// Clients the group forgot (`deleteClients`): the store deletes their
     /// records. Not part of the poke: the client that asked already dropped
     /// them locally.
@@ -367,8 +346,11 @@ pub struct ClientSnapshot {
 pub struct HistoryEntry {
     /// The version this change produced.
     pub version: u64,
-    /// What changed.
-    pub patch: Arc<Patch>,
+    /// What changed, as JSON ([`Patch::to_json`], what the store holds). A group keeps up to
+    /// [`Limits::max_history`] of these in memory, and only a reconnecting client reads them:
+    /// as text, an entry of a small change costs its length instead of the several map nodes
+    /// of a parsed `Patch` (about a third of the memory).
+    pub json: Arc<str>,
 }
 
 /// One client group's data, owned by the worker that owns the group.
@@ -422,7 +404,7 @@ struct ClientState {
 struct Recorded {
     /// The entry.
     entry: HistoryEntry,
-    /// Its [`Patch::approx_bytes`].
+    /// Its JSON length, for `max_history_bytes`.
     bytes: usize,
 }
 
@@ -506,13 +488,13 @@ impl Replica {
         let mut kept: Vec<HistoryEntry> = Vec::new();
         for entry in snapshot.history.into_iter().rev() {
             let expected = kept.last().map_or(replica.version, |e| e.version - 1);
-            if entry.version != expected || expected == 0 || !patch_keys_valid(&entry.patch) {
+            if entry.version != expected || expected == 0 {
                 break;
             }
             kept.push(entry);
         }
         for entry in kept.into_iter().rev() {
-            let bytes = entry.patch.approx_bytes();
+            let bytes = entry.json.len();
             replica.history_bytes += bytes;
             replica.history.push_back(Recorded { entry, bytes });
         }
@@ -831,7 +813,10 @@ impl Replica {
         let patch = match since {
             None => self.full_patch(),
             Some((_, version)) if version == self.version => return Ok(CatchUp::Nothing),
-            Some((_, version)) => self.patch_since(version),
+            Some((cookie, version)) => self.patch_since(version).map_err(|e| {
+                let message = format!("the changes since cookie {cookie} cannot be read: {e}");
+                (ErrorKind::InvalidConnectionRequestBaseCookie, message)
+            })?,
         };
         let cookie = self.cookie();
         Ok(CatchUp::Poke(Poke {
@@ -872,13 +857,19 @@ impl Replica {
     }
 
     /// The changes after `version`, merged so that each row and query
-    /// appears once with its latest state.
-    fn patch_since(&self, version: u64) -> Patch {
+    /// appears once with its latest state. Fails only on a history entry loaded from a
+    /// corrupt store (one this process recorded always parses).
+    fn patch_since(&self, version: u64) -> Result<Patch, String> {
         let mut patch = Patch::default();
         for recorded in self.history.iter().filter(|r| r.entry.version > version) {
-            patch.merge(&recorded.entry.patch);
+            let entry: Patch = serde_json::from_str(&recorded.entry.json)
+                .map_err(|e| format!("version {}: {e}", recorded.entry.version))?;
+            if !patch_keys_valid(&entry) {
+                return Err(format!("version {}: a row key is malformed", recorded.entry.version));
+            }
+            patch.merge(&entry);
         }
-        patch
+        Ok(patch)
     }
 
     /// Checks the ops of one mutation against the current rows without
@@ -1039,10 +1030,10 @@ impl Replica {
     fn record(&mut self, patch: Patch, forgotten_clients: Vec<String>) -> Change {
         let base_version = self.version;
         self.version += 1;
-        let patch = Arc::new(patch);
-        let bytes = patch.approx_bytes();
+        let json: Arc<str> = patch.to_json().into();
+        let bytes = json.len();
         self.history.push_back(Recorded {
-            entry: HistoryEntry { version: self.version, patch: Arc::clone(&patch) },
+            entry: HistoryEntry { version: self.version, json: Arc::clone(&json) },
             bytes,
         });
         self.history_bytes += bytes;
@@ -1050,7 +1041,8 @@ impl Replica {
         Change {
             base_version,
             version: self.version,
-            patch,
+            patch: Arc::new(patch),
+            json,
             forgotten_clients,
             history_floor: self.history_floor(),
         }
@@ -2049,6 +2041,15 @@ mod tests {
         let mut bad_key = snapshot.clone();
         bad_key.rows.get_mut("issue").unwrap().insert("not json".into(), Row::new());
         assert!(Replica::from_snapshot(GROUP, Limits::default(), bad_key).is_err());
+
+        // A stored change that does not parse fails only the catch-up that needs it.
+        let mut unreadable = snapshot.clone();
+        unreadable.history.last_mut().unwrap().json = "not json".into();
+        let copy = Replica::from_snapshot(GROUP, Limits::default(), unreadable).unwrap();
+        let (kind, message) = copy.check_connect(C1, Some("01"), 0).unwrap_err();
+        assert_eq!(kind, ErrorKind::InvalidConnectionRequestBaseCookie);
+        assert!(message.contains("cannot be read"), "{message}");
+        assert_eq!(copy.check_connect(C1, Some(&copy.cookie()), 0), Ok(CatchUp::Nothing));
 
         // A history with a gap keeps only the part after it.
         let mut gap = snapshot;

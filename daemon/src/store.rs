@@ -172,9 +172,8 @@ struct StagedChange {
     history_floor: i64,
     /// The change itself, for the next materialization.
     logged: Logged,
-    /// The patch as JSON, for the history (serialized at staging time, so that the commit
-    /// only runs statements).
-    patch_json: String,
+    /// The patch as JSON, for the history (the replica's, shared).
+    patch_json: Arc<str>,
     /// `logged.forgotten` as JSON, `None` when empty (most changes).
     forgotten_json: Option<String>,
 }
@@ -265,7 +264,7 @@ impl Store {
     /// Stages a change of a group for the next [`Store::commit`]. Changes of
     /// one group must be staged in the order the replica produced them.
     pub fn stage(&mut self, group_id: &str, change: &Change) {
-        let patch_json = change.patch.to_json();
+        let patch_json = Arc::clone(&change.json);
         let forgotten = change.forgotten_clients.clone();
         let forgotten_json =
             (!forgotten.is_empty()).then(|| serde_json::to_string(&forgotten).unwrap_or_default());
@@ -417,9 +416,9 @@ fn load_group(
     while let Some(row) = cursor.next()? {
         let version = from_sql_int(row.get(0)?)?;
         let json: String = row.get(1)?;
-        let patch: Arc<Patch> =
-            Arc::new(serde_json::from_str(&json).map_err(|e| json_error(1, e))?);
         if version > snapshot.version {
+            let patch: Arc<Patch> =
+                Arc::new(serde_json::from_str(&json).map_err(|e| json_error(1, e))?);
             // A change after the materialized state: replay it. The log has no gaps (each
             // commit checks its base against the last entry).
             if version != snapshot.version + 1 {
@@ -436,9 +435,10 @@ fn load_group(
             replay(&mut snapshot, &patch, &forgotten);
             snapshot.version = version;
             pending.bytes += json.len();
-            pending.logged.push(Logged { patch: Arc::clone(&patch), forgotten, bytes: json.len() });
+            pending.logged.push(Logged { patch, forgotten, bytes: json.len() });
         }
-        snapshot.history.push(HistoryEntry { version, patch });
+        // Older entries stay text: only a reconnecting client's catch-up parses them.
+        snapshot.history.push(HistoryEntry { version, json: json.into() });
     }
     Ok(Some((StoredGroup { owner, snapshot }, pending)))
 }
@@ -530,7 +530,7 @@ fn write_batch<'a>(
                 .execute(params![
                     group_id,
                     change.version,
-                    change.patch_json,
+                    &*change.patch_json,
                     change.forgotten_json
                 ])?;
                 versions.insert(group_id, Some(change.version));
