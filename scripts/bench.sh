@@ -116,15 +116,13 @@ EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range)
 PORT=$((EPHEMERAL_LOW > 22000 ? 10000 + RANDOM % 10000 : 1024 + RANDOM % 4000))
 SERVER_PID=
 RUN=0
-# syncgate's worker processes, and its global connection cap when set (the idle runs set
-# both; an empty cap keeps the daemon's default, derived from one process's file limit).
+# syncgate's worker processes (the idle runs past the open-file limit use more).
 SG_WORKERS=1
-SG_MAX_CONNECTIONS=
 
 # Writes a syncgate config for one run; $1: extra TOML (auth, compression).
 syncgate_config() {
   local cfg=$LOGS/syncgate-$RUN.toml
-  syncgate_bench_toml "$PORT" "$STORE/run-$RUN" "$SG_WORKERS" "$SG_MAX_CONNECTIONS" "$1" >"$cfg"
+  syncgate_bench_toml "$PORT" "$STORE/run-$RUN" "$SG_WORKERS" '' "$1" >"$cfg"
   # Keys a daemon of another version does not know are dropped (with a note), not fatal.
   if ! "$TARGET/syncgate" check-config "$cfg" >/dev/null 2>"$cfg.err"; then
     for key in max_handshakes_per_ip max_handshakes connect_per_ip; do
@@ -285,14 +283,12 @@ if wanted idle "$SCENARIOS"; then
         continue
       fi
       # syncgate: enough workers that each holds under half the limit, which leaves
-      # room for the routing hash's imbalance, and a global cap that lets them all in
-      # (the default derives from one process's open-file limit).
+      # room for the routing hash's imbalance (the default global cap counts every worker).
       SG_WORKERS=$(( (n + FD_LIMIT / 2 - 1) / (FD_LIMIT / 2) ))
-      SG_MAX_CONNECTIONS=$((n + 1000))
       note=
       (( SG_WORKERS > 1 || procs > 1 )) && note="syncgate with $SG_WORKERS workers, load client in $procs processes"
       measure syncgate plain "${args[@]}" ${note:+--note "$note"}
-      SG_WORKERS=1 SG_MAX_CONNECTIONS=
+      SG_WORKERS=1
     done
     if (( ${#skipped[@]} > 0 )); then
       log "idle $n skipped for ${skipped[*]}: a single process, open-file limit $FD_LIMIT"
