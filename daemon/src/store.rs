@@ -13,9 +13,9 @@
 //! the commit also folds the changes since the last time into the `rows`,
 //! `clients` and `queries` tables, moves `groups.version` up to them, and
 //! trims the history to the replica's bounds. A load reads the materialized
-//! state and replays the history after it. So a push dirties one history page
-//! instead of a page in each of four B-trees, and a row written on every push
-//! is written to `rows` once per materialization.
+//! state and replays the history after it. So a push writes its history row
+//! and nothing else, and a row written on every push is written to `rows` once
+//! per materialization (a large row is not written twice per push).
 //!
 //! Several processes open the file at once; SQLite's locking serializes their
 //! commits and `busy_timeout` makes a writer wait its turn. A group is written
