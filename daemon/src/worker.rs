@@ -57,17 +57,34 @@ struct Slot {
     joined: bool,
     /// A receive ended for lack of buffers and must be re-armed.
     starved: bool,
-    /// The header's `initConnection`, kept while the admission waits on a probe.
-    init: Option<Vec<u8>>,
     /// Unique per connection in this worker: deliveries name it so a reused slot never
     /// receives what was meant for its previous connection.
     serial: u64,
-    /// The connect parameters the group sync checks at `initConnection`.
+    /// Where a reconnecting client says it left off, until its `initConnection` is checked
+    /// against it; `None` for a new client (no cookie, no mutations), so that most
+    /// connections allocate nothing for it.
+    resume: Option<Box<Resume>>,
+    /// The claimed userID, while no token verified it (a verified one is the identity's
+    /// user and equal to it), for the per-user mutation limit.
+    claimed_user: Option<Box<str>>,
+}
+
+/// The connect parameters the group sync checks at `initConnection`.
+struct Resume {
     base_cookie: Option<String>,
     lmid: u64,
+}
+
+impl Slot {
     /// Whose mutations these are, for the per-user mutation limit: the verified user, else
     /// the claimed userID, else the clientID.
-    user_key: String,
+    fn user_key(&self) -> std::borrow::Cow<'_, str> {
+        let id = self.conn.identity();
+        match (id.user.as_deref(), self.claimed_user.as_deref()) {
+            (Some(user), _) | (None, Some(user)) => user.into(),
+            (None, None) => format!("client:{}", id.client_id).into(),
+        }
+    }
 }
 
 /// A newcomer waiting for the liveness probe of the connection holding its clientID.
@@ -75,6 +92,8 @@ struct Probe {
     newcomer: u32,
     existing: u32,
     deadline: Instant,
+    /// The newcomer's header `initConnection`, handled once it is admitted.
+    init: Option<Vec<u8>>,
 }
 
 pub struct Worker {
@@ -415,13 +434,13 @@ impl Worker {
             shut: false,
             joined: false,
             starved: false,
-            init: None,
             serial: self.next_serial,
-            base_cookie: routed.as_ref().and_then(|(_, p)| p.base_cookie.clone()),
-            lmid: routed.as_ref().map_or(0, |(_, p)| p.lmid),
-            user_key: routed.as_ref().map_or(String::new(), |(_, p)| {
-                p.user_id.clone().unwrap_or_else(|| format!("client:{}", p.client_id))
+            resume: routed.as_ref().and_then(|(_, p)| {
+                let fresh = p.base_cookie.is_none() && p.lmid == 0;
+                let (base_cookie, lmid) = (p.base_cookie.clone(), p.lmid);
+                (!fresh).then(|| Box::new(Resume { base_cookie, lmid }))
             }),
+            claimed_user: routed.as_ref().and_then(|(_, p)| p.user_id.as_deref().map(Box::from)),
         });
         self.next_serial += 1;
         self.arm_recv(index);
@@ -506,11 +525,11 @@ impl Worker {
             None => None,
         };
         let slot = self.slots.get_mut(index).expect("slot");
-        if let Some(user) = &user {
-            slot.user_key = user.to_string();
+        if user.is_some() {
+            slot.claimed_user = None;
         }
         slot.conn.set_user(user.clone());
-        slot.init = header.init_connection;
+        let init = header.init_connection;
         let id = slot.conn.identity().clone();
         // The group's durable owner pins it before any admission decision (rule 4).
         match self.sync.load(&id.client_group_id) {
@@ -545,20 +564,20 @@ impl Worker {
         match decision {
             Admission::Replace(old) => {
                 self.displace(old, &format!("replaced by wsid {}", id.wsid), now);
-                self.open_connection(index, now);
+                self.open_connection(index, init, now);
             }
             Admission::Probe(old) => {
                 if let Some(existing) = self.slots.get_mut(old) {
                     existing.conn.probe(now);
                     let deadline =
                         now + Duration::from_millis(self.config.keepalive.probe_timeout_ms);
-                    self.probes.push(Probe { newcomer: index, existing: old, deadline });
+                    self.probes.push(Probe { newcomer: index, existing: old, deadline, init });
                     self.process(old);
                 } else {
-                    self.open_connection(index, now);
+                    self.open_connection(index, init, now);
                 }
             }
-            _ => self.open_connection(index, now),
+            _ => self.open_connection(index, init, now),
         }
     }
 
@@ -584,7 +603,7 @@ impl Worker {
     }
 
     /// Steps 5 and 6: `connected`, then the header's `initConnection`.
-    fn open_connection(&mut self, index: u32, now: Instant) {
+    fn open_connection(&mut self, index: u32, init: Option<Vec<u8>>, now: Instant) {
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
@@ -601,7 +620,6 @@ impl Worker {
             log::error!("worker={} storage: {e}", self.index);
         }
         self.sync.admitted(&id.client_group_id);
-        let init = slot.init.take();
         slot.conn.open(init, now);
         self.open += 1;
         self.metrics.inc(Metric::Connected);
@@ -757,15 +775,17 @@ impl Worker {
                 match notice {
                     Notice::Init(body) => {
                         // Needed once: an idle connection should not keep holding it.
-                        let base_cookie = slot.base_cookie.take();
-                        self.sync.on_init(&who, base_cookie.as_deref(), slot.lmid, &body)
+                        let resume = slot.resume.take();
+                        let base_cookie = resume.as_ref().and_then(|r| r.base_cookie.as_deref());
+                        let lmid = resume.as_ref().map_or(0, |r| r.lmid);
+                        self.sync.on_init(&who, base_cookie, lmid, &body)
                     }
                     Notice::ChangeDesiredQueries(ops) => self.sync.on_queries(&who, &ops),
                     Notice::DeleteClients(body) => self.sync.on_delete_clients(
                         who.group_id,
                         body.client_ids.as_deref().unwrap_or_default(),
                     ),
-                    Notice::Push(push) => self.sync.on_push(&who, &slot.user_key, &push, now),
+                    Notice::Push(push) => self.sync.on_push(&who, &slot.user_key(), &push, now),
                     Notice::UpdateAuth(token) => refreshed.push(token),
                 }
             }
@@ -930,12 +950,12 @@ impl Worker {
             match outcome {
                 None => i += 1,
                 Some(admit) => {
-                    self.probes.swap_remove(i);
+                    let init = self.probes.swap_remove(i).init;
                     if let Some(slot) = self.slots.get_mut(existing_index) {
                         slot.conn.clear_probe();
                     }
                     match admit {
-                        Some(true) => self.open_connection(newcomer, now),
+                        Some(true) => self.open_connection(newcomer, init, now),
                         Some(false) => {
                             self.metrics.inc(Metric::DisplacementRefusals);
                             let message = "this clientID is connected in another session";
