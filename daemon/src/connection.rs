@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::rc::Rc;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::deflate::{Agreement, Deflater, InflateError, Inflater, SharedContexts};
@@ -92,7 +93,8 @@ pub enum State {
     Open,
     /// A close frame is queued or sent; `received` once the peer's close arrived.
     Closing {
-        deadline: Instant,
+        /// When the close began: the peer has `close_timeout` from then to answer.
+        since: Tick,
         received: bool,
     },
     /// Nothing left to do but drop the socket.
@@ -164,12 +166,12 @@ struct Core {
     end: Option<End>,
     /// What waits to be written, only while something does (see [`Outbound`]).
     out: Option<Box<Outbound>>,
-    last_recv: Instant,
-    last_send: Instant,
+    last_recv: Tick,
+    last_send: Tick,
     /// When our keepalive WebSocket ping went out, until any frame comes back.
-    ping_sent: Option<Instant>,
-    /// When an admission probe (displacement rule 3) was sent; any frame after it proves life.
-    probe_sent: Option<Instant>,
+    ping_sent: Option<Tick>,
+    /// The admission probe (displacement rule 3) running on this connection, if any.
+    probe: Probe,
     /// Whether `initConnection` was already received (header or message).
     initialized: bool,
     /// Set when permessage-deflate was negotiated.
@@ -207,7 +209,57 @@ struct Outbound {
     /// reported, so `Outbound` is never freed while this is not `None`.
     in_flight: InFlight,
     /// When the queue went over `max_outbound` (None while under it).
-    stuck_since: Option<Instant>,
+    stuck_since: Option<Tick>,
+}
+
+/// Where an admission probe stands: a ping was sent, and any frame received after it
+/// proves the peer alive.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    None,
+    Sent,
+    Answered,
+}
+
+/// A time on the connections' millisecond clock: milliseconds since the clock was first
+/// read, modulo 2^32 (it wraps every 49.7 days). Four bytes where an `Instant` takes
+/// sixteen, for each of a connection's timers.
+///
+/// The wrap never shows: a time is only ever used as the start of an elapsed time, and
+/// every timer is acted on (reset or ended) once its timeout has passed, within a tick of
+/// the worker's loop; timeouts are capped at [`MAX_TIMEOUT_MS`], so an elapsed time that
+/// matters is always far below 2^32 ms and `wrapping_sub` gives it exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tick(u32);
+
+impl Tick {
+    /// The tick of `now`. Instants before the clock's start (tests make some) count back
+    /// from it, rounded down like the rest, so whole milliseconds between instants are kept
+    /// exactly.
+    fn at(now: Instant) -> Tick {
+        static START: OnceLock<Instant> = OnceLock::new();
+        let start = *START.get_or_init(|| now);
+        // Truncating to u32 is the modulo 2^32.
+        match now.checked_duration_since(start) {
+            Some(after) => Tick(after.as_millis() as u32),
+            None => Tick(0u32.wrapping_sub((start - now).as_nanos().div_ceil(1_000_000) as u32)),
+        }
+    }
+
+    /// Milliseconds from `earlier` to `self`.
+    fn since(self, earlier: Tick) -> u32 {
+        self.0.wrapping_sub(earlier.0)
+    }
+}
+
+/// The longest timeout the millisecond clock keeps exact, about 24.8 days (half its range,
+/// which leaves the other half for ticks and loop delays); a longer configured timeout
+/// acts as this one, which no keepalive setting comes near.
+const MAX_TIMEOUT_MS: u32 = i32::MAX as u32;
+
+/// A timeout in milliseconds on the [`Tick`] clock.
+fn timeout_ms(timeout: Duration) -> u32 {
+    timeout.as_millis().min(MAX_TIMEOUT_MS.into()) as u32
 }
 
 impl Default for Outbound {
@@ -246,10 +298,10 @@ impl Connection {
                 state: State::Pending,
                 end: None,
                 out: None,
-                last_recv: now,
-                last_send: now,
+                last_recv: Tick::at(now),
+                last_send: Tick::at(now),
                 ping_sent: None,
-                probe_sent: None,
+                probe: Probe::None,
                 initialized: false,
                 deflate: None,
                 notices: Vec::new(),
@@ -377,8 +429,11 @@ impl Connection {
         if core.state == State::Done {
             return;
         }
-        core.last_recv = now;
+        core.last_recv = Tick::at(now);
         core.ping_sent = None;
+        if core.probe == Probe::Sent {
+            core.probe = Probe::Answered;
+        }
         core.bytes_in = core.bytes_in.saturating_add(input.len().try_into().unwrap_or(u32::MAX));
         if matches!(core.state, State::Closing { received: true, .. }) {
             return;
@@ -399,8 +454,8 @@ impl Connection {
     /// proves the peer alive.
     pub fn probe(&mut self, now: Instant) {
         let c = &mut self.core;
-        if c.probe_sent.is_none() {
-            c.probe_sent = Some(now);
+        if c.probe == Probe::None {
+            c.probe = Probe::Sent;
             let mut f = Vec::with_capacity(8);
             frame::encode_frame(&mut f, OpCode::Ping, b"probe", false);
             c.push(Chunk::Owned(f), now);
@@ -409,46 +464,52 @@ impl Connection {
 
     /// Whether anything arrived since the probe went out; `None` if no probe is running.
     pub fn probe_answered(&self) -> Option<bool> {
-        self.core.probe_sent.map(|at| self.core.last_recv > at)
+        match self.core.probe {
+            Probe::None => None,
+            Probe::Sent => Some(false),
+            Probe::Answered => Some(true),
+        }
     }
 
     pub fn clear_probe(&mut self) {
-        self.core.probe_sent = None;
+        self.core.probe = Probe::None;
     }
 
     /// Timers: keepalive, close deadline, slow consumer.
     pub fn on_tick(&mut self, now: Instant) {
         let c = &mut self.core;
+        let tick = Tick::at(now);
+        let settings = &c.settings;
         match c.state {
             State::Done => {}
-            State::Closing { deadline, .. } => {
-                if now >= deadline {
+            State::Closing { since, .. } => {
+                if tick.since(since) >= timeout_ms(settings.close_timeout) {
                     c.end.get_or_insert(End::CloseTimeout);
                     c.state = State::Done;
                 }
             }
             State::Pending | State::Open => {
                 if let Some(since) = c.out.as_ref().and_then(|o| o.stuck_since) {
-                    if now.duration_since(since) >= c.settings.slow_consumer {
+                    if tick.since(since) >= timeout_ms(settings.slow_consumer) {
                         c.end.get_or_insert(End::SlowConsumer);
                         c.close(1008, "send queue full", now);
                         return;
                     }
                 }
                 if let Some(at) = c.ping_sent {
-                    if now.duration_since(at) >= c.settings.ping_timeout {
+                    if tick.since(at) >= timeout_ms(settings.ping_timeout) {
                         c.end.get_or_insert(End::KeepaliveTimeout);
                         c.state = State::Done;
                         return;
                     }
-                } else if now.duration_since(c.last_recv) >= c.settings.silence {
-                    c.ping_sent = Some(now);
+                } else if tick.since(c.last_recv) >= timeout_ms(settings.silence) {
+                    c.ping_sent = Some(tick);
                     let mut f = Vec::with_capacity(2);
                     frame::encode_frame(&mut f, OpCode::Ping, b"", false);
                     c.push(Chunk::Owned(f), now);
                 }
-                if c.state == State::Open && now.duration_since(c.last_send) >= c.settings.idle_send
-                {
+                let idle_send = timeout_ms(c.settings.idle_send);
+                if c.state == State::Open && tick.since(c.last_send) >= idle_send {
                     let mut msg = Vec::with_capacity(16);
                     protocol::write_pong(&mut msg);
                     c.send_text(&msg, now);
@@ -480,7 +541,7 @@ impl Connection {
     pub fn on_sent(&mut self, n: usize, now: Instant) {
         let c = &mut self.core;
         if n > 0 {
-            c.last_send = now;
+            c.last_send = Tick::at(now);
         }
         let Some(o) = c.out.as_deref_mut() else { return };
         match std::mem::replace(&mut o.in_flight, InFlight::None) {
@@ -568,7 +629,7 @@ impl Core {
         let len = chunk.bytes().len();
         o.queued_bytes += len;
         if o.queued_bytes > max_outbound && o.stuck_since.is_none() {
-            o.stuck_since = Some(now);
+            o.stuck_since = Some(Tick::at(now));
         }
         // Coalesce small owned frames into the last owned chunk, unless that chunk is being
         // written (its buffer must not move under the kernel).
@@ -698,8 +759,8 @@ impl Core {
     fn fail_connection(&mut self, code: u16, reason: &str, now: Instant) {
         self.end.get_or_insert(End::Protocol(code));
         self.close(code, reason, now);
-        if let State::Closing { deadline, .. } = self.state {
-            self.state = State::Closing { deadline, received: true };
+        if let State::Closing { since, .. } = self.state {
+            self.state = State::Closing { since, received: true };
         }
     }
 
@@ -709,8 +770,7 @@ impl Core {
             frame::encode_close(&mut f, code, reason);
             self.push(Chunk::Owned(f), now);
             self.end.get_or_insert(End::Normal);
-            self.state =
-                State::Closing { deadline: now + self.settings.close_timeout, received: false };
+            self.state = State::Closing { since: Tick::at(now), received: false };
         }
     }
 
@@ -737,8 +797,8 @@ impl Core {
             Event::Pong(_) => {}
             Event::Close(code) => {
                 match self.state {
-                    State::Closing { deadline, .. } => {
-                        self.state = State::Closing { deadline, received: true };
+                    State::Closing { since, .. } => {
+                        self.state = State::Closing { since, received: true };
                     }
                     _ => {
                         // Echo the peer's code, as RFC 6455 5.5.1 asks.
@@ -749,10 +809,7 @@ impl Core {
                         }
                         self.push(Chunk::Owned(f), now);
                         self.end.get_or_insert(End::Normal);
-                        self.state = State::Closing {
-                            deadline: now + self.settings.close_timeout,
-                            received: true,
-                        };
+                        self.state = State::Closing { since: Tick::at(now), received: true };
                     }
                 }
                 return ControlFlow::Break(());
@@ -1084,6 +1141,17 @@ mod tests {
         assert_eq!(c.end(), Some(&End::Protocol(1002)));
         // A failed connection does not wait for the peer's close frame (RFC 6455 7.1.7).
         assert!(c.finished());
+    }
+
+    #[test]
+    fn ticks_measure_whole_milliseconds_across_the_wrap_and_before_the_start() {
+        assert_eq!(Tick(5).since(Tick(u32::MAX - 4)), 10, "the clock wrapped between them");
+        // Instants on both sides of the clock's start (whenever the first read was).
+        let t = Instant::now();
+        let before = t - Duration::from_micros(1500);
+        assert_eq!(Tick::at(t + Duration::from_secs(6)).since(Tick::at(t)), 6000);
+        assert_eq!(Tick::at(before + Duration::from_secs(6)).since(Tick::at(before)), 6000);
+        assert_eq!(timeout_ms(Duration::from_secs(u64::MAX)), MAX_TIMEOUT_MS);
     }
 
     use crate::frame::encode_frame;
