@@ -384,7 +384,7 @@ impl Worker {
             _ if echo => Identity {
                 client_id: Rc::from(""),
                 client_group_id: Rc::from(""),
-                wsid: String::new(),
+                wsid: Box::default(),
                 user: None,
                 version: 0,
                 echo: true,
@@ -392,7 +392,7 @@ impl Worker {
             Some((path, params)) => Identity {
                 client_id: Rc::from(params.client_id.as_str()),
                 client_group_id: Rc::from(params.client_group_id.as_str()),
-                wsid: params.wsid.clone(),
+                wsid: params.wsid.as_str().into(),
                 user: None,
                 version: path.version,
                 echo: false,
@@ -988,4 +988,18 @@ fn peer_gone(fd: &OwnedFd) -> bool {
 
 fn epoch_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_slot_stays_small() {
+        // One per socket in every worker (see `Connection`'s own bound): connect-time data
+        // lives elsewhere once admitted. Raise this only knowing it is paid per connection.
+        assert!(
+            std::mem::size_of::<super::Slot>() <= 256,
+            "{}",
+            std::mem::size_of::<super::Slot>()
+        );
+    }
 }
