@@ -48,7 +48,6 @@ pub const MAX_VERSION: u32 = 52;
 struct Slot {
     fd: OwnedFd,
     conn: Connection,
-    peer: SocketAddr,
     recv_armed: bool,
     send_armed: bool,
     /// The socket was shut down; the slot is freed once no operation is in flight.
@@ -92,6 +91,8 @@ struct Probe {
     newcomer: u32,
     existing: u32,
     deadline: Instant,
+    /// The newcomer's address, for the log line of its admission or refusal.
+    peer: SocketAddr,
     /// The newcomer's header `initConnection`, handled once it is admitted.
     init: Option<Vec<u8>>,
 }
@@ -428,7 +429,6 @@ impl Worker {
         let index = self.slots.insert(Slot {
             fd: h.socket,
             conn,
-            peer: h.peer,
             recv_armed: false,
             send_armed: false,
             shut: false,
@@ -445,7 +445,7 @@ impl Worker {
         self.next_serial += 1;
         self.arm_recv(index);
         match &routed {
-            Some((_, params)) if !echo => self.admit(index, &head, params, now),
+            Some((_, params)) if !echo => self.admit(index, h.peer, &head, params, now),
             _ => {
                 if let Some(slot) = self.slots.get_mut(index) {
                     slot.conn.open(None, now);
@@ -463,9 +463,11 @@ impl Worker {
     }
 
     /// Steps 2 to 6 of the lifecycle for a connection whose 101 is queued.
+    /// `peer` is only logged (a slot does not keep it: 32 bytes per connection).
     fn admit(
         &mut self,
         index: u32,
+        peer: SocketAddr,
         head: &handshake::Head,
         params: &route::ConnectParams,
         now: Instant,
@@ -474,6 +476,7 @@ impl Worker {
             None => {
                 return self.refuse(
                     index,
+                    peer,
                     ErrorKind::InvalidConnectionRequest,
                     "missing Sec-WebSocket-Protocol header",
                     1002,
@@ -484,6 +487,7 @@ impl Worker {
                 let message = format!("invalid Sec-WebSocket-Protocol header: {e}");
                 return self.refuse(
                     index,
+                    peer,
                     ErrorKind::InvalidConnectionRequest,
                     &message,
                     1002,
@@ -494,28 +498,42 @@ impl Worker {
         };
         // 2. Authenticate first: nothing below looks at other connections before this.
         let user: Option<Rc<str>> = match header.auth_token.as_deref() {
-            Some(token) if self.verifier.has_keys() => match self
-                .verifier
-                .verify(token, epoch_secs())
-            {
-                Ok(verified) => {
-                    if params.user_id.as_deref() != Some(verified.sub.as_str()) {
-                        self.metrics.inc(Metric::AuthRefusals);
-                        let message = "token subject does not match userID";
-                        return self.refuse(index, ErrorKind::Unauthorized, message, 3000, now);
+            Some(token) if self.verifier.has_keys() => {
+                match self.verifier.verify(token, epoch_secs()) {
+                    Ok(verified) => {
+                        if params.user_id.as_deref() != Some(verified.sub.as_str()) {
+                            self.metrics.inc(Metric::AuthRefusals);
+                            let message = "token subject does not match userID";
+                            return self.refuse(
+                                index,
+                                peer,
+                                ErrorKind::Unauthorized,
+                                message,
+                                3000,
+                                now,
+                            );
+                        }
+                        Some(Rc::from(verified.sub.as_str()))
                     }
-                    Some(Rc::from(verified.sub.as_str()))
+                    Err(e) => {
+                        self.metrics.inc(Metric::AuthRefusals);
+                        return self.refuse(
+                            index,
+                            peer,
+                            ErrorKind::AuthInvalidated,
+                            e.message(),
+                            3000,
+                            now,
+                        );
+                    }
                 }
-                Err(e) => {
-                    self.metrics.inc(Metric::AuthRefusals);
-                    return self.refuse(index, ErrorKind::AuthInvalidated, e.message(), 3000, now);
-                }
-            },
+            }
             Some(_) => None,
             None if self.config.auth.required => {
                 self.metrics.inc(Metric::AuthRefusals);
                 return self.refuse(
                     index,
+                    peer,
                     ErrorKind::Unauthorized,
                     "a token is required",
                     3000,
@@ -537,7 +555,14 @@ impl Worker {
             Ok(None) => {}
             Err(e) => {
                 log::error!("worker={} storage: {e}", self.index);
-                return self.refuse(index, ErrorKind::Internal, "storage unavailable", 1011, now);
+                return self.refuse(
+                    index,
+                    peer,
+                    ErrorKind::Internal,
+                    "storage unavailable",
+                    1011,
+                    now,
+                );
             }
         }
         // 3. Displacement, against verified identities only.
@@ -550,7 +575,7 @@ impl Worker {
         if let Admission::Refuse(kind, message) = decision {
             self.metrics.inc(Metric::DisplacementRefusals);
             let code = if kind == ErrorKind::Unauthorized { 3000 } else { 1008 };
-            return self.refuse(index, kind, &message, code, now);
+            return self.refuse(index, peer, kind, &message, code, now);
         }
         // 4. Version, before any existing connection is touched.
         if !(MIN_VERSION..=MAX_VERSION).contains(&id.version) {
@@ -559,29 +584,38 @@ impl Worker {
                 "server supports sync protocol v{MIN_VERSION} to v{MAX_VERSION}, client requested v{}",
                 id.version
             );
-            return self.refuse(index, ErrorKind::VersionNotSupported, &message, 1002, now);
+            return self.refuse(index, peer, ErrorKind::VersionNotSupported, &message, 1002, now);
         }
         match decision {
             Admission::Replace(old) => {
                 self.displace(old, &format!("replaced by wsid {}", id.wsid), now);
-                self.open_connection(index, init, now);
+                self.open_connection(index, peer, init, now);
             }
             Admission::Probe(old) => {
                 if let Some(existing) = self.slots.get_mut(old) {
                     existing.conn.probe(now);
                     let deadline =
                         now + Duration::from_millis(self.config.keepalive.probe_timeout_ms);
-                    self.probes.push(Probe { newcomer: index, existing: old, deadline, init });
+                    let probe = Probe { newcomer: index, existing: old, deadline, peer, init };
+                    self.probes.push(probe);
                     self.process(old);
                 } else {
-                    self.open_connection(index, init, now);
+                    self.open_connection(index, peer, init, now);
                 }
             }
-            _ => self.open_connection(index, init, now),
+            _ => self.open_connection(index, peer, init, now),
         }
     }
 
-    fn refuse(&mut self, index: u32, kind: ErrorKind, message: &str, code: u16, now: Instant) {
+    fn refuse(
+        &mut self,
+        index: u32,
+        peer: SocketAddr,
+        kind: ErrorKind,
+        message: &str,
+        code: u16,
+        now: Instant,
+    ) {
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
@@ -593,7 +627,7 @@ impl Worker {
             id.client_id,
             id.client_group_id,
             id.wsid,
-            slot.peer
+            peer
         );
         if kind == ErrorKind::ServerOverloaded {
             slot.conn.fail_with_backoff(kind, message, code, OVERLOAD_BACKOFF, now);
@@ -603,7 +637,13 @@ impl Worker {
     }
 
     /// Steps 5 and 6: `connected`, then the header's `initConnection`.
-    fn open_connection(&mut self, index: u32, init: Option<Vec<u8>>, now: Instant) {
+    fn open_connection(
+        &mut self,
+        index: u32,
+        peer: SocketAddr,
+        init: Option<Vec<u8>>,
+        now: Instant,
+    ) {
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
@@ -631,7 +671,7 @@ impl Worker {
             id.wsid,
             id.user.as_deref().unwrap_or("-"),
             id.version,
-            slot.peer
+            peer
         );
     }
 
@@ -950,16 +990,23 @@ impl Worker {
             match outcome {
                 None => i += 1,
                 Some(admit) => {
-                    let init = self.probes.swap_remove(i).init;
+                    let Probe { peer, init, .. } = self.probes.swap_remove(i);
                     if let Some(slot) = self.slots.get_mut(existing_index) {
                         slot.conn.clear_probe();
                     }
                     match admit {
-                        Some(true) => self.open_connection(newcomer, init, now),
+                        Some(true) => self.open_connection(newcomer, peer, init, now),
                         Some(false) => {
                             self.metrics.inc(Metric::DisplacementRefusals);
                             let message = "this clientID is connected in another session";
-                            self.refuse(newcomer, ErrorKind::Unauthorized, message, 3000, now);
+                            self.refuse(
+                                newcomer,
+                                peer,
+                                ErrorKind::Unauthorized,
+                                message,
+                                3000,
+                                now,
+                            );
                         }
                         None => {}
                     }
@@ -997,7 +1044,7 @@ mod tests {
         // One per socket in every worker (see `Connection`'s own bound): connect-time data
         // lives elsewhere once admitted. Raise this only knowing it is paid per connection.
         assert!(
-            std::mem::size_of::<super::Slot>() <= 256,
+            std::mem::size_of::<super::Slot>() <= 224,
             "{}",
             std::mem::size_of::<super::Slot>()
         );
