@@ -130,6 +130,11 @@ pub struct Worker {
     signal_buf: Box<[u8; 128]>,
     /// The control channel from the supervisor (ready, reloads).
     control: OwnedFd,
+    /// A connection arrived or was freed since the last tick (see [`Worker::on_tick`]).
+    churned: bool,
+    /// Connections came and went, then a whole tick passed without any: the burst is over
+    /// and the allocator holds its freed memory (see [`Worker::on_tick`]).
+    burst_over: bool,
 }
 
 fn settings_from(config: &Config) -> Settings {
@@ -192,6 +197,8 @@ impl Worker {
             signalfd,
             signal_buf: Box::new([0; 128]),
             control,
+            churned: false,
+            burst_over: false,
         })
     }
 
@@ -443,6 +450,7 @@ impl Worker {
             claimed_user: routed.as_ref().and_then(|(_, p)| p.user_id.as_deref().map(Box::from)),
         });
         self.next_serial += 1;
+        self.churned = true;
         self.arm_recv(index);
         match &routed {
             Some((_, params)) if !echo => self.admit(index, h.peer, &head, params, now),
@@ -870,6 +878,7 @@ impl Worker {
             if !slot.recv_armed && !slot.send_armed {
                 self.dedicated_deflate_bytes -= slot.conn.dedicated_deflate_bytes();
                 self.slots.remove(index);
+                self.churned = true;
             }
             return;
         }
@@ -937,6 +946,20 @@ impl Worker {
     }
 
     fn on_tick(&mut self, now: Instant) {
+        // The allocator gives freed pages back to the kernel lazily, from its own
+        // allocation and free calls; a worker that goes quiet after a burst of handshakes
+        // (all that idle connections leave behind) makes none, and kept the burst's scratch
+        // memory resident: about as much again as the idle connections themselves use.
+        // So once a burst is over (a tick with connections coming or going, then a tick
+        // with none), everything freed goes back at once. It walks the allocator's pages,
+        // not its objects, and runs once per burst, so it is cheap even at many connections.
+        if std::mem::take(&mut self.churned) {
+            self.burst_over = true;
+        } else if std::mem::take(&mut self.burst_over) {
+            // SAFETY: mi_collect takes a plain bool and only releases memory that no live
+            // allocation uses.
+            unsafe { mi_collect(true) };
+        }
         if self.drain_at.is_some_and(|at| now >= at) && self.stopping.is_none() {
             log::info!(
                 "worker {}: drain over, closing {} connections with 1012",
@@ -1020,6 +1043,15 @@ impl Worker {
 /// The backoff a client is told to wait when its group is full: long enough to let the
 /// group shrink, short enough that a legitimate client recovers within seconds.
 const OVERLOAD_BACKOFF: (u64, u64) = (1_000, 10_000);
+
+// mimalloc's C API, linked already as the global allocator (main.rs); declared here rather
+// than through libmimalloc-sys's `extended` feature, which would pull in another crate for
+// one function.
+extern "C" {
+    /// Returns freed memory to the kernel where the allocator can (`force`: also what it
+    /// would keep for reuse).
+    fn mi_collect(force: bool);
+}
 
 /// Whether the peer closed the socket while it travelled from the listener.
 fn peer_gone(fd: &OwnedFd) -> bool {
