@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::rc::Rc;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::deflate::{Agreement, Deflater, InflateError, Inflater, SharedContexts};
@@ -74,9 +75,13 @@ struct Deflate {
 /// Who the connection is, fixed at the handshake.
 #[derive(Clone, Debug)]
 pub struct Identity {
+    /// The connection's key within the worker (displacement), shared with the group registry.
     pub client_id: Rc<str>,
+    /// The group whose pokes it receives, shared with the group registry and sync.
     pub client_group_id: Rc<str>,
-    pub wsid: String,
+    /// The client's name for this socket, echoed in `connected` and logged; boxed rather
+    /// than a `String`, as it never changes (8 bytes less in every connection).
+    pub wsid: Box<str>,
     /// The verified token's `sub`, if the socket carried a verified token.
     pub user: Option<Rc<str>>,
     /// The sync protocol version from the path.
@@ -92,7 +97,8 @@ pub enum State {
     Open,
     /// A close frame is queued or sent; `received` once the peer's close arrived.
     Closing {
-        deadline: Instant,
+        /// When the close began: the peer has `close_timeout` from then to answer.
+        since: Tick,
         received: bool,
     },
     /// Nothing left to do but drop the socket.
@@ -147,7 +153,10 @@ enum InFlight {
 }
 
 pub struct Connection {
-    decoder: Decoder,
+    /// The frame decoder, only while a frame or message is partly received: between frames
+    /// a decoder holds nothing a fresh one would not, and most connections are idle, so
+    /// they carry no decoder at all. Outside [`Core`] so its callback can borrow the core.
+    decoder: Option<Box<Decoder>>,
     core: Core,
 }
 
@@ -159,6 +168,31 @@ struct Core {
     settings: Rc<Settings>,
     state: State,
     end: Option<End>,
+    /// What waits to be written, only while something does (see [`Outbound`]).
+    out: Option<Box<Outbound>>,
+    last_recv: Tick,
+    last_send: Tick,
+    /// When our keepalive WebSocket ping went out, until any frame comes back.
+    ping_sent: Option<Tick>,
+    /// The admission probe (displacement rule 3) running on this connection, if any.
+    probe: Probe,
+    /// Whether `initConnection` was already received (header or message).
+    initialized: bool,
+    /// Set when permessage-deflate was negotiated.
+    deflate: Option<Box<Deflate>>,
+    notices: Vec<Notice>,
+    /// Counts since the last [`Connection::take_counts`], for metrics. 32 bits suffice: the
+    /// worker takes them after every receive, send and tick, and one receive is at most a
+    /// buffer of the receive ring.
+    messages_in: u32,
+    bytes_in: u32,
+    messages_out: u32,
+}
+
+/// The outbound side of a connection while anything is queued or being written. Allocated
+/// by the first frame queued and freed once everything is written, so an idle connection
+/// (most of them, most of the time) holds only the pointer.
+struct Outbound {
     queue: VecDeque<Chunk>,
     /// Bytes of the front chunk already written.
     front_sent: usize,
@@ -171,50 +205,107 @@ struct Core {
     /// A newer pong that arrived while `pong` was partly written (which must finish first);
     /// it replaces itself, so a flood still costs at most two pongs.
     next_pong: Option<Vec<u8>>,
-    /// The raw 101 response is out: before that, no pong may jump ahead of it.
+    /// The raw 101 response is out: before that, no pong may jump ahead of it. Only the 101
+    /// clears it, and the 101 is the first thing ever queued, so a new `Outbound` starts
+    /// with it set.
     greeted: bool,
+    /// What the write in progress is taken from; the buffer must stay put until it is
+    /// reported, so `Outbound` is never freed while this is not `None`.
     in_flight: InFlight,
     /// When the queue went over `max_outbound` (None while under it).
-    stuck_since: Option<Instant>,
-    last_recv: Instant,
-    last_send: Instant,
-    /// When our keepalive WebSocket ping went out, until any frame comes back.
-    ping_sent: Option<Instant>,
-    /// When an admission probe (displacement rule 3) was sent; any frame after it proves life.
-    probe_sent: Option<Instant>,
-    /// Whether `initConnection` was already received (header or message).
-    initialized: bool,
-    /// Set when permessage-deflate was negotiated.
-    deflate: Option<Box<Deflate>>,
-    notices: Vec<Notice>,
-    /// Counts since the last [`Connection::take_counts`], for metrics.
-    messages_in: u64,
-    bytes_in: u64,
-    messages_out: u64,
+    stuck_since: Option<Tick>,
+}
+
+/// Where an admission probe stands: a ping was sent, and any frame received after it
+/// proves the peer alive.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Probe {
+    None,
+    Sent,
+    Answered,
+}
+
+/// A time on the connections' millisecond clock: milliseconds since the clock was first
+/// read, modulo 2^32 (it wraps every 49.7 days). Four bytes where an `Instant` takes
+/// sixteen, for each of a connection's timers.
+///
+/// The wrap never shows: a time is only ever used as the start of an elapsed time, and
+/// every timer is acted on (reset or ended) once its timeout has passed, within a tick of
+/// the worker's loop; timeouts are capped at [`MAX_TIMEOUT_MS`], so an elapsed time that
+/// matters is always far below 2^32 ms and `wrapping_sub` gives it exactly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tick(u32);
+
+impl Tick {
+    /// The tick of `now`. Instants before the clock's start (tests make some) count back
+    /// from it, rounded down like the rest, so whole milliseconds between instants are kept
+    /// exactly.
+    fn at(now: Instant) -> Tick {
+        static START: OnceLock<Instant> = OnceLock::new();
+        let start = *START.get_or_init(|| now);
+        // Truncating to u32 is the modulo 2^32.
+        match now.checked_duration_since(start) {
+            Some(after) => Tick(after.as_millis() as u32),
+            None => Tick(0u32.wrapping_sub((start - now).as_nanos().div_ceil(1_000_000) as u32)),
+        }
+    }
+
+    /// Milliseconds from `earlier` to `self`.
+    fn since(self, earlier: Tick) -> u32 {
+        self.0.wrapping_sub(earlier.0)
+    }
+}
+
+/// The longest timeout the millisecond clock keeps exact, about 24.8 days (half its range,
+/// which leaves the other half for ticks and loop delays); a longer configured timeout
+/// acts as this one, which no keepalive setting comes near.
+const MAX_TIMEOUT_MS: u32 = i32::MAX as u32;
+
+/// A timeout in milliseconds on the [`Tick`] clock.
+fn timeout_ms(timeout: Duration) -> u32 {
+    timeout.as_millis().min(MAX_TIMEOUT_MS.into()) as u32
+}
+
+impl Default for Outbound {
+    fn default() -> Self {
+        Outbound {
+            queue: VecDeque::new(),
+            front_sent: 0,
+            queued_bytes: 0,
+            pong: None,
+            pong_sent: 0,
+            next_pong: None,
+            greeted: true,
+            in_flight: InFlight::None,
+            stuck_since: None,
+        }
+    }
+}
+
+impl Outbound {
+    /// Nothing left to write and nothing being written.
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+            && self.pong.is_none()
+            && self.next_pong.is_none()
+            && self.in_flight == InFlight::None
+    }
 }
 
 impl Connection {
     pub fn new(id: Identity, settings: Rc<Settings>, now: Instant) -> Connection {
         Connection {
-            decoder: Decoder::new(settings.decoder),
+            decoder: None,
             core: Core {
                 id,
                 settings,
                 state: State::Pending,
                 end: None,
-                queue: VecDeque::new(),
-                front_sent: 0,
-                queued_bytes: 0,
-                pong: None,
-                pong_sent: 0,
-                next_pong: None,
-                greeted: true,
-                in_flight: InFlight::None,
-                stuck_since: None,
-                last_recv: now,
-                last_send: now,
+                out: None,
+                last_recv: Tick::at(now),
+                last_send: Tick::at(now),
                 ping_sent: None,
-                probe_sent: None,
+                probe: Probe::None,
                 initialized: false,
                 deflate: None,
                 notices: Vec::new(),
@@ -239,8 +330,10 @@ impl Connection {
 
     /// Queues raw bytes (the 101 response) ahead of any frame.
     pub fn send_raw(&mut self, bytes: Vec<u8>, now: Instant) {
-        self.core.greeted = false;
         self.core.push(Chunk::Owned(bytes), now);
+        if let Some(out) = self.core.out.as_deref_mut() {
+            out.greeted = false;
+        }
     }
 
     /// Admits the connection: `connected`, then the header's `initConnection` if any.
@@ -281,10 +374,10 @@ impl Connection {
 
     /// New limits and timers from a reload; they apply from the next event on.
     pub fn set_settings(&mut self, settings: Rc<Settings>) {
-        let mut limits = settings.decoder;
-        limits.allow_rsv1 = self.core.deflate.is_some();
-        self.decoder.set_limits(limits);
         self.core.settings = settings;
+        if let Some(decoder) = self.decoder.as_deref_mut() {
+            decoder.set_limits(self.core.decoder_limits());
+        }
     }
 
     /// Records the verified user once the token is checked.
@@ -314,7 +407,7 @@ impl Connection {
     /// `frames` holds `messages` complete frames back to back.
     pub fn send_shared(&mut self, frames: Rc<[u8]>, messages: u64, now: Instant) {
         if matches!(self.core.state, State::Open) {
-            self.core.messages_out += messages;
+            self.core.count_out(messages);
             self.core.push(Chunk::Shared(frames), now);
         }
     }
@@ -324,9 +417,9 @@ impl Connection {
         let deflater = agreement.dedicated_deflater(level);
         let inflater = agreement.dedicated_inflater();
         self.core.deflate = Some(Box::new(Deflate { agreement, deflater, inflater }));
-        let mut limits = self.core.settings.decoder;
-        limits.allow_rsv1 = true;
-        self.decoder.set_limits(limits);
+        if let Some(decoder) = self.decoder.as_deref_mut() {
+            decoder.set_limits(self.core.decoder_limits());
+        }
     }
 
     /// Bytes of dedicated compression contexts this connection holds (for the budget).
@@ -340,15 +433,24 @@ impl Connection {
         if core.state == State::Done {
             return;
         }
-        core.last_recv = now;
+        core.last_recv = Tick::at(now);
         core.ping_sent = None;
-        core.bytes_in += input.len() as u64;
+        if core.probe == Probe::Sent {
+            core.probe = Probe::Answered;
+        }
+        core.bytes_in = core.bytes_in.saturating_add(input.len().try_into().unwrap_or(u32::MAX));
         if matches!(core.state, State::Closing { received: true, .. }) {
             return;
         }
-        let result = self.decoder.feed(input, &mut |event| core.on_event(event, codec, now));
+        let decoder =
+            self.decoder.get_or_insert_with(|| Box::new(Decoder::new(core.decoder_limits())));
+        let result = decoder.feed(input, &mut |event| core.on_event(event, codec, now));
         if let Err(e) = result {
             core.fail_connection(e.close_code(), e.reason(), now);
+        }
+        // A closed decoder stays: a fresh one would decode again what must be ignored.
+        if decoder.is_idle() {
+            self.decoder = None;
         }
     }
 
@@ -356,8 +458,8 @@ impl Connection {
     /// proves the peer alive.
     pub fn probe(&mut self, now: Instant) {
         let c = &mut self.core;
-        if c.probe_sent.is_none() {
-            c.probe_sent = Some(now);
+        if c.probe == Probe::None {
+            c.probe = Probe::Sent;
             let mut f = Vec::with_capacity(8);
             frame::encode_frame(&mut f, OpCode::Ping, b"probe", false);
             c.push(Chunk::Owned(f), now);
@@ -366,46 +468,52 @@ impl Connection {
 
     /// Whether anything arrived since the probe went out; `None` if no probe is running.
     pub fn probe_answered(&self) -> Option<bool> {
-        self.core.probe_sent.map(|at| self.core.last_recv > at)
+        match self.core.probe {
+            Probe::None => None,
+            Probe::Sent => Some(false),
+            Probe::Answered => Some(true),
+        }
     }
 
     pub fn clear_probe(&mut self) {
-        self.core.probe_sent = None;
+        self.core.probe = Probe::None;
     }
 
     /// Timers: keepalive, close deadline, slow consumer.
     pub fn on_tick(&mut self, now: Instant) {
         let c = &mut self.core;
+        let tick = Tick::at(now);
+        let settings = &c.settings;
         match c.state {
             State::Done => {}
-            State::Closing { deadline, .. } => {
-                if now >= deadline {
+            State::Closing { since, .. } => {
+                if tick.since(since) >= timeout_ms(settings.close_timeout) {
                     c.end.get_or_insert(End::CloseTimeout);
                     c.state = State::Done;
                 }
             }
             State::Pending | State::Open => {
-                if let Some(since) = c.stuck_since {
-                    if now.duration_since(since) >= c.settings.slow_consumer {
+                if let Some(since) = c.out.as_ref().and_then(|o| o.stuck_since) {
+                    if tick.since(since) >= timeout_ms(settings.slow_consumer) {
                         c.end.get_or_insert(End::SlowConsumer);
                         c.close(1008, "send queue full", now);
                         return;
                     }
                 }
                 if let Some(at) = c.ping_sent {
-                    if now.duration_since(at) >= c.settings.ping_timeout {
+                    if tick.since(at) >= timeout_ms(settings.ping_timeout) {
                         c.end.get_or_insert(End::KeepaliveTimeout);
                         c.state = State::Done;
                         return;
                     }
-                } else if now.duration_since(c.last_recv) >= c.settings.silence {
-                    c.ping_sent = Some(now);
+                } else if tick.since(c.last_recv) >= timeout_ms(settings.silence) {
+                    c.ping_sent = Some(tick);
                     let mut f = Vec::with_capacity(2);
                     frame::encode_frame(&mut f, OpCode::Ping, b"", false);
                     c.push(Chunk::Owned(f), now);
                 }
-                if c.state == State::Open && now.duration_since(c.last_send) >= c.settings.idle_send
-                {
+                let idle_send = timeout_ms(c.settings.idle_send);
+                if c.state == State::Open && tick.since(c.last_send) >= idle_send {
                     let mut msg = Vec::with_capacity(16);
                     protocol::write_pong(&mut msg);
                     c.send_text(&msg, now);
@@ -416,65 +524,63 @@ impl Connection {
 
     /// The next bytes to write, if nothing is being written now.
     pub fn next_send(&mut self) -> Option<&[u8]> {
-        let c = &mut self.core;
-        if c.in_flight != InFlight::None {
+        let o = self.core.out.as_deref_mut()?;
+        if o.in_flight != InFlight::None {
             return None;
         }
         // A started pong finishes first; a new one goes only between frames, never inside a
         // half-written one, and never before the 101.
-        if c.pong_sent > 0 || (c.front_sent == 0 && c.greeted) {
-            if let Some(p) = &c.pong {
-                c.in_flight = InFlight::Pong;
-                return Some(&p[c.pong_sent..]);
+        if o.pong_sent > 0 || (o.front_sent == 0 && o.greeted) {
+            if let Some(p) = &o.pong {
+                o.in_flight = InFlight::Pong;
+                return Some(&p[o.pong_sent..]);
             }
         }
-        let front = c.queue.front()?;
-        c.in_flight = InFlight::Queue;
-        Some(&front.bytes()[c.front_sent..])
+        let front = o.queue.front()?;
+        o.in_flight = InFlight::Queue;
+        Some(&front.bytes()[o.front_sent..])
     }
 
     /// Reports that `n` bytes of what [`next_send`](Self::next_send) gave were written.
     pub fn on_sent(&mut self, n: usize, now: Instant) {
         let c = &mut self.core;
-        match std::mem::replace(&mut c.in_flight, InFlight::None) {
+        if n > 0 {
+            c.last_send = Tick::at(now);
+        }
+        let Some(o) = c.out.as_deref_mut() else { return };
+        match std::mem::replace(&mut o.in_flight, InFlight::None) {
             InFlight::None => {}
             InFlight::Pong => {
-                c.pong_sent += n;
-                if c.pong.as_ref().is_some_and(|p| c.pong_sent >= p.len()) {
-                    c.pong = c.next_pong.take();
-                    c.pong_sent = 0;
+                o.pong_sent += n;
+                if o.pong.as_ref().is_some_and(|p| o.pong_sent >= p.len()) {
+                    o.pong = o.next_pong.take();
+                    o.pong_sent = 0;
                 }
             }
             InFlight::Queue => {
-                c.front_sent += n;
-                c.queued_bytes -= n.min(c.queued_bytes);
-                let done = c.queue.front().is_some_and(|f| c.front_sent >= f.bytes().len());
+                o.front_sent += n;
+                o.queued_bytes -= n.min(o.queued_bytes);
+                let done = o.queue.front().is_some_and(|f| o.front_sent >= f.bytes().len());
                 if done {
-                    c.greeted = true;
-                    c.queue.pop_front();
-                    c.front_sent = 0;
+                    o.greeted = true;
+                    o.queue.pop_front();
+                    o.front_sent = 0;
                 }
-                if c.queued_bytes <= c.settings.max_outbound {
-                    c.stuck_since = None;
+                if o.queued_bytes <= c.settings.max_outbound {
+                    o.stuck_since = None;
                 }
             }
         }
-        if n > 0 {
-            c.last_send = now;
-        }
-        // An idle connection holds no queue buffer (most connections are idle most of the
-        // time); the next message allocates one again, which costs little next to its send.
-        if c.queue.is_empty() && c.pong.is_none() && c.next_pong.is_none() {
-            c.queue.shrink_to(0);
+        // An idle connection holds no outbound state (most connections are idle most of the
+        // time); the next message allocates it again, which costs little next to its send.
+        if o.is_empty() {
+            c.out = None;
         }
     }
 
     /// Whether every queued byte is written.
     pub fn flushed(&self) -> bool {
-        self.core.queue.is_empty()
-            && self.core.pong.is_none()
-            && self.core.next_pong.is_none()
-            && self.core.in_flight == InFlight::None
+        self.core.out.as_deref().is_none_or(Outbound::is_empty)
     }
 
     /// Whether the socket can be dropped now: the close handshake is over and flushed, or the
@@ -491,9 +597,9 @@ impl Connection {
     pub fn take_counts(&mut self) -> (u64, u64, u64) {
         let c = &mut self.core;
         (
-            std::mem::take(&mut c.messages_in),
-            std::mem::take(&mut c.bytes_in),
-            std::mem::take(&mut c.messages_out),
+            std::mem::take(&mut c.messages_in).into(),
+            std::mem::take(&mut c.bytes_in).into(),
+            std::mem::take(&mut c.messages_out).into(),
         )
     }
 
@@ -503,29 +609,44 @@ impl Connection {
 
     /// Returns idle buffers' memory (between bursts an idle connection holds none).
     pub fn shrink(&mut self) {
-        self.decoder.shrink();
+        if let Some(decoder) = self.decoder.as_deref_mut() {
+            decoder.shrink();
+        }
     }
 }
 
 impl Core {
+    /// The decoder's limits under the current settings and extension.
+    fn decoder_limits(&self) -> DecoderLimits {
+        DecoderLimits { allow_rsv1: self.deflate.is_some(), ..self.settings.decoder }
+    }
+
+    /// Adds to the messages-sent count (saturating: see the field).
+    fn count_out(&mut self, messages: u64) {
+        let messages = messages.try_into().unwrap_or(u32::MAX);
+        self.messages_out = self.messages_out.saturating_add(messages);
+    }
+
     fn push(&mut self, chunk: Chunk, now: Instant) {
+        let max_outbound = self.settings.max_outbound;
+        let o = self.out.get_or_insert_with(Box::default);
         let len = chunk.bytes().len();
-        self.queued_bytes += len;
-        if self.queued_bytes > self.settings.max_outbound && self.stuck_since.is_none() {
-            self.stuck_since = Some(now);
+        o.queued_bytes += len;
+        if o.queued_bytes > max_outbound && o.stuck_since.is_none() {
+            o.stuck_since = Some(Tick::at(now));
         }
         // Coalesce small owned frames into the last owned chunk, unless that chunk is being
         // written (its buffer must not move under the kernel).
         if let Chunk::Owned(bytes) = &chunk {
-            let writing_back = self.in_flight == InFlight::Queue && self.queue.len() == 1;
-            if let (Some(Chunk::Owned(back)), false) = (self.queue.back_mut(), writing_back) {
+            let writing_back = o.in_flight == InFlight::Queue && o.queue.len() == 1;
+            if let (Some(Chunk::Owned(back)), false) = (o.queue.back_mut(), writing_back) {
                 if back.len() + bytes.len() <= COALESCE_LIMIT {
                     back.extend_from_slice(bytes);
                     return;
                 }
             }
         }
-        self.queue.push_back(chunk);
+        o.queue.push_back(chunk);
     }
 
     fn send_text(&mut self, json: &[u8], now: Instant) {
@@ -533,7 +654,7 @@ impl Core {
     }
 
     fn send_frame(&mut self, opcode: OpCode, payload: &[u8], now: Instant) {
-        self.messages_out += 1;
+        self.count_out(1);
         let mut f = Vec::with_capacity(payload.len() + frame::MAX_SERVER_HEADER);
         frame::encode_frame(&mut f, opcode, payload, false);
         self.push(Chunk::Owned(f), now);
@@ -559,7 +680,7 @@ impl Core {
                 if deflater.deflate(payload, &mut f).is_ok() {
                     let start = frame::finish_reserved(&mut f, opcode, true);
                     f.drain(..start);
-                    self.messages_out += 1;
+                    self.count_out(1);
                     return self.push(Chunk::Owned(f), now);
                 }
             }
@@ -577,7 +698,7 @@ impl Core {
         codec: &mut Codec,
         now: Instant,
     ) {
-        self.messages_in += 1;
+        self.messages_in = self.messages_in.saturating_add(1);
         let Codec { shared, scratch } = codec;
         let payload: &mut [u8] = if compressed {
             scratch.clear();
@@ -642,8 +763,8 @@ impl Core {
     fn fail_connection(&mut self, code: u16, reason: &str, now: Instant) {
         self.end.get_or_insert(End::Protocol(code));
         self.close(code, reason, now);
-        if let State::Closing { deadline, .. } = self.state {
-            self.state = State::Closing { deadline, received: true };
+        if let State::Closing { since, .. } = self.state {
+            self.state = State::Closing { since, received: true };
         }
     }
 
@@ -653,8 +774,7 @@ impl Core {
             frame::encode_close(&mut f, code, reason);
             self.push(Chunk::Owned(f), now);
             self.end.get_or_insert(End::Normal);
-            self.state =
-                State::Closing { deadline: now + self.settings.close_timeout, received: false };
+            self.state = State::Closing { since: Tick::at(now), received: false };
         }
     }
 
@@ -668,20 +788,21 @@ impl Core {
             Event::Ping(payload) => {
                 let mut f = Vec::with_capacity(payload.len() + 2);
                 frame::encode_frame(&mut f, OpCode::Pong, payload, false);
-                if self.in_flight == InFlight::Pong || self.pong_sent > 0 {
+                let o = self.out.get_or_insert_with(Box::default);
+                if o.in_flight == InFlight::Pong || o.pong_sent > 0 {
                     // The previous pong is partly written (or being written): it must finish
                     // whole, so this one waits behind it, replacing any other that waits.
-                    self.next_pong = Some(f);
+                    o.next_pong = Some(f);
                 } else {
-                    self.pong = Some(f);
-                    self.pong_sent = 0;
+                    o.pong = Some(f);
+                    o.pong_sent = 0;
                 }
             }
             Event::Pong(_) => {}
             Event::Close(code) => {
                 match self.state {
-                    State::Closing { deadline, .. } => {
-                        self.state = State::Closing { deadline, received: true };
+                    State::Closing { since, .. } => {
+                        self.state = State::Closing { since, received: true };
                     }
                     _ => {
                         // Echo the peer's code, as RFC 6455 5.5.1 asks.
@@ -692,10 +813,7 @@ impl Core {
                         }
                         self.push(Chunk::Owned(f), now);
                         self.end.get_or_insert(End::Normal);
-                        self.state = State::Closing {
-                            deadline: now + self.settings.close_timeout,
-                            received: true,
-                        };
+                        self.state = State::Closing { since: Tick::at(now), received: true };
                     }
                 }
                 return ControlFlow::Break(());
@@ -857,10 +975,17 @@ mod tests {
         let mut c = open(now);
         c.send_shared(Rc::from(&b"\x81\x01x"[..]), 1, now);
         c.send_shared(Rc::from(&b"\x81\x01y"[..]), 1, now);
-        assert!(c.core.queue.capacity() >= 2);
+        assert!(c.core.out.as_ref().is_some_and(|o| o.queue.len() >= 2));
+        // Half a frame keeps the decoder; the rest of it lets it go again.
+        let mut ping = client(OpCode::Ping, b"hi");
+        let (head, tail) = ping.split_at_mut(3);
+        c.on_bytes(head, &mut codec(), now);
+        assert!(c.decoder.is_some());
+        c.on_bytes(tail, &mut codec(), now);
         drain(&mut c, now);
         // What an idle connection costs: nothing queued, nothing reserved.
-        assert_eq!(c.core.queue.capacity(), 0);
+        assert!(c.core.out.is_none());
+        assert!(c.decoder.is_none());
     }
 
     #[test]
@@ -1020,6 +1145,25 @@ mod tests {
         assert_eq!(c.end(), Some(&End::Protocol(1002)));
         // A failed connection does not wait for the peer's close frame (RFC 6455 7.1.7).
         assert!(c.finished());
+    }
+
+    #[test]
+    fn an_idle_connection_stays_small() {
+        // Every worker holds one per socket, 10k and more of them mostly idle: what only a
+        // busy connection needs is boxed (decoder, outbound queue) and timers are 4-byte
+        // ticks. Raise this bound only knowing that each byte is paid per connection.
+        assert!(std::mem::size_of::<Connection>() <= 176, "{}", std::mem::size_of::<Connection>());
+    }
+
+    #[test]
+    fn ticks_measure_whole_milliseconds_across_the_wrap_and_before_the_start() {
+        assert_eq!(Tick(5).since(Tick(u32::MAX - 4)), 10, "the clock wrapped between them");
+        // Instants on both sides of the clock's start (whenever the first read was).
+        let t = Instant::now();
+        let before = t - Duration::from_micros(1500);
+        assert_eq!(Tick::at(t + Duration::from_secs(6)).since(Tick::at(t)), 6000);
+        assert_eq!(Tick::at(before + Duration::from_secs(6)).since(Tick::at(before)), 6000);
+        assert_eq!(timeout_ms(Duration::from_secs(u64::MAX)), MAX_TIMEOUT_MS);
     }
 
     use crate::frame::encode_frame;

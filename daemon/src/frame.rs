@@ -264,6 +264,14 @@ impl Decoder {
         }
     }
 
+    /// Whether the decoder stands between frames with nothing held, so that a fresh one with
+    /// the same limits would behave exactly like it (not true of a closed one).
+    pub fn is_idle(&self) -> bool {
+        matches!(self.state, State::Header { len: 0, .. })
+            && self.message.is_none()
+            && self.buf.is_empty()
+    }
+
     /// Whether the decoder has stopped for good (close received, error or caller's `Break`).
     pub fn is_closed(&self) -> bool {
         matches!(self.state, State::Closed)

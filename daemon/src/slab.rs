@@ -5,33 +5,46 @@
 //! operations is in flight, so a completion never reaches an index that was reused.
 
 pub struct Slab<T> {
-    entries: Vec<Option<T>>,
-    /// Freed indices, reused first so the vector stays as small as the peak load.
+    /// The entries, in chunks of [`CHUNK`] allocated as the slab grows and never moved. One
+    /// vector would double and copy itself as connections arrive, each time leaving its old
+    /// buffer (as large as all the entries so far) with the allocator, where at many
+    /// thousands of connections megabytes of it stayed resident.
+    chunks: Vec<Box<[Option<T>]>>,
+    /// Indices handed out so far: every index below it is in a chunk; the next new one is
+    /// this.
+    used: u32,
+    /// Freed indices, reused first so the slab stays as small as the peak load.
     free: Vec<u32>,
 }
 
+/// Entries per chunk: a few tens of kilobytes of connection slots, so the last chunk's
+/// unused part is small next to a worker's fixed memory, and the chunk list stays short.
+const CHUNK: usize = 256;
+
 impl<T> Default for Slab<T> {
     fn default() -> Self {
-        Slab { entries: Vec::new(), free: Vec::new() }
+        Slab { chunks: Vec::new(), used: 0, free: Vec::new() }
     }
 }
 
 impl<T> Slab<T> {
     pub fn insert(&mut self, value: T) -> u32 {
-        match self.free.pop() {
-            Some(i) => {
-                self.entries[i as usize] = Some(value);
-                i
-            }
+        let index = match self.free.pop() {
+            Some(i) => i,
             None => {
-                self.entries.push(Some(value));
-                (self.entries.len() - 1) as u32
+                if self.used as usize == self.chunks.len() * CHUNK {
+                    self.chunks.push((0..CHUNK).map(|_| None).collect());
+                }
+                self.used += 1;
+                self.used - 1
             }
-        }
+        };
+        *self.entry_mut(index).expect("an index below `used`") = Some(value);
+        index
     }
 
     pub fn remove(&mut self, index: u32) -> Option<T> {
-        let value = self.entries.get_mut(index as usize)?.take();
+        let value = self.entry_mut(index)?.take();
         if value.is_some() {
             self.free.push(index);
         }
@@ -39,16 +52,28 @@ impl<T> Slab<T> {
     }
 
     pub fn get(&self, index: u32) -> Option<&T> {
-        self.entries.get(index as usize)?.as_ref()
+        if index >= self.used {
+            return None;
+        }
+        let i = index as usize;
+        self.chunks[i / CHUNK][i % CHUNK].as_ref()
     }
 
     pub fn get_mut(&mut self, index: u32) -> Option<&mut T> {
-        self.entries.get_mut(index as usize)?.as_mut()
+        self.entry_mut(index)?.as_mut()
+    }
+
+    fn entry_mut(&mut self, index: u32) -> Option<&mut Option<T>> {
+        if index >= self.used {
+            return None;
+        }
+        let i = index as usize;
+        Some(&mut self.chunks[i / CHUNK][i % CHUNK])
     }
 
     /// Entries in use.
     pub fn len(&self) -> usize {
-        self.entries.len() - self.free.len()
+        self.used as usize - self.free.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -58,11 +83,13 @@ impl<T> Slab<T> {
     /// Every index that may hold an entry (some may be free), for loops that call back into
     /// the owner for each one.
     pub fn indices(&self) -> std::ops::Range<u32> {
-        0..self.entries.len() as u32
+        0..self.used
     }
 
     pub fn iter_mut(&mut self) -> impl Iterator<Item = (u32, &mut T)> {
-        self.entries.iter_mut().enumerate().filter_map(|(i, e)| Some((i as u32, e.as_mut()?)))
+        let used = self.used as usize;
+        let entries = self.chunks.iter_mut().flat_map(|c| c.iter_mut()).take(used);
+        entries.enumerate().filter_map(|(i, e)| Some((i as u32, e.as_mut()?)))
     }
 }
 
@@ -83,5 +110,18 @@ mod tests {
         assert_eq!(s.len(), 2);
         assert_eq!(s.iter_mut().map(|(i, _)| i).collect::<Vec<_>>(), vec![a, b]);
         assert!(s.get(99).is_none());
+    }
+
+    #[test]
+    fn grows_past_a_chunk() {
+        let mut s = Slab::default();
+        for i in 0..(CHUNK as u32 * 2 + 3) {
+            assert_eq!(s.insert(i), i);
+        }
+        assert_eq!(s.get(CHUNK as u32 + 1), Some(&(CHUNK as u32 + 1)));
+        assert_eq!(s.remove(CHUNK as u32), Some(CHUNK as u32));
+        assert_eq!(s.iter_mut().count(), CHUNK * 2 + 2);
+        assert_eq!(s.insert(7), CHUNK as u32, "freed index reused");
+        assert!(s.get(CHUNK as u32 * 2 + 3).is_none(), "past the last index handed out");
     }
 }

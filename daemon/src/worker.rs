@@ -49,7 +49,6 @@ pub const MAX_VERSION: u32 = 52;
 struct Slot {
     fd: OwnedFd,
     conn: Connection,
-    peer: SocketAddr,
     recv_armed: bool,
     send_armed: bool,
     /// The socket was shut down; the slot is freed once no operation is in flight.
@@ -58,17 +57,34 @@ struct Slot {
     joined: bool,
     /// A receive ended for lack of buffers and must be re-armed.
     starved: bool,
-    /// The header's `initConnection`, kept while the admission waits on a probe.
-    init: Option<Vec<u8>>,
     /// Unique per connection in this worker: deliveries name it so a reused slot never
     /// receives what was meant for its previous connection.
     serial: u64,
-    /// The connect parameters the group sync checks at `initConnection`.
+    /// Where a reconnecting client says it left off, until its `initConnection` is checked
+    /// against it; `None` for a new client (no cookie, no mutations), so that most
+    /// connections allocate nothing for it.
+    resume: Option<Box<Resume>>,
+    /// The claimed userID, while no token verified it (a verified one is the identity's
+    /// user and equal to it), for the per-user mutation limit.
+    claimed_user: Option<Box<str>>,
+}
+
+/// The connect parameters the group sync checks at `initConnection`.
+struct Resume {
     base_cookie: Option<String>,
     lmid: u64,
+}
+
+impl Slot {
     /// Whose mutations these are, for the per-user mutation limit: the verified user, else
     /// the claimed userID, else the clientID.
-    user_key: String,
+    fn user_key(&self) -> std::borrow::Cow<'_, str> {
+        let id = self.conn.identity();
+        match (id.user.as_deref(), self.claimed_user.as_deref()) {
+            (Some(user), _) | (None, Some(user)) => user.into(),
+            (None, None) => format!("client:{}", id.client_id).into(),
+        }
+    }
 }
 
 /// A newcomer waiting for the liveness probe of the connection holding its clientID.
@@ -76,6 +92,10 @@ struct Probe {
     newcomer: u32,
     existing: u32,
     deadline: Instant,
+    /// The newcomer's address, for the log line of its admission or refusal.
+    peer: SocketAddr,
+    /// The newcomer's header `initConnection`, handled once it is admitted.
+    init: Option<Vec<u8>>,
 }
 
 pub struct Worker {
@@ -114,6 +134,11 @@ pub struct Worker {
     signal_buf: Box<[u8; 128]>,
     /// The control channel from the supervisor (ready, reloads).
     control: OwnedFd,
+    /// A connection arrived or was freed since the last tick (see [`Worker::on_tick`]).
+    churned: bool,
+    /// Connections came and went, then a whole tick passed without any: the burst is over
+    /// and the allocator holds its freed memory (see [`Worker::on_tick`]).
+    burst_over: bool,
 }
 
 fn settings_from(config: &Config) -> Settings {
@@ -178,6 +203,8 @@ impl Worker {
             signalfd,
             signal_buf: Box::new([0; 128]),
             control,
+            churned: false,
+            burst_over: false,
         })
     }
 
@@ -385,7 +412,7 @@ impl Worker {
             _ if echo => Identity {
                 client_id: Rc::from(""),
                 client_group_id: Rc::from(""),
-                wsid: String::new(),
+                wsid: Box::default(),
                 user: None,
                 version: 0,
                 echo: true,
@@ -393,7 +420,7 @@ impl Worker {
             Some((path, params)) => Identity {
                 client_id: Rc::from(params.client_id.as_str()),
                 client_group_id: Rc::from(params.client_group_id.as_str()),
-                wsid: params.wsid.clone(),
+                wsid: params.wsid.as_str().into(),
                 user: None,
                 version: path.version,
                 echo: false,
@@ -429,24 +456,24 @@ impl Worker {
         let index = self.slots.insert(Slot {
             fd: h.socket,
             conn,
-            peer: h.peer,
             recv_armed: false,
             send_armed: false,
             shut: false,
             joined: false,
             starved: false,
-            init: None,
             serial: self.next_serial,
-            base_cookie: routed.as_ref().and_then(|(_, p)| p.base_cookie.clone()),
-            lmid: routed.as_ref().map_or(0, |(_, p)| p.lmid),
-            user_key: routed.as_ref().map_or(String::new(), |(_, p)| {
-                p.user_id.clone().unwrap_or_else(|| format!("client:{}", p.client_id))
+            resume: routed.as_ref().and_then(|(_, p)| {
+                let fresh = p.base_cookie.is_none() && p.lmid == 0;
+                let (base_cookie, lmid) = (p.base_cookie.clone(), p.lmid);
+                (!fresh).then(|| Box::new(Resume { base_cookie, lmid }))
             }),
+            claimed_user: routed.as_ref().and_then(|(_, p)| p.user_id.as_deref().map(Box::from)),
         });
         self.next_serial += 1;
+        self.churned = true;
         self.arm_recv(index);
         match &routed {
-            Some((_, params)) if !echo => self.admit(index, &head, params, now),
+            Some((_, params)) if !echo => self.admit(index, h.peer, &head, params, now),
             _ => {
                 if let Some(slot) = self.slots.get_mut(index) {
                     slot.conn.open(None, now);
@@ -464,9 +491,11 @@ impl Worker {
     }
 
     /// Steps 2 to 6 of the lifecycle for a connection whose 101 is queued.
+    /// `peer` is only logged (a slot does not keep it: 32 bytes per connection).
     fn admit(
         &mut self,
         index: u32,
+        peer: SocketAddr,
         head: &handshake::Head,
         params: &route::ConnectParams,
         now: Instant,
@@ -475,6 +504,7 @@ impl Worker {
             None => {
                 return self.refuse(
                     index,
+                    peer,
                     ErrorKind::InvalidConnectionRequest,
                     "missing Sec-WebSocket-Protocol header",
                     1002,
@@ -485,6 +515,7 @@ impl Worker {
                 let message = format!("invalid Sec-WebSocket-Protocol header: {e}");
                 return self.refuse(
                     index,
+                    peer,
                     ErrorKind::InvalidConnectionRequest,
                     &message,
                     1002,
@@ -495,28 +526,42 @@ impl Worker {
         };
         // 2. Authenticate first: nothing below looks at other connections before this.
         let user: Option<Rc<str>> = match header.auth_token.as_deref() {
-            Some(token) if self.verifier.has_keys() => match self
-                .verifier
-                .verify(token, epoch_secs())
-            {
-                Ok(verified) => {
-                    if params.user_id.as_deref() != Some(verified.sub.as_str()) {
-                        self.metrics.inc(Metric::AuthRefusals);
-                        let message = "token subject does not match userID";
-                        return self.refuse(index, ErrorKind::Unauthorized, message, 3000, now);
+            Some(token) if self.verifier.has_keys() => {
+                match self.verifier.verify(token, epoch_secs()) {
+                    Ok(verified) => {
+                        if params.user_id.as_deref() != Some(verified.sub.as_str()) {
+                            self.metrics.inc(Metric::AuthRefusals);
+                            let message = "token subject does not match userID";
+                            return self.refuse(
+                                index,
+                                peer,
+                                ErrorKind::Unauthorized,
+                                message,
+                                3000,
+                                now,
+                            );
+                        }
+                        Some(Rc::from(verified.sub.as_str()))
                     }
-                    Some(Rc::from(verified.sub.as_str()))
+                    Err(e) => {
+                        self.metrics.inc(Metric::AuthRefusals);
+                        return self.refuse(
+                            index,
+                            peer,
+                            ErrorKind::AuthInvalidated,
+                            e.message(),
+                            3000,
+                            now,
+                        );
+                    }
                 }
-                Err(e) => {
-                    self.metrics.inc(Metric::AuthRefusals);
-                    return self.refuse(index, ErrorKind::AuthInvalidated, e.message(), 3000, now);
-                }
-            },
+            }
             Some(_) => None,
             None if self.config.auth.required => {
                 self.metrics.inc(Metric::AuthRefusals);
                 return self.refuse(
                     index,
+                    peer,
                     ErrorKind::Unauthorized,
                     "a token is required",
                     3000,
@@ -526,11 +571,11 @@ impl Worker {
             None => None,
         };
         let slot = self.slots.get_mut(index).expect("slot");
-        if let Some(user) = &user {
-            slot.user_key = user.to_string();
+        if user.is_some() {
+            slot.claimed_user = None;
         }
         slot.conn.set_user(user.clone());
-        slot.init = header.init_connection;
+        let init = header.init_connection;
         let id = slot.conn.identity().clone();
         // The group's durable owner pins it before any admission decision (rule 4).
         match self.sync.load(&id.client_group_id) {
@@ -538,7 +583,14 @@ impl Worker {
             Ok(None) => {}
             Err(e) => {
                 log::error!("worker={} storage: {e}", self.index);
-                return self.refuse(index, ErrorKind::Internal, "storage unavailable", 1011, now);
+                return self.refuse(
+                    index,
+                    peer,
+                    ErrorKind::Internal,
+                    "storage unavailable",
+                    1011,
+                    now,
+                );
             }
         }
         // 3. Displacement, against verified identities only.
@@ -551,7 +603,7 @@ impl Worker {
         if let Admission::Refuse(kind, message) = decision {
             self.metrics.inc(Metric::DisplacementRefusals);
             let code = if kind == ErrorKind::Unauthorized { 3000 } else { 1008 };
-            return self.refuse(index, kind, &message, code, now);
+            return self.refuse(index, peer, kind, &message, code, now);
         }
         // 4. Version, before any existing connection is touched.
         if !(MIN_VERSION..=MAX_VERSION).contains(&id.version) {
@@ -560,29 +612,38 @@ impl Worker {
                 "server supports sync protocol v{MIN_VERSION} to v{MAX_VERSION}, client requested v{}",
                 id.version
             );
-            return self.refuse(index, ErrorKind::VersionNotSupported, &message, 1002, now);
+            return self.refuse(index, peer, ErrorKind::VersionNotSupported, &message, 1002, now);
         }
         match decision {
             Admission::Replace(old) => {
                 self.displace(old, &format!("replaced by wsid {}", id.wsid), now);
-                self.open_connection(index, now);
+                self.open_connection(index, peer, init, now);
             }
             Admission::Probe(old) => {
                 if let Some(existing) = self.slots.get_mut(old) {
                     existing.conn.probe(now);
                     let deadline =
                         now + Duration::from_millis(self.config.keepalive.probe_timeout_ms);
-                    self.probes.push(Probe { newcomer: index, existing: old, deadline });
+                    let probe = Probe { newcomer: index, existing: old, deadline, peer, init };
+                    self.probes.push(probe);
                     self.process(old);
                 } else {
-                    self.open_connection(index, now);
+                    self.open_connection(index, peer, init, now);
                 }
             }
-            _ => self.open_connection(index, now),
+            _ => self.open_connection(index, peer, init, now),
         }
     }
 
-    fn refuse(&mut self, index: u32, kind: ErrorKind, message: &str, code: u16, now: Instant) {
+    fn refuse(
+        &mut self,
+        index: u32,
+        peer: SocketAddr,
+        kind: ErrorKind,
+        message: &str,
+        code: u16,
+        now: Instant,
+    ) {
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
@@ -594,7 +655,7 @@ impl Worker {
             id.client_id,
             id.client_group_id,
             id.wsid,
-            slot.peer
+            peer
         );
         if kind == ErrorKind::ServerOverloaded {
             slot.conn.fail_with_backoff(kind, message, code, OVERLOAD_BACKOFF, now);
@@ -604,7 +665,13 @@ impl Worker {
     }
 
     /// Steps 5 and 6: `connected`, then the header's `initConnection`.
-    fn open_connection(&mut self, index: u32, now: Instant) {
+    fn open_connection(
+        &mut self,
+        index: u32,
+        peer: SocketAddr,
+        init: Option<Vec<u8>>,
+        now: Instant,
+    ) {
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
@@ -621,7 +688,6 @@ impl Worker {
             log::error!("worker={} storage: {e}", self.index);
         }
         self.sync.admitted(&id.client_group_id);
-        let init = slot.init.take();
         slot.conn.open(init, now);
         self.open += 1;
         self.metrics.inc(Metric::Connected);
@@ -633,7 +699,7 @@ impl Worker {
             id.wsid,
             id.user.as_deref().unwrap_or("-"),
             id.version,
-            slot.peer
+            peer
         );
     }
 
@@ -777,15 +843,17 @@ impl Worker {
                 match notice {
                     Notice::Init(body) => {
                         // Needed once: an idle connection should not keep holding it.
-                        let base_cookie = slot.base_cookie.take();
-                        self.sync.on_init(&who, base_cookie.as_deref(), slot.lmid, &body)
+                        let resume = slot.resume.take();
+                        let base_cookie = resume.as_ref().and_then(|r| r.base_cookie.as_deref());
+                        let lmid = resume.as_ref().map_or(0, |r| r.lmid);
+                        self.sync.on_init(&who, base_cookie, lmid, &body)
                     }
                     Notice::ChangeDesiredQueries(ops) => self.sync.on_queries(&who, &ops),
                     Notice::DeleteClients(body) => self.sync.on_delete_clients(
                         who.group_id,
                         body.client_ids.as_deref().unwrap_or_default(),
                     ),
-                    Notice::Push(push) => self.sync.on_push(&who, &slot.user_key, &push, now),
+                    Notice::Push(push) => self.sync.on_push(&who, &slot.user_key(), &push, now),
                     Notice::UpdateAuth(token) => refreshed.push(token),
                 }
             }
@@ -830,6 +898,7 @@ impl Worker {
             if !slot.recv_armed && !slot.send_armed {
                 self.dedicated_deflate_bytes -= slot.conn.dedicated_deflate_bytes();
                 self.slots.remove(index);
+                self.churned = true;
             }
             return;
         }
@@ -897,6 +966,20 @@ impl Worker {
     }
 
     fn on_tick(&mut self, now: Instant) {
+        // The allocator gives freed pages back to the kernel lazily, from its own
+        // allocation and free calls; a worker that goes quiet after a burst of handshakes
+        // (all that idle connections leave behind) makes none, and kept the burst's scratch
+        // memory resident: about as much again as the idle connections themselves use.
+        // So once a burst is over (a tick with connections coming or going, then a tick
+        // with none), everything freed goes back at once. It walks the allocator's pages,
+        // not its objects, and runs once per burst, so it is cheap even at many connections.
+        if std::mem::take(&mut self.churned) {
+            self.burst_over = true;
+        } else if std::mem::take(&mut self.burst_over) {
+            // SAFETY: mi_collect takes a plain bool and only releases memory that no live
+            // allocation uses.
+            unsafe { mi_collect(true) };
+        }
         if self.drain_at.is_some_and(|at| now >= at) && self.stopping.is_none() {
             log::info!(
                 "worker {}: drain over, closing {} connections with 1012",
@@ -950,16 +1033,23 @@ impl Worker {
             match outcome {
                 None => i += 1,
                 Some(admit) => {
-                    self.probes.swap_remove(i);
+                    let Probe { peer, init, .. } = self.probes.swap_remove(i);
                     if let Some(slot) = self.slots.get_mut(existing_index) {
                         slot.conn.clear_probe();
                     }
                     match admit {
-                        Some(true) => self.open_connection(newcomer, now),
+                        Some(true) => self.open_connection(newcomer, peer, init, now),
                         Some(false) => {
                             self.metrics.inc(Metric::DisplacementRefusals);
                             let message = "this clientID is connected in another session";
-                            self.refuse(newcomer, ErrorKind::Unauthorized, message, 3000, now);
+                            self.refuse(
+                                newcomer,
+                                peer,
+                                ErrorKind::Unauthorized,
+                                message,
+                                3000,
+                                now,
+                            );
                         }
                         None => {}
                     }
@@ -973,6 +1063,15 @@ impl Worker {
 /// The backoff a client is told to wait when its group is full: long enough to let the
 /// group shrink, short enough that a legitimate client recovers within seconds.
 const OVERLOAD_BACKOFF: (u64, u64) = (1_000, 10_000);
+
+// mimalloc's C API, linked already as the global allocator (main.rs); declared here rather
+// than through libmimalloc-sys's `extended` feature, which would pull in another crate for
+// one function.
+extern "C" {
+    /// Returns freed memory to the kernel where the allocator can (`force`: also what it
+    /// would keep for reuse).
+    fn mi_collect(force: bool);
+}
 
 /// Whether the peer closed the socket while it travelled from the listener.
 fn peer_gone(fd: &OwnedFd) -> bool {
@@ -988,4 +1087,18 @@ fn peer_gone(fd: &OwnedFd) -> bool {
 
 fn epoch_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_slot_stays_small() {
+        // One per socket in every worker (see `Connection`'s own bound): connect-time data
+        // lives elsewhere once admitted. Raise this only knowing it is paid per connection.
+        assert!(
+            std::mem::size_of::<super::Slot>() <= 224,
+            "{}",
+            std::mem::size_of::<super::Slot>()
+        );
+    }
 }
