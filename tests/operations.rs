@@ -145,9 +145,14 @@ fn settings_come_from_the_environment_and_win_over_the_file() {
 #[test]
 fn the_config_file_can_be_named_by_syncgate_config() {
     let path = std::env::temp_dir().join(format!("syncgate-test-env-{}.toml", std::process::id()));
+    // The store beside the file, never the system's /var/lib/syncgate.
+    let store = path.with_extension("store");
     std::fs::write(
         &path,
-        "listen = \"127.0.0.1:0\"\nworkers = 2\ntask_id = \"test\"\ndrain_timeout_ms = 1000\n",
+        format!(
+            "listen = \"127.0.0.1:0\"\nworkers = 2\ntask_id = \"test\"\ndrain_timeout_ms = 1000\n\
+             [storage]\npath = {store:?}\n"
+        ),
     )
     .unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_syncgate"));

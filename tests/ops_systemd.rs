@@ -430,10 +430,13 @@ impl Notified {
     ) -> Notified {
         let dir = TempDir::new("notify-config");
         let config = dir.0.join("syncgate.toml");
+        // The store in the test's own directory, never the system's /var/lib/syncgate.
+        let store = dir.0.join("store");
         std::fs::write(
             &config,
             format!(
-                "listen = \"{listen}\"\nworkers = 1\ntask_id = \"test\"\ndrain_timeout_ms = 1000\n"
+                "listen = \"{listen}\"\nworkers = 1\ntask_id = \"test\"\ndrain_timeout_ms = 1000\n\
+                 [storage]\npath = {store:?}\n"
             ),
         )
         .unwrap();
