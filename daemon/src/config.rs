@@ -310,6 +310,19 @@ impl Config {
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));
         }
+        // A connection's timers count milliseconds in 32 bits (`connection::Tick`).
+        let max = u64::from(crate::connection::MAX_TIMEOUT_MS);
+        let connection_timers = [
+            ("keepalive.idle_send_ms", self.keepalive.idle_send_ms),
+            ("keepalive.silence_ms", self.keepalive.silence_ms),
+            ("keepalive.ping_timeout_ms", self.keepalive.ping_timeout_ms),
+            ("keepalive.probe_timeout_ms", self.keepalive.probe_timeout_ms),
+            ("keepalive.close_timeout_ms", self.keepalive.close_timeout_ms),
+            ("limits.slow_consumer_ms", l.slow_consumer_ms),
+        ];
+        if let Some((name, _)) = connection_timers.iter().find(|(_, v)| *v > max) {
+            return Err(format!("{name} must be at most {max} (about 24.8 days)"));
+        }
         // The head must fit the Zero client's own request: its protocol header alone can be
         // 8 KiB, so a smaller cap would refuse real clients.
         if l.max_head_bytes < MIN_HEAD_BYTES || l.max_head_bytes > MAX_HEAD_BYTES {
@@ -516,6 +529,18 @@ mod tests {
         assert_eq!(c.limits.max_group_connections, 64);
         assert_eq!(c.limits.group(), crate::replica::Limits::default());
         assert!(!c.compression.enabled);
+    }
+
+    #[test]
+    fn connection_timeouts_past_the_millisecond_clock_are_refused() {
+        let max = crate::connection::MAX_TIMEOUT_MS;
+        assert!(load_with(&format!("[keepalive]\nsilence_ms = {max}\n"), &[]).is_ok());
+        let error =
+            load_with(&format!("[keepalive]\nsilence_ms = {}\n", max as u64 + 1), &[]).unwrap_err();
+        assert!(error.contains("keepalive.silence_ms must be at most"), "{error}");
+        let error = load_with(&format!("[limits]\nslow_consumer_ms = {}\n", u64::MAX / 2), &[])
+            .unwrap_err();
+        assert!(error.contains("limits.slow_consumer_ms"), "{error}");
     }
 
     #[test]

@@ -257,9 +257,9 @@ impl Tick {
 }
 
 /// The longest timeout the millisecond clock keeps exact, about 24.8 days (half its range,
-/// which leaves the other half for ticks and loop delays); a longer configured timeout
-/// acts as this one, which no keepalive setting comes near.
-const MAX_TIMEOUT_MS: u32 = i32::MAX as u32;
+/// which leaves the other half for ticks and loop delays). The configuration refuses longer
+/// ones; a longer one given here directly acts as this one.
+pub const MAX_TIMEOUT_MS: u32 = i32::MAX as u32;
 
 /// A timeout in milliseconds on the [`Tick`] clock.
 fn timeout_ms(timeout: Duration) -> u32 {
