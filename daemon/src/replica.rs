@@ -100,7 +100,7 @@ pub struct Limits {
     /// Changes kept for catch-up. A client whose cookie is older than the
     /// oldest kept change cannot catch up and must resync.
     pub max_history: usize,
-    /// Bytes of row data kept in the history; the oldest changes go first.
+    /// Bytes of history kept (the changes' JSON); the oldest changes go first.
     pub max_history_bytes: usize,
     /// Clients the group remembers (last mutation IDs and desired queries),
     /// so that many made-up client IDs cannot grow the group without limit.
@@ -349,7 +349,7 @@ pub struct HistoryEntry {
     /// What changed, as JSON ([`Patch::to_json`], what the store holds). A group keeps up to
     /// [`Limits::max_history`] of these in memory, and only a reconnecting client reads them:
     /// as text, an entry of a small change costs its length instead of the several map nodes
-    /// of a parsed `Patch` (about a third of the memory).
+    /// of a parsed `Patch`, a fraction of the memory (bench/RESULTS.md).
     pub json: Arc<str>,
 }
 
