@@ -160,6 +160,10 @@ listen = "127.0.0.1:0"
 workers = $JOBS
 # Shutdown after the run need not wait for anyone.
 drain_timeout_ms = 1000
+[storage]
+# The run's own directory, never the system's /var/lib/syncgate (the echo route stores
+# nothing, but every worker opens the store).
+path = "$OUT/store"
 [conformance]
 echo = true
 [limits]
