@@ -112,9 +112,8 @@ pub struct Store {
     conn: Connection,
     /// What [`Store::commit`] will write, in the order it was staged.
     staged: Vec<Staged>,
-    /// For each group in memory, the changes committed since its last materialization:
-    /// what the next one folds into the tables (shared with the replica's history, not
-    /// copied).
+    /// For each group in memory, what its changes since the last materialization come to:
+    /// what the next one writes into the tables.
     pending: HashMap<String, Pending>,
 }
 
@@ -170,32 +169,60 @@ struct StagedChange {
     version: i64,
     /// History at or below this version may be deleted.
     history_floor: i64,
-    /// The change itself, for the next materialization.
-    logged: Logged,
-    /// The patch as JSON, for the history (the replica's, shared).
-    patch_json: Arc<str>,
-    /// `logged.forgotten` as JSON, `None` when empty (most changes).
-    forgotten_json: Option<String>,
-}
-
-/// A change committed to the history and not yet materialized.
-#[derive(Clone)]
-struct Logged {
-    /// What changed.
+    /// What changed, folded into the group's [`Pending`] once committed.
     patch: Arc<Patch>,
     /// Clients the change forgot, applied after the patch.
     forgotten: Vec<String>,
-    /// Size of the patch's JSON, for [`MATERIALIZE_BYTES`].
-    bytes: usize,
+    /// The patch as JSON, for the history (the replica's, shared).
+    patch_json: Arc<str>,
+    /// `forgotten` as JSON, `None` when empty (most changes).
+    forgotten_json: Option<String>,
 }
 
-/// The changes of one group since its last materialization, oldest first.
+/// What a group's changes since its last materialization come to: each row, client and
+/// query in its latest state, folded in as the changes commit, so that the store holds one
+/// copy of a busy row, not one per change.
 #[derive(Default)]
 struct Pending {
-    /// The changes.
-    logged: Vec<Logged>,
-    /// Sum of their `bytes`.
+    /// Changes folded in, for [`MATERIALIZE_EVERY`].
+    count: usize,
+    /// Their patches' JSON bytes, for [`MATERIALIZE_BYTES`].
     bytes: usize,
+    /// (table, row key) to the row, or `None` once deleted.
+    rows: BTreeMap<(String, String), Option<Row>>,
+    /// Client to last mutation ID.
+    last_mutation_ids: BTreeMap<String, u64>,
+    /// (client, query hash) to `Some(ttl)` (desired) or `None` (dropped).
+    queries: BTreeMap<(String, String), Option<Option<f64>>>,
+    /// Clients forgotten meanwhile: their records are deleted first, and whatever later
+    /// changes say of them is written after.
+    forgotten: BTreeSet<String>,
+}
+
+impl Pending {
+    /// Folds in the next change: the patch, then the clients it forgot. The patch's rows are
+    /// moved when nothing else holds it (the usual case once its poke is sent), else copied.
+    fn fold(&mut self, patch: Arc<Patch>, forgotten: &[String], bytes: usize) {
+        let patch = Arc::try_unwrap(patch).unwrap_or_else(|shared| (*shared).clone());
+        for (table, rows) in patch.rows {
+            for (key, row) in rows {
+                self.rows.insert((table.clone(), key), row);
+            }
+        }
+        self.last_mutation_ids.extend(patch.last_mutation_ids);
+        for (client, queries) in patch.desired_queries {
+            for (hash, query) in queries {
+                self.queries.insert((client.clone(), hash), query.map(|q| q.ttl));
+            }
+        }
+        for client in forgotten {
+            self.last_mutation_ids.remove(client);
+            self.queries.retain(|(c, _), _| c != client);
+            self.forgotten.insert(client.clone());
+        }
+        self.count += 1;
+        self.bytes += bytes;
+    }
 }
 
 impl Store {
@@ -248,7 +275,7 @@ impl Store {
         let loaded = load_group(&tx, group_id).map_err(fail)?;
         tx.finish().map_err(fail)?;
         let Some((group, pending)) = loaded else { return Ok(None) };
-        if pending.logged.is_empty() {
+        if pending.count == 0 {
             self.pending.remove(group_id);
         } else {
             self.pending.insert(group_id.to_owned(), pending);
@@ -273,7 +300,8 @@ impl Store {
             base_version: to_sql_int(change.base_version),
             version: to_sql_int(change.version),
             history_floor: to_sql_int(change.history_floor),
-            logged: Logged { patch: Arc::clone(&change.patch), forgotten, bytes: patch_json.len() },
+            patch: Arc::clone(&change.patch),
+            forgotten,
             patch_json,
             forgotten_json,
         }));
@@ -299,18 +327,24 @@ impl Store {
         let staged = std::mem::take(&mut self.staged);
         match write_batch(&mut self.conn, &staged, &self.pending) {
             Ok(written) => {
-                for group in &written.committed.stale_groups {
+                let Written { committed, logged, materialized } = written;
+                for group in committed.stale_groups.iter().chain(&materialized) {
                     self.pending.remove(group);
                 }
-                for change in written.logged {
-                    let pending = self.pending.entry(change.group_id.clone()).or_default();
-                    pending.bytes += change.logged.bytes;
-                    pending.logged.push(change.logged.clone());
+                let mut logged = logged.into_iter().peekable();
+                for (i, item) in staged.into_iter().enumerate() {
+                    if logged.next_if_eq(&i).is_none() {
+                        continue;
+                    }
+                    let Staged::Change(change) = item else { continue };
+                    if materialized.contains(&change.group_id) {
+                        continue;
+                    }
+                    let bytes = change.patch_json.len();
+                    let pending = self.pending.entry(change.group_id).or_default();
+                    pending.fold(change.patch, &change.forgotten, bytes);
                 }
-                for group in written.materialized {
-                    self.pending.remove(group);
-                }
-                Ok(written.committed)
+                Ok(committed)
             }
             Err(e) => {
                 let mut groups: Vec<String> = Vec::new();
@@ -434,8 +468,7 @@ fn load_group(
             };
             replay(&mut snapshot, &patch, &forgotten);
             snapshot.version = version;
-            pending.bytes += json.len();
-            pending.logged.push(Logged { patch, forgotten, bytes: json.len() });
+            pending.fold(patch, &forgotten, json.len());
         }
         // Older entries stay text: only a reconnecting client's catch-up parses them.
         snapshot.history.push(HistoryEntry { version, json: json.into() });
@@ -480,28 +513,30 @@ fn json_error(column: usize, e: serde_json::Error) -> rusqlite::Error {
 }
 
 /// What [`write_batch`] wrote.
-struct Written<'a> {
+struct Written {
     /// Groups skipped as stale.
     committed: Committed,
-    /// The changes appended to the history, in order.
-    logged: Vec<&'a StagedChange>,
+    /// The positions in the batch of the changes appended to the history, ascending.
+    logged: Vec<usize>,
     /// Groups whose changes were folded into the tables (nothing of them is pending now).
-    materialized: Vec<&'a str>,
+    materialized: Vec<String>,
 }
 
 /// Writes one batch: each change appended to its group's history, then the groups due for it
 /// materialized.
-fn write_batch<'a>(
+fn write_batch(
     conn: &mut Connection,
-    staged: &'a [Staged],
+    staged: &[Staged],
     pending: &HashMap<String, Pending>,
-) -> rusqlite::Result<Written<'a>> {
+) -> rusqlite::Result<Written> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     // The version each group is at within this batch, once checked; `None` once stale.
     let mut versions: HashMap<&str, Option<i64>> = HashMap::new();
+    // The changes written, by group.
+    let mut batch: BTreeMap<&str, Vec<&StagedChange>> = BTreeMap::new();
     let mut written =
         Written { committed: Committed::default(), logged: Vec::new(), materialized: Vec::new() };
-    for item in staged {
+    for (i, item) in staged.iter().enumerate() {
         match item {
             Staged::Owner { group_id, user } => {
                 tx.prepare_cached(
@@ -534,31 +569,22 @@ fn write_batch<'a>(
                     change.forgotten_json
                 ])?;
                 versions.insert(group_id, Some(change.version));
-                written.logged.push(change);
+                batch.entry(group_id).or_default().push(change);
+                written.logged.push(i);
             }
         }
     }
     // Materialize the groups whose log has grown enough, counting what this batch added.
-    let mut batch: Vec<(&str, Vec<&StagedChange>)> = Vec::new();
-    for change in &written.logged {
-        match batch.iter_mut().find(|(g, _)| *g == change.group_id) {
-            Some((_, changes)) => changes.push(change),
-            None => batch.push((&change.group_id, vec![change])),
-        }
-    }
     for (group_id, changes) in batch {
         let before = pending.get(group_id);
-        let count = before.map_or(0, |p| p.logged.len()) + changes.len();
-        let bytes =
-            before.map_or(0, |p| p.bytes) + changes.iter().map(|c| c.logged.bytes).sum::<usize>();
+        let count = before.map_or(0, |p| p.count) + changes.len();
+        let bytes = before.map_or(0, |p| p.bytes)
+            + changes.iter().map(|c| c.patch_json.len()).sum::<usize>();
         if count < MATERIALIZE_EVERY && bytes < MATERIALIZE_BYTES {
             continue;
         }
-        let logged =
-            before.into_iter().flat_map(|p| &p.logged).chain(changes.iter().map(|c| &c.logged));
-        let last = changes.last().expect("a group in the batch has a change");
-        materialize(&tx, group_id, logged, last.version, last.history_floor)?;
-        written.materialized.push(group_id);
+        materialize(&tx, group_id, before, &changes)?;
+        written.materialized.push(group_id.to_owned());
     }
     tx.commit()?;
     Ok(written)
@@ -586,24 +612,32 @@ fn stored_version(tx: &Transaction, group_id: &str) -> rusqlite::Result<Option<i
     }
 }
 
-/// Folds a group's logged changes, oldest first, into its tables, moves its materialized
-/// version to `version` and trims its history at or below `history_floor` (never above
-/// `version`: the history after it is the log). Each row, client and query is written once,
-/// with its latest state.
-fn materialize<'a>(
+/// Writes what a group's changes since the last materialization come to (`before`, then
+/// this batch's `changes`, oldest first) into its tables, moves its materialized version to
+/// the last change's and trims its history at or below that change's floor (never above
+/// the version: the history after it is the log). Each row, client and query is written
+/// once, in its latest state.
+fn materialize(
     tx: &Transaction,
     group: &str,
-    logged: impl Iterator<Item = &'a Logged>,
-    version: i64,
-    history_floor: i64,
+    before: Option<&Pending>,
+    changes: &[&StagedChange],
 ) -> rusqlite::Result<()> {
+    let last = changes.last().expect("a materialized group has a change in the batch");
+    let (version, history_floor) = (last.version, last.history_floor);
+    // The same fold as `Pending::fold`, over borrowed values.
     let mut rows: BTreeMap<(&str, &str), Option<&Row>> = BTreeMap::new();
     let mut last_mutation_ids: BTreeMap<&str, u64> = BTreeMap::new();
     let mut queries: BTreeMap<(&str, &str), Option<Option<f64>>> = BTreeMap::new();
-    // Forgotten clients are deleted first; what the log says of them later is written after.
     let mut forgotten: BTreeSet<&str> = BTreeSet::new();
-    for entry in logged {
-        let patch = &*entry.patch;
+    if let Some(p) = before {
+        rows.extend(p.rows.iter().map(|((t, k), row)| ((t.as_str(), k.as_str()), row.as_ref())));
+        last_mutation_ids.extend(p.last_mutation_ids.iter().map(|(c, id)| (c.as_str(), *id)));
+        queries.extend(p.queries.iter().map(|((c, h), q)| ((c.as_str(), h.as_str()), *q)));
+        forgotten.extend(p.forgotten.iter().map(String::as_str));
+    }
+    for change in changes {
+        let patch = &*change.patch;
         for (table, table_rows) in &patch.rows {
             for (key, row) in table_rows {
                 rows.insert((table, key), row.as_ref());
@@ -617,7 +651,7 @@ fn materialize<'a>(
                 queries.insert((client, hash), query.as_ref().map(|q| q.ttl));
             }
         }
-        for client in &entry.forgotten {
+        for client in &change.forgotten {
             last_mutation_ids.remove(client.as_str());
             queries.retain(|(c, _), _| *c != client);
             forgotten.insert(client);
@@ -821,6 +855,9 @@ pub(crate) mod tests {
         }
         // Only the log was written: the tables still hold version 0.
         assert_eq!((rows_in(&store, "rows"), rows_in(&store, "clients")), (0, 0));
+        // In memory the store holds one copy of the busy row, not one per change.
+        let pending = &store.pending["g"];
+        assert_eq!((pending.count, pending.rows.len()), (MATERIALIZE_EVERY - 1, 1));
         assert_eq!(rows_in(&store, "history"), MATERIALIZE_EVERY as i64 - 1);
         let stored = store.load("g").unwrap().unwrap();
         assert_eq!(stored.snapshot, replica.snapshot(), "the log replays to the same state");
