@@ -325,7 +325,7 @@ impl Store {
             return Ok(Committed::default());
         }
         let staged = std::mem::take(&mut self.staged);
-        match write_batch(&mut self.conn, &staged, &self.pending) {
+        match write_batch(&mut self.conn, &staged, &mut self.pending) {
             Ok(written) => {
                 let Written { committed, logged, materialized } = written;
                 for group in committed.stale_groups.iter().chain(&materialized) {
@@ -524,10 +524,12 @@ struct Written {
 
 /// Writes one batch: each change appended to its group's history, then the groups due for it
 /// materialized.
+/// A group materialized here leaves `pending` (on failure the caller drops every group of the
+/// batch from it anyway).
 fn write_batch(
     conn: &mut Connection,
     staged: &[Staged],
-    pending: &HashMap<String, Pending>,
+    pending: &mut HashMap<String, Pending>,
 ) -> rusqlite::Result<Written> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     // The version each group is at within this batch, once checked; `None` once stale.
@@ -583,7 +585,14 @@ fn write_batch(
         if count < MATERIALIZE_EVERY && bytes < MATERIALIZE_BYTES {
             continue;
         }
-        materialize(&tx, group_id, before, &changes)?;
+        // The batch's changes are still staged, so folding them copies their rows: once per
+        // materialization, not per push.
+        let mut due = pending.remove(group_id).unwrap_or_default();
+        for change in &changes {
+            due.fold(Arc::clone(&change.patch), &change.forgotten, change.patch_json.len());
+        }
+        let last = changes.last().expect("a group in the batch has a change");
+        materialize(&tx, group_id, &due, last.version, last.history_floor)?;
         written.materialized.push(group_id.to_owned());
     }
     tx.commit()?;
@@ -612,51 +621,18 @@ fn stored_version(tx: &Transaction, group_id: &str) -> rusqlite::Result<Option<i
     }
 }
 
-/// Writes what a group's changes since the last materialization come to (`before`, then
-/// this batch's `changes`, oldest first) into its tables, moves its materialized version to
-/// the last change's and trims its history at or below that change's floor (never above
-/// the version: the history after it is the log). Each row, client and query is written
-/// once, in its latest state.
+/// Writes what a group's changes since the last materialization come to into its tables
+/// (each row, client and query once, in its latest state), moves its materialized version to
+/// `version` and trims its history at or below `history_floor` (never above the version: the
+/// history after it is the log).
 fn materialize(
     tx: &Transaction,
     group: &str,
-    before: Option<&Pending>,
-    changes: &[&StagedChange],
+    pending: &Pending,
+    version: i64,
+    history_floor: i64,
 ) -> rusqlite::Result<()> {
-    let last = changes.last().expect("a materialized group has a change in the batch");
-    let (version, history_floor) = (last.version, last.history_floor);
-    // The same fold as `Pending::fold`, over borrowed values.
-    let mut rows: BTreeMap<(&str, &str), Option<&Row>> = BTreeMap::new();
-    let mut last_mutation_ids: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut queries: BTreeMap<(&str, &str), Option<Option<f64>>> = BTreeMap::new();
-    let mut forgotten: BTreeSet<&str> = BTreeSet::new();
-    if let Some(p) = before {
-        rows.extend(p.rows.iter().map(|((t, k), row)| ((t.as_str(), k.as_str()), row.as_ref())));
-        last_mutation_ids.extend(p.last_mutation_ids.iter().map(|(c, id)| (c.as_str(), *id)));
-        queries.extend(p.queries.iter().map(|((c, h), q)| ((c.as_str(), h.as_str()), *q)));
-        forgotten.extend(p.forgotten.iter().map(String::as_str));
-    }
-    for change in changes {
-        let patch = &*change.patch;
-        for (table, table_rows) in &patch.rows {
-            for (key, row) in table_rows {
-                rows.insert((table, key), row.as_ref());
-            }
-        }
-        for (client, id) in &patch.last_mutation_ids {
-            last_mutation_ids.insert(client, *id);
-        }
-        for (client, client_queries) in &patch.desired_queries {
-            for (hash, query) in client_queries {
-                queries.insert((client, hash), query.as_ref().map(|q| q.ttl));
-            }
-        }
-        for client in &change.forgotten {
-            last_mutation_ids.remove(client.as_str());
-            queries.retain(|(c, _), _| *c != client);
-            forgotten.insert(client);
-        }
-    }
+    let Pending { rows, last_mutation_ids, queries, forgotten, .. } = pending;
     for client in forgotten {
         tx.prepare_cached("DELETE FROM clients WHERE group_id = ?1 AND client_id = ?2")?
             .execute(params![group, client])?;
@@ -687,7 +663,7 @@ fn materialize(
             "INSERT INTO clients (group_id, client_id, last_mutation_id) VALUES (?1, ?2, ?3)
              ON CONFLICT (group_id, client_id) DO UPDATE SET last_mutation_id = excluded.last_mutation_id",
         )?
-        .execute(params![group, client, to_sql_int(id)])?;
+        .execute(params![group, client, to_sql_int(*id)])?;
     }
     for ((client, hash), query) in queries {
         match query {
