@@ -188,6 +188,38 @@ fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
     v[key].as_str().unwrap_or_else(|| panic!("no string {key:?} in {v}"))
 }
 
+/// The complete pokes among a socket's received messages: `{start, parts, end}` each.
+fn pokes_in(received: &Value) -> Vec<Value> {
+    let mut pokes = Vec::new();
+    let mut current: Option<Value> = None;
+    for m in received.as_array().expect("received messages") {
+        match m[0].as_str() {
+            Some("pokeStart") => current = Some(json!({"start": m[1], "parts": []})),
+            Some("pokePart") => {
+                if let Some(p) = current.as_mut() {
+                    p["parts"].as_array_mut().unwrap().push(m[1].clone());
+                }
+            }
+            Some("pokeEnd") => {
+                if let Some(mut p) = current.take() {
+                    if m[1]["cancel"] != true {
+                        p["end"] = m[1].clone();
+                        pokes.push(p);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    pokes
+}
+
+/// The row patches of a poke, in order.
+fn row_patches(poke: &Value) -> Vec<Value> {
+    let parts = poke["parts"].as_array().into_iter().flatten();
+    parts.flat_map(|p| p["rowsPatch"].as_array().into_iter().flatten()).cloned().collect()
+}
+
 /// The `issue` rows as the scenario prints a client's view.
 fn rows(pairs: &[(&str, &str)]) -> Value {
     Value::Array(pairs.iter().map(|(id, title)| json!({"id": id, "title": title})).collect())
@@ -249,39 +281,77 @@ fn two_zero_clients_of_one_group_sync_crud_and_stay_connected() {
 
 #[test]
 fn a_reconnecting_zero_client_catches_up_from_its_base_cookie() {
+    catch_up(false);
+}
+
+#[test]
+fn a_zero_client_that_lost_a_poke_unapplied_catches_up_from_the_cookie_it_applied() {
+    catch_up(true);
+}
+
+/// The `catchup` scenario: A goes offline, B mutates, A reconnects with its cookie and must
+/// receive exactly what it missed since that cookie. `drop_unapplied`: A's socket drops
+/// while a poke it received is still unapplied, so A presents the cookie before it.
+fn catch_up(drop_unapplied: bool) {
     let d = Daemon::start("");
-    let mut run = Scenario::start(&d, "catchup", &[]);
+    let env: &[(&str, String)] =
+        if drop_unapplied { &[("ZERO_DROP_UNAPPLIED", "1".to_string())] } else { &[] };
+    let mut run = Scenario::start(&d, "catchup", env);
     let offline = run.event("offline");
     let held = str_of(&offline, "heldCookie").to_string();
     let (a, b) = (str_of(&offline, "a").to_string(), str_of(&offline, "b").to_string());
     let back = run.event("reconnected");
     run.finish();
 
-    // The client came back presenting the cookie it held and its acknowledged mutation.
-    assert_eq!(back["params"]["baseCookie"], held, "{back}");
+    // The client came back presenting a cookie it completed before going offline: the last
+    // one it received, or an earlier one if it had not applied the last pokes yet (it
+    // buffers pokes for a setTimeout and drops the buffer on disconnect; rare by chance,
+    // forced by `drop_unapplied`).
+    let presented = str_of(&back["params"], "baseCookie").to_string();
+    if drop_unapplied {
+        assert_ne!(presented, held, "the poke cut off was not applied: {back}");
+    }
+    let before = pokes_in(&back["before"]);
+    let applied = before
+        .iter()
+        .position(|p| p["end"]["cookie"] == presented.as_str())
+        .unwrap_or_else(|| panic!("A presented {presented}, not a cookie it completed: {back}"));
+    assert_eq!(before.last().unwrap()["end"]["cookie"], held, "{back}");
     assert_eq!(back["params"]["lmid"], "1", "{back}");
     let pokes = back["pokes"].as_array().expect("pokes");
     let first = &pokes[0];
     assert_eq!(back["received"][0][0], "connected", "{back}");
     assert_eq!(back["received"][1][0], "pokeStart", "the catch-up comes first: {back}");
-    assert_eq!(first["start"]["baseCookie"], held, "catch-up from the held cookie: {back}");
+    assert_eq!(first["start"]["baseCookie"], presented, "catch-up from its cookie: {back}");
     for poke in pokes {
         assert!(!poke["start"]["baseCookie"].is_null(), "a full resync after a reconnect: {back}");
     }
-    // Only what it missed: B's row and B's mutation ID, not the row or mutation it had.
-    let parts = first["parts"].as_array().unwrap();
-    let rows_patch: Vec<&Value> =
-        parts.iter().flat_map(|p| p["rowsPatch"].as_array().into_iter().flatten()).collect();
-    assert_eq!(
-        rows_patch,
-        [
-            &json!({"op": "put", "tableName": "issue", "value": {"id": "i2", "title": "missed by A"}})
-        ],
-        "{back}"
+    // Only what it missed since that cookie: B's row and mutation ID, and whatever the pokes
+    // it received but did not apply carried; not the rows or mutation IDs it had.
+    let unapplied = &before[applied + 1..];
+    let mut want_rows: Vec<Value> = unapplied.iter().flat_map(row_patches).collect();
+    want_rows.push(
+        json!({"op": "put", "tableName": "issue", "value": {"id": "i2", "title": "missed by A"}}),
     );
-    let lmids: Vec<&Value> = parts.iter().map(|p| &p["lastMutationIDChanges"]).collect();
-    assert!(lmids.iter().any(|m| m[&b] == 1), "B's mutation is part of the catch-up: {back}");
-    assert!(lmids.iter().all(|m| m.get(&a).is_none()), "A's own ack was not missed: {back}");
+    let mut got_rows = row_patches(first);
+    for list in [&mut want_rows, &mut got_rows] {
+        list.sort_by_key(|r| r["value"]["id"].as_str().unwrap_or_default().to_string());
+        list.dedup();
+    }
+    assert_eq!(got_rows, want_rows, "{back}");
+    let lmids = |p: &Value, who: &str| {
+        p["parts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|part| !part["lastMutationIDChanges"][who].is_null())
+    };
+    assert!(lmids(first, &b), "B's mutation is part of the catch-up: {back}");
+    assert_eq!(
+        lmids(first, &a),
+        unapplied.iter().any(|p| lmids(p, &a)),
+        "A's own ack is in the catch-up exactly when A had not applied it: {back}"
+    );
 
     let a_view = &back["a"];
     assert_eq!(a_view["rows"], rows(&[("i1", "seen by both"), ("i2", "missed by A")]));
