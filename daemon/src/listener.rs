@@ -234,6 +234,8 @@ impl Listener {
         self.metrics.inc(Metric::Accepted);
         let peer = peer_addr(fd.as_raw_fd());
         let peer_key = limits::ip_key(peer.ip());
+        // Set once, here: the worker receives this same socket (SCM_RIGHTS passes the open
+        // file, not a copy), so the option holds for its frames too.
         let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::TcpNoDelay, &true);
         let head_timeout = Duration::from_millis(self.config.limits.head_timeout_ms);
         let overload = self.overloaded(&peer_key);

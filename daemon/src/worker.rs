@@ -430,8 +430,6 @@ impl Worker {
                 return;
             }
         };
-        let _ =
-            nix::sys::socket::setsockopt(&h.socket, nix::sys::socket::sockopt::TcpNoDelay, &true);
         let mut conn = Connection::new(identity, self.settings.clone(), now);
         let compression = &self.config.compression;
         let agreement = match head.ws_extensions.as_deref() {
