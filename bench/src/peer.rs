@@ -394,15 +394,16 @@ mod tests {
             let (poke, members) = hub.push("g1", &push).unwrap().unwrap();
             assert_eq!(members.iter().map(|m| m.1).collect::<Vec<_>>(), ["a", "b"]);
             let mut check = PokeCheck::default();
+            let client = crate::zero::needle(br#""c1":"#);
             let events: Vec<_> = poke
                 .iter()
-                .map(|m| check.on_message(m.as_bytes(), br#""c1":"#, id, frame.value()).unwrap())
+                .map(|m| check.on_message(m.as_bytes(), &client, id, frame.value()).unwrap())
                 .collect();
             assert_eq!(events[2], PokeEvent::Delivered, "{poke:?}");
             let v: serde_json::Value = serde_json::from_str(&poke[1]).unwrap();
             assert_eq!(
                 v[1]["rowsPatch"][0]["value"]["v"].as_str().unwrap().as_bytes(),
-                frame.value()
+                frame.value().needle()
             );
         }
         // A duplicate is skipped, a gap and a foreign group are errors.

@@ -143,7 +143,8 @@ impl Workload for Ping {
         if msg != zero::PONG {
             // A server may poke a new client (syncgate sends a catch-up poke after
             // initConnection); a well-formed poke is ignored, anything else is an error.
-            return match self.pokes[id].on_message(msg, b"\x00", 0, b"\x00") {
+            let none = zero::no_needle();
+            return match self.pokes[id].on_message(msg, none, 0, none) {
                 Ok(PokeEvent::Other) => {
                     self.counters.other_pokes += 1;
                     Ok(())
@@ -202,7 +203,7 @@ struct Group {
     /// When mutation `id` was sent.
     sent_at: Instant,
     /// `"<pusher clientID>":`, as it appears in `lastMutationIDChanges`.
-    needle: Vec<u8>,
+    needle: zero::Needle,
 }
 
 /// One connection of the push workload.
@@ -253,7 +254,9 @@ impl Push {
                     id: 0,
                     pending: 0,
                     sent_at: now,
-                    needle: format!(r#""{}":"#, names.client((g * group_size) as u64)).into_bytes(),
+                    needle: zero::needle(
+                        format!(r#""{}":"#, names.client((g * group_size) as u64)).as_bytes(),
+                    ),
                 })
                 .collect(),
             members: (0..groups * group_size)
@@ -295,7 +298,7 @@ impl Workload for Push {
     ) -> Result<(), String> {
         let m = &mut self.members[id];
         let g = &mut self.groups[m.group];
-        let value = g.frame.as_ref().map_or(&b"\x00"[..], PushFrame::value);
+        let value = g.frame.as_ref().map_or(zero::no_needle(), PushFrame::value);
         match m.check.on_message(msg, &g.needle, g.id, value) {
             Err(e) => Err(format!("connection {id}: {e}")),
             Ok(PokeEvent::Pending) => Ok(()),
@@ -473,7 +476,8 @@ impl Workload for Idle {
         _w: &mut Writer,
     ) -> Result<(), String> {
         // No client ID matches the NUL needle, so any poke is "other".
-        match self.checks[id].on_message(msg, b"\x00", 0, b"\x00") {
+        let none = zero::no_needle();
+        match self.checks[id].on_message(msg, none, 0, none) {
             Ok(PokeEvent::Other) => {
                 self.other_pokes += 1;
                 Ok(())
