@@ -1,6 +1,6 @@
 //! DESIGN.md "Operations" and "Configuration names that are fixed", through the real binary:
 //! graceful shutdown, reload, respawn, children that never outlive the supervisor, settings
-//! from the environment, and a config that does not start.
+//! from the environment, and a config or a host (no io_uring) that does not start.
 
 mod common;
 
@@ -199,4 +199,77 @@ fn an_ipv6_wildcard_listen_also_takes_ipv4() {
     // The log names the IPv4 peer as IPv4, not as a mapped IPv6 address.
     let e = d.wait_event("connected", &[("clientID", "c-false")], WAIT);
     assert!(e.field("peer").is_some_and(|p| p.starts_with("127.0.0.1:")), "{}", e.line);
+}
+
+/// Runs the daemon with io_uring_setup failing with `errno` (a seccomp filter installed
+/// between fork and exec, as a container runtime's default profile does) and returns its
+/// exit status and standard error.
+#[cfg(target_arch = "x86_64")]
+fn run_without_io_uring(errno: i32) -> (std::process::ExitStatus, String) {
+    use std::os::unix::process::CommandExt;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    const NR_IO_URING_SETUP: u32 = 425;
+    let path =
+        std::env::temp_dir().join(format!("syncgate-test-nouring-{}.toml", std::process::id()));
+    let store = std::env::temp_dir().join(format!("syncgate-test-nouring-{}", std::process::id()));
+    let config = format!("listen = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n", store.display());
+    std::fs::write(&path, config).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_syncgate"));
+    cmd.arg("run").arg("--config").arg(&path).stdin(Stdio::null());
+    // SAFETY: only async-signal-safe calls (prctl) between fork and exec; the filter lives
+    // on the stack of the child until prctl copies it.
+    unsafe {
+        cmd.pre_exec(move || {
+            let ret_errno = 0x0005_0000 | (errno as u32 & 0xffff); // SECCOMP_RET_ERRNO
+            let allow = 0x7fff_0000; // SECCOMP_RET_ALLOW
+            let filter = [
+                // Another architecture's syscall numbers mean other calls: let them be.
+                libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 4 }, // ld arch
+                libc::sock_filter { code: 0x15, jt: 0, jf: 3, k: AUDIT_ARCH_X86_64 },
+                libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 0 }, // ld nr
+                libc::sock_filter { code: 0x15, jt: 0, jf: 1, k: NR_IO_URING_SETUP },
+                libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: ret_errno },
+                libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: allow },
+            ];
+            let prog =
+                libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let started = Instant::now();
+    let out = cmd.output().expect("run syncgate");
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_dir_all(&store);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "startup failure took {:?}",
+        started.elapsed()
+    );
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn without_io_uring_startup_fails_with_the_reason_and_the_fix() {
+    // Only meaningful where io_uring is otherwise allowed (the sysctl would change the text).
+    let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled").unwrap_or_default();
+    assert_eq!(sysctl.trim(), "0", "these tests need kernel.io_uring_disabled = 0");
+    let (status, stderr) = run_without_io_uring(libc::EPERM);
+    assert!(!status.success(), "started without io_uring: {stderr}");
+    assert!(
+        stderr.contains("io_uring unavailable: io_uring_setup was refused (a seccomp profile"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("allow io_uring_setup, io_uring_enter and io_uring_register"),
+        "{stderr}"
+    );
+    let (status, stderr) = run_without_io_uring(libc::ENOSYS);
+    assert!(!status.success(), "started without io_uring: {stderr}");
+    assert!(stderr.contains("io_uring unavailable: this kernel has no io_uring"), "{stderr}");
 }

@@ -159,13 +159,19 @@ fn child(
     let (control, metrics_fd) =
         unsafe { (supervisor::inherited(fds::CONTROL), supervisor::inherited(fds::METRICS)) };
     // The loop says Ready on its control channel once it runs, so a failure in `build` (no
-    // io_uring, say) fails the daemon's startup with this process's log line.
+    // io_uring, say) fails the daemon's startup with this process's log line. The supervisor
+    // learns of the failure from the channel closing and stops every process at once, and
+    // the role's handle closes with `build`'s state, before the line below is written: a
+    // duplicate held until then keeps the line from being lost.
+    let keep_open = control.try_clone().ok();
     let result = build(config, metrics_fd, signals, control).and_then(|run| run());
-    match result {
+    let code = match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");
             ExitCode::FAILURE
         }
-    }
+    };
+    drop(keep_open);
+    code
 }
