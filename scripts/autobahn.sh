@@ -8,6 +8,10 @@
 #   scripts/autobahn.sh --release       the same with a release build of syncgate
 #   scripts/autobahn.sh --update        run all cases and rewrite tests/autobahn/expected.txt
 #   scripts/autobahn.sh --cases '5.*,7.9.*'   run some cases; compare only those
+#   scripts/autobahn.sh --context-takeover   the permessage-deflate cases (12.*, 13.*) with
+#                                       dedicated per-connection contexts
+#                                       (`context_takeover = true`), against
+#                                       tests/autobahn/expected-context-takeover.txt
 #
 # Environment: AUTOBAHN_SYNCGATE=PATH runs that binary instead of building one;
 # AUTOBAHN_JOBS (default 2) wstest processes at once; AUTOBAHN_TIMEOUT (default 900) seconds
@@ -55,23 +59,32 @@ VIRTUALENV_PIN="virtualenv==20.15.1"
 update=0
 profile=debug
 cases=""
+takeover=0
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --update) update=1 ;;
         --release) profile=release ;;
+        --context-takeover) takeover=1 ;;
         --cases)
             [[ $# -ge 2 ]] || { echo "--cases needs a value, e.g. '1.*,7.9.*'" >&2; exit 2; }
             cases="$2"
             shift
             ;;
         -h | --help)
-            sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
+            sed -n '2,21p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
     shift
 done
+# The other compressor mode: only the deflate cases differ, so only they run, against their
+# own expected verdicts and in their own output directory.
+mode_name=autobahn
+if [[ $takeover == 1 ]]; then
+    EXPECTED="$ROOT/tests/autobahn/expected-context-takeover.txt"
+    mode_name=autobahn-context-takeover
+fi
 if [[ $update == 1 && -n $cases ]]; then
     echo "--update rewrites every case's verdict: run it without --cases" >&2
     exit 2
@@ -143,11 +156,11 @@ else
     cargo build --quiet "${build_flags[@]}"
     BIN="$target_dir/$profile/syncgate"
 fi
-OUT="$target_dir/autobahn"
+OUT="$target_dir/$mode_name"
 mkdir -p "$target_dir"
-exec 9>"$target_dir/autobahn.lock"
+exec 9>"$target_dir/$mode_name.lock"
 if ! flock -n 9; then
-    log "another run holds $target_dir/autobahn.lock; waiting for it"
+    log "another run holds $target_dir/$mode_name.lock; waiting for it"
     flock 9
 fi
 rm -rf "$OUT"
@@ -180,6 +193,14 @@ connect_per_ip = 1000000
 enabled = true
 threshold = 0
 EOF
+if [[ $takeover == 1 ]]; then
+    cat >>"$OUT/syncgate.toml" <<EOF
+# --context-takeover: every connection gets its own contexts, kept across messages (the
+# budget covers both wstest processes' connections at their largest windows).
+context_takeover = true
+memory_budget_bytes = 1073741824
+EOF
+fi
 
 daemon_pid=""
 stop_daemon() {
@@ -226,6 +247,8 @@ log "syncgate ready on $addr"
 shards=()
 if [[ -n $cases ]]; then
     shards=("$cases")
+elif [[ $takeover == 1 ]]; then
+    if [[ $JOBS -le 1 ]]; then shards=("12.*,13.*"); else shards=("12.*" "13.*"); fi
 elif [[ $JOBS -le 1 ]]; then
     shards=("*")
 else
