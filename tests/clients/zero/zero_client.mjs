@@ -422,6 +422,8 @@ async function catchup() {
   await sees(b, [{id: 'i1', title: 'seen by both'}]);
   await acked(a, a, 1);
   await acked(b, a, 1);
+  // Counted before any drop: a reconnect attempt may open (gated) sockets after it.
+  const socketsBefore = socketsOf(a.id).length;
   if (process.env.ZERO_DROP_UNAPPLIED) {
     // One more poke for A (its answer to a new query), cut off as it arrives.
     const pokesBefore = pokeEndsOf(a.id);
@@ -434,7 +436,6 @@ async function catchup() {
   // setTimeout) when the socket dropped: the client discards those and presents the cookie
   // it applied. The test checks the catch-up against the cookie A presents.
   const heldCookie = lastCookie(a.id);
-  const socketsBefore = socketsOf(a.id).length;
   emit('offline', {a: a.id, b: b.id, heldCookie});
 
   if (!gates.has(a.id)) goOffline(a.id);
