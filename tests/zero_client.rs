@@ -339,17 +339,15 @@ fn catch_up(drop_unapplied: bool) {
         list.dedup();
     }
     assert_eq!(got_rows, want_rows, "{back}");
-    let lmids = |p: &Value, who: &str| {
-        p["parts"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|part| !part["lastMutationIDChanges"][who].is_null())
+    // The last mutation ID a poke gives `who`, if any.
+    let lmid = |p: &Value, who: &str| {
+        let parts = p["parts"].as_array().into_iter().flatten();
+        parts.filter_map(|part| part["lastMutationIDChanges"][who].as_u64()).max()
     };
-    assert!(lmids(first, &b), "B's mutation is part of the catch-up: {back}");
+    assert_eq!(lmid(first, &b), Some(1), "B's mutation is part of the catch-up: {back}");
     assert_eq!(
-        lmids(first, &a),
-        unapplied.iter().any(|p| lmids(p, &a)),
+        lmid(first, &a),
+        unapplied.iter().filter_map(|p| lmid(p, &a)).max(),
         "A's own ack is in the catch-up exactly when A had not applied it: {back}"
     );
 
