@@ -43,6 +43,10 @@ pub struct Record {
     pub connections: usize,
     /// Idle scenario: server resident memory (all processes) per connection, bytes.
     pub rss_per_conn: Option<f64>,
+    /// Idle scenario, syncgate only: growth of its live heap (`syncgate_heap_bytes`, all
+    /// processes) per connection, bytes.
+    #[serde(default)]
+    pub heap_per_conn: Option<f64>,
     /// Idle scenario: kernel TCP buffer memory per connection, bytes (both ends).
     pub kernel_per_conn: Option<f64>,
     /// Idle scenario: kernel slab memory per connection, bytes (socket, inode, file and

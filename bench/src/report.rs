@@ -183,9 +183,9 @@ pub fn table(records: &[Record], preamble: &str) -> String {
     }
     if !idle.is_empty() {
         md.push_str("## Memory per idle connection\n\n");
-        md.push_str("Server RSS: growth of the resident memory of all the server's processes, divided by the connections. Kernel TCP buffers: growth of `mem` in /proc/net/sockstat (both ends of each loopback connection) per connection; idle sockets hold no buffers, so it is about zero and moves with whatever else the machine does. Kernel slab: growth of `Slab` in /proc/meminfo per connection (socket, inode, file and epoll structures of both ends; also noisy on a busy machine). Ratio: server RSS syncgate/peer (below 1: syncgate smaller).\n\n");
-        md.push_str("| connections | server | server RSS B/conn | kernel TCP buffers B/conn | kernel slab B/conn | RSS syncgate/peer | note |\n");
-        md.push_str("|---|---|---:|---:|---:|---:|---|\n");
+        md.push_str("Server RSS: growth of the resident memory of all the server's processes, divided by the connections. Kernel TCP buffers: growth of `mem` in /proc/net/sockstat (both ends of each loopback connection) per connection; idle sockets hold no buffers, so it is about zero and moves with whatever else the machine does. Kernel slab: growth of `Slab` in /proc/meminfo per connection (socket, inode, file and epoll structures of both ends; also noisy on a busy machine). Ratio: server RSS syncgate/peer (below 1: syncgate smaller). syncgate live heap: growth of its `syncgate_heap_bytes` (all processes) per connection, what its data takes whatever pages the allocator keeps; the peers have no such gauge.\n\n");
+        md.push_str("| connections | server | server RSS B/conn | syncgate live heap B/conn | kernel TCP buffers B/conn | kernel slab B/conn | RSS syncgate/peer | note |\n");
+        md.push_str("|---|---|---:|---:|---:|---:|---:|---|\n");
         for row in idle {
             for r in row.baseline.into_iter().chain(row.peers.iter().copied()) {
                 let rss_ratio = match row.baseline {
@@ -197,17 +197,18 @@ pub fn table(records: &[Record], preamble: &str) -> String {
                 let _ = match &r.error {
                     Some(e) => writeln!(
                         md,
-                        "| {} | {} | failed: {} | | | | |",
+                        "| {} | {} | failed: {} | | | | | |",
                         row.variant,
                         r.server,
                         cell(e)
                     ),
                     None => writeln!(
                         md,
-                        "| {} | {} | {} | {} | {} | {} | {} |",
+                        "| {} | {} | {} | {} | {} | {} | {} | {} |",
                         row.variant,
                         r.server,
                         opt(r.rss_per_conn, thousands),
+                        opt(r.heap_per_conn, thousands),
                         opt(r.kernel_per_conn, thousands),
                         opt(r.slab_per_conn, thousands),
                         rss_ratio,

@@ -167,6 +167,24 @@ pub fn rss_bytes(pids: &[u32]) -> u64 {
         * page
 }
 
+/// The body of `GET path` from an HTTP server on `addr` (a server's own metrics), read to
+/// the end of the connection; a status other than 200 is an error.
+pub fn http_get(addr: std::net::SocketAddrV4, path: &str) -> Result<String, String> {
+    use std::io::{Read, Write};
+    let timeout = std::time::Duration::from_secs(5);
+    let fail = |e: std::io::Error| format!("GET {path} from {addr}: {e}");
+    let mut s = std::net::TcpStream::connect_timeout(&addr.into(), timeout).map_err(fail)?;
+    s.set_read_timeout(Some(timeout)).map_err(fail)?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(fail)?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).map_err(fail)?;
+    let (head, body) = reply.split_once("\r\n\r\n").ok_or(format!("GET {path}: no HTTP head"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("GET {path}: {}", head.lines().next().unwrap_or("")));
+    }
+    Ok(body.to_string())
+}
+
 /// The machine's TCP socket buffer memory in bytes: the `mem` pages of the `TCP:` line
 /// of `/proc/net/sockstat` (both ends of every loopback connection count).
 pub fn tcp_memory_bytes() -> Option<u64> {

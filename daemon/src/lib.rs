@@ -22,8 +22,8 @@
 //!
 //! Plumbing: [`sync`] (a worker's replicas, their commits and poke fan-out), [`store`]
 //! (SQLite), [`ring`] (io_uring, buffer ring), [`slab`], [`handoff`] (fd passing),
-//! [`control`] (supervisor <-> children), [`metrics`] (shared counters), [`config`],
-//! [`logging`].
+//! [`control`] (supervisor <-> children), [`metrics`] (shared counters), [`heap`] (the
+//! counting allocator behind the heap gauge), [`config`], [`logging`].
 
 pub mod auth;
 pub mod close;
@@ -35,6 +35,7 @@ pub mod frame;
 pub mod group;
 pub mod handoff;
 pub mod handshake;
+pub mod heap;
 pub mod json;
 pub mod limits;
 pub mod listener;

@@ -506,12 +506,15 @@ impl Listener {
         }
         match head.path.as_str() {
             "/" | "/keepalive" => handshake::http_response(200, &[], "text/plain", b"OK"),
-            "/metrics" => handshake::http_response(
-                200,
-                &[],
-                "text/plain; version=0.0.4",
-                self.metrics.render().as_bytes(),
-            ),
+            "/metrics" => {
+                self.metrics.set(Metric::HeapBytes, crate::heap::live_bytes() as u64);
+                handshake::http_response(
+                    200,
+                    &[],
+                    "text/plain; version=0.0.4",
+                    self.metrics.render().as_bytes(),
+                )
+            }
             path if route::parse_sync_path(path).is_ok() => handshake::http_error(
                 426,
                 &[("Sec-WebSocket-Version", "13")],

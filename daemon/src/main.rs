@@ -10,7 +10,7 @@ use syncgate::supervisor::{self, fds};
 use syncgate::{listener, logging, metrics, worker};
 
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: syncgate::heap::Counting = syncgate::heap::Counting;
 
 #[derive(Parser)]
 #[command(name = "syncgate", about = "WebSocket termination for Zero's sync protocol, on io_uring")]

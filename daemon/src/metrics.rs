@@ -62,6 +62,8 @@ pub enum Metric {
     /// Configuration reloads applied / refused (supervisor, slot 0).
     Reloads,
     ReloadFailures,
+    /// Gauge: bytes of heap in use by the process (see [`crate::heap`]).
+    HeapBytes,
 }
 
 use crate::config::MAX_WORKERS;
@@ -103,6 +105,7 @@ const ALL: &[(Metric, &str, &str, &str)] = &[
     (Metric::InUse, "syncgate_slot_in_use", "gauge", "Internal: the slot belongs to a worker."),
     (Metric::Reloads, "syncgate_reloads_total", "counter", "Configuration reloads applied."),
     (Metric::ReloadFailures, "syncgate_reload_failures_total", "counter", "Configuration reloads refused."),
+    (Metric::HeapBytes, "syncgate_heap_bytes", "gauge", "Bytes of heap allocated and not freed."),
 ];
 
 /// The shared counter table, mapped in this process.

@@ -93,6 +93,13 @@ impl Group {
 pub struct GroupSync {
     store: Store,
     groups: HashMap<Rc<str>, Group>,
+    /// Groups that had no connection at some point since the last flush (loaded for a
+    /// newcomer, or left by their last connection): the flush drops those still without one,
+    /// after their changes are on disk. Without it, a group nobody writes to would stay in
+    /// memory after its last client left (nothing else makes a flush), and a client could
+    /// grow the worker by connecting under ever new clientGroupIDs. A list, so a flush
+    /// looks at these groups only, not at every group in memory.
+    emptied: Vec<Rc<str>>,
     outbox: Vec<Delivery>,
     limits: replica::Limits,
     mutations: MutationLimiter,
@@ -125,6 +132,7 @@ impl GroupSync {
         Ok(GroupSync {
             store: Store::open(dir)?,
             groups: HashMap::new(),
+            emptied: Vec::new(),
             outbox: Vec::new(),
             limits,
             mutations: MutationLimiter::new(per_user_mutations, window),
@@ -158,6 +166,8 @@ impl GroupSync {
         };
         self.groups
             .insert(group_id.clone(), Group { replica, members: Vec::new(), connections: 0 });
+        // Dropped again at the flush if the newcomer is not admitted (or not yet).
+        self.emptied.push(group_id.clone());
         Ok(owner)
     }
 
@@ -175,9 +185,13 @@ impl GroupSync {
 
     /// A connection of the group ended.
     pub fn left(&mut self, slot: u32, group_id: &str) {
-        if let Some(g) = self.groups.get_mut(group_id) {
-            g.members.retain(|m| m.to.slot != slot);
-            g.connections = g.connections.saturating_sub(1);
+        let Some(g) = self.groups.get_mut(group_id) else { return };
+        g.members.retain(|m| m.to.slot != slot);
+        g.connections = g.connections.saturating_sub(1);
+        if g.connections == 0 {
+            if let Some((id, _)) = self.groups.get_key_value(group_id) {
+                self.emptied.push(id.clone());
+            }
         }
     }
 
@@ -328,19 +342,18 @@ impl GroupSync {
             out.retain(|d| !dead.contains(&d.to()));
         }
         // Groups nobody is connected to leave memory once their changes are on disk.
-        let (mutations, store) = (&mut self.mutations, &mut self.store);
-        self.groups.retain(|id, g| {
-            if g.connections == 0 {
-                mutations.forget_group(id);
-                store.forget(id);
+        for id in std::mem::take(&mut self.emptied) {
+            if self.groups.get(&id).is_some_and(|g| g.connections == 0) {
+                self.groups.remove(&id);
+                self.mutations.forget_group(&id);
+                self.store.forget(&id);
             }
-            g.connections > 0
-        });
+        }
         (out, failed)
     }
 
     pub fn has_pending(&self) -> bool {
-        !self.outbox.is_empty() || self.store.has_staged()
+        !self.outbox.is_empty() || self.store.has_staged() || !self.emptied.is_empty()
     }
 }
 

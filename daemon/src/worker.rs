@@ -218,6 +218,8 @@ impl Worker {
         self.ring.arm_tick(tick, ring::token(TICK, 0));
         let mut cqes = Vec::with_capacity(512);
         loop {
+            // Before waiting, so the gauge is right from the start, not from the first event.
+            self.metrics.set(Metric::HeapBytes, crate::heap::live_bytes() as u64);
             self.ring.submit_and_wait().map_err(|e| format!("io_uring_enter: {e}"))?;
             self.ring.drain(&mut cqes);
             let now = Instant::now();
@@ -259,6 +261,9 @@ impl Worker {
             if let Some(deadline) = self.stopping {
                 if self.slots.is_empty() || now >= deadline {
                     log::info!("worker {} stopped", self.index);
+                    // Its slot's gauges would otherwise add to the next generation's.
+                    self.metrics.set(Metric::OpenConnections, 0);
+                    self.metrics.set(Metric::HeapBytes, 0);
                     return Ok(());
                 }
             }

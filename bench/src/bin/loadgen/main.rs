@@ -547,20 +547,40 @@ struct Memory {
     tcp: Option<u64>,
     /// Kernel slab memory; `None` where /proc/meminfo cannot be read.
     slab: Option<u64>,
+    /// syncgate's live heap, all processes (`syncgate_heap_bytes` from `/metrics`): what its
+    /// data takes, apart from the pages its allocator keeps. `None` for the peers.
+    heap: Option<u64>,
 }
 
 impl Memory {
     /// The reading before connections open; TCP memory is first let settle.
-    fn baseline(server_pid: u32) -> Memory {
+    fn baseline(a: &RunArgs, server_pid: u32) -> Result<Memory, String> {
         let rss = stats::rss_bytes(&stats::process_tree(server_pid));
-        Memory { rss, tcp: settled_tcp_memory(), slab: stats::slab_bytes() }
+        let heap = syncgate_heap(a)?;
+        Ok(Memory { rss, tcp: settled_tcp_memory(), slab: stats::slab_bytes(), heap })
     }
 
     /// The reading while the connections are open.
-    fn now(server_pid: u32) -> Memory {
+    fn now(a: &RunArgs, server_pid: u32) -> Result<Memory, String> {
         let rss = stats::rss_bytes(&stats::process_tree(server_pid));
-        Memory { rss, tcp: stats::tcp_memory_bytes(), slab: stats::slab_bytes() }
+        let heap = syncgate_heap(a)?;
+        Ok(Memory { rss, tcp: stats::tcp_memory_bytes(), slab: stats::slab_bytes(), heap })
     }
+}
+
+/// The sum of `syncgate_heap_bytes` over syncgate's processes, from its `/metrics`; `None`
+/// for another server.
+fn syncgate_heap(a: &RunArgs) -> Result<Option<u64>, String> {
+    if a.server != "syncgate" {
+        return Ok(None);
+    }
+    let text = stats::http_get(a.addr, "/metrics")?;
+    let sum = text
+        .lines()
+        .filter(|l| l.starts_with("syncgate_heap_bytes{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    Ok(Some(sum))
 }
 
 /// Fills the idle record's per-connection figures: growth over `rec.connections`.
@@ -573,8 +593,12 @@ fn record_memory(rec: &mut Record, before: &Memory, after: &Memory, label: &str)
     if let (Some(s0), Some(s1)) = (before.slab, after.slab) {
         rec.slab_per_conn = Some((s1 as f64 - s0 as f64) / n);
     }
+    if let (Some(h0), Some(h1)) = (before.heap, after.heap) {
+        rec.heap_per_conn = Some((h1 as f64 - h0 as f64) / n);
+    }
+    let heap = rec.heap_per_conn.map_or(String::new(), |h| format!(" (live heap {h:.0})"));
     eprintln!(
-        "{label} server RSS {:.0} -> {:.0} MiB: {:.0} B/conn; kernel TCP buffers {:.0} B/conn, slab {:.0} B/conn",
+        "{label} server RSS {:.0} -> {:.0} MiB: {:.0} B/conn{heap}; kernel TCP buffers {:.0} B/conn, slab {:.0} B/conn",
         before.rss as f64 / 1048576.0,
         after.rss as f64 / 1048576.0,
         rec.rss_per_conn.unwrap_or(0.0),
@@ -594,12 +618,12 @@ fn idle(
     let pid = a.server_pid.ok_or("the idle scenario needs --server-pid")?;
     rec.unit = "bytes/conn".into();
     rec.connections = a.connections;
-    let before = Memory::baseline(pid);
+    let before = Memory::baseline(a, pid)?;
     let mut wl = Idle::new(names, a.connections, a.id_offset);
     let limit = open_limit(a.connections);
     open_all(client, &mut wl, a.connections, a.connect_concurrency, limit, label)?;
     client.run_until(Instant::now() + Duration::from_secs_f64(a.settle), &mut wl)?;
-    let after = Memory::now(pid);
+    let after = Memory::now(a, pid)?;
     rec.other_pokes = wl.other_pokes;
     record_memory(rec, &before, &after, label);
     Ok(())

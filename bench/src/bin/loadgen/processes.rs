@@ -51,7 +51,7 @@ pub fn idle(a: &RunArgs, rec: &mut Record, label: &str) -> Result<(), String> {
     }
     rec.unit = "bytes/conn".into();
     rec.connections = a.connections;
-    let before = Memory::baseline(pid);
+    let before = Memory::baseline(a, pid)?;
     let started = Instant::now();
     let mut children = Children::spawn(a, &a.tag.clone().unwrap_or_else(run_tag), label)?;
     // A child gives up by itself after open_limit; this is for one that hangs instead.
@@ -69,7 +69,7 @@ pub fn idle(a: &RunArgs, rec: &mut Record, label: &str) -> Result<(), String> {
     ));
     // The children keep answering keepalives meanwhile; one that fails ends the wait.
     children.wait(Instant::now() + Duration::from_secs_f64(a.settle), |_| false)?;
-    let after = Memory::now(pid);
+    let after = Memory::now(a, pid)?;
     // A failure reported while memory was read makes the reading worthless.
     children.wait(Instant::now(), |_| false)?;
     rec.other_pokes = children.close()?;

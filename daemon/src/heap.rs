@@ -1,0 +1,72 @@
+//! The process's allocator: mimalloc, counting the bytes it has handed out and not had back,
+//! for the `syncgate_heap_bytes` gauge.
+//!
+//! Resident memory (RSS) says what the kernel gives a process, which also depends on which
+//! pages the allocator keeps after a burst; the live heap says what the process's data
+//! takes. An operator sizing a deployment wants both, and memory work on idle connections
+//! cannot be measured without the second (RSS moved by tens of bytes per connection between
+//! runs of one build).
+//!
+//! The count is one relaxed load and store per call, not an atomic read-modify-write: every
+//! syncgate process is single-threaded, so no update is lost, and one is ~10 cycles cheaper
+//! on the allocation path than a locked add. A thread added later would make the gauge
+//! approximate, never unsafe.
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use mimalloc::MiMalloc;
+
+/// Installed as the global allocator by the `syncgate` binary (main.rs).
+pub struct Counting;
+
+/// Bytes allocated and not yet freed (as requested by callers, not rounded to size classes).
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+
+fn add(n: usize) {
+    LIVE.store(LIVE.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+}
+
+fn sub(n: usize) {
+    LIVE.store(LIVE.load(Ordering::Relaxed).wrapping_sub(n), Ordering::Relaxed);
+}
+
+/// The live heap of this process, in bytes; 0 where [`Counting`] is not the global allocator
+/// (tests).
+pub fn live_bytes() -> usize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+// SAFETY: every call is forwarded unchanged to mimalloc, which upholds GlobalAlloc's contract;
+// the counter only observes sizes.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { MiMalloc.alloc(layout) };
+        if !p.is_null() {
+            add(layout.size());
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { MiMalloc.alloc_zeroed(layout) };
+        if !p.is_null() {
+            add(layout.size());
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { MiMalloc.dealloc(ptr, layout) };
+        sub(layout.size());
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        let p = unsafe { MiMalloc.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            sub(layout.size());
+            add(new_size);
+        }
+        p
+    }
+}
