@@ -27,6 +27,8 @@ const SEND: u8 = 3;
 const TICK: u8 = 4;
 const SIGNAL: u8 = 5;
 const CONTROL: u8 = 6;
+/// A close of a socket handed to a worker; its completion needs nothing.
+const CLOSE: u8 = 7;
 
 /// The conformance echo route (`conformance.echo`).
 pub const ECHO_PATH: &str = "/echo";
@@ -106,6 +108,15 @@ impl Listener {
         let client_limiter =
             WindowLimiter::new(l.connect_per_client, client_window, l.limiter_capacity);
         let proxies = TrustedProxies::parse(&l.trusted_proxies)?;
+        // Once, here: every accepted socket inherits it on Linux, and the worker that gets a
+        // socket gets this same open file (SCM_RIGHTS), so frames go out unbatched without a
+        // setsockopt per connection. Only a TCP socket takes it (socket activation could
+        // pass another kind, which has no Nagle delay anyway).
+        if let Err(e) =
+            nix::sys::socket::setsockopt(&listen, nix::sys::socket::sockopt::TcpNoDelay, &true)
+        {
+            log::warn!("TCP_NODELAY on the listening socket: {e}");
+        }
         Ok(Listener {
             pending_per_ip: std::collections::HashMap::new(),
             ip_limiter,
@@ -234,9 +245,6 @@ impl Listener {
         self.metrics.inc(Metric::Accepted);
         let peer = peer_addr(fd.as_raw_fd());
         let peer_key = limits::ip_key(peer.ip());
-        // Set once, here: the worker receives this same socket (SCM_RIGHTS passes the open
-        // file, not a copy), so the option holds for its frames too.
-        let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::TcpNoDelay, &true);
         let head_timeout = Duration::from_millis(self.config.limits.head_timeout_ms);
         let overload = self.overloaded(&peer_key);
         let index = self.insert(Pending {
@@ -293,15 +301,16 @@ impl Listener {
         self.pending.insert(p)
     }
 
-    fn remove(&mut self, index: u32) {
-        if let Some(p) = self.pending.remove(index) {
-            if let Some(n) = self.pending_per_ip.get_mut(&p.peer_key) {
-                *n -= 1;
-                if *n == 0 {
-                    self.pending_per_ip.remove(&p.peer_key);
-                }
+    /// Forgets a pending socket; the caller closes it, by dropping it or otherwise.
+    fn remove(&mut self, index: u32) -> Option<Pending> {
+        let p = self.pending.remove(index)?;
+        if let Some(n) = self.pending_per_ip.get_mut(&p.peer_key) {
+            *n -= 1;
+            if *n == 0 {
+                self.pending_per_ip.remove(&p.peer_key);
             }
         }
+        Some(p)
     }
 
     fn arm_recv(&mut self, index: u32) {
@@ -484,7 +493,11 @@ impl Listener {
         match handoff::send(self.channels[worker].as_fd(), p.fd.as_raw_fd(), p.peer, &p.buf) {
             Ok(()) => {
                 self.metrics.inc(Metric::Handoffs);
-                self.remove(index);
+                if let Some(p) = self.remove(index) {
+                    // The worker holds the socket now; our copy goes with the next submission
+                    // rather than a close(2) of its own.
+                    self.ring.close_later(p.fd, ring::token(CLOSE, 0));
+                }
             }
             Err(e) => {
                 self.metrics.inc(Metric::HandoffFailures);

@@ -35,6 +35,8 @@ const SEND: u8 = 3;
 const TICK: u8 = 4;
 const SIGNAL: u8 = 5;
 const CONTROL: u8 = 6;
+/// A close of a finished connection's socket; its completion needs nothing.
+const CLOSE: u8 = 7;
 
 /// Receive buffers in the provided-buffer ring: enough for a burst from many connections in
 /// one loop iteration; a connection that finds none is re-armed on the next tick.
@@ -900,7 +902,9 @@ impl Worker {
             }
             if !slot.recv_armed && !slot.send_armed {
                 self.dedicated_deflate_bytes -= slot.conn.dedicated_deflate_bytes();
-                self.slots.remove(index);
+                if let Some(slot) = self.slots.remove(index) {
+                    self.ring.close_later(slot.fd, ring::token(CLOSE, 0));
+                }
                 self.churned = true;
             }
             return;
