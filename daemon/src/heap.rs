@@ -4,13 +4,14 @@
 //! Resident memory (RSS) says what the kernel gives a process, which also depends on which
 //! pages the allocator keeps after a burst; the live heap says what the process's data
 //! takes. An operator sizing a deployment wants both, and memory work on idle connections
-//! cannot be measured without the second (RSS moved by tens of bytes per connection between
-//! runs of one build).
+//! cannot be measured without the second: at 100,000 idle connections, RSS per connection
+//! moved between 561 and 605 bytes across runs of one build while the live heap stayed at
+//! 568-571 (bench/RESULTS.md, 2026-11-28 16:11).
 //!
 //! The count is one relaxed load and store per call, not an atomic read-modify-write: every
-//! syncgate process is single-threaded, so no update is lost, and one is ~10 cycles cheaper
-//! on the allocation path than a locked add. A thread added later would make the gauge
-//! approximate, never unsafe.
+//! syncgate process is single-threaded, so no update is lost, and the allocation path takes
+//! no locked instruction (an echo A/B with and without the wrapper showed no difference). A
+//! thread added later would make the gauge approximate, never unsafe.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::sync::atomic::{AtomicUsize, Ordering};
