@@ -281,3 +281,45 @@ fn without_io_uring_startup_fails_with_the_reason_and_the_fix() {
     assert!(!status.success(), "started without io_uring: {stderr}");
     assert!(stderr.contains("io_uring unavailable: this kernel has no io_uring"), "{stderr}");
 }
+
+/// `huge_pages = false` turns transparent huge pages off in the supervisor and every process
+/// it starts (the kernel's `THP_enabled` in /proc/<pid>/status), and a reload cannot turn
+/// them back on under running processes; by default the kernel's THP mode decides.
+#[test]
+fn huge_pages_false_turns_transparent_huge_pages_off_in_every_process() {
+    let thp = |pid: libc::pid_t| -> String {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+        let line = status.lines().find(|l| l.starts_with("THP_enabled:"));
+        line.expect("this kernel reports THP_enabled (Linux 5.0+)")
+            .split(':')
+            .nth(1)
+            .unwrap()
+            .trim()
+            .into()
+    };
+    let processes = |d: &Daemon| -> Vec<libc::pid_t> {
+        let mut pids: Vec<libc::pid_t> = d.children().into_iter().map(|(pid, _)| pid).collect();
+        pids.push(d.pid());
+        assert_eq!(pids.len(), 2 + WORKERS, "supervisor, listener and workers: {pids:?}");
+        pids
+    };
+
+    let off = Daemon::start("huge_pages = false\n");
+    for pid in processes(&off) {
+        assert_eq!(thp(pid), "0", "process {pid} of a daemon with huge_pages = false");
+    }
+    // A reload that asks for them again keeps the running value and says so.
+    let config = std::fs::read_to_string(off.config_path()).unwrap();
+    std::fs::write(off.config_path(), config.replace("huge_pages = false", "huge_pages = true"))
+        .unwrap();
+    off.signal(libc::SIGHUP);
+    off.wait_log(|l| l.contains("reload: huge_pages applies at start"), WAIT);
+    for pid in processes(&off) {
+        assert_eq!(thp(pid), "0", "process {pid} after the reload");
+    }
+
+    let on = Daemon::start("");
+    for pid in processes(&on) {
+        assert_eq!(thp(pid), "1", "process {pid} of a daemon with the default");
+    }
+}

@@ -125,6 +125,9 @@ pub fn run(mut config: Config, path: Option<std::path::PathBuf>) -> Result<(), S
     }
     let workers = config.worker_count();
     config.workers = workers;
+    if !config.huge_pages {
+        disable_huge_pages();
+    }
     let mut mask = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
         mask.add(s);
@@ -427,6 +430,10 @@ impl Supervisor {
             );
             next.task_id = self.config.task_id.clone();
         }
+        if next.huge_pages != self.config.huge_pages {
+            log::warn!("reload: huge_pages applies at start; kept the running value (restart to change it)");
+            next.huge_pages = self.config.huge_pages;
+        }
         if next.storage.path != self.config.storage.path {
             log::warn!("reload: storage.path cannot change while groups are open; kept the running value (restart to move it)");
             next.storage.path = self.config.storage.path.clone();
@@ -656,6 +663,19 @@ fn wait_for(control: &OwnedFd, want: &Message, timeout: Duration) -> bool {
                 return false;
             }
         }
+    }
+}
+
+/// Turns transparent huge pages off for this process and, by inheritance across fork and
+/// exec, for every child it starts (`huge_pages = false`). The allocator still asks for
+/// them; the kernel then ignores it.
+fn disable_huge_pages() {
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and changes only this process's flag.
+    if unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) } != 0 {
+        log::warn!(
+            "huge_pages = false: cannot turn transparent huge pages off: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
