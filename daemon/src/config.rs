@@ -39,10 +39,11 @@ pub struct Config {
     /// How long a graceful shutdown waits for clients to answer their close frames.
     pub drain_timeout_ms: u64,
     /// Transparent huge pages for the daemon's heap (where the kernel's THP mode is `madvise`
-    /// or `always`). On: less CPU per message (echo 512 B about 6% less, 16 KiB 10-16%).
-    /// Off: about 10 MB less resident memory per worker (100k idle connections over 10
-    /// workers: 155 MiB in all instead of 249), and RSS that follows `syncgate_heap_bytes`.
-    /// Measured in bench/RESULTS.md (2026-11-28 16:11). Set at start; a reload keeps it.
+    /// or `always`). On: 6-16% less CPU per message for 16 KiB messages; for 512 B messages
+    /// and pings the difference was within the noise. Off: about 10 MB less resident memory
+    /// per worker (100k idle connections over 10 workers: 159 MiB in all instead of 251),
+    /// and RSS that follows `syncgate_heap_bytes`. Measured in bench/RESULTS.md (2026-11-28
+    /// 16:49). Set at start; a reload keeps it.
     pub huge_pages: bool,
     pub auth: AuthConfig,
     pub limits: Limits,
