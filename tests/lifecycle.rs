@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::json;
@@ -437,6 +437,33 @@ fn a_client_close_is_answered_and_logged() {
     d.wait_event("closed", &[("clientID", "c1")], WAIT);
     let owner = expected_worker("g1").to_string();
     d.wait_metric("syncgate_connections_open", &[("worker", &owner)], 0, WAIT);
+}
+
+/// The end of a group's only connection: the group leaves memory at the next flush, while
+/// the socket may still deliver what the client sent after its close frame. Those bytes
+/// must find the connection's group gone, not dangling: a worker once crashed on them.
+#[test]
+fn bytes_after_the_close_of_a_groups_last_connection_are_harmless() {
+    let d = Daemon::start(&format!("workers = 1\n{QUIET}"));
+    let ping = client_frame(true, 0x1, br#"["ping",{}]"#);
+    for round in 0..10 {
+        let path = Params::new("c1", &format!("solo-{round}")).path();
+        let mut c = RawConn::handshake(d.addr, &path, Some(&anon_header()));
+        c.expect_connected();
+        // Not JSON: InvalidMessage, then the server's close 1002, which waits for ours.
+        c.send_frame(0x1, b"nope");
+        assert_eq!(c.expect_close(), 1002);
+        c.send_frame(0x8, &1002u16.to_be_bytes());
+        // Then pings in writes of their own until the socket refuses them (or a second has
+        // passed): some arrive after the server took the close and dropped the group.
+        let until = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < until && std::io::Write::write_all(&mut c.stream, &ping).is_ok() {}
+    }
+    // The worker never restarted, and it still serves the same groups.
+    let mut ws = d.connected(&Params::new("after", "solo-0"), Some(&anon_header()));
+    ws.ping_pong();
+    assert_eq!(d.metric("syncgate_worker_restarts_total", &[]), 0);
+    assert!(!d.log_text().contains("panicked"), "{}", d.log_text());
 }
 
 #[test]

@@ -16,14 +16,15 @@
 //! - [`deflate`]: permessage-deflate negotiation and bounded (de)compression.
 //! - [`limits`]: the fixed-memory rate limiters and trusted proxies.
 //! - [`connection`]: one connection's state machine (lifecycle, keepalive, close).
-//! - [`group`]: client groups and the displacement rules.
+//! - [`group`]: the admission decision for a newcomer (the displacement rules).
 //! - [`replica`]: one client group's data, CRUD mutations, cookies, catch-up, pokes.
 //! - [`json`]: rows written as JSON without escaping byte by byte.
 //!
-//! Plumbing: [`sync`] (a worker's replicas, their commits and poke fan-out), [`store`]
-//! (SQLite), [`ring`] (io_uring, buffer ring), [`slab`], [`handoff`] (fd passing),
-//! [`control`] (supervisor <-> children), [`metrics`] (shared counters), [`heap`] (the
-//! counting allocator behind the heap gauge), [`config`], [`logging`].
+//! Plumbing: [`sync`] (a worker's groups, their commits and poke fan-out), [`store`]
+//! (SQLite), [`ring`] (io_uring, buffer ring), [`slab`], [`index`] (names to slab entries),
+//! [`handoff`] (fd passing), [`control`] (supervisor <-> children), [`metrics`] (shared
+//! counters), [`heap`] (the counting allocator behind the heap gauge), [`config`],
+//! [`logging`].
 
 pub mod auth;
 pub mod close;
@@ -36,6 +37,7 @@ pub mod group;
 pub mod handoff;
 pub mod handshake;
 pub mod heap;
+pub mod index;
 pub mod json;
 pub mod limits;
 pub mod listener;

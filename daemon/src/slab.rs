@@ -5,7 +5,8 @@
 //! operations is in flight, so a completion never reaches an index that was reused.
 
 pub struct Slab<T> {
-    /// The entries, in chunks of [`CHUNK`] allocated as the slab grows and never moved. One
+    /// The entries, in chunks of [`Slab::PER_CHUNK`] allocated as the slab grows and never
+    /// moved. One
     /// vector would double and copy itself as connections arrive, each time leaving its old
     /// buffer (as large as all the entries so far) with the allocator, where at many
     /// thousands of connections megabytes of it stayed resident.
@@ -17,9 +18,11 @@ pub struct Slab<T> {
     free: Vec<u32>,
 }
 
-/// Entries per chunk: a few tens of kilobytes of connection slots, so the last chunk's
-/// unused part is small next to a worker's fixed memory, and the chunk list stays short.
-const CHUNK: usize = 256;
+/// Bytes per chunk: small next to a worker's fixed memory, so the last chunk's unused part
+/// is too, and large enough that the chunk list stays short. A chunk is sized in bytes, not
+/// entries, so that it is exactly one of the allocator's size classes (16 KiB is): a chunk of
+/// 256 entries of 56 bytes would be rounded up by an eighth.
+const CHUNK_BYTES: usize = 16 * 1024;
 
 impl<T> Default for Slab<T> {
     fn default() -> Self {
@@ -28,12 +31,18 @@ impl<T> Default for Slab<T> {
 }
 
 impl<T> Slab<T> {
+    /// Entries per chunk (at least one, for entries larger than a chunk).
+    const PER_CHUNK: usize = match CHUNK_BYTES / std::mem::size_of::<Option<T>>() {
+        0 => 1,
+        n => n,
+    };
+
     pub fn insert(&mut self, value: T) -> u32 {
         let index = match self.free.pop() {
             Some(i) => i,
             None => {
-                if self.used as usize == self.chunks.len() * CHUNK {
-                    self.chunks.push((0..CHUNK).map(|_| None).collect());
+                if self.used as usize == self.chunks.len() * Self::PER_CHUNK {
+                    self.chunks.push((0..Self::PER_CHUNK).map(|_| None).collect());
                 }
                 self.used += 1;
                 self.used - 1
@@ -56,7 +65,7 @@ impl<T> Slab<T> {
             return None;
         }
         let i = index as usize;
-        self.chunks[i / CHUNK][i % CHUNK].as_ref()
+        self.chunks[i / Self::PER_CHUNK][i % Self::PER_CHUNK].as_ref()
     }
 
     pub fn get_mut(&mut self, index: u32) -> Option<&mut T> {
@@ -68,7 +77,7 @@ impl<T> Slab<T> {
             return None;
         }
         let i = index as usize;
-        Some(&mut self.chunks[i / CHUNK][i % CHUNK])
+        Some(&mut self.chunks[i / Self::PER_CHUNK][i % Self::PER_CHUNK])
     }
 
     /// Entries in use.
@@ -114,6 +123,8 @@ mod tests {
 
     #[test]
     fn grows_past_a_chunk() {
+        const CHUNK: usize = Slab::<u32>::PER_CHUNK;
+        assert_eq!(CHUNK, 16 * 1024 / 8, "Option<u32> is 8 bytes");
         let mut s = Slab::default();
         for i in 0..(CHUNK as u32 * 2 + 3) {
             assert_eq!(s.insert(i), i);

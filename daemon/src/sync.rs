@@ -9,15 +9,17 @@
 //! Each poke is encoded once per wire format (text for protocol <= 51, binary chunks for 52)
 //! and the same frames go to every recipient.
 
-use std::collections::HashMap;
+use std::num::NonZeroU32;
 use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use crate::frame::{self, OpCode};
+use crate::index::NameIndex;
 use crate::limits::MutationLimiter;
 use crate::protocol::{ErrorKind, InitConnectionBody, PushBody, QueriesPatchOp};
 use crate::replica::{self, CatchUp, Change, PokeFormat, PushResult, Replica};
+use crate::slab::Slab;
 use crate::store::Store;
 
 /// The WebSocket frames of one poke back to back in one buffer, shared by all its
@@ -41,7 +43,9 @@ pub enum Delivery {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct To {
     pub slot: u32,
-    pub serial: u64,
+    /// The slot's connection serial (it wraps; a delivery never waits long enough for the
+    /// same slot to see 2^32 more connections).
+    pub serial: u32,
 }
 
 impl Delivery {
@@ -52,6 +56,22 @@ impl Delivery {
     }
 }
 
+/// A client group loaded on this worker: its place in [`GroupSync`]'s slab. It stays valid
+/// while a connection holds it (from [`GroupSync::join`] to [`GroupSync::left`]) and, for
+/// the caller of [`GroupSync::load`], until the next flush.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct GroupRef(NonZeroU32);
+
+impl GroupRef {
+    fn new(index: u32) -> GroupRef {
+        GroupRef(NonZeroU32::new(index + 1).expect("a slab index below u32::MAX"))
+    }
+
+    fn index(self) -> u32 {
+        self.0.get() - 1
+    }
+}
+
 /// A connection that receives a group's pokes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Member {
@@ -59,29 +79,118 @@ struct Member {
     format: PokeFormat,
 }
 
+/// A group's poke recipients. Most groups have one, held inline; a group of several keeps
+/// them in a vector behind one pointer, so the common case costs 16 bytes where a vector
+/// (or a small-vector) costs 24.
+#[derive(Default)]
+enum Members {
+    #[default]
+    None,
+    One(Member),
+    // Boxed to keep the enum at 16 bytes; a group of several members pays the indirection.
+    #[allow(clippy::box_collection)]
+    Many(Box<Vec<Member>>),
+}
+
+impl Members {
+    fn push(&mut self, member: Member) {
+        *self = match std::mem::take(self) {
+            Members::None => Members::One(member),
+            Members::One(first) => Members::Many(Box::new(vec![first, member])),
+            Members::Many(mut all) => {
+                all.push(member);
+                Members::Many(all)
+            }
+        };
+    }
+
+    /// Drops the member in `slot`, if any.
+    fn remove(&mut self, slot: u32) {
+        match self {
+            Members::One(m) if m.to.slot == slot => *self = Members::None,
+            Members::Many(all) => {
+                all.retain(|m| m.to.slot != slot);
+                if let [only] = all[..] {
+                    *self = Members::One(only);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn as_slice(&self) -> &[Member] {
+        match self {
+            Members::None => &[],
+            Members::One(m) => std::slice::from_ref(m),
+            Members::Many(all) => all,
+        }
+    }
+}
+
 struct Group {
+    /// The clientGroupID, then the owner's name once the group is pinned: one allocation
+    /// for both (most groups have one connection, so a group costs about what a connection
+    /// does).
+    names: Box<str>,
+    /// Where the clientGroupID ends in `names`; a longer `names` holds an owner. Sixteen
+    /// bits suffice: the ID comes from one request head (`config::MAX_HEAD_BYTES`).
+    name_len: u16,
+    /// Admitted connections of the group, members or not yet (the per-group cap); the group
+    /// leaves memory when this reaches zero (after the commit of its last change).
+    connections: u32,
+    /// A commit of this group failed or found it changed by another process: its replica is
+    /// gone and its connections are being sent away; the next [`GroupSync::load`] reads it
+    /// from the store again. The owner stays, so the pin is never lost.
+    stale: bool,
     /// `None` while the group is pristine (version 0: nothing stored, no client known).
     /// Most connections are idle, often each in a group of its own: an empty replica for
     /// each would cost them a few hundred bytes apiece for nothing.
     replica: Option<Box<Replica>>,
     /// The connections its pokes go to.
-    members: Vec<Member>,
-    /// Admitted connections of the group, members or not yet; the group leaves memory when
-    /// this reaches zero (after the commit of its last change).
-    connections: usize,
+    members: Members,
 }
 
 impl Group {
+    fn new(name: &str, owner: Option<&str>, replica: Option<Box<Replica>>) -> Group {
+        let mut group = Group {
+            names: name.into(),
+            name_len: u16::try_from(name.len())
+                .expect("a clientGroupID shorter than a request head"),
+            connections: 0,
+            stale: false,
+            replica,
+            members: Members::None,
+        };
+        if let Some(owner) = owner {
+            group.pin(owner);
+        }
+        group
+    }
+
+    fn name(&self) -> &str {
+        &self.names[..self.name_len as usize]
+    }
+
+    fn owner(&self) -> Option<&str> {
+        let len = self.name_len as usize;
+        (self.names.len() > len).then(|| &self.names[len + 1..])
+    }
+
+    fn pin(&mut self, owner: &str) {
+        // A separator character, so that an empty owner name still reads as a pin.
+        self.names = [self.name(), "\n", owner].concat().into();
+    }
+
     /// Runs `f` on the group's replica, a fresh one if it has none; a replica still pristine
     /// afterwards is dropped again, so the group costs only its members.
     fn with_replica<T>(
         &mut self,
-        group_id: &str,
         limits: &replica::Limits,
         f: impl FnOnce(&mut Replica) -> T,
     ) -> T {
+        let name = &self.names[..self.name_len as usize];
         let replica =
-            self.replica.get_or_insert_with(|| Box::new(Replica::new(group_id, limits.clone())));
+            self.replica.get_or_insert_with(|| Box::new(Replica::new(name, limits.clone())));
         let result = f(replica);
         if replica.is_pristine() {
             self.replica = None;
@@ -92,14 +201,17 @@ impl Group {
 
 pub struct GroupSync {
     store: Store,
-    groups: HashMap<Rc<str>, Group>,
+    /// The groups in memory, at the indices their [`GroupRef`]s name.
+    groups: Slab<Group>,
+    /// The groups by clientGroupID.
+    by_name: NameIndex,
     /// Groups that had no connection at some point since the last flush (loaded for a
     /// newcomer, or left by their last connection): the flush drops those still without one,
     /// after their changes are on disk. Without it, a group nobody writes to would stay in
     /// memory after its last client left (nothing else makes a flush), and a client could
     /// grow the worker by connecting under ever new clientGroupIDs. A list, so a flush
     /// looks at these groups only, not at every group in memory.
-    emptied: Vec<Rc<str>>,
+    emptied: Vec<GroupRef>,
     outbox: Vec<Delivery>,
     limits: replica::Limits,
     mutations: MutationLimiter,
@@ -109,10 +221,21 @@ pub struct GroupSync {
 pub struct Who<'a> {
     pub slot: u32,
     /// Tells this connection from a later one that reuses its slot.
-    pub serial: u64,
+    pub serial: u32,
     pub client_id: &'a str,
-    pub group_id: &'a Rc<str>,
+    pub group: GroupRef,
     pub version: u32,
+}
+
+/// Whose mutations a push's are, for the per-user mutation limit.
+#[derive(Clone, Copy)]
+pub enum Pusher<'a> {
+    /// A verified token's user: the group's owner (the only user a pinned group admits).
+    Verified,
+    /// The userID the connection claimed, no token verifying it.
+    Claimed(&'a str),
+    /// Neither: the connection's own clientID stands for its user.
+    Anonymous,
 }
 
 impl Who<'_> {
@@ -131,7 +254,8 @@ impl GroupSync {
         std::fs::create_dir_all(dir).map_err(|e| format!("storage.path {}: {e}", dir.display()))?;
         Ok(GroupSync {
             store: Store::open(dir)?,
-            groups: HashMap::new(),
+            groups: Slab::default(),
+            by_name: NameIndex::default(),
             emptied: Vec::new(),
             outbox: Vec::new(),
             limits,
@@ -145,53 +269,99 @@ impl GroupSync {
 
     /// New bounds for the groups' data (a reload), applied to the loaded groups too.
     pub fn set_group_limits(&mut self, limits: replica::Limits) {
-        for replica in self.groups.values_mut().filter_map(|g| g.replica.as_mut()) {
-            replica.set_limits(limits.clone());
+        for (_, g) in self.groups.iter_mut() {
+            if let Some(replica) = g.replica.as_mut() {
+                replica.set_limits(limits.clone());
+            }
         }
         self.limits = limits;
     }
 
-    /// Loads `group_id` if it is not in memory; returns its pinned owner.
-    pub fn load(&mut self, group_id: &Rc<str>) -> Result<Option<String>, String> {
-        if self.groups.contains_key(group_id) {
-            return Ok(None);
-        }
-        let (replica, owner) = match self.store.load(group_id)? {
-            Some(stored) => {
-                let replica =
-                    Replica::from_snapshot(group_id, self.limits.clone(), stored.snapshot)?;
-                (Some(Box::new(replica)), stored.owner)
+    fn group(&self, g: GroupRef) -> &Group {
+        self.groups.get(g.index()).expect("a GroupRef outlived its group")
+    }
+
+    fn group_mut(&mut self, g: GroupRef) -> &mut Group {
+        self.groups.get_mut(g.index()).expect("a GroupRef outlived its group")
+    }
+
+    /// The group named `name`, loaded from the store if it is not in memory (or read again
+    /// if it went stale: a commit of it failed). It stays until the next flush at least.
+    pub fn load(&mut self, name: &str) -> Result<GroupRef, String> {
+        let groups = &self.groups;
+        let found = self.by_name.find(name, |i| groups.get(i).map_or("", Group::name));
+        if let Some(i) = found {
+            let g = GroupRef::new(i);
+            if self.group(g).stale {
+                let stored = self.store.load(name)?;
+                let (replica, owner) = match stored {
+                    Some(stored) => {
+                        let snapshot = stored.snapshot;
+                        let replica = Replica::from_snapshot(name, self.limits.clone(), snapshot)?;
+                        (Some(Box::new(replica)), stored.owner)
+                    }
+                    None => (None, None),
+                };
+                let group = self.group_mut(g);
+                group.replica = replica;
+                group.stale = false;
+                if let (None, Some(owner)) = (group.owner(), owner) {
+                    group.pin(&owner);
+                }
             }
-            None => (None, None),
+            return Ok(g);
+        }
+        let group = match self.store.load(name)? {
+            Some(stored) => {
+                let replica = Replica::from_snapshot(name, self.limits.clone(), stored.snapshot)?;
+                Group::new(name, stored.owner.as_deref(), Some(Box::new(replica)))
+            }
+            None => Group::new(name, None, None),
         };
-        self.groups
-            .insert(group_id.clone(), Group { replica, members: Vec::new(), connections: 0 });
+        let i = self.groups.insert(group);
+        let groups = &self.groups;
+        self.by_name.insert(name, i, |i| groups.get(i).map_or("", Group::name));
+        let g = GroupRef::new(i);
         // Dropped again at the flush if the newcomer is not admitted (or not yet).
-        self.emptied.push(group_id.clone());
-        Ok(owner)
+        self.emptied.push(g);
+        Ok(g)
     }
 
-    /// Pins a group to its first verified user, durably.
-    pub fn set_owner(&mut self, group_id: &str, user: &str) {
-        self.store.set_owner(group_id, user);
+    /// The group's clientGroupID.
+    pub fn name(&self, g: GroupRef) -> &str {
+        self.group(g).name()
     }
 
-    /// An admitted connection of a loaded group.
-    pub fn admitted(&mut self, group_id: &str) {
-        if let Some(g) = self.groups.get_mut(group_id) {
-            g.connections += 1;
+    /// The verified user the group is pinned to (rule 4), if any.
+    pub fn owner(&self, g: GroupRef) -> Option<&str> {
+        self.group(g).owner()
+    }
+
+    /// Connections admitted to the group.
+    pub fn connections(&self, g: GroupRef) -> usize {
+        self.group(g).connections as usize
+    }
+
+    /// An admitted connection of the group, with its verified user: the first one pins the
+    /// group, durably (rule 4).
+    pub fn join(&mut self, g: GroupRef, user: Option<&str>) {
+        let group = self.groups.get_mut(g.index()).expect("a GroupRef outlived its group");
+        group.connections += 1;
+        if let Some(user) = user {
+            if group.owner().is_none() {
+                group.pin(user);
+                self.store.set_owner(group.name(), user);
+            }
         }
     }
 
     /// A connection of the group ended.
-    pub fn left(&mut self, slot: u32, group_id: &str) {
-        let Some(g) = self.groups.get_mut(group_id) else { return };
-        g.members.retain(|m| m.to.slot != slot);
-        g.connections = g.connections.saturating_sub(1);
-        if g.connections == 0 {
-            if let Some((id, _)) = self.groups.get_key_value(group_id) {
-                self.emptied.push(id.clone());
-            }
+    pub fn left(&mut self, g: GroupRef, slot: u32) {
+        let group = self.group_mut(g);
+        group.members.remove(slot);
+        group.connections = group.connections.saturating_sub(1);
+        if group.connections == 0 {
+            self.emptied.push(g);
         }
     }
 
@@ -203,11 +373,10 @@ impl GroupSync {
         lmid: u64,
         body: &InitConnectionBody,
     ) {
-        let Some(g) = self.groups.get_mut(&**who.group_id) else { return };
+        let limits = &self.limits;
+        let g = self.groups.get_mut(who.group.index()).expect("a GroupRef outlived its group");
         let format = PokeFormat::for_protocol(who.version);
-        let checked = g.with_replica(who.group_id, &self.limits, |r| {
-            r.check_connect(who.client_id, base_cookie, lmid)
-        });
+        let checked = g.with_replica(limits, |r| r.check_connect(who.client_id, base_cookie, lmid));
         match checked {
             Err((kind, message)) => {
                 return self.outbox.push(Delivery::Error {
@@ -224,24 +393,18 @@ impl GroupSync {
             }
             Ok(CatchUp::Nothing) => {}
         }
-        if g.members.is_empty() {
-            // Most groups have one member: room for exactly one, not the default four.
-            g.members.reserve_exact(1);
-        }
         g.members.push(Member { to: who.to(), format });
         if let Some(deleted) = &body.deleted {
-            self.on_delete_clients(who.group_id, deleted.client_ids.as_deref().unwrap_or_default());
+            self.on_delete_clients(who.group, deleted.client_ids.as_deref().unwrap_or_default());
         }
         self.on_queries(who, &body.desired_queries_patch);
     }
 
     pub fn on_queries(&mut self, who: &Who<'_>, ops: &[QueriesPatchOp]) {
-        let Some(g) = self.groups.get_mut(&**who.group_id) else { return };
-        let changed = g.with_replica(who.group_id, &self.limits, |r| {
-            r.change_desired_queries(who.client_id, ops)
-        });
-        match changed {
-            Ok(Some(change)) => self.broadcast(who.group_id, change),
+        let limits = &self.limits;
+        let g = self.groups.get_mut(who.group.index()).expect("a GroupRef outlived its group");
+        match g.with_replica(limits, |r| r.change_desired_queries(who.client_id, ops)) {
+            Ok(Some(change)) => self.broadcast(who.group, change),
             Ok(None) => {}
             Err((kind, message)) => {
                 self.outbox.push(Delivery::Error { to: who.to(), kind, message, close: true });
@@ -249,18 +412,31 @@ impl GroupSync {
         }
     }
 
-    pub fn on_delete_clients(&mut self, group_id: &Rc<str>, client_ids: &[String]) {
-        let Some(g) = self.groups.get_mut(&**group_id) else { return };
-        let changed = g.with_replica(group_id, &self.limits, |r| r.delete_clients(client_ids));
-        if let Some(change) = changed {
-            self.broadcast(group_id, change);
+    pub fn on_delete_clients(&mut self, group: GroupRef, client_ids: &[String]) {
+        let limits = &self.limits;
+        let g = self.groups.get_mut(group.index()).expect("a GroupRef outlived its group");
+        if let Some(change) = g.with_replica(limits, |r| r.delete_clients(client_ids)) {
+            self.broadcast(group, change);
         }
     }
 
     /// A push: each mutation in order, under the per-user mutation limit.
-    pub fn on_push(&mut self, who: &Who<'_>, user_key: &str, push: &PushBody, now: Instant) {
+    pub fn on_push(&mut self, who: &Who<'_>, pusher: Pusher<'_>, push: &PushBody, now: Instant) {
+        let mut anonymous = String::new();
         for mutation in &push.mutations {
-            if let Err(wait) = self.mutations.check(user_key, who.group_id, now) {
+            let limits = &self.limits;
+            let g = self.groups.get_mut(who.group.index()).expect("a GroupRef outlived its group");
+            let user_key = match pusher {
+                Pusher::Verified => g.owner().unwrap_or_default(),
+                Pusher::Claimed(user) => user,
+                Pusher::Anonymous => {
+                    if anonymous.is_empty() {
+                        anonymous = format!("client:{}", who.client_id);
+                    }
+                    &anonymous
+                }
+            };
+            if let Err(wait) = self.mutations.check(user_key, g.name(), now) {
                 let message = format!(
                     "mutation rate limit exceeded; retry in {} ms",
                     wait.as_millis().max(1)
@@ -273,14 +449,12 @@ impl GroupSync {
                     close: false,
                 });
             }
-            let Some(g) = self.groups.get_mut(&**who.group_id) else { return };
-            let result = g.with_replica(who.group_id, &self.limits, |r| r.apply_push(mutation));
-            match result {
-                PushResult::Applied(change) => self.broadcast(who.group_id, change),
+            match g.with_replica(limits, |r| r.apply_push(mutation)) {
+                PushResult::Applied(change) => self.broadcast(who.group, change),
                 PushResult::AlreadyProcessed => {}
                 PushResult::Failed { change, message }
                 | PushResult::LimitExceeded { change, message } => {
-                    self.broadcast(who.group_id, change);
+                    self.broadcast(who.group, change);
                     let kind = ErrorKind::MutationFailed;
                     self.outbox.push(Delivery::Error { to: who.to(), kind, message, close: false });
                 }
@@ -298,12 +472,12 @@ impl GroupSync {
     }
 
     /// Stages a change and queues its poke to every member, encoded once per format.
-    fn broadcast(&mut self, group_id: &str, change: Change) {
-        self.store.stage(group_id, &change);
-        let Some(g) = self.groups.get(group_id) else { return };
+    fn broadcast(&mut self, group: GroupRef, change: Change) {
+        let g = self.groups.get(group.index()).expect("a GroupRef outlived its group");
+        self.store.stage(g.name(), &change);
         let poke = change.poke();
         let mut encoded: [Option<(Frames, u64)>; 2] = [None, None];
-        for m in &g.members {
+        for m in g.members.as_slice() {
             let i = (m.format == PokeFormat::Binary) as usize;
             let (frames, messages) = encoded[i]
                 .get_or_insert_with(|| {
@@ -316,37 +490,53 @@ impl GroupSync {
     }
 
     /// Commits what the iteration changed, then hands out the deliveries. Groups whose commit
-    /// failed or that another process changed meanwhile are returned: their connections must
-    /// reconnect (and load the current state); nothing queued for them is delivered.
-    pub fn flush(&mut self) -> (Vec<Delivery>, Vec<String>) {
-        let mut failed = Vec::new();
+    /// failed or that another process changed meanwhile are returned, stale:
+    /// their connections must reconnect (and load the current state); nothing queued for
+    /// them is delivered. Each stays in memory until the next flush at least.
+    pub fn flush(&mut self) -> (Vec<Delivery>, Vec<GroupRef>) {
+        let mut failed_names = Vec::new();
         if self.store.has_staged() {
             match self.store.commit() {
-                Ok(committed) => failed = committed.stale_groups,
+                Ok(committed) => failed_names = committed.stale_groups,
                 Err(e) => {
                     log::error!("storage commit failed: {}", e.message);
-                    failed = e.groups;
+                    failed_names = e.groups;
                 }
             }
         }
         let mut out = std::mem::take(&mut self.outbox);
-        if !failed.is_empty() {
-            for group in &failed {
-                self.store.forget(group);
+        let mut failed = Vec::new();
+        for name in &failed_names {
+            self.store.forget(name);
+            let groups = &self.groups;
+            let Some(i) = self.by_name.find(name, |i| groups.get(i).map_or("", Group::name)) else {
+                continue;
+            };
+            let g = self.groups.get_mut(i).expect("an indexed group");
+            g.stale = true;
+            g.replica = None;
+            let members = std::mem::take(&mut g.members);
+            out.retain(|d| !members.as_slice().iter().any(|m| m.to == d.to()));
+            // The pin may have been in the batch that failed: stage it again, so it reaches
+            // the store with the next commit (the store keeps an older owner if it has one).
+            if let Some(owner) = g.owner() {
+                self.store.set_owner(g.name(), owner);
             }
-            let dead: Vec<To> = failed
-                .iter()
-                .filter_map(|g| self.groups.remove(g.as_str()))
-                .flat_map(|g| g.members.into_iter().map(|m| m.to))
-                .collect();
-            out.retain(|d| !dead.contains(&d.to()));
+            failed.push(GroupRef::new(i));
         }
-        // Groups nobody is connected to leave memory once their changes are on disk.
-        for id in std::mem::take(&mut self.emptied) {
-            if self.groups.get(&id).is_some_and(|g| g.connections == 0) {
-                self.groups.remove(&id);
-                self.mutations.forget_group(&id);
-                self.store.forget(&id);
+        // Groups nobody is connected to leave memory once their changes are on disk; a
+        // failed one at the next flush, so that the caller can still name it.
+        for g in std::mem::take(&mut self.emptied) {
+            if failed.contains(&g) {
+                self.emptied.push(g);
+                continue;
+            }
+            let i = g.index();
+            if self.groups.get(i).is_some_and(|group| group.connections == 0) {
+                let group = self.groups.remove(i).expect("a group just looked at");
+                self.by_name.remove(group.name(), i);
+                self.mutations.forget_group(group.name());
+                self.store.forget(group.name());
             }
         }
         (out, failed)
@@ -379,16 +569,17 @@ mod tests {
         parse_upstream(&mut text.as_bytes().to_vec()).unwrap()
     }
 
+    fn open(dir: &TempDir) -> GroupSync {
+        GroupSync::open(&dir.0, replica::Limits::default(), 0, Duration::from_secs(60)).unwrap()
+    }
+
     #[test]
     fn a_group_holds_a_replica_only_once_something_changed() {
         let dir = TempDir::new();
-        let mut sync =
-            GroupSync::open(&dir.0, replica::Limits::default(), 0, Duration::from_secs(60))
-                .unwrap();
-        let g: Rc<str> = Rc::from("g");
-        sync.load(&g).unwrap();
-        sync.admitted("g");
-        let who = Who { slot: 0, serial: 1, client_id: "c1", group_id: &g, version: 51 };
+        let mut sync = open(&dir);
+        let g = sync.load("g").unwrap();
+        sync.join(g, None);
+        let who = Who { slot: 0, serial: 1, client_id: "c1", group: g, version: 51 };
         let Upstream::InitConnection(init) =
             upstream(r#"["initConnection",{"desiredQueriesPatch":[]}]"#)
         else {
@@ -396,7 +587,7 @@ mod tests {
         };
         sync.on_init(&who, None, 0, &init);
         sync.on_queries(&who, &[]);
-        assert!(sync.groups["g"].replica.is_none(), "an idle client of a new group");
+        assert!(sync.group(g).replica.is_none(), "an idle client of a new group");
         let (out, failed) = sync.flush();
         assert!(failed.is_empty());
         assert_eq!(out.len(), 1, "the new client still gets its catch-up poke");
@@ -408,15 +599,137 @@ mod tests {
         ) else {
             panic!("not a push")
         };
-        sync.on_push(&who, "c1", &push, Instant::now());
-        assert_eq!(sync.groups["g"].replica.as_ref().map(|r| r.version()), Some(1));
+        sync.on_push(&who, Pusher::Claimed("c1"), &push, Instant::now());
+        assert_eq!(sync.group(g).replica.as_ref().map(|r| r.version()), Some(1));
         let (out, _) = sync.flush();
         assert_eq!(out.len(), 1, "the poke of the insert");
         // A later connection of the group loads what was stored.
-        sync.left(0, "g");
+        sync.left(g, 0);
         sync.flush();
-        assert!(!sync.groups.contains_key("g"));
-        sync.load(&g).unwrap();
-        assert_eq!(sync.groups["g"].replica.as_ref().map(|r| r.version()), Some(1));
+        assert!(sync.groups.is_empty() && sync.by_name.is_empty(), "the group left memory");
+        let g = sync.load("g").unwrap();
+        assert_eq!(sync.group(g).replica.as_ref().map(|r| r.version()), Some(1));
+    }
+
+    #[test]
+    fn the_pin_outlives_the_group_in_memory_and_the_process() {
+        let dir = TempDir::new();
+        let mut sync = open(&dir);
+        let g = sync.load("g").unwrap();
+        assert_eq!(sync.owner(g), None);
+        sync.join(g, Some("alice"));
+        sync.join(g, Some("bob"));
+        assert_eq!(sync.owner(g), Some("alice"), "the first verified user pins it");
+        assert_eq!((sync.name(g), sync.connections(g)), ("g", 2));
+        sync.left(g, 0);
+        sync.left(g, 1);
+        sync.flush();
+        assert!(sync.groups.is_empty(), "the group left memory");
+        let g = sync.load("g").unwrap();
+        assert_eq!(sync.owner(g), Some("alice"), "read back from the store");
+        drop(sync);
+        let mut sync = open(&dir);
+        let g = sync.load("g").unwrap();
+        assert_eq!(sync.owner(g), Some("alice"), "and after a restart");
+        // An owner whose name is empty is still an owner.
+        let h = sync.load("h").unwrap();
+        sync.join(h, Some(""));
+        assert_eq!(sync.owner(h), Some(""));
+    }
+
+    #[test]
+    fn a_group_changed_by_another_process_goes_stale_and_loads_again() {
+        let dir = TempDir::new();
+        let (mut a, mut b) = (open(&dir), open(&dir));
+        let push = |id: u64| {
+            let Upstream::Push(push) = upstream(&format!(
+                r#"["push",{{"clientGroupID":"g","pushVersion":1,"timestamp":1,"requestID":"r",
+                "mutations":[{{"type":"crud","id":{id},"clientID":"c1","name":"_zero_crud","timestamp":1,
+                "args":[{{"ops":[{{"op":"upsert","tableName":"t","primaryKey":["id"],"value":{{"id":"a","n":{id}}}}}]}}]}}]}}]"#
+            )) else {
+                panic!("not a push")
+            };
+            push
+        };
+        let init = || {
+            let Upstream::InitConnection(init) =
+                upstream(r#"["initConnection",{"desiredQueriesPatch":[]}]"#)
+            else {
+                panic!("not initConnection")
+            };
+            init
+        };
+        let now = Instant::now();
+        let ga = a.load("g").unwrap();
+        a.join(ga, Some("alice"));
+        let who_a = Who { slot: 0, serial: 0, client_id: "c1", group: ga, version: 51 };
+        a.on_init(&who_a, None, 0, &init());
+        a.on_push(&who_a, Pusher::Verified, &push(1), now);
+        a.flush();
+        // Another process (a worker of a graceful replacement) writes the group meanwhile.
+        let gb = b.load("g").unwrap();
+        b.join(gb, Some("alice"));
+        let who_b = Who { slot: 0, serial: 0, client_id: "c1", group: gb, version: 51 };
+        b.on_push(&who_b, Pusher::Verified, &push(2), now);
+        assert!(b.flush().1.is_empty());
+        // A's next push (its client's next mutation, for A) finds the group stale.
+        a.on_push(&who_a, Pusher::Verified, &push(2), now);
+        let (out, failed) = a.flush();
+        assert_eq!(failed, [ga]);
+        assert!(out.is_empty(), "nothing is delivered for a stale group: {}", out.len());
+        // Its next load (a newcomer, or the rehomed client) reads what the other wrote.
+        assert_eq!(a.load("g").unwrap(), ga);
+        assert_eq!(a.group(ga).replica.as_ref().map(|r| r.version()), Some(2));
+        assert_eq!(a.owner(ga), Some("alice"), "the pin stayed");
+        // Stale again, and its last connection leaves in the same iteration: the group is
+        // still there for the caller to name, and gone at the next flush.
+        b.on_push(&who_b, Pusher::Verified, &push(3), now);
+        assert!(b.flush().1.is_empty());
+        a.on_push(&who_a, Pusher::Verified, &push(3), now);
+        a.left(ga, 0);
+        assert_eq!(a.flush().1, [ga]);
+        assert_eq!(a.name(ga), "g");
+        a.flush();
+        assert!(a.groups.is_empty(), "gone at the next flush");
+        let ga = a.load("g").unwrap();
+        assert_eq!(a.group(ga).replica.as_ref().map(|r| r.version()), Some(3));
+        assert_eq!(a.owner(ga), Some("alice"));
+    }
+
+    #[test]
+    fn members_go_inline_then_to_the_heap_and_back() {
+        let member = |slot| Member { to: To { slot, serial: 0 }, format: PokeFormat::Json };
+        let slots = |m: &Members| m.as_slice().iter().map(|m| m.to.slot).collect::<Vec<_>>();
+        let mut m = Members::default();
+        m.push(member(1));
+        assert!(matches!(m, Members::One(_)));
+        m.push(member(2));
+        m.push(member(3));
+        assert_eq!(slots(&m), [1, 2, 3]);
+        m.remove(2);
+        m.remove(9);
+        assert_eq!(slots(&m), [1, 3]);
+        m.remove(1);
+        assert!(matches!(m, Members::One(_)), "one left: inline again");
+        m.remove(3);
+        assert!(matches!(m, Members::None));
+        // What a group costs, once per client group (often one per connection).
+        assert!(std::mem::size_of::<Members>() <= 16);
+        assert!(std::mem::size_of::<Option<Group>>() <= 48, "{}", std::mem::size_of::<Group>());
+    }
+
+    #[test]
+    fn a_group_nobody_joined_leaves_at_the_next_flush() {
+        let dir = TempDir::new();
+        let mut sync = open(&dir);
+        let a = sync.load("a").unwrap();
+        let b = sync.load("b").unwrap();
+        assert_eq!(sync.load("a").unwrap(), a, "loading again finds it");
+        sync.join(b, None);
+        sync.flush();
+        assert_eq!(sync.groups.len(), 1);
+        assert_eq!(sync.name(b), "b");
+        let a = sync.load("a").unwrap();
+        assert_ne!(sync.name(a), sync.name(b));
     }
 }

@@ -2,14 +2,14 @@
 //! displacement rules, version), and runs their connections on one io_uring ring.
 //!
 //! The loop is thin on purpose: it moves bytes between sockets and the sans-IO
-//! [`Connection`]s and [`Groups`], and decides nothing itself. Per connection there is one
-//! multishot receive (into the shared provided-buffer ring, so an idle connection parks no
-//! read buffer) and at most one send in flight. A slot is freed only when neither is in flight,
-//! so a late completion can never land on a reused slot.
+//! [`Connection`]s, [`group::decide`] and [`GroupSync`], and decides nothing itself. Per
+//! connection there is one multishot receive (into the shared provided-buffer ring, so an
+//! idle connection parks no read buffer) and at most one send in flight. A slot is freed
+//! only when neither is in flight, so a late completion can never land on a reused slot.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, types};
@@ -17,17 +17,18 @@ use nix::sys::socket::{MsgFlags, Shutdown};
 
 use crate::auth::Verifier;
 use crate::config::Config;
-use crate::connection::{Codec, Connection, End, Identity, Notice, Settings, State};
+use crate::connection::{self, Connection, End, Notice, Settings, Shared, State};
 use crate::frame::DecoderLimits;
-use crate::group::{Admission, Groups};
+use crate::group::{self, Admission, Existing, GroupState};
 use crate::handoff::{self, Handoff};
 use crate::handshake;
+use crate::index::NameIndex;
 use crate::metrics::{Metric, Metrics};
 use crate::protocol::{self, ErrorKind};
 use crate::ring::{self, BufRing, Ring};
 use crate::route;
 use crate::slab::Slab;
-use crate::sync::{Delivery, GroupSync, Who};
+use crate::sync::{Delivery, GroupRef, GroupSync, Pusher, Who};
 
 const CHANNEL: u8 = 1;
 const RECV: u8 = 2;
@@ -48,27 +49,69 @@ const RECV_BUFFER_SIZE: usize = 16 * 1024;
 pub const MIN_VERSION: u32 = 30;
 pub const MAX_VERSION: u32 = 52;
 
+/// One socket in this worker. Every worker holds one per connection, most of them idle,
+/// so what only some connections need lives elsewhere (the probe list, the resume map) and
+/// what is only needed at the handshake is not kept.
 struct Slot {
     fd: OwnedFd,
     conn: Connection,
+    /// Who the connection is and where it belongs.
+    id: Identity,
+    /// Unique per connection in this worker (it wraps): deliveries name it so a reused slot
+    /// never receives what was meant for its previous connection.
+    serial: u32,
+    /// The sync protocol version from the path (30 to 52 once admitted).
+    version: u8,
     recv_armed: bool,
     send_armed: bool,
     /// The socket was shut down; the slot is freed once no operation is in flight.
     shut: bool,
-    /// Counted in [`Groups`] (admitted); it must leave them when it ends.
+    /// Counted in its group and under its clientID (admitted); it must leave them when it
+    /// ends.
     joined: bool,
     /// A receive ended for lack of buffers and must be re-armed.
     starved: bool,
-    /// Unique per connection in this worker: deliveries name it so a reused slot never
-    /// receives what was meant for its previous connection.
-    serial: u64,
-    /// Where a reconnecting client says it left off, until its `initConnection` is checked
-    /// against it; `None` for a new client (no cookie, no mutations), so that most
-    /// connections allocate nothing for it.
-    resume: Option<Box<Resume>>,
-    /// The claimed userID, while no token verified it (a verified one is the identity's
-    /// user and equal to it), for the per-user mutation limit.
-    claimed_user: Option<Box<str>>,
+    /// Its token verified: its user is then its group's owner (the first verified user
+    /// pins a group, and only that user is admitted to it after), so it needs no copy.
+    verified: bool,
+}
+
+/// Who a connection is: its names from the connect URL, in one allocation, and its group.
+struct Identity {
+    /// The clientID (its key in the worker), the wsid (echoed in `connected`, logged) and
+    /// the claimed userID (the mutation limit's key while no token verified it; empty when
+    /// absent), back to back.
+    names: Box<str>,
+    /// Where the clientID and the wsid end in `names`. Sixteen bits suffice: the names are
+    /// decoded from one request head, so together they are shorter than it.
+    client_end: u16,
+    wsid_end: u16,
+    /// The connection's client group, from its admission until it ends (`None` before, and
+    /// for the conformance echo route).
+    group: Option<GroupRef>,
+}
+
+const _: () = assert!(crate::config::MAX_HEAD_BYTES <= 1 << 16, "Identity's offsets are u16");
+
+impl Identity {
+    fn new(client_id: &str, wsid: &str, claimed_user: Option<&str>) -> Identity {
+        let names = [client_id, wsid, claimed_user.unwrap_or_default()].concat().into();
+        let end = |len: usize| u16::try_from(len).expect("names shorter than a request head");
+        let (client_end, wsid_end) = (end(client_id.len()), end(client_id.len() + wsid.len()));
+        Identity { names, client_end, wsid_end, group: None }
+    }
+
+    fn client_id(&self) -> &str {
+        &self.names[..self.client_end as usize]
+    }
+
+    fn wsid(&self) -> &str {
+        &self.names[self.client_end as usize..self.wsid_end as usize]
+    }
+
+    fn claimed_user(&self) -> Option<&str> {
+        Some(&self.names[self.wsid_end as usize..]).filter(|u| !u.is_empty())
+    }
 }
 
 /// The connect parameters the group sync checks at `initConnection`.
@@ -77,26 +120,24 @@ struct Resume {
     lmid: u64,
 }
 
-impl Slot {
-    /// Whose mutations these are, for the per-user mutation limit: the verified user, else
-    /// the claimed userID, else the clientID.
-    fn user_key(&self) -> std::borrow::Cow<'_, str> {
-        let id = self.conn.identity();
-        match (id.user.as_deref(), self.claimed_user.as_deref()) {
-            (Some(user), _) | (None, Some(user)) => user.into(),
-            (None, None) => format!("client:{}", id.client_id).into(),
-        }
-    }
-}
-
 /// A newcomer waiting for the liveness probe of the connection holding its clientID.
 struct Probe {
     newcomer: u32,
     existing: u32,
     deadline: Instant,
-    /// The newcomer's address, for the log line of its admission or refusal.
+    /// What the newcomer is admitted with, once it is.
+    admit: Admit,
+}
+
+/// A newcomer's admission, from its handshake to the moment it joins its group.
+struct Admit {
+    /// Its clientGroupID: a slot holds its group only once admitted.
+    group_id: Box<str>,
+    /// Its verified user, if its token verified.
+    user: Option<Box<str>>,
+    /// Its address, for the log line of its admission or refusal.
     peer: SocketAddr,
-    /// The newcomer's header `initConnection`, handled once it is admitted.
+    /// Its header `initConnection`, handled once it is admitted.
     init: Option<Vec<u8>>,
 }
 
@@ -105,7 +146,6 @@ pub struct Worker {
     ring: Ring,
     bufs: BufRing,
     config: Config,
-    settings: Rc<Settings>,
     metrics: Metrics,
     verifier: Verifier,
     /// Connections this process can hold (`config::worker_connection_cap`, read once: the
@@ -116,13 +156,18 @@ pub struct Worker {
     channel_buf: Vec<u8>,
     /// Connections by the index their operations carry in `user_data`.
     slots: Slab<Slot>,
-    groups: Groups,
+    /// Admitted connections by clientID (the unique key of a connection inside a worker).
+    clients: NameIndex,
     probes: Vec<Probe>,
-    /// Shared compression contexts and inflate scratch, lent to connections.
-    codec: Codec,
+    /// Where reconnecting clients say they left off, by slot, until their `initConnection`
+    /// is checked against it. Most connections are new clients (no cookie, no mutations)
+    /// and have no entry.
+    resumes: HashMap<u32, Resume>,
+    /// The settings, shared compression contexts and inflate scratch, lent to connections.
+    shared: Shared,
     /// The replicas of this worker's client groups and their durable store.
     sync: GroupSync,
-    next_serial: u64,
+    next_serial: u32,
     /// Bytes of dedicated compression contexts in use, against `compression.memory_budget_bytes`.
     dedicated_deflate_bytes: usize,
     open: u64,
@@ -181,11 +226,11 @@ impl Worker {
         let window = Duration::from_millis(config.limits.per_user_mutations_window_ms);
         let l = &config.limits;
         let sync = GroupSync::open(&config.storage.path, l.group(), l.per_user_mutations, window)?;
+        let shared = Shared::new(settings_from(&config), level);
         Ok(Worker {
             index,
             ring,
             bufs,
-            settings: Rc::new(settings_from(&config)),
             config,
             metrics,
             verifier,
@@ -193,9 +238,10 @@ impl Worker {
             channel,
             channel_buf: vec![0; handoff::MAX_MESSAGE],
             slots: Slab::default(),
-            groups: Groups::default(),
+            clients: NameIndex::default(),
             probes: Vec::new(),
-            codec: Codec::new(level),
+            resumes: HashMap::new(),
+            shared,
             sync,
             next_serial: 0,
             dedicated_deflate_bytes: 0,
@@ -280,14 +326,14 @@ impl Worker {
             Err(e) => log::error!("worker {}: reload kept the old auth keys: {e}", self.index),
         }
         log::set_max_level(config.level());
-        self.settings = Rc::new(settings_from(&config));
+        self.shared.settings = settings_from(&config);
         self.sync.set_mutation_limit(
             config.limits.per_user_mutations,
             Duration::from_millis(config.limits.per_user_mutations_window_ms),
         );
         self.sync.set_group_limits(config.limits.group());
         for (_, slot) in self.slots.iter_mut() {
-            slot.conn.set_settings(self.settings.clone());
+            slot.conn.apply_settings(&self.shared.settings);
         }
         self.config = config;
     }
@@ -415,29 +461,11 @@ impl Worker {
         let routed = route::parse_sync_path(&head.path)
             .ok()
             .and_then(|path| Some((path, route::parse_connect_params(&head.query).ok()?)));
-        let identity = match &routed {
-            _ if echo => Identity {
-                client_id: Rc::from(""),
-                client_group_id: Rc::from(""),
-                wsid: Box::default(),
-                user: None,
-                version: 0,
-                echo: true,
-            },
-            Some((path, params)) => Identity {
-                client_id: Rc::from(params.client_id.as_str()),
-                client_group_id: Rc::from(params.client_group_id.as_str()),
-                wsid: params.wsid.as_str().into(),
-                user: None,
-                version: path.version,
-                echo: false,
-            },
-            None => {
-                log::error!("worker {}: handoff failed to parse again", self.index);
-                return;
-            }
-        };
-        let mut conn = Connection::new(identity, self.settings.clone(), now);
+        if routed.is_none() && !echo {
+            log::error!("worker {}: handoff failed to parse again", self.index);
+            return;
+        }
+        let mut conn = Connection::new(echo, now);
         let compression = &self.config.compression;
         let agreement = match head.ws_extensions.as_deref() {
             Some(offers) if compression.enabled => {
@@ -450,38 +478,47 @@ impl Worker {
         };
         let key = head.ws_key.as_deref().unwrap_or_default();
         let extensions = agreement.as_ref().map(|a| a.response.as_str());
-        conn.send_raw(
-            handshake::switching_protocols(key, head.ws_protocol.as_deref(), extensions),
-            now,
-        );
+        conn.send_raw(handshake::switching_protocols(key, head.ws_protocol.as_deref(), extensions));
         if let Some(agreement) = agreement {
             conn.enable_deflate(agreement, compression.level);
             self.dedicated_deflate_bytes += conn.dedicated_deflate_bytes();
         }
+        let (id, version) = match &routed {
+            Some((path, p)) if !echo => (
+                Identity::new(&p.client_id, &p.wsid, p.user_id.as_deref()),
+                // Out of range is refused at admission, from the path itself.
+                path.version.min(u8::MAX.into()) as u8,
+            ),
+            _ => (Identity::new("", "", None), 0),
+        };
         let index = self.slots.insert(Slot {
             fd: h.socket,
             conn,
+            id,
+            serial: self.next_serial,
+            version,
             recv_armed: false,
             send_armed: false,
             shut: false,
             joined: false,
             starved: false,
-            serial: self.next_serial,
-            resume: routed.as_ref().and_then(|(_, p)| {
-                let fresh = p.base_cookie.is_none() && p.lmid == 0;
-                let (base_cookie, lmid) = (p.base_cookie.clone(), p.lmid);
-                (!fresh).then(|| Box::new(Resume { base_cookie, lmid }))
-            }),
-            claimed_user: routed.as_ref().and_then(|(_, p)| p.user_id.as_deref().map(Box::from)),
+            verified: false,
         });
-        self.next_serial += 1;
+        self.next_serial = self.next_serial.wrapping_add(1);
         self.churned = true;
         self.arm_recv(index);
         match &routed {
-            Some((_, params)) if !echo => self.admit(index, h.peer, &head, params, now),
+            Some((path, params)) if !echo => {
+                if params.base_cookie.is_some() || params.lmid != 0 {
+                    let resume =
+                        Resume { base_cookie: params.base_cookie.clone(), lmid: params.lmid };
+                    self.resumes.insert(index, resume);
+                }
+                self.admit(index, h.peer, &head, path.version, params, now)
+            }
             _ => {
                 if let Some(slot) = self.slots.get_mut(index) {
-                    slot.conn.open(None, now);
+                    slot.conn.open("", "", None, now);
                 }
             }
         }
@@ -489,7 +526,8 @@ impl Worker {
         let mut early = h.bytes[end..].to_vec();
         if !early.is_empty() {
             if let Some(slot) = self.slots.get_mut(index) {
-                slot.conn.on_bytes(&mut early, &mut self.codec, now);
+                let group_id = slot.id.group.map_or("", |g| self.sync.name(g));
+                slot.conn.on_bytes(&mut early, &mut self.shared, group_id, now);
             }
         }
         self.process(index);
@@ -502,148 +540,119 @@ impl Worker {
         index: u32,
         peer: SocketAddr,
         head: &handshake::Head,
+        version: u32,
         params: &route::ConnectParams,
         now: Instant,
     ) {
+        let group_id = params.client_group_id.as_str();
+        let refuse = |w: &mut Worker, kind, message: &str, code| {
+            w.refuse(index, peer, group_id, kind, message, code, now)
+        };
         let header = match head.ws_protocol.as_deref().map(protocol::decode_protocol_header) {
             None => {
-                return self.refuse(
-                    index,
-                    peer,
-                    ErrorKind::InvalidConnectionRequest,
-                    "missing Sec-WebSocket-Protocol header",
-                    1002,
-                    now,
-                )
+                let message = "missing Sec-WebSocket-Protocol header";
+                return refuse(self, ErrorKind::InvalidConnectionRequest, message, 1002);
             }
             Some(Err(e)) => {
                 let message = format!("invalid Sec-WebSocket-Protocol header: {e}");
-                return self.refuse(
-                    index,
-                    peer,
-                    ErrorKind::InvalidConnectionRequest,
-                    &message,
-                    1002,
-                    now,
-                );
+                return refuse(self, ErrorKind::InvalidConnectionRequest, &message, 1002);
             }
             Some(Ok(header)) => header,
         };
         // 2. Authenticate first: nothing below looks at other connections before this.
-        let user: Option<Rc<str>> = match header.auth_token.as_deref() {
+        let user: Option<Box<str>> = match header.auth_token.as_deref() {
             Some(token) if self.verifier.has_keys() => {
                 match self.verifier.verify(token, epoch_secs()) {
                     Ok(verified) => {
                         if params.user_id.as_deref() != Some(verified.sub.as_str()) {
                             self.metrics.inc(Metric::AuthRefusals);
                             let message = "token subject does not match userID";
-                            return self.refuse(
-                                index,
-                                peer,
-                                ErrorKind::Unauthorized,
-                                message,
-                                3000,
-                                now,
-                            );
+                            return refuse(self, ErrorKind::Unauthorized, message, 3000);
                         }
-                        Some(Rc::from(verified.sub.as_str()))
+                        Some(verified.sub.as_str().into())
                     }
                     Err(e) => {
                         self.metrics.inc(Metric::AuthRefusals);
-                        return self.refuse(
-                            index,
-                            peer,
-                            ErrorKind::AuthInvalidated,
-                            e.message(),
-                            3000,
-                            now,
-                        );
+                        return refuse(self, ErrorKind::AuthInvalidated, e.message(), 3000);
                     }
                 }
             }
             Some(_) => None,
             None if self.config.auth.required => {
                 self.metrics.inc(Metric::AuthRefusals);
-                return self.refuse(
-                    index,
-                    peer,
-                    ErrorKind::Unauthorized,
-                    "a token is required",
-                    3000,
-                    now,
-                );
+                return refuse(self, ErrorKind::Unauthorized, "a token is required", 3000);
             }
             None => None,
         };
-        let slot = self.slots.get_mut(index).expect("slot");
-        if user.is_some() {
-            slot.claimed_user = None;
-        }
-        slot.conn.set_user(user.clone());
-        let init = header.init_connection;
-        let id = slot.conn.identity().clone();
-        // The group's durable owner pins it before any admission decision (rule 4).
-        match self.sync.load(&id.client_group_id) {
-            Ok(Some(owner)) => self.groups.pin(&id.client_group_id, &owner),
-            Ok(None) => {}
+        // The group, with its durable owner, before any admission decision (rule 4).
+        let group = match self.sync.load(group_id) {
+            Ok(group) => group,
             Err(e) => {
                 log::error!("worker={} storage: {e}", self.index);
-                return self.refuse(
-                    index,
-                    peer,
-                    ErrorKind::Internal,
-                    "storage unavailable",
-                    1011,
-                    now,
-                );
+                return refuse(self, ErrorKind::Internal, "storage unavailable", 1011);
             }
-        }
+        };
         // 3. Displacement, against verified identities only.
-        let decision = self.groups.decide(
-            &id.client_id,
-            &id.client_group_id,
-            user.as_deref(),
-            self.config.limits.max_group_connections,
-        );
+        let existing = self.client_slot(&params.client_id).map(|slot| Existing {
+            slot,
+            user: self.slots.get(slot).and_then(|s| self.verified_user(s)),
+        });
+        let state =
+            GroupState { owner: self.sync.owner(group), connections: self.sync.connections(group) };
+        let max = self.config.limits.max_group_connections;
+        let decision = group::decide(&state, existing, user.as_deref(), max);
         if let Admission::Refuse(kind, message) = decision {
             self.metrics.inc(Metric::DisplacementRefusals);
             let code = if kind == ErrorKind::Unauthorized { 3000 } else { 1008 };
-            return self.refuse(index, peer, kind, &message, code, now);
+            return refuse(self, kind, &message, code);
         }
         // 4. Version, before any existing connection is touched.
-        if !(MIN_VERSION..=MAX_VERSION).contains(&id.version) {
+        if !(MIN_VERSION..=MAX_VERSION).contains(&version) {
             self.metrics.inc(Metric::VersionRefusals);
             let message = format!(
-                "server supports sync protocol v{MIN_VERSION} to v{MAX_VERSION}, client requested v{}",
-                id.version
+                "server supports sync protocol v{MIN_VERSION} to v{MAX_VERSION}, client requested v{version}"
             );
-            return self.refuse(index, peer, ErrorKind::VersionNotSupported, &message, 1002, now);
+            return refuse(self, ErrorKind::VersionNotSupported, &message, 1002);
         }
+        let admit = Admit { group_id: group_id.into(), user, peer, init: header.init_connection };
         match decision {
             Admission::Replace(old) => {
-                self.displace(old, &format!("replaced by wsid {}", id.wsid), now);
-                self.open_connection(index, peer, init, now);
+                let wsid = self.slots.get(index).map(|s| s.id.wsid().to_owned());
+                self.displace(old, &format!("replaced by wsid {}", wsid.unwrap_or_default()), now);
+                self.open_connection(index, admit, now);
             }
             Admission::Probe(old) => {
                 if let Some(existing) = self.slots.get_mut(old) {
-                    existing.conn.probe(now);
+                    existing.conn.probe();
                     let deadline =
                         now + Duration::from_millis(self.config.keepalive.probe_timeout_ms);
-                    let probe = Probe { newcomer: index, existing: old, deadline, peer, init };
-                    self.probes.push(probe);
+                    self.probes.push(Probe { newcomer: index, existing: old, deadline, admit });
                     self.process(old);
                 } else {
-                    self.open_connection(index, peer, init, now);
+                    self.open_connection(index, admit, now);
                 }
             }
-            _ => self.open_connection(index, peer, init, now),
+            _ => self.open_connection(index, admit, now),
         }
     }
 
+    /// The admitted connection holding `client_id`, if any.
+    fn client_slot(&self, client_id: &str) -> Option<u32> {
+        let slots = &self.slots;
+        self.clients.find(client_id, |i| slots.get(i).map_or("", |s| s.id.client_id()))
+    }
+
+    /// A connection's verified user: its group's owner, if its token verified.
+    fn verified_user<'a>(&'a self, slot: &Slot) -> Option<&'a str> {
+        slot.id.group.filter(|_| slot.verified).and_then(|g| self.sync.owner(g))
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn refuse(
         &mut self,
         index: u32,
         peer: SocketAddr,
+        group_id: &str,
         kind: ErrorKind,
         message: &str,
         code: u16,
@@ -652,14 +661,12 @@ impl Worker {
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
-        let id = slot.conn.identity();
         log::info!(
-            "worker={} refused kind={} clientID={} clientGroupID={} wsid={} peer={}: {message}",
+            "worker={} refused kind={} clientID={} clientGroupID={group_id} wsid={} peer={}: {message}",
             self.index,
             kind.as_str(),
-            id.client_id,
-            id.client_group_id,
-            id.wsid,
+            slot.id.client_id(),
+            slot.id.wsid(),
             peer
         );
         if kind == ErrorKind::ServerOverloaded {
@@ -669,41 +676,52 @@ impl Worker {
         }
     }
 
-    /// Steps 5 and 6: `connected`, then the header's `initConnection`.
-    fn open_connection(
-        &mut self,
-        index: u32,
-        peer: SocketAddr,
-        init: Option<Vec<u8>>,
-        now: Instant,
-    ) {
-        let Some(slot) = self.slots.get_mut(index) else {
-            return;
+    /// Steps 5 and 6: the newcomer joins its group, then `connected`, then the header's
+    /// `initConnection`.
+    fn open_connection(&mut self, index: u32, admit: Admit, now: Instant) {
+        let Admit { group_id, user, peer, init } = admit;
+        let refuse = |w: &mut Worker, kind, message: &str, code| {
+            w.refuse(index, peer, &group_id, kind, message, code, now)
         };
-        let id = slot.conn.identity().clone();
-        if self.groups.join(index, &id.client_id, &id.client_group_id, id.user.as_ref()) {
-            if let Some(user) = &id.user {
-                self.sync.set_owner(&id.client_group_id, user);
-            }
-        }
-        slot.joined = true;
         // Loaded at admission; loading again is a no-op unless a flush dropped it meanwhile
         // (a newcomer that waited on a probe).
-        if let Err(e) = self.sync.load(&id.client_group_id) {
-            log::error!("worker={} storage: {e}", self.index);
+        let group = match self.sync.load(&group_id) {
+            Ok(group) => group,
+            Err(e) => {
+                log::error!("worker={} storage: {e}", self.index);
+                return refuse(self, ErrorKind::Internal, "storage unavailable", 1011);
+            }
+        };
+        // A newcomer that waited on a probe may find its group pinned to someone else since.
+        if let Some(Admission::Refuse(kind, message)) =
+            group::check_owner(self.sync.owner(group), user.as_deref())
+        {
+            self.metrics.inc(Metric::DisplacementRefusals);
+            return refuse(self, kind, &message, 3000);
         }
-        self.sync.admitted(&id.client_group_id);
-        slot.conn.open(init, now);
+        let Some(slot) = self.slots.get(index) else {
+            return;
+        };
+        let slots = &self.slots;
+        let client_id = slot.id.client_id();
+        // A connection that held the clientID was displaced or failed its probe, and left
+        // the index; its successor takes the name.
+        self.clients.insert(client_id, index, |i| slots.get(i).map_or("", |s| s.id.client_id()));
+        self.sync.join(group, user.as_deref());
+        let slot = self.slots.get_mut(index).expect("the slot just indexed");
+        slot.id.group = Some(group);
+        slot.verified = user.is_some();
+        slot.joined = true;
+        slot.conn.open(slot.id.wsid(), self.sync.name(group), init, now);
         self.open += 1;
         self.metrics.inc(Metric::Connected);
         log::info!(
-            "worker={} connected clientID={} clientGroupID={} wsid={} user={} version={} peer={}",
+            "worker={} connected clientID={} clientGroupID={group_id} wsid={} user={} version={} peer={}",
             self.index,
-            id.client_id,
-            id.client_group_id,
-            id.wsid,
-            id.user.as_deref().unwrap_or("-"),
-            id.version,
+            slot.id.client_id(),
+            slot.id.wsid(),
+            user.as_deref().unwrap_or("-"),
+            slot.version,
             peer
         );
     }
@@ -716,24 +734,21 @@ impl Worker {
         }
         let now = Instant::now();
         let result = self.verifier.verify(token, epoch_secs());
-        let Some(slot) = self.slots.get_mut(index) else {
+        let Some(slot) = self.slots.get(index) else {
             return;
         };
-        match result {
-            Err(e) => {
-                self.metrics.inc(Metric::AuthRefusals);
-                slot.conn.fail(ErrorKind::AuthInvalidated, e.message(), 3000, now);
+        let failure = match result {
+            Err(e) => Some((ErrorKind::AuthInvalidated, e.message())),
+            Ok(v) if self.verified_user(slot) != Some(v.sub.as_str()) => {
+                Some((ErrorKind::Unauthorized, "the new token names another user"))
             }
-            Ok(v) if slot.conn.identity().user.as_deref() != Some(v.sub.as_str()) => {
-                self.metrics.inc(Metric::AuthRefusals);
-                slot.conn.fail(
-                    ErrorKind::Unauthorized,
-                    "the new token names another user",
-                    3000,
-                    now,
-                );
+            Ok(_) => None,
+        };
+        if let Some((kind, message)) = failure {
+            self.metrics.inc(Metric::AuthRefusals);
+            if let Some(slot) = self.slots.get_mut(index) {
+                slot.conn.fail(kind, message, 3000, now);
             }
-            Ok(_) => {}
         }
     }
 
@@ -741,16 +756,15 @@ impl Worker {
     fn displace(&mut self, index: u32, reason: &str, now: Instant) {
         self.metrics.inc(Metric::Displaced);
         if let Some(slot) = self.slots.get_mut(index) {
-            let id = slot.conn.identity();
             log::info!(
                 "worker={} displaced clientID={} wsid={}: {reason}",
                 self.index,
-                id.client_id,
-                id.wsid
+                slot.id.client_id(),
+                slot.id.wsid()
             );
             // It stays `joined` so its end is counted and logged like any other; leaving the
-            // groups now frees its clientID for the newcomer.
-            self.groups.leave(index, &id.client_id, &id.client_group_id);
+            // index now frees its clientID for the newcomer.
+            self.clients.remove(slot.id.client_id(), index);
             slot.conn.close(1000, reason, now);
             self.process(index);
         }
@@ -787,7 +801,8 @@ impl Worker {
         match (res, buffer) {
             (n, Some(bid)) if n > 0 => {
                 let data = self.bufs.get(bid, n as usize);
-                slot.conn.on_bytes(data, &mut self.codec, now);
+                let group_id = slot.id.group.map_or("", |g| self.sync.name(g));
+                slot.conn.on_bytes(data, &mut self.shared, group_id, now);
                 self.bufs.recycle(bid);
                 if !slot.recv_armed && !slot.shut {
                     // The multishot ended without an error (e.g. the kernel's own limits).
@@ -828,37 +843,41 @@ impl Worker {
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
-        let (messages_in, bytes_in, messages_out) = slot.conn.take_counts();
-        self.metrics.add(Metric::MessagesIn, messages_in);
-        self.metrics.add(Metric::BytesIn, bytes_in);
-        self.metrics.add(Metric::MessagesOut, messages_out);
+        let counts = connection::take_counts();
+        self.metrics.add(Metric::MessagesIn, counts.messages_in);
+        self.metrics.add(Metric::BytesIn, counts.bytes_in);
+        self.metrics.add(Metric::MessagesOut, counts.messages_out);
         let notices = slot.conn.take_notices();
         let mut refreshed = Vec::new();
-        if !notices.is_empty() {
-            let id = slot.conn.identity();
+        // Only an open connection has notices, and it is admitted: it has its group.
+        if let (false, Some(group)) = (notices.is_empty(), slot.id.group) {
+            let pusher = match (slot.verified, slot.id.claimed_user()) {
+                (true, _) => Pusher::Verified,
+                (false, Some(user)) => Pusher::Claimed(user),
+                (false, None) => Pusher::Anonymous,
+            };
             let who = Who {
                 slot: index,
                 serial: slot.serial,
-                client_id: &id.client_id,
-                group_id: &id.client_group_id,
-                version: id.version,
+                client_id: slot.id.client_id(),
+                group,
+                version: slot.version.into(),
             };
             let now = Instant::now();
             for notice in notices {
                 match notice {
                     Notice::Init(body) => {
                         // Needed once: an idle connection should not keep holding it.
-                        let resume = slot.resume.take();
+                        let resume = self.resumes.remove(&index);
                         let base_cookie = resume.as_ref().and_then(|r| r.base_cookie.as_deref());
                         let lmid = resume.as_ref().map_or(0, |r| r.lmid);
                         self.sync.on_init(&who, base_cookie, lmid, &body)
                     }
                     Notice::ChangeDesiredQueries(ops) => self.sync.on_queries(&who, &ops),
-                    Notice::DeleteClients(body) => self.sync.on_delete_clients(
-                        who.group_id,
-                        body.client_ids.as_deref().unwrap_or_default(),
-                    ),
-                    Notice::Push(push) => self.sync.on_push(&who, &slot.user_key(), &push, now),
+                    Notice::DeleteClients(body) => self
+                        .sync
+                        .on_delete_clients(group, body.client_ids.as_deref().unwrap_or_default()),
+                    Notice::Push(push) => self.sync.on_push(&who, pusher, &push, now),
                     Notice::UpdateAuth(token) => refreshed.push(token),
                 }
             }
@@ -871,9 +890,10 @@ impl Worker {
         };
         if slot.conn.finished() {
             if slot.joined {
-                let id = slot.conn.identity();
-                self.groups.leave(index, &id.client_id, &id.client_group_id);
-                self.sync.left(index, &id.client_group_id);
+                self.clients.remove(slot.id.client_id(), index);
+                // Taken, not copied: the group may leave memory at the next flush, while the
+                // slot waits for its last operations to complete.
+                let group = slot.id.group.take().expect("an admitted connection has its group");
                 slot.joined = false;
                 self.open -= 1;
                 let end = slot.conn.end().cloned().unwrap_or(End::Normal);
@@ -888,10 +908,11 @@ impl Worker {
                 log::info!(
                     "worker={} closed clientID={} clientGroupID={} wsid={} end={end:?}",
                     self.index,
-                    id.client_id,
-                    id.client_group_id,
-                    id.wsid
+                    slot.id.client_id(),
+                    self.sync.name(group),
+                    slot.id.wsid()
                 );
+                self.sync.left(group, index);
             }
             if !slot.shut {
                 slot.shut = true;
@@ -902,6 +923,7 @@ impl Worker {
             }
             if !slot.recv_armed && !slot.send_armed {
                 self.dedicated_deflate_bytes -= slot.conn.dedicated_deflate_bytes();
+                self.resumes.remove(&index);
                 if let Some(slot) = self.slots.remove(index) {
                     self.ring.close_later(slot.fd, ring::token(CLOSE, 0));
                 }
@@ -940,10 +962,10 @@ impl Worker {
             };
             match delivery {
                 Delivery::Frames { frames, messages, .. } => {
-                    slot.conn.send_shared(frames, messages, now)
+                    slot.conn.send_shared(frames, messages)
                 }
                 Delivery::Error { kind, message, close: false, .. } => {
-                    slot.conn.send_error(kind, &message, now)
+                    slot.conn.send_error(kind, &message)
                 }
                 Delivery::Error { kind, message, close: true, .. } => {
                     slot.conn.fail(kind, &message, 1002, now)
@@ -955,11 +977,12 @@ impl Worker {
             // Another process changed the group, or the commit failed: these clients must
             // reconnect and load what is on disk.
             log::warn!(
-                "worker={} clientGroupID={group}: state changed elsewhere; rehoming its clients",
-                self.index
+                "worker={} clientGroupID={}: state changed elsewhere; rehoming its clients",
+                self.index,
+                self.sync.name(group)
             );
             for (i, slot) in self.slots.iter_mut() {
-                if *slot.conn.identity().client_group_id == *group {
+                if slot.id.group == Some(group) {
                     let message = "client group state moved; reconnect";
                     slot.conn.fail_with_backoff(ErrorKind::Rehome, message, 1012, (100, 1000), now);
                     touched.push(i);
@@ -999,7 +1022,7 @@ impl Worker {
         self.resolve_probes(now);
         for index in self.slots.indices() {
             if let Some(slot) = self.slots.get_mut(index) {
-                slot.conn.on_tick(now);
+                slot.conn.on_tick(&self.shared.settings, now);
                 if slot.conn.state() == State::Open && slot.conn.flushed() {
                     slot.conn.shrink();
                 }
@@ -1039,24 +1062,19 @@ impl Worker {
             };
             match outcome {
                 None => i += 1,
-                Some(admit) => {
-                    let Probe { peer, init, .. } = self.probes.swap_remove(i);
+                Some(outcome) => {
+                    let Probe { admit, .. } = self.probes.swap_remove(i);
                     if let Some(slot) = self.slots.get_mut(existing_index) {
                         slot.conn.clear_probe();
                     }
-                    match admit {
-                        Some(true) => self.open_connection(newcomer, peer, init, now),
+                    match outcome {
+                        Some(true) => self.open_connection(newcomer, admit, now),
                         Some(false) => {
                             self.metrics.inc(Metric::DisplacementRefusals);
                             let message = "this clientID is connected in another session";
-                            self.refuse(
-                                newcomer,
-                                peer,
-                                ErrorKind::Unauthorized,
-                                message,
-                                3000,
-                                now,
-                            );
+                            let (peer, group_id) = (admit.peer, &admit.group_id);
+                            let kind = ErrorKind::Unauthorized;
+                            self.refuse(newcomer, peer, group_id, kind, message, 3000, now);
                         }
                         None => {}
                     }
@@ -1100,12 +1118,10 @@ fn epoch_secs() -> u64 {
 mod tests {
     #[test]
     fn a_slot_stays_small() {
-        // One per socket in every worker (see `Connection`'s own bound): connect-time data
-        // lives elsewhere once admitted. Raise this only knowing it is paid per connection.
-        assert!(
-            std::mem::size_of::<super::Slot>() <= 224,
-            "{}",
-            std::mem::size_of::<super::Slot>()
-        );
+        // One per socket in every worker (see `Connection`'s own bound), most of them idle:
+        // what only some connections need lives elsewhere, and the names share one
+        // allocation. Raise this only knowing it is paid per connection.
+        let size = std::mem::size_of::<Option<super::Slot>>();
+        assert!(size <= 88, "{size}");
     }
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use syncgate::connection::{Codec, Connection, Identity, Settings};
+use syncgate::connection::{self, Connection, Settings, Shared};
 use syncgate::frame::{encode_client_frame, encode_frame, DecoderLimits, OpCode};
 use syncgate::protocol::ErrorKind;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode as WireOpCode};
@@ -96,17 +96,6 @@ fn settings(input: &Input) -> Settings {
             allow_rsv1: false,
         },
         compress_threshold: 1024,
-    }
-}
-
-fn identity(echo: bool) -> Identity {
-    Identity {
-        client_id: Rc::from("c1"),
-        client_group_id: Rc::from("g1"),
-        wsid: "w1".into(),
-        user: None,
-        version: 51,
-        echo,
     }
 }
 
@@ -222,9 +211,9 @@ fn check_wire(wire: &[u8], cut: bool) {
 fuzz_target!(|input: Input| {
     let start = Instant::now();
     let mut now = start;
-    let mut conn = Connection::new(identity(input.echo), settings(&input).into(), now);
-    let mut codec = Codec::new(1);
-    conn.send_raw(RESPONSE.to_vec(), now);
+    let mut conn = Connection::new(input.echo, now);
+    let mut shared = Shared::new(settings(&input), 1);
+    conn.send_raw(RESPONSE.to_vec());
     let mut wire = Wire { bytes: Vec::new(), fed: 0, shared: 0, ticks: 0, calls: 0, drained_at: 0 };
     if input.write_101_first {
         wire.drain(&mut conn, now);
@@ -241,7 +230,7 @@ fuzz_target!(|input: Input| {
         match op {
             Op::Bytes(bytes) => {
                 wire.fed += bytes.len();
-                conn.on_bytes(&mut bytes.clone(), &mut codec, now);
+                conn.on_bytes(&mut bytes.clone(), &mut shared, "g1", now);
             }
             Op::Frame { opcode, fin, payload, mask } => {
                 let opcode = match opcode % 6 {
@@ -255,7 +244,7 @@ fuzz_target!(|input: Input| {
                 let mut frame = Vec::new();
                 encode_client_frame(&mut frame, opcode, payload, *mask, *fin, false);
                 wire.fed += frame.len();
-                conn.on_bytes(&mut frame, &mut codec, now);
+                conn.on_bytes(&mut frame, &mut shared, "g1", now);
             }
             Op::Write(limit) if limit % 32 == 0 => {}
             Op::Write(limit) => {
@@ -265,25 +254,25 @@ fuzz_target!(|input: Input| {
             Op::Tick(ms) => {
                 now += Duration::from_millis(u64::from(*ms));
                 wire.ticks += 1;
-                conn.on_tick(now);
+                conn.on_tick(&shared.settings, now);
             }
-            Op::Open => conn.open(None, now),
+            Op::Open => conn.open("w1", "g1", None, now),
             Op::Close(code) => conn.close(*code % 5000, "closing", now),
             Op::Fail => conn.fail(ErrorKind::InvalidMessage, "fuzz", 1002, now),
-            Op::SendError => conn.send_error(ErrorKind::Unauthorized, "fuzz", now),
-            Op::Probe => conn.probe(now),
+            Op::SendError => conn.send_error(ErrorKind::Unauthorized, "fuzz"),
+            Op::Probe => conn.probe(),
             Op::ClearProbe => conn.clear_probe(),
             Op::Shared(payload) => {
                 let mut frame = Vec::new();
                 encode_frame(&mut frame, OpCode::Binary, payload, false);
                 wire.shared += frame.len();
-                conn.send_shared(Rc::from(frame), 1, now);
+                conn.send_shared(Rc::from(frame), 1);
             }
             Op::Terminate => conn.terminate(syncgate::connection::End::Normal),
             Op::Shrink => conn.shrink(),
         }
         let _ = conn.take_notices();
-        let _ = conn.take_counts();
+        let _ = connection::take_counts();
         let _ = conn.probe_answered();
     }
     let cut = conn.finished() && !conn.flushed();
