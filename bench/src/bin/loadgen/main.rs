@@ -553,10 +553,12 @@ struct Memory {
 }
 
 impl Memory {
-    /// The reading before connections open; TCP memory is first let settle.
+    /// The reading before the idle connections open, after [`warm_up`]; TCP memory is
+    /// first let settle. The heap first: answering `/metrics` touches memory (syncgate's
+    /// listener reads every process's counters) that is not the connections' to pay for.
     fn baseline(a: &RunArgs, server_pid: u32) -> Result<Memory, String> {
-        let rss = stats::rss_bytes(&stats::process_tree(server_pid));
         let heap = syncgate_heap(a)?;
+        let rss = stats::rss_bytes(&stats::process_tree(server_pid));
         Ok(Memory { rss, tcp: settled_tcp_memory(), slab: stats::slab_bytes(), heap })
     }
 
@@ -607,6 +609,39 @@ fn record_memory(rec: &mut Record, before: &Memory, after: &Memory, label: &str)
     );
 }
 
+/// Before the idle scenario's baseline: opens and closes one connection for every 50 of
+/// the run (at least 200; connect, upgrade, `connected`, close handshake, 8 at a time),
+/// then waits --settle seconds. What a server sets up once for its first connections is
+/// then in the baseline (its connection code paged in, tables touched on first use, the
+/// first page of each of its allocator's size classes: about a megabyte in each syncgate
+/// worker, of which ten share 100k connections), and the idle figures count what each
+/// further connection costs. Every server gets the same warm-up.
+fn warm_up(a: &RunArgs, tag: &str, label: &str) -> Result<(), String> {
+    let n = (a.connections as u64 / 50).max(200);
+    let mut client = Client::new(target(a)?)?;
+    let mut wl = Storm::new(Names::new(&format!("{tag}w")), Vec::new());
+    client.set_target(8, 8);
+    let deadline = Instant::now() + open_limit(n as usize);
+    while wl.counters.done < n {
+        if Instant::now() > deadline {
+            return Err(format!("warm-up: {} of {n} connections made", wl.counters.done));
+        }
+        client.run_until(Instant::now() + Duration::from_millis(20), &mut wl)?;
+    }
+    // The last ones finish their close handshake; none is opened again.
+    client.set_target(0, 1);
+    while client.live() > 0 {
+        if Instant::now() > deadline {
+            return Err(format!("warm-up: {} connections did not close", client.live()));
+        }
+        client.run_until(Instant::now() + Duration::from_millis(20), &mut wl)?;
+    }
+    drop(client);
+    log_line(&format!("{label} warm-up: {n} connections opened and closed"));
+    std::thread::sleep(Duration::from_secs_f64(a.settle));
+    Ok(())
+}
+
 /// Opens the idle connections and reads the server's memory before and after.
 fn idle(
     client: &mut Client,
@@ -618,6 +653,7 @@ fn idle(
     let pid = a.server_pid.ok_or("the idle scenario needs --server-pid")?;
     rec.unit = "bytes/conn".into();
     rec.connections = a.connections;
+    warm_up(a, names.tag(), label)?;
     let before = Memory::baseline(a, pid)?;
     let mut wl = Idle::new(names, a.connections, a.id_offset);
     let limit = open_limit(a.connections);

@@ -266,6 +266,11 @@ impl Client {
         self.live - self.handshaking
     }
 
+    /// Connections live (opening, open or closing) right now.
+    pub fn live(&self) -> usize {
+        self.live
+    }
+
     /// The writer, for a workload's first messages.
     pub fn writer(&mut self) -> &mut Writer {
         &mut self.writer

@@ -27,7 +27,9 @@ use syncgate_bench::record::Record;
 
 use crate::net::Client;
 use crate::workloads::{Idle, Names};
-use crate::{log_line, open_all, open_limit, record_memory, run_tag, target, Memory, RunArgs};
+use crate::{
+    log_line, open_all, open_limit, record_memory, run_tag, target, warm_up, Memory, RunArgs,
+};
 
 /// How long a child may take to exit once told to (it only drops its sockets), and how
 /// long the parent waits for the exit status of a child whose output ended.
@@ -51,9 +53,11 @@ pub fn idle(a: &RunArgs, rec: &mut Record, label: &str) -> Result<(), String> {
     }
     rec.unit = "bytes/conn".into();
     rec.connections = a.connections;
+    let tag = a.tag.clone().unwrap_or_else(run_tag);
+    warm_up(a, &tag, label)?;
     let before = Memory::baseline(a, pid)?;
     let started = Instant::now();
-    let mut children = Children::spawn(a, &a.tag.clone().unwrap_or_else(run_tag), label)?;
+    let mut children = Children::spawn(a, &tag, label)?;
     // A child gives up by itself after open_limit; this is for one that hangs instead.
     let deadline = started + open_limit(a.connections) + EXIT_TIMEOUT;
     if !children.wait(deadline, Children::all_open)? {

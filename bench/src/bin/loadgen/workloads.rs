@@ -59,6 +59,10 @@ impl Names {
         Names { tag: tag.to_string() }
     }
 
+    pub fn tag(&self) -> &str {
+        &self.tag
+    }
+
     fn client(&self, n: u64) -> String {
         format!("c{}-{n}", self.tag)
     }
