@@ -282,11 +282,12 @@ fn without_io_uring_startup_fails_with_the_reason_and_the_fix() {
     assert!(stderr.contains("io_uring unavailable: this kernel has no io_uring"), "{stderr}");
 }
 
-/// `huge_pages = false` turns transparent huge pages off in the supervisor and every process
-/// it starts (the kernel's `THP_enabled` in /proc/<pid>/status), and a reload cannot turn
-/// them back on under running processes; by default the kernel's THP mode decides.
+/// Transparent huge pages are off by default (`huge_pages = false`) in the supervisor and
+/// every process it starts (the kernel's `THP_enabled` in /proc/<pid>/status), a reload
+/// cannot turn them on under running processes, and `huge_pages = true` leaves them to the
+/// kernel's THP mode.
 #[test]
-fn huge_pages_false_turns_transparent_huge_pages_off_in_every_process() {
+fn huge_pages_are_off_by_default_in_every_process_and_true_leaves_them_on() {
     let thp = |pid: libc::pid_t| -> String {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
         let line = status.lines().find(|l| l.starts_with("THP_enabled:"));
@@ -304,22 +305,21 @@ fn huge_pages_false_turns_transparent_huge_pages_off_in_every_process() {
         pids
     };
 
-    let off = Daemon::start("huge_pages = false\n");
+    let off = Daemon::start("");
     for pid in processes(&off) {
-        assert_eq!(thp(pid), "0", "process {pid} of a daemon with huge_pages = false");
+        assert_eq!(thp(pid), "0", "process {pid} of a daemon with the default");
     }
-    // A reload that asks for them again keeps the running value and says so.
+    // A reload that asks for them keeps the running value and says so.
     let config = std::fs::read_to_string(off.config_path()).unwrap();
-    std::fs::write(off.config_path(), config.replace("huge_pages = false", "huge_pages = true"))
-        .unwrap();
+    std::fs::write(off.config_path(), format!("huge_pages = true\n{config}")).unwrap();
     off.signal(libc::SIGHUP);
     off.wait_log(|l| l.contains("reload: huge_pages applies at start"), WAIT);
     for pid in processes(&off) {
         assert_eq!(thp(pid), "0", "process {pid} after the reload");
     }
 
-    let on = Daemon::start("");
+    let on = Daemon::start("huge_pages = true\n");
     for pid in processes(&on) {
-        assert_eq!(thp(pid), "1", "process {pid} of a daemon with the default");
+        assert_eq!(thp(pid), "1", "process {pid} of a daemon with huge_pages = true");
     }
 }

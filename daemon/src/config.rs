@@ -39,11 +39,13 @@ pub struct Config {
     /// How long a graceful shutdown waits for clients to answer their close frames.
     pub drain_timeout_ms: u64,
     /// Transparent huge pages for the daemon's heap (where the kernel's THP mode is `madvise`
-    /// or `always`). On: 6-16% less CPU per message for 16 KiB messages; for 512 B messages
-    /// and pings the difference was within the noise. Off: about 10 MB less resident memory
-    /// per worker (100k idle connections over 10 workers: 159 MiB in all instead of 251),
-    /// and RSS that follows `syncgate_heap_bytes`. Measured in bench/RESULTS.md (2026-11-28
-    /// 16:49). Set at start; a reload keeps it.
+    /// or `always`). Off by default, for what a sync gateway mostly holds, idle connections:
+    /// about 10 MB less resident memory per worker (100k idle connections over 10 workers:
+    /// 127 MiB in all instead of 231), and RSS that grows with the connections' data
+    /// (`syncgate_heap_bytes`) instead of in 2 MiB pages. On: 6-18% less CPU per message for
+    /// 16 KiB messages; for 512 B messages and pings the difference was within the noise.
+    /// Measured in bench/RESULTS.md (2026-11-28 16:49 and 2026-12-04). Set at start; a
+    /// reload keeps it.
     pub huge_pages: bool,
     pub auth: AuthConfig,
     pub limits: Limits,
@@ -171,7 +173,7 @@ impl Default for Config {
             task_id: String::new(),
             log_level: "info".into(),
             drain_timeout_ms: 10_000,
-            huge_pages: true,
+            huge_pages: false,
             auth: AuthConfig::default(),
             limits: Limits::default(),
             keepalive: Keepalive::default(),
