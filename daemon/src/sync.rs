@@ -110,8 +110,10 @@ impl Members {
             Members::One(m) if m.to.slot == slot => *self = Members::None,
             Members::Many(all) => {
                 all.retain(|m| m.to.slot != slot);
-                if let [only] = all[..] {
-                    *self = Members::One(only);
+                match all[..] {
+                    [] => *self = Members::None,
+                    [only] => *self = Members::One(only),
+                    _ => {}
                 }
             }
             _ => {}

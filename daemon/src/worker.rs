@@ -112,6 +112,14 @@ impl Identity {
     fn claimed_user(&self) -> Option<&str> {
         Some(&self.names[self.wsid_end as usize..]).filter(|u| !u.is_empty())
     }
+
+    /// Drops the claimed userID once a token verified it (it equals the verified user, which
+    /// the group's owner holds): with tokens, user IDs are often the longest of the names.
+    fn forget_claimed_user(&mut self) {
+        if self.names.len() > self.wsid_end as usize {
+            self.names = self.names[..self.wsid_end as usize].into();
+        }
+    }
 }
 
 /// The connect parameters the group sync checks at `initConnection`.
@@ -711,6 +719,9 @@ impl Worker {
         let slot = self.slots.get_mut(index).expect("the slot just indexed");
         slot.id.group = Some(group);
         slot.verified = user.is_some();
+        if slot.verified {
+            slot.id.forget_claimed_user();
+        }
         slot.joined = true;
         slot.conn.open(slot.id.wsid(), self.sync.name(group), init, now);
         self.open += 1;
@@ -1116,6 +1127,18 @@ fn epoch_secs() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_identity_keeps_its_names_in_one_allocation() {
+        let mut id = super::Identity::new("c1", "ws-1", Some("alice"));
+        assert_eq!((id.client_id(), id.wsid(), id.claimed_user()), ("c1", "ws-1", Some("alice")));
+        assert_eq!(&*id.names, "c1ws-1alice");
+        id.forget_claimed_user();
+        assert_eq!((id.client_id(), id.wsid(), id.claimed_user()), ("c1", "ws-1", None));
+        assert_eq!(&*id.names, "c1ws-1");
+        let id = super::Identity::new("c2", "", None);
+        assert_eq!((id.client_id(), id.wsid(), id.claimed_user()), ("c2", "", None));
+    }
+
     #[test]
     fn a_slot_stays_small() {
         // One per socket in every worker (see `Connection`'s own bound), most of them idle:
