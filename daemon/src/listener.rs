@@ -72,6 +72,10 @@ pub struct Listener {
     /// One handoff channel per worker, indexed by worker number.
     channels: Vec<OwnedFd>,
     metrics: Metrics,
+    /// The workers' slots in the metrics table, for the connection cap's sum: read again
+    /// every tick (a worker of a graceful replacement counts within one), and while empty
+    /// (before the first worker is up), instead of scanning the whole table per upgrade.
+    worker_slots: Vec<usize>,
     task_id: String,
     /// Sockets between accept and handoff (or answer).
     pending: Slab<Pending>,
@@ -127,6 +131,7 @@ impl Listener {
             config,
             listen,
             channels,
+            worker_slots: metrics.worker_slots_in_use(),
             metrics,
             task_id,
             pending: Slab::default(),
@@ -404,7 +409,10 @@ impl Listener {
         }
         // The connection cap refuses upgrades only: health checks and metrics stay answered
         // exactly when an operator needs them.
-        let open = self.metrics.workers_total(Metric::OpenConnections);
+        if self.worker_slots.is_empty() {
+            self.worker_slots = self.metrics.worker_slots_in_use();
+        }
+        let open = self.metrics.total_of(&self.worker_slots, Metric::OpenConnections);
         if open as usize >= self.connection_cap {
             self.metrics.inc(Metric::Overloaded);
             let out =
@@ -586,6 +594,7 @@ impl Listener {
     /// Expires deadlines: shutting a socket down completes its in-flight operation, which
     /// then frees it, so nothing is freed while the kernel still holds its buffer.
     fn on_tick(&mut self, now: Instant) {
+        self.worker_slots = self.metrics.worker_slots_in_use();
         for (_, p) in self.pending.iter_mut() {
             if !p.expired && now >= p.deadline {
                 p.expired = true;

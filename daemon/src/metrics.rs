@@ -188,9 +188,16 @@ impl Metrics {
         self.cell(slot, m).fetch_add(n, Ordering::Relaxed);
     }
 
-    /// The sum of `m` over every worker slot (e.g. connections open in the whole daemon).
-    pub fn workers_total(&self, m: Metric) -> u64 {
-        (1..self.slots).map(|slot| self.get(slot, m)).sum()
+    /// The worker slots in use (their worker mapped them), over both banks: what a sum over
+    /// the workers needs to read ([`Metrics::total_of`]), rather than every slot of the
+    /// table (2048 of them, a cache line and more each).
+    pub fn worker_slots_in_use(&self) -> Vec<usize> {
+        (1..self.slots).filter(|&slot| self.get(slot, Metric::InUse) != 0).collect()
+    }
+
+    /// The sum of `m` over `slots` (e.g. connections open in the whole daemon).
+    pub fn total_of(&self, slots: &[usize], m: Metric) -> u64 {
+        slots.iter().map(|&slot| self.get(slot, m)).sum()
     }
 
     /// Prometheus text exposition of every slot. Worker slots carry a `worker` label so a
@@ -240,5 +247,9 @@ mod tests {
         assert!(text.contains("syncgate_accepted_total{process=\"listener\"} 1"));
         assert!(!text.contains("syncgate_slot_in_use"));
         assert!(ALL.len() <= SLOT_LEN);
+        w1_next.set(Metric::InUse, 1);
+        let used = l.worker_slots_in_use();
+        assert_eq!(used, [worker_slot(0, 1), worker_slot(1, 1)]);
+        assert_eq!(l.total_of(&used, Metric::MessagesIn), 7);
     }
 }
