@@ -524,3 +524,64 @@ fn many_messages_in_one_write_are_all_answered_in_order() {
     expect_pongs(&mut raw, 2000);
     assert_eq!(raw.read_frame(std::time::Duration::from_millis(200)), RawEvent::Timeout);
 }
+
+/// Segments this client socket received: (all, those carrying data), from `TCP_INFO`.
+fn segments_in(stream: &std::net::TcpStream) -> (u32, u32) {
+    use std::os::fd::AsRawFd;
+    let mut info = [0u8; 256];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: a buffer of `len` bytes for the kernel to fill.
+    let rc = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "getsockopt(TCP_INFO): {}", std::io::Error::last_os_error());
+    // struct tcp_info: tcpi_segs_in at byte 140, tcpi_data_segs_in at 152 (Linux 4.6+).
+    assert!(len >= 156, "this kernel's tcp_info has no data_segs_in ({len} bytes)");
+    let at = |o: usize| u32::from_ne_bytes(info[o..o + 4].try_into().unwrap());
+    (at(140), at(152))
+}
+
+/// What a connection sends in one iteration of its worker leaves in one segment: a new
+/// client's 101, `connected` and first poke together (each send is a TCP transmit and a
+/// wakeup of the client), and the reply to its close together with the FIN.
+#[test]
+fn the_greeting_is_one_segment_and_the_close_reply_carries_the_fin() {
+    let d = Daemon::start(QUIET);
+    let init = json!(["initConnection", {"desiredQueriesPatch": []}]);
+    let header = protocol_header(None, Some(init));
+    // A delayed ACK of our close frame, should the worker be slower than the ACK timer on a
+    // loaded machine, would come as a segment of its own: a few connections, one must be exact.
+    let mut close_segments = Vec::new();
+    for i in 0..3 {
+        let params = Params::new(&format!("c{i}"), &format!("g{i}"));
+        let mut raw = RawConn::handshake(d.addr, &params.path(), Some(&header));
+        raw.expect_connected();
+        loop {
+            match raw.read_frame(WAIT) {
+                RawEvent::Frame { opcode: OP_TEXT, payload } if payload.starts_with(b"[\"poke") => {
+                    if payload.starts_with(b"[\"pokeEnd\"") {
+                        break;
+                    }
+                }
+                other => panic!("expected the first poke, got {other:?}"),
+            }
+        }
+        let (segments, data) = segments_in(&raw.stream);
+        assert_eq!(data, 1, "the 101, connected and the poke came in {data} segments");
+        raw.send_frame(OP_CLOSE, &1000u16.to_be_bytes());
+        assert_eq!(raw.expect_close(), 1000);
+        assert_eq!(raw.read_frame(WAIT), RawEvent::Eof);
+        close_segments.push(segments_in(&raw.stream).0 - segments);
+    }
+    assert!(
+        close_segments.contains(&1),
+        "segments from our close to the end, per connection: {close_segments:?} (the reply \
+         and the FIN in one would be 1)"
+    );
+}

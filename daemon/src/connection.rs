@@ -597,6 +597,13 @@ impl Connection {
         self.core.out.as_deref().is_none_or(Outbound::is_flushed)
     }
 
+    /// What is queued is the last the connection will send: the close handshake is
+    /// complete (the client's close came, ours is queued or out), so the socket is shut down
+    /// once it is written.
+    pub fn last_words(&self) -> bool {
+        self.core.phase == Phase::Closing && self.core.close_received
+    }
+
     /// Whether the socket can be dropped now: the close handshake is over and flushed, or the
     /// connection was terminated.
     pub fn finished(&self) -> bool {
@@ -653,15 +660,16 @@ impl Core {
     fn push(&mut self, chunk: Chunk) {
         let o = self.out.get_or_insert_with(Box::default);
         o.queued_bytes += chunk.bytes().len();
-        // Coalesce small owned frames into the last owned chunk, unless that chunk is being
-        // written (its buffer must not move under the kernel).
-        if let Chunk::Owned(bytes) = &chunk {
-            let writing_back = o.in_flight == InFlight::Queue && o.queue.len() == 1;
-            if let (Some(Chunk::Owned(back)), false) = (o.queue.back_mut(), writing_back) {
-                if back.len() + bytes.len() <= COALESCE_LIMIT {
-                    back.extend_from_slice(bytes);
-                    return;
-                }
+        // Coalesce small frames into the last owned chunk, unless that chunk is being written
+        // (its buffer must not move under the kernel): one send instead of several. A shared
+        // frame is copied then (a new connection's first poke behind its `connected`); one
+        // that finds no owned chunk waiting stays shared, as on a fan-out's quiet recipients.
+        let writing_back = o.in_flight == InFlight::Queue && o.queue.len() == 1;
+        if let (Some(Chunk::Owned(back)), false) = (o.queue.back_mut(), writing_back) {
+            let bytes = chunk.bytes();
+            if back.len() + bytes.len() <= COALESCE_LIMIT {
+                back.extend_from_slice(bytes);
+                return;
             }
         }
         o.queue.push_back(chunk);
@@ -1018,6 +1026,8 @@ mod tests {
     fn a_drained_connection_holds_no_queue_buffer() {
         let now = Instant::now();
         let mut c = open(now);
+        // Drained first: frames queued behind the 101 would be coalesced into its chunk.
+        drain(&mut c, now);
         c.send_shared(Rc::from(&b"\x81\x01x"[..]), 1);
         c.send_shared(Rc::from(&b"\x81\x01y"[..]), 1);
         assert!(c.core.out.as_ref().is_some_and(|o| o.queue.len() >= 2));

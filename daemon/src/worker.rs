@@ -74,6 +74,8 @@ struct Slot {
     /// Its token verified: its user is then its group's owner (the first verified user
     /// pins a group, and only that user is admitted to it after), so it needs no copy.
     verified: bool,
+    /// Listed in `Worker::writers`: it may have bytes to send at the end of the iteration.
+    send_wanted: bool,
 }
 
 /// Who a connection is: its names from the connect URL, in one allocation, and its group.
@@ -164,6 +166,9 @@ pub struct Worker {
     channel_buf: Vec<u8>,
     /// Connections by the index their operations carry in `user_data`.
     slots: Slab<Slot>,
+    /// Slots that queued bytes this iteration, written once its events and its commit are
+    /// done (see [`Worker::write_queued`]).
+    writers: Vec<u32>,
     /// Admitted connections by clientID (the unique key of a connection inside a worker).
     clients: NameIndex,
     probes: Vec<Probe>,
@@ -246,6 +251,7 @@ impl Worker {
             channel,
             channel_buf: vec![0; handoff::MAX_MESSAGE],
             slots: Slab::default(),
+            writers: Vec::new(),
             clients: NameIndex::default(),
             probes: Vec::new(),
             resumes: HashMap::new(),
@@ -313,6 +319,7 @@ impl Worker {
                 }
                 self.flush_sync(now);
             }
+            self.write_queued();
             self.metrics.set(Metric::OpenConnections, self.open);
             if let Some(deadline) = self.stopping {
                 if self.slots.is_empty() || now >= deadline {
@@ -511,6 +518,7 @@ impl Worker {
             joined: false,
             starved: false,
             verified: false,
+            send_wanted: false,
         });
         self.next_serial = self.next_serial.wrapping_add(1);
         self.churned = true;
@@ -942,23 +950,50 @@ impl Worker {
             }
             return;
         }
-        if !slot.send_armed {
+        if !slot.send_armed && !slot.send_wanted {
+            slot.send_wanted = true;
+            self.writers.push(index);
+        }
+        if slot.starved && !slot.recv_armed {
+            self.arm_recv(index);
+        }
+    }
+
+    /// Queues one send per connection that has bytes waiting, after the iteration's events
+    /// and commit: what a connection queued meanwhile leaves in one segment. A new
+    /// connection's 101 and `connected` (queued at the handoff) and its first poke (queued
+    /// after the commit) were two sends when each event queued its own; every send costs
+    /// a TCP transmit and its delivery. The ring submits at the loop's next wait either
+    /// way, so nothing leaves later than before.
+    fn write_queued(&mut self) {
+        let mut writers = std::mem::take(&mut self.writers);
+        for index in writers.drain(..) {
+            let Some(slot) = self.slots.get_mut(index).filter(|s| s.send_wanted) else {
+                continue;
+            };
+            slot.send_wanted = false;
+            if slot.send_armed {
+                continue;
+            }
+            // The close reply after the client's close: nothing follows it but the FIN of
+            // the shutdown once it is written. MSG_MORE holds it in the socket for that FIN
+            // (the shutdown pushes both in one segment instead of two); a close without a
+            // shutdown sends them the same way.
+            let last = if slot.conn.last_words() { libc::MSG_MORE } else { 0 };
             if let Some(bytes) = slot.conn.next_send() {
                 let entry = opcode::Send::new(
                     types::Fd(slot.fd.as_raw_fd()),
                     bytes.as_ptr(),
                     bytes.len() as u32,
                 )
-                .flags(libc::MSG_NOSIGNAL)
+                .flags(libc::MSG_NOSIGNAL | last)
                 .build()
                 .user_data(ring::token(SEND, index));
                 slot.send_armed = true;
                 self.ring.push(entry);
             }
         }
-        if slot.starved && !slot.recv_armed {
-            self.arm_recv(index);
-        }
+        self.writers = writers;
     }
 
     /// The durability point: commit the iteration's changes, then send the pokes and errors
