@@ -18,9 +18,12 @@ use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
 use base64::{alphabet, Engine};
 use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use serde::de::{Deserializer as _, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 use serde_json::Value;
 
-use super::messages::parse_json;
+use super::messages::{nesting_exceeds, MAX_JSON_DEPTH};
 
 /// Longest header value we decode, in bytes.
 ///
@@ -100,24 +103,72 @@ pub fn decode_protocol_header(value: &str) -> Result<ProtocolHeader, HeaderError
         return Err(HeaderError::TooLong { len: value.len() });
     }
     let base64: Vec<u8> = percent_decode_str(value.trim()).collect();
-    let mut json = BASE64_LENIENT.decode(base64).map_err(|_| HeaderError::NotBase64)?;
-    let Value::Object(mut fields) = parse_json(&mut json).map_err(HeaderError::BadJson)? else {
-        return Err(HeaderError::BadJson("expected a JSON object".to_string()));
-    };
-    let init_connection = match fields.remove("initConnectionMessage") {
-        None | Some(Value::Null) => None,
-        Some(message) => Some(
-            serde_json::to_vec(&message)
-                .map_err(|e| HeaderError::BadJson(format!("initConnectionMessage: {e}")))?,
-        ),
-    };
-    let auth_token = match fields.remove("authToken") {
+    let json = BASE64_LENIENT.decode(base64).map_err(|_| HeaderError::NotBase64)?;
+    let json = simdutf8::basic::from_utf8(&json)
+        .map_err(|_| HeaderError::BadJson("invalid JSON: not UTF-8".to_string()))?;
+    if nesting_exceeds(json.as_bytes(), MAX_JSON_DEPTH) {
+        return Err(HeaderError::BadJson(format!(
+            "JSON nested deeper than {MAX_JSON_DEPTH} levels"
+        )));
+    }
+    let mut de = serde_json::Deserializer::from_str(json);
+    let fields = (&mut de)
+        .deserialize_map(FieldsVisitor)
+        .and_then(|fields| de.end().map(|()| fields))
+        .map_err(|e| HeaderError::BadJson(format!("invalid JSON: {e}")))?;
+    let init_connection =
+        fields.init.filter(|raw| raw.get() != "null").map(|raw| raw.get().as_bytes().to_vec());
+    let auth_token = match fields.token {
         None | Some(Value::Null) => None,
         Some(Value::String(token)) if token.is_empty() => None,
         Some(Value::String(token)) => Some(token),
         Some(_) => return Err(HeaderError::BadJson("authToken must be a string".to_string())),
     };
     Ok(ProtocolHeader { init_connection, auth_token })
+}
+
+/// The two members syncgate reads, each the last of its name (as `JSON.parse` keeps it).
+/// `initConnectionMessage` stays text: it is parsed once, as the first upstream message;
+/// building a tree of it here only to print it again was most of a connect's JSON work.
+struct Fields<'a> {
+    init: Option<&'a RawValue>,
+    token: Option<Value>,
+}
+
+/// Reads the header's object member by member; members of other names are skipped
+/// unparsed, as zero-cache ignores them.
+struct FieldsVisitor;
+
+impl<'de> Visitor<'de> for FieldsVisitor {
+    type Value = Fields<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
+        let mut fields = Fields { init: None, token: None };
+        while let Some(name) = map.next_key::<Name>()? {
+            match name {
+                Name::InitConnectionMessage => fields.init = Some(map.next_value()?),
+                Name::AuthToken => fields.token = Some(map.next_value()?),
+                Name::Other => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(fields)
+    }
+}
+
+/// A member name of the header's object.
+#[derive(Deserialize)]
+#[serde(field_identifier, rename_all = "camelCase")]
+enum Name {
+    InitConnectionMessage,
+    AuthToken,
+    #[serde(other)]
+    Other,
 }
 
 /// Encodes a header value the way the client does, for tests and the load
@@ -237,6 +288,19 @@ mod tests {
     }
 
     #[test]
+    fn the_last_member_of_a_name_wins_as_in_json_parse() {
+        let json = r#"{"authToken":5,"initConnectionMessage":[1],"authToken":"t",
+            "initConnectionMessage" : ["initConnection", {"desiredQueriesPatch": []}] }"#;
+        let header = decode_protocol_header(&encode_json(json)).unwrap();
+        assert_eq!(header.auth_token.as_deref(), Some("t"));
+        let mut init = header.init_connection.unwrap();
+        assert!(matches!(parse_upstream(&mut init), Ok(Upstream::InitConnection(_))));
+        let init_dropped = r#"{"initConnectionMessage":[1],"initConnectionMessage":null}"#;
+        let header = decode_protocol_header(&encode_json(init_dropped)).unwrap();
+        assert_eq!(header.init_connection, None);
+    }
+
+    #[test]
     fn unknown_keys_are_ignored_like_zero_cache_does() {
         let header = decode_protocol_header(&encode_json(r#"{"authToken":"t","other":[1]}"#));
         assert_eq!(header.unwrap().auth_token.as_deref(), Some("t"));
@@ -250,7 +314,16 @@ mod tests {
         );
         assert_eq!(decode_protocol_header("not base64!"), Err(HeaderError::NotBase64));
         assert_eq!(decode_protocol_header("%ZZ"), Err(HeaderError::NotBase64));
-        for json in ["not json", "[1,2]", r#"{"authToken":5}"#, r#"{"authToken":"t""#] {
+        for json in [
+            "not json",
+            "[1,2]",
+            r#""text""#,
+            r#"{"authToken":5}"#,
+            r#"{"authToken":"t""#,
+            r#"{"authToken":"t"} {}"#,
+            r#"{"initConnectionMessage":[1,}"#,
+            r#"{"other":[1,}"#,
+        ] {
             let error = decode_protocol_header(&encode_json(json)).unwrap_err();
             assert!(matches!(error, HeaderError::BadJson(_)), "{json}: {error:?}");
         }
