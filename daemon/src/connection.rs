@@ -1023,6 +1023,23 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_frame_joins_a_waiting_owned_chunk_but_never_one_being_written() {
+        let now = Instant::now();
+        let mut c = open(now);
+        // Behind the unsent `connected`: copied in, one write for both.
+        c.send_shared(Rc::from(&b"\x81\x01x"[..]), 1);
+        let first = c.next_send().unwrap().to_vec();
+        assert!(first.starts_with(b"\x81") && first.ends_with(b"\x81\x01x"), "{first:?}");
+        // Queued while that write is out: it waits for its own, and stays shared.
+        c.send_shared(Rc::from(&b"\x81\x01y"[..]), 1);
+        let queue = &c.core.out.as_ref().unwrap().queue;
+        assert_eq!(queue.len(), 2);
+        assert!(matches!(queue.back(), Some(Chunk::Shared(_))));
+        c.on_sent(first.len(), now);
+        assert_eq!(c.next_send().unwrap(), b"\x81\x01y");
+    }
+
+    #[test]
     fn a_drained_connection_holds_no_queue_buffer() {
         let now = Instant::now();
         let mut c = open(now);
