@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-use super::messages::{nesting_exceeds, MAX_JSON_DEPTH};
+use super::messages::check_depth;
 
 /// Longest header value we decode, in bytes.
 ///
@@ -106,11 +106,7 @@ pub fn decode_protocol_header(value: &str) -> Result<ProtocolHeader, HeaderError
     let json = BASE64_LENIENT.decode(base64).map_err(|_| HeaderError::NotBase64)?;
     let json = simdutf8::basic::from_utf8(&json)
         .map_err(|_| HeaderError::BadJson("invalid JSON: not UTF-8".to_string()))?;
-    if nesting_exceeds(json.as_bytes(), MAX_JSON_DEPTH) {
-        return Err(HeaderError::BadJson(format!(
-            "JSON nested deeper than {MAX_JSON_DEPTH} levels"
-        )));
-    }
+    check_depth(json.as_bytes()).map_err(HeaderError::BadJson)?;
     let mut de = serde_json::Deserializer::from_str(json);
     let fields = (&mut de)
         .deserialize_map(FieldsVisitor)

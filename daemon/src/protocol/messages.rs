@@ -445,18 +445,24 @@ pub(crate) fn write_json<T: Serialize>(out: &mut Vec<u8>, value: &T) {
 /// Parses JSON text into a value after refusing nesting deeper than
 /// [`MAX_JSON_DEPTH`].
 pub(crate) fn parse_json(json: &mut [u8]) -> Result<Value, String> {
-    if nesting_exceeds(json, MAX_JSON_DEPTH) {
-        return Err(format!("JSON nested deeper than {MAX_JSON_DEPTH} levels"));
-    }
+    check_depth(json)?;
     simd_json::serde::from_slice(json).map_err(|e| format!("invalid JSON: {e}"))
 }
 
-/// Whether brackets and braces outside strings nest deeper than `max_depth`. The header
-/// decoder runs it too: a header is refused for the depth a message would be refused for.
+/// Refuses JSON text nested deeper than [`MAX_JSON_DEPTH`], before any parser sees it.
+/// The header decoder calls it too: a header is refused for the depth a message would be.
+pub(crate) fn check_depth(json: &[u8]) -> Result<(), String> {
+    if nesting_exceeds(json, MAX_JSON_DEPTH) {
+        return Err(format!("JSON nested deeper than {MAX_JSON_DEPTH} levels"));
+    }
+    Ok(())
+}
+
+/// Whether brackets and braces outside strings nest deeper than `max_depth`.
 ///
 /// Runs before any parser so that malformed or hostile input cannot make one
 /// recurse; it needs no validity, only string boundaries.
-pub(crate) fn nesting_exceeds(json: &[u8], max_depth: usize) -> bool {
+fn nesting_exceeds(json: &[u8], max_depth: usize) -> bool {
     let mut depth = 0usize;
     let mut i = 0;
     while let Some(&byte) = json.get(i) {
