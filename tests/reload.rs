@@ -108,7 +108,7 @@ fn changing_the_worker_count_replaces_the_workers_gracefully() {
     let mut new = d.connected(&Params::new("new", "g-new"), Some(&anon_header()));
     new.ping_pong();
     let event = d.wait_event("connected", &[("clientID", "new")], WAIT);
-    assert_eq!(event.worker, syncgate::route::worker_for(TASK_ID, "g-new", 3));
+    assert_eq!(event.worker, syncgate::protocol::route::worker_for(TASK_ID, "g-new", 3));
     let new_workers: Vec<libc::pid_t> = d
         .children()
         .into_iter()

@@ -17,7 +17,11 @@ fn the_published_hash_has_its_test_vectors() {
     assert_eq!(xxhash_rust::xxh32::xxh32(b"a", 0), 0x550d_7456);
     for group in ["g1", "0h3jon9uhlfna8iufn", "ünïcødé"] {
         let hash = xxhash_rust::xxh32::xxh32(format!("{TASK_ID}/{group}").as_bytes(), 0);
-        assert_eq!(syncgate::route::worker_for(TASK_ID, group, 7), hash as usize % 7, "{group}");
+        assert_eq!(
+            syncgate::protocol::route::worker_for(TASK_ID, group, 7),
+            hash as usize % 7,
+            "{group}"
+        );
     }
 }
 

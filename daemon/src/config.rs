@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::auth::AuthConfig;
-use crate::deflate::CompressionConfig;
+use crate::gate::auth::AuthConfig;
+use crate::ws::deflate::CompressionConfig;
 
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_PATH_ENV: &str = "SYNCGATE_CONFIG";
@@ -50,7 +50,7 @@ pub struct Config {
     pub auth: AuthConfig,
     pub limits: Limits,
     pub keepalive: Keepalive,
-    /// permessage-deflate (`[compression]`, see [`crate::deflate`]).
+    /// permessage-deflate (`[compression]`, see [`crate::ws::deflate`]).
     pub compression: CompressionConfig,
     pub storage: Storage,
     pub conformance: Conformance,
@@ -127,8 +127,8 @@ pub struct Limits {
 
 impl Limits {
     /// The bounds of a client group's data, for its replica.
-    pub fn group(&self) -> crate::replica::Limits {
-        crate::replica::Limits {
+    pub fn group(&self) -> crate::sync::replica::Limits {
+        crate::sync::replica::Limits {
             max_rows: self.group_max_rows,
             max_row_bytes: self.group_max_row_bytes,
             max_history: self.group_history,
@@ -186,7 +186,7 @@ impl Default for Config {
 
 impl Default for Limits {
     fn default() -> Self {
-        let group = crate::replica::Limits::default();
+        let group = crate::sync::replica::Limits::default();
         Limits {
             connect_per_ip: 100,
             limiter_capacity: 65_536,
@@ -321,7 +321,7 @@ impl Config {
             return Err(format!("{name} must be greater than 0"));
         }
         // A connection's timers count milliseconds in 32 bits (`connection::Tick`).
-        let max = u64::from(crate::connection::MAX_TIMEOUT_MS);
+        let max = u64::from(crate::ws::connection::MAX_TIMEOUT_MS);
         let connection_timers = [
             ("keepalive.idle_send_ms", self.keepalive.idle_send_ms),
             ("keepalive.silence_ms", self.keepalive.silence_ms),
@@ -340,9 +340,9 @@ impl Config {
                 "limits.max_head_bytes must be between {MIN_HEAD_BYTES} and {MAX_HEAD_BYTES}"
             ));
         }
-        crate::limits::TrustedProxies::parse(&l.trusted_proxies)
+        crate::gate::limits::TrustedProxies::parse(&l.trusted_proxies)
             .map_err(|e| format!("limits.trusted_proxies: {e}"))?;
-        crate::auth::Verifier::new(&self.auth).map_err(|e| format!("auth: {e}"))?;
+        crate::gate::auth::Verifier::new(&self.auth).map_err(|e| format!("auth: {e}"))?;
         self.compression.validate().map_err(|e| format!("compression: {e}"))?;
         Ok(())
     }
@@ -537,13 +537,13 @@ mod tests {
         assert_eq!(c.limits.max_fragments, 131_072);
         assert_eq!(c.limits.max_head_bytes, 16 << 10);
         assert_eq!(c.limits.max_group_connections, 64);
-        assert_eq!(c.limits.group(), crate::replica::Limits::default());
+        assert_eq!(c.limits.group(), crate::sync::replica::Limits::default());
         assert!(!c.compression.enabled);
     }
 
     #[test]
     fn connection_timeouts_past_the_millisecond_clock_are_refused() {
-        let max = crate::connection::MAX_TIMEOUT_MS;
+        let max = crate::ws::connection::MAX_TIMEOUT_MS;
         assert!(load_with(&format!("[keepalive]\nsilence_ms = {max}\n"), &[]).is_ok());
         let error =
             load_with(&format!("[keepalive]\nsilence_ms = {}\n", max as u64 + 1), &[]).unwrap_err();

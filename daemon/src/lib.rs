@@ -1,55 +1,58 @@
 //! syncgate: a daemon that terminates the WebSocket connections of Zero's sync protocol on
 //! io_uring, built so that the weaknesses a security review found in zero-cache's WebSocket
-//! layer cannot happen (see DESIGN.md beside the repository).
+//! layer cannot happen (docs/SECURITY.md). docs/ARCHITECTURE.md tells the whole story; this
+//! is the map of the source tree, one folder per layer.
 //!
-//! Processes (all the same binary):
-//! - [`supervisor`]: binds the socket, starts the others by fork+exec, respawns, signals.
-//! - [`listener`]: accepts, reads request heads, answers plain HTTP, routes upgrades.
-//! - [`worker`]: finishes handshakes and runs connections, one io_uring ring each.
+//! - [`process`]: the three kinds of process, all the same binary: the [`supervisor`]
+//!   (binds, forks and execs the others, respawns, signals, reloads), the [`listener`]
+//!   (accepts, reads request heads, answers plain HTTP, routes upgrades) and the [`worker`]s
+//!   (finish handshakes and run connections, one io_uring ring each), with the IPC between
+//!   them: [`handoff`] (a socket and its head over SCM_RIGHTS) and [`control`] (ready,
+//!   reload, drain).
+//! - [`ws`]: the WebSocket layer, sans-IO: [`frame`], [`mask`], [`close`], [`handshake`],
+//!   [`deflate`] (permessage-deflate), and [`connection`], one connection's state machine.
+//! - [`protocol`]: Zero's sync protocol, sans-IO: its messages, error kinds, the
+//!   `Sec-WebSocket-Protocol` header, pokes, and the [`route`]s (paths, parameters, versions,
+//!   the worker hash).
+//! - [`gate`]: who gets in: [`admission`] (the displacement rules and every refusal, as a
+//!   decision), [`auth`] (JWT verification), [`limits`] (fixed-memory rate limiters) and
+//!   trusted proxies.
+//! - [`sync`]: the embedded workload: a worker's client groups, their [`replica`]s, cookies,
+//!   and the durable [`store`].
+//! - [`ring`]: the io_uring layer every loop stands on: the ring, typed operation tokens, the
+//!   provided-buffer ring.
 //!
-//! Sans-IO core (no sockets; unit-tested and fuzzable):
-//! - [`handshake`]: request heads, upgrade checks, HTTP and 101 responses.
-//! - [`route`]: sync paths, connect parameters, the worker hash.
-//! - [`auth`]: JWT verification and its cache.
-//! - [`protocol`]: Zero's messages, error kinds and the `Sec-WebSocket-Protocol` header.
-//! - [`frame`], [`mask`], [`close`]: the WebSocket frame codec.
-//! - [`deflate`]: permessage-deflate negotiation and bounded (de)compression.
-//! - [`limits`]: the fixed-memory rate limiters and trusted proxies.
-//! - [`connection`]: one connection's state machine (lifecycle, keepalive, close).
-//! - [`group`]: the admission decision for a newcomer (the displacement rules).
-//! - [`replica`]: one client group's data, CRUD mutations, cookies, catch-up, pokes.
-//! - [`json`]: rows written as JSON without escaping byte by byte.
+//! Alone at the top: [`config`], [`logging`], [`metrics`] (shared counters), [`heap`] (the
+//! counting allocator behind the heap gauge), [`slab`] and [`index`] (names to slab
+//! entries without a second copy of each name).
 //!
-//! Plumbing: [`sync`] (a worker's groups, their commits and poke fan-out), [`store`]
-//! (SQLite), [`ring`] (io_uring, buffer ring), [`slab`], [`index`] (names to slab entries),
-//! [`handoff`] (fd passing), [`control`] (supervisor <-> children), [`metrics`] (shared
-//! counters), [`heap`] (the counting allocator behind the heap gauge), [`config`],
-//! [`logging`].
+//! [`supervisor`]: process::supervisor
+//! [`listener`]: process::listener
+//! [`worker`]: process::worker
+//! [`handoff`]: process::handoff
+//! [`control`]: process::control
+//! [`frame`]: ws::frame
+//! [`mask`]: ws::mask
+//! [`close`]: ws::close
+//! [`handshake`]: ws::handshake
+//! [`deflate`]: ws::deflate
+//! [`connection`]: ws::connection
+//! [`route`]: protocol::route
+//! [`admission`]: gate::admission
+//! [`auth`]: gate::auth
+//! [`limits`]: gate::limits
+//! [`replica`]: sync::replica
+//! [`store`]: sync::store
 
-pub mod auth;
-pub mod close;
 pub mod config;
-pub mod connection;
-pub mod control;
-pub mod deflate;
-pub mod frame;
-pub mod group;
-pub mod handoff;
-pub mod handshake;
+pub mod gate;
 pub mod heap;
 pub mod index;
-pub mod json;
-pub mod limits;
-pub mod listener;
 pub mod logging;
-pub mod mask;
 pub mod metrics;
+pub mod process;
 pub mod protocol;
-pub mod replica;
 pub mod ring;
-pub mod route;
 pub mod slab;
-pub mod store;
-pub mod supervisor;
 pub mod sync;
-pub mod worker;
+pub mod ws;

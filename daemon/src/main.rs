@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use syncgate::config::{Config, CONFIG_PATH_ENV, RESOLVED_ENV};
-use syncgate::supervisor::{self, fds};
-use syncgate::{listener, logging, metrics, worker};
+use syncgate::process::supervisor::{self, fds};
+use syncgate::process::{listener, worker};
+use syncgate::{logging, metrics};
 
 #[global_allocator]
 static GLOBAL: syncgate::heap::Counting = syncgate::heap::Counting;

@@ -1,4 +1,4 @@
-//! Fuzzes `syncgate::connection::Connection`, the per-connection state machine, the way the
+//! Fuzzes `syncgate::ws::connection::Connection`, the per-connection state machine, the way the
 //! worker drives it: the 101 queued first, then client bytes (raw or as well-formed frames),
 //! partial socket writes, timer ticks, and the worker's own calls (open, close, fail, probe,
 //! broadcast) in any order.
@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use syncgate::connection::{self, Connection, Settings, Shared};
-use syncgate::frame::{encode_client_frame, encode_frame, DecoderLimits, OpCode};
+use syncgate::ws::connection::{self, Connection, Settings, Shared};
+use syncgate::ws::frame::{encode_client_frame, encode_frame, DecoderLimits, OpCode};
 use syncgate::protocol::ErrorKind;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode as WireOpCode};
 use tungstenite::protocol::frame::FrameHeader;
@@ -268,7 +268,7 @@ fuzz_target!(|input: Input| {
                 wire.shared += frame.len();
                 conn.send_shared(Rc::from(frame), 1);
             }
-            Op::Terminate => conn.terminate(syncgate::connection::End::Normal),
+            Op::Terminate => conn.terminate(syncgate::ws::connection::End::Normal),
             Op::Shrink => conn.shrink(),
         }
         let _ = conn.take_notices();

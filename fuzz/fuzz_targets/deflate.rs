@@ -1,4 +1,4 @@
-//! Fuzzes `syncgate::deflate` (permessage-deflate, RFC 7692): the handshake negotiation over
+//! Fuzzes `syncgate::ws::deflate` (permessage-deflate, RFC 7692): the handshake negotiation over
 //! arbitrary `Sec-WebSocket-Extensions` values, the inflater over arbitrary (hostile) data,
 //! and a compress/decompress round trip of message sequences.
 //!
@@ -16,7 +16,7 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use syncgate::deflate::{negotiate, CompressionConfig, Deflater, InflateError, Inflater};
+use syncgate::ws::deflate::{negotiate, CompressionConfig, Deflater, InflateError, Inflater};
 
 #[derive(Debug, Arbitrary)]
 enum Input {

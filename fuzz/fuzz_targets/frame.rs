@@ -1,4 +1,4 @@
-//! Fuzzes `syncgate::frame`: the decoder over arbitrary client bytes, and a round trip of
+//! Fuzzes `syncgate::ws::frame`: the decoder over arbitrary client bytes, and a round trip of
 //! well-formed client frames through the encoder and the decoder.
 //!
 //! Properties, beyond "never panics":
@@ -22,9 +22,9 @@ use std::ops::ControlFlow;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use syncgate::close::{is_valid_close_code, truncate_reason, DecodeError};
-use syncgate::frame::{encode_client_frame, encode_close, encode_frame, Decoder, DecoderLimits};
-use syncgate::frame::{Event, OpCode};
+use syncgate::ws::close::{is_valid_close_code, truncate_reason, DecodeError};
+use syncgate::ws::frame::{encode_client_frame, encode_close, encode_frame, Decoder, DecoderLimits};
+use syncgate::ws::frame::{Event, OpCode};
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode as WireOpCode};
 use tungstenite::protocol::frame::FrameHeader;
 

@@ -15,8 +15,8 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use syncgate::handshake::{check_upgrade, head_end, http_error, parse_head, switching_protocols};
-use syncgate::route::{parse_connect_params, parse_sync_path, worker_for, MAX_PARAM_BYTES};
+use syncgate::ws::handshake::{check_upgrade, head_end, http_error, parse_head, switching_protocols};
+use syncgate::protocol::route::{parse_connect_params, parse_sync_path, worker_for, MAX_PARAM_BYTES};
 
 #[derive(Debug, Arbitrary)]
 struct Input {

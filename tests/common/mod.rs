@@ -446,7 +446,7 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
 
 /// The worker a client group must land on (PROTOCOL.md: xxh32(taskID/cgID) % workers).
 pub fn expected_worker(group: &str) -> usize {
-    syncgate::route::worker_for(TASK_ID, group, WORKERS)
+    syncgate::protocol::route::worker_for(TASK_ID, group, WORKERS)
 }
 
 // ---------------------------------------------------------------------------------------------

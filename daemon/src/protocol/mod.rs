@@ -21,6 +21,7 @@
 pub mod error;
 pub mod header;
 pub mod messages;
+pub mod route;
 
 pub use error::{encode_error, write_error, ErrorBody, ErrorKind};
 pub use header::{

@@ -23,9 +23,9 @@ use std::ops::ControlFlow;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode as WireOpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
-pub use crate::close::DecodeError;
-use crate::close::{parse_close_payload, truncate_reason};
-use crate::mask::apply_mask;
+pub use crate::ws::close::DecodeError;
+use crate::ws::close::{parse_close_payload, truncate_reason};
+use crate::ws::mask::apply_mask;
 
 /// DESIGN.md's default inbound message limit.
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 10 * 1024 * 1024;

@@ -12,7 +12,7 @@
 //! complete as soon as the server has acknowledged it ("got" it).
 //!
 //! Every state change returns a [`Change`]: the caller stages it in the store
-//! (`crate::store`), commits, and only then sends the change's poke to every
+//! (`crate::sync::store`), commits, and only then sends the change's poke to every
 //! connection of the group. [`encode_poke`] turns a poke into the payloads of
 //! the WebSocket messages to send; one encoding serves every recipient with
 //! the same [`PokeFormat`].
@@ -41,10 +41,10 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::json;
 use crate::protocol::{
     CrudOp, CrudOpKind, ErrorKind, Mutation, MutationKind, QueriesPatchOp, CRUD_MUTATION_NAME,
 };
+use crate::sync::json;
 
 /// A row: column name to value, as the client sent it.
 pub type Row = Map<String, Value>;

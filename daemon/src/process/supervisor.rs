@@ -18,13 +18,13 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::config::{Config, RESOLVED_ENV};
-use crate::control::{self, Message};
-use crate::handoff;
 use crate::metrics::{Metric, Metrics};
+use crate::process::control::{self, Message};
+use crate::process::handoff;
 
 /// Descriptor numbers in a child.
 pub mod fds {
-    /// The child's end of its control channel ([`crate::control`]).
+    /// The child's end of its control channel ([`crate::process::control`]).
     pub const CONTROL: i32 = 3;
     /// The metrics memfd.
     pub const METRICS: i32 = 4;
@@ -153,7 +153,7 @@ pub fn run(mut config: Config, path: Option<std::path::PathBuf>) -> Result<(), S
     // would race for the lock that switching it to WAL takes.
     std::fs::create_dir_all(&config.storage.path)
         .map_err(|e| format!("storage.path {}: {e}", config.storage.path.display()))?;
-    crate::store::Store::open(&config.storage.path)?;
+    crate::sync::store::Store::open(&config.storage.path)?;
     let metrics_fd = Metrics::create().map_err(|e| format!("metrics memory: {e}"))?;
     let metrics = Metrics::map(&metrics_fd, 0).map_err(|e| format!("metrics memory: {e}"))?;
     let channels = (0..workers)

@@ -16,9 +16,9 @@ use std::rc::Rc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use crate::deflate::{Agreement, Deflater, InflateError, Inflater, SharedContexts};
-use crate::frame::{self, Decoder, DecoderLimits, Event, OpCode};
 use crate::protocol::{self, ErrorKind, Upstream};
+use crate::ws::deflate::{Agreement, Deflater, InflateError, Inflater, SharedContexts};
+use crate::ws::frame::{self, Decoder, DecoderLimits, Event, OpCode};
 
 /// The keepalive and outbound settings a connection runs with (from `[keepalive]`/`[limits]`).
 #[derive(Clone, Debug)]
@@ -954,7 +954,7 @@ pub fn epoch_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::frame::encode_client_frame;
+    use crate::ws::frame::encode_client_frame;
 
     const MASK: [u8; 4] = [1, 2, 3, 4];
 
@@ -1264,5 +1264,5 @@ mod tests {
         assert_eq!(timeout_ms(Duration::from_secs(u64::MAX)), MAX_TIMEOUT_MS);
     }
 
-    use crate::frame::encode_frame;
+    use crate::ws::frame::encode_frame;
 }

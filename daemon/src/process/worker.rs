@@ -2,7 +2,7 @@
 //! displacement rules, version), and runs their connections on one io_uring ring.
 //!
 //! The loop is thin on purpose: it moves bytes between sockets and the sans-IO
-//! [`Connection`]s, [`group::decide`] and [`GroupSync`], and decides nothing itself. Per
+//! [`Connection`]s, [`admission::decide`] and [`GroupSync`], and decides nothing itself. Per
 //! connection there is one multishot receive (into the shared provided-buffer ring, so an
 //! idle connection parks no read buffer) and at most one send in flight. A slot is freed
 //! only when neither is in flight, so a late completion can never land on a reused slot.
@@ -15,20 +15,20 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, types};
 use nix::sys::socket::{MsgFlags, Shutdown};
 
-use crate::auth::Verifier;
 use crate::config::Config;
-use crate::connection::{self, Connection, End, Notice, Settings, Shared, State};
-use crate::frame::DecoderLimits;
-use crate::group::{self, Admission, Existing, GroupState};
-use crate::handoff::{self, Handoff};
-use crate::handshake;
+use crate::gate::admission::{self, Admission, Existing, GroupState};
+use crate::gate::auth::Verifier;
 use crate::index::NameIndex;
 use crate::metrics::{Metric, Metrics};
+use crate::process::handoff::{self, Handoff};
+use crate::protocol::route;
 use crate::protocol::{self, ErrorKind};
 use crate::ring::{self, BufRing, Ring};
-use crate::route;
 use crate::slab::Slab;
 use crate::sync::{Delivery, GroupRef, GroupSync, Pusher, Who};
+use crate::ws::connection::{self, Connection, End, Notice, Settings, Shared, State};
+use crate::ws::frame::DecoderLimits;
+use crate::ws::handshake;
 
 const CHANNEL: u8 = 1;
 const RECV: u8 = 2;
@@ -273,9 +273,12 @@ impl Worker {
     pub fn run(mut self) -> Result<(), String> {
         self.arm_channel();
         self.arm_signal();
-        crate::control::arm(&mut self.ring, &self.control, ring::token(CONTROL, 0));
-        crate::control::send_message(self.control.as_fd(), &crate::control::Message::Ready)
-            .map_err(|e| format!("control channel: {e}"))?;
+        crate::process::control::arm(&mut self.ring, &self.control, ring::token(CONTROL, 0));
+        crate::process::control::send_message(
+            self.control.as_fd(),
+            &crate::process::control::Message::Ready,
+        )
+        .map_err(|e| format!("control channel: {e}"))?;
         let tick = self.config.keepalive.tick();
         self.ring.arm_tick(tick, ring::token(TICK, 0));
         let mut cqes = Vec::with_capacity(512);
@@ -298,13 +301,19 @@ impl Worker {
                     SIGNAL => self.on_signal(now),
                     CONTROL => {
                         let token = ring::token(CONTROL, 0);
-                        let orders =
-                            crate::control::on_readable(&mut self.ring, &self.control, cqe, token);
+                        let orders = crate::process::control::on_readable(
+                            &mut self.ring,
+                            &self.control,
+                            cqe,
+                            token,
+                        );
                         for order in orders {
                             match order {
-                                crate::control::Order::Apply(config) => self.apply(*config),
-                                crate::control::Order::Drain => self.drain(now),
-                                crate::control::Order::Stop => {}
+                                crate::process::control::Order::Apply(config) => {
+                                    self.apply(*config)
+                                }
+                                crate::process::control::Order::Drain => self.drain(now),
+                                crate::process::control::Order::Stop => {}
                             }
                         }
                     }
@@ -472,7 +481,7 @@ impl Worker {
             log::error!("worker {}: handoff failed to parse again", self.index);
             return;
         };
-        let echo = self.config.conformance.echo && head.path == crate::listener::ECHO_PATH;
+        let echo = self.config.conformance.echo && head.path == crate::process::listener::ECHO_PATH;
         let routed = route::parse_sync_path(&head.path)
             .ok()
             .and_then(|path| Some((path, route::parse_connect_params(&head.query).ok()?)));
@@ -487,7 +496,7 @@ impl Worker {
                 let dedicated_available = self.dedicated_deflate_bytes
                     + compression.max_dedicated_bytes()
                     <= compression.memory_budget_bytes;
-                crate::deflate::negotiate(offers, compression, dedicated_available)
+                crate::ws::deflate::negotiate(offers, compression, dedicated_available)
             }
             _ => None,
         };
@@ -616,7 +625,7 @@ impl Worker {
         let state =
             GroupState { owner: self.sync.owner(group), connections: self.sync.connections(group) };
         let max = self.config.limits.max_group_connections;
-        let decision = group::decide(&state, existing, user.as_deref(), max);
+        let decision = admission::decide(&state, existing, user.as_deref(), max);
         if let Admission::Refuse(kind, message) = decision {
             self.metrics.inc(Metric::DisplacementRefusals);
             let code = if kind == ErrorKind::Unauthorized { 3000 } else { 1008 };
@@ -710,7 +719,7 @@ impl Worker {
         };
         // A newcomer that waited on a probe may find its group pinned to someone else since.
         if let Some(Admission::Refuse(kind, message)) =
-            group::check_owner(self.sync.owner(group), user.as_deref())
+            admission::check_owner(self.sync.owner(group), user.as_deref())
         {
             self.metrics.inc(Metric::DisplacementRefusals);
             return refuse(self, kind, &message, 3000);

@@ -1,7 +1,7 @@
 //! Client-group sync on one worker: the replicas of the groups this worker owns, their
 //! durable store, and the pokes that fan their changes out.
 //!
-//! The worker hands it what its connections asked for ([`Notice`](crate::connection::Notice)s)
+//! The worker hands it what its connections asked for ([`Notice`](crate::ws::connection::Notice)s)
 //! and, once per loop iteration, calls [`GroupSync::flush`]: one SQLite commit for every
 //! group changed in the iteration (the fsync), then the deliveries. A poke is therefore never
 //! sent before the change it carries is on disk, and many groups share one fsync.
@@ -9,18 +9,22 @@
 //! Each poke is encoded once per wire format (text for protocol <= 51, binary chunks for 52)
 //! and the same frames go to every recipient.
 
+pub mod json;
+pub mod replica;
+pub mod store;
+
 use std::num::NonZeroU32;
 use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use crate::frame::{self, OpCode};
+use crate::gate::limits::MutationLimiter;
 use crate::index::NameIndex;
-use crate::limits::MutationLimiter;
 use crate::protocol::{ErrorKind, InitConnectionBody, PushBody, QueriesPatchOp};
-use crate::replica::{self, CatchUp, Change, PokeFormat, PushResult, Replica};
 use crate::slab::Slab;
-use crate::store::Store;
+use crate::ws::frame::{self, OpCode};
+use replica::{CatchUp, Change, PokeFormat, PushResult, Replica};
+use store::Store;
 
 /// The WebSocket frames of one poke back to back in one buffer, shared by all its
 /// recipients: one buffer to queue and, usually, one send per recipient.
@@ -565,7 +569,7 @@ fn frames_of(payloads: &[Vec<u8>]) -> Frames {
 mod tests {
     use super::*;
     use crate::protocol::{parse_upstream, Upstream};
-    use crate::store::tests::TempDir;
+    use crate::sync::store::tests::TempDir;
 
     fn upstream(text: &str) -> Upstream {
         parse_upstream(&mut text.as_bytes().to_vec()).unwrap()

@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use crate::replica::{
+use crate::sync::replica::{
     Change, ClientSnapshot, DesiredQuery, HistoryEntry, Patch, ReplicaSnapshot, Row,
 };
 
@@ -643,7 +643,7 @@ fn materialize(
         match row {
             Some(row) => {
                 let mut value = Vec::new();
-                crate::json::write_object(&mut value, row);
+                crate::sync::json::write_object(&mut value, row);
                 let value = String::from_utf8(value).expect("JSON written from strings is UTF-8");
                 tx.prepare_cached(
                     "INSERT INTO rows (group_id, table_name, row_key, value) VALUES (?1, ?2, ?3, ?4)
@@ -691,7 +691,7 @@ fn materialize(
 pub(crate) mod tests {
     use super::*;
     use crate::protocol::{parse_upstream, Mutation, QueriesPatchOp, QueryPut, Upstream};
-    use crate::replica::{CatchUp, Limits, PushResult, Replica};
+    use crate::sync::replica::{CatchUp, Limits, PushResult, Replica};
     use serde_json::{json, Value};
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -805,7 +805,7 @@ pub(crate) mod tests {
         assert_eq!(copy.cookie(), replica.cookie());
         assert_eq!(copy.row_bytes(), replica.row_bytes());
         // Catch-up from the oldest kept cookie is the same poke as before.
-        let oldest = crate::replica::version_to_cookie(replica.version() - 4);
+        let oldest = crate::sync::replica::version_to_cookie(replica.version() - 4);
         let before = replica.check_connect("c1", Some(&oldest), 0).unwrap();
         assert!(matches!(before, CatchUp::Poke(_)));
         assert_eq!(copy.check_connect("c1", Some(&oldest), 0).unwrap(), before);

@@ -13,13 +13,15 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, types};
 
 use crate::config::Config;
-use crate::handshake::{self, Head, HeadError, UpgradeError};
-use crate::limits::{self, TrustedProxies, WindowLimiter};
+use crate::gate::limits::{self, TrustedProxies, WindowLimiter};
 use crate::metrics::{Metric, Metrics};
+use crate::process::handoff;
+use crate::protocol::route;
 use crate::protocol::{self, ErrorKind};
 use crate::ring::{self, Ring};
 use crate::slab::Slab;
-use crate::{frame, handoff, route};
+use crate::ws::frame;
+use crate::ws::handshake::{self, Head, HeadError, UpgradeError};
 
 const ACCEPT: u8 = 1;
 const RECV: u8 = 2;
@@ -149,9 +151,12 @@ impl Listener {
             .user_data(ring::token(ACCEPT, 0));
         self.ring.push(accept);
         self.arm_signal();
-        crate::control::arm(&mut self.ring, &self.control, ring::token(CONTROL, 0));
-        crate::control::send_message(self.control.as_fd(), &crate::control::Message::Ready)
-            .map_err(|e| format!("control channel: {e}"))?;
+        crate::process::control::arm(&mut self.ring, &self.control, ring::token(CONTROL, 0));
+        crate::process::control::send_message(
+            self.control.as_fd(),
+            &crate::process::control::Message::Ready,
+        )
+        .map_err(|e| format!("control channel: {e}"))?;
         let tick = self.config.keepalive.tick().min(Duration::from_millis(250));
         self.ring.arm_tick(tick, ring::token(TICK, 0));
         let mut cqes = Vec::with_capacity(256);
@@ -172,13 +177,19 @@ impl Listener {
                     SIGNAL => self.on_signal(),
                     CONTROL => {
                         let token = ring::token(CONTROL, 0);
-                        let orders =
-                            crate::control::on_readable(&mut self.ring, &self.control, cqe, token);
+                        let orders = crate::process::control::on_readable(
+                            &mut self.ring,
+                            &self.control,
+                            cqe,
+                            token,
+                        );
                         for order in orders {
                             match order {
-                                crate::control::Order::Apply(config) => self.apply(*config),
-                                crate::control::Order::Stop => self.stop(),
-                                crate::control::Order::Drain => {}
+                                crate::process::control::Order::Apply(config) => {
+                                    self.apply(*config)
+                                }
+                                crate::process::control::Order::Stop => self.stop(),
+                                crate::process::control::Order::Drain => {}
                             }
                         }
                     }
@@ -223,9 +234,9 @@ impl Listener {
     fn on_accept(&mut self, cqe: &cqueue::Entry, now: Instant) {
         if !cqueue::more(cqe.flags()) && self.stopping {
             // The last accept completion: from here on the new listener gets every socket.
-            let _ = crate::control::send_message(
+            let _ = crate::process::control::send_message(
                 self.control.as_fd(),
-                &crate::control::Message::Stopped,
+                &crate::process::control::Message::Stopped,
             );
         }
         if !cqueue::more(cqe.flags()) && !self.stopping {
