@@ -258,7 +258,7 @@ fuzz_target!(|input: Input| {
             }
             Op::Open => conn.open("w1", "g1", None, now),
             Op::Close(code) => conn.close(*code % 5000, "closing", now),
-            Op::Fail => conn.fail(ErrorKind::InvalidMessage, "fuzz", 1002, now),
+            Op::Fail => conn.fail(ErrorKind::InvalidMessage, "fuzz", now),
             Op::SendError => conn.send_error(ErrorKind::Unauthorized, "fuzz"),
             Op::Probe => conn.probe(),
             Op::ClearProbe => conn.clear_probe(),

@@ -20,8 +20,8 @@ use crate::protocol::route;
 use crate::protocol::{self, ErrorKind};
 use crate::ring::{self, Ring};
 use crate::slab::Slab;
-use crate::ws::frame;
 use crate::ws::handshake::{self, Head, HeadError, UpgradeError};
+use crate::ws::{close, frame};
 
 const ACCEPT: u8 = 1;
 const RECV: u8 = 2;
@@ -31,9 +31,6 @@ const SIGNAL: u8 = 5;
 const CONTROL: u8 = 6;
 /// A close of a socket handed to a worker; its completion needs nothing.
 const CLOSE: u8 = 7;
-
-/// The conformance echo route (`conformance.echo`).
-pub const ECHO_PATH: &str = "/echo";
 
 /// First read buffer per socket: a browser's upgrade without a Zero header fits; the Zero
 /// client's 8 KiB header grows it once.
@@ -458,7 +455,7 @@ impl Listener {
                 );
             }
         }
-        if self.config.conformance.echo && head.path == ECHO_PATH {
+        if self.config.conformance.echo && head.path == route::ECHO_PATH {
             // Conformance echo: any worker will do; spread by the client's port.
             let worker = p.peer.port() as usize % self.channels.len();
             return self.hand_off(index, worker, now);
@@ -492,7 +489,6 @@ impl Listener {
                 ErrorKind::ServerOverloaded,
                 "too many connection attempts for this clientID",
                 Some((wait_ms, wait_ms.saturating_mul(2))),
-                1008,
             );
             return self.answer(index, out, now);
         }
@@ -623,7 +619,6 @@ fn upgrade_then_error(
     kind: ErrorKind,
     message: &str,
     backoff: Option<(u64, u64)>,
-    code: u16,
 ) -> Vec<u8> {
     let key = head.ws_key.as_deref().unwrap_or_default();
     let mut out = handshake::switching_protocols(key, head.ws_protocol.as_deref(), None);
@@ -633,7 +628,7 @@ fn upgrade_then_error(
         &protocol::encode_error(kind, message, backoff),
         false,
     );
-    frame::encode_close(&mut out, code, message);
+    frame::encode_close(&mut out, kind.close_code(), message);
     out
 }
 
@@ -641,7 +636,7 @@ fn upgrade_then_error(
 fn upgrade_then_close(head: &Head, message: &str) -> Vec<u8> {
     let key = head.ws_key.as_deref().unwrap_or_default();
     let mut out = handshake::switching_protocols(key, head.ws_protocol.as_deref(), None);
-    frame::encode_close(&mut out, 1002, &format!("Error: {message}"));
+    frame::encode_close(&mut out, close::PROTOCOL_ERROR, &format!("Error: {message}"));
     out
 }
 

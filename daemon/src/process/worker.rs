@@ -2,7 +2,7 @@
 //! displacement rules, version), and runs their connections on one io_uring ring.
 //!
 //! The loop is thin on purpose: it moves bytes between sockets and the sans-IO
-//! [`Connection`]s, [`admission::decide`] and [`GroupSync`], and decides nothing itself. Per
+//! [`Connection`]s, [`admission`] and [`GroupSync`], and decides nothing itself. Per
 //! connection there is one multishot receive (into the shared provided-buffer ring, so an
 //! idle connection parks no read buffer) and at most one send in flight. A slot is freed
 //! only when neither is in flight, so a late completion can never land on a reused slot.
@@ -16,16 +16,19 @@ use io_uring::{cqueue, opcode, types};
 use nix::sys::socket::{MsgFlags, Shutdown};
 
 use crate::config::Config;
-use crate::gate::admission::{self, Admission, Existing, GroupState};
+use crate::gate::admission::{
+    self, Decision, Holder, Newcomer, ProbeState, ProbeVerdict, Refusal, Rule, Token,
+};
 use crate::gate::auth::Verifier;
 use crate::index::NameIndex;
 use crate::metrics::{Metric, Metrics};
 use crate::process::handoff::{self, Handoff};
 use crate::protocol::route;
-use crate::protocol::{self, ErrorKind};
+use crate::protocol::ErrorKind;
 use crate::ring::{self, BufRing, Ring};
 use crate::slab::Slab;
 use crate::sync::{Delivery, GroupRef, GroupSync, Pusher, Who};
+use crate::ws::close;
 use crate::ws::connection::{self, Connection, End, Notice, Settings, Shared, State};
 use crate::ws::frame::DecoderLimits;
 use crate::ws::handshake;
@@ -44,10 +47,6 @@ const CLOSE: u8 = 7;
 const RECV_BUFFERS: u16 = 256;
 /// Size of each receive buffer; a large frame spans several and is reassembled.
 const RECV_BUFFER_SIZE: usize = 16 * 1024;
-
-/// The sync protocol versions this daemon speaks (PROTOCOL.md).
-pub const MIN_VERSION: u32 = 30;
-pub const MAX_VERSION: u32 = 52;
 
 /// One socket in this worker. Every worker holds one per connection, most of them idle,
 /// so what only some connections need lives elsewhere (the probe list, the resume map) and
@@ -389,7 +388,7 @@ impl Worker {
                 self.open
             );
             let deadline = now + Duration::from_millis(self.config.drain_timeout_ms);
-            self.close_all(1001, "server shutting down", deadline, now);
+            self.close_all(close::GOING_AWAY, "server shutting down", deadline, now);
         }
         self.arm_signal();
     }
@@ -481,7 +480,7 @@ impl Worker {
             log::error!("worker {}: handoff failed to parse again", self.index);
             return;
         };
-        let echo = self.config.conformance.echo && head.path == crate::process::listener::ECHO_PATH;
+        let echo = self.config.conformance.echo && head.path == route::ECHO_PATH;
         let routed = route::parse_sync_path(&head.path)
             .ok()
             .and_then(|path| Some((path, route::parse_connect_params(&head.query).ok()?)));
@@ -558,7 +557,8 @@ impl Worker {
         self.process(index);
     }
 
-    /// Steps 2 to 6 of the lifecycle for a connection whose 101 is queued.
+    /// Admission (`gate::admission`, in its order) for a connection whose 101 is queued:
+    /// the worker gathers what the rules look at and carries out the decision.
     /// `peer` is only logged (a slot does not keep it: 32 bytes per connection).
     fn admit(
         &mut self,
@@ -570,83 +570,57 @@ impl Worker {
         now: Instant,
     ) {
         let group_id = params.client_group_id.as_str();
-        let refuse = |w: &mut Worker, kind, message: &str, code| {
-            w.refuse(index, peer, group_id, kind, message, code, now)
+        let header = match admission::header(head.ws_protocol.as_deref()) {
+            Ok(header) => header,
+            Err(refusal) => return self.refuse(index, peer, group_id, refusal, now),
         };
-        let header = match head.ws_protocol.as_deref().map(protocol::decode_protocol_header) {
-            None => {
-                let message = "missing Sec-WebSocket-Protocol header";
-                return refuse(self, ErrorKind::InvalidConnectionRequest, message, 1002);
-            }
-            Some(Err(e)) => {
-                let message = format!("invalid Sec-WebSocket-Protocol header: {e}");
-                return refuse(self, ErrorKind::InvalidConnectionRequest, &message, 1002);
-            }
-            Some(Ok(header)) => header,
-        };
-        // 2. Authenticate first: nothing below looks at other connections before this.
-        let user: Option<Box<str>> = match header.auth_token.as_deref() {
+        // Nothing below looks at other connections before the token is verified.
+        let verified = match header.auth_token.as_deref() {
             Some(token) if self.verifier.has_keys() => {
-                match self.verifier.verify(token, epoch_secs()) {
-                    Ok(verified) => {
-                        if params.user_id.as_deref() != Some(verified.sub.as_str()) {
-                            self.metrics.inc(Metric::AuthRefusals);
-                            let message = "token subject does not match userID";
-                            return refuse(self, ErrorKind::Unauthorized, message, 3000);
-                        }
-                        Some(verified.sub.as_str().into())
-                    }
-                    Err(e) => {
-                        self.metrics.inc(Metric::AuthRefusals);
-                        return refuse(self, ErrorKind::AuthInvalidated, e.message(), 3000);
-                    }
-                }
+                Some(self.verifier.verify(token, epoch_secs()))
             }
-            Some(_) => None,
-            None if self.config.auth.required => {
-                self.metrics.inc(Metric::AuthRefusals);
-                return refuse(self, ErrorKind::Unauthorized, "a token is required", 3000);
-            }
-            None => None,
+            _ => None,
         };
-        // The group, with its durable owner, before any admission decision (rule 4).
+        let token = match (&verified, &header.auth_token) {
+            (Some(Ok(v)), _) => Token::Verified(v.sub.as_str()),
+            (Some(Err(e)), _) => Token::Invalid(*e),
+            (None, Some(_)) => Token::Unchecked,
+            (None, None) => Token::Absent,
+        };
+        let required = self.config.auth.required;
+        let user: Option<Box<str>> =
+            match admission::identify(token, params.user_id.as_deref(), required) {
+                Ok(user) => user.map(Into::into),
+                Err(refusal) => return self.refuse(index, peer, group_id, refusal, now),
+            };
+        // The group, with its durable owner, before any decision (the pin).
         let group = match self.sync.load(group_id) {
             Ok(group) => group,
             Err(e) => {
                 log::error!("worker={} storage: {e}", self.index);
-                return refuse(self, ErrorKind::Internal, "storage unavailable", 1011);
+                return self.refuse(index, peer, group_id, Refusal::storage(), now);
             }
         };
-        // 3. Displacement, against verified identities only.
-        let existing = self.client_slot(&params.client_id).map(|slot| Existing {
+        let holder = self.client_slot(&params.client_id).map(|slot| Holder {
             slot,
             user: self.slots.get(slot).and_then(|s| self.verified_user(s)),
         });
-        let state =
-            GroupState { owner: self.sync.owner(group), connections: self.sync.connections(group) };
-        let max = self.config.limits.max_group_connections;
-        let decision = admission::decide(&state, existing, user.as_deref(), max);
-        if let Admission::Refuse(kind, message) = decision {
-            self.metrics.inc(Metric::DisplacementRefusals);
-            let code = if kind == ErrorKind::Unauthorized { 3000 } else { 1008 };
-            return refuse(self, kind, &message, code);
-        }
-        // 4. Version, before any existing connection is touched.
-        if !(MIN_VERSION..=MAX_VERSION).contains(&version) {
-            self.metrics.inc(Metric::VersionRefusals);
-            let message = format!(
-                "server supports sync protocol v{MIN_VERSION} to v{MAX_VERSION}, client requested v{version}"
-            );
-            return refuse(self, ErrorKind::VersionNotSupported, &message, 1002);
-        }
+        let state = admission::Group {
+            owner: self.sync.owner(group),
+            connections: self.sync.connections(group),
+            max_connections: self.config.limits.max_group_connections,
+        };
+        let newcomer = Newcomer { user: user.as_deref(), version };
+        let decision = admission::decide(newcomer, state, holder);
         let admit = Admit { group_id: group_id.into(), user, peer, init: header.init_connection };
         match decision {
-            Admission::Replace(old) => {
+            Decision::Refuse(refusal) => self.refuse(index, peer, group_id, refusal, now),
+            Decision::Replace(old) => {
                 let wsid = self.slots.get(index).map(|s| s.id.wsid().to_owned());
                 self.displace(old, &format!("replaced by wsid {}", wsid.unwrap_or_default()), now);
                 self.open_connection(index, admit, now);
             }
-            Admission::Probe(old) => {
+            Decision::Probe(old) => {
                 if let Some(existing) = self.slots.get_mut(old) {
                     existing.conn.probe();
                     let deadline =
@@ -657,7 +631,7 @@ impl Worker {
                     self.open_connection(index, admit, now);
                 }
             }
-            _ => self.open_connection(index, admit, now),
+            Decision::Admit => self.open_connection(index, admit, now),
         }
     }
 
@@ -672,20 +646,25 @@ impl Worker {
         slot.id.group.filter(|_| slot.verified).and_then(|g| self.sync.owner(g))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Carries out a refusal: its counter, its log line, the error message and the close.
     fn refuse(
         &mut self,
         index: u32,
         peer: SocketAddr,
         group_id: &str,
-        kind: ErrorKind,
-        message: &str,
-        code: u16,
+        refusal: Refusal,
         now: Instant,
     ) {
+        match refusal.rule {
+            Rule::Auth => self.metrics.inc(Metric::AuthRefusals),
+            Rule::Displacement => self.metrics.inc(Metric::DisplacementRefusals),
+            Rule::Version => self.metrics.inc(Metric::VersionRefusals),
+            Rule::Request | Rule::Storage => {}
+        }
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
+        let Refusal { kind, ref message, .. } = refusal;
         log::info!(
             "worker={} refused kind={} clientID={} clientGroupID={group_id} wsid={} peer={}: {message}",
             self.index,
@@ -694,10 +673,9 @@ impl Worker {
             slot.id.wsid(),
             peer
         );
-        if kind == ErrorKind::ServerOverloaded {
-            slot.conn.fail_with_backoff(kind, message, code, OVERLOAD_BACKOFF, now);
-        } else {
-            slot.conn.fail(kind, message, code, now);
+        match refusal.backoff() {
+            Some(backoff) => slot.conn.fail_with_backoff(kind, message, backoff, now),
+            None => slot.conn.fail(kind, message, now),
         }
     }
 
@@ -705,24 +683,18 @@ impl Worker {
     /// `initConnection`.
     fn open_connection(&mut self, index: u32, admit: Admit, now: Instant) {
         let Admit { group_id, user, peer, init } = admit;
-        let refuse = |w: &mut Worker, kind, message: &str, code| {
-            w.refuse(index, peer, &group_id, kind, message, code, now)
-        };
         // Loaded at admission; loading again is a no-op unless a flush dropped it meanwhile
         // (a newcomer that waited on a probe).
         let group = match self.sync.load(&group_id) {
             Ok(group) => group,
             Err(e) => {
                 log::error!("worker={} storage: {e}", self.index);
-                return refuse(self, ErrorKind::Internal, "storage unavailable", 1011);
+                return self.refuse(index, peer, &group_id, Refusal::storage(), now);
             }
         };
         // A newcomer that waited on a probe may find its group pinned to someone else since.
-        if let Some(Admission::Refuse(kind, message)) =
-            admission::check_owner(self.sync.owner(group), user.as_deref())
-        {
-            self.metrics.inc(Metric::DisplacementRefusals);
-            return refuse(self, kind, &message, 3000);
+        if let Some(refusal) = admission::check_pin(self.sync.owner(group), user.as_deref()) {
+            return self.refuse(index, peer, &group_id, refusal, now);
         }
         let Some(slot) = self.slots.get(index) else {
             return;
@@ -754,8 +726,8 @@ impl Worker {
         );
     }
 
-    /// `updateAuth`: a refreshed token must verify, and must name the connection's own user
-    /// (a socket cannot become someone else's halfway through).
+    /// `updateAuth`: a refreshed token must verify and name the connection's own user
+    /// (`admission::reauthenticate`). Without keys a token proves nothing and changes nothing.
     fn update_auth(&mut self, index: u32, token: &str) {
         if !self.verifier.has_keys() {
             return;
@@ -765,17 +737,14 @@ impl Worker {
         let Some(slot) = self.slots.get(index) else {
             return;
         };
-        let failure = match result {
-            Err(e) => Some((ErrorKind::AuthInvalidated, e.message())),
-            Ok(v) if self.verified_user(slot) != Some(v.sub.as_str()) => {
-                Some((ErrorKind::Unauthorized, "the new token names another user"))
-            }
-            Ok(_) => None,
+        let token = match &result {
+            Ok(v) => Token::Verified(v.sub.as_str()),
+            Err(e) => Token::Invalid(*e),
         };
-        if let Some((kind, message)) = failure {
+        if let Some(refusal) = admission::reauthenticate(token, self.verified_user(slot)) {
             self.metrics.inc(Metric::AuthRefusals);
             if let Some(slot) = self.slots.get_mut(index) {
-                slot.conn.fail(kind, message, 3000, now);
+                slot.conn.fail(refusal.kind, &refusal.message, now);
             }
         }
     }
@@ -793,7 +762,7 @@ impl Worker {
             // It stays `joined` so its end is counted and logged like any other; leaving the
             // index now frees its clientID for the newcomer.
             self.clients.remove(slot.id.client_id(), index);
-            slot.conn.close(1000, reason, now);
+            slot.conn.close(close::NORMAL, reason, now);
             self.process(index);
         }
     }
@@ -929,7 +898,7 @@ impl Worker {
                     self.metrics.inc(Metric::KeepaliveTimeouts);
                 }
                 if let End::Protocol(code) = end {
-                    if code != 1000 && code != 3000 {
+                    if code != close::NORMAL && code != close::UNAUTHORIZED {
                         self.metrics.inc(Metric::ProtocolErrors);
                     }
                 }
@@ -1023,7 +992,7 @@ impl Worker {
                     slot.conn.send_error(kind, &message)
                 }
                 Delivery::Error { kind, message, close: true, .. } => {
-                    slot.conn.fail(kind, &message, 1002, now)
+                    slot.conn.fail(kind, &message, now)
                 }
             }
             touched.push(to.slot);
@@ -1039,7 +1008,7 @@ impl Worker {
             for (i, slot) in self.slots.iter_mut() {
                 if slot.id.group == Some(group) {
                     let message = "client group state moved; reconnect";
-                    slot.conn.fail_with_backoff(ErrorKind::Rehome, message, 1012, (100, 1000), now);
+                    slot.conn.fail_with_backoff(ErrorKind::Rehome, message, (100, 1000), now);
                     touched.push(i);
                 }
             }
@@ -1072,7 +1041,7 @@ impl Worker {
                 self.open
             );
             let deadline = now + Duration::from_millis(self.config.keepalive.close_timeout_ms);
-            self.close_all(1012, "service restart", deadline, now);
+            self.close_all(close::SERVICE_RESTART, "service restart", deadline, now);
         }
         self.resolve_probes(now);
         for index in self.slots.indices() {
@@ -1086,23 +1055,36 @@ impl Worker {
         }
     }
 
-    /// Displacement rule 3: a newcomer is refused if the existing connection proved alive,
-    /// and admitted in its place if the probe went unanswered.
+    /// Probes whose outcome is known (`admission::resolve_probe`): the newcomer is refused
+    /// if the holder of its clientID proved alive, and admitted in its place if not.
     fn resolve_probes(&mut self, now: Instant) {
         let mut i = 0;
         while i < self.probes.len() {
             let p = &self.probes[i];
-            let newcomer_alive =
-                self.slots.get(p.newcomer).is_some_and(|s| s.conn.state() == State::Pending);
-            let existing = self.slots.get(p.existing).filter(|s| s.joined);
-            let answered = existing.and_then(|s| s.conn.probe_answered());
-            let (newcomer, existing_index, deadline) = (p.newcomer, p.existing, p.deadline);
-            let outcome = match (newcomer_alive, existing.is_some(), answered) {
-                (false, _, _) => Some(None),
-                (true, false, _) => Some(Some(true)),
-                (true, true, Some(true)) => Some(Some(false)),
-                (true, true, _) if now >= deadline => {
-                    if let Some(slot) = self.slots.get_mut(existing_index) {
+            let holder = self.slots.get(p.existing).filter(|s| s.joined);
+            let state = ProbeState {
+                newcomer_waiting: self
+                    .slots
+                    .get(p.newcomer)
+                    .is_some_and(|s| s.conn.state() == State::Pending),
+                holder_connected: holder.is_some(),
+                answered: holder.and_then(|s| s.conn.probe_answered()) == Some(true),
+                expired: now >= p.deadline,
+            };
+            let verdict = admission::resolve_probe(state);
+            if verdict == ProbeVerdict::Wait {
+                i += 1;
+                continue;
+            }
+            let Probe { newcomer, existing, admit, .. } = self.probes.swap_remove(i);
+            if let Some(slot) = self.slots.get_mut(existing) {
+                slot.conn.clear_probe();
+            }
+            match verdict {
+                ProbeVerdict::Wait | ProbeVerdict::Forget => {}
+                ProbeVerdict::Admit => self.open_connection(newcomer, admit, now),
+                ProbeVerdict::ReplaceDead => {
+                    if let Some(slot) = self.slots.get_mut(existing) {
                         log::info!(
                             "worker={} existing connection failed its probe; replacing it",
                             self.index
@@ -1110,39 +1092,17 @@ impl Worker {
                         slot.conn.terminate(End::KeepaliveTimeout);
                     }
                     self.metrics.inc(Metric::Displaced);
-                    self.process(existing_index);
-                    Some(Some(true))
+                    self.process(existing);
+                    self.open_connection(newcomer, admit, now);
                 }
-                _ => None,
-            };
-            match outcome {
-                None => i += 1,
-                Some(outcome) => {
-                    let Probe { admit, .. } = self.probes.swap_remove(i);
-                    if let Some(slot) = self.slots.get_mut(existing_index) {
-                        slot.conn.clear_probe();
-                    }
-                    match outcome {
-                        Some(true) => self.open_connection(newcomer, admit, now),
-                        Some(false) => {
-                            self.metrics.inc(Metric::DisplacementRefusals);
-                            let message = "this clientID is connected in another session";
-                            let (peer, group_id) = (admit.peer, &admit.group_id);
-                            let kind = ErrorKind::Unauthorized;
-                            self.refuse(newcomer, peer, group_id, kind, message, 3000, now);
-                        }
-                        None => {}
-                    }
-                    self.process(newcomer);
+                ProbeVerdict::Refuse(refusal) => {
+                    self.refuse(newcomer, admit.peer, &admit.group_id, refusal, now)
                 }
             }
+            self.process(newcomer);
         }
     }
 }
-
-/// The backoff a client is told to wait when its group is full: long enough to let the
-/// group shrink, short enough that a legitimate client recovers within seconds.
-const OVERLOAD_BACKOFF: (u64, u64) = (1_000, 10_000);
 
 // mimalloc's C API, linked already as the global allocator (main.rs); declared here rather
 // than through libmimalloc-sys's `extended` feature, which would pull in another crate for

@@ -100,6 +100,23 @@ impl ErrorKind {
         ErrorKind::Internal,
     ];
 
+    /// The close code that follows an error of this kind when it ends the connection: the
+    /// one mapping from kinds to codes, so that every refusal of the same kind closes alike
+    /// wherever it is decided (listener, admission, connection, group sync).
+    pub fn close_code(self) -> u16 {
+        use crate::ws::close;
+        match self {
+            // zero-cache's code for both; the client then waits for credentials.
+            ErrorKind::Unauthorized | ErrorKind::AuthInvalidated => close::UNAUTHORIZED,
+            // A limit, not a broken protocol: the error message carries the backoff.
+            ErrorKind::ServerOverloaded => close::POLICY_VIOLATION,
+            ErrorKind::Internal => close::INTERNAL_ERROR,
+            // The client's state moved or the server wants it elsewhere: reconnect.
+            ErrorKind::Rehome | ErrorKind::Rebalance => close::SERVICE_RESTART,
+            _ => close::PROTOCOL_ERROR,
+        }
+    }
+
     /// The kind as written on the wire.
     pub fn as_str(self) -> &'static str {
         match self {

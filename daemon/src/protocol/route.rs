@@ -16,6 +16,15 @@ use std::borrow::Cow;
 use percent_encoding::percent_decode_str;
 use xxhash_rust::xxh32::Xxh32;
 
+/// The sync protocol versions this daemon speaks (docs/PROTOCOL.md, "Supported versions"):
+/// 30 is the oldest whose messages it parses, 52 the newest (binary pokes).
+pub const MIN_VERSION: u32 = 30;
+pub const MAX_VERSION: u32 = 52;
+
+/// The conformance echo route (`conformance.echo`, off by default): plain WebSocket echo for
+/// Autobahn and the frame benchmarks, with no Zero protocol.
+pub const ECHO_PATH: &str = "/echo";
+
 /// Longest decoded value accepted for the string parameters (`clientID`,
 /// `clientGroupID`, `wsid`, `baseCookie`, `userID`, `profileID`).
 ///

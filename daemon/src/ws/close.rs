@@ -23,6 +23,12 @@ pub const POLICY_VIOLATION: u16 = 1008;
 pub const MESSAGE_TOO_BIG: u16 = 1009;
 /// The server failed for a reason of its own.
 pub const INTERNAL_ERROR: u16 = 1011;
+/// The server is restarting (a graceful replacement's drain ended) or the client's state
+/// moved: reconnect.
+pub const SERVICE_RESTART: u16 = 1012;
+/// Authentication failed or names the wrong user: the registered code zero-cache uses too,
+/// which the Zero client reads as "wait for new credentials", not "retry now".
+pub const UNAUTHORIZED: u16 = 3000;
 
 /// A close reason may use what is left of the 125-byte control payload after the 2-byte code.
 pub const MAX_REASON_BYTES: usize = 123;

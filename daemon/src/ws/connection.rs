@@ -17,6 +17,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::protocol::{self, ErrorKind, Upstream};
+use crate::ws::close;
 use crate::ws::deflate::{Agreement, Deflater, InflateError, Inflater, SharedContexts};
 use crate::ws::frame::{self, Decoder, DecoderLimits, Event, OpCode};
 
@@ -366,9 +367,10 @@ impl Connection {
         }
     }
 
-    /// Refuses or ends the connection with a protocol error message and a close frame.
-    pub fn fail(&mut self, kind: ErrorKind, message: &str, code: u16, now: Instant) {
-        self.core.fail(kind, message, None, code, now);
+    /// Refuses or ends the connection with a protocol error message and a close frame (the
+    /// kind's [`close_code`](ErrorKind::close_code)).
+    pub fn fail(&mut self, kind: ErrorKind, message: &str, now: Instant) {
+        self.core.fail(kind, message, None, now);
     }
 
     /// Like [`fail`](Self::fail) for the backoff kinds: the client waits between `min` and
@@ -377,11 +379,10 @@ impl Connection {
         &mut self,
         kind: ErrorKind,
         message: &str,
-        code: u16,
         backoff: (u64, u64),
         now: Instant,
     ) {
-        self.core.fail(kind, message, Some(backoff), code, now);
+        self.core.fail(kind, message, Some(backoff), now);
     }
 
     /// New limits and timers from a reload, now in [`Shared`]: a frame or message partly
@@ -516,7 +517,7 @@ impl Connection {
                 if let Some(since) = c.out.as_ref().and_then(|o| o.stuck_since) {
                     if tick.since(since) >= timeout_ms(settings.slow_consumer) {
                         c.end.get_or_insert(End::SlowConsumer);
-                        c.close(1008, "send queue full", now);
+                        c.close(close::POLICY_VIOLATION, "send queue full", now);
                         return;
                     }
                 }
@@ -739,14 +740,18 @@ impl Core {
             match result {
                 Ok(()) => {}
                 Err(InflateError::TooBig) => {
-                    return self.fail_connection(1009, "message too big", now)
+                    return self.fail_connection(close::MESSAGE_TOO_BIG, "message too big", now)
                 }
                 Err(InflateError::Invalid) => {
-                    return self.fail_connection(1007, "invalid compressed data", now)
+                    return self.fail_connection(
+                        close::INVALID_PAYLOAD,
+                        "invalid compressed data",
+                        now,
+                    )
                 }
             }
             if opcode == OpCode::Text && simdutf8::basic::from_utf8(scratch).is_err() {
-                return self.fail_connection(1007, "invalid UTF-8", now);
+                return self.fail_connection(close::INVALID_PAYLOAD, "invalid UTF-8", now);
             }
             &mut scratch[..]
         } else {
@@ -756,28 +761,16 @@ impl Core {
             return self.send_compressible(opcode, payload, settings.compress_threshold, contexts);
         }
         if opcode != OpCode::Text {
-            return self.fail(
-                ErrorKind::InvalidMessage,
-                "expected a JSON text message",
-                None,
-                1002,
-                now,
-            );
+            return self.fail(ErrorKind::InvalidMessage, "expected a JSON text message", None, now);
         }
         if self.phase == Phase::Open {
             self.on_text(payload, group_id, now);
         }
     }
 
-    fn fail(
-        &mut self,
-        kind: ErrorKind,
-        message: &str,
-        backoff: Option<(u64, u64)>,
-        code: u16,
-        now: Instant,
-    ) {
+    fn fail(&mut self, kind: ErrorKind, message: &str, backoff: Option<(u64, u64)>, now: Instant) {
         if matches!(self.phase, Phase::Pending | Phase::Open) {
+            let code = kind.close_code();
             self.send_text(&protocol::encode_error(kind, message, backoff));
             self.end.get_or_insert(End::Protocol(code));
             self.close(code, message, now);
@@ -863,7 +856,7 @@ impl Core {
         let msg = match protocol::parse_upstream(json) {
             Ok(msg) => msg,
             Err(message) => {
-                return self.fail(ErrorKind::InvalidMessage, &message, None, 1002, now);
+                return self.fail(ErrorKind::InvalidMessage, &message, None, now);
             }
         };
         match msg {
@@ -878,7 +871,6 @@ impl Core {
                         ErrorKind::InvalidMessage,
                         "initConnection sent twice",
                         None,
-                        1002,
                         now,
                     );
                 }
@@ -895,7 +887,7 @@ impl Core {
                         "clientGroupID in mutation \"{}\" does not match clientGroupID of connection \"{group_id}\"",
                         push.client_group_id
                     );
-                    return self.fail(ErrorKind::InvalidPush, &message, None, 1002, now);
+                    return self.fail(ErrorKind::InvalidPush, &message, None, now);
                 }
                 self.notify(Notice::Push(Box::new(push)));
             }
