@@ -116,6 +116,16 @@ pub struct Metrics {
     slots: usize,
     /// This process's slot; the only one it writes.
     own: usize,
+    /// Bytes mapped, for the unmap on drop.
+    len: usize,
+}
+
+impl Drop for Metrics {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once; `cell` borrows from `self`, so no
+        // reference into it outlives this.
+        unsafe { libc::munmap(self.base as *mut libc::c_void, self.len) };
+    }
 }
 
 // The mapping is process-wide and only touched through atomics.
@@ -157,12 +167,12 @@ impl Metrics {
         if ptr == libc::MAP_FAILED {
             return Err(std::io::Error::last_os_error());
         }
-        Ok(Metrics { base: ptr as *const AtomicU64, slots, own })
+        Ok(Metrics { base: ptr as *const AtomicU64, slots, own, len })
     }
 
     fn cell(&self, slot: usize, m: Metric) -> &AtomicU64 {
         debug_assert!(slot < self.slots && (m as usize) < SLOT_LEN);
-        // SAFETY: in bounds of the mapping, which lives as long as the process.
+        // SAFETY: in bounds of the mapping, which lives as long as `self`.
         unsafe { &*self.base.add(slot * SLOT_LEN + m as usize) }
     }
 

@@ -102,35 +102,11 @@ pub fn recv_message(fd: &impl AsFd, buf: &mut [u8]) -> Result<Message, RecvError
     }
 }
 
-/// Child side: arms a multishot poll of the control channel on `ring`.
-pub fn arm(ring: &mut crate::ring::Ring, control: &OwnedFd, user_data: u64) {
-    use io_uring::{opcode, types};
-    let entry = opcode::PollAdd::new(types::Fd(control.as_raw_fd()), libc::POLLIN as u32)
-        .multi(true)
-        .build()
-        .user_data(user_data);
-    ring.push(entry);
-}
-
 /// What a child is told to do.
 pub enum Order {
     Apply(Box<crate::config::Config>),
     Drain,
     Stop,
-}
-
-/// Child side, on a completion of the control poll: re-arms the poll if the kernel ended
-/// it, then returns what the supervisor asked for.
-pub fn on_readable(
-    ring: &mut crate::ring::Ring,
-    control: &OwnedFd,
-    cqe: &io_uring::cqueue::Entry,
-    user_data: u64,
-) -> Vec<Order> {
-    if !io_uring::cqueue::more(cqe.flags()) {
-        arm(ring, control, user_data);
-    }
-    receive_orders(control)
 }
 
 /// Child side: drains the channel, acknowledging each configuration it returns. The

@@ -7,6 +7,7 @@
 //! listener as soon as it is handed off; the listener keeps nothing per WebSocket connection.
 
 use std::net::SocketAddr;
+use std::ops::ControlFlow;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
@@ -15,22 +16,15 @@ use io_uring::{cqueue, opcode, types};
 use crate::config::Config;
 use crate::gate::limits::{self, TrustedProxies, WindowLimiter};
 use crate::metrics::{Metric, Metrics};
+use crate::process::control::Order;
+use crate::process::event_loop::{self, Process};
 use crate::process::handoff;
 use crate::protocol::route;
 use crate::protocol::{self, ErrorKind};
-use crate::ring::{self, Ring};
+use crate::ring::{Op, Ring};
 use crate::slab::Slab;
 use crate::ws::handshake::{self, Head, HeadError, UpgradeError};
 use crate::ws::{close, frame};
-
-const ACCEPT: u8 = 1;
-const RECV: u8 = 2;
-const SEND: u8 = 3;
-const TICK: u8 = 4;
-const SIGNAL: u8 = 5;
-const CONTROL: u8 = 6;
-/// A close of a socket handed to a worker; its completion needs nothing.
-const CLOSE: u8 = 7;
 
 /// First read buffer per socket: a browser's upgrade without a Zero header fits; the Zero
 /// client's 8 KiB header grows it once.
@@ -89,7 +83,6 @@ pub struct Listener {
     client_limiter: WindowLimiter,
     proxies: TrustedProxies,
     signalfd: nix::sys::signalfd::SignalFd,
-    signal_buf: Box<[u8; 128]>,
     /// The control channel from the supervisor (ready, reloads).
     control: OwnedFd,
 }
@@ -125,7 +118,7 @@ impl Listener {
             ip_limiter,
             client_limiter,
             proxies,
-            ring: Ring::new()?,
+            ring: Ring::new().map_err(|e| e.to_string())?,
             connection_cap: config.connection_cap(),
             config,
             listen,
@@ -136,84 +129,13 @@ impl Listener {
             pending: Slab::default(),
             stopping: false,
             signalfd,
-            signal_buf: Box::new([0; 128]),
             control,
         })
     }
 
     pub fn run(mut self) -> Result<(), String> {
-        let accept = opcode::AcceptMulti::new(types::Fd(self.listen.as_raw_fd()))
-            .flags(libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(ring::token(ACCEPT, 0));
-        self.ring.push(accept);
-        self.arm_signal();
-        crate::process::control::arm(&mut self.ring, &self.control, ring::token(CONTROL, 0));
-        crate::process::control::send_message(
-            self.control.as_fd(),
-            &crate::process::control::Message::Ready,
-        )
-        .map_err(|e| format!("control channel: {e}"))?;
-        let tick = self.config.keepalive.tick().min(Duration::from_millis(250));
-        self.ring.arm_tick(tick, ring::token(TICK, 0));
-        let mut cqes = Vec::with_capacity(256);
-        loop {
-            self.ring.submit_and_wait().map_err(|e| format!("io_uring_enter: {e}"))?;
-            self.ring.drain(&mut cqes);
-            let now = Instant::now();
-            for cqe in &cqes {
-                let (kind, index) = ring::untoken(cqe.user_data());
-                match kind {
-                    ACCEPT => self.on_accept(cqe, now),
-                    RECV => self.on_recv(index, cqe.result(), now),
-                    SEND => self.on_send(index, cqe.result(), now),
-                    TICK => {
-                        self.on_tick(now);
-                        self.ring.arm_tick(tick, ring::token(TICK, 0));
-                    }
-                    SIGNAL => self.on_signal(),
-                    CONTROL => {
-                        let token = ring::token(CONTROL, 0);
-                        let orders = crate::process::control::on_readable(
-                            &mut self.ring,
-                            &self.control,
-                            cqe,
-                            token,
-                        );
-                        for order in orders {
-                            match order {
-                                crate::process::control::Order::Apply(config) => {
-                                    self.apply(*config)
-                                }
-                                crate::process::control::Order::Stop => self.stop(),
-                                crate::process::control::Order::Drain => {}
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            if self.stopping && self.pending.is_empty() {
-                log::info!("listener stopped");
-                return Ok(());
-            }
-        }
-    }
-
-    fn arm_signal(&mut self) {
-        let entry = opcode::Read::new(
-            types::Fd(self.signalfd.as_raw_fd()),
-            self.signal_buf.as_mut_ptr(),
-            self.signal_buf.len() as u32,
-        )
-        .build()
-        .user_data(ring::token(SIGNAL, 0));
-        self.ring.push(entry);
-    }
-
-    fn on_signal(&mut self) {
-        self.stop();
-        self.arm_signal();
+        self.ring.accept_multi(&self.listen, Op::Accept.token(0));
+        event_loop::run(&mut self)
     }
 
     /// Stops accepting (SIGTERM, or a new listener took over); pending sockets are still
@@ -223,8 +145,7 @@ impl Listener {
             log::info!("listener: stop requested, no longer accepting");
             self.stopping = true;
             // Closing the listening socket would race the supervisor's copy; stop our accept.
-            let cancel = opcode::AsyncCancel::new(ring::token(ACCEPT, 0)).build().user_data(0);
-            self.ring.push(cancel);
+            self.ring.cancel(Op::Accept.token(0));
         }
     }
 
@@ -238,11 +159,7 @@ impl Listener {
         }
         if !cqueue::more(cqe.flags()) && !self.stopping {
             // The kernel ends a multishot accept on some errors (e.g. EMFILE); re-arm it.
-            let accept = opcode::AcceptMulti::new(types::Fd(self.listen.as_raw_fd()))
-                .flags(libc::SOCK_CLOEXEC)
-                .build()
-                .user_data(ring::token(ACCEPT, 0));
-            self.ring.push(accept);
+            self.ring.accept_multi(&self.listen, Op::Accept.token(0));
         }
         let fd = cqe.result();
         if fd < 0 {
@@ -339,8 +256,11 @@ impl Listener {
             spare.len() as u32,
         )
         .build()
-        .user_data(ring::token(RECV, index));
-        self.ring.push(entry);
+        .user_data(Op::Recv.token(index));
+        // SAFETY: the spare capacity of the socket's head buffer, which is neither grown nor
+        // dropped while the receive is in flight (its stage says so), and the pending socket,
+        // descriptor included, is freed only after its completion.
+        unsafe { self.ring.push(entry) };
     }
 
     fn on_recv(&mut self, index: u32, res: i32, now: Instant) {
@@ -511,7 +431,7 @@ impl Listener {
                 if let Some(p) = self.remove(index) {
                     // The worker holds the socket now; our copy goes with the next submission
                     // rather than a close(2) of its own.
-                    self.ring.close_later(p.fd, ring::token(CLOSE, 0));
+                    self.ring.close_later(p.fd);
                 }
             }
             Err(e) => {
@@ -572,8 +492,10 @@ impl Listener {
         )
         .flags(libc::MSG_NOSIGNAL)
         .build()
-        .user_data(ring::token(SEND, index));
-        self.ring.push(entry);
+        .user_data(Op::Send.token(index));
+        // SAFETY: the answer's bytes stay in the pending socket's stage until the send
+        // completes, and the socket is freed only after its completion.
+        unsafe { self.ring.push(entry) };
     }
 
     fn on_send(&mut self, index: u32, res: i32, _now: Instant) {
@@ -613,6 +535,58 @@ impl Listener {
 }
 
 /// The bytes of a 101, an error message and a close frame: refusing a client in a way its
+impl Process for Listener {
+    fn ring(&mut self) -> &mut Ring {
+        &mut self.ring
+    }
+
+    fn control(&self) -> &OwnedFd {
+        &self.control
+    }
+
+    fn signalfd(&self) -> RawFd {
+        self.signalfd.as_raw_fd()
+    }
+
+    fn tick(&self) -> Duration {
+        // Head deadlines are checked on the tick: at most a quarter second late.
+        self.config.keepalive.tick().min(Duration::from_millis(250))
+    }
+
+    fn on_completion(&mut self, op: Op, index: u32, cqe: &cqueue::Entry, now: Instant) {
+        match op {
+            Op::Accept => self.on_accept(cqe, now),
+            Op::Recv => self.on_recv(index, cqe.result(), now),
+            Op::Send => self.on_send(index, cqe.result(), now),
+            _ => {}
+        }
+    }
+
+    fn on_tick(&mut self, now: Instant) {
+        Listener::on_tick(self, now)
+    }
+
+    fn on_signal(&mut self, _now: Instant) {
+        self.stop()
+    }
+
+    fn on_order(&mut self, order: Order, _now: Instant) {
+        match order {
+            Order::Apply(config) => self.apply(*config),
+            Order::Stop => self.stop(),
+            Order::Drain => {}
+        }
+    }
+
+    fn after_batch(&mut self, _now: Instant) -> ControlFlow<()> {
+        if self.stopping && self.pending.is_empty() {
+            log::info!("listener stopped");
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    }
+}
+
 /// WebSocket reports (an HTTP error looks like a network failure to a browser).
 fn upgrade_then_error(
     head: &Head,

@@ -2,6 +2,7 @@
 //! between them. docs/ARCHITECTURE.md draws them.
 
 pub mod control;
+pub mod event_loop;
 pub mod handoff;
 pub mod listener;
 pub mod supervisor;

@@ -9,7 +9,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::ops::ControlFlow;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use io_uring::{cqueue, opcode, types};
@@ -22,25 +23,18 @@ use crate::gate::admission::{
 use crate::gate::auth::Verifier;
 use crate::index::NameIndex;
 use crate::metrics::{Metric, Metrics};
+use crate::process::control::Order;
+use crate::process::event_loop::{self, Process};
 use crate::process::handoff::{self, Handoff};
 use crate::protocol::route;
 use crate::protocol::ErrorKind;
-use crate::ring::{self, BufRing, Ring};
+use crate::ring::{Op, Ring};
 use crate::slab::Slab;
 use crate::sync::{Delivery, GroupRef, GroupSync, Pusher, Who};
 use crate::ws::close;
 use crate::ws::connection::{self, Connection, End, Notice, Settings, Shared, State};
 use crate::ws::frame::DecoderLimits;
 use crate::ws::handshake;
-
-const CHANNEL: u8 = 1;
-const RECV: u8 = 2;
-const SEND: u8 = 3;
-const TICK: u8 = 4;
-const SIGNAL: u8 = 5;
-const CONTROL: u8 = 6;
-/// A close of a finished connection's socket; its completion needs nothing.
-const CLOSE: u8 = 7;
 
 /// Receive buffers in the provided-buffer ring: enough for a burst from many connections in
 /// one loop iteration; a connection that finds none is re-armed on the next tick.
@@ -153,7 +147,6 @@ struct Admit {
 pub struct Worker {
     index: usize,
     ring: Ring,
-    bufs: BufRing,
     config: Config,
     metrics: Metrics,
     verifier: Verifier,
@@ -190,7 +183,6 @@ pub struct Worker {
     /// are closed with 1012 (service restart) and the worker stops.
     drain_at: Option<Instant>,
     signalfd: nix::sys::signalfd::SignalFd,
-    signal_buf: Box<[u8; 128]>,
     /// The control channel from the supervisor (ready, reloads).
     control: OwnedFd,
     /// A connection arrived or was freed since the last tick (see [`Worker::on_tick`]).
@@ -228,9 +220,8 @@ impl Worker {
         signalfd: nix::sys::signalfd::SignalFd,
         control: OwnedFd,
     ) -> Result<Worker, String> {
-        let ring = Ring::new()?;
-        let bufs = BufRing::new(&ring, 0, RECV_BUFFERS, RECV_BUFFER_SIZE)
-            .map_err(|e| format!("cannot register the receive buffer ring: {e}"))?;
+        let mut ring = Ring::new().map_err(|e| e.to_string())?;
+        ring.provide_buffers(RECV_BUFFERS, RECV_BUFFER_SIZE).map_err(|e| e.to_string())?;
         let verifier = Verifier::new(&config.auth).map_err(|e| format!("auth: {e}"))?;
         metrics.set(Metric::OpenConnections, 0);
         metrics.set(Metric::InUse, 1);
@@ -242,7 +233,6 @@ impl Worker {
         Ok(Worker {
             index,
             ring,
-            bufs,
             config,
             metrics,
             verifier,
@@ -262,7 +252,6 @@ impl Worker {
             stopping: None,
             drain_at: None,
             signalfd,
-            signal_buf: Box::new([0; 128]),
             control,
             churned: false,
             burst_over: false,
@@ -271,74 +260,7 @@ impl Worker {
 
     pub fn run(mut self) -> Result<(), String> {
         self.arm_channel();
-        self.arm_signal();
-        crate::process::control::arm(&mut self.ring, &self.control, ring::token(CONTROL, 0));
-        crate::process::control::send_message(
-            self.control.as_fd(),
-            &crate::process::control::Message::Ready,
-        )
-        .map_err(|e| format!("control channel: {e}"))?;
-        let tick = self.config.keepalive.tick();
-        self.ring.arm_tick(tick, ring::token(TICK, 0));
-        let mut cqes = Vec::with_capacity(512);
-        loop {
-            // Before waiting, so the gauge is right from the start, not from the first event.
-            self.metrics.set(Metric::HeapBytes, crate::heap::live_bytes() as u64);
-            self.ring.submit_and_wait().map_err(|e| format!("io_uring_enter: {e}"))?;
-            self.ring.drain(&mut cqes);
-            let now = Instant::now();
-            for cqe in &cqes {
-                let (kind, index) = ring::untoken(cqe.user_data());
-                match kind {
-                    CHANNEL => self.on_channel(cqe, now),
-                    RECV => self.on_recv(index, cqe, now),
-                    SEND => self.on_send(index, cqe.result(), now),
-                    TICK => {
-                        self.on_tick(now);
-                        self.ring.arm_tick(tick, ring::token(TICK, 0));
-                    }
-                    SIGNAL => self.on_signal(now),
-                    CONTROL => {
-                        let token = ring::token(CONTROL, 0);
-                        let orders = crate::process::control::on_readable(
-                            &mut self.ring,
-                            &self.control,
-                            cqe,
-                            token,
-                        );
-                        for order in orders {
-                            match order {
-                                crate::process::control::Order::Apply(config) => {
-                                    self.apply(*config)
-                                }
-                                crate::process::control::Order::Drain => self.drain(now),
-                                crate::process::control::Order::Stop => {}
-                            }
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            // Deliveries can make connections ready to write, never new changes, so this
-            // settles at once; the bound is a guard, not a schedule.
-            for _ in 0..4 {
-                if !self.sync.has_pending() {
-                    break;
-                }
-                self.flush_sync(now);
-            }
-            self.write_queued();
-            self.metrics.set(Metric::OpenConnections, self.open);
-            if let Some(deadline) = self.stopping {
-                if self.slots.is_empty() || now >= deadline {
-                    log::info!("worker {} stopped", self.index);
-                    // Its slot's gauges would otherwise add to the next generation's.
-                    self.metrics.set(Metric::OpenConnections, 0);
-                    self.metrics.set(Metric::HeapBytes, 0);
-                    return Ok(());
-                }
-            }
-        }
+        event_loop::run(&mut self)
     }
 
     /// A reloaded configuration: new connections get all of it; open ones get the new limits
@@ -362,22 +284,7 @@ impl Worker {
     }
 
     fn arm_channel(&mut self) {
-        let entry = opcode::PollAdd::new(types::Fd(self.channel.as_raw_fd()), libc::POLLIN as u32)
-            .multi(true)
-            .build()
-            .user_data(ring::token(CHANNEL, 0));
-        self.ring.push(entry);
-    }
-
-    fn arm_signal(&mut self) {
-        let entry = opcode::Read::new(
-            types::Fd(self.signalfd.as_raw_fd()),
-            self.signal_buf.as_mut_ptr(),
-            self.signal_buf.len() as u32,
-        )
-        .build()
-        .user_data(ring::token(SIGNAL, 0));
-        self.ring.push(entry);
+        self.ring.poll_multi(&self.channel, Op::Channel.token(0));
     }
 
     fn on_signal(&mut self, now: Instant) {
@@ -390,7 +297,6 @@ impl Worker {
             let deadline = now + Duration::from_millis(self.config.drain_timeout_ms);
             self.close_all(close::GOING_AWAY, "server shutting down", deadline, now);
         }
-        self.arm_signal();
     }
 
     /// A graceful replacement took over: keep the connections for the drain timeout, so
@@ -433,9 +339,7 @@ impl Worker {
                 }
                 Err(handoff::RecvError::Closed) => {
                     // The listener is gone (shutdown); stop polling a dead channel.
-                    let cancel =
-                        opcode::AsyncCancel::new(ring::token(CHANNEL, 0)).build().user_data(0);
-                    self.ring.push(cancel);
+                    self.ring.cancel(Op::Channel.token(0));
                     return;
                 }
                 Err(handoff::RecvError::Io(e)) => {
@@ -776,10 +680,7 @@ impl Worker {
         }
         slot.recv_armed = true;
         slot.starved = false;
-        let entry = opcode::RecvMulti::new(types::Fd(slot.fd.as_raw_fd()), self.bufs.group)
-            .build()
-            .user_data(ring::token(RECV, index));
-        self.ring.push(entry);
+        self.ring.recv_multi(slot.fd.as_raw_fd(), Op::Recv.token(index));
     }
 
     fn on_recv(&mut self, index: u32, cqe: &cqueue::Entry, now: Instant) {
@@ -788,7 +689,7 @@ impl Worker {
         let buffer = cqueue::buffer_select(flags);
         let Some(slot) = self.slots.get_mut(index) else {
             if let Some(bid) = buffer {
-                self.bufs.recycle(bid);
+                self.ring.buffers().recycle(bid);
             }
             return;
         };
@@ -797,10 +698,10 @@ impl Worker {
         }
         match (res, buffer) {
             (n, Some(bid)) if n > 0 => {
-                let data = self.bufs.get(bid, n as usize);
+                let data = self.ring.buffers().get(bid, n as usize);
                 let group_id = slot.id.group.map_or("", |g| self.sync.name(g));
                 slot.conn.on_bytes(data, &mut self.shared, group_id, now);
-                self.bufs.recycle(bid);
+                self.ring.buffers().recycle(bid);
                 if !slot.recv_armed && !slot.shut {
                     // The multishot ended without an error (e.g. the kernel's own limits).
                     self.arm_recv(index);
@@ -922,7 +823,7 @@ impl Worker {
                 self.dedicated_deflate_bytes -= slot.conn.dedicated_deflate_bytes();
                 self.resumes.remove(&index);
                 if let Some(slot) = self.slots.remove(index) {
-                    self.ring.close_later(slot.fd, ring::token(CLOSE, 0));
+                    self.ring.close_later(slot.fd);
                 }
                 self.churned = true;
             }
@@ -966,9 +867,13 @@ impl Worker {
                 )
                 .flags(libc::MSG_NOSIGNAL | last)
                 .build()
-                .user_data(ring::token(SEND, index));
+                .user_data(Op::Send.token(index));
                 slot.send_armed = true;
-                self.ring.push(entry);
+                // SAFETY: `bytes` is the front of the connection's outbound queue, which
+                // neither moves nor drops it while a send is in flight (`send_armed`; see
+                // `Connection::next_send`), and the slot, socket included, is freed only
+                // once no operation is in flight.
+                unsafe { self.ring.push(entry) };
             }
         }
         self.writers = writers;
@@ -1111,6 +1016,77 @@ extern "C" {
     /// Returns freed memory to the kernel where the allocator can (`force`: also what it
     /// would keep for reuse).
     fn mi_collect(force: bool);
+}
+
+impl Process for Worker {
+    fn ring(&mut self) -> &mut Ring {
+        &mut self.ring
+    }
+
+    fn control(&self) -> &OwnedFd {
+        &self.control
+    }
+
+    fn signalfd(&self) -> RawFd {
+        self.signalfd.as_raw_fd()
+    }
+
+    fn tick(&self) -> Duration {
+        self.config.keepalive.tick()
+    }
+
+    fn on_completion(&mut self, op: Op, index: u32, cqe: &cqueue::Entry, now: Instant) {
+        match op {
+            Op::Channel => self.on_channel(cqe, now),
+            Op::Recv => self.on_recv(index, cqe, now),
+            Op::Send => self.on_send(index, cqe.result(), now),
+            _ => {}
+        }
+    }
+
+    fn on_tick(&mut self, now: Instant) {
+        Worker::on_tick(self, now)
+    }
+
+    fn on_signal(&mut self, now: Instant) {
+        Worker::on_signal(self, now)
+    }
+
+    fn on_order(&mut self, order: Order, now: Instant) {
+        match order {
+            Order::Apply(config) => self.apply(*config),
+            Order::Drain => self.drain(now),
+            Order::Stop => {}
+        }
+    }
+
+    fn before_wait(&mut self) {
+        // Before waiting, so the gauge is right from the start, not from the first event.
+        self.metrics.set(Metric::HeapBytes, crate::heap::live_bytes() as u64);
+    }
+
+    fn after_batch(&mut self, now: Instant) -> ControlFlow<()> {
+        // Deliveries can make connections ready to write, never new changes, so this
+        // settles at once; the bound is a guard, not a schedule.
+        for _ in 0..4 {
+            if !self.sync.has_pending() {
+                break;
+            }
+            self.flush_sync(now);
+        }
+        self.write_queued();
+        self.metrics.set(Metric::OpenConnections, self.open);
+        if let Some(deadline) = self.stopping {
+            if self.slots.is_empty() || now >= deadline {
+                log::info!("worker {} stopped", self.index);
+                // Its slot's gauges would otherwise add to the next generation's.
+                self.metrics.set(Metric::OpenConnections, 0);
+                self.metrics.set(Metric::HeapBytes, 0);
+                return ControlFlow::Break(());
+            }
+        }
+        ControlFlow::Continue(())
+    }
 }
 
 /// Whether the peer closed the socket while it travelled from the listener.

@@ -4,34 +4,90 @@
 //!
 //! Why the `io-uring` crate and not tokio-uring: see the README ("Why io-uring").
 
+use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
+mod bufring;
+
+pub use bufring::BufRing;
+
 /// Submission queue size: a batch of this many operations goes in one `io_uring_enter`.
-/// The completion queue is twice that (the kernel default), and multishot operations post
-/// many completions per submission, so the loop drains completions every iteration.
+/// The completion queue is four times that, and multishot operations post many
+/// completions per submission, so the loop drains completions every iteration.
 const ENTRIES: u32 = 1024;
 
+/// What an operation was for: the top byte of its `user_data`, the rest being the index of
+/// the socket it belongs to (a slab index) where it has one. One list for every process, so
+/// that a completion can never be read as another process's kind of operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Op {
+    /// A completion that needs nothing (a cancel, a close): also what an unknown tag reads as.
+    Nothing = 0,
+    /// The listener's multishot accept.
+    Accept,
+    /// A worker's multishot poll of its handoff channel.
+    Channel,
+    /// A receive on a socket (the listener's head read, a worker's multishot receive).
+    Recv,
+    /// A send on a socket; at most one in flight per socket.
+    Send,
+    /// The periodic tick timer.
+    Tick,
+    /// The read of the signalfd.
+    Signal,
+    /// The multishot poll of the control channel from the supervisor.
+    Control,
+}
+
+impl Op {
+    const ALL: [Op; 8] = [
+        Op::Nothing,
+        Op::Accept,
+        Op::Channel,
+        Op::Recv,
+        Op::Send,
+        Op::Tick,
+        Op::Signal,
+        Op::Control,
+    ];
+
+    /// The `user_data` of operation `self` on socket `index`.
+    pub fn token(self, index: u32) -> u64 {
+        ((self as u64) << 56) | index as u64
+    }
+
+    /// What a completion's `user_data` was for.
+    pub fn of(user_data: u64) -> (Op, u32) {
+        let op = Op::ALL.get((user_data >> 56) as usize).copied().unwrap_or(Op::Nothing);
+        (op, user_data as u32)
+    }
+}
+
+/// One process's io_uring: every operation of its event loop goes through here.
 pub struct Ring {
-    pub uring: IoUring,
+    /// Private: an entry pushed straight into the crate's queue would skip the backlog's
+    /// ordering and the safety contract of [`Ring::push`].
+    uring: IoUring,
+    /// Entries that found the submission queue full while the kernel refused to take more
+    /// (EBUSY: its completion queue is overflowing, so only reaping completions helps).
+    /// They go in, in order, before the next wait; later entries queue behind them.
+    backlog: VecDeque<squeue::Entry>,
     /// The tick timer's timespec, which must stay put while the kernel holds it.
     tick: Box<types::Timespec>,
-}
-
-/// What an operation was for, in the top byte of its `user_data`.
-pub fn token(kind: u8, index: u32) -> u64 {
-    ((kind as u64) << 56) | index as u64
-}
-
-pub fn untoken(user_data: u64) -> (u8, u32) {
-    ((user_data >> 56) as u8, user_data as u32)
+    /// Where the signalfd's read lands; one read is in flight at a time.
+    signals: Box<[u8; 128]>,
+    /// The provided buffers of multishot receives, where the process has them. Declared
+    /// after `uring` so that it is dropped after it: the buffers outlive every receive.
+    buffers: Option<BufRing>,
 }
 
 impl Ring {
-    pub fn new() -> Result<Ring, String> {
+    pub fn new() -> Result<Ring, RingError> {
         // One thread submits and reaps (SINGLE_ISSUER), so completions can wait for the
         // loop's next wait instead of interrupting it: without DEFER_TASKRUN every packet
         // that completes a receive sends this process an inter-processor interrupt to run
@@ -43,43 +99,148 @@ impl Ring {
             .setup_defer_taskrun()
             .build(ENTRIES)
             .or_else(|_| IoUring::builder().setup_cqsize(ENTRIES * 4).build(ENTRIES))
-            .map_err(|e| unavailable_message(&e))?;
-        Ok(Ring { uring, tick: Box::new(types::Timespec::new()) })
+            .map_err(|e| RingError::Unavailable(unavailable_message(&e)))?;
+        Ok(Ring {
+            uring,
+            backlog: VecDeque::new(),
+            tick: Box::new(types::Timespec::new()),
+            signals: Box::new([0; 128]),
+            buffers: None,
+        })
     }
 
-    /// Queues `entry`, submitting first if the queue is full.
-    pub fn push(&mut self, entry: squeue::Entry) {
-        loop {
-            // SAFETY: every entry's buffers are owned by the caller's long-lived state and stay
-            // valid until its completion arrives (the loops keep that rule for each operation).
+    /// Registers a ring of `count` provided buffers of `size` bytes for [`Ring::recv_multi`].
+    pub fn provide_buffers(&mut self, count: u16, size: usize) -> Result<(), RingError> {
+        let bufs = BufRing::new(&self.uring, 0, count, size).map_err(RingError::Buffers)?;
+        self.buffers = Some(bufs);
+        Ok(())
+    }
+
+    /// The provided buffers; only a ring that has them receives into them.
+    pub fn buffers(&mut self) -> &mut BufRing {
+        self.buffers.as_mut().expect("provide_buffers was called")
+    }
+
+    /// Queues `entry`. When the kernel cannot take more submissions now, the entry waits in
+    /// the backlog until the next [`Ring::submit_and_wait`], after the loop has reaped
+    /// completions: never a busy loop here.
+    ///
+    /// # Safety
+    ///
+    /// Every buffer, timespec or other memory `entry` points to must stay valid, and must not
+    /// move or be written by anyone else, until the operation's last completion arrives (for
+    /// a multishot operation, the one without `IORING_CQE_F_MORE`). The socket's file
+    /// descriptor must stay open as long, or the operation must be cancelled first.
+    pub unsafe fn push(&mut self, entry: squeue::Entry) {
+        if self.backlog.is_empty() {
+            // SAFETY: the caller's contract, above.
             if unsafe { self.uring.submission().push(&entry) }.is_ok() {
                 return;
             }
-            if let Err(e) = self.uring.submit() {
-                if e.raw_os_error() != Some(libc::EBUSY) {
-                    panic!("io_uring submit failed: {e}");
+            if self.submit().is_ok() {
+                // SAFETY: as above.
+                if unsafe { self.uring.submission().push(&entry) }.is_ok() {
+                    return;
                 }
             }
         }
+        self.backlog.push_back(entry);
+    }
+
+    /// Submits what is queued. EBUSY (the kernel's completion queue is overflowing) leaves
+    /// it queued for later.
+    fn submit(&mut self) -> io::Result<()> {
+        match self.uring.submit() {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(e),
+            Err(e) => panic!("io_uring submit failed: {e}"),
+        }
+    }
+
+    /// A multishot receive on `fd` into the provided buffers. No memory of the caller's is
+    /// involved: each completion names the buffer the kernel picked.
+    pub fn recv_multi(&mut self, fd: RawFd, user_data: u64) {
+        let group = self.buffers().group;
+        let entry = opcode::RecvMulti::new(types::Fd(fd), group).build().user_data(user_data);
+        // SAFETY: the buffers are the ring's own and outlive it; the caller keeps `fd` open
+        // until the receive's last completion (its slot is freed only then).
+        unsafe { self.push(entry) }
+    }
+
+    /// A multishot poll for readability of `fd` (a channel or listening socket).
+    pub fn poll_multi(&mut self, fd: &impl AsRawFd, user_data: u64) {
+        let entry = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
+            .multi(true)
+            .build()
+            .user_data(user_data);
+        // SAFETY: no memory; the descriptors polled live as long as the process's loop.
+        unsafe { self.push(entry) }
+    }
+
+    /// A multishot accept on the listening socket `fd`; each completion is a new socket.
+    pub fn accept_multi(&mut self, fd: &impl AsRawFd, user_data: u64) {
+        let entry = opcode::AcceptMulti::new(types::Fd(fd.as_raw_fd()))
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(user_data);
+        // SAFETY: no memory (no peer address is asked for); the listening socket lives as
+        // long as the listener's loop.
+        unsafe { self.push(entry) }
+    }
+
+    /// Cancels the operation(s) with `user_data`; the cancel's own completion needs nothing.
+    pub fn cancel(&mut self, user_data: u64) {
+        let entry = opcode::AsyncCancel::new(user_data).build().user_data(Op::Nothing.token(0));
+        // SAFETY: no memory.
+        unsafe { self.push(entry) }
     }
 
     /// Closes `fd` with the next submission instead of a `close(2)` of its own: one system
     /// call fewer per connection, and the descriptor's number stays taken until then. The
-    /// completion (tagged `user_data`) carries nothing to act on.
-    pub fn close_later(&mut self, fd: OwnedFd, user_data: u64) {
-        let entry = opcode::Close::new(types::Fd(fd.into_raw_fd())).build().user_data(user_data);
-        self.push(entry);
+    /// completion carries nothing to act on.
+    pub fn close_later(&mut self, fd: OwnedFd) {
+        let entry =
+            opcode::Close::new(types::Fd(fd.into_raw_fd())).build().user_data(Op::Nothing.token(0));
+        // SAFETY: no memory; the descriptor was given up to the operation.
+        unsafe { self.push(entry) }
     }
 
-    /// Arms the periodic tick with `user_data`.
-    pub fn arm_tick(&mut self, every: Duration, user_data: u64) {
+    /// Arms the periodic tick.
+    pub fn arm_tick(&mut self, every: Duration) {
         *self.tick = types::Timespec::new().sec(every.as_secs()).nsec(every.subsec_nanos());
-        let entry = opcode::Timeout::new(&*self.tick).build().user_data(user_data);
-        self.push(entry);
+        let entry = opcode::Timeout::new(&*self.tick).build().user_data(Op::Tick.token(0));
+        // SAFETY: the timespec is boxed in the ring, and re-armed only after the previous
+        // timeout completed (on its completion).
+        unsafe { self.push(entry) }
     }
 
-    /// Submits what is queued and waits for at least one completion; signals (EINTR) return.
+    /// Reads `signalfd` into the ring's own buffer; what was read does not matter (every
+    /// signal the processes block means "stop"), only that one arrived. Re-armed on its
+    /// completion.
+    pub fn read_signals(&mut self, signalfd: &impl AsRawFd) {
+        let buf = &mut self.signals;
+        let entry = opcode::Read::new(types::Fd(signalfd.as_raw_fd()), buf.as_mut_ptr(), 128)
+            .build()
+            .user_data(Op::Signal.token(0));
+        // SAFETY: the buffer is boxed in the ring, and the read is re-armed only after the
+        // previous one completed.
+        unsafe { self.push(entry) }
+    }
+
+    /// Submits what is queued (the backlog first) and waits for at least one completion;
+    /// signals (EINTR) return.
     pub fn submit_and_wait(&mut self) -> io::Result<()> {
+        while let Some(entry) = self.backlog.front() {
+            // SAFETY: queued by `push`, whose caller took on the contract.
+            if unsafe { self.uring.submission().push(entry) }.is_err() {
+                if self.submit().is_err() {
+                    // Still overflowing: wait below for completions to make room.
+                    break;
+                }
+                continue;
+            }
+            self.backlog.pop_front();
+        }
         match self.uring.submit_and_wait(1) {
             Ok(_) => Ok(()),
             Err(e)
@@ -98,6 +259,26 @@ impl Ring {
         into.extend(self.uring.completion());
     }
 }
+
+/// Why a ring could not be set up; the message names the cause and the fix.
+#[derive(Debug)]
+pub enum RingError {
+    /// `io_uring_setup` failed: the kernel lacks io_uring, or a policy or limit forbids it.
+    Unavailable(String),
+    /// The provided-buffer ring could not be mapped or registered.
+    Buffers(io::Error),
+}
+
+impl std::fmt::Display for RingError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RingError::Unavailable(message) => f.write_str(message),
+            RingError::Buffers(e) => write!(f, "cannot register the receive buffer ring: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RingError {}
 
 /// A startup error that says why io_uring is missing and how to get it back.
 fn unavailable_message(e: &io::Error) -> String {
@@ -121,91 +302,4 @@ fn unavailable_message(e: &io::Error) -> String {
         _ => format!("io_uring_setup failed: {e}"),
     };
     format!("io_uring unavailable: {cause}")
-}
-
-/// A ring of equally sized buffers that the kernel picks from for multishot receives, so a
-/// connection holds no read buffer while it is idle.
-pub struct BufRing {
-    /// The shared ring of buffer descriptors (page-aligned, as the kernel requires).
-    entries: *mut types::BufRingEntry,
-    /// Number of descriptors, a power of two.
-    count: u16,
-    /// Size of each buffer.
-    size: usize,
-    /// The buffers themselves, `count * size` bytes.
-    memory: Box<[u8]>,
-    /// Our copy of the ring's tail (the kernel reads the shared one).
-    tail: u16,
-    /// The group id the receives name.
-    pub group: u16,
-}
-
-impl BufRing {
-    pub fn new(ring: &Ring, group: u16, count: u16, size: usize) -> io::Result<BufRing> {
-        assert!(count.is_power_of_two());
-        let ring_bytes = count as usize * std::mem::size_of::<types::BufRingEntry>();
-        // SAFETY: an anonymous private mapping, page-aligned by construction.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                ring_bytes,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_ANONYMOUS | libc::MAP_PRIVATE,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let mut br = BufRing {
-            entries: ptr as *mut types::BufRingEntry,
-            count,
-            size,
-            memory: vec![0u8; count as usize * size].into_boxed_slice(),
-            tail: 0,
-            group,
-        };
-        // SAFETY: the mapping lives as long as `br`, which lives as long as the ring.
-        unsafe {
-            ring.uring.submitter().register_buf_ring_with_flags(ptr as u64, count, group, 0)?;
-        }
-        for bid in 0..count {
-            br.push(bid);
-        }
-        br.publish();
-        Ok(br)
-    }
-
-    fn push(&mut self, bid: u16) {
-        let idx = (self.tail & (self.count - 1)) as usize;
-        // SAFETY: idx < count, inside the mapping.
-        let entry = unsafe { &mut *self.entries.add(idx) };
-        entry.set_addr(self.memory.as_ptr() as u64 + (bid as usize * self.size) as u64);
-        entry.set_len(self.size as u32);
-        entry.set_bid(bid);
-        self.tail = self.tail.wrapping_add(1);
-    }
-
-    fn publish(&mut self) {
-        // SAFETY: the tail field of the first entry, per the kernel ABI; a release store so
-        // the kernel sees the descriptors before the new tail.
-        unsafe {
-            let tail =
-                types::BufRingEntry::tail(self.entries) as *const std::sync::atomic::AtomicU16;
-            (*tail).store(self.tail, std::sync::atomic::Ordering::Release);
-        }
-    }
-
-    /// The bytes the kernel put in buffer `bid`.
-    pub fn get(&mut self, bid: u16, len: usize) -> &mut [u8] {
-        let start = bid as usize * self.size;
-        &mut self.memory[start..start + len.min(self.size)]
-    }
-
-    /// Gives buffer `bid` back to the kernel.
-    pub fn recycle(&mut self, bid: u16) {
-        self.push(bid);
-        self.publish();
-    }
 }
