@@ -341,6 +341,11 @@ fn a_push_is_poked_to_every_connection_of_the_group_in_order() {
     // one iteration are all delivered before the next message is read).
     pong_next(&mut outsider);
     pong_next(&mut r1);
+    // Every poke waited for a commit, and the worker counted the commit before sending it.
+    let commits = d.metric("syncgate_commit_seconds_count", &[]);
+    assert!((1..=3).contains(&commits), "three pushes, one to three commits: {commits}");
+    let inf = d.metric("syncgate_commit_seconds_bucket", &[("le", "+Inf")]);
+    assert_eq!(inf, commits, "the +Inf bucket holds every commit");
 }
 
 #[test]

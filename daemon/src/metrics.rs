@@ -74,8 +74,20 @@ pub fn worker_slot(generation: usize, index: usize) -> usize {
     1 + (generation % 2) * MAX_WORKERS + index
 }
 
-/// Counters per slot; a power of two keeps slots aligned and leaves room to grow.
-const SLOT_LEN: usize = 32;
+/// Counters per slot; a power of two keeps slots aligned and leaves room to grow. The
+/// [`Metric`]s come first, then the commit histogram's cells ([`COMMIT_CELLS`]).
+const SLOT_LEN: usize = 64;
+
+/// Upper bounds, in microseconds, of the commit-latency histogram's buckets: from a fast
+/// fsync (under a millisecond on an SSD) to the store's 5 s busy timeout, the longest a
+/// commit can wait for another worker's lock.
+const COMMIT_BUCKETS_US: [u64; 10] =
+    [250, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 500_000, 1_000_000, 5_000_000];
+/// Where the histogram's cells start in a slot: one count per bucket, then one for beyond
+/// the last bucket, then the sum of the observations in microseconds.
+const COMMIT_CELLS: usize = 32;
+const _: () = assert!((Metric::HeapBytes as usize) < COMMIT_CELLS);
+const _: () = assert!(COMMIT_CELLS + COMMIT_BUCKETS_US.len() + 2 <= SLOT_LEN);
 
 /// Name, type and help text of every metric, in exposition order.
 #[rustfmt::skip]
@@ -171,9 +183,44 @@ impl Metrics {
     }
 
     fn cell(&self, slot: usize, m: Metric) -> &AtomicU64 {
-        debug_assert!(slot < self.slots && (m as usize) < SLOT_LEN);
-        // SAFETY: in bounds of the mapping, which lives as long as `self`.
-        unsafe { &*self.base.add(slot * SLOT_LEN + m as usize) }
+        self.cell_at(slot, m as usize)
+    }
+
+    fn cell_at(&self, slot: usize, index: usize) -> &AtomicU64 {
+        debug_assert!(slot < self.slots && index < SLOT_LEN);
+        // SAFETY: in bounds of the mapping (`own` is checked in `map`, the other slots are
+        // read by index below `slots`, the cells by constants), which lives as long as `self`.
+        unsafe { &*self.base.add(slot * SLOT_LEN + index) }
+    }
+
+    /// Counts one commit of the store that took `took` (workers: the time their loop stood
+    /// still for it, fsync included).
+    pub fn observe_commit(&self, took: std::time::Duration) {
+        let us = took.as_micros().min(u64::MAX as u128) as u64;
+        let bucket = COMMIT_BUCKETS_US.iter().position(|&le| us <= le);
+        let index = COMMIT_CELLS + bucket.unwrap_or(COMMIT_BUCKETS_US.len());
+        self.cell_at(self.own, index).fetch_add(1, Ordering::Relaxed);
+        let sum = COMMIT_CELLS + COMMIT_BUCKETS_US.len() + 1;
+        self.cell_at(self.own, sum).fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// The commit histogram of a worker, both generations added: cumulative bucket counts
+    /// (the last is the total count) and the sum in microseconds.
+    fn commit_histogram(&self, worker: usize) -> ([u64; COMMIT_BUCKETS_US.len() + 1], u64) {
+        let read = |i: usize| -> u64 {
+            (0..2)
+                .map(|g| {
+                    self.cell_at(worker_slot(g, worker), COMMIT_CELLS + i).load(Ordering::Relaxed)
+                })
+                .sum()
+        };
+        let mut cumulative = [0; COMMIT_BUCKETS_US.len() + 1];
+        let mut total = 0;
+        for (i, c) in cumulative.iter_mut().enumerate() {
+            total += read(i);
+            *c = total;
+        }
+        (cumulative, read(COMMIT_BUCKETS_US.len() + 1))
     }
 
     pub fn add(&self, m: Metric, n: u64) {
@@ -230,6 +277,23 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{process=\"worker\",worker=\"{i}\"}} {v}");
             }
         }
+        let name = "syncgate_commit_seconds";
+        let _ = writeln!(
+            out,
+            "# HELP {name} Commits of the store (fsync included), which the worker's loop waits for.\n# TYPE {name} histogram"
+        );
+        for &i in &used {
+            let (cumulative, sum_us) = self.commit_histogram(i);
+            let labels = format!("process=\"worker\",worker=\"{i}\"");
+            for (le, count) in COMMIT_BUCKETS_US.iter().zip(cumulative) {
+                let le = *le as f64 / 1e6;
+                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {count}");
+            }
+            let count = cumulative[COMMIT_BUCKETS_US.len()];
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+            let _ = writeln!(out, "{name}_sum{{{labels}}} {}", sum_us as f64 / 1e6);
+            let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
+        }
         out
     }
 }
@@ -261,5 +325,37 @@ mod tests {
         let used = l.worker_slots_in_use();
         assert_eq!(used, [worker_slot(0, 1), worker_slot(1, 1)]);
         assert_eq!(l.total_of(&used, Metric::MessagesIn), 7);
+    }
+
+    #[test]
+    fn commit_latency_is_a_cumulative_histogram_per_worker() {
+        use std::time::Duration;
+        let fd = Metrics::create().unwrap();
+        let w0 = Metrics::map(&fd, worker_slot(0, 0)).unwrap();
+        w0.set(Metric::InUse, 1);
+        for us in [100, 900, 3_000, 7_000_000] {
+            w0.observe_commit(Duration::from_micros(us));
+        }
+        // The next generation's worker 0 adds to the same series.
+        let next = Metrics::map(&fd, worker_slot(1, 0)).unwrap();
+        next.observe_commit(Duration::from_micros(250));
+        let text = Metrics::map(&fd, 0).unwrap().render();
+        let series = |suffix: &str| {
+            let prefix = format!("syncgate_commit_seconds{suffix} ");
+            let line = text
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("{prefix}: {text}"));
+            line[prefix.len()..].to_string()
+        };
+        let w = "process=\"worker\",worker=\"0\"";
+        assert_eq!(series(&format!("_bucket{{{w},le=\"0.00025\"}}")), "2");
+        assert_eq!(series(&format!("_bucket{{{w},le=\"0.001\"}}")), "3");
+        assert_eq!(series(&format!("_bucket{{{w},le=\"0.005\"}}")), "4");
+        assert_eq!(series(&format!("_bucket{{{w},le=\"5\"}}")), "4");
+        assert_eq!(series(&format!("_bucket{{{w},le=\"+Inf\"}}")), "5");
+        assert_eq!(series(&format!("_count{{{w}}}")), "5");
+        assert_eq!(series(&format!("_sum{{{w}}}")), "7.00425");
+        assert!(text.contains("# TYPE syncgate_commit_seconds histogram"), "{text}");
     }
 }

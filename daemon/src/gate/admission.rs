@@ -72,9 +72,14 @@ impl Refusal {
         (self.kind == ErrorKind::ServerOverloaded).then_some(OVERLOAD_BACKOFF_MS)
     }
 
-    /// The group's state could not be read: the client may retry, nothing was decided.
-    pub fn storage() -> Refusal {
-        Refusal::new(Rule::Storage, ErrorKind::Internal, "storage unavailable")
+    /// The group's state could not be read: nothing was decided. `kind` is the store's
+    /// (`ServerOverloaded` while another process holds the file: retry after the backoff).
+    pub fn storage(kind: ErrorKind) -> Refusal {
+        let message = match kind {
+            ErrorKind::ServerOverloaded => "storage busy",
+            _ => "storage unavailable",
+        };
+        Refusal::new(Rule::Storage, kind, message)
     }
 }
 
@@ -394,6 +399,12 @@ mod tests {
         assert_eq!(decide(newcomer(None), full, holder(None)), Decision::Probe(7));
         // Only a full group asks for a backoff.
         assert_eq!(check_pin(Some("a"), None).unwrap().backoff(), None);
+        // A busy store asks for the same backoff; a broken one is an internal error.
+        let busy = Refusal::storage(ErrorKind::ServerOverloaded);
+        assert_eq!((busy.close_code(), busy.backoff()), (1008, Some(OVERLOAD_BACKOFF_MS)));
+        let broken = Refusal::storage(ErrorKind::Internal);
+        assert_eq!((broken.close_code(), broken.backoff()), (1011, None));
+        assert_eq!(broken.message, "storage unavailable");
     }
 
     #[test]

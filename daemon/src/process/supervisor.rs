@@ -151,9 +151,8 @@ pub fn run(mut config: Config, path: Option<std::path::PathBuf>) -> Result<(), S
     let local = local_addr(&listen).unwrap_or(addr);
     // Create and migrate the store here, once: workers opening a new file at the same time
     // would race for the lock that switching it to WAL takes.
-    std::fs::create_dir_all(&config.storage.path)
-        .map_err(|e| format!("storage.path {}: {e}", config.storage.path.display()))?;
-    crate::sync::store::Store::open(&config.storage.path)?;
+    crate::sync::store::Store::open(&config.storage.path)
+        .map_err(|e| format!("storage.path: {e}"))?;
     let metrics_fd = Metrics::create().map_err(|e| format!("metrics memory: {e}"))?;
     let metrics = Metrics::map(&metrics_fd, 0).map_err(|e| format!("metrics memory: {e}"))?;
     let channels = (0..workers)

@@ -228,7 +228,8 @@ impl Worker {
         let level = config.compression.level;
         let window = Duration::from_millis(config.limits.per_user_mutations_window_ms);
         let l = &config.limits;
-        let sync = GroupSync::open(&config.storage.path, l.group(), l.per_user_mutations, window)?;
+        let sync = GroupSync::open(&config.storage.path, l.group(), l.per_user_mutations, window)
+            .map_err(|e| format!("storage.path: {e}"))?;
         let shared = Shared::new(settings_from(&config), level);
         Ok(Worker {
             index,
@@ -502,7 +503,7 @@ impl Worker {
             Ok(group) => group,
             Err(e) => {
                 log::error!("worker={} storage: {e}", self.index);
-                return self.refuse(index, peer, group_id, Refusal::storage(), now);
+                return self.refuse(index, peer, group_id, Refusal::storage(e.error_kind()), now);
             }
         };
         let holder = self.client_slot(&params.client_id).map(|slot| Holder {
@@ -593,7 +594,7 @@ impl Worker {
             Ok(group) => group,
             Err(e) => {
                 log::error!("worker={} storage: {e}", self.index);
-                return self.refuse(index, peer, &group_id, Refusal::storage(), now);
+                return self.refuse(index, peer, &group_id, Refusal::storage(e.error_kind()), now);
             }
         };
         // A newcomer that waited on a probe may find its group pinned to someone else since.
@@ -883,6 +884,9 @@ impl Worker {
     /// that wait on them.
     fn flush_sync(&mut self, now: Instant) {
         let (deliveries, failed) = self.sync.flush();
+        if let Some(took) = self.sync.take_commit_time() {
+            self.metrics.observe_commit(took);
+        }
         let mut touched = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             let to = delivery.to();

@@ -24,7 +24,7 @@ use crate::protocol::{ErrorKind, InitConnectionBody, PushBody, QueriesPatchOp};
 use crate::slab::Slab;
 use crate::ws::frame::{self, OpCode};
 use replica::{CatchUp, Change, PokeFormat, PushResult, Replica};
-use store::Store;
+use store::{Store, StoreError};
 
 /// The WebSocket frames of one poke back to back in one buffer, shared by all its
 /// recipients: one buffer to queue and, usually, one send per recipient.
@@ -221,6 +221,8 @@ pub struct GroupSync {
     outbox: Vec<Delivery>,
     limits: replica::Limits,
     mutations: MutationLimiter,
+    /// How long the last flush's commit took, until the worker takes it for `/metrics`.
+    commit_time: Option<Duration>,
 }
 
 /// The connection a notice came from, as far as group sync cares.
@@ -256,13 +258,13 @@ impl GroupSync {
         limits: replica::Limits,
         per_user_mutations: u32,
         window: Duration,
-    ) -> Result<GroupSync, String> {
-        std::fs::create_dir_all(dir).map_err(|e| format!("storage.path {}: {e}", dir.display()))?;
+    ) -> Result<GroupSync, StoreError> {
         Ok(GroupSync {
             store: Store::open(dir)?,
             groups: Slab::default(),
             by_name: NameIndex::default(),
             emptied: Vec::new(),
+            commit_time: None,
             outbox: Vec::new(),
             limits,
             mutations: MutationLimiter::new(per_user_mutations, window),
@@ -293,7 +295,7 @@ impl GroupSync {
 
     /// The group named `name`, loaded from the store if it is not in memory (or read again
     /// if it went stale: a commit of it failed). It stays until the next flush at least.
-    pub fn load(&mut self, name: &str) -> Result<GroupRef, String> {
+    pub fn load(&mut self, name: &str) -> Result<GroupRef, StoreError> {
         let groups = &self.groups;
         let found = self.by_name.find(name, |i| groups.get(i).map_or("", Group::name));
         if let Some(i) = found {
@@ -303,7 +305,8 @@ impl GroupSync {
                 let (replica, owner) = match stored {
                     Some(stored) => {
                         let snapshot = stored.snapshot;
-                        let replica = Replica::from_snapshot(name, self.limits.clone(), snapshot)?;
+                        let replica = Replica::from_snapshot(name, self.limits.clone(), snapshot)
+                            .map_err(|message| corrupt(name, message))?;
                         (Some(Box::new(replica)), stored.owner)
                     }
                     None => (None, None),
@@ -319,7 +322,8 @@ impl GroupSync {
         }
         let group = match self.store.load(name)? {
             Some(stored) => {
-                let replica = Replica::from_snapshot(name, self.limits.clone(), stored.snapshot)?;
+                let replica = Replica::from_snapshot(name, self.limits.clone(), stored.snapshot)
+                    .map_err(|message| corrupt(name, message))?;
                 Group::new(name, stored.owner.as_deref(), Some(Box::new(replica)))
             }
             None => Group::new(name, None, None),
@@ -495,6 +499,11 @@ impl GroupSync {
         }
     }
 
+    /// How long the last commit took, once: the loop stood still that long.
+    pub fn take_commit_time(&mut self) -> Option<Duration> {
+        self.commit_time.take()
+    }
+
     /// Commits what the iteration changed, then hands out the deliveries. Groups whose commit
     /// failed or that another process changed meanwhile are returned, stale:
     /// their connections must reconnect (and load the current state); nothing queued for
@@ -502,10 +511,13 @@ impl GroupSync {
     pub fn flush(&mut self) -> (Vec<Delivery>, Vec<GroupRef>) {
         let mut failed_names = Vec::new();
         if self.store.has_staged() {
-            match self.store.commit() {
+            let started = Instant::now();
+            let result = self.store.commit();
+            self.commit_time = Some(started.elapsed());
+            match result {
                 Ok(committed) => failed_names = committed.stale_groups,
                 Err(e) => {
-                    log::error!("storage commit failed: {}", e.message);
+                    log::error!("storage: {}", e.error);
                     failed_names = e.groups;
                 }
             }
@@ -563,6 +575,10 @@ fn frames_of(payloads: &[Vec<u8>]) -> Frames {
         frame::encode_frame(&mut out, opcode, p, false);
     }
     Rc::from(out)
+}
+
+fn corrupt(group_id: &str, message: String) -> StoreError {
+    StoreError::Corrupt { group_id: group_id.to_owned(), message }
 }
 
 #[cfg(test)]

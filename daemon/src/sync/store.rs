@@ -136,11 +136,83 @@ pub struct Committed {
     pub stale_groups: Vec<String>,
 }
 
+/// Why the store failed, naming what it was doing. The worker logs it and tells the client
+/// [`StoreError::error_kind`]; the process edges (startup) print it and exit.
+#[derive(Debug)]
+pub enum StoreError {
+    /// The storage directory could not be created.
+    Directory { path: std::path::PathBuf, source: std::io::Error },
+    /// The database file could not be opened, set up or migrated.
+    Open { path: std::path::PathBuf, source: rusqlite::Error },
+    /// The file system or another program keeps the file out of WAL mode.
+    NoWal { path: std::path::PathBuf, mode: String },
+    /// A client group could not be read.
+    Load { group_id: String, source: rusqlite::Error },
+    /// A client group's stored state does not make a valid replica.
+    Corrupt { group_id: String, message: String },
+    /// A batch could not be written (nothing of it was).
+    Commit { source: rusqlite::Error },
+}
+
+impl StoreError {
+    /// Another process held the file past [`BUSY_TIMEOUT`]: worth retrying soon, unlike a
+    /// broken file.
+    pub fn is_busy(&self) -> bool {
+        let source = match self {
+            StoreError::Open { source, .. }
+            | StoreError::Load { source, .. }
+            | StoreError::Commit { source } => source,
+            StoreError::Directory { .. }
+            | StoreError::NoWal { .. }
+            | StoreError::Corrupt { .. } => return false,
+        };
+        matches!(
+            source.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        )
+    }
+
+    /// What a client whose request needed the store is told: a busy store is an overload
+    /// (back off and retry), anything else an internal error.
+    pub fn error_kind(&self) -> crate::protocol::ErrorKind {
+        if self.is_busy() {
+            crate::protocol::ErrorKind::ServerOverloaded
+        } else {
+            crate::protocol::ErrorKind::Internal
+        }
+    }
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Directory { path, source } => {
+                write!(f, "cannot create storage directory {}: {source}", path.display())
+            }
+            StoreError::Open { path, source } => {
+                write!(f, "cannot open {}: {source}", path.display())
+            }
+            StoreError::NoWal { path, mode } => {
+                write!(f, "{} cannot use WAL (journal_mode is {mode})", path.display())
+            }
+            StoreError::Load { group_id, source } => {
+                write!(f, "cannot load client group {group_id}: {source}")
+            }
+            StoreError::Corrupt { group_id, message } => {
+                write!(f, "client group {group_id} is corrupt in the store: {message}")
+            }
+            StoreError::Commit { source } => write!(f, "commit failed: {source}"),
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
 /// A failed [`Store::commit`]: nothing of the batch was written.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug)]
 pub struct CommitError {
     /// What SQLite reported.
-    pub message: String,
+    pub error: StoreError,
     /// Every group with staged changes in the batch. Their in-memory state is
     /// now ahead of the file: drop them without sending their pending pokes.
     pub groups: Vec<String>,
@@ -228,11 +300,11 @@ impl Pending {
 impl Store {
     /// Opens (creating if needed) `<dir>/syncgate.db`, switches it to WAL
     /// with `synchronous=FULL`, and brings its schema up to date.
-    pub fn open(dir: &Path) -> Result<Store, String> {
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
         std::fs::create_dir_all(dir)
-            .map_err(|e| format!("cannot create storage directory {}: {e}", dir.display()))?;
+            .map_err(|source| StoreError::Directory { path: dir.to_owned(), source })?;
         let path = dir.join(DB_FILE_NAME);
-        let fail = |e: rusqlite::Error| format!("cannot open {}: {e}", path.display());
+        let fail = |source| StoreError::Open { path: path.clone(), source };
         let mut conn = Connection::open(&path).map_err(fail)?;
         // First, so that the statements below wait for other processes.
         conn.busy_timeout(BUSY_TIMEOUT).map_err(fail)?;
@@ -240,7 +312,7 @@ impl Store {
             .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
             .map_err(fail)?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(format!("{} cannot use WAL (journal_mode is {mode})", path.display()));
+            return Err(StoreError::NoWal { path, mode });
         }
         // FULL: a commit is on disk (WAL fsynced) before it returns, so a
         // poke never acknowledges a mutation a power cut could lose.
@@ -248,7 +320,7 @@ impl Store {
         // Every statement of the store stays prepared (rusqlite's default keeps 16, fewer than
         // the store's statements, and preparing costs more than running most of them).
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-        migrate(&mut conn).map_err(|e| format!("{}: {e}", path.display()))?;
+        migrate(&mut conn).map_err(fail)?;
         Ok(Store { conn, staged: Vec::new(), pending: HashMap::new() })
     }
 
@@ -258,8 +330,8 @@ impl Store {
     /// Reads one consistent snapshot of the file. Do not load a group this
     /// process still holds (call [`Store::forget`] when dropping one): staged
     /// changes are not visible.
-    pub fn load(&mut self, group_id: &str) -> Result<Option<StoredGroup>, String> {
-        let fail = |e: rusqlite::Error| format!("cannot load client group {group_id}: {e}");
+    pub fn load(&mut self, group_id: &str) -> Result<Option<StoredGroup>, StoreError> {
+        let fail = |source| StoreError::Load { group_id: group_id.to_owned(), source };
         // Most loads are of a group never stored (every new client group): one statement
         // says so, without a transaction. A group's history is written in the transaction
         // that creates its `groups` row, so there is nothing else to read.
@@ -360,7 +432,7 @@ impl Store {
                 for group in &groups {
                     self.pending.remove(group);
                 }
-                Err(CommitError { message: e.to_string(), groups })
+                Err(CommitError { error: StoreError::Commit { source: e }, groups })
             }
         }
     }
@@ -1050,7 +1122,7 @@ pub(crate) mod tests {
         assert_eq!(rows, 1);
         store.conn.execute("UPDATE schema_version SET version = 99", []).unwrap();
         drop(store);
-        let error = Store::open(&dir.0).err().unwrap();
+        let error = Store::open(&dir.0).err().unwrap().to_string();
         assert!(error.contains("schema version 99"), "{error}");
     }
 
@@ -1063,11 +1135,14 @@ pub(crate) mod tests {
         store.commit().unwrap();
         store.conn.execute("UPDATE history SET patch = 'not json'", []).unwrap();
         let error = store.load("g").unwrap_err();
+        assert!(matches!(&error, StoreError::Load { group_id, .. } if group_id == "g"));
+        assert_eq!(error.error_kind(), crate::protocol::ErrorKind::Internal);
+        let error = error.to_string();
         assert!(error.contains("cannot load client group g"), "{error}");
         // A log with a hole cannot be replayed.
         let empty = serde_json::to_string(&Patch::default()).unwrap();
         store.conn.execute("UPDATE history SET patch = ?1, version = 2", [empty]).unwrap();
-        let error = store.load("g").unwrap_err();
+        let error = store.load("g").unwrap_err().to_string();
         assert!(error.contains("skips from version 0 to 2"), "{error}");
         store.conn.execute("UPDATE history SET version = 1", []).unwrap();
 
@@ -1077,7 +1152,7 @@ pub(crate) mod tests {
         store.set_owner("h", "u");
         let error = store.commit().unwrap_err();
         assert_eq!(error.groups, vec!["g".to_string(), "h".to_string()]);
-        assert!(error.message.contains("history"), "{}", error.message);
+        assert!(error.error.to_string().contains("history"), "{}", error.error);
         assert!(!store.has_staged());
     }
 
@@ -1090,6 +1165,8 @@ pub(crate) mod tests {
         let file = dir.0.join("file");
         std::fs::write(&file, b"x").unwrap();
         let error = Store::open(&file).err().unwrap();
+        assert!(matches!(error, StoreError::Directory { .. }));
+        let error = error.to_string();
         assert!(error.contains("cannot create storage directory"), "{error}");
     }
 }
