@@ -127,8 +127,8 @@ pub struct Limits {
 
 impl Limits {
     /// The bounds of a client group's data, for its replica.
-    pub fn group(&self) -> crate::sync::replica::Limits {
-        crate::sync::replica::Limits {
+    pub fn group(&self) -> crate::sync::replica::GroupLimits {
+        crate::sync::replica::GroupLimits {
             max_rows: self.group_max_rows,
             max_row_bytes: self.group_max_row_bytes,
             max_history: self.group_history,
@@ -186,7 +186,7 @@ impl Default for Config {
 
 impl Default for Limits {
     fn default() -> Self {
-        let group = crate::sync::replica::Limits::default();
+        let group = crate::sync::replica::GroupLimits::default();
         Limits {
             connect_per_ip: 100,
             limiter_capacity: 65_536,
@@ -537,7 +537,7 @@ mod tests {
         assert_eq!(c.limits.max_fragments, 131_072);
         assert_eq!(c.limits.max_head_bytes, 16 << 10);
         assert_eq!(c.limits.max_group_connections, 64);
-        assert_eq!(c.limits.group(), crate::sync::replica::Limits::default());
+        assert_eq!(c.limits.group(), crate::sync::replica::GroupLimits::default());
         assert!(!c.compression.enabled);
     }
 

@@ -18,9 +18,12 @@
 //! Everything here works on byte slices and returns values: no sockets,
 //! no clocks, no global state. Callers pass in the time and the ids.
 
+pub mod cookie;
 pub mod error;
 pub mod header;
+pub mod json;
 pub mod messages;
+pub mod poke;
 pub mod route;
 
 pub use error::{encode_error, write_error, ErrorBody, ErrorKind};

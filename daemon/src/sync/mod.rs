@@ -9,7 +9,6 @@
 //! Each poke is encoded once per wire format (text for protocol <= 51, binary chunks for 52)
 //! and the same frames go to every recipient.
 
-pub mod json;
 pub mod replica;
 pub mod store;
 
@@ -20,10 +19,11 @@ use std::time::{Duration, Instant};
 
 use crate::gate::limits::MutationLimiter;
 use crate::index::NameIndex;
+use crate::protocol::poke::{self, PokeFormat};
 use crate::protocol::{ErrorKind, InitConnectionBody, PushBody, QueriesPatchOp};
 use crate::slab::Slab;
 use crate::ws::frame::{self, OpCode};
-use replica::{CatchUp, Change, PokeFormat, PushResult, Replica};
+use replica::{CatchUp, Change, PushResult, Replica};
 use store::{Store, StoreError};
 
 /// The WebSocket frames of one poke back to back in one buffer, shared by all its
@@ -191,7 +191,7 @@ impl Group {
     /// afterwards is dropped again, so the group costs only its members.
     fn with_replica<T>(
         &mut self,
-        limits: &replica::Limits,
+        limits: &replica::GroupLimits,
         f: impl FnOnce(&mut Replica) -> T,
     ) -> T {
         let name = &self.names[..self.name_len as usize];
@@ -219,7 +219,7 @@ pub struct GroupSync {
     /// looks at these groups only, not at every group in memory.
     emptied: Vec<GroupRef>,
     outbox: Vec<Delivery>,
-    limits: replica::Limits,
+    limits: replica::GroupLimits,
     mutations: MutationLimiter,
     /// How long the last flush's commit took, until the worker takes it for `/metrics`.
     commit_time: Option<Duration>,
@@ -255,7 +255,7 @@ impl Who<'_> {
 impl GroupSync {
     pub fn open(
         dir: &Path,
-        limits: replica::Limits,
+        limits: replica::GroupLimits,
         per_user_mutations: u32,
         window: Duration,
     ) -> Result<GroupSync, StoreError> {
@@ -276,7 +276,7 @@ impl GroupSync {
     }
 
     /// New bounds for the groups' data (a reload), applied to the loaded groups too.
-    pub fn set_group_limits(&mut self, limits: replica::Limits) {
+    pub fn set_group_limits(&mut self, limits: replica::GroupLimits) {
         for (_, g) in self.groups.iter_mut() {
             if let Some(replica) = g.replica.as_mut() {
                 replica.set_limits(limits.clone());
@@ -397,7 +397,7 @@ impl GroupSync {
                 });
             }
             Ok(CatchUp::Poke(poke)) => {
-                let payloads = replica::encode_poke_as(&poke, format);
+                let payloads = poke::encode_poke_as(&poke, format);
                 let (frames, messages) = (frames_of(&payloads), payloads.len() as u64);
                 self.outbox.push(Delivery::Frames { to: who.to(), frames, messages });
             }
@@ -491,7 +491,7 @@ impl GroupSync {
             let i = (m.format == PokeFormat::Binary) as usize;
             let (frames, messages) = encoded[i]
                 .get_or_insert_with(|| {
-                    let payloads = replica::encode_poke_as(&poke, m.format);
+                    let payloads = poke::encode_poke_as(&poke, m.format);
                     (frames_of(&payloads), payloads.len() as u64)
                 })
                 .clone();
@@ -571,7 +571,7 @@ fn frames_of(payloads: &[Vec<u8>]) -> Frames {
     let len = payloads.iter().map(|p| p.len() + frame::MAX_SERVER_HEADER).sum();
     let mut out = Vec::with_capacity(len);
     for p in payloads {
-        let opcode = if replica::is_binary_payload(p) { OpCode::Binary } else { OpCode::Text };
+        let opcode = if poke::is_binary_payload(p) { OpCode::Binary } else { OpCode::Text };
         frame::encode_frame(&mut out, opcode, p, false);
     }
     Rc::from(out)
@@ -592,7 +592,8 @@ mod tests {
     }
 
     fn open(dir: &TempDir) -> GroupSync {
-        GroupSync::open(&dir.0, replica::Limits::default(), 0, Duration::from_secs(60)).unwrap()
+        GroupSync::open(&dir.0, replica::GroupLimits::default(), 0, Duration::from_secs(60))
+            .unwrap()
     }
 
     #[test]

@@ -38,38 +38,12 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
-
+use crate::protocol::cookie::{cookie_to_version, key_columns, row_key, version_to_cookie};
+use crate::protocol::json;
+use crate::protocol::poke::{DesiredQuery, Patch, Poke, Row, RowsPatch};
 use crate::protocol::{
     CrudOp, CrudOpKind, ErrorKind, Mutation, MutationKind, QueriesPatchOp, CRUD_MUTATION_NAME,
 };
-use crate::sync::json;
-
-/// A row: column name to value, as the client sent it.
-pub type Row = Map<String, Value>;
-
-/// Row changes: table name, then row key (see [`row_key`]), then the new row
-/// or `None` for a deleted row. Keyed maps make "the later write of a row
-/// wins" the natural way to merge changes.
-pub type RowsPatch = BTreeMap<String, BTreeMap<String, Option<Row>>>;
-
-/// The first sync protocol version that receives poke parts as binary frames
-/// (zero-protocol's `POKE_CHUNK_PROTOCOL_VERSION`).
-pub const POKE_CHUNK_PROTOCOL_VERSION: u32 = 52;
-
-/// The first byte of every binary poke message (zero-protocol's
-/// `POKE_CHUNK_MESSAGE_TYPE`); text payloads start with `[` instead.
-pub const POKE_CHUNK_MESSAGE_TYPE: u8 = 0x00;
-
-/// Largest binary poke message, type byte included: zero-cache's encoder
-/// fills a buffer of `POKE_CHUNK_BYTES` (1 MiB) whose first byte is the type.
-pub const MAX_POKE_CHUNK_BYTES: usize = 1 << 20;
-
-/// A poke part is closed once its JSON reaches this size, so that a large
-/// poke travels (for protocol 51 and below) as several messages the client
-/// can parse one at a time instead of one message of many megabytes.
-const POKE_PART_TARGET_BYTES: usize = 256 << 10;
 
 /// The refusal of a custom mutation: zero-cache answers a fatal
 /// `InvalidPush` when no mutate endpoint is configured, and syncgate has none.
@@ -82,14 +56,11 @@ const CUSTOM_MUTATION_REFUSED: &str = "custom mutations need a mutate endpoint \
 /// `max_queries_per_client` suggest.
 pub const MAX_ID_BYTES: usize = 256;
 
-/// Digits of base 36, the alphabet of cookies.
-const BASE36: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-
 /// How large one client group may grow. Every bound has a clear error when a
 /// change would cross it; state already over a bound (after the operator
 /// lowered it) may still shrink.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
+pub struct GroupLimits {
     /// Rows in the group, over all tables. A mutation that would exceed it
     /// fails (`MutationFailed`); the group stays usable.
     pub max_rows: usize,
@@ -109,9 +80,9 @@ pub struct Limits {
     pub max_queries_per_client: usize,
 }
 
-impl Default for Limits {
+impl Default for GroupLimits {
     fn default() -> Self {
-        Limits {
+        GroupLimits {
             // A group is one user's data on their devices; 100k rows is far
             // beyond the apps Zero's CRUD mutators are meant for.
             max_rows: 100_000,
@@ -126,97 +97,6 @@ impl Default for Limits {
             // zero-cache does not limit this; real apps use dozens.
             max_queries_per_client: 1_000,
         }
-    }
-}
-
-/// A query a client wants synced, as the server remembers it: only what the
-/// downstream `desiredQueriesPatches` echoes back (the AST stays with the
-/// client, which matches it to its own queries by hash).
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-pub struct DesiredQuery {
-    /// The client's time-to-live for the query, in milliseconds, echoed back.
-    pub ttl: Option<f64>,
-}
-
-/// What changed between two versions of a group. It is the content of a
-/// poke, an entry of the history, and what the store writes.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-pub struct Patch {
-    /// Rows written or deleted.
-    pub rows: RowsPatch,
-    /// New last mutation IDs, by client.
-    pub last_mutation_ids: BTreeMap<String, u64>,
-    /// Desired queries added (`Some`) or dropped (`None`), by client, then
-    /// query hash.
-    pub desired_queries: BTreeMap<String, BTreeMap<String, Option<DesiredQuery>>>,
-    /// Queries the group now has complete (`true`) or no longer syncs
-    /// (`false`), by hash.
-    pub got_queries: BTreeMap<String, bool>,
-}
-
-impl Patch {
-    /// Whether the patch changes nothing a client can see.
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
-            && self.last_mutation_ids.is_empty()
-            && self.desired_queries.is_empty()
-            && self.got_queries.is_empty()
-    }
-
-    /// Folds a later patch into this one: for every row, query and client,
-    /// the later value wins.
-    pub fn merge(&mut self, later: &Patch) {
-        for (table, rows) in &later.rows {
-            let target = self.rows.entry(table.clone()).or_default();
-            for (key, row) in rows {
-                target.insert(key.clone(), row.clone());
-            }
-        }
-        for (client, id) in &later.last_mutation_ids {
-            self.last_mutation_ids.insert(client.clone(), *id);
-        }
-        for (client, queries) in &later.desired_queries {
-            let target = self.desired_queries.entry(client.clone()).or_default();
-            for (hash, query) in queries {
-                target.insert(hash.clone(), query.clone());
-            }
-        }
-        for (hash, got) in &later.got_queries {
-            self.got_queries.insert(hash.clone(), *got);
-        }
-    }
-
-    /// The patch as JSON, exactly as its `Serialize` writes it (the store keeps this in the
-    /// history and `Deserialize` reads it back), with the rows written by [`json`].
-    pub fn to_json(&self) -> String {
-        let mut out = b"{\"rows\":{".to_vec();
-        for (i, (table, rows)) in self.rows.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            json::write_str(&mut out, table);
-            out.extend_from_slice(b":{");
-            for (j, (key, row)) in rows.iter().enumerate() {
-                if j > 0 {
-                    out.push(b',');
-                }
-                json::write_str(&mut out, key);
-                out.push(b':');
-                match row {
-                    Some(row) => json::write_object(&mut out, row),
-                    None => out.extend_from_slice(b"null"),
-                }
-            }
-            out.push(b'}');
-        }
-        out.extend_from_slice(b"},\"last_mutation_ids\":");
-        write_json(&mut out, &self.last_mutation_ids);
-        out.extend_from_slice(b",\"desired_queries\":");
-        write_json(&mut out, &self.desired_queries);
-        out.extend_from_slice(b",\"got_queries\":");
-        write_json(&mut out, &self.got_queries);
-        out.push(b'}');
-        String::from_utf8(out).expect("JSON written from strings is UTF-8")
     }
 }
 
@@ -257,20 +137,6 @@ impl Change {
             patch: Arc::clone(&self.patch),
         }
     }
-}
-
-/// A poke: moves a client from `base_cookie` to `cookie` by applying `patch`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Poke {
-    /// Unique within a connection; we use the target cookie, since a
-    /// connection never receives two pokes to the same version.
-    pub poke_id: String,
-    /// The cookie the client must hold (`None`: a client with no data yet).
-    pub base_cookie: Option<String>,
-    /// The cookie the client holds afterwards.
-    pub cookie: String,
-    /// The content.
-    pub patch: Arc<Patch>,
 }
 
 /// What a connecting client needs before it is up to date.
@@ -359,7 +225,7 @@ pub struct Replica {
     /// The group's ID, for messages.
     group_id: String,
     /// The bounds this group must stay within.
-    limits: Limits,
+    limits: GroupLimits,
     /// The current version; its cookie is what an up-to-date client holds.
     version: u64,
     /// Rows by table.
@@ -418,7 +284,7 @@ struct StagedRows {
 
 impl Replica {
     /// An empty group at version 0.
-    pub fn new(group_id: &str, limits: Limits) -> Replica {
+    pub fn new(group_id: &str, limits: GroupLimits) -> Replica {
         Replica {
             group_id: group_id.to_owned(),
             limits,
@@ -439,7 +305,7 @@ impl Replica {
     /// does. Limits are not enforced on what is loaded, only on growth.
     pub fn from_snapshot(
         group_id: &str,
-        limits: Limits,
+        limits: GroupLimits,
         snapshot: ReplicaSnapshot,
     ) -> Result<Replica, String> {
         let mut replica = Replica::new(group_id, limits);
@@ -528,7 +394,7 @@ impl Replica {
 
     /// Applies new bounds (a reload): the history is trimmed to them at once; rows and
     /// clients over them stay, but the group cannot grow until it is back under them.
-    pub fn set_limits(&mut self, limits: Limits) {
+    pub fn set_limits(&mut self, limits: GroupLimits) {
         self.limits = limits;
         self.trim_history();
     }
@@ -1068,91 +934,6 @@ impl Replica {
     }
 }
 
-/// The cookie of a version: zero-cache's LexiVersion (see the module doc).
-pub fn version_to_cookie(version: u64) -> String {
-    // u64::MAX has 13 base-36 digits.
-    let mut digits = [0u8; 13];
-    let mut start = digits.len();
-    let mut rest = version;
-    loop {
-        start -= 1;
-        digits[start] = BASE36[(rest % 36) as usize];
-        rest /= 36;
-        if rest == 0 {
-            break;
-        }
-    }
-    let len = digits.len() - start;
-    let mut cookie = String::with_capacity(len + 1);
-    cookie.push(BASE36[len - 1] as char);
-    cookie.extend(digits[start..].iter().map(|&d| d as char));
-    cookie
-}
-
-/// The version of a cookie, if it is one [`version_to_cookie`] writes.
-///
-/// Only the exact form is accepted (no leading zeros, lowercase), so one
-/// version has one cookie. zero-cache's cookies with a `:` or `.` suffix are
-/// not ours and are refused.
-pub fn cookie_to_version(cookie: &str) -> Option<u64> {
-    let (&len_digit, digits) = cookie.as_bytes().split_first()?;
-    let len = base36_value(len_digit)? as usize + 1;
-    if digits.len() != len || (len > 1 && digits[0] == b'0') {
-        return None;
-    }
-    digits.iter().try_fold(0u64, |version, &digit| {
-        version.checked_mul(36)?.checked_add(u64::from(base36_value(digit)?))
-    })
-}
-
-/// The value of one lowercase base-36 digit.
-fn base36_value(digit: u8) -> Option<u8> {
-    match digit {
-        b'0'..=b'9' => Some(digit - b'0'),
-        b'a'..=b'z' => Some(digit - b'a' + 10),
-        _ => None,
-    }
-}
-
-/// The key of a row within its table: the JSON array of `[column, value]`
-/// pairs of the primary key, in primary-key order. It keeps the column names
-/// so that a deletion can name the row's `id` without the row.
-pub fn row_key(primary_key: &[String], value: &Row) -> Result<String, String> {
-    let mut pairs = Vec::with_capacity(primary_key.len());
-    for column in primary_key {
-        match value.get(column) {
-            Some(v @ (Value::String(_) | Value::Number(_) | Value::Bool(_))) => {
-                pairs.push((column.as_str(), normalize_key_value(v)));
-            }
-            Some(other) => {
-                return Err(format!(
-                    "primary key column {column:?} must be a string, number or boolean, not {other}"
-                ));
-            }
-            None => return Err(format!("primary key column {column:?} is missing")),
-        }
-    }
-    serde_json::to_string(&pairs).map_err(|e| e.to_string())
-}
-
-/// Writes integral numbers as integers, so that `1` and `1.0` (the same
-/// number to the JavaScript client) make the same key.
-fn normalize_key_value(value: &Value) -> Value {
-    /// Integers up to 2^53 are exact in both f64 and the client's numbers.
-    const MAX_EXACT: f64 = 9_007_199_254_740_992.0;
-    match value.as_f64() {
-        Some(f) if value.is_f64() && f.fract() == 0.0 && f.abs() <= MAX_EXACT => {
-            Value::from(f as i64)
-        }
-        _ => value.clone(),
-    }
-}
-
-/// The `[column, value]` pairs of a row key.
-fn key_columns(key: &str) -> Result<Vec<(String, Value)>, serde_json::Error> {
-    serde_json::from_str(key)
-}
-
 /// Whether every row key of a (stored) patch is one [`row_key`] could write.
 fn patch_keys_valid(patch: &Patch) -> bool {
     patch.rows.values().flat_map(BTreeMap::keys).all(|key| key_columns(key).is_ok())
@@ -1163,300 +944,20 @@ fn row_size(table: &str, key: &str, row: &Row) -> usize {
     table.len() + key.len() + json::object_len(row)
 }
 
-/// How a connection receives poke parts, by its sync protocol version.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum PokeFormat {
-    /// Protocol 51 and below: one `["pokePart", {...}]` text message per part.
-    Json,
-    /// Protocol 52 and up: the JSON array of parts, in binary messages of at
-    /// most [`MAX_POKE_CHUNK_BYTES`], each starting with
-    /// [`POKE_CHUNK_MESSAGE_TYPE`].
-    Binary,
-}
-
-impl PokeFormat {
-    /// The format a client speaking `protocol_version` understands; a client
-    /// below 52 must never get a binary message.
-    pub fn for_protocol(protocol_version: u32) -> PokeFormat {
-        if protocol_version >= POKE_CHUNK_PROTOCOL_VERSION {
-            PokeFormat::Binary
-        } else {
-            PokeFormat::Json
-        }
-    }
-}
-
-/// The payloads of the messages that deliver `poke` to a client speaking
-/// `protocol_version`, in order: `pokeStart` (text), the parts, `pokeEnd`
-/// (text). See [`encode_poke_as`].
-pub fn encode_poke(poke: &Poke, protocol_version: u32) -> Vec<Vec<u8>> {
-    encode_poke_as(poke, PokeFormat::for_protocol(protocol_version))
-}
-
-/// The payloads of the messages that deliver `poke` in `format`, in order.
-///
-/// A payload is a text message unless [`is_binary_payload`] says otherwise;
-/// the caller frames them. The result depends only on the poke and the
-/// format, so one encoding serves every recipient of that format.
-pub fn encode_poke_as(poke: &Poke, format: PokeFormat) -> Vec<Vec<u8>> {
-    let parts = poke_parts(poke);
-    let mut messages = Vec::with_capacity(parts.len() + 2);
-    let mut start = Vec::new();
-    write_json(
-        &mut start,
-        &("pokeStart", PokeStartBody { poke_id: &poke.poke_id, base_cookie: &poke.base_cookie }),
-    );
-    messages.push(start);
-    match format {
-        PokeFormat::Json => {
-            for part in parts {
-                let mut message = Vec::with_capacity(part.len() + 12);
-                message.extend_from_slice(b"[\"pokePart\",");
-                message.extend_from_slice(&part);
-                message.push(b']');
-                messages.push(message);
-            }
-        }
-        PokeFormat::Binary => {
-            // Parts are dropped as they are copied, so a large poke is held
-            // about once, not twice.
-            let mut chunks = ChunkBuilder::default();
-            chunks.push(b"[");
-            for (i, part) in parts.into_iter().enumerate() {
-                if i > 0 {
-                    chunks.push(b",");
-                }
-                chunks.push(&part);
-            }
-            chunks.push(b"]");
-            messages.extend(chunks.finish());
-        }
-    }
-    let mut end = Vec::new();
-    write_json(
-        &mut end,
-        &("pokeEnd", PokeEndBody { poke_id: &poke.poke_id, cookie: &poke.cookie }),
-    );
-    messages.push(end);
-    messages
-}
-
-/// Whether a payload from [`encode_poke`] goes in a binary message.
-pub fn is_binary_payload(payload: &[u8]) -> bool {
-    payload.first() == Some(&POKE_CHUNK_MESSAGE_TYPE)
-}
-
-/// Cuts the JSON array of parts into binary messages: the type byte, then
-/// at most `MAX_POKE_CHUNK_BYTES - 1` bytes, cut between UTF-8 characters as
-/// zero-cache's encoder does (its `TextEncoder` never splits one).
-#[derive(Default)]
-struct ChunkBuilder {
-    /// Full chunks.
-    chunks: Vec<Vec<u8>>,
-    /// The chunk being filled; empty until the first byte arrives.
-    current: Vec<u8>,
-}
-
-impl ChunkBuilder {
-    /// Appends valid UTF-8 (whole JSON texts or ASCII punctuation).
-    fn push(&mut self, mut bytes: &[u8]) {
-        while !bytes.is_empty() {
-            if self.current.is_empty() {
-                self.current.reserve_exact(MAX_POKE_CHUNK_BYTES.min(bytes.len() + 1));
-                self.current.push(POKE_CHUNK_MESSAGE_TYPE);
-            }
-            let room = MAX_POKE_CHUNK_BYTES - self.current.len();
-            let mut cut = bytes.len().min(room);
-            // A continuation byte (10xxxxxx) never starts a character.
-            while cut < bytes.len() && bytes[cut] & 0xC0 == 0x80 {
-                cut -= 1;
-            }
-            self.current.extend_from_slice(&bytes[..cut]);
-            bytes = &bytes[cut..];
-            if !bytes.is_empty() {
-                self.chunks.push(std::mem::take(&mut self.current));
-            }
-        }
-    }
-
-    /// The chunks, the last one included.
-    fn finish(mut self) -> Vec<Vec<u8>> {
-        if !self.current.is_empty() {
-            self.chunks.push(self.current);
-        }
-        self.chunks
-    }
-}
-
-/// The JSON objects of the poke's parts. The first part carries the last
-/// mutation IDs and the queries; rows fill it and further parts up to
-/// [`POKE_PART_TARGET_BYTES`] each. There is always at least one part, as in
-/// zero-cache's pokes (the capture's first poke has an empty one).
-fn poke_parts(poke: &Poke) -> Vec<Vec<u8>> {
-    let patch = &poke.patch;
-    let mut parts = Vec::new();
-    let mut part = open_part(&poke.poke_id);
-    if !patch.last_mutation_ids.is_empty() {
-        part.extend_from_slice(b",\"lastMutationIDChanges\":");
-        write_json(&mut part, &patch.last_mutation_ids);
-    }
-    if !patch.desired_queries.is_empty() {
-        let desired: BTreeMap<&str, Vec<QueryOpWire>> = patch
-            .desired_queries
-            .iter()
-            .map(|(client, queries)| {
-                let ops = queries.iter().map(|(hash, query)| QueryOpWire::desired(hash, query));
-                (client.as_str(), ops.collect())
-            })
-            .collect();
-        part.extend_from_slice(b",\"desiredQueriesPatches\":");
-        write_json(&mut part, &desired);
-    }
-    if !patch.got_queries.is_empty() {
-        let got: Vec<QueryOpWire> =
-            patch.got_queries.iter().map(|(hash, &got)| QueryOpWire::got(hash, got)).collect();
-        part.extend_from_slice(b",\"gotQueriesPatch\":");
-        write_json(&mut part, &got);
-    }
-    let mut rows_in_part = 0;
-    for (table_name, rows) in &patch.rows {
-        for (key, row) in rows {
-            part.extend_from_slice(if rows_in_part == 0 { b",\"rowsPatch\":[" } else { b"," });
-            match row {
-                // serde's form of the tagged op, with the row written by `json` (the row is
-                // most of a poke).
-                Some(value) => {
-                    part.extend_from_slice(b"{\"op\":\"put\",\"tableName\":");
-                    json::write_str(&mut part, table_name);
-                    part.extend_from_slice(b",\"value\":");
-                    json::write_object(&mut part, value);
-                    part.push(b'}');
-                }
-                None => {
-                    // Keys are built by `row_key` or checked on load, so
-                    // they parse.
-                    let id = key_columns(key).unwrap_or_default().into_iter().collect();
-                    write_json(&mut part, &RowOpWire::Del { table_name, id });
-                }
-            }
-            rows_in_part += 1;
-            if part.len() >= POKE_PART_TARGET_BYTES {
-                part.extend_from_slice(b"]}");
-                parts.push(std::mem::replace(&mut part, open_part(&poke.poke_id)));
-                rows_in_part = 0;
-            }
-        }
-    }
-    if rows_in_part > 0 {
-        part.push(b']');
-    }
-    part.push(b'}');
-    if rows_in_part > 0 || parts.is_empty() {
-        parts.push(part);
-    }
-    parts
-}
-
-/// A part object opened with its `pokeID`, ready for more fields.
-fn open_part(poke_id: &str) -> Vec<u8> {
-    let mut part = b"{\"pokeID\":".to_vec();
-    write_json(&mut part, poke_id);
-    part
-}
-
-/// Serializes `value` as JSON onto `out`.
-fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
-    // Writing into a Vec cannot fail, and every map here has string keys.
-    let _ = serde_json::to_writer(out, value);
-}
-
-/// The body of `pokeStart`.
-#[derive(Serialize)]
-struct PokeStartBody<'a> {
-    /// The poke's ID.
-    #[serde(rename = "pokeID")]
-    poke_id: &'a str,
-    /// The cookie the client must hold; `null` for a client with no data.
-    #[serde(rename = "baseCookie")]
-    base_cookie: &'a Option<String>,
-}
-
-/// The body of `pokeEnd`.
-#[derive(Serialize)]
-struct PokeEndBody<'a> {
-    /// The poke's ID.
-    #[serde(rename = "pokeID")]
-    poke_id: &'a str,
-    /// The cookie the client holds after the poke.
-    cookie: &'a str,
-}
-
-/// A deleting op of `rowsPatch`, as zero-protocol's `row-patch.ts` defines it (`poke_parts`
-/// writes the `put` ops itself).
-#[derive(Serialize)]
-#[serde(tag = "op", rename_all = "lowercase")]
-enum RowOpWire<'a> {
-    /// Deletes the row with this primary key.
-    Del {
-        /// The table.
-        #[serde(rename = "tableName")]
-        table_name: &'a str,
-        /// The primary key columns and their values.
-        id: Row,
-    },
-}
-
-/// One op of `desiredQueriesPatches` or `gotQueriesPatch`.
-#[derive(Serialize)]
-struct QueryOpWire<'a> {
-    /// `"put"` or `"del"`.
-    op: &'static str,
-    /// The query's hash.
-    hash: &'a str,
-    /// Desired puts only: the client's TTL, echoed back as zero-cache does.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    ttl: Option<Value>,
-}
-
-impl<'a> QueryOpWire<'a> {
-    /// A desired-query op: a put with its TTL, or a del.
-    fn desired(hash: &'a str, query: &Option<DesiredQuery>) -> Self {
-        match query {
-            Some(query) => QueryOpWire { op: "put", hash, ttl: query.ttl.map(number) },
-            None => QueryOpWire { op: "del", hash, ttl: None },
-        }
-    }
-
-    /// A got-query op.
-    fn got(hash: &'a str, got: bool) -> Self {
-        QueryOpWire { op: if got { "put" } else { "del" }, hash, ttl: None }
-    }
-}
-
-/// A JSON number, integral values written without a fraction (as the
-/// JavaScript client writes them: `300000`, not `300000.0`).
-fn number(value: f64) -> Value {
-    /// Beyond 2^53 an f64 no longer holds every integer.
-    const MAX_EXACT: f64 = 9_007_199_254_740_992.0;
-    if value.fract() == 0.0 && value.abs() <= MAX_EXACT {
-        Value::from(value as i64)
-    } else {
-        Value::from(value)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::poke::*;
     use crate::protocol::{parse_upstream, QueryPut, Upstream};
     use serde_json::json;
+    use serde_json::Value;
 
     const GROUP: &str = "g1";
     const C1: &str = "c1";
     const C2: &str = "c2";
 
     fn replica() -> Replica {
-        Replica::new(GROUP, Limits::default())
+        Replica::new(GROUP, GroupLimits::default())
     }
 
     #[test]
@@ -1467,7 +968,7 @@ mod tests {
             applied(r.apply_push(&crud(C1, id, ops)));
         }
         assert_eq!((r.history_len(), r.row_count()), (5, 1));
-        r.set_limits(Limits { max_history: 2, max_rows: 1, ..Limits::default() });
+        r.set_limits(GroupLimits { max_history: 2, max_rows: 1, ..GroupLimits::default() });
         assert_eq!(r.history_len(), 2, "trimmed by the new bound");
         // The row already there stays; another one is over the new limit.
         let ops = json!([op("insert", "issue", json!({"id": "j"}))]);
@@ -1797,7 +1298,7 @@ mod tests {
     }
 
     /// A group at version 4: rows i1 (updated), i3; i2 inserted then deleted.
-    fn busy_replica(limits: Limits) -> Replica {
+    fn busy_replica(limits: GroupLimits) -> Replica {
         let mut r = Replica::new(GROUP, limits);
         applied(r.apply_push(&crud(
             C1,
@@ -1822,7 +1323,7 @@ mod tests {
 
     #[test]
     fn a_client_without_cookie_gets_everything() {
-        let r = busy_replica(Limits::default());
+        let r = busy_replica(GroupLimits::default());
         let poke = poke_of(r.check_connect("new", None, 0).unwrap());
         assert_eq!((poke.base_cookie.as_deref(), poke.cookie.as_str()), (None, "04"));
         let patch = &poke.patch;
@@ -1839,13 +1340,13 @@ mod tests {
 
     #[test]
     fn the_current_cookie_needs_nothing() {
-        let r = busy_replica(Limits::default());
+        let r = busy_replica(GroupLimits::default());
         assert_eq!(r.check_connect(C1, Some("04"), 2).unwrap(), CatchUp::Nothing);
     }
 
     #[test]
     fn an_older_cookie_gets_what_changed_since() {
-        let r = busy_replica(Limits::default());
+        let r = busy_replica(GroupLimits::default());
         let poke = poke_of(r.check_connect(C1, Some("01"), 1).unwrap());
         assert_eq!((poke.base_cookie.as_deref(), poke.cookie.as_str()), (Some("01"), "04"));
         let rows = &poke.patch.rows["issue"];
@@ -1863,7 +1364,7 @@ mod tests {
 
     #[test]
     fn unknown_cookies_are_refused() {
-        let r = busy_replica(Limits::default());
+        let r = busy_replica(GroupLimits::default());
         for cookie in ["05", "zz", "garbage", "", "04:01"] {
             let (kind, _) = r.check_connect(C1, Some(cookie), 0).unwrap_err();
             assert_eq!(kind, ErrorKind::InvalidConnectionRequestBaseCookie, "{cookie}");
@@ -1875,14 +1376,14 @@ mod tests {
 
     #[test]
     fn cookies_evicted_from_the_history_are_refused() {
-        let r = busy_replica(Limits { max_history: 2, ..Limits::default() });
+        let r = busy_replica(GroupLimits { max_history: 2, ..GroupLimits::default() });
         assert_eq!(r.history_len(), 2);
         let (kind, message) = r.check_connect(C1, Some("01"), 0).unwrap_err();
         assert_eq!(kind, ErrorKind::InvalidConnectionRequestBaseCookie);
         assert!(message.contains("oldest: 02"), "{message}");
         assert!(r.check_connect(C1, Some("02"), 0).is_ok());
         // A byte bound evicts too.
-        let r = busy_replica(Limits { max_history_bytes: 1, ..Limits::default() });
+        let r = busy_replica(GroupLimits { max_history_bytes: 1, ..GroupLimits::default() });
         assert_eq!(r.history_len(), 0);
         assert!(r.check_connect(C1, Some("03"), 0).is_err());
         assert_eq!(r.check_connect(C1, Some("04"), 0).unwrap(), CatchUp::Nothing);
@@ -1890,7 +1391,7 @@ mod tests {
 
     #[test]
     fn an_lmid_ahead_of_the_server_is_refused() {
-        let r = busy_replica(Limits::default());
+        let r = busy_replica(GroupLimits::default());
         let (kind, message) = r.check_connect(C1, Some("04"), 3).unwrap_err();
         assert_eq!(kind, ErrorKind::InvalidConnectionRequestLastMutationID);
         assert!(message.contains("up to 2"), "{message}");
@@ -1959,7 +1460,7 @@ mod tests {
 
     #[test]
     fn limits_refuse_growth_with_clear_errors() {
-        let limits = Limits { max_rows: 2, ..Limits::default() };
+        let limits = GroupLimits { max_rows: 2, ..GroupLimits::default() };
         let mut r = Replica::new(GROUP, limits);
         applied(r.apply_push(&crud(
             C1,
@@ -1981,7 +1482,8 @@ mod tests {
             json!([op("delete", "t", json!({"id": "a"})), op("insert", "t", json!({"id": "c"}))]),
         )));
 
-        let mut r = Replica::new(GROUP, Limits { max_row_bytes: 100, ..Limits::default() });
+        let mut r =
+            Replica::new(GROUP, GroupLimits { max_row_bytes: 100, ..GroupLimits::default() });
         let big = "x".repeat(200);
         let PushResult::LimitExceeded { message, .. } =
             r.apply_push(&crud(C1, 1, json!([op("insert", "t", json!({"id": "a", "v": big}))])))
@@ -1993,7 +1495,7 @@ mod tests {
 
         let mut r = Replica::new(
             GROUP,
-            Limits { max_queries_per_client: 1, max_clients: 1, ..Limits::default() },
+            GroupLimits { max_queries_per_client: 1, max_clients: 1, ..GroupLimits::default() },
         );
         let (kind, message) = r
             .change_desired_queries(C1, &[put_query("a", None), put_query("b", None)])
@@ -2015,7 +1517,7 @@ mod tests {
         assert!(r.change_desired_queries(C1, &[put_query(&long, None)]).is_err());
         assert_eq!(r.version(), 0);
 
-        let mut r = Replica::new(GROUP, Limits { max_history: 3, ..Limits::default() });
+        let mut r = Replica::new(GROUP, GroupLimits { max_history: 3, ..GroupLimits::default() });
         for id in 1..=10 {
             applied(r.apply_push(&crud(C1, id, json!([]))));
         }
@@ -2024,9 +1526,9 @@ mod tests {
 
     #[test]
     fn snapshots_round_trip_and_corrupt_ones_are_refused() {
-        let r = busy_replica(Limits::default());
+        let r = busy_replica(GroupLimits::default());
         let snapshot = r.snapshot();
-        let copy = Replica::from_snapshot(GROUP, Limits::default(), snapshot.clone()).unwrap();
+        let copy = Replica::from_snapshot(GROUP, GroupLimits::default(), snapshot.clone()).unwrap();
         assert_eq!(copy.snapshot(), snapshot);
         assert_eq!((copy.row_count(), copy.row_bytes()), (r.row_count(), r.row_bytes()));
         assert_eq!(copy.check_connect(C1, Some("01"), 0), r.check_connect(C1, Some("01"), 0));
@@ -2036,16 +1538,16 @@ mod tests {
         let (key, mut value) = rows.pop_first().unwrap();
         value.insert("id".into(), json!("other"));
         rows.insert(key, value);
-        assert!(Replica::from_snapshot(GROUP, Limits::default(), corrupt).is_err());
+        assert!(Replica::from_snapshot(GROUP, GroupLimits::default(), corrupt).is_err());
 
         let mut bad_key = snapshot.clone();
         bad_key.rows.get_mut("issue").unwrap().insert("not json".into(), Row::new());
-        assert!(Replica::from_snapshot(GROUP, Limits::default(), bad_key).is_err());
+        assert!(Replica::from_snapshot(GROUP, GroupLimits::default(), bad_key).is_err());
 
         // A stored change that does not parse fails only the catch-up that needs it.
         let mut unreadable = snapshot.clone();
         unreadable.history.last_mut().unwrap().json = "not json".into();
-        let copy = Replica::from_snapshot(GROUP, Limits::default(), unreadable).unwrap();
+        let copy = Replica::from_snapshot(GROUP, GroupLimits::default(), unreadable).unwrap();
         let (kind, message) = copy.check_connect(C1, Some("01"), 0).unwrap_err();
         assert_eq!(kind, ErrorKind::InvalidConnectionRequestBaseCookie);
         assert!(message.contains("cannot be read"), "{message}");
@@ -2054,7 +1556,7 @@ mod tests {
         // A history with a gap keeps only the part after it.
         let mut gap = snapshot;
         gap.history.remove(1);
-        let copy = Replica::from_snapshot(GROUP, Limits::default(), gap).unwrap();
+        let copy = Replica::from_snapshot(GROUP, GroupLimits::default(), gap).unwrap();
         assert_eq!(copy.history_len(), 2);
         assert!(copy.check_connect(C1, Some("02"), 0).is_ok());
         assert!(copy.check_connect(C1, Some("01"), 0).is_err());
@@ -2177,30 +1679,5 @@ mod tests {
         let messages = encode_poke(&poke, 52);
         assert_eq!(messages.len(), 3);
         assert_eq!(messages[1], b"\x00[{\"pokeID\":\"00\"}]");
-    }
-
-    #[test]
-    fn chunks_never_split_a_character() {
-        // A 4-byte character straddling the cut is moved whole.
-        let mut text = vec![b'a'; MAX_POKE_CHUNK_BYTES - 3];
-        text.extend_from_slice("😀".as_bytes());
-        text.extend_from_slice(b"bc");
-        let mut builder = ChunkBuilder::default();
-        builder.push(&text);
-        let chunks = builder.finish();
-        assert_eq!(chunks.len(), 2);
-        assert_eq!(chunks[0].len(), MAX_POKE_CHUNK_BYTES - 2);
-        assert_eq!(&chunks[1][1..], "😀bc".as_bytes());
-        // Many small pieces fill chunks exactly.
-        let mut builder = ChunkBuilder::default();
-        for _ in 0..MAX_POKE_CHUNK_BYTES {
-            builder.push(b"xy");
-        }
-        let chunks = builder.finish();
-        assert_eq!(
-            chunks.iter().map(Vec::len).collect::<Vec<_>>(),
-            [MAX_POKE_CHUNK_BYTES, MAX_POKE_CHUNK_BYTES, 3]
-        );
-        assert!(ChunkBuilder::default().finish().is_empty());
     }
 }

@@ -40,9 +40,8 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use crate::sync::replica::{
-    Change, ClientSnapshot, DesiredQuery, HistoryEntry, Patch, ReplicaSnapshot, Row,
-};
+use crate::protocol::poke::{DesiredQuery, Patch, Row};
+use crate::sync::replica::{Change, ClientSnapshot, HistoryEntry, ReplicaSnapshot};
 
 /// The database file inside the storage directory.
 pub const DB_FILE_NAME: &str = "syncgate.db";
@@ -715,7 +714,7 @@ fn materialize(
         match row {
             Some(row) => {
                 let mut value = Vec::new();
-                crate::sync::json::write_object(&mut value, row);
+                crate::protocol::json::write_object(&mut value, row);
                 let value = String::from_utf8(value).expect("JSON written from strings is UTF-8");
                 tx.prepare_cached(
                     "INSERT INTO rows (group_id, table_name, row_key, value) VALUES (?1, ?2, ?3, ?4)
@@ -763,7 +762,7 @@ fn materialize(
 pub(crate) mod tests {
     use super::*;
     use crate::protocol::{parse_upstream, Mutation, QueriesPatchOp, QueryPut, Upstream};
-    use crate::sync::replica::{CatchUp, Limits, PushResult, Replica};
+    use crate::sync::replica::{CatchUp, GroupLimits, PushResult, Replica};
     use serde_json::{json, Value};
     use std::path::PathBuf;
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -828,7 +827,7 @@ pub(crate) mod tests {
         }
     }
 
-    fn reload(store: &mut Store, group: &str, limits: Limits) -> Replica {
+    fn reload(store: &mut Store, group: &str, limits: GroupLimits) -> Replica {
         let stored = store.load(group).unwrap().expect("group stored");
         Replica::from_snapshot(group, limits, stored.snapshot).unwrap()
     }
@@ -837,7 +836,7 @@ pub(crate) mod tests {
     fn persisted_state_reloads_identically() {
         let dir = TempDir::new();
         let mut store = Store::open(&dir.0).unwrap();
-        let limits = Limits { max_history: 4, ..Limits::default() };
+        let limits = GroupLimits { max_history: 4, ..GroupLimits::default() };
         let mut replica = Replica::new("g", limits.clone());
         store.set_owner("g", "alice");
         let mut changes = vec![
@@ -877,7 +876,7 @@ pub(crate) mod tests {
         assert_eq!(copy.cookie(), replica.cookie());
         assert_eq!(copy.row_bytes(), replica.row_bytes());
         // Catch-up from the oldest kept cookie is the same poke as before.
-        let oldest = crate::sync::replica::version_to_cookie(replica.version() - 4);
+        let oldest = crate::protocol::cookie::version_to_cookie(replica.version() - 4);
         let before = replica.check_connect("c1", Some(&oldest), 0).unwrap();
         assert!(matches!(before, CatchUp::Poke(_)));
         assert_eq!(copy.check_connect("c1", Some(&oldest), 0).unwrap(), before);
@@ -894,7 +893,7 @@ pub(crate) mod tests {
     fn a_commit_appends_to_the_log_and_every_64th_version_materializes() {
         let dir = TempDir::new();
         let mut store = Store::open(&dir.0).unwrap();
-        let mut replica = Replica::new("g", Limits::default());
+        let mut replica = Replica::new("g", GroupLimits::default());
         for id in 1..MATERIALIZE_EVERY as u64 {
             let ops = json!([{"op": "upsert", "tableName": "issue", "primaryKey": ["id"],
                               "value": {"id": "i1", "n": id}}]);
@@ -925,7 +924,7 @@ pub(crate) mod tests {
     #[test]
     fn materialization_resumes_after_the_group_moves_to_another_process() {
         let dir = TempDir::new();
-        let limits = Limits { max_history: 8, ..Limits::default() };
+        let limits = GroupLimits { max_history: 8, ..GroupLimits::default() };
         let mut first = Store::open(&dir.0).unwrap();
         let mut replica = Replica::new("g", limits.clone());
         let push = |store: &mut Store,
@@ -965,7 +964,7 @@ pub(crate) mod tests {
     fn the_history_on_disk_is_trimmed_like_the_one_in_memory() {
         let dir = TempDir::new();
         let mut store = Store::open(&dir.0).unwrap();
-        let limits = Limits { max_history: 2, ..Limits::default() };
+        let limits = GroupLimits { max_history: 2, ..GroupLimits::default() };
         let mut replica = Replica::new("g", limits.clone());
         let count = |store: &Store| -> i64 {
             store.conn.query_row("SELECT count(*) FROM history", [], |row| row.get(0)).unwrap()
@@ -1000,19 +999,19 @@ pub(crate) mod tests {
         let mut first = Store::open(&dir.0).unwrap();
         let mut second = Store::open(&dir.0).unwrap();
         // Both processes load the group while it does not exist.
-        let mut a = Replica::new("g", Limits::default());
-        let mut b = Replica::new("g", Limits::default());
+        let mut a = Replica::new("g", GroupLimits::default());
+        let mut b = Replica::new("g", GroupLimits::default());
         first.stage("g", &change_of(a.apply_push(&crud("c1", 1, insert("i1", "x")))));
         assert!(first.commit().unwrap().stale_groups.is_empty());
         // The second one's change was based on version 0 too: stale, nothing written.
         second.stage("g", &change_of(b.apply_push(&crud("c2", 1, insert("i2", "y")))));
         assert_eq!(second.commit().unwrap().stale_groups, vec!["g".to_string()]);
-        assert_eq!(reload(&mut second, "g", Limits::default()).snapshot(), a.snapshot());
+        assert_eq!(reload(&mut second, "g", GroupLimits::default()).snapshot(), a.snapshot());
         // Two changes of one group in one batch: the second follows the first.
         first.stage("g", &change_of(a.apply_push(&crud("c1", 2, insert("i3", "z")))));
         first.stage("g", &change_of(a.apply_push(&crud("c1", 3, insert("i4", "w")))));
         assert!(first.commit().unwrap().stale_groups.is_empty());
-        assert_eq!(reload(&mut second, "g", Limits::default()).snapshot(), a.snapshot());
+        assert_eq!(reload(&mut second, "g", GroupLimits::default()).snapshot(), a.snapshot());
     }
 
     #[test]
@@ -1020,12 +1019,12 @@ pub(crate) mod tests {
         let dir = TempDir::new();
         let mut first = Store::open(&dir.0).unwrap();
         let mut second = Store::open(&dir.0).unwrap();
-        let mut a = Replica::new("a", Limits::default());
+        let mut a = Replica::new("a", GroupLimits::default());
         first.stage("a", &change_of(a.apply_push(&crud("c1", 1, insert("i1", "x")))));
         first.commit().unwrap();
-        assert_eq!(reload(&mut second, "a", Limits::default()).snapshot(), a.snapshot());
+        assert_eq!(reload(&mut second, "a", GroupLimits::default()).snapshot(), a.snapshot());
 
-        let mut b = Replica::new("b", Limits::default());
+        let mut b = Replica::new("b", GroupLimits::default());
         second.stage("b", &change_of(b.apply_push(&crud("c9", 1, insert("j", "y")))));
         second.set_owner("b", "bob");
         second.commit().unwrap();
@@ -1036,7 +1035,7 @@ pub(crate) mod tests {
     #[test]
     fn a_crash_before_commit_loses_only_the_uncommitted_changes() {
         let dir = TempDir::new();
-        let mut replica = Replica::new("g", Limits::default());
+        let mut replica = Replica::new("g", GroupLimits::default());
         let committed;
         {
             let mut store = Store::open(&dir.0).unwrap();
@@ -1054,7 +1053,7 @@ pub(crate) mod tests {
         assert_eq!(stored.owner, None);
         // The lost mutation is simply expected again.
         let mut recovered =
-            Replica::from_snapshot("g", Limits::default(), stored.snapshot).unwrap();
+            Replica::from_snapshot("g", GroupLimits::default(), stored.snapshot).unwrap();
         assert_eq!(recovered.last_mutation_id("c1"), 1);
         assert!(matches!(
             recovered.apply_push(&crud("c1", 2, insert("i2", "y"))),
@@ -1067,23 +1066,26 @@ pub(crate) mod tests {
         let dir = TempDir::new();
         let mut first = Store::open(&dir.0).unwrap();
         let mut second = Store::open(&dir.0).unwrap();
-        let mut original = Replica::new("g", Limits::default());
+        let mut original = Replica::new("g", GroupLimits::default());
         first.stage("g", &change_of(original.apply_push(&crud("c1", 1, insert("i1", "x")))));
         first.commit().unwrap();
         // Both processes hold version 1 of the group.
-        let mut other = reload(&mut second, "g", Limits::default());
+        let mut other = reload(&mut second, "g", GroupLimits::default());
         second.stage("g", &change_of(other.apply_push(&crud("c1", 2, insert("i2", "other")))));
         second.commit().unwrap();
 
-        let mut unrelated = Replica::new("h", Limits::default());
+        let mut unrelated = Replica::new("h", GroupLimits::default());
         first.stage("g", &change_of(original.apply_push(&crud("c1", 2, insert("i2", "mine")))));
         first.stage("g", &change_of(original.apply_push(&crud("c1", 3, insert("i3", "mine")))));
         first.stage("h", &change_of(unrelated.apply_push(&crud("c1", 1, insert("k", "z")))));
         let committed = first.commit().unwrap();
         assert_eq!(committed.stale_groups, vec!["g".to_string()]);
         // The other process's write stands; the other group of the batch is in.
-        assert_eq!(reload(&mut first, "g", Limits::default()).snapshot(), other.snapshot());
-        assert_eq!(reload(&mut first, "h", Limits::default()).snapshot(), unrelated.snapshot());
+        assert_eq!(reload(&mut first, "g", GroupLimits::default()).snapshot(), other.snapshot());
+        assert_eq!(
+            reload(&mut first, "h", GroupLimits::default()).snapshot(),
+            unrelated.snapshot()
+        );
     }
 
     #[test]
@@ -1098,7 +1100,8 @@ pub(crate) mod tests {
         assert_eq!(stored.owner.as_deref(), Some("alice"));
         assert_eq!(stored.snapshot, ReplicaSnapshot::default());
         // A pinned but empty group takes its first change at version 0.
-        let mut replica = Replica::from_snapshot("g", Limits::default(), stored.snapshot).unwrap();
+        let mut replica =
+            Replica::from_snapshot("g", GroupLimits::default(), stored.snapshot).unwrap();
         store.stage("g", &change_of(replica.apply_push(&crud("c1", 1, json!([])))));
         assert!(store.commit().unwrap().stale_groups.is_empty());
         assert_eq!(store.load("g").unwrap().unwrap().snapshot.version, 1);
@@ -1130,7 +1133,7 @@ pub(crate) mod tests {
     fn corrupt_rows_fail_the_load_and_a_failed_commit_names_its_groups() {
         let dir = TempDir::new();
         let mut store = Store::open(&dir.0).unwrap();
-        let mut replica = Replica::new("g", Limits::default());
+        let mut replica = Replica::new("g", GroupLimits::default());
         store.stage("g", &change_of(replica.apply_push(&crud("c1", 1, insert("i1", "x")))));
         store.commit().unwrap();
         store.conn.execute("UPDATE history SET patch = 'not json'", []).unwrap();
