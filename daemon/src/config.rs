@@ -340,7 +340,7 @@ impl Config {
                 "limits.max_head_bytes must be between {MIN_HEAD_BYTES} and {MAX_HEAD_BYTES}"
             ));
         }
-        crate::gate::limits::TrustedProxies::parse(&l.trusted_proxies)
+        crate::gate::proxies::TrustedProxies::parse(&l.trusted_proxies)
             .map_err(|e| format!("limits.trusted_proxies: {e}"))?;
         crate::gate::auth::Verifier::new(&self.auth).map_err(|e| format!("auth: {e}"))?;
         self.compression.validate().map_err(|e| format!("compression: {e}"))?;

@@ -5,3 +5,4 @@
 pub mod admission;
 pub mod auth;
 pub mod limits;
+pub mod proxies;

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, types};
 
 use crate::config::Config;
-use crate::gate::limits::{self, TrustedProxies, WindowLimiter};
+use crate::gate::limits::{self, WindowLimiter};
+use crate::gate::proxies::TrustedProxies;
 use crate::metrics::{Metric, Metrics};
 use crate::process::control::Order;
 use crate::process::event_loop::{self, Process};
