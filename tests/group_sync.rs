@@ -8,15 +8,11 @@
 
 mod common;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
 use common::*;
-
-/// No unsolicited pongs or WebSocket pings in the middle of what a test reads.
-const QUIET: &str = "[keepalive]\nidle_send_ms = 60000\nsilence_ms = 60000\n";
 
 // ---------------------------------------------------------------------------------------------
 // Connecting
@@ -104,34 +100,6 @@ impl Join {
         assert_eq!(poke.base_cookie, Value::Null, "the first poke of a client without data");
         (ws, poke)
     }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Pushing
-// ---------------------------------------------------------------------------------------------
-
-fn insert(id: &str, title: &str) -> Value {
-    json!({"op": "insert", "tableName": "issue", "primaryKey": ["id"], "value": {"id": id, "title": title}})
-}
-
-fn update(id: &str, title: &str) -> Value {
-    json!({"op": "update", "tableName": "issue", "primaryKey": ["id"], "value": {"id": id, "title": title}})
-}
-
-fn delete(id: &str) -> Value {
-    json!({"op": "delete", "tableName": "issue", "primaryKey": ["id"], "value": {"id": id}})
-}
-
-/// Sends one push with one CRUD mutation, as the 1.9.0 client does (zero-client-capture.md).
-fn push(ws: &mut Ws, group: &str, client: &str, id: u64, ops: &[Value]) {
-    ws.send_json(&json!(["push", {
-        "timestamp": now_ms(),
-        "clientGroupID": group,
-        "mutations": [{"type": "crud", "timestamp": now_ms(), "id": id, "clientID": client,
-                       "name": "_zero_crud", "args": [{"ops": ops}]}],
-        "pushVersion": 1,
-        "requestID": format!("{client}-{id}"),
-    }]));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -277,27 +245,15 @@ fn error_next(ws: &mut Ws, kind: &str) -> Value {
 }
 
 /// A storage directory of the test's own (for restarts), removed when dropped.
-struct StorageDir(PathBuf);
+struct StorageDir(TempDir);
 
 impl StorageDir {
     fn new(name: &str) -> StorageDir {
-        let dir = std::env::temp_dir().join(format!(
-            "syncgate-group-sync-{name}-{}-{}",
-            std::process::id(),
-            now_ms()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        StorageDir(dir)
+        StorageDir(TempDir::new(&format!("group-sync-{name}")))
     }
 
     fn config(&self) -> String {
-        format!("[storage]\npath = \"{}\"\n", self.0.display())
-    }
-}
-
-impl Drop for StorageDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        format!("[storage]\npath = \"{}\"\n", self.0 .0.display())
     }
 }
 

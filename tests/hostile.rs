@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const QUIET: &str = "[keepalive]\nidle_send_ms = 60000\nsilence_ms = 60000\n";
-
 /// A TCP connection to `to` from the local address `from` (any 127.0.0.0/8 address works on
 /// loopback), so one test can play several clients.
 fn connect_from(from: IpAddr, to: SocketAddr) -> TcpStream {
@@ -309,13 +307,7 @@ fn a_consumer_that_stops_reading_is_closed_1008() {
     // Rows well under the queue bound, so a member that keeps reading never exceeds it.
     let big = "x".repeat(16 * 1024);
     for id in 1..=800u64 {
-        let value = serde_json::json!({"id": format!("r{id}"), "title": big});
-        ws.send_json(&serde_json::json!(["push", {
-            "timestamp": 1, "clientGroupID": "busy", "pushVersion": 1, "requestID": format!("q{id}"),
-            "mutations": [{"type": "crud", "timestamp": 1, "id": id, "clientID": "pusher",
-                "name": "_zero_crud", "args": [{"ops": [{"op": "insert", "tableName": "issue",
-                "primaryKey": ["id"], "value": value}]}]}]
-        }]));
+        push(&mut ws, "busy", "pusher", id, &[insert(&format!("r{id}"), &big)]);
         while ws.recv_json()[0] != "pokeEnd" {}
         let gone = |l: &str| l.contains(" closed ") && l.contains("clientID=stuck");
         if d.try_wait_line(gone, Duration::ZERO).is_some() {

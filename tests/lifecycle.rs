@@ -9,9 +9,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-/// Keepalive timers far away, so no unsolicited message gets between a test and its answer.
-const QUIET: &str = "[keepalive]\nidle_send_ms = 60000\nsilence_ms = 60000\n";
-
 fn daemon_with_auth(extra: &str) -> Daemon {
     Daemon::start(&format!("{QUIET}{}{extra}", auth_config()))
 }
@@ -415,13 +412,8 @@ fn invalid_upstream_messages_close_the_connection() {
 #[test]
 fn a_push_for_another_client_group_is_invalid() {
     let d = Daemon::start(QUIET);
-    let push = |ws: &mut Ws| {
-        ws.send_json(&json!(["push", {"timestamp": 1, "clientGroupID": "someone-elses", "mutations": [
-            {"type": "crud", "timestamp": 1, "id": 1, "clientID": "pusher", "name": "_zero_crud",
-             "args": [{"ops": [{"op": "insert", "tableName": "issue", "primaryKey": ["id"], "value": {"id": "i1"}}]}]}],
-            "pushVersion": 1, "requestID": "r1"}]))
-    };
-    expect_message_refused(&d, "pusher", push, "InvalidPush", None);
+    let foreign = |ws: &mut Ws| push(ws, "someone-elses", "pusher", 1, &[insert("i1", "x")]);
+    expect_message_refused(&d, "pusher", foreign, "InvalidPush", None);
 }
 
 #[test]
@@ -445,15 +437,15 @@ fn a_client_close_is_answered_and_logged() {
 #[test]
 fn bytes_after_the_close_of_a_groups_last_connection_are_harmless() {
     let d = Daemon::start(&format!("workers = 1\n{QUIET}"));
-    let ping = client_frame(true, 0x1, br#"["ping",{}]"#);
+    let ping = client_frame(true, OP_TEXT, br#"["ping",{}]"#);
     for round in 0..10 {
         let path = Params::new("c1", &format!("solo-{round}")).path();
         let mut c = RawConn::handshake(d.addr, &path, Some(&anon_header()));
         c.expect_connected();
         // Not JSON: InvalidMessage, then the server's close 1002, which waits for ours.
-        c.send_frame(0x1, b"nope");
+        c.send_frame(OP_TEXT, b"nope");
         assert_eq!(c.expect_close(), 1002);
-        c.send_frame(0x8, &1002u16.to_be_bytes());
+        c.send_frame(OP_CLOSE, &1002u16.to_be_bytes());
         // Then pings in writes of their own until the socket refuses them (or a second has
         // passed): some arrive after the server took the close and dropped the group.
         let until = Instant::now() + Duration::from_secs(1);

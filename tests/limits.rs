@@ -6,8 +6,6 @@ mod common;
 use common::*;
 use std::io::Write;
 
-const QUIET: &str = "[keepalive]\nidle_send_ms = 60000\nsilence_ms = 60000\n";
-
 #[test]
 fn a_message_over_max_message_bytes_closes_1009() {
     let d = Daemon::start(&format!("{QUIET}[limits]\nmax_message_bytes = 1024\n"));

@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-const QUIET: &str = "[keepalive]\nidle_send_ms = 60000\nsilence_ms = 60000\n";
-
 #[test]
 fn sigterm_closes_every_connection_with_1001_and_exits() {
     let mut d = Daemon::start(QUIET);
@@ -155,7 +153,7 @@ fn the_config_file_can_be_named_by_syncgate_config() {
         ),
     )
     .unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_syncgate"));
+    let mut cmd = Command::new(BIN);
     cmd.arg("run").env("SYNCGATE_CONFIG", &path);
     let d = Daemon::spawn(cmd, path).unwrap_or_else(|log| panic!("did not start: {log}"));
     assert!(
@@ -170,7 +168,7 @@ fn the_config_file_can_be_named_by_syncgate_config() {
 fn an_invalid_config_fails_startup_with_a_clear_message() {
     let path = std::env::temp_dir().join(format!("syncgate-test-bad-{}.toml", std::process::id()));
     std::fs::write(&path, "listen = \"127.0.0.1:0\"\n[limits]\nmax_message_bytes = 0\n").unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_syncgate"))
+    let out = Command::new(BIN)
         .arg("run")
         .arg("--config")
         .arg(&path)
@@ -214,7 +212,7 @@ fn run_without_io_uring(errno: i32) -> (std::process::ExitStatus, String) {
     let store = std::env::temp_dir().join(format!("syncgate-test-nouring-{}", std::process::id()));
     let config = format!("listen = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n", store.display());
     std::fs::write(&path, config).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_syncgate"));
+    let mut cmd = Command::new(BIN);
     cmd.arg("run").arg("--config").arg(&path).stdin(Stdio::null());
     // SAFETY: only async-signal-safe calls (prctl) between fork and exec; the filter lives
     // on the stack of the child until prctl copies it.

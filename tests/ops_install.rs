@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::TempDir;
+use common::{describe, repo_root, TempDir, BIN};
 use std::collections::BTreeMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -17,15 +17,10 @@ use std::process::{Command, Output};
 
 use syncgate::config::Config;
 
-/// The repository root, where the scripts and `systemd/` live.
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-/// The binary under test, installed in place of a release build.
-const BIN: &str = env!("CARGO_BIN_EXE_syncgate");
-
 /// Runs `scripts/<script>` with `args`, DESTDIR=`dest` and `env`; the caller's DESTDIR,
 /// PREFIX and SYNCGATE_BIN are not passed on, so only the test decides them.
 fn script(script: &str, dest: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(Path::new(ROOT).join("scripts").join(script));
+    let mut cmd = Command::new(repo_root().join("scripts").join(script));
     cmd.args(args).env("DESTDIR", dest).env_remove("PREFIX").env_remove("SYNCGATE_BIN");
     for (k, v) in env {
         cmd.env(k, v);
@@ -46,15 +41,6 @@ fn uninstall(dest: &Path, args: &[&str]) -> String {
     let out = script("uninstall.sh", dest, args, &[]);
     assert!(out.status.success(), "uninstall.sh failed: {}", describe(&out));
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "{}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// One entry of a tree listing: `d 0755` or `f 0644`.
@@ -125,7 +111,7 @@ fn read(path: impl AsRef<Path>) -> Vec<u8> {
 }
 
 fn repo_file(rel: &str) -> Vec<u8> {
-    read(Path::new(ROOT).join(rel))
+    read(repo_root().join(rel))
 }
 
 /// What a file looks like on disk: equal before and after means nothing wrote to it.

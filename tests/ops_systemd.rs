@@ -15,7 +15,7 @@
 
 mod common;
 
-use common::TempDir;
+use common::{describe, repo_root, TempDir, BIN};
 use std::io::{BufRead, BufReader, IoSliceMut, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
@@ -32,10 +32,6 @@ use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFla
 use nix::unistd::Pid;
 use syncgate::config::Config;
 
-/// The repository root, where the scripts and `systemd/` live.
-const ROOT: &str = env!("CARGO_MANIFEST_DIR");
-/// The binary under test.
-const BIN: &str = env!("CARGO_BIN_EXE_syncgate");
 /// The binary path the units carry for the default prefix.
 const UNIT_BIN: &str = "/usr/local/bin/syncgate";
 /// Generous deadlines: tests run in parallel on two cores; a passing test never waits this
@@ -55,7 +51,7 @@ const EXPOSURE_BUDGET: u32 = 13;
 /// Stages an install with the default prefix into a new temp dir.
 fn installed() -> TempDir {
     let dest = TempDir::new("systemd");
-    let out = Command::new(Path::new(ROOT).join("scripts/install.sh"))
+    let out = Command::new(repo_root().join("scripts/install.sh"))
         .arg("--no-build")
         .env("DESTDIR", &dest.0)
         .env("SYNCGATE_BIN", BIN)
@@ -76,15 +72,6 @@ fn systemd_tool(tool: &str, args: &[&str]) -> Output {
         ),
         Err(e) => panic!("run {tool}: {e}"),
     }
-}
-
-fn describe(out: &Output) -> String {
-    format!(
-        "{}\nstdout:\n{}\nstderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    )
 }
 
 /// Copies of the installed units whose Exec lines name the staged binary, so that
@@ -136,7 +123,7 @@ fn values<'a>(settings: &'a [(String, String, String)], section: &str, key: &str
 }
 
 fn repo_text(rel: &str) -> String {
-    std::fs::read_to_string(Path::new(ROOT).join(rel)).expect("read a repository file")
+    std::fs::read_to_string(repo_root().join(rel)).expect("read a repository file")
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -29,10 +29,6 @@ fn python() -> PathBuf {
     }
 }
 
-fn node() -> PathBuf {
-    std::env::var_os("SYNCGATE_TEST_NODE").map_or_else(|| "node".into(), PathBuf::from)
-}
-
 /// Runs `cmd` to completion (killing it at [`SCRIPT_TIMEOUT`]).
 fn run(mut cmd: Command) -> Output {
     let shown = format!("{cmd:?}");

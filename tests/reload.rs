@@ -9,8 +9,6 @@ use std::time::Duration;
 use common::*;
 use serde_json::json;
 
-const QUIET: &str = "[keepalive]\nidle_send_ms = 60000\nsilence_ms = 60000\n";
-
 /// The daemon's config with `max_message_bytes` set; the rest as the harness wrote it.
 fn with_limit(base: &str, limit: usize) -> String {
     base.lines()

@@ -8,8 +8,6 @@ use std::collections::BTreeMap;
 
 use common::*;
 
-const QUIET: &str = "[keepalive]\nidle_send_ms = 60000\nsilence_ms = 60000\n";
-
 #[test]
 fn the_published_hash_has_its_test_vectors() {
     // PROTOCOL.md's vectors, through the same function the listener routes with.

@@ -28,10 +28,6 @@ use common::*;
 /// lost socket (the client may sleep 5 s first), plus starting node on a busy machine.
 const EVENT_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn node() -> PathBuf {
-    std::env::var_os("SYNCGATE_TEST_NODE").map_or_else(|| "node".into(), PathBuf::from)
-}
-
 /// The package directory, after checking that the pinned client is installed there.
 fn zero_dir() -> PathBuf {
     let dir = repo_root().join("tests/clients/zero");
