@@ -25,6 +25,7 @@ pub mod json;
 pub mod messages;
 pub mod poke;
 pub mod route;
+mod strict;
 
 pub use error::{encode_error, write_error, ErrorBody, ErrorKind};
 pub use header::{
