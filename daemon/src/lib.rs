@@ -55,4 +55,6 @@ pub mod protocol;
 pub mod ring;
 pub mod slab;
 pub mod sync;
+#[cfg(test)]
+mod testing;
 pub mod ws;

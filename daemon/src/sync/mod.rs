@@ -585,7 +585,7 @@ fn corrupt(group_id: &str, message: String) -> StoreError {
 mod tests {
     use super::*;
     use crate::protocol::{parse_upstream, Upstream};
-    use crate::sync::store::tests::TempDir;
+    use crate::testing::TempDir;
 
     fn upstream(text: &str) -> Upstream {
         parse_upstream(&mut text.as_bytes().to_vec()).unwrap()

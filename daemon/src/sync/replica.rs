@@ -948,7 +948,7 @@ fn row_size(table: &str, key: &str, row: &Row) -> usize {
 mod tests {
     use super::*;
     use crate::protocol::poke::*;
-    use crate::protocol::{parse_upstream, QueryPut, Upstream};
+    use crate::protocol::QueryPut;
     use serde_json::json;
     use serde_json::Value;
 
@@ -997,18 +997,8 @@ mod tests {
         }
     }
 
-    /// A CRUD mutation parsed from the wire, as the worker gets it.
     fn crud(client: &str, id: u64, ops: Value) -> Mutation {
-        let text = json!(["push", {
-            "clientGroupID": GROUP, "pushVersion": 1, "timestamp": 1, "requestID": "r",
-            "mutations": [{"type": "crud", "id": id, "clientID": client, "name": "_zero_crud",
-                           "args": [{"ops": ops}], "timestamp": 1}]
-        }])
-        .to_string();
-        let Upstream::Push(mut push) = parse_upstream(&mut text.into_bytes()).unwrap() else {
-            panic!("not a push")
-        };
-        push.mutations.remove(0)
+        crate::testing::crud(GROUP, client, id, ops)
     }
 
     fn op(kind: &str, table: &str, value: Value) -> Value {

@@ -759,48 +759,15 @@ fn materialize(
 }
 
 #[cfg(test)]
-pub(crate) mod tests {
+mod tests {
     use super::*;
-    use crate::protocol::{parse_upstream, Mutation, QueriesPatchOp, QueryPut, Upstream};
+    use crate::protocol::{Mutation, QueriesPatchOp, QueryPut};
     use crate::sync::replica::{CatchUp, GroupLimits, PushResult, Replica};
+    use crate::testing::TempDir;
     use serde_json::{json, Value};
-    use std::path::PathBuf;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    /// A directory removed when the test ends.
-    pub(crate) struct TempDir(pub(crate) PathBuf);
-
-    impl TempDir {
-        pub(crate) fn new() -> TempDir {
-            static NEXT: AtomicUsize = AtomicUsize::new(0);
-            let name = format!(
-                "syncgate-store-test-{}-{}",
-                std::process::id(),
-                NEXT.fetch_add(1, Ordering::Relaxed)
-            );
-            let path = std::env::temp_dir().join(name);
-            let _ = std::fs::remove_dir_all(&path);
-            TempDir(path)
-        }
-    }
-
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 
     fn crud(client: &str, id: u64, ops: Value) -> Mutation {
-        let text = json!(["push", {
-            "clientGroupID": "g", "pushVersion": 1, "timestamp": 1, "requestID": "r",
-            "mutations": [{"type": "crud", "id": id, "clientID": client, "name": "_zero_crud",
-                           "args": [{"ops": ops}], "timestamp": 1}]
-        }])
-        .to_string();
-        let Upstream::Push(mut push) = parse_upstream(&mut text.into_bytes()).unwrap() else {
-            panic!("not a push")
-        };
-        push.mutations.remove(0)
+        crate::testing::crud("g", client, id, ops)
     }
 
     fn insert(id: &str, title: &str) -> Value {
