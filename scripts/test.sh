@@ -8,7 +8,8 @@
 #    into tests/clients/node/node_modules and the Zero client into tests/clients/zero/node_modules
 #    (`npm ci`, from each package-lock.json). A stamp holding
 #    the hash of the pin file says whether the installed copy is current.
-# 2. cargo fmt --check, cargo clippy --all-targets -D warnings, and cargo check of the fuzz
+# 2. cargo fmt --check, cargo clippy --all-targets -D warnings, cargo doc with warnings as
+#    errors (a broken intra-doc link fails), and cargo check of the fuzz
 #    targets (only scripts/fuzz.sh builds them, with sanitizers; without this check an API
 #    change breaks them unnoticed).
 # 3. The doctests (nextest does not run them), then the whole test suite under cargo-nextest
@@ -79,6 +80,8 @@ log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
+log "cargo doc (no broken intra-doc links)"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 log "cargo check of the fuzz targets"
 cargo check --manifest-path fuzz/Cargo.toml --bins --locked
 if cargo nextest --version >/dev/null 2>&1; then

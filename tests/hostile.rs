@@ -1,6 +1,6 @@
 //! Hostile traffic against the real binary: connection storms, slow-loris, decompression
-//! bombs, absurd frame headers, connection caps and stuck consumers (MEDIUM-02, LOW-01 and
-//! DESIGN.md's limits table).
+//! bombs, absurd frame headers, connection caps and stuck consumers (docs/SECURITY.md: its findings and
+//! its limits table).
 
 mod common;
 

@@ -1,5 +1,5 @@
-//! The plain HTTP side of the port (PROTOCOL.md "Routes"): health, metrics, errors that are
-//! answered and never hang, and the listener's defences on the request head (DESIGN.md
+//! The plain HTTP side of the port (docs/PROTOCOL.md, "Routes"): health, metrics, errors that are
+//! answered and never hang, and the listener's defences on the request head (docs/SECURITY.md
 //! "Limits and defaults": head timeout, head size, header count).
 
 mod common;

@@ -1,4 +1,4 @@
-//! Bidirectional keepalive (PROTOCOL.md lifecycle step 7, DESIGN.md "silence from a client"):
+//! Bidirectional keepalive (docs/PROTOCOL.md, "Keepalive"):
 //! the server sends an unsolicited `["pong",{}]` when it sent nothing for a while, pings a
 //! silent peer, and terminates one that does not answer. Timers are shortened to fractions of
 //! a second so the tests take about a second each.

@@ -1,4 +1,4 @@
-//! The connection lifecycle of PROTOCOL.md, in its order: route and parameter errors, the
+//! The connection lifecycle of docs/PROTOCOL.md, in its order: route and parameter errors, the
 //! protocol header, the token, the version, `connected` exactly once, then strict inbound
 //! validation.
 

@@ -1,4 +1,4 @@
-//! DESIGN.md "Limits and defaults (every one configurable, every one tested)": each limit set
+//! docs/SECURITY.md's limits table (every limit configurable, every one tested): each limit set
 //! low in the config, then breached through the real binary.
 
 mod common;

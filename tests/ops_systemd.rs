@@ -1,7 +1,7 @@
-//! The systemd integration, tested where systemd is not PID 1 (DESIGN.md "Operations"):
+//! The systemd integration, tested where systemd is not PID 1 (README, "Operations"):
 //!
 //! - the installed units pass `systemd-analyze verify` and stay within an exposure budget
-//!   of `systemd-analyze security`, and carry the settings DESIGN.md requires;
+//!   of `systemd-analyze security`, and carry the settings the README's "Operations" names;
 //! - the sysusers.d and tmpfiles.d entries apply to a scratch root and produce the user,
 //!   the directories and the ownership the unit relies on;
 //! - the daemon speaks the sd_notify protocol: the tests bind a NOTIFY_SOCKET of their own
@@ -164,7 +164,7 @@ fn the_service_stays_within_its_exposure_budget() {
     assert!(out.status.success(), "exposure over {EXPOSURE_BUDGET}/100: {}", describe(&out));
 }
 
-/// The settings DESIGN.md asks for, and the ones that must agree with the daemon and with
+/// The settings the README's "Operations" names, and the ones that must agree with the daemon and with
 /// the other files.
 #[test]
 fn the_service_carries_the_required_settings() {

@@ -1,4 +1,4 @@
-//! Deterministic worker choice by client group (PROTOCOL.md: xxh32(taskID/cgID) % workers):
+//! Deterministic worker choice by client group (docs/ARCHITECTURE.md: xxh32(taskID/cgID) % workers):
 //! groups spread over the workers, every socket of one group lands on the same worker, and
 //! that worker is the one the published hash names.
 
@@ -10,7 +10,7 @@ use common::*;
 
 #[test]
 fn the_published_hash_has_its_test_vectors() {
-    // PROTOCOL.md's vectors, through the same function the listener routes with.
+    // The routing vectors, through the same function the listener routes with.
     assert_eq!(xxhash_rust::xxh32::xxh32(b"abc", 0), 0x32d1_53ff);
     assert_eq!(xxhash_rust::xxh32::xxh32(b"a", 0), 0x550d_7456);
     for group in ["g1", "0h3jon9uhlfna8iufn", "ünïcødé"] {

@@ -1,6 +1,6 @@
 'use strict';
 // The Node `ws` peer of the syncgate benchmarks: zero-cache's own WebSocket stack, with
-// the protocol subset the scenarios use (PROTOCOL.md): the Sec-WebSocket-Protocol header
+// the protocol subset the scenarios use (docs/PROTOCOL.md): the Sec-WebSocket-Protocol header
 // echoed, `connected`, ping -> pong, and a CRUD push -> pokeStart/pokePart/pokeEnd to
 // every connection of the push's client group. No JWT work.
 //
@@ -20,7 +20,7 @@ const { WebSocketServer } = require('ws');
 const [host, port] = (process.argv[2] || '127.0.0.1:4851').split(':');
 const deflate = process.argv.includes('--deflate');
 
-// The same limits and compression settings as syncgate's defaults (DESIGN.md): 10 MiB
+// The same limits and compression settings as syncgate's defaults (docs/SECURITY.md, limits table): 10 MiB
 // messages; when compression is on, window bits at most 13, a 1 KiB threshold and no
 // context takeover either way.
 const wss = new WebSocketServer({

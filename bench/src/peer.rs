@@ -1,7 +1,7 @@
 //! What the Rust peer servers share: reading a connect request, answering the upgrade,
 //! and the client-group logic that turns a push into the poke every member receives.
 //!
-//! The peers implement only the protocol subset the scenarios use (PROTOCOL.md): the
+//! The peers implement only the protocol subset the scenarios use (docs/PROTOCOL.md): the
 //! protocol header echoed, `connected`, ping -> pong, and a CRUD push -> pokeStart,
 //! pokePart, pokeEnd to every connection of the push's client group. They do no JWT
 //! work. Each peer does its own I/O in its library's idiom; this module has none.

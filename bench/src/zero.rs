@@ -1,5 +1,5 @@
 //! The client side of the slice of Zero's sync protocol the scenarios use
-//! (/work/shared/PROTOCOL.md): the connect request, the `connected` check, ping/pong, a
+//! (docs/PROTOCOL.md): the connect request, the `connected` check, ping/pong, a
 //! CRUD push of a fixed size, and the check of the poke that answers it.
 //!
 //! Checks compare bytes rather than parse JSON: the load client must stay cheaper than

@@ -3,7 +3,7 @@
 //!
 //! Every key of the file can be set from the environment: `SYNCGATE_` plus the key in upper
 //! case with dots and dashes turned into underscores (`auth.secret` -> `SYNCGATE_AUTH_SECRET`).
-//! The names in DESIGN.md's "Configuration names that are fixed" are used exactly as written.
+//! Key names are a contract with operators' scripts (README, "Configuration"): never renamed.
 //!
 //! The supervisor resolves the configuration once and hands the resolved result to its children
 //! (as TOML in an environment variable), so every process runs with exactly the same settings
@@ -65,7 +65,7 @@ pub struct Conformance {
     pub echo: bool,
 }
 
-/// The limits of DESIGN.md's "Limits and defaults" table.
+/// The limits of docs/SECURITY.md's limits table ("What else a hostile client gets").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Limits {
@@ -139,7 +139,7 @@ impl Limits {
     }
 }
 
-/// Keepalive timers (PROTOCOL.md "Connection lifecycle" step 7, DESIGN.md "silence").
+/// Keepalive timers (docs/PROTOCOL.md, "Keepalive").
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Keepalive {

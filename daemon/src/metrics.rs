@@ -4,7 +4,7 @@
 //! process owns one slot (the listener slot 0, worker `i` slot `i + 1`) and is the only writer
 //! of its slot, so counters are plain relaxed atomics with no contention; the listener reads all
 //! slots to answer `GET /metrics`. This is the only memory processes share that they write to
-//! (DESIGN.md), and it survives a worker's crash, so totals never go backwards on a respawn
+//! (docs/ARCHITECTURE.md, "Where state lives"), and it survives a worker's crash, so totals never go backwards on a respawn
 //! except for the gauges, which the respawned worker resets.
 
 use std::fmt::Write as _;

@@ -418,7 +418,7 @@ pub fn metric_value(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
     total
 }
 
-/// The worker a client group must land on (PROTOCOL.md: xxh32(taskID/cgID) % workers).
+/// The worker a client group must land on (docs/ARCHITECTURE.md: xxh32(taskID/cgID) % workers).
 pub fn expected_worker(group: &str) -> usize {
     syncgate::protocol::route::worker_for(TASK_ID, group, WORKERS)
 }

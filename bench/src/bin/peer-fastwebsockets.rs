@@ -1,4 +1,4 @@
-//! `peer-fastwebsockets`: the protocol subset of the benchmarks (PROTOCOL.md: protocol
+//! `peer-fastwebsockets`: the protocol subset of the benchmarks (docs/PROTOCOL.md: protocol
 //! header echo, `connected`, ping -> pong, push -> poke to the client group) on Deno's
 //! fastwebsockets, written the way its users write a fast server.
 //!

@@ -1,4 +1,4 @@
-//! `peer-tungstenite`: the protocol subset of the benchmarks (PROTOCOL.md: protocol
+//! `peer-tungstenite`: the protocol subset of the benchmarks (docs/PROTOCOL.md: protocol
 //! header echo, `connected`, ping -> pong, push -> poke to the client group) on
 //! tokio-tungstenite, written the way its users write a fast server.
 //!
@@ -8,7 +8,7 @@
 //!   the socket's own messages are written directly, pokes for other members go through
 //!   their outboxes as shared (reference-counted) message bytes.
 //! - A 4 KiB read buffer instead of the 128 KiB default, which costs about 133 KB per
-//!   idle connection and halves throughput at 1 KiB messages (DESIGN.md: the fair setting).
+//!   idle connection and halves throughput at 1 KiB messages (docs/SECURITY.md: the fair setting).
 //! - TCP_NODELAY, as every WebSocket server sets it.
 //!
 //! Usage: `peer-tungstenite 127.0.0.1:PORT`. Prints `ready listen=ADDR` on stderr.

@@ -1,7 +1,7 @@
 //! JWT verification for sync sockets.
 //!
 //! A worker verifies the token a client sends in its `Sec-WebSocket-Protocol` header
-//! before it looks at anything else about the connection (DESIGN.md, displacement
+//! before it looks at anything else about the connection (docs/SECURITY.md, "Displacement before authentication"; the displacement
 //! rules): the verified `sub` decides whether a socket may displace another one with
 //! the same `clientID` and whether it may join a client group. This module turns the
 //! `[auth]` config table into a [`Verifier`] and checks tokens against it; it does no

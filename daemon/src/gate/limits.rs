@@ -1,5 +1,5 @@
 //! Rate limiters: connection attempts per client address or per clientID, and mutations per
-//! user per client group (DESIGN.md "Limits and defaults", finding MEDIUM-02).
+//! user per client group (docs/SECURITY.md, "No connection rate limiting" and the limits table).
 //!
 //! zero-cache had no connection rate limiting: any address could open sockets as fast as it
 //! liked and make the server verify a JWT for each. syncgate refuses an address over its
@@ -65,7 +65,7 @@
 //! # Client addresses
 //!
 //! [`ip_key`] groups IPv6 clients by /64 (one host usually owns a whole /64, and a limit per
-//! address would give it 2^64 budgets). [`TrustedProxies`] takes the client address from
+//! address would give it 2^64 budgets). [`TrustedProxies`](crate::gate::proxies::TrustedProxies) takes the client address from
 //! `X-Forwarded-For` only when the socket's peer is a configured proxy.
 
 use std::collections::{HashMap, VecDeque};

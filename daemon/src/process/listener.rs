@@ -77,7 +77,7 @@ pub struct Listener {
     stopping: bool,
     /// Sockets in `pending` per peer address (the slow-loris bound).
     pending_per_ip: std::collections::HashMap<[u8; 16], usize>,
-    /// Upgrade attempts per client address (MEDIUM-02), checked before any handoff or JWT.
+    /// Upgrade attempts per client address (docs/SECURITY.md, "No connection rate limiting"), checked before any handoff or JWT.
     ip_limiter: WindowLimiter,
     /// Upgrade attempts per clientID and address, so one client cannot storm a worker and
     /// nobody elsewhere can lock a known clientID out.
@@ -323,7 +323,7 @@ impl Listener {
             let out = self.plain_http(&head);
             return self.answer(index, out, now);
         }
-        // MEDIUM-02: the per-address limit comes before anything else an upgrade costs.
+        // The per-address limit comes before anything else an upgrade costs.
         let client_ip = self.proxies.client_ip(p.peer.ip(), head.forwarded_for.as_deref());
         if let Err(wait) = self.ip_limiter.check(&limits::ip_key(client_ip), now) {
             self.metrics.inc(Metric::RateLimited);

@@ -351,7 +351,7 @@ impl Worker {
         }
     }
 
-    /// A socket arrives: the whole handshake, in PROTOCOL.md's lifecycle order.
+    /// A socket arrives: the whole handshake, in docs/PROTOCOL.md's lifecycle order.
     fn on_handoff(&mut self, h: Handoff, now: Instant) {
         if self.stopping.is_some() {
             return;

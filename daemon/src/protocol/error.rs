@@ -268,7 +268,7 @@ mod tests {
     use super::*;
     use serde_json::{json, Value};
 
-    /// The 19 kinds of PROTOCOL.md, spelled as on the wire.
+    /// The 19 kinds of docs/PROTOCOL.md, spelled as on the wire.
     const WIRE_KINDS: [&str; 19] = [
         "AuthInvalidated",
         "ClientNotFound",

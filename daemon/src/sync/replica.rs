@@ -13,9 +13,9 @@
 //!
 //! Every state change returns a [`Change`]: the caller stages it in the store
 //! (`crate::sync::store`), commits, and only then sends the change's poke to every
-//! connection of the group. [`encode_poke`] turns a poke into the payloads of
+//! connection of the group. [`encode_poke`](crate::protocol::poke::encode_poke) turns a poke into the payloads of
 //! the WebSocket messages to send; one encoding serves every recipient with
-//! the same [`PokeFormat`].
+//! the same [`PokeFormat`](crate::protocol::poke::PokeFormat).
 //!
 //! The semantics follow zero-cache (rocicorp/mono) and the Zero client:
 //!
@@ -213,7 +213,7 @@ pub struct HistoryEntry {
     /// The version this change produced.
     pub version: u64,
     /// What changed, as JSON ([`Patch::to_json`], what the store holds). A group keeps up to
-    /// [`Limits::max_history`] of these in memory, and only a reconnecting client reads them:
+    /// [`GroupLimits::max_history`] of these in memory, and only a reconnecting client reads them:
     /// as text, an entry of a small change costs its length instead of the several map nodes
     /// of a parsed `Patch`, a fraction of the memory (bench/RESULTS.md).
     pub json: Arc<str>,
@@ -429,7 +429,7 @@ impl Replica {
         self.row_count
     }
 
-    /// Bytes of row data in the group (see [`Limits::max_row_bytes`]).
+    /// Bytes of row data in the group (see [`GroupLimits::max_row_bytes`]).
     pub fn row_bytes(&self) -> usize {
         self.row_bytes
     }

@@ -9,7 +9,7 @@
 //!
 //! A commit appends each change to the group's `history` (one row: the patch
 //! as JSON) and writes nothing else: the history is the log. Every
-//! [`MATERIALIZE_EVERY`] versions of a group (or sooner after large patches)
+//! `MATERIALIZE_EVERY` versions of a group (or sooner after large patches)
 //! the commit also folds the changes since the last time into the `rows`,
 //! `clients` and `queries` tables, moves `groups.version` up to them, and
 //! trims the history to the replica's bounds. A load reads the materialized
@@ -154,7 +154,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// Another process held the file past [`BUSY_TIMEOUT`]: worth retrying soon, unlike a
+    /// Another process held the file past `BUSY_TIMEOUT` (5 s): worth retrying soon, unlike a
     /// broken file.
     pub fn is_busy(&self) -> bool {
         let source = match self {

@@ -27,9 +27,9 @@ pub use crate::ws::close::DecodeError;
 use crate::ws::close::{parse_close_payload, truncate_reason};
 use crate::ws::mask::apply_mask;
 
-/// DESIGN.md's default inbound message limit.
+/// The default inbound message limit (docs/SECURITY.md's limits table).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 10 * 1024 * 1024;
-/// DESIGN.md's default fragment limit: enough for any real client, small enough that empty
+/// The default fragment limit: enough for any real client, small enough that empty
 /// fragments cannot keep a connection busy forever.
 pub const DEFAULT_MAX_FRAGMENTS: usize = 131_072;
 /// The longest server header: 2 bytes plus a 64-bit length, no mask.

@@ -142,7 +142,7 @@ struct RunArgs {
     /// its own source addresses, so --sources must be at least this.
     #[arg(long, default_value_t = 1)]
     processes: usize,
-    /// The first source address is 127.0.0.<this> (a child process's own addresses).
+    /// The first source address is `127.0.0.<this>` (a child process's own addresses).
     #[arg(long, default_value_t = 1, hide = true, value_parser = clap::value_parser!(u8).range(1..))]
     first_source: u8,
     /// Number of the first connection, in its clientID, group and wsid (a child process's
@@ -378,7 +378,7 @@ fn measure(a: &RunArgs, rec: &mut Record, label: &str) -> Result<(), String> {
     }
 }
 
-/// The server, and the source addresses: --sources of them from 127.0.0.<first-source>;
+/// The server, and the source addresses: --sources of them from `127.0.0.<first-source>`;
 /// the kernel chooses when that is 127.0.0.1 alone.
 fn target(a: &RunArgs) -> Result<Target, String> {
     let count = a.sources.max(1);

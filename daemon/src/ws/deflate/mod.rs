@@ -1,7 +1,7 @@
 //! permessage-deflate (RFC 7692) for syncgate: configuration, handshake negotiation and the
 //! per-message codec, sans-IO.
 //!
-//! This module is the answer to review finding LOW-01 (compression DoS). The three ways
+//! This module is the answer to the review's compression DoS finding (docs/SECURITY.md). The three ways
 //! compression hurts a server are memory per connection, CPU per byte, and decompression
 //! bombs, and each has one answer here:
 //!

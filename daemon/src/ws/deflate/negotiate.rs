@@ -136,7 +136,7 @@ pub struct Agreement {
 
 impl Agreement {
     /// Bytes of the contexts this connection needs for itself: a direction without context
-    /// takeover runs on the worker's [`SharedContexts`] and costs nothing here.
+    /// takeover runs on the worker's [`SharedContexts`](super::SharedContexts) and costs nothing here.
     pub fn dedicated_bytes(&self) -> usize {
         let deflate = if self.server_no_context_takeover {
             0
