@@ -181,7 +181,7 @@ path = "$OUT/store"
 echo = true
 [limits]
 # 9.* sends messages of up to 16 MiB, in up to 16 Ki frames (9.5.1/9.6.1 in 64-byte frames
-# would be 256 Ki); DESIGN.md's defaults (10 MiB, 128 Ki) would fail them with 1009/1008.
+# would be 256 Ki); the daemon's defaults (10 MiB, 128 Ki) would fail them with 1009/1008.
 max_message_bytes = 67108864
 max_fragments = 1048576
 # Every case is a new connection from 127.0.0.1: ~520 in a minute.
