@@ -617,21 +617,15 @@ fn upgrade_then_close(head: &Head, message: &str) -> Vec<u8> {
 
 fn peer_addr(fd: RawFd) -> SocketAddr {
     use nix::sys::socket::{getpeername, SockaddrStorage};
-    let unknown = SocketAddr::from(([0, 0, 0, 0], 0));
-    match getpeername::<SockaddrStorage>(fd) {
-        Ok(addr) => {
-            if let Some(v4) = addr.as_sockaddr_in() {
-                SocketAddr::from((v4.ip(), v4.port()))
-            } else if let Some(v6) = addr.as_sockaddr_in6() {
-                let ip = v6.ip();
-                match ip.to_ipv4_mapped() {
-                    Some(v4) => SocketAddr::from((v4, v6.port())),
-                    None => SocketAddr::from((ip, v6.port())),
-                }
-            } else {
-                unknown
-            }
-        }
-        Err(_) => unknown,
+    let addr = getpeername::<SockaddrStorage>(fd).ok().and_then(|a| super::socket_addr(&a));
+    match addr {
+        // A dual-stack socket reports IPv4 peers as IPv4-mapped IPv6 addresses: limits, logs
+        // and X-Forwarded-For want the IPv4 address.
+        Some(SocketAddr::V6(v6)) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => SocketAddr::V6(v6),
+        },
+        Some(addr) => addr,
+        None => SocketAddr::from(([0, 0, 0, 0], 0)),
     }
 }

@@ -720,10 +720,7 @@ fn bind(addr: std::net::SocketAddr) -> std::io::Result<OwnedFd> {
 fn local_addr(fd: &OwnedFd) -> Option<std::net::SocketAddr> {
     let addr: nix::sys::socket::SockaddrStorage =
         nix::sys::socket::getsockname(fd.as_raw_fd()).ok()?;
-    if let Some(v4) = addr.as_sockaddr_in() {
-        return Some(std::net::SocketAddr::from((v4.ip(), v4.port())));
-    }
-    addr.as_sockaddr_in6().map(|v6| std::net::SocketAddr::from((v6.ip(), v6.port())))
+    super::socket_addr(&addr)
 }
 
 /// A close-on-exec copy of `fd` numbered `above` or higher: past every fixed child descriptor

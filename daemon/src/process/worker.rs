@@ -1,8 +1,10 @@
-//! A worker process: receives sockets from the listener, finishes their handshake (token,
-//! displacement rules, version), and runs their connections on one io_uring ring.
+//! A worker process: receives sockets from the listener, finishes their handshake, and runs
+//! their connections on one io_uring ring (the loop itself is [`event_loop`]).
 //!
-//! The loop is thin on purpose: it moves bytes between sockets and the sans-IO
-//! [`Connection`]s, [`admission`] and [`GroupSync`], and decides nothing itself. Per
+//! The worker carries out what others decide: [`admission`] whether a socket is served and
+//! at whose expense, each [`Connection`] what its bytes mean, [`GroupSync`] what a message
+//! changes and who is told. It gathers what they need (the verified token, the group, the
+//! holder of a clientID), moves bytes between sockets and them, and counts and logs. Per
 //! connection there is one multishot receive (into the shared provided-buffer ring, so an
 //! idle connection parks no read buffer) and at most one send in flight. A slot is freed
 //! only when neither is in flight, so a late completion can never land on a reused slot.
