@@ -535,7 +535,6 @@ impl Listener {
     }
 }
 
-/// The bytes of a 101, an error message and a close frame: refusing a client in a way its
 impl Process for Listener {
     fn ring(&mut self) -> &mut Ring {
         &mut self.ring
@@ -588,6 +587,7 @@ impl Process for Listener {
     }
 }
 
+/// The bytes of a 101, an error message and a close frame: refusing a client in a way its
 /// WebSocket reports (an HTTP error looks like a network failure to a browser).
 fn upgrade_then_error(
     head: &Head,
