@@ -303,3 +303,36 @@ fn unavailable_message(e: &io::Error) -> String {
     };
     format!("io_uring unavailable: {cause}")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_token_names_its_operation_and_socket() {
+        for op in Op::ALL {
+            assert_eq!(Op::of(op.token(7)), (op, 7));
+            assert_eq!(Op::of(op.token(u32::MAX)), (op, u32::MAX));
+        }
+        // A tag no process writes reads as nothing to act on, never as another operation.
+        assert_eq!(Op::of(0xff << 56).0, Op::Nothing);
+    }
+
+    #[test]
+    fn more_entries_than_the_queue_holds_all_complete_in_order() {
+        let mut ring = Ring::new().expect("io_uring");
+        let total = 3 * ENTRIES as u64;
+        for i in 0..total {
+            let entry = opcode::Nop::new().build().user_data(i);
+            // SAFETY: a no-op points at no memory.
+            unsafe { ring.push(entry) };
+        }
+        let (mut seen, mut cqes) = (Vec::new(), Vec::new());
+        while (seen.len() as u64) < total {
+            ring.submit_and_wait().unwrap();
+            ring.drain(&mut cqes);
+            seen.extend(cqes.iter().map(|c| c.user_data()));
+        }
+        assert_eq!(seen, (0..total).collect::<Vec<_>>());
+    }
+}
