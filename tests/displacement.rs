@@ -1,7 +1,8 @@
-//! The displacement rules (docs/SECURITY.md, "Displacement before authentication"): a second socket with a connected
-//! clientID may take the connection over only with a verified token of the same user; anyone
-//! else is refused while the live connection keeps being served; a dead connection does not
-//! lock its owner out; and a client group belongs to the first verified user who joined it.
+//! The displacement rules (docs/SECURITY.md, "Displacement before authentication"): a second socket
+//! with a connected clientID may take the connection over only with a verified token of the same
+//! user; anyone else is refused while the live connection keeps being served; a dead connection
+//! does not lock its owner out; and a client group belongs to the first verified user who joined
+//! it.
 
 mod common;
 
@@ -249,8 +250,9 @@ fn a_refused_newcomer_leaves_the_existing_connection_in_its_group() {
 
 #[test]
 fn a_newcomer_with_an_unsupported_version_does_not_displace() {
-    // The version is checked before any existing connection is touched (docs/PROTOCOL.md, "Lifecycle"):
-    // a same-user socket that is then refused must not have closed the live one on its way.
+    // The version is checked before any existing connection is touched (docs/PROTOCOL.md,
+    // "Lifecycle"): a same-user socket that is then refused must not have closed the live one on
+    // its way.
     let d = daemon();
     let params = Params::new("c1", "g1").user("alice");
     let live = d

@@ -1,5 +1,5 @@
-//! Hostile traffic against the real binary: connection storms, slow-loris, decompression
-//! bombs, absurd frame headers, connection caps and stuck consumers (docs/SECURITY.md: its findings and
+//! Hostile traffic against the real binary: connection storms, slow-loris, decompression bombs,
+//! absurd frame headers, connection caps and stuck consumers (docs/SECURITY.md: its findings and
 //! its limits table).
 
 mod common;

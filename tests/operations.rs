@@ -183,7 +183,8 @@ fn an_invalid_config_fails_startup_with_a_clear_message() {
 
 #[test]
 fn an_ipv6_wildcard_listen_also_takes_ipv4() {
-    // The default `[::]:4848` is dual-stack (README, "Configuration"): IPv4 clients must get in too.
+    // The default `[::]:4848` is dual-stack (README, "Configuration"): IPv4 clients must get in
+    // too.
     let d = Daemon::start(&format!("listen = \"[::]:0\"\n{QUIET}"));
     let port = d.addr.port();
     for addr in [format!("127.0.0.1:{port}"), format!("[::1]:{port}")] {

@@ -164,8 +164,8 @@ fn the_service_stays_within_its_exposure_budget() {
     assert!(out.status.success(), "exposure over {EXPOSURE_BUDGET}/100: {}", describe(&out));
 }
 
-/// The settings the README's "Operations" names, and the ones that must agree with the daemon and with
-/// the other files.
+/// The settings the README's "Operations" names, and the ones that must agree with the daemon and
+/// with the other files.
 #[test]
 fn the_service_carries_the_required_settings() {
     let settings = unit_settings(&repo_text("systemd/syncgate.service"));

@@ -179,8 +179,8 @@ fn node_ws_client_completes_a_session() {
     assert_eq!(extensions, "", "compression is off by default: nothing may be negotiated");
 }
 
-/// With `compression.enabled` both clients' permessage-deflate offers are accepted (docs/SECURITY.md,
-/// "Compression DoS"), and their compressed 4 KiB message is inflated correctly.
+/// With `compression.enabled` both clients' permessage-deflate offers are accepted
+/// (docs/SECURITY.md, "Compression DoS"), and their compressed 4 KiB message is inflated correctly.
 #[test]
 fn real_clients_negotiate_permessage_deflate_when_enabled() {
     let d = Daemon::start("[compression]\nenabled = true\n");

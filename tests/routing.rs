@@ -1,6 +1,6 @@
-//! Deterministic worker choice by client group (docs/ARCHITECTURE.md: xxh32(taskID/cgID) % workers):
-//! groups spread over the workers, every socket of one group lands on the same worker, and
-//! that worker is the one the published hash names.
+//! Deterministic worker choice by client group (docs/ARCHITECTURE.md: xxh32(taskID/cgID) %
+//! workers): groups spread over the workers, every socket of one group lands on the same worker,
+//! and that worker is the one the published hash names.
 
 mod common;
 

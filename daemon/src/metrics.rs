@@ -1,11 +1,11 @@
 //! Metrics counters shared by every process of one daemon, and their Prometheus text.
 //!
-//! The supervisor creates one memfd before it starts anyone and every child maps it. Each
-//! process owns one slot (the listener slot 0, worker `i` slot `i + 1`) and is the only writer
-//! of its slot, so counters are plain relaxed atomics with no contention; the listener reads all
-//! slots to answer `GET /metrics`. This is the only memory processes share that they write to
-//! (docs/ARCHITECTURE.md, "Where state lives"), and it survives a worker's crash, so totals never go backwards on a respawn
-//! except for the gauges, which the respawned worker resets.
+//! The supervisor creates one memfd before it starts anyone and every child maps it. Each process
+//! owns one slot (the listener slot 0, worker `i` slot `i + 1`) and is the only writer of its slot,
+//! so counters are plain relaxed atomics with no contention; the listener reads all slots to answer
+//! `GET /metrics`. This is the only memory processes share that they write to
+//! (docs/ARCHITECTURE.md, "Where state lives"), and it survives a worker's crash, so totals never
+//! go backwards on a respawn except for the gauges, which the respawned worker resets.
 
 use std::fmt::Write as _;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};

@@ -1,11 +1,11 @@
 //! JWT verification for sync sockets.
 //!
-//! A worker verifies the token a client sends in its `Sec-WebSocket-Protocol` header
-//! before it looks at anything else about the connection (docs/SECURITY.md, "Displacement before authentication"; the displacement
-//! rules): the verified `sub` decides whether a socket may displace another one with
-//! the same `clientID` and whether it may join a client group. This module turns the
-//! `[auth]` config table into a [`Verifier`] and checks tokens against it; it does no
-//! I/O after construction (building it reads `auth.jwks_file` once).
+//! A worker verifies the token a client sends in its `Sec-WebSocket-Protocol` header before it
+//! looks at anything else about the connection (docs/SECURITY.md, "Displacement before
+//! authentication"; the displacement rules): the verified `sub` decides whether a socket may
+//! displace another one with the same `clientID` and whether it may join a client group. This
+//! module turns the `[auth]` config table into a [`Verifier`] and checks tokens against it; it does
+//! no I/O after construction (building it reads `auth.jwks_file` once).
 //!
 //! Keys come from exactly one source: an HS256 shared secret, one public JWK, or a file
 //! holding a JWKS. The accepted algorithm always comes from the key, never from the

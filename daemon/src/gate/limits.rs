@@ -65,8 +65,9 @@
 //! # Client addresses
 //!
 //! [`ip_key`] groups IPv6 clients by /64 (one host usually owns a whole /64, and a limit per
-//! address would give it 2^64 budgets). [`TrustedProxies`](crate::gate::proxies::TrustedProxies) takes the client address from
-//! `X-Forwarded-For` only when the socket's peer is a configured proxy.
+//! address would give it 2^64 budgets). [`TrustedProxies`](crate::gate::proxies::TrustedProxies)
+//! takes the client address from `X-Forwarded-For` only when the socket's peer is a configured
+//! proxy.
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, Hasher, RandomState};

@@ -77,7 +77,8 @@ pub struct Listener {
     stopping: bool,
     /// Sockets in `pending` per peer address (the slow-loris bound).
     pending_per_ip: std::collections::HashMap<[u8; 16], usize>,
-    /// Upgrade attempts per client address (docs/SECURITY.md, "No connection rate limiting"), checked before any handoff or JWT.
+    /// Upgrade attempts per client address (docs/SECURITY.md, "No connection rate limiting"),
+    /// checked before any handoff or JWT.
     ip_limiter: WindowLimiter,
     /// Upgrade attempts per clientID and address, so one client cannot storm a worker and
     /// nobody elsewhere can lock a known clientID out.

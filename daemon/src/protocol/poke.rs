@@ -16,9 +16,9 @@ use crate::protocol::json;
 /// A row: column name to value, as the client sent it.
 pub type Row = Map<String, Value>;
 
-/// Row changes: table name, then row key (see [`row_key`](crate::protocol::cookie::row_key)), then the new row
-/// or `None` for a deleted row. Keyed maps make "the later write of a row
-/// wins" the natural way to merge changes.
+/// Row changes: table name, then row key (see [`row_key`](crate::protocol::cookie::row_key)), then
+/// the new row or `None` for a deleted row. Keyed maps make "the later write of a row wins" the
+/// natural way to merge changes.
 pub type RowsPatch = BTreeMap<String, BTreeMap<String, Option<Row>>>;
 
 /// The first sync protocol version that receives poke parts as binary frames

@@ -12,10 +12,10 @@
 //! complete as soon as the server has acknowledged it ("got" it).
 //!
 //! Every state change returns a [`Change`]: the caller stages it in the store
-//! (`crate::sync::store`), commits, and only then sends the change's poke to every
-//! connection of the group. [`encode_poke`](crate::protocol::poke::encode_poke) turns a poke into the payloads of
-//! the WebSocket messages to send; one encoding serves every recipient with
-//! the same [`PokeFormat`](crate::protocol::poke::PokeFormat).
+//! (`crate::sync::store`), commits, and only then sends the change's poke to every connection of
+//! the group. [`encode_poke`](crate::protocol::poke::encode_poke) turns a poke into the payloads of
+//! the WebSocket messages to send; one encoding serves every recipient with the same
+//! [`PokeFormat`](crate::protocol::poke::PokeFormat).
 //!
 //! The semantics follow zero-cache (rocicorp/mono) and the Zero client:
 //!

@@ -1,8 +1,8 @@
 //! permessage-deflate (RFC 7692) for syncgate: configuration, handshake negotiation and the
 //! per-message codec, sans-IO.
 //!
-//! This module is the answer to the review's compression DoS finding (docs/SECURITY.md). The three ways
-//! compression hurts a server are memory per connection, CPU per byte, and decompression
+//! This module is the answer to the review's compression DoS finding (docs/SECURITY.md). The three
+//! ways compression hurts a server are memory per connection, CPU per byte, and decompression
 //! bombs, and each has one answer here:
 //!
 //! - **Memory.** By default every connection of a worker shares one compressor and one

@@ -135,8 +135,8 @@ pub struct Agreement {
 }
 
 impl Agreement {
-    /// Bytes of the contexts this connection needs for itself: a direction without context
-    /// takeover runs on the worker's [`SharedContexts`](super::SharedContexts) and costs nothing here.
+    /// Bytes of the contexts this connection needs for itself: a direction without context takeover
+    /// runs on the worker's [`SharedContexts`](super::SharedContexts) and costs nothing here.
     pub fn dedicated_bytes(&self) -> usize {
         let deflate = if self.server_no_context_takeover {
             0
