@@ -23,7 +23,7 @@
 
 use std::borrow::Cow;
 
-use crate::gate::auth::AuthError;
+use crate::gate::auth::{AuthError, Verified};
 use crate::protocol::route::{MAX_VERSION, MIN_VERSION};
 use crate::protocol::{decode_protocol_header, ErrorKind, ProtocolHeader};
 
@@ -94,6 +94,16 @@ pub enum Token<'a> {
     Verified(&'a str),
     /// It failed verification.
     Invalid(AuthError),
+}
+
+impl<'a> Token<'a> {
+    /// What a verification of a token that was sent says.
+    pub fn checked(result: &'a Result<Verified, AuthError>) -> Token<'a> {
+        match result {
+            Ok(verified) => Token::Verified(&verified.sub),
+            Err(e) => Token::Invalid(*e),
+        }
+    }
 }
 
 /// Rule 1: the header, which carries the token and often the client's `initConnection`.

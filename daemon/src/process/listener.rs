@@ -524,7 +524,7 @@ impl Listener {
 
     /// Expires deadlines: shutting a socket down completes its in-flight operation, which
     /// then frees it, so nothing is freed while the kernel still holds its buffer.
-    fn on_tick(&mut self, now: Instant) {
+    fn run_timers(&mut self, now: Instant) {
         self.worker_slots = self.metrics.worker_slots_in_use();
         for (_, p) in self.pending.iter_mut() {
             if !p.expired && now >= p.deadline {
@@ -564,7 +564,7 @@ impl Process for Listener {
     }
 
     fn on_tick(&mut self, now: Instant) {
-        Listener::on_tick(self, now)
+        self.run_timers(now)
     }
 
     fn on_signal(&mut self, _now: Instant) {

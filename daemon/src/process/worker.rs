@@ -187,10 +187,10 @@ pub struct Worker {
     signalfd: nix::sys::signalfd::SignalFd,
     /// The control channel from the supervisor (ready, reloads).
     control: OwnedFd,
-    /// A connection arrived or was freed since the last tick (see [`Worker::on_tick`]).
+    /// A connection arrived or was freed since the last tick (see [`Worker::run_timers`]).
     churned: bool,
     /// Connections came and went, then a whole tick passed without any: the burst is over
-    /// and the allocator holds its freed memory (see [`Worker::on_tick`]).
+    /// and the allocator holds its freed memory (see [`Worker::run_timers`]).
     burst_over: bool,
 }
 
@@ -290,7 +290,9 @@ impl Worker {
         self.ring.poll_multi(&self.channel, Op::Channel.token(0));
     }
 
-    fn on_signal(&mut self, now: Instant) {
+    /// SIGTERM or SIGINT: every connection gets 1001, and the worker exits when all are gone
+    /// or after `drain_timeout_ms`.
+    fn shut_down(&mut self, now: Instant) {
         if self.stopping.is_none() {
             log::info!(
                 "worker {}: shutting down, closing {} connections with 1001",
@@ -482,17 +484,14 @@ impl Worker {
             Err(refusal) => return self.refuse(index, peer, group_id, refusal, now),
         };
         // Nothing below looks at other connections before the token is verified.
-        let verified = match header.auth_token.as_deref() {
+        let verified;
+        let token = match header.auth_token.as_deref() {
             Some(token) if self.verifier.has_keys() => {
-                Some(self.verifier.verify(token, epoch_secs()))
+                verified = self.verifier.verify(token, epoch_secs());
+                Token::checked(&verified)
             }
-            _ => None,
-        };
-        let token = match (&verified, &header.auth_token) {
-            (Some(Ok(v)), _) => Token::Verified(v.sub.as_str()),
-            (Some(Err(e)), _) => Token::Invalid(*e),
-            (None, Some(_)) => Token::Unchecked,
-            (None, None) => Token::Absent,
+            Some(_) => Token::Unchecked,
+            None => Token::Absent,
         };
         let required = self.config.auth.required;
         let user: Option<Box<str>> =
@@ -644,10 +643,7 @@ impl Worker {
         let Some(slot) = self.slots.get(index) else {
             return;
         };
-        let token = match &result {
-            Ok(v) => Token::Verified(v.sub.as_str()),
-            Err(e) => Token::Invalid(*e),
-        };
+        let token = Token::checked(&result);
         if let Some(refusal) = admission::reauthenticate(token, self.verified_user(slot)) {
             self.metrics.inc(Metric::AuthRefusals);
             if let Some(slot) = self.slots.get_mut(index) {
@@ -930,7 +926,9 @@ impl Worker {
         }
     }
 
-    fn on_tick(&mut self, now: Instant) {
+    /// Every tick: each connection's timers, probes, the end of a drain, and memory given back
+    /// after a burst.
+    fn run_timers(&mut self, now: Instant) {
         // The allocator gives freed pages back to the kernel lazily, from its own
         // allocation and free calls; a worker that goes quiet after a burst of handshakes
         // (all that idle connections leave behind) makes none, and kept the burst's scratch
@@ -1051,11 +1049,11 @@ impl Process for Worker {
     }
 
     fn on_tick(&mut self, now: Instant) {
-        Worker::on_tick(self, now)
+        self.run_timers(now)
     }
 
     fn on_signal(&mut self, now: Instant) {
-        Worker::on_signal(self, now)
+        self.shut_down(now)
     }
 
     fn on_order(&mut self, order: Order, now: Instant) {
