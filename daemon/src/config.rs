@@ -53,7 +53,31 @@ pub struct Config {
     /// permessage-deflate (`[compression]`, see [`crate::ws::deflate`]).
     pub compression: CompressionConfig,
     pub storage: Storage,
+    /// The front door: the zero-caches to relay to (`[upstream]`, see [`crate::upstream`]).
+    pub upstream: UpstreamConfig,
     pub conformance: Conformance,
+}
+
+/// `[upstream]`: with `urls` set, syncgate stands in front of zero-cache instead of serving
+/// its embedded workload (README, "In front of zero-cache").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// zero-cache base URLs (`ws://host:port[/base]`); empty: embedded mode. Names are
+    /// resolved at start and at each reload.
+    pub urls: Vec<String>,
+    /// How long the TCP connect and the upgrade to an upstream may take before the client is
+    /// told to back off.
+    pub connect_timeout_ms: u64,
+    /// Upstream connects in progress per worker; clients beyond it are told to back off, so
+    /// a burst of admissions cannot open unbounded sockets against a slow upstream.
+    pub max_connecting: usize,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig { urls: Vec::new(), connect_timeout_ms: 5_000, max_connecting: 256 }
+    }
 }
 
 /// Test-only routes. Never enable them in production.
@@ -179,6 +203,7 @@ impl Default for Config {
             keepalive: Keepalive::default(),
             compression: CompressionConfig::default(),
             storage: Storage::default(),
+            upstream: UpstreamConfig::default(),
             conformance: Conformance::default(),
         }
     }
@@ -239,8 +264,20 @@ impl Default for Storage {
 
 /// Keys whose default is "unset", so they are absent from the serialised defaults but must
 /// still be settable from the environment. Every one of them is a string.
-const OPTIONAL_STRING_KEYS: &[&str] =
-    &["auth.secret", "auth.jwk", "auth.jwks_file", "auth.issuer", "auth.audience"];
+const OPTIONAL_STRING_KEYS: &[&str] = &[
+    "auth.secret",
+    "auth.jwk",
+    "auth.jwks_file",
+    "auth.issuer",
+    "auth.audience",
+    "auth.session_cookie",
+];
+
+/// A cookie name as RFC 6265 allows it: an HTTP token.
+fn is_cookie_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
 
 impl Config {
     /// Defaults, then `path` (if any), then the environment; validated.
@@ -316,6 +353,8 @@ impl Config {
             ("keepalive.probe_timeout_ms", self.keepalive.probe_timeout_ms),
             ("keepalive.close_timeout_ms", self.keepalive.close_timeout_ms),
             ("drain_timeout_ms", self.drain_timeout_ms),
+            ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
+            ("upstream.max_connecting", self.upstream.max_connecting as u64),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));
@@ -344,6 +383,11 @@ impl Config {
             .map_err(|e| format!("limits.trusted_proxies: {e}"))?;
         crate::gate::auth::Verifier::new(&self.auth).map_err(|e| format!("auth: {e}"))?;
         self.compression.validate().map_err(|e| format!("compression: {e}"))?;
+        crate::upstream::Upstreams::parse(&self.upstream.urls)
+            .map_err(|e| format!("upstream.urls: {e}"))?;
+        if self.auth.session_cookie.as_deref().is_some_and(|c| !is_cookie_name(c)) {
+            return Err("auth.session_cookie: not a cookie name (RFC 6265 token)".into());
+        }
         Ok(())
     }
 

@@ -57,4 +57,5 @@ pub mod slab;
 pub mod sync;
 #[cfg(test)]
 mod testing;
+pub mod upstream;
 pub mod ws;

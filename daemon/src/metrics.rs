@@ -64,6 +64,19 @@ pub enum Metric {
     ReloadFailures,
     /// Gauge: bytes of heap in use by the process (see [`crate::heap`]).
     HeapBytes,
+    /// Upstream mode: upgrades to an upstream that completed (101 received).
+    UpstreamConnects,
+    /// Upstream mode: upstreams that could not be reached in time, refused the upgrade, or
+    /// were lost mid-stream.
+    UpstreamFailures,
+    /// Upstream mode: messages and payload bytes relayed, per direction.
+    RelayedToUpstream,
+    RelayedToClient,
+    RelayedBytesToUpstream,
+    RelayedBytesToClient,
+    /// Upstream mode: sockets refused at the edge by admission (token, displacement rules,
+    /// version, request): each would have reached zero-cache without syncgate in front.
+    EdgeRefusals,
 }
 
 use crate::config::MAX_WORKERS;
@@ -85,8 +98,8 @@ const COMMIT_BUCKETS_US: [u64; 10] =
     [250, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 500_000, 1_000_000, 5_000_000];
 /// Where the histogram's cells start in a slot: one count per bucket, then one for beyond
 /// the last bucket, then the sum of the observations in microseconds.
-const COMMIT_CELLS: usize = 32;
-const _: () = assert!((Metric::HeapBytes as usize) < COMMIT_CELLS);
+const COMMIT_CELLS: usize = 40;
+const _: () = assert!((Metric::EdgeRefusals as usize) < COMMIT_CELLS);
 const _: () = assert!(COMMIT_CELLS + COMMIT_BUCKETS_US.len() + 2 <= SLOT_LEN);
 
 /// Name, type and help text of every metric, in exposition order.
@@ -118,6 +131,13 @@ const ALL: &[(Metric, &str, &str, &str)] = &[
     (Metric::Reloads, "syncgate_reloads_total", "counter", "Configuration reloads applied."),
     (Metric::ReloadFailures, "syncgate_reload_failures_total", "counter", "Configuration reloads refused."),
     (Metric::HeapBytes, "syncgate_heap_bytes", "gauge", "Bytes of heap allocated and not freed."),
+    (Metric::UpstreamConnects, "syncgate_upstream_connects_total", "counter", "Upstream mode: WebSockets opened to an upstream."),
+    (Metric::UpstreamFailures, "syncgate_upstream_failures_total", "counter", "Upstream mode: upstreams unreachable, refusing, or lost mid-stream."),
+    (Metric::RelayedToUpstream, "syncgate_relayed_to_upstream_messages_total", "counter", "Upstream mode: client messages relayed to the upstream."),
+    (Metric::RelayedToClient, "syncgate_relayed_to_client_messages_total", "counter", "Upstream mode: upstream messages relayed to the client."),
+    (Metric::RelayedBytesToUpstream, "syncgate_relayed_to_upstream_bytes_total", "counter", "Upstream mode: payload bytes relayed to the upstream."),
+    (Metric::RelayedBytesToClient, "syncgate_relayed_to_client_bytes_total", "counter", "Upstream mode: payload bytes relayed to the client."),
+    (Metric::EdgeRefusals, "syncgate_edge_refusals_total", "counter", "Upstream mode: sockets refused at the edge before reaching the upstream."),
 ];
 
 /// The shared counter table, mapped in this process.

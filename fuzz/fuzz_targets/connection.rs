@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use syncgate::ws::connection::{self, Connection, Settings, Shared};
+use syncgate::ws::connection::{self, Connection, Mode, Settings, Shared};
 use syncgate::ws::frame::{encode_client_frame, encode_frame, DecoderLimits, OpCode};
 use syncgate::protocol::ErrorKind;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode as WireOpCode};
@@ -43,7 +43,9 @@ const PER_DRAIN: usize = 1024;
 
 #[derive(Debug, Arbitrary)]
 struct Input {
-    echo: bool,
+    /// The connection's mode, among those that face a client: sync, echo or a relay's
+    /// client hop (`mode % 3`).
+    mode: u8,
     /// Whether the socket takes the whole 101 before any client byte arrives (the usual
     /// case); otherwise client bytes may arrive, as they may in the handoff, while the 101
     /// still waits in the queue.
@@ -94,6 +96,7 @@ fn settings(input: &Input) -> Settings {
             max_message_bytes: usize::from(input.max_message_bytes % 4097),
             max_fragments: usize::from(input.max_fragments % 64) + 1,
             allow_rsv1: false,
+            server_frames: false,
         },
         compress_threshold: 1024,
     }
@@ -211,7 +214,8 @@ fn check_wire(wire: &[u8], cut: bool) {
 fuzz_target!(|input: Input| {
     let start = Instant::now();
     let mut now = start;
-    let mut conn = Connection::new(input.echo, now);
+    let mode = [Mode::Sync, Mode::Echo, Mode::Relay][usize::from(input.mode % 3)];
+    let mut conn = Connection::new(mode, now);
     let mut shared = Shared::new(settings(&input), 1);
     conn.send_raw(RESPONSE.to_vec());
     let mut wire = Wire { bytes: Vec::new(), fed: 0, shared: 0, ticks: 0, calls: 0, drained_at: 0 };

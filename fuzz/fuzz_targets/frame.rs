@@ -103,6 +103,7 @@ fn limits(input: &Input) -> DecoderLimits {
         max_message_bytes: usize::from(input.max_message_bytes % 4097),
         max_fragments: usize::from(input.max_fragments % 64) + 1,
         allow_rsv1: input.allow_rsv1,
+        server_frames: false,
     }
 }
 

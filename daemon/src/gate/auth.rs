@@ -87,6 +87,10 @@ pub struct AuthConfig {
     pub audience: Option<String>,
     /// Refuse sockets that carry no token (needs a key to be configured).
     pub required: bool,
+    /// For deployments that authenticate with a cookie instead of a token: a connection is
+    /// bound to a hash of this cookie's value, and a socket for a connected clientID is
+    /// refused unless it carries the same one (or the connection proves dead on a probe).
+    pub session_cookie: Option<String>,
 }
 
 /// Written by hand so that logging a config never prints the shared secret.
@@ -99,6 +103,7 @@ impl fmt::Debug for AuthConfig {
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("required", &self.required)
+            .field("session_cookie", &self.session_cookie)
             .finish()
     }
 }

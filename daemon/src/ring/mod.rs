@@ -42,10 +42,16 @@ pub enum Op {
     Signal,
     /// The multishot poll of the control channel from the supervisor.
     Control,
+    /// A worker's TCP connect to an upstream (upstream mode); the index is the relay's.
+    UpConnect,
+    /// A worker's multishot receive on an upstream socket.
+    UpRecv,
+    /// A send on an upstream socket; at most one in flight per socket.
+    UpSend,
 }
 
 impl Op {
-    const ALL: [Op; 8] = [
+    const ALL: [Op; 11] = [
         Op::Nothing,
         Op::Accept,
         Op::Channel,
@@ -54,6 +60,9 @@ impl Op {
         Op::Tick,
         Op::Signal,
         Op::Control,
+        Op::UpConnect,
+        Op::UpRecv,
+        Op::UpSend,
     ];
 
     /// The `user_data` of operation `self` on socket `index`.

@@ -430,6 +430,38 @@ impl GroupSync {
         }
     }
 
+    /// The per-user mutation limit for a push that is relayed to an upstream (upstream
+    /// mode: the group's data is zero-cache's, only the limit is applied here). Every
+    /// mutation of the push is counted; `Err` holds the error message for the client when
+    /// one is over the limit, and the push is then not relayed.
+    pub fn allow_relayed_push(
+        &mut self,
+        who: &Who<'_>,
+        pusher: Pusher<'_>,
+        mutations: usize,
+        now: Instant,
+    ) -> Result<(), String> {
+        let g = self.groups.get(who.group.index()).expect("a GroupRef outlived its group");
+        let anonymous;
+        let user_key = match pusher {
+            Pusher::Verified => g.owner().unwrap_or_default(),
+            Pusher::Claimed(user) => user,
+            Pusher::Anonymous => {
+                anonymous = format!("client:{}", who.client_id);
+                &anonymous
+            }
+        };
+        for _ in 0..mutations {
+            if let Err(wait) = self.mutations.check(user_key, g.name(), now) {
+                return Err(format!(
+                    "mutation rate limit exceeded; retry in {} ms",
+                    wait.as_millis().max(1)
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// A push: each mutation in order, under the per-user mutation limit.
     pub fn on_push(&mut self, who: &Who<'_>, pusher: Pusher<'_>, push: &PushBody, now: Instant) {
         let mut anonymous = String::new();

@@ -20,6 +20,7 @@ use crate::protocol::{self, ErrorKind, Upstream};
 use crate::ws::close;
 use crate::ws::deflate::{Agreement, Deflater, InflateError, Inflater, SharedContexts};
 use crate::ws::frame::{self, Decoder, DecoderLimits, Event, OpCode};
+use crate::ws::mask;
 
 /// The keepalive and outbound settings a connection runs with (from `[keepalive]`/`[limits]`).
 #[derive(Clone, Debug)]
@@ -104,6 +105,50 @@ pub enum End {
     SlowConsumer,
 }
 
+/// What a connection is for; it decides what its messages mean and which end of the
+/// WebSocket it plays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// The embedded sync protocol: messages are handled here and by the worker's group sync.
+    Sync,
+    /// The conformance route (`/echo`): messages come back as they came.
+    Echo,
+    /// The client's hop of a relay to an upstream zero-cache: messages are checked as the
+    /// sync protocol's (size, UTF-8, a known message, the push's group) and handed to the
+    /// worker to forward untouched; nothing of the sync protocol is generated here.
+    Relay,
+    /// The upstream hop of a relay: this end is the WebSocket client (its frames are
+    /// masked, the server's are not), and every message is handed over untouched.
+    Upstream,
+}
+
+/// A message on its way from one hop of a relay to the other: its payload, copied once from
+/// where it was received behind a gap the size of the header it will be sent with, so the
+/// other hop writes the header in front of it and queues the buffer as it is.
+#[derive(Debug)]
+pub struct Relayed {
+    opcode: OpCode,
+    /// The header's gap, then the payload.
+    buf: Vec<u8>,
+    /// The gap's length: [`frame::header_len`] of the payload, masked for the upstream hop.
+    gap: u8,
+}
+
+impl Relayed {
+    /// A copy of `payload` to be sent on a hop that masks its frames (`masked`) or not.
+    pub fn copy(opcode: OpCode, payload: &[u8], masked: bool) -> Relayed {
+        let gap = frame::header_len(payload.len(), masked);
+        let mut buf = Vec::with_capacity(gap + payload.len());
+        buf.resize(gap, 0);
+        buf.extend_from_slice(payload);
+        Relayed { opcode, buf, gap: gap as u8 }
+    }
+
+    pub fn payload(&self) -> &[u8] {
+        &self.buf[self.gap as usize..]
+    }
+}
+
 /// Something the worker must act on beyond this connection.
 #[derive(Debug)]
 pub enum Notice {
@@ -116,6 +161,26 @@ pub enum Notice {
     Push(Box<protocol::PushBody>),
     /// A refreshed token: it must verify and name the same user as the connection's.
     UpdateAuth(String),
+    /// A relay's message for the other hop.
+    Relay(Relayed),
+    /// A relay's `push` for the upstream, with its number of mutations: the per-user
+    /// mutation limit is applied at the edge before it goes.
+    RelayPush {
+        message: Relayed,
+        mutations: usize,
+    },
+    /// A relay's `updateAuth` for the upstream: the new token is verified at the edge (same
+    /// user) before it goes.
+    RelayAuth {
+        message: Relayed,
+        token: String,
+    },
+    /// The peer's close frame on a relay's hop (its code, if any, and reason), to be passed
+    /// to the other hop.
+    PeerClosed {
+        code: Option<u16>,
+        reason: String,
+    },
 }
 
 /// A frame waiting to be written: owned by this connection, or one encoded buffer shared by
@@ -151,10 +216,9 @@ pub struct Connection {
 
 /// Everything but the decoder, so the decoder's callback can borrow it mutably.
 struct Core {
-    /// A conformance echo socket (`/echo`): messages come back as they came, no sync
-    /// protocol. Who the connection is (clientID, group, wsid) the worker keeps: nothing
-    /// here needs it but `connected` and the push check, which are handed it.
-    echo: bool,
+    /// What the connection is for. Who it is (clientID, group, wsid) the worker keeps:
+    /// nothing here needs it but `connected` and the push check, which are handed it.
+    mode: Mode,
     /// Where it is in its life; with `close_received` and `timer`, the [`State`]. Kept as
     /// separate small fields rather than one enum: they pack into what the padding of
     /// `State` and `Option<Tick>` took, 8 bytes in every connection.
@@ -298,12 +362,13 @@ impl Outbound {
 }
 
 impl Connection {
-    /// A connection whose 101 is about to be queued; `echo` for the conformance route.
-    pub fn new(echo: bool, now: Instant) -> Connection {
+    /// A connection whose 101 is about to be queued (or, for [`Mode::Upstream`], whose upgrade
+    /// request is about to be sent).
+    pub fn new(mode: Mode, now: Instant) -> Connection {
         Connection {
             decoder: None,
             core: Core {
-                echo,
+                mode,
                 phase: Phase::Pending,
                 close_received: false,
                 pinging: false,
@@ -356,7 +421,8 @@ impl Connection {
             return;
         }
         c.phase = Phase::Open;
-        if c.echo {
+        if c.mode != Mode::Sync {
+            // The echo route speaks no sync protocol; a relay's upstream sends `connected`.
             return;
         }
         let mut msg = Vec::with_capacity(96);
@@ -420,6 +486,31 @@ impl Connection {
         }
     }
 
+    /// Queues a message from the other hop of a relay, compressed on the client's hop when
+    /// deflate was agreed and it reaches the threshold. Dropped once this hop is closing.
+    pub fn forward(&mut self, message: Relayed, shared: &mut Shared) {
+        let c = &mut self.core;
+        if !matches!(c.phase, Phase::Pending | Phase::Open) {
+            return;
+        }
+        let Relayed { opcode, mut buf, gap } = message;
+        let gap = gap as usize;
+        if c.deflate.is_some() && buf.len() - gap >= shared.settings.compress_threshold {
+            let threshold = shared.settings.compress_threshold;
+            return c.send_compressible(opcode, &buf[gap..], threshold, &mut shared.contexts);
+        }
+        count(|c| c.messages_out += 1);
+        let mask = (c.mode == Mode::Upstream).then(mask::new_key);
+        frame::write_header(&mut buf, gap, opcode, mask);
+        c.push(Chunk::Owned(buf));
+    }
+
+    /// Bytes queued and not yet written: a relay stops reading the other hop while they are
+    /// over the outbound bound.
+    pub fn queued_bytes(&self) -> usize {
+        self.core.out.as_deref().map_or(0, |o| o.queued_bytes)
+    }
+
     /// Turns on permessage-deflate as agreed in the handshake, before any byte of the
     /// client's is fed (the decoder, made at the first one, then allows RSV1).
     pub fn enable_deflate(&mut self, agreement: Agreement, level: u32) {
@@ -473,8 +564,7 @@ impl Connection {
         let c = &mut self.core;
         if c.probe == Probe::None {
             c.probe = Probe::Sent;
-            let mut f = Vec::with_capacity(8);
-            frame::encode_frame(&mut f, OpCode::Ping, b"probe", false);
+            let f = c.frame(OpCode::Ping, b"probe");
             c.push(Chunk::Owned(f));
         }
     }
@@ -530,12 +620,13 @@ impl Connection {
                 } else if tick.since(c.last_recv) >= timeout_ms(settings.silence) {
                     c.pinging = true;
                     c.timer = tick;
-                    let mut f = Vec::with_capacity(2);
-                    frame::encode_frame(&mut f, OpCode::Ping, b"", false);
+                    let f = c.frame(OpCode::Ping, b"");
                     c.push(Chunk::Owned(f));
                 }
                 let idle_send = timeout_ms(settings.idle_send);
-                if c.phase == Phase::Open && tick.since(c.last_send) >= idle_send {
+                // A relay's messages are the upstream's: it sends its own `pong`s.
+                let speaks_sync = matches!(c.mode, Mode::Sync | Mode::Echo);
+                if speaks_sync && c.phase == Phase::Open && tick.since(c.last_send) >= idle_send {
                     let mut msg = Vec::with_capacity(16);
                     protocol::write_pong(&mut msg);
                     c.send_text(&msg);
@@ -642,7 +733,11 @@ impl Core {
 
     /// The decoder's limits under `settings` and the extension.
     fn decoder_limits(&self, settings: &Settings) -> DecoderLimits {
-        DecoderLimits { allow_rsv1: self.deflate.is_some(), ..settings.decoder }
+        DecoderLimits {
+            allow_rsv1: self.deflate.is_some(),
+            server_frames: self.mode == Mode::Upstream,
+            ..settings.decoder
+        }
     }
 
     /// Frees the outbound state once it holds nothing: an idle connection holds none (most
@@ -682,9 +777,34 @@ impl Core {
 
     fn send_frame(&mut self, opcode: OpCode, payload: &[u8]) {
         count(|c| c.messages_out += 1);
-        let mut f = Vec::with_capacity(payload.len() + frame::MAX_SERVER_HEADER);
-        frame::encode_frame(&mut f, opcode, payload, false);
+        let f = self.frame(opcode, payload);
         self.push(Chunk::Owned(f));
+    }
+
+    /// A frame from this end: masked on a relay's upstream hop, where this end is the client.
+    fn frame(&self, opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+        let mut f = Vec::with_capacity(payload.len() + frame::MAX_CLIENT_HEADER);
+        match self.mode {
+            Mode::Upstream => {
+                frame::encode_client_frame(&mut f, opcode, payload, mask::new_key(), true, false)
+            }
+            _ => frame::encode_frame(&mut f, opcode, payload, false),
+        }
+        f
+    }
+
+    /// A close frame from this end (masked as [`frame`](Self::frame) says); `None` carries
+    /// no code.
+    fn close_frame(&self, code: Option<u16>, reason: &str) -> Vec<u8> {
+        let mut f = Vec::with_capacity(reason.len().min(123) + 8);
+        match (code, self.mode) {
+            (None, _) => return self.frame(OpCode::Close, b""),
+            (Some(code), Mode::Upstream) => {
+                frame::encode_client_close(&mut f, code, reason, mask::new_key())
+            }
+            (Some(code), _) => frame::encode_close(&mut f, code, reason),
+        }
+        f
     }
 
     /// Like [`send_frame`](Self::send_frame), compressed when deflate was agreed and the
@@ -757,14 +877,31 @@ impl Core {
         } else {
             payload
         };
-        if self.echo {
-            return self.send_compressible(opcode, payload, settings.compress_threshold, contexts);
+        match self.mode {
+            Mode::Echo => {
+                return self.send_compressible(
+                    opcode,
+                    payload,
+                    settings.compress_threshold,
+                    contexts,
+                )
+            }
+            // The upstream's messages go to the client as they are: it is zero-cache's to say
+            // what they mean.
+            Mode::Upstream => {
+                return self.notify(Notice::Relay(Relayed::copy(opcode, payload, false)))
+            }
+            Mode::Sync | Mode::Relay => {}
         }
         if opcode != OpCode::Text {
             return self.fail(ErrorKind::InvalidMessage, "expected a JSON text message", None, now);
         }
         if self.phase == Phase::Open {
-            self.on_text(payload, group_id, now);
+            if self.mode == Mode::Relay {
+                self.on_relayed_text(payload, group_id, now);
+            } else {
+                self.on_text(payload, group_id, now);
+            }
         }
     }
 
@@ -790,8 +927,7 @@ impl Core {
 
     fn close(&mut self, code: u16, reason: &str, now: Instant) {
         if matches!(self.phase, Phase::Pending | Phase::Open) {
-            let mut f = Vec::with_capacity(reason.len().min(123) + 4);
-            frame::encode_close(&mut f, code, reason);
+            let f = self.close_frame(Some(code), reason);
             self.push(Chunk::Owned(f));
             self.end.get_or_insert(End::Normal);
             self.begin_closing(now, false);
@@ -812,8 +948,7 @@ impl Core {
         }
         match event {
             Event::Ping(payload) => {
-                let mut f = Vec::with_capacity(payload.len() + 2);
-                frame::encode_frame(&mut f, OpCode::Pong, payload, false);
+                let f = self.frame(OpCode::Pong, payload);
                 let o = self.out.get_or_insert_with(Box::default);
                 if o.in_flight == InFlight::Pong || o.pong_sent > 0 {
                     // The previous pong is partly written (or being written): it must finish
@@ -826,15 +961,15 @@ impl Core {
             }
             Event::Pong(_) => {}
             Event::Close(code) => {
+                if matches!(self.mode, Mode::Relay | Mode::Upstream) {
+                    let (code, reason) = code.map_or((None, ""), |(c, r)| (Some(c), r));
+                    self.notify(Notice::PeerClosed { code, reason: reason.to_owned() });
+                }
                 match self.phase {
                     Phase::Closing => self.close_received = true,
                     _ => {
                         // Echo the peer's code, as RFC 6455 5.5.1 asks.
-                        let mut f = Vec::with_capacity(4);
-                        match code {
-                            Some((code, _)) => frame::encode_close(&mut f, code, ""),
-                            None => frame::encode_frame(&mut f, OpCode::Close, b"", false),
-                        }
+                        let f = self.close_frame(code.map(|(code, _)| code), "");
                         self.push(Chunk::Owned(f));
                         self.end.get_or_insert(End::Normal);
                         self.begin_closing(now, true);
@@ -850,6 +985,38 @@ impl Core {
             }
         }
         ControlFlow::Continue(())
+    }
+
+    /// A client's message on its way to the upstream: checked as [`on_text`](Self::on_text)
+    /// checks it, then handed over untouched (copied before the parser, which works in place).
+    fn on_relayed_text(&mut self, json: &mut [u8], group_id: &str, now: Instant) {
+        let message = Relayed::copy(OpCode::Text, json, true);
+        let msg = match protocol::parse_upstream(json) {
+            Ok(msg) => msg,
+            Err(message) => return self.fail(ErrorKind::InvalidMessage, &message, None, now),
+        };
+        match msg {
+            Upstream::InitConnection(_) if self.initialized => {
+                return self.fail(ErrorKind::InvalidMessage, "initConnection sent twice", None, now)
+            }
+            Upstream::InitConnection(_) => self.initialized = true,
+            Upstream::Push(push) => {
+                if push.client_group_id != group_id {
+                    let message = format!(
+                        "clientGroupID in mutation \"{}\" does not match clientGroupID of connection \"{group_id}\"",
+                        push.client_group_id
+                    );
+                    return self.fail(ErrorKind::InvalidPush, &message, None, now);
+                }
+                let mutations = push.mutations.len();
+                return self.notify(Notice::RelayPush { message, mutations });
+            }
+            Upstream::UpdateAuth { auth } => {
+                return self.notify(Notice::RelayAuth { message, token: auth })
+            }
+            _ => {}
+        }
+        self.notify(Notice::Relay(message));
     }
 
     fn on_text(&mut self, json: &mut [u8], group_id: &str, now: Instant) {
@@ -964,7 +1131,7 @@ mod tests {
     }
 
     fn open(now: Instant) -> Connection {
-        let mut c = Connection::new(false, now);
+        let mut c = Connection::new(Mode::Sync, now);
         c.open("w1", "g1", None, now);
         c
     }
@@ -1157,7 +1324,7 @@ mod tests {
     fn no_pong_goes_before_the_101() {
         // Found by fuzzing (fuzz/artifacts/connection/pong-before-101).
         let now = Instant::now();
-        let mut c = Connection::new(false, now);
+        let mut c = Connection::new(Mode::Sync, now);
         c.send_raw(b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec());
         c.on_bytes(&mut client(OpCode::Ping, b"early"), &mut shared(), "g1", now);
         let first = c.next_send().unwrap().to_vec();

@@ -35,7 +35,7 @@ pub const DEFAULT_MAX_FRAGMENTS: usize = 131_072;
 /// The longest server header: 2 bytes plus a 64-bit length, no mask.
 pub const MAX_SERVER_HEADER: usize = 10;
 /// The longest client header: 2 bytes, a 64-bit length and the 4-byte mask.
-const MAX_CLIENT_HEADER: usize = 14;
+pub const MAX_CLIENT_HEADER: usize = 14;
 /// Control frames carry at most 125 payload bytes (RFC 6455 section 5.5).
 const MAX_CONTROL_PAYLOAD: usize = 125;
 
@@ -94,6 +94,9 @@ pub struct DecoderLimits {
     /// Whether RSV1 (the permessage-deflate "compressed" bit) may be set on a message's first
     /// frame; true only when the extension was negotiated.
     pub allow_rsv1: bool,
+    /// The peer is a server (the upstream hop of a relay, where syncgate is the client): its
+    /// frames must not be masked, and a masked one is an error (RFC 6455 5.1).
+    pub server_frames: bool,
 }
 
 impl Default for DecoderLimits {
@@ -102,6 +105,7 @@ impl Default for DecoderLimits {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_fragments: DEFAULT_MAX_FRAGMENTS,
             allow_rsv1: false,
+            server_frames: false,
         }
     }
 }
@@ -501,8 +505,12 @@ fn parse_head(bytes: &[u8], limits: &DecoderLimits) -> Result<Option<(Head, usiz
     if header.rsv2 || header.rsv3 {
         return Err(DecodeError::Protocol("reserved bit set"));
     }
-    let Some(mask) = header.mask else {
-        return Err(DecodeError::Protocol("client frame not masked"));
+    let mask = match (header.mask, limits.server_frames) {
+        (Some(mask), false) => mask,
+        // The all-zero key leaves the payload as it is (`apply_mask` skips it).
+        (None, true) => [0; 4],
+        (None, false) => return Err(DecodeError::Protocol("client frame not masked")),
+        (Some(_), true) => return Err(DecodeError::Protocol("server frame masked")),
     };
     if len > i64::MAX as u64 {
         return Err(DecodeError::Protocol("64-bit length with the top bit set"));
@@ -606,7 +614,39 @@ pub fn finish_reserved(buf: &mut [u8], opcode: OpCode, rsv1: bool) -> usize {
     start
 }
 
-/// Appends a client frame (masked with `mask`) to `out`: for test clients and the load client.
+/// The length of the header of a frame (FIN set) with a payload of `payload_len` bytes,
+/// masked or not: the gap a relayed message is copied behind, so its header can be written
+/// in front of it without moving it ([`write_header`]).
+pub fn header_len(payload_len: usize, masked: bool) -> usize {
+    let mask = masked.then_some([0; 4]);
+    header(OpCode::Text, true, false, mask).len(payload_len as u64)
+}
+
+/// Turns `buf`, a gap of `gap` = [`header_len`]`(payload_len, mask.is_some())` bytes
+/// followed by the payload, into a frame (FIN set): the header goes into the gap, and a masked
+/// frame's payload is masked in place. Panics if the gap is not the header's length.
+pub fn write_header(buf: &mut [u8], gap: usize, opcode: OpCode, mask: Option<[u8; 4]>) {
+    let (head, payload) = buf.split_at_mut(gap);
+    assert_eq!(header_len(payload.len(), mask.is_some()), gap, "the gap is the header's length");
+    header(opcode, true, false, mask)
+        .format(payload.len() as u64, &mut &mut head[..])
+        .expect("the gap fits the header");
+    if let Some(mask) = mask {
+        apply_mask(payload, mask);
+    }
+}
+
+/// Appends a masked client close frame; `reason` is cut to fit on a character boundary.
+pub fn encode_client_close(out: &mut Vec<u8>, code: u16, reason: &str, mask: [u8; 4]) {
+    let reason = truncate_reason(reason);
+    let mut payload = Vec::with_capacity(2 + reason.len());
+    payload.extend_from_slice(&code.to_be_bytes());
+    payload.extend_from_slice(reason.as_bytes());
+    encode_client_frame(out, OpCode::Close, &payload, mask, true, false);
+}
+
+/// Appends a client frame (masked with `mask`) to `out`: for the upstream hop of a relay, the
+/// test clients and the load client.
 pub fn encode_client_frame(
     out: &mut Vec<u8>,
     opcode: OpCode,
@@ -1160,6 +1200,7 @@ mod tests {
                 max_message_bytes: 32,
                 max_fragments: 4,
                 allow_rsv1: next() % 2 == 0,
+                server_frames: false,
             };
             let (_, result) = feed_pieces(limits, &stream, &[cut]);
             if let Err(err) = result {

@@ -11,6 +11,10 @@
 ///
 /// To continue a payload that was cut after `n` bytes, rotate the key left by `n % 4` first.
 pub fn apply_mask(buf: &mut [u8], key: [u8; 4]) {
+    if key == [0; 4] {
+        // XOR with zero changes nothing: frames from a server (a relay's upstream) carry none.
+        return;
+    }
     // SAFETY: every bit pattern is a valid `u64`, and `align_to_mut` only hands out the middle
     // part at `u64` alignment, so viewing those bytes as words is sound.
     let (head, words, tail) = unsafe { buf.align_to_mut::<u64>() };
@@ -26,6 +30,36 @@ pub fn apply_mask(buf: &mut [u8], key: [u8; 4]) {
 
     // A word is two whole key lengths, so the tail starts at the same key position.
     mask_bytes(tail, key);
+}
+
+/// A fresh masking key for a frame this process sends as a client (the upstream hop of a
+/// relay). RFC 6455 asks for keys a script in a browser cannot predict; a relay's upstream
+/// hop carries no script's bytes it chose for the purpose, but the keys are random anyway:
+/// a xorshift generator per thread, seeded from the standard library's random hash keys.
+pub fn new_key() -> [u8; 4] {
+    (random_u64() as u32).to_ne_bytes()
+}
+
+/// 64 random bits from the thread's generator (also the upgrade request's nonce).
+pub fn random_u64() -> u64 {
+    use std::cell::Cell;
+    use std::hash::{BuildHasher, Hasher};
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new({
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(std::process::id().into());
+            h.finish() | 1
+        });
+    }
+    STATE.with(|s| {
+        // xorshift64* (Vigna): fast, full period over non-zero states.
+        let mut x = s.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        s.set(x);
+        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    })
 }
 
 /// The byte-at-a-time loop for the unaligned ends.

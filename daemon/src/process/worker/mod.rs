@@ -18,11 +18,14 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, types};
 use nix::sys::socket::{MsgFlags, Shutdown};
 
+mod relay;
+
 use crate::config::Config;
 use crate::gate::admission::{
     self, Decision, Holder, Newcomer, ProbeState, ProbeVerdict, Refusal, Rule, Token,
 };
 use crate::gate::auth::Verifier;
+use crate::gate::proxies::TrustedProxies;
 use crate::index::NameIndex;
 use crate::metrics::{Metric, Metrics};
 use crate::process::control::Order;
@@ -33,8 +36,9 @@ use crate::protocol::ErrorKind;
 use crate::ring::{Op, Ring};
 use crate::slab::Slab;
 use crate::sync::{Delivery, GroupRef, GroupSync, Pusher, Who};
+use crate::upstream::Upstreams;
 use crate::ws::close;
-use crate::ws::connection::{self, Connection, End, Notice, Settings, Shared, State};
+use crate::ws::connection::{self, Connection, End, Mode, Notice, Settings, Shared, State};
 use crate::ws::frame::DecoderLimits;
 use crate::ws::handshake;
 
@@ -144,6 +148,8 @@ struct Admit {
     peer: SocketAddr,
     /// Its header `initConnection`, handled once it is admitted.
     init: Option<Vec<u8>>,
+    /// Upstream mode: its relay's request and upstream, opened once it is admitted.
+    route: Option<relay::Route>,
 }
 
 pub struct Worker {
@@ -189,6 +195,19 @@ pub struct Worker {
     control: OwnedFd,
     /// A connection arrived or was freed since the last tick (see [`Worker::run_timers`]).
     churned: bool,
+    /// The zero-caches of upstream mode (`upstream.urls`); empty in embedded mode.
+    upstreams: Upstreams,
+    /// `limits.trusted_proxies`, for the `X-Forwarded-For` a relay sends upstream.
+    proxies: TrustedProxies,
+    /// The upstream sides of relays, by the index their operations carry.
+    hops: Slab<relay::Hop>,
+    /// The hop of each relayed client, by the client's slot (upstream mode; kept beside the
+    /// slots rather than in them, where it would cost every connection of embedded mode).
+    relays: HashMap<u32, u32>,
+    /// Hops that may have bytes to send at the end of the iteration.
+    hop_writers: Vec<u32>,
+    /// Upstream connects and upgrades in progress, against `upstream.max_connecting`.
+    connecting: usize,
     /// Connections came and went, then a whole tick passed without any: the burst is over
     /// and the allocator holds its freed memory (see [`Worker::run_timers`]).
     burst_over: bool,
@@ -208,6 +227,7 @@ fn settings_from(config: &Config) -> Settings {
             max_message_bytes: l.max_message_bytes,
             max_fragments: l.max_fragments,
             allow_rsv1: false,
+            server_frames: false,
         },
         compress_threshold: config.compression.threshold,
     }
@@ -233,6 +253,10 @@ impl Worker {
         let sync = GroupSync::open(&config.storage.path, l.group(), l.per_user_mutations, window)
             .map_err(|e| format!("storage.path: {e}"))?;
         let shared = Shared::new(settings_from(&config), level);
+        let upstreams =
+            Upstreams::parse(&config.upstream.urls).map_err(|e| format!("upstream.urls: {e}"))?;
+        let proxies = TrustedProxies::parse(&config.limits.trusted_proxies)
+            .map_err(|e| format!("limits.trusted_proxies: {e}"))?;
         Ok(Worker {
             index,
             ring,
@@ -258,6 +282,12 @@ impl Worker {
             control,
             churned: false,
             burst_over: false,
+            upstreams,
+            proxies,
+            hops: Slab::default(),
+            relays: HashMap::new(),
+            hop_writers: Vec::new(),
+            connecting: 0,
         })
     }
 
@@ -274,6 +304,14 @@ impl Worker {
             Err(e) => log::error!("worker {}: reload kept the old auth keys: {e}", self.index),
         }
         log::set_max_level(config.level());
+        // New connections go to the new list; live relays keep their upstream.
+        match Upstreams::parse(&config.upstream.urls) {
+            Ok(upstreams) => self.upstreams = upstreams,
+            Err(e) => log::error!("worker {}: reload kept the old upstream.urls: {e}", self.index),
+        }
+        if let Ok(proxies) = TrustedProxies::parse(&config.limits.trusted_proxies) {
+            self.proxies = proxies;
+        }
         self.shared.settings = settings_from(&config);
         self.sync.set_mutation_limit(
             config.limits.per_user_mutations,
@@ -330,6 +368,7 @@ impl Worker {
                 self.process(index);
             }
         }
+        self.close_hops(code, reason, now);
     }
     fn on_channel(&mut self, cqe: &cqueue::Entry, now: Instant) {
         if !cqueue::more(cqe.flags()) {
@@ -397,7 +436,12 @@ impl Worker {
             log::error!("worker {}: handoff failed to parse again", self.index);
             return;
         }
-        let mut conn = Connection::new(echo, now);
+        let mode = match (echo, self.upstreams.is_empty()) {
+            (true, _) => Mode::Echo,
+            (false, true) => Mode::Sync,
+            (false, false) => Mode::Relay,
+        };
+        let mut conn = Connection::new(mode, now);
         let compression = &self.config.compression;
         let agreement = match head.ws_extensions.as_deref() {
             Some(offers) if compression.enabled => {
@@ -442,12 +486,22 @@ impl Worker {
         self.arm_recv(index);
         match &routed {
             Some((path, params)) if !echo => {
-                if params.base_cookie.is_some() || params.lmid != 0 {
+                // A relay's client resumes with zero-cache, which reads these itself.
+                if mode == Mode::Sync && (params.base_cookie.is_some() || params.lmid != 0) {
                     let resume =
                         Resume { base_cookie: params.base_cookie.clone(), lmid: params.lmid };
                     self.resumes.insert(index, resume);
                 }
-                self.admit(index, h.peer, &head, path.version, params, now)
+                let route =
+                    match self.route(&h.bytes[..end], &head, h.peer, &params.client_group_id) {
+                        Some(Ok(route)) => Some(route),
+                        Some(Err(e)) => {
+                            log::error!("worker {}: upstream request: {e}", self.index);
+                            None
+                        }
+                        None => None,
+                    };
+                self.admit(index, h.peer, &head, path.version, params, route, now)
             }
             _ => {
                 if let Some(slot) = self.slots.get_mut(index) {
@@ -469,6 +523,7 @@ impl Worker {
     /// Admission (`gate::admission`, in its order) for a connection whose 101 is queued:
     /// the worker gathers what the rules look at and carries out the decision.
     /// `peer` is only logged (a slot does not keep it: 32 bytes per connection).
+    #[allow(clippy::too_many_arguments)]
     fn admit(
         &mut self,
         index: u32,
@@ -476,6 +531,7 @@ impl Worker {
         head: &handshake::Head,
         version: u32,
         params: &route::ConnectParams,
+        route: Option<relay::Route>,
         now: Instant,
     ) {
         let group_id = params.client_group_id.as_str();
@@ -518,7 +574,8 @@ impl Worker {
         };
         let newcomer = Newcomer { user: user.as_deref(), version };
         let decision = admission::decide(newcomer, state, holder);
-        let admit = Admit { group_id: group_id.into(), user, peer, init: header.init_connection };
+        let init = header.init_connection;
+        let admit = Admit { group_id: group_id.into(), user, peer, init, route };
         match decision {
             Decision::Refuse(refusal) => self.refuse(index, peer, group_id, refusal, now),
             Decision::Replace(old) => {
@@ -567,6 +624,9 @@ impl Worker {
             Rule::Version => self.metrics.inc(Metric::VersionRefusals),
             Rule::Request | Rule::Storage => {}
         }
+        if !self.upstreams.is_empty() && refusal.rule != Rule::Storage {
+            self.metrics.inc(Metric::EdgeRefusals);
+        }
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
@@ -588,7 +648,7 @@ impl Worker {
     /// Steps 5 and 6: the newcomer joins its group, then `connected`, then the header's
     /// `initConnection`.
     fn open_connection(&mut self, index: u32, admit: Admit, now: Instant) {
-        let Admit { group_id, user, peer, init } = admit;
+        let Admit { group_id, user, peer, init, route } = admit;
         // Loaded at admission; loading again is a no-op unless a flush dropped it meanwhile
         // (a newcomer that waited on a probe).
         let group = match self.sync.load(&group_id) {
@@ -630,18 +690,24 @@ impl Worker {
             slot.version,
             peer
         );
+        if slot.conn.state() == State::Open {
+            if let Some(route) = route {
+                self.open_relay(index, route, now);
+            }
+        }
     }
 
     /// `updateAuth`: a refreshed token must verify and name the connection's own user
     /// (`admission::reauthenticate`). Without keys a token proves nothing and changes nothing.
-    fn update_auth(&mut self, index: u32, token: &str) {
+    /// Whether the connection goes on.
+    fn update_auth(&mut self, index: u32, token: &str) -> bool {
         if !self.verifier.has_keys() {
-            return;
+            return true;
         }
         let now = Instant::now();
         let result = self.verifier.verify(token, epoch_secs());
         let Some(slot) = self.slots.get(index) else {
-            return;
+            return false;
         };
         let token = Token::checked(&result);
         if let Some(refusal) = admission::reauthenticate(token, self.verified_user(slot)) {
@@ -649,7 +715,9 @@ impl Worker {
             if let Some(slot) = self.slots.get_mut(index) {
                 slot.conn.fail(refusal.kind, &refusal.message, now);
             }
+            return false;
         }
+        true
     }
 
     /// Closes an existing connection that a newcomer replaces.
@@ -671,10 +739,11 @@ impl Worker {
     }
 
     fn arm_recv(&mut self, index: u32) {
+        let paused = self.client_paused(index);
         let Some(slot) = self.slots.get_mut(index) else {
             return;
         };
-        if slot.recv_armed || slot.shut {
+        if slot.recv_armed || slot.shut || paused {
             return;
         }
         slot.recv_armed = true;
@@ -683,6 +752,7 @@ impl Worker {
     }
 
     fn on_recv(&mut self, index: u32, cqe: &cqueue::Entry, now: Instant) {
+        let paused = self.client_paused(index);
         let res = cqe.result();
         let flags = cqe.flags();
         let buffer = cqueue::buffer_select(flags);
@@ -709,6 +779,8 @@ impl Worker {
             (n, _) if n == -libc::ENOBUFS => {
                 slot.starved = true;
             }
+            // Its upstream is behind (`paused`): the receive was cancelled on purpose.
+            (n, _) if n == -libc::ECANCELED && paused => {}
             _ => {
                 // EOF or error: the peer is gone (or we shut the socket down).
                 if !slot.shut && !slot.conn.finished() {
@@ -731,6 +803,9 @@ impl Worker {
             slot.conn.on_sent(0, now);
             slot.conn.terminate(End::Normal);
         }
+        if !self.relays.is_empty() {
+            self.resume_upstream(index);
+        }
         self.process(index);
     }
 
@@ -746,8 +821,12 @@ impl Worker {
         self.metrics.add(Metric::MessagesOut, counts.messages_out);
         let notices = slot.conn.take_notices();
         let mut refreshed = Vec::new();
+        if self.relays.contains_key(&index) {
+            if !notices.is_empty() {
+                self.relay_notices(index, notices, Instant::now());
+            }
         // Only an open connection has notices, and it is admitted: it has its group.
-        if let (false, Some(group)) = (notices.is_empty(), slot.id.group) {
+        } else if let (false, Some(group)) = (notices.is_empty(), slot.id.group) {
             let pusher = match (slot.verified, slot.id.claimed_user()) {
                 (true, _) => Pusher::Verified,
                 (false, Some(user)) => Pusher::Claimed(user),
@@ -776,6 +855,11 @@ impl Worker {
                         .on_delete_clients(group, body.client_ids.as_deref().unwrap_or_default()),
                     Notice::Push(push) => self.sync.on_push(&who, pusher, &push, now),
                     Notice::UpdateAuth(token) => refreshed.push(token),
+                    // Only a relay's connections have these, and they are handled above.
+                    Notice::Relay(_)
+                    | Notice::RelayPush { .. }
+                    | Notice::RelayAuth { .. }
+                    | Notice::PeerClosed { .. } => {}
                 }
             }
         }
@@ -786,6 +870,12 @@ impl Worker {
             return;
         };
         if slot.conn.finished() {
+            if self.relays.contains_key(&index) {
+                self.client_ended(index, Instant::now());
+            }
+            let Some(slot) = self.slots.get_mut(index) else {
+                return;
+            };
             if slot.joined {
                 self.clients.remove(slot.id.client_id(), index);
                 // Taken, not copied: the group may leave memory at the next flush, while the
@@ -876,6 +966,7 @@ impl Worker {
             }
         }
         self.writers = writers;
+        self.write_hops();
     }
 
     /// The durability point: commit the iteration's changes, then send the pokes and errors
@@ -953,6 +1044,7 @@ impl Worker {
             self.close_all(close::SERVICE_RESTART, "service restart", deadline, now);
         }
         self.resolve_probes(now);
+        self.hop_timers(now);
         for index in self.slots.indices() {
             if let Some(slot) = self.slots.get_mut(index) {
                 slot.conn.on_tick(&self.shared.settings, now);
@@ -1044,6 +1136,9 @@ impl Process for Worker {
             Op::Channel => self.on_channel(cqe, now),
             Op::Recv => self.on_recv(index, cqe, now),
             Op::Send => self.on_send(index, cqe.result(), now),
+            Op::UpConnect => self.on_up_connect(index, cqe.result(), now),
+            Op::UpRecv => self.on_up_recv(index, cqe, now),
+            Op::UpSend => self.on_up_send(index, cqe.result(), now),
             _ => {}
         }
     }
@@ -1081,7 +1176,7 @@ impl Process for Worker {
         self.write_queued();
         self.metrics.set(Metric::OpenConnections, self.open);
         if let Some(deadline) = self.stopping {
-            if self.slots.is_empty() || now >= deadline {
+            if (self.slots.is_empty() && !self.hops_open()) || now >= deadline {
                 log::info!("worker {} stopped", self.index);
                 // Its slot's gauges would otherwise add to the next generation's.
                 self.metrics.set(Metric::OpenConnections, 0);

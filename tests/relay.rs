@@ -1,0 +1,194 @@
+//! Upstream mode's relay, end to end against a real WebSocket upstream that speaks Zero's
+//! protocol: a second syncgate in embedded mode stands in for zero-cache here (it starts in
+//! milliseconds); tests/front_door.rs runs the same front door against a real zero-cache.
+//! Through the edge: sessions work unchanged, admission happens before anything reaches the
+//! upstream, the upstream's failures make clients back off, closes cross with their codes,
+//! and a reload of the list closes nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+
+/// The upstream: embedded mode with tokens checked, as zero-cache would check them.
+fn upstream() -> Daemon {
+    Daemon::start(&format!("{QUIET}{}", auth_config()))
+}
+
+/// The edge in front of `upstream` (any extra TOML after its tables).
+fn edge(upstream: &Daemon, extra: &str) -> Daemon {
+    Daemon::start(&format!(
+        "{QUIET}{}[upstream]\nurls = [\"ws://{}\"]\nconnect_timeout_ms = 2000\n{extra}",
+        auth_config(),
+        upstream.addr
+    ))
+}
+
+/// Sockets the upstream admitted so far (its own count, not the edge's).
+fn upstream_connected(up: &Daemon) -> u64 {
+    up.metric("syncgate_connected_total", &[])
+}
+
+#[test]
+fn a_session_through_the_edge_is_the_upstreams() {
+    let up = upstream();
+    let edge = edge(&up, "");
+    let alice = Params::new("c1", "g1").user("alice").wsid("a1");
+    // `connected` (with the wsid) comes from the upstream, through the relay; the header's
+    // initConnection reaches it too (it answers with a catch-up poke).
+    let with_init = |client: &str| {
+        protocol_header(Some(&token("alice")), Some(captured_init_connection(client)))
+    };
+    let mut a = edge.connected(&alice, Some(&with_init("c1")));
+    let mut b = edge.connected(&Params::new("c2", "g1").user("alice"), Some(&with_init("c2")));
+    up.wait_event("connected", &[("clientID", "c1"), ("wsid", "a1")], WAIT);
+    assert_eq!(upstream_connected(&up), 2);
+    // Zero's own ping is the upstream's to answer.
+    a.send_json(&json!(["ping", {}]));
+    recv_until(&mut a, |m| m[0] == "pong");
+    // A mutation goes up, and its poke comes back to both clients of the group.
+    push(&mut a, "g1", "c1", 1, &[insert("i1", "hello")]);
+    for ws in [&mut a, &mut b] {
+        recv_until(ws, |m| m.to_string().contains("\"hello\""));
+    }
+    // WebSocket pings are answered per hop.
+    a.ping_pong();
+    assert!(edge.metric("syncgate_relayed_to_upstream_messages_total", &[]) >= 2);
+    assert!(edge.metric("syncgate_relayed_to_client_messages_total", &[]) >= 4);
+    assert_eq!(edge.metric("syncgate_upstream_connects_total", &[]), 2);
+}
+
+#[test]
+fn the_review_attacks_are_refused_at_the_edge_and_never_reach_the_upstream() {
+    let up = upstream();
+    let edge = edge(&up, "");
+    let victim = Params::new("c1", "g1").user("alice").wsid("victim");
+    let live = edge.connected(&victim, Some(&user_header("alice"))).respond_in_background();
+    let before = upstream_connected(&up);
+    let bob = token("bob");
+    let attempts: [(Params, Option<String>, &str); 4] = [
+        // No token, the victim's userID and clientID.
+        (victim.clone().wsid("x1"), Some(anon_header()), "Unauthorized"),
+        // Another user's valid token naming the victim.
+        (victim.clone().wsid("x2"), Some(protocol_header(Some(&bob), None)), "Unauthorized"),
+        // A garbage token.
+        (
+            victim.clone().wsid("x3"),
+            Some(protocol_header(Some("not.a.jwt"), None)),
+            "AuthInvalidated",
+        ),
+        // No token, a new clientID in the victim's group.
+        (Params::new("c9", "g1").user("alice").wsid("x4"), Some(anon_header()), "Unauthorized"),
+    ];
+    for (params, header, kind) in attempts {
+        let mut ws = edge.ws(&params, header.as_deref());
+        ws.expect_error(kind);
+        ws.expect_close(3000);
+    }
+    let (mut live, got) = live.stop();
+    assert!(got.is_empty(), "the victim must be left alone: {got:?}");
+    live.ping_pong();
+    assert_eq!(upstream_connected(&up), before, "no attempt reached the upstream");
+    assert_eq!(edge.metric("syncgate_edge_refusals_total", &[]), 4);
+    assert_eq!(edge.metric("syncgate_upstream_connects_total", &[]), 1);
+    // Her own token again replaces her connection, through to the upstream.
+    let _again = edge.connected(&victim.clone().wsid("again"), Some(&user_header("alice")));
+    live.expect_close(1000);
+    up.wait_event("connected", &[("wsid", "again")], WAIT);
+}
+
+#[test]
+fn an_unreachable_upstream_makes_the_client_back_off() {
+    // A port nobody listens on: bound, then closed.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let edge = Daemon::start(&format!(
+        "{QUIET}{}[upstream]\nurls = [\"ws://127.0.0.1:{port}\"]\n",
+        auth_config()
+    ));
+    let mut ws = edge.ws(&Params::new("c1", "g1").user("alice"), Some(&user_header("alice")));
+    let error = ws.expect_error("ServerOverloaded");
+    assert_eq!(error["minBackoffMs"], 500, "{error}");
+    assert_eq!(error["maxBackoffMs"], 5000, "{error}");
+    ws.expect_close(1008);
+    edge.wait_event("relay", &[], WAIT);
+    assert_eq!(edge.metric("syncgate_upstream_failures_total", &[]), 1);
+}
+
+#[test]
+fn an_upstream_that_goes_away_closes_its_clients_with_its_code() {
+    let up = upstream();
+    let edge = edge(&up, "");
+    let mut ws =
+        edge.connected(&Params::new("c1", "g1").user("alice"), Some(&user_header("alice")));
+    // The upstream shuts down: its close (1001) crosses to the client with its reason.
+    up.signal(libc::SIGTERM);
+    let reason = ws.expect_close(1001);
+    assert_eq!(reason, "server shutting down");
+    edge.wait_event("relay", &[("closed_by", "upstream"), ("code", "1001")], WAIT);
+}
+
+#[test]
+fn a_killed_upstream_makes_its_clients_back_off() {
+    let up = upstream();
+    let edge = edge(&up, "");
+    let mut ws =
+        edge.connected(&Params::new("c1", "g1").user("alice"), Some(&user_header("alice")));
+    // SIGKILL: the upstream's sockets are reset, no close frame.
+    up.signal(libc::SIGKILL);
+    let error = ws.expect_error("ServerOverloaded");
+    assert_eq!(error["message"], "upstream connection lost", "{error}");
+    ws.expect_close(1008);
+}
+
+#[test]
+fn the_clients_close_reaches_the_upstream_with_its_code() {
+    let up = upstream();
+    let edge = edge(&up, "");
+    let mut ws = edge
+        .connected(&Params::new("c1", "g1").user("alice").wsid("w1"), Some(&user_header("alice")));
+    ws.close(4001);
+    edge.wait_event("relay", &[("closed_by", "client"), ("code", "4001")], WAIT);
+    up.wait_event("closed", &[("wsid", "w1")], WAIT);
+}
+
+#[test]
+fn a_reload_of_the_upstream_list_closes_nothing() {
+    let up = upstream();
+    let other = upstream();
+    let edge = edge(&up, "");
+    let live = edge.connected(&Params::new("c1", "g1").user("alice"), Some(&user_header("alice")));
+    let live = live.respond_in_background();
+    let config = std::fs::read_to_string(edge.config_path()).unwrap();
+    let moved = config.replace(&up.addr.to_string(), &other.addr.to_string());
+    std::fs::write(edge.config_path(), moved).unwrap();
+    edge.signal(libc::SIGHUP);
+    edge.wait_metric("syncgate_reloads_total", &[], 1, WAIT);
+    // New sockets go to the new upstream; the live relay stays with the old one.
+    let _new = edge.connected(&Params::new("c2", "g2").user("bob"), Some(&user_header("bob")));
+    other.wait_event("connected", &[("clientID", "c2")], WAIT);
+    let (mut live, got) = live.stop();
+    assert!(got.is_empty(), "the live relay must be left alone: {got:?}");
+    live.ping_pong();
+    live.send_json(&json!(["ping", {}]));
+    assert_eq!(live.recv_json()[0], "pong");
+    assert_eq!(up.metric("syncgate_connections_open", &[]), 1);
+}
+
+/// Reads messages until one satisfies `pred` (pokes come in several messages).
+fn recv_until(ws: &mut Ws, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + WAIT;
+    while std::time::Instant::now() < deadline {
+        if let Got::Text(text) = ws.recv_within(Duration::from_millis(200)) {
+            let msg: serde_json::Value = serde_json::from_str(&text).expect("JSON");
+            if pred(&msg) {
+                return msg;
+            }
+        }
+    }
+    panic!("no such message within {WAIT:?}");
+}
