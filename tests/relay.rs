@@ -192,3 +192,34 @@ fn recv_until(ws: &mut Ws, pred: impl Fn(&serde_json::Value) -> bool) -> serde_j
     }
     panic!("no such message within {WAIT:?}");
 }
+
+#[test]
+fn a_session_cookie_binds_a_clientid_to_its_session() {
+    let up = upstream();
+    // Cookie-authenticated deployments send no token: the session cookie stands for it.
+    let edge = Daemon::start(&format!(
+        "{QUIET}[auth]\nsession_cookie = \"sid\"\n[upstream]\nurls = [\"ws://{}\"]\n",
+        up.addr
+    ));
+    let params = Params::new("c1", "g1").wsid("first");
+    let open = |p: &Params, cookie: &str| {
+        let header = anon_header();
+        Ws::connect_with(edge.addr, &p.path(), Some(&header), &[("Cookie", cookie)]).unwrap()
+    };
+    let mut first = open(&params, "theme=dark; sid=session-one");
+    let msg = first.recv_json();
+    assert_eq!(msg[0], "connected", "{msg}");
+    let first = first.respond_in_background();
+    // Another session, while the first is alive: refused at the edge.
+    let mut other = open(&params.clone().wsid("other"), "sid=session-two");
+    other.expect_error("Unauthorized");
+    other.expect_close(3000);
+    let (mut first, got) = first.stop();
+    assert!(got.is_empty(), "the live connection must be left alone: {got:?}");
+    // The same session replaces it (a reload of the page).
+    let mut again = open(&params.clone().wsid("again"), "sid=session-one");
+    assert_eq!(again.recv_json()[0], "connected");
+    first.expect_close(1000);
+    up.wait_event("connected", &[("wsid", "again")], WAIT);
+    assert!(!up.events().iter().any(|e| e.matches("connected", &[("wsid", "other")])));
+}

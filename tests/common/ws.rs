@@ -41,8 +41,21 @@ impl Ws {
     /// The opening handshake with an optional `Sec-WebSocket-Protocol` value. Tungstenite
     /// refuses a 101 that does not echo the offered protocol, so success proves the echo.
     pub fn connect(addr: SocketAddr, path: &str, protocol: Option<&str>) -> Result<Ws, String> {
+        Ws::connect_with(addr, path, protocol, &[])
+    }
+
+    /// Like [`Ws::connect`], with more request headers (a `Cookie`, an `Origin`).
+    pub fn connect_with(
+        addr: SocketAddr,
+        path: &str,
+        protocol: Option<&str>,
+        headers: &[(&'static str, &str)],
+    ) -> Result<Ws, String> {
         let mut req =
             format!("ws://{addr}{path}").into_client_request().map_err(|e| e.to_string())?;
+        for (name, value) in headers {
+            req.headers_mut().append(*name, value.parse().map_err(|e| format!("{e}"))?);
+        }
         if let Some(p) = protocol {
             req.headers_mut()
                 .insert("Sec-WebSocket-Protocol", p.parse().map_err(|e| format!("{e}"))?);

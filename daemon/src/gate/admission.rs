@@ -8,7 +8,8 @@
 //! 3. A client group is pinned to the first verified user that joins it: nobody else is
 //!    admitted to it. Without this, anyone who learns a clientGroupID reads its pokes.
 //! 4. A newcomer whose clientID is connected replaces that connection only if both carry
-//!    verified tokens of the same user. Anyone else waits for a liveness probe of the holder:
+//!    verified tokens of the same user, or (with `auth.session_cookie`) the same session
+//!    cookie and no differing user. Anyone else waits for a liveness probe of the holder:
 //!    refused (`Unauthorized`) if it answers, admitted in its place if it does not, so a
 //!    reconnect after a network drop is not locked out ([`resolve_probe`]).
 //! 5. A group holds at most `limits.max_group_connections`.
@@ -147,6 +148,8 @@ pub fn identify<'a>(
 pub struct Newcomer<'a> {
     /// Its verified user (`None`: no verified token).
     pub user: Option<&'a str>,
+    /// A keyed hash of its session cookie (`auth.session_cookie`), if it carried one.
+    pub session: Option<u64>,
     /// The sync protocol version of its path.
     pub version: u32,
 }
@@ -158,6 +161,8 @@ pub struct Holder<'a> {
     pub slot: u32,
     /// Its verified user; `None` if it carried no verified token.
     pub user: Option<&'a str>,
+    /// Its session cookie's hash, as for [`Newcomer::session`].
+    pub session: Option<u64>,
 }
 
 /// The newcomer's group as it stands.
@@ -188,10 +193,18 @@ pub fn decide(newcomer: Newcomer<'_>, group: Group<'_>, holder: Option<Holder<'_
         return Decision::Refuse(refusal);
     }
     let decision = match holder {
-        Some(holder) => match (holder.user, newcomer.user) {
-            (Some(a), Some(b)) if a == b => Decision::Replace(holder.slot),
-            _ => Decision::Probe(holder.slot),
-        },
+        Some(holder) => {
+            let same_user = matches!((holder.user, newcomer.user), (Some(a), Some(b)) if a == b);
+            // A session cookie proves the same browser session, as a token proves the same
+            // user, unless the tokens say the users differ.
+            let same_session = holder.user == newcomer.user
+                && matches!((holder.session, newcomer.session), (Some(a), Some(b)) if a == b);
+            if same_user || same_session {
+                Decision::Replace(holder.slot)
+            } else {
+                Decision::Probe(holder.slot)
+            }
+        }
         None if group.connections >= group.max_connections => {
             return Decision::Refuse(Refusal::new(
                 Rule::Displacement,
@@ -300,11 +313,11 @@ mod tests {
     }
 
     fn newcomer(user: Option<&str>) -> Newcomer<'_> {
-        Newcomer { user, version: MAX_VERSION }
+        Newcomer { user, session: None, version: MAX_VERSION }
     }
 
     fn holder(user: Option<&str>) -> Option<Holder<'_>> {
-        Some(Holder { slot: 7, user })
+        Some(Holder { slot: 7, user, session: None })
     }
 
     /// The refusal's kind, close code and rule, for exact comparison.
@@ -377,6 +390,49 @@ mod tests {
     }
 
     #[test]
+    fn the_same_session_cookie_replaces_another_one_probes() {
+        let open = group(None, 1);
+        let with = |user, session| Newcomer { user, session, version: MAX_VERSION };
+        let held = |user, session| Some(Holder { slot: 7, user, session });
+        assert_eq!(decide(with(None, Some(1)), open, held(None, Some(1))), Decision::Replace(7));
+        assert_eq!(decide(with(None, Some(2)), open, held(None, Some(1))), Decision::Probe(7));
+        assert_eq!(decide(with(None, None), open, held(None, Some(1))), Decision::Probe(7));
+        assert_eq!(decide(with(None, Some(1)), open, held(None, None)), Decision::Probe(7));
+        // The cookie does not override tokens that name different users.
+        let user = with(Some("bob"), Some(1));
+        assert_eq!(decide(user, open, held(Some("alice"), Some(1))), Decision::Probe(7));
+    }
+
+    /// Upstream mode's edge rules (README, "In front of zero-cache"): zero-cache 1.9 admits a
+    /// socket without a token that names a user's `userID` as that user; at the edge it is
+    /// anonymous, whatever it names.
+    #[test]
+    fn a_socket_without_a_token_is_anonymous_whatever_user_it_names() {
+        let user = identify(Token::Absent, Some("alice"), false).unwrap();
+        assert_eq!(user, None);
+        // It never replaces her live connection (a dead one only after the probe)...
+        let live = holder(Some("alice"));
+        assert_eq!(decide(newcomer(user), group(None, 1), live), Decision::Probe(7));
+        // ...never joins her group...
+        let pinned = group(Some("alice"), 1);
+        assert_eq!(refused(decide(newcomer(user), pinned, None)), UNAUTHORIZED);
+        // ...and a token naming someone else is refused before anything.
+        let r = identify(Token::Verified("bob"), Some("alice"), false).unwrap_err();
+        assert_eq!((r.kind, r.close_code()), (ErrorKind::Unauthorized, 3000));
+        // `auth.required` refuses it outright.
+        assert!(identify(Token::Absent, Some("alice"), true).is_err());
+        // A live holder that answers the probe keeps its clientID.
+        let alive = ProbeState {
+            newcomer_waiting: true,
+            holder_connected: true,
+            answered: true,
+            expired: false,
+        };
+        let refusal = resolve_probe(alive);
+        assert!(matches!(refusal, ProbeVerdict::Refuse(r) if r.kind == ErrorKind::Unauthorized));
+    }
+
+    #[test]
     fn a_pinned_group_admits_only_its_user() {
         let pinned = group(Some("alice"), 1);
         // Refused by the pin before the clientID is even looked at.
@@ -420,22 +476,27 @@ mod tests {
     #[test]
     fn the_version_is_checked_before_any_holder_is_touched() {
         for version in [MIN_VERSION - 1, MAX_VERSION + 1, 0, 255] {
-            let old = Newcomer { user: Some("alice"), version };
+            let old = Newcomer { user: Some("alice"), session: None, version };
             let d = decide(old, group(Some("alice"), 1), holder(Some("alice")));
             let (kind, code, rule) = refused(d);
             assert_eq!((kind, code, rule), (ErrorKind::VersionNotSupported, 1002, Rule::Version));
         }
-        let Decision::Refuse(r) = decide(Newcomer { user: None, version: 7 }, group(None, 0), None)
+        let Decision::Refuse(r) =
+            decide(Newcomer { user: None, session: None, version: 7 }, group(None, 0), None)
         else {
             panic!()
         };
         assert_eq!(r.message, format!("server supports sync protocol v{MIN_VERSION} to v{MAX_VERSION}, client requested v7"));
         for version in [MIN_VERSION, MAX_VERSION] {
-            let d = decide(Newcomer { user: None, version }, group(None, 0), None);
+            let d = decide(Newcomer { user: None, session: None, version }, group(None, 0), None);
             assert_eq!(d, Decision::Admit);
         }
         // The pin is a stronger answer than the version: an intruder learns nothing more.
-        let d = decide(Newcomer { user: Some("bob"), version: 7 }, group(Some("alice"), 1), None);
+        let d = decide(
+            Newcomer { user: Some("bob"), session: None, version: 7 },
+            group(Some("alice"), 1),
+            None,
+        );
         assert_eq!(refused(d), UNAUTHORIZED);
     }
 

@@ -99,6 +99,24 @@ pub fn parse_head(bytes: &[u8], max_headers: usize) -> Result<Head, HeadError> {
     Ok(head)
 }
 
+/// The value of cookie `name` in the request head `bytes` (every `Cookie` header, RFC 6265
+/// 5.4), if it carries one. For `auth.session_cookie`, read only when that is configured.
+pub fn cookie<'a>(bytes: &'a [u8], name: &str) -> Option<&'a str> {
+    let mut headers = [httparse::EMPTY_HEADER; 128];
+    let mut req = httparse::Request::new(&mut headers);
+    req.parse(bytes).ok()?;
+    let found = req
+        .headers
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("cookie"))
+        .filter_map(|h| std::str::from_utf8(h.value).ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(n, _)| *n == name)
+        .map(|(_, v)| v.trim());
+    found
+}
+
 /// Why an upgrade request is not a valid WebSocket opening handshake (RFC 6455 4.2.1).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UpgradeError {
@@ -192,6 +210,15 @@ fn reason_phrase(status: u16) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_cookie_is_found_in_any_cookie_header() {
+        let head = b"GET / HTTP/1.1\r\nCookie: a=1; sid=xyz\r\nCookie: b=2\r\n\r\n";
+        assert_eq!(super::cookie(head, "sid"), Some("xyz"));
+        assert_eq!(super::cookie(head, "b"), Some("2"));
+        assert_eq!(super::cookie(head, "si"), None);
+        assert_eq!(super::cookie(b"GET / HTTP/1.1\r\n\r\n", "sid"), None);
+    }
+
     use super::*;
 
     const UPGRADE: &[u8] = b"GET /sync/v51/connect?clientID=a&clientGroupID=b HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: abc%3D%3D\r\n\r\n";

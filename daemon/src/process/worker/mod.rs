@@ -129,6 +129,12 @@ struct Resume {
     lmid: u64,
 }
 
+/// What a newcomer brings beyond its request, in upstream mode and with session cookies.
+struct Edge {
+    route: Option<relay::Route>,
+    session: Option<u64>,
+}
+
 /// A newcomer waiting for the liveness probe of the connection holding its clientID.
 struct Probe {
     newcomer: u32,
@@ -150,6 +156,8 @@ struct Admit {
     init: Option<Vec<u8>>,
     /// Upstream mode: its relay's request and upstream, opened once it is admitted.
     route: Option<relay::Route>,
+    /// Its session cookie's hash (`auth.session_cookie`), kept once it is admitted.
+    session: Option<u64>,
 }
 
 pub struct Worker {
@@ -201,9 +209,20 @@ pub struct Worker {
     proxies: TrustedProxies,
     /// The upstream sides of relays, by the index their operations carry.
     hops: Slab<relay::Hop>,
+    /// The session cookie's hash of each admitted connection that carried one
+    /// (`auth.session_cookie`), by slot; empty unless that is configured.
+    sessions: HashMap<u32, u64>,
+    /// The key of those hashes, random per worker: the cookie's value itself is never kept.
+    session_key: std::collections::hash_map::RandomState,
     /// The hop of each relayed client, by the client's slot (upstream mode; kept beside the
     /// slots rather than in them, where it would cost every connection of embedded mode).
     relays: HashMap<u32, u32>,
+    /// Hops that wait for the relay of the connection their client replaced to be gone.
+    waiting: Vec<u32>,
+    /// The hop of the relay a newcomer's admission just retired (displacement, or a holder
+    /// dead on its probe), for the newcomer's own relay to wait for; set and taken within
+    /// one admission.
+    retired_hop: Option<u32>,
     /// Hops that may have bytes to send at the end of the iteration.
     hop_writers: Vec<u32>,
     /// Upstream connects and upgrades in progress, against `upstream.max_connecting`.
@@ -286,6 +305,10 @@ impl Worker {
             proxies,
             hops: Slab::default(),
             relays: HashMap::new(),
+            waiting: Vec::new(),
+            retired_hop: None,
+            sessions: HashMap::new(),
+            session_key: Default::default(),
             hop_writers: Vec::new(),
             connecting: 0,
         })
@@ -501,7 +524,12 @@ impl Worker {
                         }
                         None => None,
                     };
-                self.admit(index, h.peer, &head, path.version, params, route, now)
+                let session = self.config.auth.session_cookie.as_deref().and_then(|name| {
+                    let value = handshake::cookie(&h.bytes[..end], name)?;
+                    Some(std::hash::BuildHasher::hash_one(&self.session_key, value))
+                });
+                let edge = Edge { route, session };
+                self.admit(index, h.peer, &head, path.version, params, edge, now)
             }
             _ => {
                 if let Some(slot) = self.slots.get_mut(index) {
@@ -531,7 +559,7 @@ impl Worker {
         head: &handshake::Head,
         version: u32,
         params: &route::ConnectParams,
-        route: Option<relay::Route>,
+        edge: Edge,
         now: Instant,
     ) {
         let group_id = params.client_group_id.as_str();
@@ -566,16 +594,18 @@ impl Worker {
         let holder = self.client_slot(&params.client_id).map(|slot| Holder {
             slot,
             user: self.slots.get(slot).and_then(|s| self.verified_user(s)),
+            session: self.sessions.get(&slot).copied(),
         });
         let state = admission::Group {
             owner: self.sync.owner(group),
             connections: self.sync.connections(group),
             max_connections: self.config.limits.max_group_connections,
         };
-        let newcomer = Newcomer { user: user.as_deref(), version };
+        let newcomer = Newcomer { user: user.as_deref(), session: edge.session, version };
         let decision = admission::decide(newcomer, state, holder);
         let init = header.init_connection;
-        let admit = Admit { group_id: group_id.into(), user, peer, init, route };
+        let Edge { route, session } = edge;
+        let admit = Admit { group_id: group_id.into(), user, peer, init, route, session };
         match decision {
             Decision::Refuse(refusal) => self.refuse(index, peer, group_id, refusal, now),
             Decision::Replace(old) => {
@@ -648,7 +678,7 @@ impl Worker {
     /// Steps 5 and 6: the newcomer joins its group, then `connected`, then the header's
     /// `initConnection`.
     fn open_connection(&mut self, index: u32, admit: Admit, now: Instant) {
-        let Admit { group_id, user, peer, init, route } = admit;
+        let Admit { group_id, user, peer, init, route, session } = admit;
         // Loaded at admission; loading again is a no-op unless a flush dropped it meanwhile
         // (a newcomer that waited on a probe).
         let group = match self.sync.load(&group_id) {
@@ -678,6 +708,9 @@ impl Worker {
             slot.id.forget_claimed_user();
         }
         slot.joined = true;
+        if let Some(session) = session {
+            self.sessions.insert(index, session);
+        }
         slot.conn.open(slot.id.wsid(), self.sync.name(group), init, now);
         self.open += 1;
         self.metrics.inc(Metric::Connected);
@@ -692,7 +725,8 @@ impl Worker {
         );
         if slot.conn.state() == State::Open {
             if let Some(route) = route {
-                self.open_relay(index, route, now);
+                let after = self.retired_hop.take();
+                self.open_relay(index, route, after, now);
             }
         }
     }
@@ -734,6 +768,7 @@ impl Worker {
             // index now frees its clientID for the newcomer.
             self.clients.remove(slot.id.client_id(), index);
             slot.conn.close(close::NORMAL, reason, now);
+            self.retired_hop = self.retire_relay(index, now);
             self.process(index);
         }
     }
@@ -911,6 +946,7 @@ impl Worker {
             if !slot.recv_armed && !slot.send_armed {
                 self.dedicated_deflate_bytes -= slot.conn.dedicated_deflate_bytes();
                 self.resumes.remove(&index);
+                self.sessions.remove(&index);
                 if let Some(slot) = self.slots.remove(index) {
                     self.ring.close_later(slot.fd);
                 }
@@ -1093,6 +1129,7 @@ impl Worker {
                         slot.conn.terminate(End::KeepaliveTimeout);
                     }
                     self.metrics.inc(Metric::Displaced);
+                    self.retired_hop = self.retire_relay(existing, now);
                     self.process(existing);
                     self.open_connection(newcomer, admit, now);
                 }

@@ -26,6 +26,7 @@ use crate::ring::Op;
 use crate::sync::{Pusher, Who};
 use crate::upstream::relay::{self, Side, Then};
 use crate::upstream::request::{self, Request};
+use crate::ws::close;
 use crate::ws::connection::{self, Connection, Mode, Notice};
 use crate::ws::handshake;
 
@@ -66,6 +67,13 @@ pub(super) struct Hop {
 }
 
 enum Stage {
+    /// Its client replaced a connection whose relay is still closing (hop `after`): this one
+    /// connects once that one is gone, so the upstream never sees the newcomer while the old
+    /// socket of the same clientID is alive (it would refuse it, as the edge would).
+    Waiting {
+        request: Request,
+        after: u32,
+    },
     /// The TCP connect is in flight; the kernel reads `addr` until it completes, so it is
     /// boxed (the slab may move the hop).
     Connecting {
@@ -89,8 +97,14 @@ enum Stage {
 }
 
 impl Stage {
+    /// Counted against `upstream.max_connecting`.
     fn connecting(&self) -> bool {
         matches!(self, Stage::Connecting { .. } | Stage::Upgrading { .. })
+    }
+
+    /// Not open yet: ending it is an abort, not a close handshake.
+    fn unopened(&self) -> bool {
+        self.connecting() || matches!(self, Stage::Waiting { .. })
     }
 }
 
@@ -113,9 +127,16 @@ impl Worker {
         )
     }
 
-    /// The admitted client in `index` gets its upstream: a socket and its connect, unless
-    /// this worker already has `upstream.max_connecting` connects in progress.
-    pub(super) fn open_relay(&mut self, index: u32, route: Route, now: Instant) {
+    /// The admitted client in `index` gets its upstream: a socket and its connect (after hop
+    /// `after` is gone, if it is still there), unless this worker already has
+    /// `upstream.max_connecting` connects in progress.
+    pub(super) fn open_relay(
+        &mut self,
+        index: u32,
+        route: Route,
+        after: Option<u32>,
+        now: Instant,
+    ) {
         if self.connecting >= self.config.upstream.max_connecting {
             self.metrics.inc(Metric::UpstreamFailures);
             return self.fail_client(index, "upstream connects in progress at the limit", now);
@@ -137,18 +158,15 @@ impl Worker {
         // Messages are small and latency-bound: no Nagle delay behind an unacknowledged one.
         let _ = nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::TcpNoDelay, &true);
         let Some(slot) = self.slots.get_mut(index) else { return };
-        let deadline = now + Duration::from_millis(self.config.upstream.connect_timeout_ms);
-        let sockaddr = Box::new(SockaddrStorage::from(addr));
-        let entry =
-            opcode::Connect::new(types::Fd(fd.as_raw_fd()), sockaddr.as_ptr(), sockaddr.len());
+        let after = after.filter(|&h| self.hops.get(h).is_some());
         let hop = Hop {
             fd,
             conn: Connection::new(Mode::Upstream, now),
             client: index,
             client_serial: slot.serial,
-            stage: Stage::Connecting { sockaddr, request, deadline },
+            stage: Stage::Waiting { request, after: after.unwrap_or(u32::MAX) },
             addr,
-            connect_armed: true,
+            connect_armed: false,
             recv_armed: false,
             send_armed: false,
             starved: false,
@@ -160,11 +178,47 @@ impl Worker {
         };
         let h = self.hops.insert(hop);
         self.relays.insert(index, h);
+        match after {
+            Some(_) => self.waiting.push(h),
+            None => self.connect_hop(h, now),
+        }
+    }
+
+    /// Starts the TCP connect of a waiting hop.
+    fn connect_hop(&mut self, h: u32, now: Instant) {
+        let Some(hop) = self.hops.get_mut(h) else { return };
+        let Stage::Waiting { request, .. } = std::mem::replace(&mut hop.stage, Stage::Failed)
+        else {
+            return;
+        };
+        let deadline = now + Duration::from_millis(self.config.upstream.connect_timeout_ms);
+        let sockaddr = Box::new(SockaddrStorage::from(hop.addr));
+        let entry =
+            opcode::Connect::new(types::Fd(hop.fd.as_raw_fd()), sockaddr.as_ptr(), sockaddr.len());
+        hop.stage = Stage::Connecting { sockaddr, request, deadline };
+        hop.connect_armed = true;
         self.connecting += 1;
         // SAFETY: the sockaddr is boxed in the hop's stage, which keeps it until the connect
         // completes (`connect_armed`; the stage leaves `Connecting` only from its
         // completion), and a hop is freed only once no operation is in flight.
         unsafe { self.ring.push(entry.build().user_data(Op::UpConnect.token(h))) };
+    }
+
+    /// The relay of the connection in `index`, which a newcomer with its clientID replaces,
+    /// closes at once (not after its client's close handshake): returns its hop, which the
+    /// newcomer's relay waits for.
+    pub(super) fn retire_relay(&mut self, index: u32, now: Instant) -> Option<u32> {
+        let &h = self.relays.get(&index)?;
+        let hop = self.hops.get_mut(h)?;
+        if hop.ended.is_none() {
+            hop.ended = Some("syncgate");
+            if let Some(slot) = self.slots.get(index) {
+                log_end(self.index, slot, hop, Some(close::NORMAL), "replaced");
+            }
+            let then = Then::Close { code: close::NORMAL, reason: "replaced".into() };
+            self.end_hop(h, then, now);
+        }
+        self.hops.get(h).map(|_| h)
     }
 
     pub(super) fn on_up_connect(&mut self, h: u32, res: i32, now: Instant) {
@@ -230,7 +284,7 @@ impl Worker {
                             None => {}
                         }
                     }
-                    Stage::Connecting { .. } | Stage::Failed => {}
+                    Stage::Waiting { .. } | Stage::Connecting { .. } | Stage::Failed => {}
                 }
                 self.ring.buffers().recycle(bid);
                 if !hop.recv_armed && !hop.shut && !hop.paused {
@@ -392,6 +446,20 @@ impl Worker {
                 self.ring.close_later(hop.fd);
                 if self.relays.get(&client) == Some(&h) {
                     self.relays.remove(&client);
+                    if hop.client_paused {
+                        // Held back for this hop; its close handshake needs reading.
+                        self.arm_recv(client);
+                    }
+                }
+                // A newcomer's relay that waited for this one goes now.
+                for w in std::mem::take(&mut self.waiting) {
+                    match self.hops.get(w).map(|hop| &hop.stage) {
+                        Some(Stage::Waiting { after, .. }) if *after == h => {
+                            self.connect_hop(w, now)
+                        }
+                        Some(Stage::Waiting { .. }) => self.waiting.push(w),
+                        _ => {}
+                    }
                 }
             }
         } else {
@@ -494,8 +562,10 @@ impl Worker {
     /// Ends hop `h` as `then` says: a close handshake if it is open, else an abort.
     fn end_hop(&mut self, h: u32, then: Then, now: Instant) {
         let Some(hop) = self.hops.get_mut(h) else { return };
-        if hop.stage.connecting() {
-            self.connecting -= 1;
+        if hop.stage.unopened() {
+            if hop.stage.connecting() {
+                self.connecting -= 1;
+            }
             hop.stage = Stage::Failed;
             if hop.connect_armed {
                 self.ring.cancel(Op::UpConnect.token(h));
