@@ -223,3 +223,81 @@ fn a_session_cookie_binds_a_clientid_to_its_session() {
     up.wait_event("connected", &[("wsid", "again")], WAIT);
     assert!(!up.events().iter().any(|e| e.matches("connected", &[("wsid", "other")])));
 }
+
+/// A WebSocket upstream of the test's own (tungstenite), for what a real one will not do on
+/// demand: go silent, or send faster than the client reads. `serve` gets the accepted socket.
+fn fake_upstream(
+    serve: impl FnOnce(tungstenite::WebSocket<std::net::TcpStream>) + Send + 'static,
+) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        // Echo the client's protocol header, as zero-cache does.
+        let callback = |req: &tungstenite::handshake::server::Request,
+                        mut res: tungstenite::handshake::server::Response| {
+            if let Some(p) = req.headers().get("Sec-WebSocket-Protocol") {
+                res.headers_mut().insert("Sec-WebSocket-Protocol", p.clone());
+            }
+            Ok(res)
+        };
+        serve(tungstenite::accept_hdr(stream, callback).unwrap());
+    });
+    addr
+}
+
+#[test]
+fn a_silent_upstream_is_treated_as_dead() {
+    let (done, until) = std::sync::mpsc::channel::<()>();
+    let addr = fake_upstream(move |ws| {
+        // Upgraded, then nothing: no frame, no answer to pings.
+        let _ = until.recv_timeout(Duration::from_secs(20));
+        drop(ws);
+    });
+    let edge = Daemon::start(&format!(
+        "{}[keepalive]\nidle_send_ms = 60000\nsilence_ms = 300\nping_timeout_ms = 300\n\
+         [upstream]\nurls = [\"ws://{addr}\"]\n",
+        auth_config()
+    ));
+    let mut ws = edge.ws(&Params::new("c1", "g1").user("alice"), Some(&user_header("alice")));
+    // The client answers the edge's pings (recv does); the upstream does not.
+    let error = ws.expect_error("ServerOverloaded");
+    assert_eq!(error["message"], "upstream connection lost", "{error}");
+    ws.expect_close(1008);
+    edge.wait_event("relay", &[("clientID", "c1")], WAIT);
+    assert!(edge.log_text().contains("KeepaliveTimeout"), "{}", edge.log_text());
+    done.send(()).unwrap();
+}
+
+#[test]
+fn a_client_that_does_not_read_stops_the_reads_from_its_upstream() {
+    const MESSAGE: usize = 256 * 1024;
+    let (report, sent) = std::sync::mpsc::channel::<usize>();
+    let addr = fake_upstream(move |mut ws| {
+        ws.get_mut().set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+        let payload = "x".repeat(MESSAGE);
+        let mut bytes = 0;
+        // Up to 64 MiB, until a write blocks for 2 s: the edge stopped reading.
+        while bytes < 64 << 20 {
+            if ws.send(tungstenite::Message::text(payload.clone())).is_err() {
+                break;
+            }
+            bytes += MESSAGE;
+        }
+        report.send(bytes).unwrap();
+    });
+    let edge = Daemon::start(&format!(
+        "{QUIET}{}[limits]\nmax_outbound_bytes = 1048576\nslow_consumer_ms = 60000\n\
+         [upstream]\nurls = [\"ws://{addr}\"]\n",
+        auth_config()
+    ));
+    // Connected, then never read: the edge's queue to it fills up.
+    let _ws = edge.ws(&Params::new("c1", "g1").user("alice"), Some(&user_header("alice")));
+    let bytes = sent.recv_timeout(Duration::from_secs(60)).expect("the upstream's report");
+    // What left the upstream is what the sockets' buffers hold plus the bound, not the 64 MiB
+    // it tried: the edge read no more once the client's queue was over 1 MiB.
+    assert!(bytes < 32 << 20, "the upstream sent {bytes} bytes unhindered");
+    let heap =
+        edge.metric("syncgate_heap_bytes", &[("worker", &expected_worker("g1").to_string())]);
+    assert!(heap < 24 << 20, "the edge holds {heap} bytes");
+}
