@@ -6,8 +6,9 @@
 # 1. Test clients, from the package registries, idempotently (a few milliseconds when they are
 #    already there): Python `websockets` into .venv (tests/clients/requirements.txt), Node `ws`
 #    into tests/clients/node/node_modules and the Zero client into tests/clients/zero/node_modules
-#    (`npm ci`, from each package-lock.json). A stamp holding
-#    the hash of the pin file says whether the installed copy is current.
+#    (`npm ci`, from each package-lock.json), esbuild into tests/clients/browser/node_modules
+#    (`npm ci`), and Debian's chromium and chromium-driver for tests/browser.rs. A stamp
+#    holding the hash of the pin file says whether the installed copy is current.
 # 2. cargo fmt --check, cargo clippy --all-targets -D warnings, cargo doc with warnings as
 #    errors (a broken intra-doc link fails), and cargo check of the fuzz
 #    targets (only scripts/fuzz.sh builds them, with sanitizers; without this check an API
@@ -70,6 +71,18 @@ if [ "$(cat "$ZERO_DIR/node_modules/.syncgate-stamp" 2>/dev/null || true)" != "$
     log "installing the Zero client for tests/zero_client.rs (npm ci)"
     (cd "$ZERO_DIR" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
     stamp_of "$ZERO_DIR/package-lock.json" >"$ZERO_DIR/node_modules/.syncgate-stamp"
+fi
+
+# --- The browser test (tests/browser.rs): Chromium, chromedriver, esbuild -------------------
+# Debian's chromium and chromium-driver (about 130 packages, 80 s on a machine without them);
+# esbuild (npm, pinned by tests/clients/browser/package-lock.json) bundles the Zero client
+# installed above into the page the test opens.
+{ [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; } || apt_install chromium chromium-driver
+BROWSER_DIR="$ROOT/tests/clients/browser"
+if [ "$(cat "$BROWSER_DIR/node_modules/.syncgate-stamp" 2>/dev/null || true)" != "$(stamp_of "$BROWSER_DIR/package-lock.json")" ]; then
+    log "installing esbuild for tests/browser.rs (npm ci)"
+    (cd "$BROWSER_DIR" && npm ci --no-audit --no-fund --loglevel=error)
+    stamp_of "$BROWSER_DIR/package-lock.json" >"$BROWSER_DIR/node_modules/.syncgate-stamp"
 fi
 
 # --- systemd tools (the unit tests run systemd-analyze; ExecReload names /bin/kill) ---------

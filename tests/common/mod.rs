@@ -9,6 +9,7 @@
 //! - [`http`]: raw bytes in, raw HTTP answer out, for the plain routes and malformed requests.
 //! - [`zero`]: what a Zero client puts on the wire: connect parameters, the protocol header
 //!   and its token, pushes.
+//! - [`browser`]: the real Zero client in a page in headless Chromium, over WebDriver.
 //! - [`host`]: what the tests take from the machine: the binary, the repository, temp
 //!   directories, `node`, command output.
 //!
@@ -22,6 +23,7 @@
 // of it (ops_install.rs only a few items of `host`), so in each binary some are never used.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod daemon;
 pub mod host;
 pub mod http;
@@ -31,4 +33,4 @@ pub mod zero;
 
 // For the same reason, a binary that uses nothing of a module leaves its re-export unused.
 #[allow(unused_imports)]
-pub use self::{daemon::*, host::*, http::*, raw::*, ws::*, zero::*};
+pub use self::{browser::*, daemon::*, host::*, http::*, raw::*, ws::*, zero::*};
