@@ -5,10 +5,12 @@
 #
 # 1. Test clients, from the package registries, idempotently (a few milliseconds when they are
 #    already there): Python `websockets` into .venv (tests/clients/requirements.txt), Node `ws`
-#    into tests/clients/node/node_modules and the Zero client into tests/clients/zero/node_modules
-#    (`npm ci`, from each package-lock.json), esbuild into tests/clients/browser/node_modules
-#    (`npm ci`), and Debian's chromium and chromium-driver for tests/browser.rs. A stamp
-#    holding the hash of the pin file says whether the installed copy is current.
+#    into tests/clients/node/node_modules, the Zero client into tests/clients/zero/node_modules
+#    and zero-cache into tests/clients/zero-cache/node_modules (`npm ci`, from each
+#    package-lock.json), esbuild into tests/clients/browser/node_modules (`npm ci`), Debian's
+#    chromium and chromium-driver for tests/browser.rs, and Debian's postgresql when no
+#    /usr/lib/postgresql/*/bin/initdb exists. A stamp holding the hash of the pin file says
+#    whether the installed copy is current.
 # 2. cargo fmt --check, cargo clippy --all-targets -D warnings, cargo doc with warnings as
 #    errors (a broken intra-doc link fails), and cargo check of the fuzz
 #    targets (only scripts/fuzz.sh builds them, with sanitizers; without this check an API
@@ -16,8 +18,10 @@
 # 3. The doctests (nextest does not run them), then the whole test suite under cargo-nextest
 #    (plain cargo test if nextest is missing).
 #
-# The Rust tests find the clients through SYNCGATE_TEST_PYTHON and SYNCGATE_TEST_NODE, set
-# here; a test whose client is missing fails, it never skips.
+# The Rust tests find the clients through SYNCGATE_TEST_PYTHON and SYNCGATE_TEST_NODE, and
+# the upstream of tests/front_door.rs through SYNCGATE_TEST_PG_BIN (PostgreSQL's bin folder)
+# and SYNCGATE_TEST_ZERO_CACHE (zero-cache's node_modules/.bin), all set here; a test whose
+# client or server is missing fails, it never skips.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -84,6 +88,33 @@ if [ "$(cat "$BROWSER_DIR/node_modules/.syncgate-stamp" 2>/dev/null || true)" !=
     (cd "$BROWSER_DIR" && npm ci --no-audit --no-fund --loglevel=error)
     stamp_of "$BROWSER_DIR/package-lock.json" >"$BROWSER_DIR/node_modules/.syncgate-stamp"
 fi
+
+# --- A real upstream for tests/front_door.rs: PostgreSQL and zero-cache ---------------------
+# PostgreSQL: Debian's `postgresql` (binaries under /usr/lib/postgresql/<major>/bin). The tests
+# run initdb and postgres themselves, in a temporary folder, on ports of their own; the cluster
+# the package may create and start is not used. zero-cache: the `zero-cache` bin of
+# @rocicorp/zero 1.9.0 in tests/clients/zero-cache (`npm ci`, from its package-lock.json; the
+# app's schema and the client script that drives it live there too). --ignore-scripts: its one
+# native module, @rocicorp/zero-sqlite3, ships prebuilt binaries that it loads at run time (the
+# install script would only compile one when none fits); checked below.
+PG_INITDB="$(ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n1 || true)"
+if [ -z "$PG_INITDB" ]; then
+    apt_install postgresql
+    PG_INITDB="$(ls -d /usr/lib/postgresql/*/bin/initdb 2>/dev/null | sort -V | tail -n1 || true)"
+    [ -n "$PG_INITDB" ] || { log "postgresql installed, but no /usr/lib/postgresql/*/bin/initdb"; exit 1; }
+fi
+export SYNCGATE_TEST_PG_BIN="${PG_INITDB%/initdb}"
+ZERO_CACHE_DIR="$ROOT/tests/clients/zero-cache"
+if [ "$(cat "$ZERO_CACHE_DIR/node_modules/.syncgate-stamp" 2>/dev/null || true)" != "$(stamp_of "$ZERO_CACHE_DIR/package-lock.json")" ]; then
+    log "installing zero-cache for tests/front_door.rs (npm ci)"
+    (cd "$ZERO_CACHE_DIR" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+    if ! (cd "$ZERO_CACHE_DIR" && node -e 'new (require("@rocicorp/zero-sqlite3"))(":memory:").close()'); then
+        log "zero-cache's SQLite module (@rocicorp/zero-sqlite3) has no prebuilt binary for node $(node --version) on this machine: use Node 20 or newer"
+        exit 1
+    fi
+    stamp_of "$ZERO_CACHE_DIR/package-lock.json" >"$ZERO_CACHE_DIR/node_modules/.syncgate-stamp"
+fi
+export SYNCGATE_TEST_ZERO_CACHE="$ZERO_CACHE_DIR/node_modules/.bin"
 
 # --- systemd tools (the unit tests run systemd-analyze; ExecReload names /bin/kill) ---------
 { command -v systemd-analyze >/dev/null && [ -x /bin/kill ]; } || apt_install systemd procps

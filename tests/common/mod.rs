@@ -12,6 +12,10 @@
 //! - [`browser`]: the real Zero client in a page in headless Chromium, over WebDriver.
 //! - [`host`]: what the tests take from the machine: the binary, the repository, temp
 //!   directories, `node`, command output.
+//! - [`upstream`]: a real upstream: PostgreSQL and zero-cache with the test app's schema,
+//!   started once per test process; its logs, its sockets, an outage on demand.
+//! - [`app`]: the test app, a real Zero client connected wherever the test says, as whom the
+//!   test says, driven over JSON lines.
 //!
 //! Every item is re-exported here, so a test file needs only `mod common; use common::*;`.
 //!
@@ -23,14 +27,18 @@
 // of it (ops_install.rs only a few items of `host`), so in each binary some are never used.
 #![allow(dead_code)]
 
+pub mod app;
 pub mod browser;
 pub mod daemon;
 pub mod host;
 pub mod http;
 pub mod raw;
+pub mod upstream;
 pub mod ws;
 pub mod zero;
 
 // For the same reason, a binary that uses nothing of a module leaves its re-export unused.
 #[allow(unused_imports)]
-pub use self::{browser::*, daemon::*, host::*, http::*, raw::*, ws::*, zero::*};
+pub use self::{
+    app::*, browser::*, daemon::*, host::*, http::*, raw::*, upstream::*, ws::*, zero::*,
+};

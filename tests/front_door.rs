@@ -1,0 +1,328 @@
+//! The front door: syncgate in front of a real zero-cache, with the real Zero client as the
+//! app. The upstream (PostgreSQL and zero-cache with the app's table and permissions) is the
+//! fixture of tests/common/upstream.rs; the app is tests/clients/zero-cache/front_door.mjs,
+//! driven through tests/common/app.rs.
+//!
+//! The tests here so far go straight to zero-cache, without syncgate: they prove the harness
+//! (the client sees what its token allows, a CRUD insert reaches PostgreSQL, a row written in
+//! PostgreSQL reaches the client live, zero-cache's sockets can be counted, an outage can be
+//! staged) and are the reference the tests through syncgate compare with: each check takes
+//! the URL its client connects to, so the same check runs against either.
+//!
+//! Under cargo-nextest every test starts its own PostgreSQL and zero-cache (about 12 s; see
+//! tests/common/upstream.rs for why), and .config/nextest.toml runs at most two of this
+//! binary's tests at a time.
+//! `scripts/test.sh` installs PostgreSQL, zero-cache and node; a missing one fails the test
+//! with the command that fixes it: these tests never skip.
+
+mod common;
+
+use common::*;
+
+/// `(id, owner, title)` rows as the client and [`ZeroCache::rows_of`] give them.
+type Rows = Vec<(String, String, String)>;
+
+fn rows(list: &[(&str, &str, &str)]) -> Rows {
+    let mut out: Rows =
+        list.iter().map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string())).collect();
+    out.sort();
+    out
+}
+
+/// What `user` (`None`: no token) sees of the seeded rows, plus `extra`, sorted by id as the
+/// client's query orders them.
+fn visible(user: Option<&str>, extra: &[(&str, &str, &str)]) -> Rows {
+    let mut all = seeded_visible_to(user);
+    all.extend_from_slice(extra);
+    rows(&all)
+}
+
+/// Starts a client against `url` as `login` and waits until it is connected and the server
+/// answered its query; returns the client and its rows then.
+fn connected_client(url: &str, login: &Login) -> (AppClient, Rows) {
+    let mut client = AppClient::start(url, login);
+    let rows = client.wait_complete_rows();
+    assert_eq!(client.state(), "connected", "{}", client.report());
+    (client, rows)
+}
+
+// ------------------------------------------------------------------------------------------
+// Checks that take the URL the client connects to
+// ------------------------------------------------------------------------------------------
+
+/// A client with alice's token sees the public rows and alice's; one without a token only
+/// the public rows: the token reached zero-cache and zero-cache applied the permissions.
+fn check_rows_follow_the_token(url: &str) {
+    let (alice, seen) = connected_client(url, &Login::user("alice"));
+    assert_eq!(seen, visible(Some("alice"), &[]), "alice's view\n{}", alice.report());
+    let (anon, seen) = connected_client(url, &Login::anonymous());
+    assert_eq!(seen, visible(None, &[]), "the anonymous view\n{}", anon.report());
+    alice.close();
+    anon.close();
+}
+
+/// A CRUD insert of the client's own row reaches PostgreSQL; an insert of someone else's row
+/// is acknowledged but refused (never reaches PostgreSQL, and leaves the client's view); a
+/// row inserted in PostgreSQL reaches the client while it is connected.
+fn check_writes_both_ways(zc: &ZeroCache, url: &str) {
+    let user = unique_user("writer");
+    let (mut client, seen) = connected_client(url, &Login::user(&user));
+    assert_eq!(seen, visible(Some(&user), &[]), "{}", client.report());
+
+    let mine = format!("{user}-from-client");
+    let m1 = client.insert(&mine, &user, "from the client");
+    client.wait_acked(m1);
+    assert_eq!(zc.rows_of(&user), rows(&[(&mine, &user, "from the client")]), "in PostgreSQL");
+
+    let forged = format!("{user}-as-alice");
+    let m2 = client.insert(&forged, "alice", "not mine to write");
+    client.wait_acked(m2);
+    let count = zc.psql(&format!("SELECT count(*) FROM item WHERE id = {}", sql_literal(&forged)));
+    assert_eq!(count, "0", "zero-cache let {user} write a row of alice's");
+    // The optimistic row goes away once the client learns of the refusal.
+    let want = visible(Some(&user), &[(&mine, &user, "from the client")]);
+    client.wait_rows_where("the refused row to go", |now| now == want.as_slice());
+
+    let theirs = format!("{user}-from-postgres");
+    zc.psql(&format!(
+        "INSERT INTO item (id, owner, title) VALUES ({}, {}, 'from PostgreSQL')",
+        sql_literal(&theirs),
+        sql_literal(&user)
+    ));
+    let want = visible(
+        Some(&user),
+        &[(&mine, &user, "from the client"), (&theirs, &user, "from PostgreSQL")],
+    );
+    client.wait_rows_where("the row inserted in PostgreSQL", |now| now == want.as_slice());
+    client.close();
+}
+
+// ------------------------------------------------------------------------------------------
+// Straight to zero-cache: the harness itself
+// ------------------------------------------------------------------------------------------
+
+#[test]
+fn straight_to_zero_cache_a_client_sees_the_rows_its_token_allows() {
+    let zc = ZeroCache::shared();
+    check_rows_follow_the_token(&zc.url());
+}
+
+#[test]
+fn straight_to_zero_cache_writes_reach_postgres_and_postgres_writes_reach_the_client() {
+    let zc = ZeroCache::shared();
+    check_writes_both_ways(&zc, &zc.url());
+}
+
+#[test]
+fn straight_to_zero_cache_each_connected_client_holds_one_upstream_socket() {
+    let zc = ZeroCache::exclusive();
+    // Sockets of clients that earlier tests of this process closed may still be closing.
+    zc.wait_upstream_connections(0, WAIT);
+    let (client, _) = connected_client(&zc.url(), &Login::user("alice"));
+    zc.wait_upstream_connections(1, WAIT);
+    let (other, _) = connected_client(&zc.url(), &Login::anonymous());
+    zc.wait_upstream_connections(2, WAIT);
+    other.close();
+    zc.wait_upstream_connections(1, WAIT);
+    client.close();
+    zc.wait_upstream_connections(0, WAIT);
+}
+
+#[test]
+fn straight_to_zero_cache_a_client_rides_out_an_upstream_outage() {
+    let zc = ZeroCache::exclusive();
+    let user = unique_user("outage");
+    let (mut client, seen) = connected_client(&zc.url(), &Login::user(&user));
+    assert_eq!(seen, visible(Some(&user), &[]), "{}", client.report());
+    zc.wait_upstream_connections(1, WAIT);
+
+    let mark = client.mark();
+    zc.stop();
+    assert!(!zc.running());
+    assert_eq!(zc.upstream_connections(), 0, "zero-cache is stopped");
+    client.wait_event_after(mark, "the socket's close", |e| e["event"] == "socket-close");
+    // Written while zero-cache is down: it must arrive after the restart.
+    let row = format!("{user}-during-outage");
+    zc.psql(&format!(
+        "INSERT INTO item (id, owner, title) VALUES ({}, {}, 'written during the outage')",
+        sql_literal(&row),
+        sql_literal(&user)
+    ));
+
+    zc.start();
+    client.wait_event_after(mark, "a new socket", |e| e["event"] == "socket-open");
+    client.wait_state("connected");
+    let want = visible(Some(&user), &[(&row, &user, "written during the outage")]);
+    client.wait_rows_where("the row written during the outage", |now| now == want.as_slice());
+    zc.wait_upstream_connections(1, WAIT);
+    client.close();
+}
+
+// ------------------------------------------------------------------------------------------
+// Through syncgate in upstream mode
+// ------------------------------------------------------------------------------------------
+
+/// syncgate in front of `zc`, with the same token secret as zero-cache; `extra` is TOML
+/// after the upstream table (more tables).
+fn edge(zc: &ZeroCache, extra: &str) -> Daemon {
+    Daemon::start(&format!("{}[upstream]\nurls = [\"{}\"]\n{extra}", auth_config(), zc.url()))
+}
+
+/// The URL a Zero client is given for `edge`.
+fn edge_url(edge: &Daemon) -> String {
+    format!("http://{}", edge.addr)
+}
+
+#[test]
+fn through_syncgate_a_client_sees_the_rows_its_token_allows() {
+    let zc = ZeroCache::shared();
+    let edge = edge(&zc, "");
+    check_rows_follow_the_token(&edge_url(&edge));
+    assert!(edge.metric("syncgate_upstream_connects_total", &[]) >= 2);
+}
+
+#[test]
+fn through_syncgate_writes_reach_postgres_and_postgres_writes_reach_the_client() {
+    let zc = ZeroCache::shared();
+    let edge = edge(&zc, "");
+    check_writes_both_ways(&zc, &edge_url(&edge));
+    assert!(edge.metric("syncgate_relayed_to_upstream_messages_total", &[]) >= 2);
+    assert!(edge.metric("syncgate_relayed_to_client_messages_total", &[]) >= 2);
+}
+
+#[test]
+fn through_syncgate_with_compression_at_the_edge_the_same() {
+    let zc = ZeroCache::shared();
+    // A threshold of 0 compresses every message on the client hop.
+    let edge = edge(&zc, "[compression]\nenabled = true\nthreshold = 0\n");
+    check_writes_both_ways(&zc, &edge_url(&edge));
+}
+
+#[test]
+fn through_syncgate_a_client_stays_connected_across_ping_intervals() {
+    let zc = ZeroCache::exclusive();
+    let edge = edge(&zc, "");
+    let (mut client, _) = connected_client(&edge_url(&edge), &Login::user("alice"));
+    let before = edge.metric("syncgate_relayed_to_upstream_messages_total", &[]);
+    // The Zero client pings every 5 s when idle: three of its pings, relayed and answered.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while edge.metric("syncgate_relayed_to_upstream_messages_total", &[]) < before + 3 {
+        assert!(std::time::Instant::now() < deadline, "no pings relayed\n{}", client.report());
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    assert_eq!(client.state(), "connected", "{}", client.report());
+    assert_eq!(client.sockets_opened(), 1, "it reconnected\n{}", client.report());
+    assert_eq!(edge.metric("syncgate_upstream_connects_total", &[]), 1);
+    client.close();
+}
+
+#[test]
+fn through_syncgate_the_review_attacks_are_refused_at_the_edge() {
+    let zc = ZeroCache::exclusive();
+    zc.wait_upstream_connections(0, WAIT);
+    let edge = edge(&zc, "");
+    let (mut victim, seen) = connected_client(&edge_url(&edge), &Login::user("alice"));
+    zc.wait_upstream_connections(1, WAIT);
+    let (client_id, group) = (victim.client_id.clone(), victim.group.clone());
+    let bob = token("bob");
+    let attempts: [(Params, Option<String>, &str); 4] = [
+        (
+            Params::new(&client_id, &group).user("alice").wsid("x1"),
+            Some(anon_header()),
+            "Unauthorized",
+        ),
+        (
+            Params::new(&client_id, &group).user("alice").wsid("x2"),
+            Some(protocol_header(Some(&bob), None)),
+            "Unauthorized",
+        ),
+        (
+            Params::new(&client_id, &group).user("alice").wsid("x3"),
+            Some(protocol_header(Some("not.a.jwt"), None)),
+            "AuthInvalidated",
+        ),
+        (
+            Params::new("intruder", &group).user("alice").wsid("x4"),
+            Some(anon_header()),
+            "Unauthorized",
+        ),
+    ];
+    for (params, header, kind) in attempts {
+        let mut ws = edge.ws(&params, header.as_deref());
+        ws.expect_error(kind);
+        ws.expect_close(3000);
+        // zero-cache never saw a socket for it.
+        assert_eq!(zc.upstream_connections(), 1, "an attempt reached zero-cache");
+    }
+    assert_eq!(edge.metric("syncgate_edge_refusals_total", &[]), 4);
+    assert_eq!(victim.state(), "connected", "{}", victim.report());
+    assert_eq!(victim.sockets_opened(), 1, "the victim was disconnected\n{}", victim.report());
+    assert_eq!(victim.rows(), seen, "the victim's rows changed\n{}", victim.report());
+    // Her own token on a new socket with her clientID does replace her connection.
+    let mut again = edge.ws(
+        &Params::new(&client_id, &group).user("alice").wsid("again"),
+        Some(&user_header("alice")),
+    );
+    let msg = again.recv_json();
+    assert_eq!(msg[0], "connected", "{msg}");
+    edge.wait_event("displaced", &[("clientID", &client_id)], WAIT);
+    victim.close();
+}
+
+#[test]
+fn through_syncgate_150_upgrade_attempts_from_one_address_meet_the_rate_limit() {
+    let zc = ZeroCache::exclusive();
+    zc.wait_upstream_connections(0, WAIT);
+    let edge = edge(&zc, "[limits]\nconnect_per_ip = 100\nconnect_window_ms = 60000\n");
+    let mut limited = 0;
+    for i in 0..150 {
+        let params = Params::new(&format!("c{i}"), &format!("g{i}"));
+        let bad = protocol_header(Some("bad.token.here"), None);
+        match Ws::connect(edge.addr, &params.path(), Some(&bad)) {
+            Ok(mut ws) => {
+                ws.expect_error("AuthInvalidated");
+            }
+            Err(e) if e.contains("429") => limited += 1,
+            Err(e) => panic!("attempt {i}: {e}"),
+        }
+    }
+    assert_eq!(limited, 50, "the attempts over connect_per_ip get 429");
+    assert_eq!(edge.metric("syncgate_upstream_connects_total", &[]), 0);
+    assert_eq!(zc.upstream_connections(), 0, "no attempt reached zero-cache");
+}
+
+#[test]
+fn through_syncgate_clients_back_off_while_zero_cache_is_down_and_come_back() {
+    let zc = ZeroCache::exclusive();
+    let edge = edge(&zc, "");
+    let user = unique_user("outage");
+    let (mut client, _) = connected_client(&edge_url(&edge), &Login::user(&user));
+    let mark = client.mark();
+    zc.stop();
+    // The relay ends with zero-cache's close or the back-off error: never a hang.
+    client.wait_event_after(mark, "the socket's close", |e| e["event"] == "socket-close");
+    let row = format!("{user}-during-outage");
+    zc.psql(&format!(
+        "INSERT INTO item (id, owner, title) VALUES ({}, {}, 'written during the outage')",
+        sql_literal(&row),
+        sql_literal(&user)
+    ));
+    // While it is down, reconnects are told to back off.
+    edge.wait_event("relay", &[("clientID", &client.client_id)], WAIT);
+    zc.start();
+    client.wait_state_after(mark, "connected");
+    let want = visible(Some(&user), &[(&row, &user, "written during the outage")]);
+    client.wait_rows_where("the row written during the outage", |now| now == want.as_slice());
+    // A reload that changes the list (to the same zero-cache under another name) closes
+    // nothing.
+    let opened = client.sockets_opened();
+    let config = std::fs::read_to_string(edge.config_path()).unwrap();
+    let renamed = config.replace("127.0.0.1", "localhost");
+    std::fs::write(edge.config_path(), renamed).unwrap();
+    edge.signal(libc::SIGHUP);
+    edge.wait_metric("syncgate_reloads_total", &[], 1, WAIT);
+    let m2 = client.insert(&format!("{user}-after-reload"), &user, "after the reload");
+    client.wait_acked(m2);
+    assert_eq!(client.sockets_opened(), opened, "the reload closed the relay\n{}", client.report());
+    client.close();
+}
