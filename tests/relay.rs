@@ -233,7 +233,9 @@ fn fake_upstream(
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
         let (stream, _) = listener.accept().unwrap();
-        // Echo the client's protocol header, as zero-cache does.
+        // Echo the client's protocol header, as zero-cache does. (tungstenite's callback type
+        // has a large error variant; it is its API, not ours.)
+        #[allow(clippy::result_large_err)]
         let callback = |req: &tungstenite::handshake::server::Request,
                         mut res: tungstenite::handshake::server::Response| {
             if let Some(p) = req.headers().get("Sec-WebSocket-Protocol") {
