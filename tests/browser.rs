@@ -50,3 +50,32 @@ fn a_zero_client_in_chromium_shows_a_row_another_client_inserted() {
     d.wait_event("closed", &[("clientID", &client.client_id)], WAIT);
     assert_eq!(d.metric("syncgate_protocol_errors_total", &[]), 0);
 }
+
+/// Upstream mode: the page's client (alice, with her token) connects through syncgate to a
+/// real zero-cache; another real Zero client of alice's (on Node, also through syncgate)
+/// inserts a row; the page shows it, and the row is in PostgreSQL.
+#[test]
+fn through_syncgate_in_front_of_zero_cache_a_page_shows_a_row_another_client_inserted() {
+    let zc = ZeroCache::shared();
+    let edge = Daemon::start(&format!("{}[upstream]\nurls = [\"{}\"]\n", auth_config(), zc.url()));
+    let server = format!("http://{}", edge.addr);
+    let user = "alice";
+    let settings = PageSettings {
+        table: "item".into(),
+        columns: vec!["id".into(), "owner".into(), "title".into()],
+        ..PageSettings::issue(&server, user, Some(token(user)))
+    };
+    let id = format!("{}-from-node", unique_user("browser"));
+    let row = json!({"id": id, "owner": user, "title": "from another client"});
+    let (page, client) = browser_sees_a_mutation_by_another_client(settings, &row, |_| {
+        let mut other = AppClient::start(&server, &Login::user(user));
+        other.wait_complete_rows();
+        let m = other.insert(&id, user, "from another client");
+        other.wait_acked(m);
+        other.close();
+    });
+    assert_eq!(zc.rows_of(user).iter().filter(|r| r.0 == id).count(), 1, "in PostgreSQL");
+    edge.wait_event("connected", &[("clientID", &client.client_id), ("user", user)], WAIT);
+    drop(page);
+    assert_eq!(edge.metric("syncgate_protocol_errors_total", &[]), 0);
+}
