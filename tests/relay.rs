@@ -303,3 +303,22 @@ fn a_client_that_does_not_read_stops_the_reads_from_its_upstream() {
         edge.metric("syncgate_heap_bytes", &[("worker", &expected_worker("g1").to_string())]);
     assert!(heap < 24 << 20, "the edge holds {heap} bytes");
 }
+
+#[test]
+fn update_auth_is_verified_at_the_edge_before_it_is_relayed() {
+    let up = upstream();
+    let edge = edge(&up, "");
+    let mut ws =
+        edge.connected(&Params::new("c1", "g1").user("alice"), Some(&user_header("alice")));
+    // Her own refreshed token goes through; the connection stays.
+    ws.send_json(&json!(["updateAuth", {"auth": token("alice")}]));
+    ws.send_json(&json!(["ping", {}]));
+    recv_until(&mut ws, |m| m[0] == "pong");
+    let relayed = edge.metric("syncgate_relayed_to_upstream_messages_total", &[]);
+    assert_eq!(relayed, 2, "updateAuth and ping relayed");
+    // Another user's token is refused at the edge and never relayed.
+    ws.send_json(&json!(["updateAuth", {"auth": token("bob")}]));
+    ws.expect_error("Unauthorized");
+    ws.expect_close(3000);
+    assert_eq!(edge.metric("syncgate_relayed_to_upstream_messages_total", &[]), relayed);
+}
