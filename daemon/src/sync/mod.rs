@@ -246,6 +246,32 @@ pub enum Pusher<'a> {
     Anonymous,
 }
 
+/// The key the per-user mutation limit counts a pusher's mutations under: the verified user
+/// (the group's `owner`), the claimed userID, or else the connection's own clientID (made in
+/// `anonymous` once, which the caller keeps across a push's mutations).
+fn limit_key<'a>(
+    pusher: Pusher<'a>,
+    owner: Option<&'a str>,
+    client_id: &str,
+    anonymous: &'a mut String,
+) -> &'a str {
+    match pusher {
+        Pusher::Verified => owner.unwrap_or_default(),
+        Pusher::Claimed(user) => user,
+        Pusher::Anonymous => {
+            if anonymous.is_empty() {
+                *anonymous = format!("client:{client_id}");
+            }
+            anonymous
+        }
+    }
+}
+
+/// The `MutationRateLimited` message for a wait of `wait`.
+fn rate_limited(wait: Duration) -> String {
+    format!("mutation rate limit exceeded; retry in {} ms", wait.as_millis().max(1))
+}
+
 impl Who<'_> {
     fn to(&self) -> To {
         To { slot: self.slot, serial: self.serial }
@@ -442,22 +468,10 @@ impl GroupSync {
         now: Instant,
     ) -> Result<(), String> {
         let g = self.groups.get(who.group.index()).expect("a GroupRef outlived its group");
-        let anonymous;
-        let user_key = match pusher {
-            Pusher::Verified => g.owner().unwrap_or_default(),
-            Pusher::Claimed(user) => user,
-            Pusher::Anonymous => {
-                anonymous = format!("client:{}", who.client_id);
-                &anonymous
-            }
-        };
+        let mut anonymous = String::new();
+        let user_key = limit_key(pusher, g.owner(), who.client_id, &mut anonymous);
         for _ in 0..mutations {
-            if let Err(wait) = self.mutations.check(user_key, g.name(), now) {
-                return Err(format!(
-                    "mutation rate limit exceeded; retry in {} ms",
-                    wait.as_millis().max(1)
-                ));
-            }
+            self.mutations.check(user_key, g.name(), now).map_err(rate_limited)?;
         }
         Ok(())
     }
@@ -468,21 +482,9 @@ impl GroupSync {
         for mutation in &push.mutations {
             let limits = &self.limits;
             let g = self.groups.get_mut(who.group.index()).expect("a GroupRef outlived its group");
-            let user_key = match pusher {
-                Pusher::Verified => g.owner().unwrap_or_default(),
-                Pusher::Claimed(user) => user,
-                Pusher::Anonymous => {
-                    if anonymous.is_empty() {
-                        anonymous = format!("client:{}", who.client_id);
-                    }
-                    &anonymous
-                }
-            };
+            let user_key = limit_key(pusher, g.owner(), who.client_id, &mut anonymous);
             if let Err(wait) = self.mutations.check(user_key, g.name(), now) {
-                let message = format!(
-                    "mutation rate limit exceeded; retry in {} ms",
-                    wait.as_millis().max(1)
-                );
+                let message = rate_limited(wait);
                 let kind = ErrorKind::MutationRateLimited;
                 return self.outbox.push(Delivery::Error {
                     to: who.to(),

@@ -991,73 +991,59 @@ impl Core {
     /// checks it, then handed over untouched (copied before the parser, which works in place).
     fn on_relayed_text(&mut self, json: &mut [u8], group_id: &str, now: Instant) {
         let message = Relayed::copy(OpCode::Text, json, true);
-        let msg = match protocol::parse_upstream(json) {
-            Ok(msg) => msg,
-            Err(message) => return self.fail(ErrorKind::InvalidMessage, &message, None, now),
+        let Some(msg) = self.parse_checked(json, group_id, now) else { return };
+        let notice = match msg {
+            Upstream::Push(push) => Notice::RelayPush { message, mutations: push.mutations.len() },
+            Upstream::UpdateAuth { auth } => Notice::RelayAuth { message, token: auth },
+            _ => Notice::Relay(message),
         };
-        match msg {
-            Upstream::InitConnection(_) if self.initialized => {
-                return self.fail(ErrorKind::InvalidMessage, "initConnection sent twice", None, now)
-            }
-            Upstream::InitConnection(_) => self.initialized = true,
-            Upstream::Push(push) => {
-                if push.client_group_id != group_id {
-                    let message = format!(
-                        "clientGroupID in mutation \"{}\" does not match clientGroupID of connection \"{group_id}\"",
-                        push.client_group_id
-                    );
-                    return self.fail(ErrorKind::InvalidPush, &message, None, now);
-                }
-                let mutations = push.mutations.len();
-                return self.notify(Notice::RelayPush { message, mutations });
-            }
-            Upstream::UpdateAuth { auth } => {
-                return self.notify(Notice::RelayAuth { message, token: auth })
-            }
-            _ => {}
-        }
-        self.notify(Notice::Relay(message));
+        self.notify(notice);
     }
 
-    fn on_text(&mut self, json: &mut [u8], group_id: &str, now: Instant) {
+    /// A client's message, parsed strictly and held to the rules that do not depend on who
+    /// handles it: `initConnection` once, a push only for the connection's own group. `None`
+    /// once the connection failed for it.
+    fn parse_checked(&mut self, json: &mut [u8], group_id: &str, now: Instant) -> Option<Upstream> {
         let msg = match protocol::parse_upstream(json) {
             Ok(msg) => msg,
             Err(message) => {
-                return self.fail(ErrorKind::InvalidMessage, &message, None, now);
+                self.fail(ErrorKind::InvalidMessage, &message, None, now);
+                return None;
             }
         };
+        match &msg {
+            Upstream::InitConnection(_) if self.initialized => {
+                self.fail(ErrorKind::InvalidMessage, "initConnection sent twice", None, now);
+                return None;
+            }
+            Upstream::InitConnection(_) => self.initialized = true,
+            Upstream::Push(push) if push.client_group_id != group_id => {
+                let message = format!(
+                    "clientGroupID in mutation \"{}\" does not match clientGroupID of connection \"{group_id}\"",
+                    push.client_group_id
+                );
+                self.fail(ErrorKind::InvalidPush, &message, None, now);
+                return None;
+            }
+            _ => {}
+        }
+        Some(msg)
+    }
+
+    fn on_text(&mut self, json: &mut [u8], group_id: &str, now: Instant) {
+        let Some(msg) = self.parse_checked(json, group_id, now) else { return };
         match msg {
             Upstream::Ping => {
                 let mut out = Vec::with_capacity(16);
                 protocol::write_pong(&mut out);
                 self.send_text(&out);
             }
-            Upstream::InitConnection(body) => {
-                if self.initialized {
-                    return self.fail(
-                        ErrorKind::InvalidMessage,
-                        "initConnection sent twice",
-                        None,
-                        now,
-                    );
-                }
-                self.initialized = true;
-                self.notify(Notice::Init(Box::new(body)));
-            }
+            Upstream::InitConnection(body) => self.notify(Notice::Init(Box::new(body))),
             Upstream::ChangeDesiredQueries(body) => {
                 self.notify(Notice::ChangeDesiredQueries(body.desired_queries_patch));
             }
             Upstream::DeleteClients(body) => self.notify(Notice::DeleteClients(body)),
-            Upstream::Push(push) => {
-                if push.client_group_id != group_id {
-                    let message = format!(
-                        "clientGroupID in mutation \"{}\" does not match clientGroupID of connection \"{group_id}\"",
-                        push.client_group_id
-                    );
-                    return self.fail(ErrorKind::InvalidPush, &message, None, now);
-                }
-                self.notify(Notice::Push(Box::new(push)));
-            }
+            Upstream::Push(push) => self.notify(Notice::Push(Box::new(push))),
             // Validated, and nothing to do: pull is answered by pokes, the rest carry nothing
             // this server acts on (closeConnection is deprecated; inspect needs zero-cache's
             // query engine; acknowledgements concern custom mutators' responses).

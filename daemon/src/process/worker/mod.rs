@@ -94,6 +94,28 @@ struct Identity {
 
 const _: () = assert!(crate::config::MAX_HEAD_BYTES <= 1 << 16, "Identity's offsets are u16");
 
+impl Slot {
+    /// Whose mutations this connection's are, for the per-user mutation limit.
+    fn pusher(&self) -> Pusher<'_> {
+        match (self.verified, self.id.claimed_user()) {
+            (true, _) => Pusher::Verified,
+            (false, Some(user)) => Pusher::Claimed(user),
+            (false, None) => Pusher::Anonymous,
+        }
+    }
+
+    /// The connection in slot `index`, admitted to `group`, as group sync names it.
+    fn who(&self, index: u32, group: GroupRef) -> Who<'_> {
+        Who {
+            slot: index,
+            serial: self.serial,
+            client_id: self.id.client_id(),
+            group,
+            version: self.version.into(),
+        }
+    }
+}
+
 impl Identity {
     fn new(client_id: &str, wsid: &str, claimed_user: Option<&str>) -> Identity {
         let names = [client_id, wsid, claimed_user.unwrap_or_default()].concat().into();
@@ -862,18 +884,7 @@ impl Worker {
             }
         // Only an open connection has notices, and it is admitted: it has its group.
         } else if let (false, Some(group)) = (notices.is_empty(), slot.id.group) {
-            let pusher = match (slot.verified, slot.id.claimed_user()) {
-                (true, _) => Pusher::Verified,
-                (false, Some(user)) => Pusher::Claimed(user),
-                (false, None) => Pusher::Anonymous,
-            };
-            let who = Who {
-                slot: index,
-                serial: slot.serial,
-                client_id: slot.id.client_id(),
-                group,
-                version: slot.version.into(),
-            };
+            let (pusher, who) = (slot.pusher(), slot.who(index, group));
             let now = Instant::now();
             for notice in notices {
                 match notice {

@@ -22,8 +22,7 @@ use nix::sys::socket::{SockaddrLike, SockaddrStorage};
 use super::{Slot, Worker};
 use crate::metrics::Metric;
 use crate::protocol::ErrorKind;
-use crate::ring::Op;
-use crate::sync::{Pusher, Who};
+use crate::ring::{Op, Ring};
 use crate::upstream::relay::{self, Side, Then};
 use crate::upstream::request::{self, Request};
 use crate::ws::close;
@@ -94,6 +93,32 @@ enum Stage {
     Open,
     /// It could not be reached, refused the upgrade, or the client left before it opened.
     Failed,
+}
+
+impl Hop {
+    /// Arms the multishot receive of hop `h`, unless one is armed, the socket is shut down, or
+    /// the client's queue holds its reads back (the hop's side of `Worker::arm_recv`).
+    fn arm_recv(&mut self, h: u32, ring: &mut Ring) {
+        if self.recv_armed || self.shut || self.paused {
+            return;
+        }
+        self.recv_armed = true;
+        self.starved = false;
+        ring.recv_multi(self.fd.as_raw_fd(), Op::UpRecv.token(h));
+    }
+
+    /// Shuts the socket of hop `h` down (once) and cancels a connect in flight: the
+    /// operations still armed complete, and then the hop is freed.
+    fn shut_down(&mut self, h: u32, ring: &mut Ring) {
+        if self.shut {
+            return;
+        }
+        self.shut = true;
+        let _ = nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+        if self.connect_armed {
+            ring.cancel(Op::UpConnect.token(h));
+        }
+    }
 }
 
 impl Stage {
@@ -227,8 +252,7 @@ impl Worker {
         match std::mem::replace(&mut hop.stage, Stage::Failed) {
             Stage::Connecting { request, deadline, .. } if res >= 0 => {
                 hop.stage = Stage::Upgrading { request, written: 0, answer: Vec::new(), deadline };
-                hop.recv_armed = true;
-                self.ring.recv_multi(hop.fd.as_raw_fd(), Op::UpRecv.token(h));
+                hop.arm_recv(h, &mut self.ring);
                 self.want_hop_send(h);
             }
             Stage::Connecting { .. } => {
@@ -287,10 +311,8 @@ impl Worker {
                     Stage::Waiting { .. } | Stage::Connecting { .. } | Stage::Failed => {}
                 }
                 self.ring.buffers().recycle(bid);
-                if !hop.recv_armed && !hop.shut && !hop.paused {
-                    hop.recv_armed = true;
-                    self.ring.recv_multi(hop.fd.as_raw_fd(), Op::UpRecv.token(h));
-                }
+                // The multishot ended without an error (e.g. the kernel's own limits).
+                hop.arm_recv(h, &mut self.ring);
             }
             (n, _) if n == -libc::ENOBUFS => hop.starved = true,
             (n, _) if n == -libc::ECANCELED && hop.paused => {}
@@ -431,16 +453,7 @@ impl Worker {
             }
         }
         if finished {
-            if !hop.shut {
-                hop.shut = true;
-                let _ = nix::sys::socket::shutdown(
-                    hop.fd.as_raw_fd(),
-                    nix::sys::socket::Shutdown::Both,
-                );
-                if hop.connect_armed {
-                    self.ring.cancel(Op::UpConnect.token(h));
-                }
-            }
+            hop.shut_down(h, &mut self.ring);
             if !hop.connect_armed && !hop.recv_armed && !hop.send_armed {
                 let hop = self.hops.remove(h).expect("the hop just looked at");
                 self.ring.close_later(hop.fd);
@@ -467,10 +480,8 @@ impl Worker {
                 hop.send_wanted = true;
                 self.hop_writers.push(h);
             }
-            if hop.starved && !hop.recv_armed && !hop.paused && !hop.shut {
-                hop.starved = false;
-                hop.recv_armed = true;
-                self.ring.recv_multi(hop.fd.as_raw_fd(), Op::UpRecv.token(h));
+            if hop.starved {
+                hop.arm_recv(h, &mut self.ring);
             }
         }
         if touched {
@@ -494,18 +505,7 @@ impl Worker {
                 Notice::Relay(message) => message,
                 Notice::RelayPush { message, mutations } => {
                     let Some(group) = slot.id.group else { continue };
-                    let pusher = match (slot.verified, slot.id.claimed_user()) {
-                        (true, _) => Pusher::Verified,
-                        (false, Some(user)) => Pusher::Claimed(user),
-                        (false, None) => Pusher::Anonymous,
-                    };
-                    let who = Who {
-                        slot: index,
-                        serial: slot.serial,
-                        client_id: slot.id.client_id(),
-                        group,
-                        version: slot.version.into(),
-                    };
+                    let (pusher, who) = (slot.pusher(), slot.who(index, group));
                     if let Err(message) = self.sync.allow_relayed_push(&who, pusher, mutations, now)
                     {
                         let slot = self.slots.get_mut(index).expect("the slot just read");
@@ -567,12 +567,7 @@ impl Worker {
                 self.connecting -= 1;
             }
             hop.stage = Stage::Failed;
-            if hop.connect_armed {
-                self.ring.cancel(Op::UpConnect.token(h));
-            }
-            hop.shut = true;
-            let _ =
-                nix::sys::socket::shutdown(hop.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
+            hop.shut_down(h, &mut self.ring);
         } else if let Then::Close { code, reason } = then {
             hop.conn.close(code, &reason, now);
         }
@@ -662,10 +657,7 @@ impl Worker {
         let Some(&h) = self.relays.get(&index) else { return };
         if let Some(hop) = self.hops.get_mut(h).filter(|hop| hop.paused) {
             hop.paused = false;
-            if !hop.recv_armed && !hop.shut {
-                hop.recv_armed = true;
-                self.ring.recv_multi(hop.fd.as_raw_fd(), Op::UpRecv.token(h));
-            }
+            hop.arm_recv(h, &mut self.ring);
         }
     }
 
