@@ -8,15 +8,15 @@
 //! acknowledgement, each under a deadline. The script's stderr (Zero's own log) and the events
 //! are printed when a test fails.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::io::Write;
+use std::process::{Child, ChildStdin, Command};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::host::node;
+use super::host::{node, spawn_node_client};
 use super::upstream::{tail_of, zero_cache_package};
 use super::zero::token;
 
@@ -90,10 +90,7 @@ impl AppClient {
             .env("ZERO_SERVER", url)
             .env_remove("ZERO_USER")
             .env_remove("ZERO_TOKEN")
-            .env_remove("ZERO_STORAGE_KEY")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+            .env_remove("ZERO_STORAGE_KEY");
         for (name, value) in [
             ("ZERO_USER", &login.user),
             ("ZERO_TOKEN", &login.token),
@@ -103,31 +100,7 @@ impl AppClient {
                 cmd.env(name, value);
             }
         }
-        let mut child = cmd.spawn().unwrap_or_else(|e| {
-            panic!("cannot run {:?}: {e}. Run scripts/test.sh, which installs node.", node())
-        });
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().expect("piped stderr");
-        let sink = stderr.clone();
-        std::thread::spawn(move || {
-            let mut chunk = [0u8; 8192];
-            while let Ok(n) = pipe.read(&mut chunk) {
-                if n == 0 {
-                    break;
-                }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk[..n]));
-            }
-        });
+        let (mut child, lines, stderr) = spawn_node_client(cmd);
         let label = format!(
             "client of {url} as user={:?} token={} storageKey={:?}",
             login.user,
