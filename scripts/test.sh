@@ -127,7 +127,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log "cargo doc (no broken intra-doc links)"
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked --quiet
 log "cargo check of the fuzz targets"
-cargo check --manifest-path fuzz/Cargo.toml --bins --locked
+# In the main target directory: fuzz/ is a workspace of its own and would otherwise check
+# syncgate and every dependency again in fuzz/target (minutes on a fresh CI machine);
+# here it reuses what clippy just checked.
+cargo check --manifest-path fuzz/Cargo.toml --bins --locked --target-dir "${CARGO_TARGET_DIR:-$ROOT/target}"
 if cargo nextest --version >/dev/null 2>&1; then
     # Doctests first: nextest does not run them, and its summary should be the last word.
     log "doctests"

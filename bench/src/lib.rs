@@ -7,6 +7,7 @@
 //! The library holds what is worth testing on its own: framing, the protocol pieces,
 //! the peers' group logic, measurement helpers and the report.
 
+pub mod front_door;
 pub mod peer;
 pub mod record;
 pub mod report;

@@ -54,6 +54,22 @@ pub struct Record {
     pub slab_per_conn: Option<f64>,
     /// Pokes that carried no mutation of the run (initial or query pokes), ignored.
     pub other_pokes: u64,
+    /// CPU time per counted operation of other process trees the run was told to watch
+    /// (`--cpu-of`): in a front-door run, the zero-cache and PostgreSQL behind the server.
+    #[serde(default)]
+    pub cpu_us_per_op_of: std::collections::BTreeMap<String, f64>,
+    /// Operations completed in the measured windows (to add up runs made at the same time).
+    #[serde(default)]
+    pub ops: Option<u64>,
+    /// Push scenarios: WebSocket messages the load client sent and received per operation
+    /// (a push, the poke's messages, keepalives), to turn CPU per operation into CPU per
+    /// message.
+    #[serde(default)]
+    pub messages_per_op: Option<f64>,
+    /// Front-door runs through syncgate: messages it relayed per operation, both hops and
+    /// both ways (its `syncgate_relayed_to_*_messages_total`).
+    #[serde(default)]
+    pub relayed_per_op: Option<f64>,
     /// Anything a reader must know about this cell (e.g. "peer does no JWT work").
     pub note: Option<String>,
     /// The exact load-client command line.

@@ -39,8 +39,23 @@ pub const PONG: &[u8] = br#"["pong",{}]"#;
 /// 51, the last version whose pokes travel as text frames.
 pub const PROTOCOL_VERSION: u32 = 51;
 
-/// Table the pushed rows go to. Servers in the comparison do not look at it.
-const TABLE: &str = "bench";
+/// The app a run speaks: which table a push writes and what the connect header declares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum App {
+    /// The peers' and syncgate's embedded workload: rows `{"id":"r1","v":<payload>}` of a
+    /// table `bench` no server looks at, no queries.
+    #[default]
+    Bench,
+    /// A real zero-cache's app (tests/clients/zero-cache/schema.js): rows
+    /// `{"id":<clientID>,"owner":"public","title":<payload>}` of table `item`. The connect
+    /// header carries the `clientSchema` zero-cache requires of a new client group and a
+    /// desired query for the connection's own row, so the poke that acknowledges a push
+    /// also carries the row, as it does for the peers.
+    ZeroCache,
+}
+
+/// The `clientSchema` of [`App::ZeroCache`]: every column of `item` (schema.js).
+const ITEM_SCHEMA: &str = r#"{"tables":{"item":{"columns":{"id":{"type":"string"},"owner":{"type":"string"},"title":{"type":"string"}},"primaryKey":["id"]}}}"#;
 
 /// The fixed `timestamp` of every push (the messages must not change between sends).
 const TIMESTAMP: &str = "1795804857593";
@@ -91,9 +106,35 @@ pub fn connect_path(who: &Identity) -> String {
 /// server pokes only the connections that did (they are the group's recipients), so the
 /// load client sends the smallest one: no desired queries.
 pub fn protocol_header(token: Option<&str>) -> String {
-    let mut json = serde_json::json!({
-        "initConnectionMessage": ["initConnection", {"desiredQueriesPatch": []}],
-    });
+    app_protocol_header(App::Bench, "", token)
+}
+
+/// [`protocol_header`] for `app`; `client_id` names the row [`App::ZeroCache`]'s desired
+/// query follows (the row the connection's pushes write).
+pub fn app_protocol_header(app: App, client_id: &str, token: Option<&str>) -> String {
+    let init = match app {
+        App::Bench => serde_json::json!({"desiredQueriesPatch": []}),
+        App::ZeroCache => serde_json::json!({
+            "desiredQueriesPatch": [{
+                "op": "put",
+                "hash": format!("row-{client_id}"),
+                "ast": {
+                    "table": "item",
+                    "where": {
+                        "type": "simple",
+                        "left": {"type": "column", "name": "id"},
+                        "right": {"type": "literal", "value": client_id},
+                        "op": "=",
+                    },
+                    "orderBy": [["id", "asc"]],
+                },
+                "ttl": 300_000,
+            }],
+            "clientSchema": serde_json::from_str::<serde_json::Value>(ITEM_SCHEMA)
+                .expect("ITEM_SCHEMA is JSON"),
+        }),
+    };
+    let mut json = serde_json::json!({ "initConnectionMessage": ["initConnection", init] });
     if let Some(t) = token {
         json["authToken"] = t.into();
     }
@@ -189,11 +230,27 @@ impl PushFrame {
         size: usize,
         deflate: Option<u8>,
     ) -> Result<Self, String> {
+        Self::for_app(App::Bench, group_id, client_id, size, deflate)
+    }
+
+    /// [`PushFrame::new`] writing `app`'s table.
+    pub fn for_app(
+        app: App,
+        group_id: &str,
+        client_id: &str,
+        size: usize,
+        deflate: Option<u8>,
+    ) -> Result<Self, String> {
         let prefix = format!(
             r#"["push",{{"timestamp":{TIMESTAMP},"clientGroupID":"{group_id}","mutations":[{{"type":"crud","timestamp":{TIMESTAMP},"id":"#
         );
+        // The payload is the row's last column, so PUSH_TAIL closes both apps' rows.
+        let (table, row) = match app {
+            App::Bench => ("bench", r#""id":"r1","v":""#.to_string()),
+            App::ZeroCache => ("item", format!(r#""id":"{client_id}","owner":"public","title":""#)),
+        };
         let middle = format!(
-            r#","clientID":"{client_id}","name":"_zero_crud","args":[{{"ops":[{{"op":"upsert","tableName":"{TABLE}","primaryKey":["id"],"value":{{"id":"r1","v":""#
+            r#","clientID":"{client_id}","name":"_zero_crud","args":[{{"ops":[{{"op":"upsert","tableName":"{table}","primaryKey":["id"],"value":{{{row}"#
         );
         let fixed = prefix.len() + middle.len() + PUSH_TAIL.len();
         if size > MAX_PUSH_BYTES || size < fixed + 20 + 1 {
@@ -450,6 +507,35 @@ mod tests {
             serde_json::json!({ "initConnectionMessage": init, "authToken": "a.b.c" })
         );
         assert!(!h.contains('=') && !h.contains('/') && !h.contains('+'));
+    }
+
+    #[test]
+    fn the_zero_cache_app_declares_its_schema_and_follows_the_pushed_row() {
+        let decoded =
+            percent_encoding::percent_decode_str(&app_protocol_header(App::ZeroCache, "c7", None))
+                .decode_utf8()
+                .unwrap()
+                .into_owned();
+        let v: serde_json::Value =
+            serde_json::from_slice(&STANDARD.decode(decoded.as_bytes()).unwrap()).unwrap();
+        let init = &v["initConnectionMessage"][1];
+        assert_eq!(init["clientSchema"]["tables"]["item"]["primaryKey"][0], "id");
+        let query = &init["desiredQueriesPatch"][0];
+        assert_eq!(query["op"], "put");
+        assert_eq!(query["ast"]["table"], "item");
+        assert_eq!(query["ast"]["where"]["right"]["value"], "c7");
+
+        let mut p = PushFrame::for_app(App::ZeroCache, "g1", "c7", 600, None).unwrap();
+        p.set_id(12);
+        let (_, text) = unmasked_text(p.frame());
+        assert_eq!(text.len(), 600);
+        let v: serde_json::Value = serde_json::from_slice(&text).unwrap();
+        let op = &v[1]["mutations"][0]["args"][0]["ops"][0];
+        assert_eq!(op["tableName"], "item");
+        assert_eq!(op["value"]["id"], "c7", "the row the connection's query follows");
+        assert_eq!(op["value"]["owner"], "public", "a row an anonymous client may write");
+        assert_eq!(op["value"]["title"].as_str().unwrap().as_bytes(), p.value().needle());
+        assert_eq!(v[1]["mutations"][0]["id"], 12);
     }
 
     #[test]

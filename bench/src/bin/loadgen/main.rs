@@ -29,7 +29,7 @@ use syncgate_bench::record::Record;
 use syncgate_bench::report::thousands;
 use syncgate_bench::stats::{self, median};
 use syncgate_bench::token::{self, Signer};
-use syncgate_bench::zero;
+use syncgate_bench::zero::{self, App};
 
 use net::{Client, Target};
 use workloads::{Counters, Idle, Measured, Names, Ping, Push, Storm};
@@ -83,6 +83,9 @@ enum Scenario {
     Storm,
     /// Hold --connections idle connections and measure the server's memory.
     Idle,
+    /// The echo workload in a real zero-cache's app (`item` rows, a query per connection),
+    /// paced at --rate: straight to zero-cache, or through syncgate in front of it.
+    FrontDoor,
 }
 
 #[derive(clap::Args)]
@@ -134,6 +137,14 @@ struct RunArgs {
     /// PID of the server's top process: its CPU and memory (and its children's) are read.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// `NAME=PID`: also report the CPU per operation of this process tree (front-door: the
+    /// zero-cache and PostgreSQL behind the server under test). Repeatable.
+    #[arg(long, value_parser = parse_named_pid)]
+    cpu_of: Vec<(String, u32)>,
+    /// Operations per second in all, spread evenly over the connections (front-door); 0
+    /// is a closed loop.
+    #[arg(long, default_value_t = 0.0)]
+    rate: f64,
     /// Spread connections over 127.0.0.1 ..= 127.0.0.N as source addresses.
     #[arg(long, default_value_t = 1)]
     sources: u8,
@@ -190,6 +201,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn parse_named_pid(s: &str) -> Result<(String, u32), String> {
+    let (name, pid) = s.split_once('=').ok_or("expected NAME=PID")?;
+    let pid = pid.parse().map_err(|e| format!("PID {pid:?}: {e}"))?;
+    Ok((name.to_string(), pid))
 }
 
 fn keygen(dir: &std::path::Path) -> Result<(), String> {
@@ -253,6 +270,9 @@ fn variant(a: &RunArgs) -> String {
     match a.scenario {
         Scenario::Ping => format!("{} conns", a.connections),
         Scenario::Echo => format!("{} x {} conns", size_label(a.size), a.connections),
+        Scenario::FrontDoor => {
+            format!("{} x {} conns, {} pushes/s", size_label(a.size), a.connections, a.rate)
+        }
         Scenario::Fanout => format!("{} groups of {}", a.groups, a.group_size),
         Scenario::Storm => format!("{} in flight", a.connections),
         Scenario::Idle => format!("{} conns", a.connections),
@@ -276,6 +296,7 @@ fn run(a: RunArgs) -> ExitCode {
             Scenario::Fanout => "fanout",
             Scenario::Storm => "storm",
             Scenario::Idle => "idle",
+            Scenario::FrontDoor => "front-door",
         }
         .into(),
         variant: variant(&a),
@@ -349,14 +370,23 @@ fn measure(a: &RunArgs, rec: &mut Record, label: &str) -> Result<(), String> {
             rec.other_pokes = wl.counters.other_pokes;
             r
         }
-        Scenario::Echo | Scenario::Fanout => {
+        Scenario::Echo | Scenario::Fanout | Scenario::FrontDoor => {
             let (groups, size) = match a.scenario {
-                Scenario::Echo => (a.connections, 1),
-                _ => (a.groups, a.group_size),
+                Scenario::Fanout => (a.groups, a.group_size),
+                _ => (a.connections, 1),
             };
+            let app = match a.scenario {
+                Scenario::FrontDoor => App::ZeroCache,
+                _ => App::Bench,
+            };
+            if !(a.rate >= 0.0 && a.rate.is_finite()) {
+                return Err(format!("--rate {} is not a rate", a.rate));
+            }
+            // Each group pushes once per interval: groups / rate seconds.
+            let interval = (a.rate > 0.0).then(|| Duration::from_secs_f64(groups as f64 / a.rate));
             rec.unit = if size == 1 { "round trips/s" } else { "deliveries/s" }.into();
             rec.connections = groups * size;
-            let mut wl = Push::new(names, groups, size, a.size, timeout);
+            let mut wl = Push::new(app, names, groups, size, a.size, interval, timeout);
             let n = groups * size;
             open_all(&mut client, &mut wl, n, a.connect_concurrency, open_limit(n), label)?;
             let r = windows(&mut client, &mut wl, a, rec, label);
@@ -475,8 +505,13 @@ fn windows<W: Measured>(
     client.run_until(start + Duration::from_secs_f64(a.warmup), wl)?;
     wl.counters().recording = true;
     let pids = a.server_pid.map(stats::process_tree);
+    let behind: Vec<(&str, Vec<u32>)> =
+        a.cpu_of.iter().map(|(name, pid)| (name.as_str(), stats::process_tree(*pid))).collect();
+    let behind0: Vec<f64> = behind.iter().map(|(_, tree)| stats::cpu_seconds(tree)).collect();
+    let relayed0 = relayed_messages(a)?;
     let t0 = Instant::now();
     let (cpu0, me0, done0) = (server_cpu(&pids), stats::self_cpu_seconds(), wl.counters().done);
+    let messages0 = wl.counters().messages;
     let machine0 = stats::machine_busy_seconds();
     let mut window_start = (t0, done0);
     for i in 0..a.windows {
@@ -495,11 +530,20 @@ fn windows<W: Measured>(
         return Err("no operation completed in the measured windows".into());
     }
     rec.rate = median(&rec.windows);
+    rec.ops = Some(ops as u64);
     if let (Some(c0), Some(c1)) = (cpu0, server_cpu(&pids)) {
         rec.server_cpu_us_per_op = Some((c1 - c0) * 1e6 / ops);
         rec.server_cpu_util = Some((c1 - c0) / wall);
     }
     rec.client_cpu_util = Some((stats::self_cpu_seconds() - me0) / wall);
+    for ((name, tree), c0) in behind.iter().zip(behind0) {
+        rec.cpu_us_per_op_of.insert(name.to_string(), (stats::cpu_seconds(tree) - c0) * 1e6 / ops);
+    }
+    let messages = wl.counters().messages - messages0;
+    rec.messages_per_op = (messages > 0).then(|| messages as f64 / ops);
+    if let (Some(r0), Some(r1)) = (relayed0, relayed_messages(a)?) {
+        rec.relayed_per_op = Some((r1 - r0) as f64 / ops);
+    }
     if let (Some(m0), Some(m1), Some(c0), Some(c1)) =
         (machine0, stats::machine_busy_seconds(), cpu0, server_cpu(&pids))
     {
@@ -509,6 +553,12 @@ fn windows<W: Measured>(
     let c: &Counters = wl.counters();
     let us = |q: f64| c.latency.quantile(q).map(|n| n as f64 / 1000.0);
     (rec.p50_us, rec.p99_us, rec.p999_us) = (us(0.5), us(0.99), us(0.999));
+    for (name, us) in &rec.cpu_us_per_op_of {
+        eprintln!("{label} {name} cpu {us:.1} us/op");
+    }
+    if let Some(r) = rec.relayed_per_op {
+        eprintln!("{label} relayed messages per op {r:.2}");
+    }
     eprintln!(
         "{label} median {} {}, p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, server cpu {} us/op ({}), client cpu {:.0}%, others {}",
         thousands(rec.rate.unwrap_or(0.0)),
@@ -522,6 +572,24 @@ fn windows<W: Measured>(
         rec.other_cpu_util.map_or("?".into(), |v| format!("{:.0}%", v * 100.0))
     );
     Ok(())
+}
+
+/// Messages syncgate relayed so far, both ways, all workers (its `/metrics`), in a
+/// front-door run through syncgate; `None` otherwise.
+fn relayed_messages(a: &RunArgs) -> Result<Option<u64>, String> {
+    if a.server != "syncgate" || a.scenario != Scenario::FrontDoor {
+        return Ok(None);
+    }
+    let text = stats::http_get(a.addr, "/metrics")?;
+    let sum = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("syncgate_relayed_to_upstream_messages_total")
+                || l.starts_with("syncgate_relayed_to_client_messages_total")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    Ok(Some(sum))
 }
 
 /// Kernel TCP memory once it stops moving (up to 3 s): sockets of an earlier run may

@@ -75,6 +75,11 @@ pub trait Workload {
     fn check(&mut self, _now: Instant) -> Result<(), String> {
         Ok(())
     }
+    /// Called on every turn of the loop: a paced workload sends what is due, and says when
+    /// it next has something due (the loop then waits no longer than that).
+    fn wake(&mut self, _now: Instant, _w: &mut Writer) -> Result<Option<Instant>, String> {
+        Ok(None)
+    }
 }
 
 /// Where a connection is in its life.
@@ -291,7 +296,8 @@ impl Client {
             if now >= deadline {
                 return Ok(());
             }
-            let wait = deadline.min(next_tick).saturating_duration_since(now);
+            let due = wl.wake(now, &mut self.writer)?.unwrap_or(deadline);
+            let wait = deadline.min(next_tick).min(due).saturating_duration_since(now);
             let ms = wait.as_millis().clamp(1, i32::MAX as u128) as i32;
             // SAFETY: events has EVENTS entries; epoll fd is valid.
             let n = unsafe {

@@ -5,11 +5,12 @@
 //! of uWebSockets' load_test. A reply that is wrong ends the run; one that does not come
 //! within the reply timeout ends it too.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use syncgate_bench::stats::Histogram;
 use syncgate_bench::wsframe::{self, OP_TEXT};
-use syncgate_bench::zero::{self, Identity, PokeCheck, PokeEvent, PushFrame};
+use syncgate_bench::zero::{self, App, Identity, PokeCheck, PokeEvent, PushFrame};
 
 use crate::net::{AfterOpen, ConnectSpec, Workload, Writer};
 
@@ -24,9 +25,18 @@ pub struct Counters {
     pub recording: bool,
     /// Pokes that carried no mutation of this run (ignored, but reported).
     pub other_pokes: u64,
+    /// Messages sent and received while `recording` (push scenarios): the denominator of
+    /// a front-door run's CPU per message.
+    pub messages: u64,
 }
 
 impl Counters {
+    fn message(&mut self) {
+        if self.recording {
+            self.messages += 1;
+        }
+    }
+
     fn complete(&mut self, took: Duration) {
         self.done += 1;
         if self.recording {
@@ -222,7 +232,18 @@ struct Member {
 
 /// A CRUD push per round trip; the poke goes to every member of the pusher's group.
 /// With groups of one this is the echo-size scenario, with more it is fan-out.
+///
+/// Paced (`interval`), a group pushes again one interval after its last push was sent, or
+/// at once when the poke came later than that: a fixed rate below saturation, for latency
+/// that is not queueing. Unpaced, it pushes again as soon as the poke is in (closed loop).
 pub struct Push {
+    /// Which table the pushes write and what the connect header declares.
+    app: App,
+    /// Time between a group's pushes when paced; `None`: closed loop.
+    interval: Option<Duration>,
+    /// Paced groups waiting for their next push, in due order (every group waits the same
+    /// interval, so appending keeps the order).
+    due: VecDeque<(Instant, usize)>,
     /// Connection names.
     names: Names,
     /// One per client group, indexed by group number.
@@ -243,14 +264,19 @@ pub struct Push {
 
 impl Push {
     pub fn new(
+        app: App,
         names: Names,
         groups: usize,
         group_size: usize,
         size: usize,
+        interval: Option<Duration>,
         timeout: Duration,
     ) -> Self {
         let now = Instant::now();
         Push {
+            app,
+            interval,
+            due: VecDeque::new(),
             groups: (0..groups)
                 .map(|g| Group {
                     pusher: g * group_size,
@@ -283,10 +309,9 @@ impl Push {
 impl Workload for Push {
     fn request(&mut self, id: usize, _now: Instant) -> ConnectSpec {
         let g = id / self.group_size;
-        ConnectSpec {
-            who: self.names.identity(id as u64, g as u64),
-            protocol: zero::protocol_header(None),
-        }
+        let who = self.names.identity(id as u64, g as u64);
+        let protocol = zero::app_protocol_header(self.app, &who.client_id, None);
+        ConnectSpec { who, protocol }
     }
 
     fn on_open(&mut self, _id: usize, _now: Instant, _w: &mut Writer) -> Result<AfterOpen, String> {
@@ -300,8 +325,10 @@ impl Workload for Push {
         now: Instant,
         w: &mut Writer,
     ) -> Result<(), String> {
+        self.counters.message();
         let m = &mut self.members[id];
-        let g = &mut self.groups[m.group];
+        let group = m.group;
+        let g = &mut self.groups[group];
         let value = g.frame.as_ref().map_or(zero::no_needle(), PushFrame::value);
         match m.check.on_message(msg, &g.needle, g.id, value) {
             Err(e) => Err(format!("connection {id}: {e}")),
@@ -319,16 +346,25 @@ impl Workload for Push {
                 self.counters.complete(now - g.sent_at);
                 if g.pending == 0 {
                     self.pushes += 1;
-                    g.id += 1;
-                    g.pending = self.group_size;
-                    g.sent_at = now;
-                    let frame = g.frame.as_mut().ok_or("delivery before the first push")?;
-                    frame.set_id(g.id);
-                    w.send(g.pusher, frame.frame())?;
+                    match self.interval.map(|i| g.sent_at + i) {
+                        Some(at) if at > now => self.due.push_back((at, group)),
+                        _ => self.push_next(group, now, w)?,
+                    }
                 }
                 Ok(())
             }
         }
+    }
+
+    fn wake(&mut self, now: Instant, w: &mut Writer) -> Result<Option<Instant>, String> {
+        while let Some(&(at, group)) = self.due.front() {
+            if at > now {
+                return Ok(Some(at));
+            }
+            self.due.pop_front();
+            self.push_next(group, now, w)?;
+        }
+        Ok(None)
     }
 
     fn check(&mut self, now: Instant) -> Result<(), String> {
@@ -344,21 +380,43 @@ impl Workload for Push {
     }
 }
 
+impl Push {
+    /// Sends group `group`'s next mutation.
+    fn push_next(&mut self, group: usize, now: Instant, w: &mut Writer) -> Result<(), String> {
+        let g = &mut self.groups[group];
+        g.id += 1;
+        g.pending = self.group_size;
+        g.sent_at = now;
+        let frame = g.frame.as_mut().ok_or("delivery before the first push")?;
+        frame.set_id(g.id);
+        w.send(g.pusher, frame.frame())?;
+        self.counters.message();
+        Ok(())
+    }
+}
+
 impl Measured for Push {
+    /// Builds every group's push; sends the first ones at once (closed loop) or spread
+    /// evenly over one interval (paced).
     fn start(&mut self, w: &mut Writer, now: Instant) -> Result<(), String> {
+        let n = self.groups.len() as u32;
         for (i, g) in self.groups.iter_mut().enumerate() {
-            let mut frame = PushFrame::new(
+            g.frame = Some(PushFrame::for_app(
+                self.app,
                 &self.names.group(i as u64),
                 &self.names.client(g.pusher as u64),
                 self.size,
                 w.deflate_bits(g.pusher),
-            )?;
-            g.id = 1;
-            frame.set_id(1);
-            g.pending = self.group_size;
-            g.sent_at = now;
-            w.send(g.pusher, frame.frame())?;
-            g.frame = Some(frame);
+            )?);
+            g.id = 0;
+            if let Some(every) = self.interval {
+                self.due.push_back((now + every * i as u32 / n, i));
+            }
+        }
+        if self.interval.is_none() {
+            for i in 0..self.groups.len() {
+                self.push_next(i, now, w)?;
+            }
         }
         Ok(())
     }
