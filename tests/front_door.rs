@@ -337,3 +337,164 @@ fn through_syncgate_clients_back_off_while_zero_cache_is_down_and_come_back() {
     assert_eq!(client.sockets_opened(), opened, "the reload closed the relay\n{}", client.report());
     client.close();
 }
+
+// ------------------------------------------------------------------------------------------
+// Several upstreams: zero-cache's view-syncers behind two syncgate nodes
+// ------------------------------------------------------------------------------------------
+
+/// The `initConnection` of a raw member socket: the app's schema (zero-cache requires it of a
+/// new client group) and a query for the public row p1, so zero-cache hydrates it and takes
+/// the group's CVR, writing its owner.
+fn member_init() -> serde_json::Value {
+    let string = serde_json::json!({"type": "string"});
+    serde_json::json!(["initConnection", {
+        "desiredQueriesPatch": [{
+            "op": "put",
+            "hash": "row-p1",
+            "ast": {
+                "table": "item",
+                "where": {
+                    "type": "simple",
+                    "left": {"type": "column", "name": "id"},
+                    "right": {"type": "literal", "value": "p1"},
+                    "op": "=",
+                },
+                "orderBy": [["id", "asc"]],
+            },
+            "ttl": 300_000,
+        }],
+        "clientSchema": {"tables": {"item": {
+            "columns": {"id": string, "owner": string, "title": string},
+            "primaryKey": ["id"],
+        }}},
+    }])
+}
+
+/// A raw Zero socket of `user` in `group` through `node`, returned once zero-cache has sent
+/// the row its query asks for (it owns the group's CVR by then).
+fn member(node: &Daemon, group: &str, client: &str, user: &str) -> Ws {
+    let header = protocol_header(Some(&token(user)), Some(member_init()));
+    let mut ws = node.connected(&Params::new(client, group).user(user), Some(&header));
+    let mut hydrated = false;
+    loop {
+        let m = ws.recv_json();
+        hydrated |= m[0] == "pokePart" && m.to_string().contains("public one");
+        if hydrated && m[0] == "pokeEnd" {
+            return ws;
+        }
+    }
+}
+
+/// Waits until `n` sockets are established on zero-cache's `port`, seen from its side.
+fn wait_sockets_on(cluster: &ZeroCluster, port: u16, n: usize) {
+    let deadline = std::time::Instant::now() + APP_WAIT;
+    loop {
+        let now = established_on_local_port(port);
+        if now == n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{now} sockets on {port}, not {n}\n{}",
+            cluster.logs_tail()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn through_syncgate_each_client_group_sticks_to_one_view_syncer_from_either_node() {
+    let cluster = ZeroCluster::launch(2);
+    let urls = cluster.syncer_urls();
+    let config = format!(
+        "{QUIET}{}[upstream]\nurls = [\"{}\", \"{}\"]\nhealth_interval_ms = 300\n\
+         health_timeout_ms = 250\n",
+        auth_config(),
+        urls[0],
+        urls[1]
+    );
+    let nodes = [Daemon::start(&config), Daemon::start(&config)];
+    // The choice every node makes: the same hash of the group over the same list.
+    let list = syncgate::upstream::Upstreams::parse(&urls).unwrap();
+    let home = |group: &str| urls.iter().position(|u| *u == list.choose(group).unwrap().url);
+    let home = |group: &str| home(group).unwrap();
+    let name = |i: usize| cluster.syncer_name(i).to_string();
+
+    // Groups through one node land on the view-syncer their hash names, seen from zero-cache's
+    // side (the CVR's owner); four of each, so both view-syncers serve some.
+    let mut groups: Vec<String> = Vec::new();
+    let mut per = [0usize; 2];
+    for g in (0..).map(|i| format!("sticky-{i}")) {
+        if per.iter().all(|&n| n == 4) {
+            break;
+        }
+        if per[home(&g)] < 4 {
+            per[home(&g)] += 1;
+            groups.push(g);
+        }
+    }
+    let mut sockets: Vec<Ws> =
+        groups.iter().map(|g| member(&nodes[0], g, &format!("{g}-a"), "alice")).collect();
+    for g in &groups {
+        cluster.wait_owner(g, &name(home(g)), APP_WAIT);
+    }
+    // A second socket of every group through the other node reaches the same view-syncer: no
+    // group changes owner, and each view-syncer holds exactly its groups' sockets.
+    sockets.extend(groups.iter().map(|g| member(&nodes[1], g, &format!("{g}-b"), "alice")));
+    for g in &groups {
+        assert_eq!(cluster.owner_of(g), Some(name(home(g))), "group {g} moved");
+    }
+    wait_sockets_on(&cluster, cluster.syncer_port(0), 8);
+    wait_sockets_on(&cluster, cluster.syncer_port(1), 8);
+    drop(sockets);
+
+    // Real Zero clients, one whose group lives on each view-syncer (their clientGroupIDs are
+    // the client's own: start clients until both are covered).
+    let mut on: [Option<(AppClient, String, String)>; 2] = [None, None];
+    for _ in 0..12 {
+        if on.iter().all(Option::is_some) {
+            break;
+        }
+        let user = unique_user("sticky");
+        let (mut client, _) = connected_client(&edge_url(&nodes[0]), &Login::user(&user));
+        let started = client.wait_event("started", |e| e["event"] == "started");
+        let group = started["clientGroupID"].as_str().unwrap().to_string();
+        let slot = &mut on[home(&group)];
+        if slot.is_none() {
+            *slot = Some((client, group, user));
+        } else {
+            client.close();
+        }
+    }
+    let [Some((mut a, group_a, user_a)), Some((mut b, group_b, _))] = on else {
+        panic!("twelve clients' groups all hashed to one view-syncer");
+    };
+    cluster.wait_owner(&group_a, &name(0), APP_WAIT);
+    cluster.wait_owner(&group_b, &name(1), APP_WAIT);
+    let b_sockets = b.sockets_opened();
+
+    // View-syncer 0 stops: its client backs off, reconnects, and is served by view-syncer 1.
+    let mark = a.mark();
+    cluster.stop_syncer(0);
+    nodes[0].wait_metric("syncgate_upstream_up", &[("upstream", &urls[0])], 0, APP_WAIT);
+    nodes[1].wait_metric("syncgate_upstream_up", &[("upstream", &urls[0])], 0, APP_WAIT);
+    a.wait_event_after(mark, "the socket's close", |e| e["event"] == "socket-close");
+    a.wait_state_after(mark, "connected");
+    cluster.wait_owner(&group_a, &name(1), APP_WAIT);
+    let m = a.insert(&format!("{user_a}-moved"), &user_a, "while view-syncer 0 was down");
+    a.wait_acked(m);
+
+    // It comes back: new sockets of its groups go to it again, from either node.
+    cluster.start_syncer(0);
+    for node in &nodes {
+        node.wait_metric("syncgate_upstream_up", &[("upstream", &urls[0])], 1, APP_WAIT);
+    }
+    let _back = member(&nodes[1], &group_a, "back-home", &user_a);
+    cluster.wait_owner(&group_a, &name(0), APP_WAIT);
+
+    // The other view-syncer's client was never touched.
+    assert_eq!(b.sockets_opened(), b_sockets, "{}", b.report());
+    assert_eq!(cluster.owner_of(&group_b), Some(name(1)));
+    a.close();
+    b.close();
+}

@@ -179,6 +179,85 @@ fn a_reload_of_the_upstream_list_closes_nothing() {
     assert_eq!(up.metric("syncgate_connections_open", &[]), 1);
 }
 
+/// Sends `signal` to every process of `daemon` (supervisor, listener, workers).
+fn signal_all(daemon: &Daemon, signal: libc::c_int) {
+    for (pid, _) in daemon.children() {
+        // SAFETY: plain kill(2) on a child of the daemon under test.
+        unsafe { libc::kill(pid, signal) };
+    }
+    daemon.signal(signal);
+}
+
+/// A clientGroupID whose first choice among `urls` is `urls[want]` (the edge's own hash).
+fn group_on(urls: &[String], want: usize) -> String {
+    let list = syncgate::upstream::Upstreams::parse(urls).unwrap();
+    (0..).map(|i| format!("g{i}")).find(|g| list.choose(g).unwrap().url == urls[want]).unwrap()
+}
+
+#[test]
+fn an_upstream_that_fails_its_checks_loses_its_groups_until_it_passes_again() {
+    let (first, second) = (upstream(), upstream());
+    let urls = [format!("ws://{}", first.addr), format!("ws://{}", second.addr)];
+    let edge = Daemon::start(&format!(
+        "{QUIET}{}[upstream]\nurls = [\"{}\", \"{}\"]\nconnect_timeout_ms = 2000\n\
+         health_interval_ms = 200\nhealth_timeout_ms = 150\n",
+        auth_config(),
+        urls[0],
+        urls[1]
+    ));
+    let (g_first, g_second) = (group_on(&urls, 0), group_on(&urls, 1));
+    fn on(url: &str) -> [(&str, &str); 1] {
+        [("upstream", url)]
+    }
+    let mut a = edge.connected(
+        &Params::new("c1", &g_first).user("alice").wsid("a1"),
+        Some(&user_header("alice")),
+    );
+    let b = edge
+        .connected(&Params::new("c2", &g_second).user("bob").wsid("b1"), Some(&user_header("bob")));
+    first.wait_event("connected", &[("wsid", "a1")], WAIT);
+    second.wait_event("connected", &[("wsid", "b1")], WAIT);
+    let b = b.respond_in_background();
+    assert_eq!(edge.metric("syncgate_upstream_up", &on(&urls[0])), 1);
+    assert_eq!(edge.metric("syncgate_upstream_relays", &on(&urls[0])), 1);
+    assert_eq!(edge.metric("syncgate_upstream_relays", &on(&urls[1])), 1);
+
+    // The first upstream hangs: its sockets stay open (the kernel still accepts), it answers
+    // nothing. Only the health checks can tell, and its relay ends with the back-off error.
+    signal_all(&first, libc::SIGSTOP);
+    let error = a.expect_error("ServerOverloaded");
+    assert_eq!(error["message"], "upstream failed its health checks", "{error}");
+    assert_eq!(error["minBackoffMs"], 500, "{error}");
+    a.expect_close(1008);
+    edge.wait_metric("syncgate_upstream_up", &on(&urls[0]), 0, WAIT);
+    edge.wait_log(|l| l.contains("upstream down") && l.contains(&urls[0]), WAIT);
+    // Its group's new sockets go to the next choice meanwhile.
+    let _a2 = edge.connected(
+        &Params::new("c3", &g_first).user("alice").wsid("a2"),
+        Some(&user_header("alice")),
+    );
+    second.wait_event("connected", &[("wsid", "a2")], WAIT);
+
+    // It answers again: after health_rise passes in a row its groups come home.
+    signal_all(&first, libc::SIGCONT);
+    edge.wait_metric("syncgate_upstream_up", &on(&urls[0]), 1, WAIT);
+    let _a3 = edge.connected(
+        &Params::new("c4", &g_first).user("alice").wsid("a3"),
+        Some(&user_header("alice")),
+    );
+    first.wait_event("connected", &[("wsid", "a3")], WAIT);
+    // The hung relay's close handshake may still be finishing: wait for its count to go.
+    edge.wait_metric("syncgate_upstream_relays", &on(&urls[0]), 1, WAIT);
+    assert_eq!(edge.metric("syncgate_upstream_relays", &on(&urls[1])), 2);
+
+    // The other upstream's relay was never touched.
+    let (mut b, got) = b.stop();
+    assert!(got.is_empty(), "the healthy upstream's relay must be left alone: {got:?}");
+    b.ping_pong();
+    b.send_json(&json!(["ping", {}]));
+    assert_eq!(b.recv_json()[0], "pong");
+}
+
 /// Reads messages until one satisfies `pred` (pokes come in several messages).
 fn recv_until(ws: &mut Ws, pred: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
     let deadline = std::time::Instant::now() + WAIT;
@@ -225,14 +304,26 @@ fn a_session_cookie_binds_a_clientid_to_its_session() {
 }
 
 /// A WebSocket upstream of the test's own (tungstenite), for what a real one will not do on
-/// demand: go silent, or send faster than the client reads. `serve` gets the accepted socket.
+/// demand: go silent, or send faster than the client reads. `serve` gets the first socket
+/// that asks for an upgrade; the edge's health checks (`GET /keepalive`) get 200, as
+/// zero-cache answers them.
 fn fake_upstream(
     serve: impl FnOnce(tungstenite::WebSocket<std::net::TcpStream>) + Send + 'static,
 ) -> std::net::SocketAddr {
+    use std::io::Write;
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
-        let (stream, _) = listener.accept().unwrap();
+        let stream = loop {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut head = [0u8; 16];
+            let n = stream.peek(&mut head).unwrap_or(0);
+            if head[..n].starts_with(b"GET /keepalive") {
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nOK");
+                continue;
+            }
+            break stream;
+        };
         // Echo the client's protocol header, as zero-cache does. (tungstenite's callback type
         // has a large error variant; it is its API, not ours.)
         #[allow(clippy::result_large_err)]

@@ -58,11 +58,8 @@ impl Round<'_> {
     /// both: zero-cache (the direct record's server) or PostgreSQL (`--cpu-of postgres`).
     fn per_message(&self, name: &str) -> Option<f64> {
         let d = self.direct;
-        let per_op = if name == DIRECT {
-            d.server_cpu_us_per_op?
-        } else {
-            *d.cpu_us_per_op_of.get(name)?
-        };
+        let per_op =
+            if name == DIRECT { d.server_cpu_us_per_op? } else { *d.cpu_us_per_op_of.get(name)? };
         Some(per_op * d.ops? as f64 / self.messages()?)
     }
 
@@ -208,7 +205,8 @@ pub fn report(records: &[Record], preamble: &str) -> Result<String, String> {
          |---|---|---|---|---|---|---|---|\n",
     );
     for (i, r) in rounds.iter().enumerate() {
-        let errors: Vec<&str> = [r.direct, r.through].iter().filter_map(|x| x.error.as_deref()).collect();
+        let errors: Vec<&str> =
+            [r.direct, r.through].iter().filter_map(|x| x.error.as_deref()).collect();
         let _ = writeln!(
             md,
             "| {} | {} / {} | {} / {} | {} / {} | {} | {} | {} | {} |",

@@ -72,11 +72,65 @@ pub struct UpstreamConfig {
     /// Upstream connects in progress per worker; clients beyond it are told to back off, so
     /// a burst of admissions cannot open unbounded sockets against a slow upstream.
     pub max_connecting: usize,
+    /// How often the supervisor checks each upstream (`upstream::health`); 0: no checks,
+    /// every upstream counts as up.
+    pub health_interval_ms: u64,
+    /// How long one check may take, connect to status line; past it the check failed.
+    pub health_timeout_ms: u64,
+    /// What a check asks for: zero-cache's load-balancer check.
+    pub health_path: String,
+    /// Passes in a row that bring a down upstream back.
+    pub health_rise: u32,
+    /// Failures in a row that take an up upstream down.
+    pub health_fall: u32,
 }
+
+/// The most upstreams one list may hold: each has its cells in the metrics table.
+pub const MAX_UPSTREAMS: usize = 32;
 
 impl Default for UpstreamConfig {
     fn default() -> Self {
-        UpstreamConfig { urls: Vec::new(), connect_timeout_ms: 5_000, max_connecting: 256 }
+        UpstreamConfig {
+            urls: Vec::new(),
+            connect_timeout_ms: 5_000,
+            max_connecting: 256,
+            // A dead zero-cache is out after two failed checks, within about 4 s (the
+            // clients' backoff is 0.5-5 s); one slow answer does not take it out.
+            health_interval_ms: 2_000,
+            health_timeout_ms: 1_000,
+            health_path: "/keepalive".into(),
+            health_rise: 2,
+            health_fall: 2,
+        }
+    }
+}
+
+impl UpstreamConfig {
+    fn validate(&self) -> Result<(), String> {
+        crate::upstream::Upstreams::parse(&self.urls).map_err(|e| format!("upstream.urls: {e}"))?;
+        if self.urls.len() > MAX_UPSTREAMS {
+            return Err(format!("upstream.urls: at most {MAX_UPSTREAMS} upstreams"));
+        }
+        if self.health_interval_ms > 0 {
+            if self.health_timeout_ms == 0 || self.health_timeout_ms >= self.health_interval_ms {
+                return Err("upstream.health_timeout_ms must be between 1 and \
+                            upstream.health_interval_ms - 1"
+                    .into());
+            }
+            if !(1..=100).contains(&self.health_rise) || !(1..=100).contains(&self.health_fall) {
+                return Err("upstream.health_rise and upstream.health_fall must be 1 to 100".into());
+            }
+        }
+        let path = &self.health_path;
+        if !path.starts_with('/')
+            || path.len() > 256
+            || path.bytes().any(|b| b <= b' ' || b >= 0x7f)
+        {
+            return Err(format!(
+                "upstream.health_path: {path:?} is not an absolute path of visible ASCII"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -383,8 +437,7 @@ impl Config {
             .map_err(|e| format!("limits.trusted_proxies: {e}"))?;
         crate::gate::auth::Verifier::new(&self.auth).map_err(|e| format!("auth: {e}"))?;
         self.compression.validate().map_err(|e| format!("compression: {e}"))?;
-        crate::upstream::Upstreams::parse(&self.upstream.urls)
-            .map_err(|e| format!("upstream.urls: {e}"))?;
+        self.upstream.validate()?;
         if self.auth.session_cookie.as_deref().is_some_and(|c| !is_cookie_name(c)) {
             return Err("auth.session_cookie: not a cookie name (RFC 6265 token)".into());
         }

@@ -88,8 +88,15 @@ pub fn worker_slot(generation: usize, index: usize) -> usize {
 }
 
 /// Counters per slot; a power of two keeps slots aligned and leaves room to grow. The
-/// [`Metric`]s come first, then the commit histogram's cells ([`COMMIT_CELLS`]).
-const SLOT_LEN: usize = 64;
+/// [`Metric`]s come first, then the commit histogram's cells ([`COMMIT_CELLS`]), then one
+/// cell per upstream ([`UPSTREAM_CELLS`]).
+const SLOT_LEN: usize = 128;
+
+/// Where the per-upstream cells start, one per position in `upstream.urls`: in a worker's
+/// slot the relays it has open to that upstream, in slot 0 the upstream's health (written by
+/// the supervisor: 1 up, 0 down).
+const UPSTREAM_CELLS: usize = 64;
+const _: () = assert!(UPSTREAM_CELLS + crate::config::MAX_UPSTREAMS <= SLOT_LEN);
 
 /// Upper bounds, in microseconds, of the commit-latency histogram's buckets: from a fast
 /// fsync (under a millisecond on an SSD) to the store's 5 s busy timeout, the longest a
@@ -100,7 +107,7 @@ const COMMIT_BUCKETS_US: [u64; 10] =
 /// the last bucket, then the sum of the observations in microseconds.
 const COMMIT_CELLS: usize = 40;
 const _: () = assert!((Metric::EdgeRefusals as usize) < COMMIT_CELLS);
-const _: () = assert!(COMMIT_CELLS + COMMIT_BUCKETS_US.len() + 2 <= SLOT_LEN);
+const _: () = assert!(COMMIT_CELLS + COMMIT_BUCKETS_US.len() + 2 <= UPSTREAM_CELLS);
 
 /// Name, type and help text of every metric, in exposition order.
 #[rustfmt::skip]
@@ -275,6 +282,59 @@ impl Metrics {
     /// The sum of `m` over `slots` (e.g. connections open in the whole daemon).
     pub fn total_of(&self, slots: &[usize], m: Metric) -> u64 {
         slots.iter().map(|&slot| self.get(slot, m)).sum()
+    }
+
+    /// Worker: the relays open to the upstream at `position` in the list changed by `delta`.
+    pub fn add_upstream_relays(&self, position: usize, delta: i64) {
+        if position < crate::config::MAX_UPSTREAMS {
+            // Two's complement: adding the wrapped negative subtracts.
+            self.cell_at(self.own, UPSTREAM_CELLS + position)
+                .fetch_add(delta as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Worker: sets the relay counts of every position at once (after a reload reordered
+    /// the list); positions past `counts` are zeroed.
+    pub fn set_upstream_relays(&self, counts: &[u64]) {
+        for i in 0..crate::config::MAX_UPSTREAMS {
+            let v = counts.get(i).copied().unwrap_or(0);
+            self.cell_at(self.own, UPSTREAM_CELLS + i).store(v, Ordering::Relaxed);
+        }
+    }
+
+    /// Supervisor: the health of the upstream at `position` (slot 0).
+    pub fn set_upstream_up(&self, position: usize, up: bool) {
+        if position < crate::config::MAX_UPSTREAMS {
+            self.cell_at(0, UPSTREAM_CELLS + position).store(u64::from(up), Ordering::Relaxed);
+        }
+    }
+
+    /// The per-upstream series of upstream mode, by URL (`urls`: the list as configured, in
+    /// the positions the cells use): its health and the relays open to it, all workers.
+    pub fn render_upstreams(&self, urls: &[String]) -> String {
+        let mut out = String::new();
+        let slots = self.worker_slots_in_use();
+        let label = |u: &str| u.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = writeln!(
+            out,
+            "# HELP syncgate_upstream_up Upstream mode: 1 while the health checks find the upstream up.\n# TYPE syncgate_upstream_up gauge"
+        );
+        for (i, url) in urls.iter().enumerate().take(crate::config::MAX_UPSTREAMS) {
+            let up = self.cell_at(0, UPSTREAM_CELLS + i).load(Ordering::Relaxed);
+            let _ = writeln!(out, "syncgate_upstream_up{{upstream=\"{}\"}} {up}", label(url));
+        }
+        let _ = writeln!(
+            out,
+            "# HELP syncgate_upstream_relays Upstream mode: relays open to the upstream, all workers.\n# TYPE syncgate_upstream_relays gauge"
+        );
+        for (i, url) in urls.iter().enumerate().take(crate::config::MAX_UPSTREAMS) {
+            let n: u64 = slots
+                .iter()
+                .map(|&slot| self.cell_at(slot, UPSTREAM_CELLS + i).load(Ordering::Relaxed))
+                .sum();
+            let _ = writeln!(out, "syncgate_upstream_relays{{upstream=\"{}\"}} {n}", label(url));
+        }
+        out
     }
 
     /// Prometheus text exposition of every slot. Worker slots carry a `worker` label so a

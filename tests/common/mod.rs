@@ -14,6 +14,8 @@
 //!   directories, `node`, command output.
 //! - [`upstream`]: a real upstream: PostgreSQL and zero-cache with the test app's schema,
 //!   started once per test process; its logs, its sockets, an outage on demand.
+//! - [`cluster`]: zero-cache scaled out (a replication-manager and several view-syncers on
+//!   one PostgreSQL), for the many-upstreams tests; which view-syncer serves a group.
 //! - [`app`]: the test app, a real Zero client connected wherever the test says, as whom the
 //!   test says, driven over JSON lines.
 //!
@@ -29,6 +31,7 @@
 
 pub mod app;
 pub mod browser;
+pub mod cluster;
 pub mod daemon;
 pub mod host;
 pub mod http;
@@ -40,5 +43,6 @@ pub mod zero;
 // For the same reason, a binary that uses nothing of a module leaves its re-export unused.
 #[allow(unused_imports)]
 pub use self::{
-    app::*, browser::*, daemon::*, host::*, http::*, raw::*, upstream::*, ws::*, zero::*,
+    app::*, browser::*, cluster::*, daemon::*, host::*, http::*, raw::*, upstream::*, ws::*,
+    zero::*,
 };

@@ -92,9 +92,9 @@ pub const SEEDED: &[(&str, &str, &str)] = &[
 
 /// How long PostgreSQL and zero-cache get to come up (a cold zero-cache takes 9-11 s on an
 /// idle two-core machine; several test processes may start at once).
-const START_TIMEOUT: Duration = Duration::from_secs(120);
+pub(super) const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long zero-cache gets to exit after SIGTERM (about 1.5 s when idle).
-const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+pub(super) const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Listen ports are drawn from here: below the ephemeral range (32768-60999), where a
 /// client socket's source port could take them.
 const PORTS: std::ops::Range<u16> = 20000..32000;
@@ -103,10 +103,10 @@ const PORTS: std::ops::Range<u16> = 20000..32000;
 /// process titles, and its process group finds it anyway.
 pub const MARKER: &str = "SYNCGATE_TEST_UPSTREAM";
 /// Bytes of each log that a failure message shows.
-const LOG_TAIL: usize = 12 * 1024;
+pub(super) const LOG_TAIL: usize = 12 * 1024;
 
 /// The SQL that creates and seeds the app's table.
-fn schema_sql() -> String {
+pub(super) fn schema_sql() -> String {
     let rows: Vec<String> =
         SEEDED.iter().map(|(id, owner, title)| format!("('{id}', '{owner}', '{title}')")).collect();
     format!(
@@ -497,7 +497,7 @@ impl Drop for ExclusiveZeroCache {
 // PostgreSQL
 // ------------------------------------------------------------------------------------------
 
-struct Postgres {
+pub(super) struct Postgres {
     bin: PathBuf,
     port: u16,
     data: PathBuf,
@@ -509,7 +509,7 @@ struct Postgres {
 impl Postgres {
     /// initdb into `dir`/pg and starts `postgres` on a free port (another on a bind failure:
     /// a parallel test process may take the port between the check and the bind).
-    fn start(bin: &Path, dir: &Path, watchdog: &Watchdog) -> Postgres {
+    pub(super) fn start(bin: &Path, dir: &Path, watchdog: &Watchdog) -> Postgres {
         let data = dir.join("pg");
         let sockets = dir.join("run");
         let owner = pg_owner();
@@ -583,11 +583,11 @@ impl Postgres {
         panic!("PostgreSQL did not start:\n{}", tail_of(&read_lossy(&log), LOG_TAIL));
     }
 
-    fn url(&self) -> String {
+    pub(super) fn url(&self) -> String {
         format!("postgresql://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
-    fn psql(&self, sql: &str) -> Result<String, String> {
+    pub(super) fn psql(&self, sql: &str) -> Result<String, String> {
         let out = Command::new(self.bin.join("psql"))
             .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
             .args(["-p", &self.port.to_string(), "-U", "postgres", "-d", "postgres", "-c", sql])
@@ -600,7 +600,7 @@ impl Postgres {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
-    fn log_tail(&self) -> String {
+    pub(super) fn log_tail(&self) -> String {
         format!(
             "---- PostgreSQL log ({}) ----\n{}",
             self.data.display(),
@@ -706,7 +706,7 @@ pub fn schema_file() -> PathBuf {
 
 /// No `ZERO_*` setting of the caller's environment reaches zero-cache or its tools, and
 /// telemetry is off (nothing leaves the machine).
-fn zero_env(cmd: &mut Command) {
+pub(super) fn zero_env(cmd: &mut Command) {
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("ZERO_") {
             cmd.env_remove(name);
@@ -718,7 +718,7 @@ fn zero_env(cmd: &mut Command) {
 /// `zero-deploy-permissions --schema-path schema.js` against the upstream database. Checks
 /// its output too: given no schema file it only warns and exits 0, and zero-cache would then
 /// sync nothing.
-fn deploy_permissions(bin: &Path, dir: &Path, upstream: &str) {
+pub(super) fn deploy_permissions(bin: &Path, dir: &Path, upstream: &str) {
     let mut cmd = Command::new(node());
     cmd.arg(bin.join("zero-deploy-permissions"))
         .arg("--schema-path")
@@ -739,7 +739,7 @@ fn deploy_permissions(bin: &Path, dir: &Path, upstream: &str) {
 
 /// `GET /` answered `200` (zero-cache's health check; `/keepalive` would do the same, but
 /// it also feeds an optional drain timer).
-fn health_check(addr: SocketAddr) -> bool {
+pub(super) fn health_check(addr: SocketAddr) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
         return false;
     };
@@ -760,7 +760,7 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// Spawns `cmd` from a thread that lives as long as the process, with PR_SET_PDEATHSIG
 /// (SIGKILL) and in a process group of its own, which the watchdog learns about.
-fn spawn_kept(mut cmd: Command, watchdog: &Watchdog) -> std::io::Result<Child> {
+pub(super) fn spawn_kept(mut cmd: Command, watchdog: &Watchdog) -> std::io::Result<Child> {
     static KEEPER: OnceLock<Mutex<mpsc::Sender<Job>>> = OnceLock::new();
     let keeper = KEEPER.get_or_init(|| {
         let (tx, rx) = mpsc::channel::<Job>();
@@ -799,7 +799,7 @@ fn spawn_kept(mut cmd: Command, watchdog: &Watchdog) -> std::io::Result<Child> {
 
 /// A `sh` that outlives this process by a moment: it reads process group ids on its stdin
 /// and, at end of input (this process is gone), SIGKILLs each group and removes the folder.
-struct Watchdog {
+pub(super) struct Watchdog {
     stdin: Mutex<ChildStdin>,
     /// Never waited for: it exits after this process.
     _child: Child,
@@ -828,7 +828,7 @@ impl Watchdog {
         rm -rf -- "$1"
     "#;
 
-    fn start(dir: &Path) -> Watchdog {
+    pub(super) fn start(dir: &Path) -> Watchdog {
         let mut child = Command::new("sh")
             .arg("-c")
             .arg(Self::SCRIPT)
@@ -856,7 +856,7 @@ impl Watchdog {
 
 /// A port `p` in [`PORTS`] such that `p` and `p + 1` are free on 127.0.0.1 and `::` now.
 /// Drawn at random so that test processes starting together rarely try the same one.
-fn free_port_pair() -> u16 {
+pub(super) fn free_port_pair() -> u16 {
     static DRAWS: AtomicUsize = AtomicUsize::new(0);
     let nanos = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64;
     let mut x = nanos
@@ -925,7 +925,7 @@ pub fn sql_literal(text: &str) -> String {
     format!("'{}'", text.replace('\'', "''"))
 }
 
-fn read_lossy(path: &Path) -> String {
+pub(super) fn read_lossy(path: &Path) -> String {
     let mut bytes = Vec::new();
     if let Ok(mut f) = File::open(path) {
         let _ = f.read_to_end(&mut bytes);

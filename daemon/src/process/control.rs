@@ -2,7 +2,9 @@
 //! child, so every message is one datagram.
 //!
 //! - child -> supervisor: `Ready` once its ring runs; `Applied(generation)` after a reload.
-//! - supervisor -> child: `Config { generation, resolved }` (a validated configuration).
+//! - supervisor -> child: `Config { generation, resolved }` (a validated configuration);
+//!   workers in upstream mode also get `Health { down }`, the upstreams the health checks
+//!   declared down (`upstream::health`), on every change and once they are ready.
 //!
 //! A child applies a configuration in its event loop between two completions, so no
 //! connection sees a half-applied one.
@@ -29,6 +31,10 @@ pub enum Message {
     /// accept can complete here any more.
     Stop,
     Stopped,
+    /// Workers: the URLs of the upstreams that are down now; every other one is up.
+    Health {
+        down: Vec<String>,
+    },
 }
 
 impl Message {
@@ -41,6 +47,12 @@ impl Message {
             Message::Applied(generation) => {
                 let mut out = b"A".to_vec();
                 out.extend_from_slice(&generation.to_le_bytes());
+                out
+            }
+            Message::Health { down } => {
+                // URLs hold no newline (`upstream::Target::parse` refuses control characters).
+                let mut out = b"H".to_vec();
+                out.extend_from_slice(down.join("\n").as_bytes());
                 out
             }
             Message::Config { generation, resolved } => {
@@ -60,6 +72,11 @@ impl Message {
             b'S' if bytes.len() == 1 => Some(Message::Stop),
             b's' if bytes.len() == 1 => Some(Message::Stopped),
             b'A' if bytes.len() == 9 => Some(Message::Applied(generation()?)),
+            b'H' => {
+                let text = std::str::from_utf8(&bytes[1..]).ok()?;
+                let down = text.split('\n').filter(|u| !u.is_empty()).map(String::from).collect();
+                Some(Message::Health { down })
+            }
             b'C' => Some(Message::Config {
                 generation: generation()?,
                 resolved: String::from_utf8(bytes[9..].to_vec()).ok()?,
@@ -107,6 +124,8 @@ pub enum Order {
     Apply(Box<crate::config::Config>),
     Drain,
     Stop,
+    /// The upstreams that are down now (by URL).
+    Health(Vec<String>),
 }
 
 /// Child side: drains the channel, acknowledging each configuration it returns. The
@@ -128,6 +147,7 @@ pub fn receive_orders(control: &OwnedFd) -> Vec<Order> {
             }
             Ok(Message::Drain) => out.push(Order::Drain),
             Ok(Message::Stop) => out.push(Order::Stop),
+            Ok(Message::Health { down }) => out.push(Order::Health(down)),
             Ok(_) | Err(RecvError::Malformed) => {}
             Err(_) => return out,
         }
@@ -149,6 +169,8 @@ mod tests {
             Message::Drain,
             Message::Stop,
             Message::Stopped,
+            Message::Health { down: vec![] },
+            Message::Health { down: vec!["ws://a:1".into(), "ws://b:2/zero".into()] },
         ] {
             send_message(sup.as_fd(), &m).unwrap();
             assert_eq!(recv_message(&child, &mut buf).unwrap(), m);

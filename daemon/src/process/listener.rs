@@ -458,12 +458,11 @@ impl Listener {
             "/" | "/keepalive" => handshake::http_response(200, &[], "text/plain", b"OK"),
             "/metrics" => {
                 self.metrics.set(Metric::HeapBytes, crate::heap::live_bytes() as u64);
-                handshake::http_response(
-                    200,
-                    &[],
-                    "text/plain; version=0.0.4",
-                    self.metrics.render().as_bytes(),
-                )
+                let mut text = self.metrics.render();
+                if !self.config.upstream.urls.is_empty() {
+                    text.push_str(&self.metrics.render_upstreams(&self.config.upstream.urls));
+                }
+                handshake::http_response(200, &[], "text/plain; version=0.0.4", text.as_bytes())
             }
             path if route::parse_sync_path(path).is_ok() => handshake::http_error(
                 426,
@@ -575,7 +574,7 @@ impl Process for Listener {
         match order {
             Order::Apply(config) => self.apply(*config),
             Order::Stop => self.stop(),
-            Order::Drain => {}
+            Order::Drain | Order::Health(_) => {}
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod control;
 pub mod event_loop;
 pub mod handoff;
+pub mod health;
 pub mod listener;
 pub mod supervisor;
 pub mod worker;

@@ -1,7 +1,9 @@
 //! The supervisor: the process an operator (or systemd) starts. It owns the listening socket,
 //! the handoff socket pairs and the metrics memory, starts the listener and the workers by
 //! fork+exec of its own binary, respawns the ones that die, and turns signals into an orderly
-//! shutdown. It holds no ring and no threads, so forking it is safe.
+//! shutdown. It holds no ring; its one thread besides the main one is the upstreams' health
+//! checker ([`crate::process::health`]), which forks nothing: children are started with
+//! fork+exec from the main thread, which that thread does not make unsafe.
 //!
 //! Children inherit descriptors at fixed numbers (see [`fds`]) and the resolved configuration
 //! in an environment variable; they die with the supervisor (`PR_SET_PDEATHSIG`), also when it
@@ -21,6 +23,7 @@ use crate::config::{Config, RESOLVED_ENV};
 use crate::metrics::{Metric, Metrics};
 use crate::process::control::{self, Message};
 use crate::process::handoff;
+use crate::process::health::Checker;
 
 /// Descriptor numbers in a child.
 pub mod fds {
@@ -100,6 +103,10 @@ struct Supervisor {
     worker_generation: usize,
     /// The listening socket came from systemd: `listen` cannot change.
     activated: bool,
+    /// The upstreams' health checks (upstream mode with `upstream.health_interval_ms` > 0).
+    checker: Option<Checker>,
+    /// The checker woke the poll: a state changed, to be told to the workers.
+    health_changed: bool,
 }
 
 /// The processes of one generation: the listener first, then the workers.
@@ -171,6 +178,8 @@ pub fn run(mut config: Config, path: Option<std::path::PathBuf>) -> Result<(), S
         metrics,
         channels,
         procs: generation(workers),
+        checker: None,
+        health_changed: false,
     };
     // Workers first, so the listener never hands a socket to a worker that is not there.
     for i in (1..sup.procs.len()).chain(std::iter::once(0)) {
@@ -180,6 +189,11 @@ pub fn run(mut config: Config, path: Option<std::path::PathBuf>) -> Result<(), S
         }
     }
     if let Err(e) = sup.wait_ready() {
+        sup.kill_all(Signal::SIGKILL);
+        sup.reap_all(Instant::now() + Duration::from_secs(2));
+        return Err(e);
+    }
+    if let Err(e) = sup.reconfigure_health() {
         sup.kill_all(Signal::SIGKILL);
         sup.reap_all(Instant::now() + Duration::from_secs(2));
         return Err(e);
@@ -307,6 +321,10 @@ impl Supervisor {
                 )
             })
             .collect();
+        let checker_at = pfds.len();
+        if let Some(c) = &self.checker {
+            pfds.push(PollFd::new(c.fd(), PollFlags::POLLIN));
+        }
         if let Some(s) = signals {
             pfds.push(PollFd::new(s.as_fd(), PollFlags::POLLIN));
         }
@@ -321,7 +339,15 @@ impl Supervisor {
             .filter(|(_, p)| p.revents().is_some_and(|r| !r.is_empty()))
             .map(|(&i, _)| i)
             .collect();
+        let woken =
+            self.checker.is_some() && pfds[checker_at].revents().is_some_and(|r| !r.is_empty());
         drop(pfds);
+        if woken {
+            if let Some(c) = &self.checker {
+                c.take_change();
+            }
+            self.health_changed = true;
+        }
         let mut out = Vec::new();
         let mut buf = vec![0u8; 64];
         for i in readable {
@@ -445,6 +471,7 @@ impl Supervisor {
                 return;
             }
             self.config = next;
+            self.reload_health();
             self.metrics.add_to(0, Metric::Reloads, 1);
             log::set_max_level(self.config.level());
             log::info!(
@@ -476,7 +503,7 @@ impl Supervisor {
             for (i, m) in messages {
                 match m {
                     Ok(Message::Applied(g)) if g == generation => waiting.retain(|&w| w != i),
-                    Ok(Message::Ready) => self.procs[i].ready = true,
+                    Ok(Message::Ready) => self.mark_ready(i),
                     Err(control::RecvError::Closed) => waiting.retain(|&w| w != i),
                     _ => {}
                 }
@@ -487,9 +514,72 @@ impl Supervisor {
                 waiting.iter().map(|&i| self.procs[i].role.to_string()).collect();
             log::warn!("reload: no confirmation from {} in time", names.join(", "));
         }
+        self.reload_health();
         self.metrics.add_to(0, Metric::Reloads, 1);
         log::info!("reloaded configuration from {path} generation={generation}");
         let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+    }
+
+    /// A child said `Ready`: a worker learns which upstreams are down now (it starts with
+    /// every one up).
+    fn mark_ready(&mut self, i: usize) {
+        self.procs[i].ready = true;
+        if let Some(c) = &self.checker {
+            let down = c.down();
+            if !down.is_empty() {
+                self.send_health(i, &down);
+            }
+        }
+    }
+
+    /// Starts, retargets or stops the health checks for the current configuration, then
+    /// publishes the states (`/metrics`, the workers).
+    fn reconfigure_health(&mut self) -> Result<(), String> {
+        let upstream = &self.config.upstream;
+        match &self.checker {
+            Some(c) if !upstream.urls.is_empty() && upstream.health_interval_ms > 0 => {
+                c.retarget(upstream)?
+            }
+            _ => self.checker = Checker::start(upstream)?,
+        }
+        self.publish_health();
+        Ok(())
+    }
+
+    /// [`Supervisor::reconfigure_health`] after a reload, which validated the list already.
+    fn reload_health(&mut self) {
+        if let Err(e) = self.reconfigure_health() {
+            log::error!("reload: upstream health checks: {e}");
+        }
+    }
+
+    /// Writes every upstream's state into `/metrics` (1 up, 0 down; all up without checks)
+    /// and tells every ready worker which are down.
+    fn publish_health(&mut self) {
+        let states: Vec<(String, bool)> = match &self.checker {
+            Some(c) => c.states(),
+            None => self.config.upstream.urls.iter().map(|u| (u.clone(), true)).collect(),
+        };
+        for (i, (_, up)) in states.iter().enumerate() {
+            self.metrics.set_upstream_up(i, *up);
+        }
+        if self.config.upstream.urls.is_empty() {
+            return;
+        }
+        let down: Vec<String> =
+            states.into_iter().filter(|(_, up)| !up).map(|(url, _)| url).collect();
+        for i in 0..self.procs.len() {
+            if self.procs[i].ready {
+                self.send_health(i, &down);
+            }
+        }
+    }
+
+    fn send_health(&self, i: usize, down: &[String]) {
+        let p = &self.procs[i];
+        if let (Role::Worker(_), Some(fd)) = (p.role, &p.control) {
+            let _ = control::send_message(fd.as_fd(), &Message::Health { down: down.to_vec() });
+        }
     }
 
     fn serve(mut self, signals: SignalFd) -> Result<(), String> {
@@ -503,8 +593,11 @@ impl Supervisor {
             // Control messages here are the `Ready` of respawned children.
             for (i, m) in self.poll_controls(Some(&signals), timeout)? {
                 if let Ok(Message::Ready) = m {
-                    self.procs[i].ready = true;
+                    self.mark_ready(i);
                 }
+            }
+            if std::mem::take(&mut self.health_changed) {
+                self.publish_health();
             }
             while let Ok(Some(info)) = signals.read_signal() {
                 match Signal::try_from(info.ssi_signo as i32) {

@@ -13,6 +13,7 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 
+pub mod health;
 pub mod relay;
 pub mod request;
 
@@ -29,12 +30,18 @@ pub struct Target {
     /// A path prefix in front of the client's own path (zero-cache accepts a one-segment
     /// base); empty when the URL has none. Never ends with `/`.
     pub base: String,
+    /// A short name of the URL (its xxh32) that a relay keeps, to find the relays to an
+    /// upstream that goes down whatever reloads did to the list meanwhile.
+    pub key: u32,
 }
 
 impl Target {
     /// Parses `ws://host[:port][/base]`. Only `ws`: the upstream hop runs on a private
     /// network next to zero-cache, and TLS to it is not supported.
     pub fn parse(url: &str) -> Result<Target, String> {
+        if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(format!("{url:?}: white space or a control character"));
+        }
         let rest = url
             .strip_prefix("ws://")
             .ok_or_else(|| format!("{url:?}: only ws:// URLs are supported"))?;
@@ -66,20 +73,28 @@ impl Target {
             addr,
             host: authority.to_string(),
             base: path.trim_end_matches('/').to_string(),
+            key: xxhash_rust::xxh32::xxh32(url.as_bytes(), 0),
         })
     }
 }
 
-/// The configured zero-caches; empty means embedded mode.
+/// The configured zero-caches and which of them are up; empty means embedded mode.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Upstreams {
     targets: Vec<Target>,
+    /// Per target: the health checks declared it down ([`health`]); new sockets skip it.
+    down: Vec<bool>,
 }
 
 impl Upstreams {
     pub fn parse(urls: &[String]) -> Result<Upstreams, String> {
-        let targets = urls.iter().map(|u| Target::parse(u)).collect::<Result<_, _>>()?;
-        Ok(Upstreams { targets })
+        let targets: Vec<Target> =
+            urls.iter().map(|u| Target::parse(u)).collect::<Result<_, _>>()?;
+        let mut seen = std::collections::HashSet::new();
+        if let Some(t) = targets.iter().find(|t| !seen.insert(&t.url)) {
+            return Err(format!("{:?} is listed twice", t.url));
+        }
+        Ok(Upstreams { down: vec![false; targets.len()], targets })
     }
 
     /// Embedded mode: no upstream is configured.
@@ -87,12 +102,42 @@ impl Upstreams {
         self.targets.is_empty()
     }
 
+    pub fn targets(&self) -> &[Target] {
+        &self.targets
+    }
+
+    /// Where the upstream with `key` is in the list, if it still is.
+    pub fn position(&self, key: u32) -> Option<usize> {
+        self.targets.iter().position(|t| t.key == key)
+    }
+
+    /// The health checks' latest word: the upstreams named in `down` are down, every other
+    /// one is up (a URL not in the list is ignored). Returns the keys of those that were up
+    /// and are down now: their relays end.
+    pub fn set_down(&mut self, down: &[String]) -> Vec<u32> {
+        let mut newly = Vec::new();
+        for (t, d) in self.targets.iter().zip(self.down.iter_mut()) {
+            let now_down = down.contains(&t.url);
+            if now_down && !*d {
+                newly.push(t.key);
+            }
+            *d = now_down;
+        }
+        newly
+    }
+
     /// The zero-cache a client group's sockets go to: rendezvous (highest random weight)
-    /// hashing of the clientGroupID over the list, so every socket of a group reaches the
-    /// same one from any worker and any syncgate node with the same list, and a change of
-    /// the list moves only the groups of the upstream that came or went.
+    /// hashing of the clientGroupID over the upstreams that are up, so every socket of a
+    /// group reaches the same one from any worker and any syncgate node with the same list
+    /// and the same health, and a change (an upstream added, removed, down or back) moves
+    /// only the groups of the upstream that changed. With every upstream down, the choice
+    /// over all of them: the connect then fails and the client is told to back off.
     pub fn choose(&self, group_id: &str) -> Option<&Target> {
-        self.targets.iter().max_by_key(|t| weight(&t.url, group_id))
+        let up = self.targets.iter().zip(&self.down).filter(|(_, d)| !**d).map(|(t, _)| t);
+        let all_down = self.down.iter().all(|d| *d);
+        let candidates: Box<dyn Iterator<Item = &Target>> =
+            if all_down { Box::new(self.targets.iter()) } else { Box::new(up) };
+        candidates.max_by_key(|t| weight(&t.url, group_id))
     }
 }
 
@@ -152,5 +197,44 @@ mod tests {
         assert!(per.iter().all(|&n| (800..1200).contains(&n)), "{per:?}");
         assert_eq!(moved, per[3]);
         assert!(Upstreams::parse(&[]).unwrap().choose("g").is_none());
+    }
+
+    #[test]
+    fn a_down_upstreams_groups_go_to_their_next_choice_and_come_back() {
+        let urls: Vec<String> = (0..3).map(|i| format!("ws://127.0.0.1:{}", 6000 + i)).collect();
+        let mut ups = Upstreams::parse(&urls).unwrap();
+        let first: Vec<String> =
+            (0..3000).map(|g| ups.choose(&format!("g{g}")).unwrap().url.clone()).collect();
+        let went = ups.set_down(&[urls[1].clone(), "ws://not-listed:1".into()]);
+        assert_eq!(went, vec![ups.targets()[1].key], "only a listed upstream goes down");
+        assert_eq!(ups.set_down(&[urls[1].clone()]), Vec::<u32>::new(), "already down");
+        let mut moved = 0;
+        for (g, before) in first.iter().enumerate() {
+            let now = &ups.choose(&format!("g{g}")).unwrap().url;
+            assert_ne!(*now, urls[1], "no new socket goes to a down upstream");
+            if now != before {
+                moved += 1;
+                assert_eq!(*before, urls[1], "only the down upstream's groups move");
+            }
+        }
+        assert!((800..1200).contains(&moved), "about a third moved: {moved}");
+        ups.set_down(&[]);
+        for (g, before) in first.iter().enumerate() {
+            assert_eq!(&ups.choose(&format!("g{g}")).unwrap().url, before, "back home");
+        }
+        ups.set_down(&urls);
+        assert_eq!(
+            ups.choose("g0").map(|t| &t.url),
+            Some(&first[0]),
+            "all down: the plain choice, whose connect then fails"
+        );
+    }
+
+    #[test]
+    fn a_url_listed_twice_or_with_a_control_character_is_refused() {
+        let twice = ["ws://127.0.0.1:1".to_string(), "ws://127.0.0.1:1".to_string()];
+        assert!(Upstreams::parse(&twice).unwrap_err().contains("twice"));
+        assert!(Target::parse("ws://127.0.0.1:1/x\u{7}y").unwrap_err().contains("control"));
+        assert!(Target::parse("ws://127.0.0.1:1/x y").unwrap_err().contains("white space"));
     }
 }

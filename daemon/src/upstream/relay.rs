@@ -46,6 +46,9 @@ pub enum End<'a> {
     /// Upstream only: it could not be reached in time, or did not answer with a WebSocket
     /// upgrade.
     Unreachable,
+    /// Upstream only: the health checks declared it down (`super::health`), so its relays
+    /// end even if their sockets still look alive (a hung zero-cache, a partition).
+    Down,
 }
 
 /// What the other hop does.
@@ -65,7 +68,7 @@ pub fn then(side: Side, end: End<'_>) -> Then {
             code: code.unwrap_or(close::NORMAL),
             reason: reason.to_string(),
         },
-        (Side::Client, End::Lost | End::Unreachable) => {
+        (Side::Client, End::Lost | End::Unreachable | End::Down) => {
             Then::Close { code: close::GOING_AWAY, reason: "client gone".into() }
         }
         (Side::Upstream, End::Lost) => Then::Fail {
@@ -76,6 +79,11 @@ pub fn then(side: Side, end: End<'_>) -> Then {
         (Side::Upstream, End::Unreachable) => Then::Fail {
             kind: ErrorKind::ServerOverloaded,
             message: "upstream unavailable",
+            backoff: UPSTREAM_BACKOFF_MS,
+        },
+        (Side::Upstream, End::Down) => Then::Fail {
+            kind: ErrorKind::ServerOverloaded,
+            message: "upstream failed its health checks",
             backoff: UPSTREAM_BACKOFF_MS,
         },
     }
@@ -113,9 +121,11 @@ mod tests {
 
     #[test]
     fn a_failed_upstream_makes_the_client_back_off() {
-        for (end, message) in
-            [(End::Lost, "upstream connection lost"), (End::Unreachable, "upstream unavailable")]
-        {
+        for (end, message) in [
+            (End::Lost, "upstream connection lost"),
+            (End::Unreachable, "upstream unavailable"),
+            (End::Down, "upstream failed its health checks"),
+        ] {
             match then(Side::Upstream, end) {
                 Then::Fail { kind, message: m, backoff } => {
                     assert_eq!(

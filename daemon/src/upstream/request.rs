@@ -123,6 +123,7 @@ mod tests {
             addr: "127.0.0.1:4849".parse().unwrap(),
             host: "127.0.0.1:4849".into(),
             base: base.into(),
+            key: 1,
         }
     }
 

@@ -227,6 +227,9 @@ pub struct Worker {
     churned: bool,
     /// The zero-caches of upstream mode (`upstream.urls`); empty in embedded mode.
     upstreams: Upstreams,
+    /// The upstreams the supervisor's health checks last said are down, by URL: kept to
+    /// mark them again in the list a reload brings.
+    down_upstreams: Vec<String>,
     /// `limits.trusted_proxies`, for the `X-Forwarded-For` a relay sends upstream.
     proxies: TrustedProxies,
     /// The upstream sides of relays, by the index their operations carry.
@@ -288,6 +291,8 @@ impl Worker {
         let verifier = Verifier::new(&config.auth).map_err(|e| format!("auth: {e}"))?;
         metrics.set(Metric::OpenConnections, 0);
         metrics.set(Metric::InUse, 1);
+        // A respawned worker's slot may hold its predecessor's counts; it has no relay yet.
+        metrics.set_upstream_relays(&[]);
         let level = config.compression.level;
         let window = Duration::from_millis(config.limits.per_user_mutations_window_ms);
         let l = &config.limits;
@@ -324,6 +329,7 @@ impl Worker {
             churned: false,
             burst_over: false,
             upstreams,
+            down_upstreams: Vec::new(),
             proxies,
             hops: Slab::default(),
             relays: HashMap::new(),
@@ -351,7 +357,11 @@ impl Worker {
         log::set_max_level(config.level());
         // New connections go to the new list; live relays keep their upstream.
         match Upstreams::parse(&config.upstream.urls) {
-            Ok(upstreams) => self.upstreams = upstreams,
+            Ok(mut upstreams) => {
+                upstreams.set_down(&self.down_upstreams);
+                self.upstreams = upstreams;
+                self.recount_relays();
+            }
             Err(e) => log::error!("worker {}: reload kept the old upstream.urls: {e}", self.index),
         }
         if let Ok(proxies) = TrustedProxies::parse(&config.limits.trusted_proxies) {
@@ -1204,6 +1214,12 @@ impl Process for Worker {
             Order::Apply(config) => self.apply(*config),
             Order::Drain => self.drain(now),
             Order::Stop => {}
+            Order::Health(down) => {
+                for key in self.upstreams.set_down(&down) {
+                    self.upstream_down(key, now);
+                }
+                self.down_upstreams = down;
+            }
         }
     }
 

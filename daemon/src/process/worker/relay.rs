@@ -33,6 +33,8 @@ use crate::ws::handshake;
 pub(super) struct Route {
     pub(super) request: Request,
     pub(super) addr: SocketAddr,
+    /// The upstream's [`crate::upstream::Target::key`].
+    pub(super) key: u32,
 }
 
 /// The upstream side of one relay.
@@ -46,6 +48,9 @@ pub(super) struct Hop {
     stage: Stage,
     /// Where it connects, for the log lines.
     addr: SocketAddr,
+    /// Which upstream ([`crate::upstream::Target::key`]): its relays end when the health
+    /// checks declare it down, and its relay count in `/metrics` is this hop's.
+    upstream: u32,
     connect_armed: bool,
     recv_armed: bool,
     send_armed: bool,
@@ -146,10 +151,11 @@ impl Worker {
         let target = self.upstreams.choose(group_id)?;
         let trusted = self.proxies.contains(peer.ip());
         let xff = request::forwarded_for(peer.ip(), trusted, head.forwarded_for.as_deref());
-        Some(
-            request::upgrade(head_bytes, target, &xff)
-                .map(|request| Route { request, addr: target.addr }),
-        )
+        Some(request::upgrade(head_bytes, target, &xff).map(|request| Route {
+            request,
+            addr: target.addr,
+            key: target.key,
+        }))
     }
 
     /// The admitted client in `index` gets its upstream: a socket and its connect (after hop
@@ -166,7 +172,7 @@ impl Worker {
             self.metrics.inc(Metric::UpstreamFailures);
             return self.fail_client(index, "upstream connects in progress at the limit", now);
         }
-        let Route { request, addr } = route;
+        let Route { request, addr, key } = route;
         let family = if addr.is_ipv4() { libc::AF_INET } else { libc::AF_INET6 };
         // SAFETY: plain socket(2); the descriptor is owned at once.
         let raw = unsafe {
@@ -191,6 +197,7 @@ impl Worker {
             client_serial: slot.serial,
             stage: Stage::Waiting { request, after: after.unwrap_or(u32::MAX) },
             addr,
+            upstream: key,
             connect_armed: false,
             recv_armed: false,
             send_armed: false,
@@ -203,6 +210,7 @@ impl Worker {
         };
         let h = self.hops.insert(hop);
         self.relays.insert(index, h);
+        self.count_relay(key, 1);
         match after {
             Some(_) => self.waiting.push(h),
             None => self.connect_hop(h, now),
@@ -456,6 +464,7 @@ impl Worker {
             hop.shut_down(h, &mut self.ring);
             if !hop.connect_armed && !hop.recv_armed && !hop.send_armed {
                 let hop = self.hops.remove(h).expect("the hop just looked at");
+                self.count_relay(hop.upstream, -1);
                 self.ring.close_later(hop.fd);
                 if self.relays.get(&client) == Some(&h) {
                     self.relays.remove(&client);
@@ -597,6 +606,54 @@ impl Worker {
             }
             self.process_hop(h, now);
         }
+    }
+
+    /// The health checks declared upstream `key` down: its relays end now, even those whose
+    /// sockets still look alive (a hung zero-cache answers nothing), the clients with the
+    /// back-off error (they come back to their group's next choice), the upstream hops with
+    /// 1001. Relays to other upstreams are not touched.
+    pub(super) fn upstream_down(&mut self, key: u32, now: Instant) {
+        for h in self.hops.indices() {
+            let Some(hop) =
+                self.hops.get_mut(h).filter(|hop| hop.ended.is_none() && hop.upstream == key)
+            else {
+                continue;
+            };
+            hop.ended = Some("syncgate");
+            let (client, serial) = (hop.client, hop.client_serial);
+            if let Some(slot) = self.slots.get_mut(client).filter(|s| s.serial == serial) {
+                log::warn!(
+                    "worker={} relay ended clientID={} wsid={} upstream={}: the upstream failed its health checks",
+                    self.index,
+                    slot.id.client_id(),
+                    slot.id.wsid(),
+                    hop.addr
+                );
+                tell(slot, relay::then(Side::Upstream, relay::End::Down), now);
+                self.process(client);
+            }
+            let bye = Then::Close { code: close::GOING_AWAY, reason: "upstream down".into() };
+            self.end_hop(h, bye, now);
+        }
+    }
+
+    /// One more (`delta` 1) or one fewer (-1) relay to upstream `key` in `/metrics`.
+    fn count_relay(&mut self, key: u32, delta: i64) {
+        if let Some(position) = self.upstreams.position(key) {
+            self.metrics.add_upstream_relays(position, delta);
+        }
+    }
+
+    /// Every upstream's relay count again from the hops (after a reload moved positions).
+    pub(super) fn recount_relays(&mut self) {
+        let mut counts = vec![0u64; self.upstreams.targets().len()];
+        for h in self.hops.indices() {
+            let key = self.hops.get(h).map(|hop| hop.upstream);
+            if let Some(position) = key.and_then(|k| self.upstreams.position(k)) {
+                counts[position] += 1;
+            }
+        }
+        self.metrics.set_upstream_relays(&counts);
     }
 
     /// SIGTERM or a drain's end: every open hop gets `code` too.

@@ -1,0 +1,326 @@
+//! zero-cache scaled out as its documentation deploys it: one replication-manager and several
+//! view-syncers on one PostgreSQL, the upstreams of the many-upstreams tests. The app, the
+//! database and the processes' care are the single fixture's ([`super::upstream`]); this one
+//! is started by the test that uses it (not shared: a test stops and starts view-syncers).
+//!
+//! How it runs here (zero-cache 1.9.0; found by experiment, 2026-12-07):
+//!
+//! - The replication-manager is a zero-cache with `ZERO_NUM_SYNC_WORKERS=0`: it replicates
+//!   PostgreSQL into its replica file and serves the change stream on `ZERO_PORT + 1`.
+//! - A view-syncer needs a replica that has been synced once. zero-cache's way is a
+//!   litestream backup, which needs a litestream binary and an object store; instead each
+//!   view-syncer starts from a copy of the manager's replica (`VACUUM INTO` with zero-cache's
+//!   own SQLite module) and catches up from the change stream
+//!   (`ZERO_CHANGE_STREAMER_URI`). Copies of one replica version stay valid: without a backup
+//!   the manager purges no change log.
+//! - Each process has its own `ZERO_TASK_ID`, which zero-cache writes as the owner of a
+//!   client group's CVR (`"zero_0/cvr".instances.owner`): that is how a test sees, from the
+//!   upstream side, which view-syncer serves a group. A group served by two view-syncers
+//!   changes owner (zero-cache then sends `Rehome` to the other's clients).
+//!
+//! Start-up: PostgreSQL about 2 s, the manager about 7 s, the view-syncers (together) about
+//! 13 s on an idle two-core machine.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::daemon::SECRET;
+use super::host::{describe, node, unique_temp_path};
+use super::upstream::{
+    deploy_permissions, free_port_pair, health_check, pg_bin_dir, read_lossy, schema_sql,
+    spawn_kept, tail_of, zero_cache_bin_dir, zero_cache_package, zero_env, Postgres, Watchdog,
+    LOG_TAIL, MARKER, START_TIMEOUT, STOP_TIMEOUT, ZERO_ADMIN_PASSWORD,
+};
+
+/// Marks one process of the cluster (its value: the process's task ID), beside [`MARKER`],
+/// which marks them all for the watchdog.
+const NODE_MARKER: &str = "SYNCGATE_TEST_UPSTREAM_NODE";
+
+/// One PostgreSQL, one replication-manager, several view-syncers.
+pub struct ZeroCluster {
+    dir: PathBuf,
+    pg: Postgres,
+    bin: PathBuf,
+    watchdog: Watchdog,
+    manager: Node,
+    syncers: Vec<Node>,
+}
+
+/// One zero-cache process of the cluster.
+struct Node {
+    /// Its `ZERO_TASK_ID`, the name of its log file and of its replica.
+    name: String,
+    /// Its `ZERO_PORT`.
+    port: u16,
+    /// What it gets beside the environment every process gets.
+    env: Vec<(&'static str, String)>,
+    /// Its runner while it runs.
+    child: Mutex<Option<Child>>,
+}
+
+impl ZeroCluster {
+    /// Starts PostgreSQL with the app, the manager and `view_syncers` view-syncers; returns
+    /// once every one serves. Panics with the logs on a failure.
+    pub fn launch(view_syncers: usize) -> ZeroCluster {
+        let began = Instant::now();
+        let dir = unique_temp_path("cluster");
+        std::fs::create_dir(&dir).expect("create the cluster's temp dir");
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let watchdog = Watchdog::start(&dir);
+        let pg = Postgres::start(&pg_bin_dir(), &dir, &watchdog);
+        pg.psql(&schema_sql()).unwrap_or_else(|e| panic!("{e}\n{}", pg.log_tail()));
+        let bin = zero_cache_bin_dir();
+        deploy_permissions(&bin, &dir, &pg.url());
+        let manager_port = free_port_pair();
+        let manager = Node {
+            name: "manager".into(),
+            port: manager_port,
+            env: vec![("ZERO_NUM_SYNC_WORKERS", "0".into())],
+            child: Mutex::new(None),
+        };
+        let streamer = format!("ws://127.0.0.1:{}/", manager_port + 1);
+        let syncers = (0..view_syncers)
+            .map(|i| Node {
+                name: format!("view-syncer-{i}"),
+                port: free_port_pair(),
+                env: vec![
+                    ("ZERO_NUM_SYNC_WORKERS", "1".into()),
+                    ("ZERO_CHANGE_STREAMER_URI", streamer.clone()),
+                ],
+                child: Mutex::new(None),
+            })
+            .collect();
+        let cluster = ZeroCluster { dir, pg, bin, watchdog, manager, syncers };
+        cluster.spawn(&cluster.manager);
+        cluster.wait_serving(&cluster.manager);
+        for s in &cluster.syncers {
+            cluster.copy_replica(s);
+            cluster.spawn(s);
+        }
+        for s in &cluster.syncers {
+            cluster.wait_serving(s);
+        }
+        eprintln!(
+            "zero-cache cluster ready in {:.1?}: manager on {}, view-syncers on {:?}, files in {}",
+            began.elapsed(),
+            cluster.manager.port,
+            cluster.syncers.iter().map(|s| s.port).collect::<Vec<_>>(),
+            cluster.dir.display()
+        );
+        cluster
+    }
+
+    /// Each view-syncer's URL for `upstream.urls`, in order.
+    pub fn syncer_urls(&self) -> Vec<String> {
+        self.syncers.iter().map(|s| format!("ws://127.0.0.1:{}", s.port)).collect()
+    }
+
+    /// View-syncer `i`'s task ID: the owner it writes into the CVRs it serves.
+    pub fn syncer_name(&self, i: usize) -> &str {
+        &self.syncers[i].name
+    }
+
+    /// View-syncer `i`'s port.
+    pub fn syncer_port(&self, i: usize) -> u16 {
+        self.syncers[i].port
+    }
+
+    /// Stops view-syncer `i` (SIGTERM; every process of it gone): an outage of one upstream.
+    pub fn stop_syncer(&self, i: usize) {
+        let node = &self.syncers[i];
+        let Some(mut child) = node.child.lock().unwrap_or_else(PoisonError::into_inner).take()
+        else {
+            return;
+        };
+        // SAFETY: kill(2) on the runner we spawned and have not reaped yet.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        loop {
+            let runner_done = child.try_wait().expect("waitpid").is_some();
+            let left = self.processes_of(node);
+            if runner_done && left.is_empty() {
+                return;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                for pid in left {
+                    // SAFETY: kill(2) on a process that carries this node's marker.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts view-syncer `i` again on its port and replica (a warm start) and waits until
+    /// it serves.
+    pub fn start_syncer(&self, i: usize) {
+        let node = &self.syncers[i];
+        assert!(node.child.lock().unwrap_or_else(PoisonError::into_inner).is_none());
+        self.spawn(node);
+        self.wait_serving(node);
+    }
+
+    /// The task ID that owns `group`'s CVR, if zero-cache has one for it.
+    pub fn owner_of(&self, group: &str) -> Option<String> {
+        let out = self.psql(&format!(
+            "SELECT owner FROM \"zero_0/cvr\".instances WHERE \"clientGroupID\" = {}",
+            super::upstream::sql_literal(group)
+        ));
+        Some(out).filter(|o| !o.is_empty())
+    }
+
+    /// Waits until `group`'s CVR is owned by `owner`, failing with the logs after `timeout`.
+    pub fn wait_owner(&self, group: &str, owner: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.owner_of(group);
+            if now.as_deref() == Some(owner) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "group {group} is owned by {now:?}, not {owner}, after {timeout:?}\n{}",
+                self.logs_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs `sql` against the upstream database (`psql -At` output, trimmed).
+    pub fn psql(&self, sql: &str) -> String {
+        self.pg.psql(sql).unwrap_or_else(|e| panic!("{e}\n{}", self.logs_tail()))
+    }
+
+    /// The end of every process's log, for failure messages.
+    pub fn logs_tail(&self) -> String {
+        let mut out = String::new();
+        for node in std::iter::once(&self.manager).chain(&self.syncers) {
+            let log = read_lossy(&self.log_path(node));
+            out.push_str(&format!(
+                "---- {} log (last {LOG_TAIL} bytes) ----\n{}\n",
+                node.name,
+                tail_of(&log, LOG_TAIL / 2)
+            ));
+        }
+        out + &self.pg.log_tail()
+    }
+
+    fn log_path(&self, node: &Node) -> PathBuf {
+        self.dir.join(format!("{}.log", node.name))
+    }
+
+    fn replica(&self, node: &Node) -> PathBuf {
+        self.dir.join(format!("{}.db", node.name))
+    }
+
+    /// Starts `node`'s runner (it is not waited for here).
+    fn spawn(&self, n: &Node) {
+        let mut log = OpenOptions::new().create(true).append(true).open(self.log_path(n)).unwrap();
+        writeln!(log, "---- syncgate test: {} starts ----", n.name).unwrap();
+        let mut cmd = Command::new(node());
+        cmd.arg(self.bin.join("zero-cache")).current_dir(&self.dir);
+        zero_env(&mut cmd);
+        cmd.env("ZERO_UPSTREAM_DB", self.pg.url())
+            .env("ZERO_REPLICA_FILE", self.replica(n))
+            .env("ZERO_PORT", n.port.to_string())
+            .env("ZERO_TASK_ID", &n.name)
+            .env("ZERO_ADMIN_PASSWORD", ZERO_ADMIN_PASSWORD)
+            .env("ZERO_AUTH_SECRET", SECRET)
+            .env(MARKER, &self.dir)
+            .env(NODE_MARKER, &n.name)
+            .envs(n.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let child = spawn_kept(cmd, &self.watchdog)
+            .unwrap_or_else(|e| panic!("cannot run zero-cache with {:?}: {e}", node()));
+        *n.child.lock().unwrap_or_else(PoisonError::into_inner) = Some(child);
+    }
+
+    /// Waits until `node` answers its health check.
+    fn wait_serving(&self, node: &Node) {
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, node.port));
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            let exited = {
+                let mut child = node.child.lock().unwrap_or_else(PoisonError::into_inner);
+                child.as_mut().and_then(|c| c.try_wait().expect("waitpid"))
+            };
+            if let Some(status) = exited {
+                panic!("{} exited ({status}) before it served\n{}", node.name, self.logs_tail());
+            }
+            if health_check(addr) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not serve within {START_TIMEOUT:?}\n{}",
+                node.name,
+                self.logs_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// A view-syncer's first replica: a copy of the manager's, made with zero-cache's own
+    /// SQLite module (`VACUUM INTO` reads a consistent snapshot while the manager runs).
+    fn copy_replica(&self, n: &Node) {
+        let script = "const Database = require('@rocicorp/zero-sqlite3'); \
+                      const db = new Database(process.argv[1], {readonly: true}); \
+                      db.prepare('VACUUM INTO ?').run(process.argv[2]); db.close();";
+        let out = Command::new(node())
+            .arg("-e")
+            .arg(script)
+            .arg(self.replica(&self.manager))
+            .arg(self.replica(n))
+            .current_dir(zero_cache_package())
+            .output()
+            .expect("run node to copy the replica");
+        assert!(out.status.success(), "copying the manager's replica failed: {}", describe(&out));
+    }
+
+    /// The live processes that carry `node`'s marker.
+    fn processes_of(&self, node: &Node) -> Vec<libc::pid_t> {
+        let all = format!("{MARKER}={}", self.dir.display());
+        let one = format!("{NODE_MARKER}={}", node.name);
+        let mut found = Vec::new();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<libc::pid_t>() else {
+                continue;
+            };
+            let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
+            let mut vars = environ.split(|&b| b == 0);
+            let (mut a, mut b) = (false, false);
+            for v in &mut vars {
+                a |= v == all.as_bytes();
+                b |= v == one.as_bytes();
+            }
+            if a && b && super::daemon::alive(pid) {
+                found.push(pid);
+            }
+        }
+        found
+    }
+}
+
+impl Drop for ZeroCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.logs_tail());
+        }
+        // The watchdog kills whatever is left when the test process ends; stopping here
+        // frees the machine for the next test of the process at once.
+        for i in 0..self.syncers.len() {
+            self.stop_syncer(i);
+        }
+    }
+}
