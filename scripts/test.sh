@@ -8,8 +8,8 @@
 #    into tests/clients/node/node_modules, the Zero client into tests/clients/zero/node_modules
 #    and zero-cache into tests/clients/zero-cache/node_modules (`npm ci`, from each
 #    package-lock.json), esbuild into tests/clients/browser/node_modules (`npm ci`), Debian's
-#    chromium and chromium-driver for tests/browser.rs, and Debian's postgresql when no
-#    /usr/lib/postgresql/*/bin/initdb exists. A stamp holding the hash of the pin file says
+#    chromium and chromium-driver for tests/browser.rs, haproxy for tests/relay.rs, and
+#    Debian's postgresql when no /usr/lib/postgresql/*/bin/initdb exists. A stamp holding the hash of the pin file says
 #    whether the installed copy is current.
 # 2. cargo fmt --check, cargo clippy --all-targets -D warnings, cargo doc with warnings as
 #    errors (a broken intra-doc link fails), and cargo check of the fuzz
@@ -88,6 +88,10 @@ if [ "$(cat "$BROWSER_DIR/node_modules/.syncgate-stamp" 2>/dev/null || true)" !=
     (cd "$BROWSER_DIR" && npm ci --no-audit --no-fund --loglevel=error)
     stamp_of "$BROWSER_DIR/package-lock.json" >"$BROWSER_DIR/node_modules/.syncgate-stamp"
 fi
+
+# --- HAProxy: tests/relay.rs puts two syncgate nodes behind it (README, "Several syncgate
+# nodes"); Debian's package, about 2 MB.
+{ [ -x /usr/sbin/haproxy ] || [ -x /usr/bin/haproxy ]; } || apt_install haproxy
 
 # --- A real upstream for tests/front_door.rs: PostgreSQL and zero-cache ---------------------
 # PostgreSQL: Debian's `postgresql` (binaries under /usr/lib/postgresql/<major>/bin). The tests

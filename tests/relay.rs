@@ -179,6 +179,35 @@ fn a_reload_of_the_upstream_list_closes_nothing() {
     assert_eq!(up.metric("syncgate_connections_open", &[]), 1);
 }
 
+#[test]
+fn a_reload_that_adds_an_upstream_moves_only_new_sockets_and_counts_each_upstreams_relays() {
+    let (first, second) = (upstream(), upstream());
+    let urls = [format!("ws://{}", first.addr), format!("ws://{}", second.addr)];
+    let edge = edge(&first, "");
+    let live = edge.connected(&Params::new("c1", "g1").user("alice"), Some(&user_header("alice")));
+    let live = live.respond_in_background();
+    let config = std::fs::read_to_string(edge.config_path()).unwrap();
+    let both = config.replace(
+        &format!("urls = [\"{}\"]", urls[0]),
+        // The new one first: the old one's position (its metrics cell) moves.
+        &format!("urls = [\"{}\", \"{}\"]", urls[1], urls[0]),
+    );
+    assert_ne!(both, config);
+    std::fs::write(edge.config_path(), both).unwrap();
+    edge.signal(libc::SIGHUP);
+    edge.wait_metric("syncgate_reloads_total", &[], 1, WAIT);
+    // A group whose first choice is the new upstream goes there; the live relay stays.
+    let group = group_on(&urls, 1);
+    let _new = edge.connected(&Params::new("c2", &group).user("bob"), Some(&user_header("bob")));
+    second.wait_event("connected", &[("clientID", "c2")], WAIT);
+    edge.wait_metric("syncgate_upstream_relays", &[("upstream", &urls[1])], 1, WAIT);
+    assert_eq!(edge.metric("syncgate_upstream_relays", &[("upstream", &urls[0])]), 1);
+    let (mut live, got) = live.stop();
+    assert!(got.is_empty(), "the live relay must be left alone: {got:?}");
+    live.send_json(&json!(["ping", {}]));
+    assert_eq!(live.recv_json()[0], "pong");
+}
+
 /// Sends `signal` to every process of `daemon` (supervisor, listener, workers).
 fn signal_all(daemon: &Daemon, signal: libc::c_int) {
     for (pid, _) in daemon.children() {
@@ -412,4 +441,111 @@ fn update_auth_is_verified_at_the_edge_before_it_is_relayed() {
     ws.expect_error("Unauthorized");
     ws.expect_close(3000);
     assert_eq!(edge.metric("syncgate_relayed_to_upstream_messages_total", &[]), relayed);
+}
+
+/// HAProxy (Debian's package) in front of `nodes`, hashing the clientGroupID query parameter
+/// with consistent hashing, as README's "Several syncgate nodes" configures it; killed on drop.
+struct Haproxy {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+    dir: std::path::PathBuf,
+}
+
+impl Haproxy {
+    fn start(nodes: &[&Daemon]) -> Haproxy {
+        let dir = unique_temp_path("haproxy");
+        std::fs::create_dir(&dir).unwrap();
+        // A port the kernel picked, free once the probe socket is gone.
+        let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let servers: String = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| format!("    server node{i} {}\n", n.addr))
+            .collect();
+        let config = format!(
+            "global\n    maxconn 1000\ndefaults\n    mode http\n    timeout connect 5s\n\
+             timeout client 60s\n    timeout server 60s\n    timeout tunnel 1h\n\
+             frontend sync\n    bind {addr}\n    default_backend syncgate\n\
+             backend syncgate\n    balance url_param clientGroupID\n    hash-type consistent\n\
+             {servers}"
+        );
+        let path = dir.join("haproxy.cfg");
+        std::fs::write(&path, config).unwrap();
+        let bin = ["/usr/sbin/haproxy", "/usr/bin/haproxy"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .expect(
+                "HAProxy is not installed: scripts/test.sh installs it (apt-get install haproxy)",
+            );
+        let child = std::process::Command::new(bin)
+            .arg("-db")
+            .arg("-f")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("haproxy.log")).unwrap())
+            .spawn()
+            .expect("start haproxy");
+        let deadline = std::time::Instant::now() + WAIT;
+        while std::net::TcpStream::connect(addr).is_err() {
+            assert!(std::time::Instant::now() < deadline, "haproxy did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Haproxy { child, addr, dir }
+    }
+}
+
+impl Drop for Haproxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn behind_haproxy_hashing_the_group_every_socket_of_a_group_takes_one_node_and_one_upstream() {
+    let (first, second) = (upstream(), upstream());
+    let urls = [format!("ws://{}", first.addr), format!("ws://{}", second.addr)];
+    let config =
+        format!("{QUIET}{}[upstream]\nurls = [\"{}\", \"{}\"]\n", auth_config(), urls[0], urls[1]);
+    let nodes = [Daemon::start(&config), Daemon::start(&config)];
+    let haproxy = Haproxy::start(&[&nodes[0], &nodes[1]]);
+    let list = syncgate::upstream::Upstreams::parse(&urls).unwrap();
+    let upstreams = [&first, &second];
+    let relays = |n: &Daemon| n.metric("syncgate_upstream_connects_total", &[]);
+    let mut sockets = Vec::new();
+    for g in 0..8 {
+        let group = format!("lb-{g}");
+        let home = urls.iter().position(|u| *u == list.choose(&group).unwrap().url).unwrap();
+        let mut node_of_group = None;
+        for member in 0..2 {
+            let before = [relays(&nodes[0]), relays(&nodes[1])];
+            let wsid = format!("{group}-{member}");
+            let params = Params::new(&format!("c-{wsid}"), &group).user("alice").wsid(&wsid);
+            let ws = Ws::connect(haproxy.addr, &params.path(), Some(&user_header("alice")))
+                .unwrap_or_else(|e| panic!("through haproxy: {e}"));
+            sockets.push(ws);
+            // The upstream the edge's hash names serves it...
+            upstreams[home].wait_event("connected", &[("wsid", &wsid)], WAIT);
+            // ...through one node, the same for both sockets of the group.
+            // The edge counts the relay once the upstream's 101 is in: wait for it.
+            let deadline = std::time::Instant::now() + WAIT;
+            let node = loop {
+                if let Some(i) = (0..2).find(|&i| relays(&nodes[i]) > before[i]) {
+                    break i;
+                }
+                assert!(std::time::Instant::now() < deadline, "no node counted the relay");
+                std::thread::sleep(Duration::from_millis(10));
+            };
+            assert_eq!(*node_of_group.get_or_insert(node), node, "group {group} took two nodes");
+        }
+    }
+    // And no upstream saw a socket of a group that is not its own.
+    for (i, up) in upstreams.iter().enumerate() {
+        for e in up.events().iter().filter(|e| e.matches("connected", &[])) {
+            let group = e.field("clientGroupID").expect("connected names its group");
+            assert_eq!(list.choose(group).unwrap().url, urls[i], "group {group} reached {i}");
+        }
+    }
+    drop(sockets);
 }

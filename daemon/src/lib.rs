@@ -19,6 +19,10 @@
 //!   trusted proxies.
 //! - [`sync`]: the embedded workload: a worker's client groups, their [`replica`]s, cookies,
 //!   and the durable [`store`].
+//! - [`upstream`]: the front door (upstream mode: syncgate in front of zero-cache), sans-IO:
+//!   the upstream list and its rendezvous hash of the clientGroupID, the upgrade request and
+//!   its 101, what one hop's end means for the other, and the upstreams' [`health`]; the
+//!   worker's `relay` moves the bytes, the supervisor's [`health_checks`] run the checks.
 //! - [`ring`]: the io_uring layer every loop stands on: the ring, typed operation tokens, the
 //!   provided-buffer ring.
 //!
@@ -26,6 +30,8 @@
 //! counting allocator behind the heap gauge), [`slab`] and [`index`] (names to slab
 //! entries without a second copy of each name).
 //!
+//! [`health`]: upstream::health
+//! [`health_checks`]: process::health
 //! [`supervisor`]: process::supervisor
 //! [`listener`]: process::listener
 //! [`worker`]: process::worker
