@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# The relay benchmark (bench/README.md, "Relay"): syncgate in upstream mode against the
+# reverse proxies an operator would otherwise put in front of zero-cache, nginx and HAProxy
+# (Debian's packages), each in front of the same plain upstream, same load client, same
+# pinning, one run.
+#
+#   scripts/bench-relay.sh                 every scenario (about 15 minutes)
+#   scripts/bench-relay.sh --scenarios ping,latency --no-build
+#
+# Scenarios: ping (20 B class: an 11-byte ping and its pong, 100 and 1,000 connections),
+# echo (a push of 512 B or 16 KiB and its 3-message poke, 100 and 1,000 / 100 connections),
+# latency (pushes paced at a fixed rate below saturation, also straight to the upstream:
+# what each proxy adds), idle (8,000 relayed connections: the proxy's memory per connection,
+# both hops), storm (connect, upgrade, connected, close; HS256 tokens verified by syncgate,
+# ignored by the others).
+#
+# The upstream is the fastwebsockets peer of bench.sh (it speaks the protocol subset the load
+# client uses), started afresh with each proxy. The proxy runs on SERVER_CPU (default 0), the
+# upstream and the load client share CLIENT_CPU (default 1): the proxy's CPU per operation is
+# the comparison (its whole process tree: nginx's master and worker, HAProxy's one process,
+# syncgate's supervisor, listener and worker); rates are bounded by the other core.
+#
+# Tuning, alike for all three: one worker (nginx worker_processes 1, HAProxy nbthread 1,
+# syncgate workers = 1), no access logging, 16 KiB buffers (nginx proxy_buffer_size, HAProxy
+# tune.bufsize; syncgate's receive buffers are its own), WebSocket upgrade passed through
+# (nginx: proxy_http_version 1.1 and the Upgrade/Connection headers, as its documentation
+# says; HAProxy: mode http, timeout tunnel). syncgate's health checks are off: the echo
+# upstream has no /keepalive.
+#
+# Options: --scenarios a,b,.. --no-build. Environment: SERVER_CPU, CLIENT_CPU,
+# CARGO_TARGET_DIR. Needs nginx (Debian: nginx or nginx-light) and haproxy. Writes
+# bench/results/<date>-relay/{results.jsonl,table.md,chart.svg} and logs/.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# shellcheck source=scripts/bench-common.sh
+source "$ROOT/scripts/bench-common.sh"
+INVOCATION="scripts/bench-relay.sh $*"
+SCENARIOS=ping,echo,latency,idle,storm
+BUILD=1
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --scenarios) SCENARIOS=$2; shift ;;
+    --no-build) BUILD=0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    *) echo "bench-relay.sh: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+log() { echo "bench-relay.sh: $*" >&2; }
+wanted() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
+
+TARGET=${CARGO_TARGET_DIR:-$ROOT/target}/release
+OUT=$ROOT/bench/results/$(date -u +%Y-%m-%d-%H%M%S)-relay
+LOGS=$OUT/logs
+mkdir -p "$LOGS"
+RESULTS=$OUT/results.jsonl
+WORK=$(mktemp -d /tmp/syncgate-bench-relay.XXXXXX)
+
+if [[ $BUILD == 1 ]]; then
+  log "building (release)"
+  (cd "$ROOT" && cargo build --release -p syncgate -p syncgate-bench --bins)
+fi
+for bin in syncgate loadgen peer-fastwebsockets bench-report; do
+  [[ -x $TARGET/$bin ]] || { log "missing $TARGET/$bin (build first)"; exit 1; }
+done
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
+[[ -x $NGINX ]] || { log "nginx not found (apt-get install nginx-light)"; exit 1; }
+[[ -x $HAPROXY ]] || { log "haproxy not found (apt-get install haproxy)"; exit 1; }
+
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+FD_LIMIT=$(ulimit -n)
+SERVER_CPU=${SERVER_CPU:-0}
+CLIENT_CPU=${CLIENT_CPU:-1}
+PIN_SERVER=(taskset -c "$SERVER_CPU")
+PIN_CLIENT=(taskset -c "$CLIENT_CPU")
+TIMING=(--warmup 2 --window 1 --windows 7)
+
+# Tokens for the storm: bench.sh's pool (kept in the same cache).
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/syncgate-bench
+POOL=65536
+mkdir -p "$CACHE"
+if wanted storm; then
+  if [[ ! -f $CACHE/jwk.json ]] || [[ -n $(find "$CACHE/jwk.json" -mmin +600) ]]; then
+    "$TARGET/loadgen" keygen --dir "$CACHE"
+    rm -f "$CACHE"/tokens-*
+  fi
+  [[ -f $CACHE/tokens-hs256-$POOL ]] ||
+    "$TARGET/loadgen" mint --alg hs256 --keys "$CACHE" --count "$POOL" --out "$CACHE/tokens-hs256-$POOL"
+fi
+
+EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range)
+PORT=$((EPHEMERAL_LOW > 22000 ? 10000 + RANDOM % 10000 : 1024 + RANDOM % 4000))
+RUN=0
+UP_PID= PROXY_PID=
+cleanup() {
+  for p in $PROXY_PID $UP_PID; do kill -TERM "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+wait_port() { # $1 port, $2 pid, $3 name
+  for _ in $(seq 200); do
+    kill -0 "$2" 2>/dev/null || { log "$3 died at start"; return 1; }
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  log "$3 not listening on $1"
+  return 1
+}
+
+# Starts the upstream and proxy $1 (syncgate, nginx, haproxy; direct: none) for one run;
+# sets ADDR and PROXY_PID. $2: extra syncgate TOML (auth for the storm).
+start() {
+  local name=$1 extra=${2:-}
+  RUN=$((RUN + 1))
+  PORT=$((PORT + 2))
+  local up=$PORT proxy=$((PORT + 1)) dir=$WORK/run-$RUN
+  mkdir -p "$dir"
+  "${PIN_CLIENT[@]}" "$TARGET/peer-fastwebsockets" "127.0.0.1:$up" 2>"$LOGS/upstream-$RUN.log" &
+  UP_PID=$!
+  wait_port "$up" "$UP_PID" upstream
+  ADDR=127.0.0.1:$proxy
+  case $name in
+    direct)
+      ADDR=127.0.0.1:$up
+      PROXY_PID=
+      return 0 ;;
+    syncgate)
+      syncgate_bench_toml "$proxy" "$dir/store" 1 '' \
+        "$extra"$'\n[upstream]\n'"urls = [\"ws://127.0.0.1:$up\"]"$'\nhealth_interval_ms = 0' >"$LOGS/syncgate-$RUN.toml"
+      "${PIN_SERVER[@]}" "$TARGET/syncgate" run --config "$LOGS/syncgate-$RUN.toml" 2>"$LOGS/syncgate-$RUN.log" &
+      PROXY_PID=$! ;;
+    nginx)
+      mkdir -p "$dir/nginx"
+      cat >"$LOGS/nginx-$RUN.conf" <<EOF
+worker_processes 1;
+worker_rlimit_nofile $FD_LIMIT;
+daemon off;
+pid $dir/nginx/nginx.pid;
+error_log $LOGS/nginx-$RUN.log warn;
+events { worker_connections $FD_LIMIT; }
+http {
+    access_log off;
+    client_body_temp_path $dir/nginx/body;
+    proxy_temp_path $dir/nginx/proxy;
+    fastcgi_temp_path $dir/nginx/fastcgi;
+    uwsgi_temp_path $dir/nginx/uwsgi;
+    scgi_temp_path $dir/nginx/scgi;
+    map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
+    server {
+        listen 127.0.0.1:$proxy backlog=4096;
+        location / {
+            proxy_pass http://127.0.0.1:$up;
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade \$http_upgrade;
+            proxy_set_header Connection \$connection_upgrade;
+            proxy_set_header Host \$host;
+            proxy_buffer_size 16k;
+            proxy_buffers 8 16k;
+            proxy_busy_buffers_size 32k;
+            proxy_read_timeout 1h;
+            proxy_send_timeout 1h;
+        }
+    }
+}
+EOF
+      "${PIN_SERVER[@]}" "$NGINX" -p "$dir/nginx" -c "$LOGS/nginx-$RUN.conf" -e "$LOGS/nginx-$RUN.log" &
+      PROXY_PID=$! ;;
+    haproxy)
+      cat >"$LOGS/haproxy-$RUN.cfg" <<EOF
+global
+    nbthread 1
+    # Two descriptors per relayed connection: HAProxy refuses a maxconn the limit cannot hold.
+    maxconn $(( (FD_LIMIT - 100) / 2 ))
+    tune.bufsize 16384
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 1h
+    timeout server 1h
+    timeout tunnel 1h
+frontend relay
+    bind 127.0.0.1:$proxy backlog 4096
+    default_backend up
+backend up
+    server up 127.0.0.1:$up
+EOF
+      "${PIN_SERVER[@]}" "$HAPROXY" -db -f "$LOGS/haproxy-$RUN.cfg" 2>"$LOGS/haproxy-$RUN.log" &
+      PROXY_PID=$! ;;
+  esac
+  if [[ $name == syncgate ]]; then
+    for _ in $(seq 200); do syncgate_healthy "$proxy" && return 0; sleep 0.05; done
+    log "syncgate not ready"
+    return 1
+  fi
+  wait_port "$proxy" "$PROXY_PID" "$name"
+}
+
+stop() {
+  for p in $PROXY_PID $UP_PID; do
+    kill -TERM "$p" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$p" 2>/dev/null || true
+    wait "$p" 2>/dev/null || true
+  done
+  PROXY_PID= UP_PID=
+}
+
+# One measurement: $1 proxy, $2 extra syncgate TOML, then loadgen arguments.
+measure() {
+  local name=$1 extra=$2
+  shift 2
+  if ! start "$name" "$extra"; then
+    stop
+    "$TARGET/loadgen" run --server "$name" --addr 127.0.0.1:1 "$@" --out "$RESULTS" \
+      --fail-with "did not start (logs/*-$RUN.*)" >/dev/null 2>&1 || true
+    return 0
+  fi
+  local pid=()
+  [[ -n $PROXY_PID ]] && pid=(--server-pid "$PROXY_PID")
+  "${PIN_CLIENT[@]}" "$TARGET/loadgen" run --server "$name" --addr "$ADDR" "${pid[@]}" \
+    --out "$RESULTS" "$@" >/dev/null 2>>"$LOGS/loadgen.log" || log "run $RUN ($name $*) failed"
+  stop
+}
+PROXIES=(syncgate nginx haproxy)
+each() { for p in "${PROXIES[@]}"; do measure "$p" '' "$@"; done; }
+
+if wanted ping; then
+  for n in 100 1000; do each --scenario ping --connections "$n" --connect-concurrency 8 "${TIMING[@]}"; done
+fi
+if wanted echo; then
+  for e in "512 100" "512 1000" "16384 100"; do
+    read -r size n <<<"$e"
+    each --scenario echo --size "$size" --connections "$n" --connect-concurrency 8 "${TIMING[@]}"
+  done
+fi
+if wanted latency; then
+  # 100 connections, 2,000 pushes a second in all: a fraction of what any of them carries.
+  for p in direct "${PROXIES[@]}"; do
+    measure "$p" '' --scenario front-door --connections 100 --rate 2000 --variant "512 B x 100 conns, 2000 pushes/s" \
+      --warmup 2 --window 2 --windows 7
+  done
+fi
+if wanted idle; then
+  # Each relayed connection is two descriptors in the proxy; a single-process proxy holds
+  # at most FD_LIMIT of them, so the count stays under half of it.
+  n=$(( (FD_LIMIT - 1000) / 2 / 1000 * 1000 ))
+  each --scenario idle --connections "$n" --settle 3 --connect-concurrency 8 --note "at most $FD_LIMIT descriptors a process here"
+fi
+if wanted storm; then
+  secret=$(cat "$CACHE/hs256.secret")
+  for p in "${PROXIES[@]}"; do
+    note=
+    extra=
+    if [[ $p == syncgate ]]; then
+      extra="[auth]"$'\n'"secret = \"$secret\""
+    else
+      note="no JWT work at the proxy"
+    fi
+    measure "$p" "$extra" --scenario storm --connections 16 --sources 4 \
+      --tokens "$CACHE/tokens-hs256-$POOL" --variant "HS256, 16 in flight" ${note:+--note "$note"} "${TIMING[@]}"
+  done
+fi
+
+{
+  echo "# syncgate relay vs nginx and HAProxy, $(date -u '+%Y-%m-%d %H:%M UTC')"
+  echo
+  echo "- Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')), Linux $(uname -r); open-file limit $FD_LIMIT"
+  echo "- Proxy on CPU $SERVER_CPU; upstream (fastwebsockets peer) and load client on CPU $CLIENT_CPU"
+  echo "- syncgate $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?') (upstream mode, 1 worker), $("$NGINX" -v 2>&1 | sed 's/.*: //') (1 worker), $("$HAPROXY" -v | head -1 | awk '{print "HAProxy", $3}') (1 thread)"
+  echo "- server CPU us/op is the proxy's; \"direct\" rows go straight to the upstream (no proxy: the latency baseline)"
+  echo "- Command: $INVOCATION (every record's load-client command is in results.jsonl; configs in logs/)"
+} >"$OUT/preamble.md"
+"$TARGET/bench-report" "$RESULTS" "$OUT/preamble.md"
+log "done: $OUT/table.md"
