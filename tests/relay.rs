@@ -217,10 +217,12 @@ fn signal_all(daemon: &Daemon, signal: libc::c_int) {
     daemon.signal(signal);
 }
 
-/// A clientGroupID whose first choice among `urls` is `urls[want]` (the edge's own hash).
+/// A clientGroupID whose first choice among `urls` is `urls[want]` (the edge's own hash),
+/// named apart from the tests' own `g1`, `g2`.
 fn group_on(urls: &[String], want: usize) -> String {
     let list = syncgate::upstream::Upstreams::parse(urls).unwrap();
-    (0..).map(|i| format!("g{i}")).find(|g| list.choose(g).unwrap().url == urls[want]).unwrap()
+    let hashed = |i| format!("hashed-{i}");
+    (0..).map(hashed).find(|g| list.choose(g).unwrap().url == urls[want]).unwrap()
 }
 
 #[test]
