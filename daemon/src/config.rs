@@ -444,6 +444,23 @@ impl Config {
         Ok(())
     }
 
+    /// What a valid configuration does that its operator most likely did not mean. The
+    /// supervisor logs each at start and at every reload; `check-config` prints them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let a = &self.auth;
+        let keys = a.secret.is_some() || a.jwk.is_some() || a.jwks_file.is_some();
+        if !self.upstream.urls.is_empty() && !keys {
+            out.push(
+                "upstream mode without auth keys (auth.secret, auth.jwk or auth.jwks_file): \
+                 the edge verifies no token, so every socket is anonymous to its rules and no \
+                 client group is pinned to a verified user; give it zero-cache's keys"
+                    .to_string(),
+            );
+        }
+        out
+    }
+
     pub fn listen_addr(&self) -> Result<SocketAddr, String> {
         self.listen.parse().map_err(|_| format!("listen: {:?} is not an address:port", self.listen))
     }
@@ -636,6 +653,32 @@ mod tests {
         assert_eq!(c.limits.max_group_connections, 64);
         assert_eq!(c.limits.group(), crate::sync::replica::GroupLimits::default());
         assert!(!c.compression.enabled);
+    }
+
+    #[test]
+    fn upstream_settings_are_checked_and_a_keyless_front_door_is_warned_about() {
+        let up = "[upstream]\nurls = [\"ws://127.0.0.1:4849\"]\n";
+        let keyless = load_with(up, &[]).unwrap();
+        assert!(keyless.warnings()[0].contains("without auth keys"), "{:?}", keyless.warnings());
+        let keyed = load_with(&format!("[auth]\nsecret = \"s\"\n{up}"), &[]).unwrap();
+        assert!(keyed.warnings().is_empty());
+        assert!(Config::default().warnings().is_empty(), "embedded mode needs no keys");
+        for (bad, says) in [
+            ("health_timeout_ms = 2000", "health_timeout_ms"),
+            ("health_rise = 0", "health_rise"),
+            ("health_fall = 101", "health_fall"),
+            ("health_path = \"keepalive\"", "health_path"),
+            ("health_path = \"/a b\"", "health_path"),
+        ] {
+            let e = load_with(&format!("{up}{bad}\n"), &[]).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        // Without checks the check settings do not matter.
+        load_with(&format!("{up}health_interval_ms = 0\nhealth_rise = 0\n"), &[]).unwrap();
+        let many: Vec<String> =
+            (0..=MAX_UPSTREAMS).map(|i| format!("\"ws://127.0.0.1:{}\"", 5000 + i)).collect();
+        let e = load_with(&format!("[upstream]\nurls = [{}]\n", many.join(", ")), &[]).unwrap_err();
+        assert!(e.contains("at most"), "{e}");
     }
 
     #[test]

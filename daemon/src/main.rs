@@ -79,6 +79,9 @@ fn main() -> ExitCode {
                     c.listen,
                     c.worker_count()
                 );
+                for w in c.warnings() {
+                    eprintln!("warning: {w}");
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

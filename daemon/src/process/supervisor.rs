@@ -193,6 +193,9 @@ pub fn run(mut config: Config, path: Option<std::path::PathBuf>) -> Result<(), S
         sup.reap_all(Instant::now() + Duration::from_secs(2));
         return Err(e);
     }
+    for w in sup.config.warnings() {
+        log::warn!("{w}");
+    }
     if let Err(e) = sup.reconfigure_health() {
         sup.kill_all(Signal::SIGKILL);
         sup.reap_all(Instant::now() + Duration::from_secs(2));
@@ -546,8 +549,12 @@ impl Supervisor {
         Ok(())
     }
 
-    /// [`Supervisor::reconfigure_health`] after a reload, which validated the list already.
+    /// [`Supervisor::reconfigure_health`] after a reload, which validated the list already;
+    /// the new configuration's warnings are logged here too.
     fn reload_health(&mut self) {
+        for w in self.config.warnings() {
+            log::warn!("{w}");
+        }
         if let Err(e) = self.reconfigure_health() {
             log::error!("reload: upstream health checks: {e}");
         }
