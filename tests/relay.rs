@@ -208,6 +208,16 @@ fn a_reload_that_adds_an_upstream_moves_only_new_sockets_and_counts_each_upstrea
     assert_eq!(live.recv_json()[0], "pong");
 }
 
+#[test]
+fn a_front_door_without_auth_keys_says_so_at_start() {
+    let up = upstream();
+    let edge = Daemon::start(&format!("{QUIET}[upstream]\nurls = [\"ws://{}\"]\n", up.addr));
+    edge.wait_log(|l| l.contains("WARN") && l.contains("upstream mode without auth keys"), WAIT);
+    // It still relays: the warning is advice, the sockets are anonymous to the edge.
+    let _ws = edge.connected(&Params::new("c1", "g1"), Some(&anon_header()));
+    up.wait_event("connected", &[("clientID", "c1")], WAIT);
+}
+
 /// Sends `signal` to every process of `daemon` (supervisor, listener, workers).
 fn signal_all(daemon: &Daemon, signal: libc::c_int) {
     for (pid, _) in daemon.children() {
