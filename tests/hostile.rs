@@ -319,3 +319,39 @@ fn a_consumer_that_stops_reading_is_closed_1008() {
     // The pusher was never held up by the stuck member.
     ws.ping_pong();
 }
+
+#[test]
+fn pings_sent_in_one_burst_each_get_their_pong_in_order_and_a_flood_stays_bounded() {
+    let d = Daemon::start(QUIET);
+    let params = Params::new("pinger", "pings");
+    let mut raw = RawConn::handshake(d.addr, &params.path(), Some(&anon_header()));
+    raw.expect_connected();
+    // Ten pings in one write, as Autobahn 2.10 sends them: ten pongs, in order.
+    let burst: Vec<u8> = (0..10u8).flat_map(|i| client_frame(true, OP_PING, &[b'a' + i])).collect();
+    raw.stream.write_all(&burst).unwrap();
+    for i in 0..10u8 {
+        match raw.read_frame(WAIT) {
+            RawEvent::Frame { opcode: OP_PONG, payload } => assert_eq!(payload, vec![b'a' + i]),
+            other => panic!("expected pong {i}, got {other:?}"),
+        }
+    }
+    // A flood of 10,000 in one write: at most 16 pongs wait at once, so the answers are far
+    // fewer than the pings, the last one answers the last ping, and the connection lives.
+    let flood: Vec<u8> =
+        (0..10_000u32).flat_map(|i| client_frame(true, OP_PING, &i.to_be_bytes())).collect();
+    raw.stream.write_all(&flood).unwrap();
+    raw.send_frame(OP_TEXT, br#"["ping",{}]"#);
+    let mut pongs = Vec::new();
+    loop {
+        match raw.read_frame(WAIT) {
+            RawEvent::Frame { opcode: OP_PONG, payload } => pongs.push(payload),
+            RawEvent::Frame { opcode: OP_TEXT, payload } => {
+                assert_eq!(payload, br#"["pong",{}]"#.to_vec());
+                break;
+            }
+            other => panic!("expected pongs then Zero's pong, got {other:?}"),
+        }
+    }
+    assert!(!pongs.is_empty() && pongs.len() < 10_000, "{} pongs", pongs.len());
+    assert_eq!(pongs.last().unwrap(), &9_999u32.to_be_bytes().to_vec(), "the latest answered");
+}

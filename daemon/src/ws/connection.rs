@@ -72,6 +72,13 @@ impl Shared {
 /// Scratch capacity kept between messages.
 const SCRATCH_KEEP: usize = 256 * 1024;
 
+/// Pongs a connection queues, one per ping in order (RFC 6455 5.5.3 asks each ping to be
+/// answered): a client that sends several pings before reading gets each answer. Past it a
+/// flood is answered with the latest in the last place, so it costs at most this many
+/// control frames (127 bytes each) per connection.
+pub const MAX_QUEUED_PONGS: usize = 16;
+const _: () = assert!(MAX_QUEUED_PONGS > 1, "the front pong may be partly written");
+
 /// permessage-deflate state of one connection that agreed to it.
 struct Deflate {
     agreement: Agreement,
@@ -255,13 +262,13 @@ struct Outbound {
     front_sent: usize,
     /// Bytes queued in `queue`, for the slow-consumer bound.
     queued_bytes: usize,
-    /// The answer to the latest WebSocket ping; only the latest is kept (a ping flood costs
-    /// one buffer) and it jumps the queue, so keepalive works behind a backed-up queue.
-    pong: Option<Vec<u8>>,
+    /// The answers to WebSocket pings not written yet, in order, one per ping up to
+    /// [`MAX_QUEUED_PONGS`]; past that the last one is replaced by the latest answer (a
+    /// flood costs a bounded buffer). They jump the queue, between two frames, so keepalive
+    /// works behind a backed-up queue.
+    pongs: VecDeque<Vec<u8>>,
+    /// Bytes of the front pong already written (a started pong finishes first).
     pong_sent: usize,
-    /// A newer pong that arrived while `pong` was partly written (which must finish first);
-    /// it replaces itself, so a flood still costs at most two pongs.
-    next_pong: Option<Vec<u8>>,
     /// The raw 101 response is out: before that, no pong may jump ahead of it. Only the 101
     /// clears it, and the 101 is the first thing ever queued, so a new `Outbound` starts
     /// with it set.
@@ -340,9 +347,8 @@ impl Default for Outbound {
             queue: VecDeque::new(),
             front_sent: 0,
             queued_bytes: 0,
-            pong: None,
+            pongs: VecDeque::new(),
             pong_sent: 0,
-            next_pong: None,
             greeted: true,
             in_flight: InFlight::None,
             stuck_since: None,
@@ -354,10 +360,7 @@ impl Default for Outbound {
 impl Outbound {
     /// Nothing left to write and nothing being written.
     fn is_flushed(&self) -> bool {
-        self.queue.is_empty()
-            && self.pong.is_none()
-            && self.next_pong.is_none()
-            && self.in_flight == InFlight::None
+        self.queue.is_empty() && self.pongs.is_empty() && self.in_flight == InFlight::None
     }
 }
 
@@ -644,7 +647,7 @@ impl Connection {
         // A started pong finishes first; a new one goes only between frames, never inside a
         // half-written one, and never before the 101.
         if o.pong_sent > 0 || (o.front_sent == 0 && o.greeted) {
-            if let Some(p) = &o.pong {
+            if let Some(p) = o.pongs.front() {
                 o.in_flight = InFlight::Pong;
                 return Some(&p[o.pong_sent..]);
             }
@@ -665,8 +668,8 @@ impl Connection {
             InFlight::None => {}
             InFlight::Pong => {
                 o.pong_sent += n;
-                if o.pong.as_ref().is_some_and(|p| o.pong_sent >= p.len()) {
-                    o.pong = o.next_pong.take();
+                if o.pongs.front().is_some_and(|p| o.pong_sent >= p.len()) {
+                    o.pongs.pop_front();
                     o.pong_sent = 0;
                 }
             }
@@ -950,13 +953,12 @@ impl Core {
             Event::Ping(payload) => {
                 let f = self.frame(OpCode::Pong, payload);
                 let o = self.out.get_or_insert_with(Box::default);
-                if o.in_flight == InFlight::Pong || o.pong_sent > 0 {
-                    // The previous pong is partly written (or being written): it must finish
-                    // whole, so this one waits behind it, replacing any other that waits.
-                    o.next_pong = Some(f);
-                } else {
-                    o.pong = Some(f);
-                    o.pong_sent = 0;
+                // Past the bound the last answer is replaced, never the front one, which may
+                // be partly written (the bound is above 1).
+                let full = o.pongs.len() >= MAX_QUEUED_PONGS;
+                match o.pongs.back_mut() {
+                    Some(last) if full => *last = f,
+                    _ => o.pongs.push_back(f),
                 }
             }
             Event::Pong(_) => {}
@@ -1286,7 +1288,7 @@ mod tests {
     }
 
     #[test]
-    fn pongs_jump_a_backed_up_queue_and_only_the_latest_is_kept() {
+    fn every_ping_is_answered_in_order_and_a_flood_past_the_bound_ends_with_the_latest() {
         let now = Instant::now();
         let mut c = open(now);
         drain(&mut c, now);
@@ -1300,10 +1302,20 @@ mod tests {
         }
         c.on_sent(first, now);
         let frames = drain(&mut c, now);
-        let pongs: Vec<_> = frames.iter().filter(|(op, _)| *op == 10).collect();
-        assert_eq!(pongs.len(), 1, "one pong for a flood");
-        assert_eq!(pongs[0].1, vec![49], "the latest ping's payload");
-        assert_eq!(frames[0].0, 10, "the pong goes before the rest of the queue");
+        let pongs: Vec<u8> = frames.iter().filter(|(op, _)| *op == 10).map(|f| f.1[0]).collect();
+        let mut want: Vec<u8> = (0..MAX_QUEUED_PONGS as u8 - 1).collect();
+        want.push(49);
+        assert_eq!(pongs, want, "one pong per ping up to the bound, the latest in the last place");
+        assert!(
+            frames[..MAX_QUEUED_PONGS].iter().all(|(op, _)| *op == 10),
+            "the pongs go before the rest of the queue"
+        );
+        // A few pings, each answered, in order.
+        for i in 0..3u8 {
+            c.on_bytes(&mut client(OpCode::Ping, &[100 + i]), &mut shared(), "g1", now);
+        }
+        let again: Vec<_> = drain(&mut c, now);
+        assert_eq!(again, vec![(10, vec![100]), (10, vec![101]), (10, vec![102])]);
     }
 
     #[test]
@@ -1335,8 +1347,9 @@ mod tests {
         }
         let mut expected = Vec::new();
         encode_frame(&mut expected, OpCode::Pong, b"one", false);
+        encode_frame(&mut expected, OpCode::Pong, b"two", false);
         encode_frame(&mut expected, OpCode::Pong, b"three", false);
-        assert_eq!(wire, expected, "the first pong whole, then only the latest");
+        assert_eq!(wire, expected, "the first pong whole, then the others in order");
     }
 
     #[test]
