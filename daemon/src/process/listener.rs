@@ -67,8 +67,9 @@ pub struct Listener {
     channels: Vec<OwnedFd>,
     metrics: Metrics,
     /// The workers' slots in the metrics table, for the connection cap's sum: read again
-    /// every tick (a worker of a graceful replacement counts within one), and while empty
-    /// (before the first worker is up), instead of scanning the whole table per upgrade.
+    /// every tick (a worker of a graceful replacement counts within one), and per upgrade
+    /// while it holds fewer slots than there are workers (the listener starts while the
+    /// workers are still mapping theirs), instead of scanning the whole table per upgrade.
     worker_slots: Vec<usize>,
     task_id: String,
     /// Sockets between accept and handoff (or answer).
@@ -125,7 +126,7 @@ impl Listener {
             config,
             listen,
             channels,
-            worker_slots: metrics.worker_slots_in_use(),
+            worker_slots: Vec::new(),
             metrics,
             task_id,
             pending: Slab::default(),
@@ -339,7 +340,9 @@ impl Listener {
         }
         // The connection cap refuses upgrades only: health checks and metrics stay answered
         // exactly when an operator needs them.
-        if self.worker_slots.is_empty() {
+        // A list read before every worker was up would leave one's connections out of the
+        // sum until the next tick (seen: a third connection admitted over a cap of two).
+        if self.worker_slots.len() < self.channels.len() {
             self.worker_slots = self.metrics.worker_slots_in_use();
         }
         let open = self.metrics.total_of(&self.worker_slots, Metric::OpenConnections);
