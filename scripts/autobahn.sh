@@ -11,7 +11,8 @@
 #   scripts/autobahn.sh --context-takeover   the permessage-deflate cases (12.*, 13.*) with
 #                                       dedicated per-connection contexts
 #                                       (`context_takeover = true`), against
-#                                       tests/autobahn/expected-context-takeover.txt
+#                                       tests/autobahn/expected-context-takeover.txt, but
+#                                       for the largest fragmented messages (see below)
 #
 # Environment: AUTOBAHN_SYNCGATE=PATH runs that binary instead of building one;
 # AUTOBAHN_JOBS (default 2) wstest processes at once; AUTOBAHN_TIMEOUT (default 1500) seconds
@@ -254,6 +255,19 @@ log "syncgate ready on $addr"
 # at once. The split balances the 12 compression groups of ~18 cases each; a shard's report
 # lands in reports/N/.
 shards=()
+# The context-takeover pass leaves out sub-cases 15-18 of every 12.* and 13.* group: 16 KiB
+# to 128 KiB messages in 256-byte frames, 1000 of each, half of that pass's time (~780 s of
+# wstest's 1560 on 2026-12-06). What they test beyond the rest is reassembly of a long
+# fragmented message, which is the same code in both compressor modes and runs in the
+# first pass; the fragmented messages with kept contexts stay covered by sub-cases 11-14
+# (256 B to 8 KiB in 256-byte frames) and the large ones by 9-10 (64 and 128 KiB whole).
+# `--cases` runs whatever it names (their verdicts then show as not expected).
+excluded=()
+if [[ $takeover == 1 && -z $cases ]]; then
+    excluded=("12.*.15" "12.*.16" "12.*.17" "12.*.18" "13.*.15" "13.*.16" "13.*.17" "13.*.18")
+fi
+exclude_list="$(printf '%s\n' "${excluded[@]}" | "$PY" -c 'import json, sys
+print(", ".join(json.dumps(c.strip()) for c in sys.stdin if c.strip()))')"
 if [[ -n $cases ]]; then
     shards=("$cases")
 elif [[ $takeover == 1 ]]; then
@@ -280,7 +294,7 @@ print(", ".join(json.dumps(c.strip()) for c in sys.stdin.read().split(",") if c.
     "outdir": "$OUT/reports/$i",
     "servers": [{"agent": "syncgate", "url": "ws://$addr/echo"}],
     "cases": [$case_list],
-    "exclude-cases": [],
+    "exclude-cases": [$exclude_list],
     "exclude-agent-cases": {}
 }
 EOF
