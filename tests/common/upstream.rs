@@ -535,13 +535,16 @@ impl Postgres {
             let port = free_port_pair();
             let mut conf =
                 OpenOptions::new().append(true).open(data.join("postgresql.conf")).unwrap();
-            // Later settings win: a retry appends its own port.
+            // Later settings win: a retry appends its own port. synchronous_commit stays on:
+            // off, a commit's WAL waits for the WAL writer (up to 200 ms) before logical
+            // replication sends it to zero-cache, and every mutation's poke waits with it;
+            // with fsync off, on costs nothing.
             write!(
                 conf,
                 "\n# syncgate test fixture\nport = {port}\nlisten_addresses = '127.0.0.1'\n\
                  unix_socket_directories = '{}'\nwal_level = logical\nmax_wal_senders = 10\n\
                  max_replication_slots = 10\nmax_connections = 200\nfsync = off\n\
-                 synchronous_commit = off\nfull_page_writes = off\n",
+                 full_page_writes = off\n",
                 sockets.display()
             )
             .unwrap();
