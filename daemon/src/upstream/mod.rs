@@ -133,11 +133,13 @@ impl Upstreams {
     /// only the groups of the upstream that changed. With every upstream down, the choice
     /// over all of them: the connect then fails and the client is told to back off.
     pub fn choose(&self, group_id: &str) -> Option<&Target> {
-        let up = self.targets.iter().zip(&self.down).filter(|(_, d)| !**d).map(|(t, _)| t);
         let all_down = self.down.iter().all(|d| *d);
-        let candidates: Box<dyn Iterator<Item = &Target>> =
-            if all_down { Box::new(self.targets.iter()) } else { Box::new(up) };
-        candidates.max_by_key(|t| weight(&t.url, group_id))
+        self.targets
+            .iter()
+            .zip(&self.down)
+            .filter(|(_, down)| all_down || !**down)
+            .map(|(t, _)| t)
+            .max_by_key(|t| weight(&t.url, group_id))
     }
 }
 
