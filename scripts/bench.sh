@@ -6,7 +6,7 @@
 #
 # Options: --servers a,b,...  (syncgate, tokio-tungstenite, fastwebsockets, node-ws,
 #          node-ws-nobufferutil), --scenarios a,b,... (ping, echo, fanout, storm, idle,
-#          compressed), --idle-sizes n,n,... (idle connection counts; default 10000 in
+#          compressed, frames), --idle-sizes n,n,... (idle connection counts; default 10000 in
 #          quick mode, 10000,50000,100000 in full mode), --no-build.
 # Environment: SERVER_CPU / CLIENT_CPU (default 0 and 1), SYNCGATE_BENCH_STORAGE (where
 # syncgate's client-group store goes; default /dev/shm, see README), CARGO_TARGET_DIR.
@@ -24,7 +24,7 @@ source "$ROOT/scripts/bench-common.sh"
 INVOCATION="scripts/bench.sh $*"
 MODE=full
 SERVERS=syncgate,tokio-tungstenite,fastwebsockets,node-ws,node-ws-nobufferutil
-SCENARIOS=ping,echo,fanout,storm,idle,compressed
+SCENARIOS=ping,echo,fanout,storm,idle,compressed,frames
 IDLE_SIZES=
 BUILD=1
 while [[ $# -gt 0 ]]; do
@@ -145,6 +145,7 @@ start_server() {
     syncgate)
       case $kind in
         deflate) extra=$'[compression]\nenabled = true' ;;
+        echo) extra=$'[conformance]\necho = true' ;;
         hs256) extra="[auth]"$'\n'"secret = \"$(cat "$CACHE/hs256.secret")\"" ;;
         rs256) extra="[auth]"$'\n'"jwk = '$(cat "$CACHE/jwk.json")'" ;;
       esac
@@ -192,6 +193,8 @@ trap 'stop_server; rm -rf "$STORE"' EXIT
 supports() { # server $1 can run kind $2
   case $2 in
     deflate) [[ $1 == syncgate || $1 == node-ws* ]] ;;
+    # The plain /echo route: syncgate's conformance route and the Rust peers' twin of it.
+    echo) [[ $1 != node-ws* ]] ;;
     *) true ;;
   esac
 }
@@ -226,10 +229,12 @@ each() { # kind, loadgen args: run on every server
 if [[ $MODE == quick ]]; then
   PING=(500) ECHO=("512 100" "16384 200") FANOUT=(100) IDLE=(10000)
   ZPING=(100) ZECHO=("16384 100") STORMS=(hs256)
+  FRAMES=("20 100" "1024 500" "16384 200" "65536 100")
 else
   PING=(100 500) ECHO=("512 100" "512 200" "512 500" "1024 100" "1024 200" "1024 500" "16384 100" "16384 200" "16384 500")
   FANOUT=(10 100 1000) IDLE=(10000 50000 100000)
   ZPING=(100 500) ZECHO=("512 100" "1024 100" "16384 100") STORMS=(hs256 rs256)
+  FRAMES=("20 100" "512 500" "1024 500" "16384 200" "65536 100")
 fi
 [[ -n $IDLE_SIZES ]] && IFS=, read -r -a IDLE <<<"$IDLE_SIZES"
 
@@ -303,6 +308,14 @@ if wanted compressed "$SCENARIOS"; then
   for e in "${ZECHO[@]}"; do
     read -r size n <<<"$e"
     each deflate --scenario echo --size "$size" --connections "$n" --deflate "${TIMING[@]}"
+  done
+fi
+
+if wanted frames "$SCENARIOS"; then
+  # The WebSocket layer alone, like for like: a text message of N bytes echoed on /echo.
+  for f in "${FRAMES[@]}"; do
+    read -r size n <<<"$f"
+    each echo --scenario frames --size "$size" --connections "$n" "${TIMING[@]}"
   done
 fi
 

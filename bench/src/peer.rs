@@ -24,7 +24,7 @@ pub const MAX_MESSAGE_BYTES: usize = 10 * 1024 * 1024;
 pub const PONG: &str = r#"["pong",{}]"#;
 
 /// The parts of a connect request a peer needs.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ConnectRequest {
     /// `clientID` query parameter.
     pub client_id: String,
@@ -34,6 +34,15 @@ pub struct ConnectRequest {
     pub wsid: String,
     /// The `Sec-WebSocket-Protocol` value, echoed verbatim in the 101.
     pub protocol: String,
+    /// The plain echo route (`/echo`, the `frames` scenario): every message is sent back as
+    /// it came, no Zero protocol, no ids, no `connected`.
+    pub echo: bool,
+}
+
+/// Whether a request target is the plain echo route (`/echo`, any query), the twin of
+/// syncgate's conformance route.
+pub fn is_echo(target: &str) -> bool {
+    target.split_once('?').map_or(target, |(p, _)| p) == "/echo"
 }
 
 /// Reads the request target and protocol header of a sync connect:
@@ -72,6 +81,7 @@ pub fn parse_connect(target: &str, protocol: Option<&str>) -> Result<ConnectRequ
         group_id: group_id.filter(|s| !s.is_empty()).ok_or("missing clientGroupID")?,
         wsid,
         protocol: protocol.to_string(),
+        echo: false,
     })
 }
 
@@ -106,8 +116,15 @@ pub fn upgrade(head: &[u8]) -> Result<(ConnectRequest, String), String> {
         return Err("unsupported Sec-WebSocket-Version".into());
     }
     let key = header("sec-websocket-key").ok_or("missing Sec-WebSocket-Key")?;
-    let connect = parse_connect(req.path.unwrap_or(""), header("sec-websocket-protocol"))?;
+    let target = req.path.unwrap_or("");
     let accept = tungstenite::handshake::derive_accept_key(key.trim().as_bytes());
+    if is_echo(target) {
+        let response = format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+        );
+        return Ok((ConnectRequest { echo: true, ..ConnectRequest::default() }, response));
+    }
+    let connect = parse_connect(target, header("sec-websocket-protocol"))?;
     let response = format!(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: {}\r\n\r\n",
         connect.protocol
@@ -365,6 +382,16 @@ mod tests {
         assert!(upgrade(b"POST / HTTP/1.1\r\n\r\n").is_err());
         assert!(upgrade(b"GET / HTTP/1.1\r\n").is_err());
         assert!(upgrade(b"\x00garbage\r\n\r\n").is_err());
+    }
+
+    #[test]
+    fn the_echo_route_needs_no_zero_parameters() {
+        let head = b"GET /echo HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+        let (req, resp) = upgrade(head).unwrap();
+        assert!(req.echo);
+        assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert!(!resp.contains("Sec-WebSocket-Protocol"));
+        assert!(is_echo("/echo?x=1") && !is_echo("/echo/more") && !is_echo("/sync/v51/connect"));
     }
 
     #[test]

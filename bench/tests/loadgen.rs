@@ -72,6 +72,12 @@ fn every_scenario(bin: &str) {
     let fanout = loadgen(&s.addr, &["--scenario", "fanout", "--groups", "2", "--group-size", "10"]);
     assert_measured(&fanout);
     assert_eq!((fanout.unit.as_str(), fanout.connections), ("deliveries/s", 20));
+    for size in ["20", "65536"] {
+        let frames =
+            loadgen(&s.addr, &["--scenario", "frames", "--connections", "10", "--size", size]);
+        assert_measured(&frames);
+        assert_eq!(frames.scenario, "frames");
+    }
     let storm = loadgen(&s.addr, &["--scenario", "storm", "--connections", "4"]);
     assert_measured(&storm);
     let idle = loadgen(

@@ -82,6 +82,30 @@ async fn handshake(stream: &mut TcpStream) -> Result<peer::ConnectRequest, Strin
     }
 }
 
+/// The plain echo route: every message back as it came (the `frames` scenario).
+async fn echo(
+    read: &mut FragmentCollectorRead<tokio::net::tcp::OwnedReadHalf>,
+    writer: &Writer,
+) -> Result<(), String> {
+    loop {
+        let mut obligated = |frame: Frame<'_>| {
+            let writer = writer.clone();
+            let owned =
+                Frame::new(true, frame.opcode, None, Payload::Owned(frame.payload.to_vec()));
+            async move { writer.lock().await.write_frame(owned).await }
+        };
+        let frame = read.read_frame(&mut obligated).await.map_err(|e| e.to_string())?;
+        match frame.opcode {
+            OpCode::Close => return Ok(()),
+            OpCode::Text | OpCode::Binary => {
+                let back = Frame::new(true, frame.opcode, None, frame.payload);
+                writer.lock().await.write_frame(back).await.map_err(|e| e.to_string())?;
+            }
+            _ => {}
+        }
+    }
+}
+
 async fn write_text(writer: &Writer, text: &[u8]) -> Result<(), String> {
     writer
         .lock()
@@ -103,6 +127,9 @@ async fn connection(
     let (read, write) = ws.split(TcpStream::into_split);
     let mut read = FragmentCollectorRead::new(read);
     let writer: Writer = Rc::new(Mutex::new(write));
+    if info.echo {
+        return echo(&mut read, &writer).await;
+    }
     write_text(&writer, peer::connected_message(&info.wsid).as_bytes()).await?;
     hub.borrow_mut().join(&info.group_id, conn, writer.clone());
     let result = async {

@@ -69,6 +69,10 @@ async fn connection(
     let mut request = None;
     let callback = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         let target = req.uri().path_and_query().map_or("", |p| p.as_str());
+        if peer::is_echo(target) {
+            request = Some(peer::ConnectRequest { echo: true, ..Default::default() });
+            return Ok(resp);
+        }
         let protocol = req.headers().get("sec-websocket-protocol").and_then(|v| v.to_str().ok());
         let parsed = peer::parse_connect(target, protocol).and_then(|c| {
             HeaderValue::from_str(&c.protocol).map(|v| (c, v)).map_err(|e| e.to_string())
@@ -91,6 +95,19 @@ async fn connection(
         .await
         .map_err(|e| e.to_string())?;
     let info = request.ok_or("handshake without request")?;
+    if info.echo {
+        // The plain echo route: every message back as it came (the `frames` scenario).
+        while let Some(msg) = ws.next().await {
+            match msg.map_err(|e| e.to_string())? {
+                m @ (Message::Text(_) | Message::Binary(_)) => {
+                    ws.send(m).await.map_err(|e| e.to_string())?
+                }
+                Message::Close(_) => return Ok(()),
+                _ => {}
+            }
+        }
+        return Ok(());
+    }
     let (tx, mut outbox) = unbounded_channel();
     hub.borrow_mut().join(&info.group_id, conn, tx);
     let result = async {

@@ -32,7 +32,7 @@ use syncgate_bench::token::{self, Signer};
 use syncgate_bench::zero::{self, App};
 
 use net::{Client, Target};
-use workloads::{Counters, Idle, Measured, Names, Ping, Push, Storm};
+use workloads::{Counters, Frames, Idle, Measured, Names, Ping, Push, Storm};
 
 #[derive(Parser)]
 #[command(name = "loadgen", about = "Closed-loop WebSocket load client for Zero's sync protocol")]
@@ -86,6 +86,8 @@ enum Scenario {
     /// The echo workload in a real zero-cache's app (`item` rows, a query per connection),
     /// paced at --rate: straight to zero-cache, or through syncgate in front of it.
     FrontDoor,
+    /// Plain WebSocket echo of --size bytes on the `/echo` route: the WebSocket layer alone.
+    Frames,
 }
 
 #[derive(clap::Args)]
@@ -273,6 +275,7 @@ fn variant(a: &RunArgs) -> String {
         Scenario::FrontDoor => {
             format!("{} x {} conns, {} pushes/s", size_label(a.size), a.connections, a.rate)
         }
+        Scenario::Frames => format!("{} x {} conns", size_label(a.size), a.connections),
         Scenario::Fanout => format!("{} groups of {}", a.groups, a.group_size),
         Scenario::Storm => format!("{} in flight", a.connections),
         Scenario::Idle => format!("{} conns", a.connections),
@@ -297,6 +300,7 @@ fn run(a: RunArgs) -> ExitCode {
             Scenario::Storm => "storm",
             Scenario::Idle => "idle",
             Scenario::FrontDoor => "front-door",
+            Scenario::Frames => "frames",
         }
         .into(),
         variant: variant(&a),
@@ -392,6 +396,20 @@ fn measure(a: &RunArgs, rec: &mut Record, label: &str) -> Result<(), String> {
             let r = windows(&mut client, &mut wl, a, rec, label);
             rec.other_pokes = wl.counters.other_pokes;
             r
+        }
+        Scenario::Frames => {
+            rec.unit = "round trips/s".into();
+            rec.connections = a.connections;
+            let mut wl = Frames::new(a.connections, a.size, timeout);
+            open_all(
+                &mut client,
+                &mut wl,
+                a.connections,
+                a.connect_concurrency,
+                open_limit(a.connections),
+                label,
+            )?;
+            windows(&mut client, &mut wl, a, rec, label)
         }
         Scenario::Storm => {
             rec.unit = "connections/s".into();

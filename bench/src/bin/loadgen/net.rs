@@ -42,6 +42,9 @@ pub struct ConnectSpec {
     pub who: zero::Identity,
     /// The `Sec-WebSocket-Protocol` value (base64 JSON, percent-encoded).
     pub protocol: String,
+    /// The plain echo route instead (`/echo`, the `frames` scenario): no protocol header, no
+    /// `connected`; the connection is open once the 101 checks out.
+    pub echo: bool,
 }
 
 /// What the workload wants once a connection is open.
@@ -347,12 +350,19 @@ impl Client {
             chunk.copy_from_slice(&self.nonce.to_le_bytes());
         }
         let key = STANDARD.encode(key);
-        let mut request = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {}\r\n",
-            zero::connect_path(&spec.who),
-            self.target.addr,
-            spec.protocol
-        );
+        let mut request = if spec.echo {
+            format!(
+                "GET /echo HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n",
+                self.target.addr
+            )
+        } else {
+            format!(
+                "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: {}\r\n",
+                zero::connect_path(&spec.who),
+                self.target.addr,
+                spec.protocol
+            )
+        };
         if self.target.deflate {
             request.push_str(
                 "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n",
@@ -531,6 +541,10 @@ impl Client {
             self.check_head(id, &data[..end + 4])?;
             at = end + 4;
             self.reads[id].phase = Phase::AwaitConnected;
+            if self.reads[id].spec.echo {
+                // No `connected` on the echo route: open now.
+                self.opened(id, now, wl)?;
+            }
         }
         while at < data.len() {
             let Some((frame, used)) =
@@ -566,7 +580,9 @@ impl Client {
         if header("sec-websocket-accept").as_deref() != Some(r.accept.as_str()) {
             return Err(format!("connection {id}: wrong Sec-WebSocket-Accept in {}", text()));
         }
-        if header("sec-websocket-protocol").as_deref() != Some(r.spec.protocol.as_str()) {
+        if !r.spec.echo
+            && header("sec-websocket-protocol").as_deref() != Some(r.spec.protocol.as_str())
+        {
             return Err(format!(
                 "connection {id}: protocol header not echoed verbatim: {}",
                 text()
@@ -673,18 +689,7 @@ impl Client {
             Phase::AwaitConnected => {
                 zero::check_connected(message, &r.spec.who.wsid)
                     .map_err(|e| format!("connection {id}: {e}"))?;
-                r.phase = Phase::Open;
-                r.deadline = None;
-                self.handshaking -= 1;
-                match wl.on_open(id, now, &mut self.writer)? {
-                    AfterOpen::Keep => Ok(()),
-                    AfterOpen::Close => {
-                        let r = &mut self.reads[id];
-                        r.phase = Phase::Closing;
-                        r.deadline = Some(now + STEP_TIMEOUT);
-                        self.writer.send(id, &wsframe::close_frame())
-                    }
-                }
+                self.opened(id, now, wl)
             }
             Phase::Open => wl.on_message(id, message, now, &mut self.writer),
             _ => Ok(()), // data after our close frame is dropped, as RFC 6455 allows
@@ -694,6 +699,23 @@ impl Client {
             self.reads[id].fragments = assembled; // keep the allocation
         }
         result
+    }
+
+    /// The connection is open: `connected` came (or, on the echo route, the 101).
+    fn opened<W: Workload>(&mut self, id: usize, now: Instant, wl: &mut W) -> Result<(), String> {
+        let r = &mut self.reads[id];
+        r.phase = Phase::Open;
+        r.deadline = None;
+        self.handshaking -= 1;
+        match wl.on_open(id, now, &mut self.writer)? {
+            AfterOpen::Keep => Ok(()),
+            AfterOpen::Close => {
+                let r = &mut self.reads[id];
+                r.phase = Phase::Closing;
+                r.deadline = Some(now + STEP_TIMEOUT);
+                self.writer.send(id, &wsframe::close_frame())
+            }
+        }
     }
 
     fn finish_close<W: Workload>(&mut self, id: usize, wl: &mut W) -> Result<(), String> {

@@ -106,6 +106,96 @@ fn text_frame(msg: &[u8], deflate_bits: Option<u8>) -> Vec<u8> {
     out
 }
 
+/// Plain WebSocket echo round trips on the `/echo` route (syncgate's conformance route, the
+/// peers' twin of it): a text message of exactly `size` bytes, back byte for byte. The
+/// WebSocket layer alone, without the sync protocol or the store.
+pub struct Frames {
+    /// The pre-encoded frame (built at start, when deflate is known).
+    frame: Vec<u8>,
+    /// The message, to check each echo against.
+    message: Vec<u8>,
+    /// When each connection's message went out; `None` before the first.
+    sent_at: Vec<Option<Instant>>,
+    /// An echo later than this is a missing reply.
+    timeout: Duration,
+    /// What was counted.
+    pub counters: Counters,
+}
+
+impl Frames {
+    pub fn new(connections: usize, size: usize, timeout: Duration) -> Self {
+        // Printable text with some variety (a run of one byte would flatter deflate).
+        let message = (0..size).map(|i| b'a' + ((i * 7 + i / 13) % 26) as u8).collect();
+        Frames {
+            frame: Vec::new(),
+            message,
+            sent_at: vec![None; connections],
+            timeout,
+            counters: Counters::default(),
+        }
+    }
+}
+
+impl Workload for Frames {
+    fn request(&mut self, _id: usize, _now: Instant) -> ConnectSpec {
+        let who = Identity {
+            client_id: String::new(),
+            group_id: String::new(),
+            user_id: String::new(),
+            wsid: String::new(),
+        };
+        ConnectSpec { who, protocol: String::new(), echo: true }
+    }
+
+    fn on_open(&mut self, _id: usize, _now: Instant, _w: &mut Writer) -> Result<AfterOpen, String> {
+        Ok(AfterOpen::Keep)
+    }
+
+    fn on_message(
+        &mut self,
+        id: usize,
+        msg: &[u8],
+        now: Instant,
+        w: &mut Writer,
+    ) -> Result<(), String> {
+        if msg != self.message.as_slice() {
+            return Err(format!(
+                "connection {id}: echo of {} bytes differs from the {} sent",
+                msg.len(),
+                self.message.len()
+            ));
+        }
+        let sent = self.sent_at[id].ok_or_else(|| format!("connection {id}: echo before send"))?;
+        self.counters.complete(now - sent);
+        self.sent_at[id] = Some(now);
+        w.send(id, &self.frame)
+    }
+
+    fn check(&mut self, now: Instant) -> Result<(), String> {
+        for (id, sent) in self.sent_at.iter().enumerate() {
+            if sent.is_some_and(|t| now - t > self.timeout) {
+                return Err(format!("connection {id}: no echo within {:?}", self.timeout));
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Measured for Frames {
+    fn start(&mut self, w: &mut Writer, now: Instant) -> Result<(), String> {
+        self.frame = text_frame(&self.message, w.deflate_bits(0));
+        for id in 0..self.sent_at.len() {
+            self.sent_at[id] = Some(now);
+            w.send(id, &self.frame)?;
+        }
+        Ok(())
+    }
+
+    fn counters(&mut self) -> &mut Counters {
+        &mut self.counters
+    }
+}
+
 /// `["ping",{}]` -> `["pong",{}]` round trips.
 pub struct Ping {
     /// Connection names.
@@ -140,6 +230,7 @@ impl Workload for Ping {
         ConnectSpec {
             who: self.names.identity(id as u64, id as u64),
             protocol: zero::protocol_header(None),
+            echo: false,
         }
     }
 
@@ -311,7 +402,7 @@ impl Workload for Push {
         let g = id / self.group_size;
         let who = self.names.identity(id as u64, g as u64);
         let protocol = zero::app_protocol_header(self.app, &who.client_id, None);
-        ConnectSpec { who, protocol }
+        ConnectSpec { who, protocol, echo: false }
     }
 
     fn on_open(&mut self, _id: usize, _now: Instant, _w: &mut Writer) -> Result<AfterOpen, String> {
@@ -464,7 +555,7 @@ impl Workload for Storm {
             who.user_id = user.clone();
             protocol.clone()
         };
-        ConnectSpec { who, protocol }
+        ConnectSpec { who, protocol, echo: false }
     }
 
     fn on_open(&mut self, id: usize, now: Instant, _w: &mut Writer) -> Result<AfterOpen, String> {
@@ -523,6 +614,7 @@ impl Workload for Idle {
         ConnectSpec {
             who: self.names.identity(self.first + id as u64, self.first + id as u64),
             protocol: zero::protocol_header(None),
+            echo: false,
         }
     }
 
