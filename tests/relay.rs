@@ -209,6 +209,35 @@ fn a_reload_that_adds_an_upstream_moves_only_new_sockets_and_counts_each_upstrea
 }
 
 #[test]
+fn connects_beyond_max_connecting_are_told_to_back_off_without_a_socket() {
+    // An upstream whose kernel completes the TCP handshake but which never answers the
+    // upgrade: a relay to it stays "connecting" until connect_timeout_ms.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = silent.local_addr().unwrap();
+    let edge = Daemon::start(&format!(
+        "workers = 1\n{QUIET}{}[upstream]\nurls = [\"ws://{addr}\"]\nmax_connecting = 1\n\
+         connect_timeout_ms = 20000\nhealth_interval_ms = 0\n",
+        auth_config()
+    ));
+    let _first = edge.ws(&Params::new("c1", "g1").user("alice"), Some(&user_header("alice")));
+    // The first relay's connect reached the upstream: it is in progress now.
+    let (_held, _) = silent.accept().unwrap();
+    let mut second = edge.ws(&Params::new("c2", "g2").user("bob"), Some(&user_header("bob")));
+    let error = second.expect_error("ServerOverloaded");
+    assert_eq!(error["message"], "upstream unavailable", "{error}");
+    second.expect_close(1008);
+    edge.wait_log(|l| l.contains("upstream connects in progress at the limit"), WAIT);
+    // No second socket reached the upstream.
+    silent.set_nonblocking(true).unwrap();
+    assert_eq!(
+        silent.accept().map(|_| ()).map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::WouldBlock),
+        "the refused client must not cause an upstream connection"
+    );
+    assert_eq!(edge.metric("syncgate_upstream_failures_total", &[]), 1);
+}
+
+#[test]
 fn a_front_door_without_auth_keys_says_so_at_start() {
     let up = upstream();
     let edge = Daemon::start(&format!("{QUIET}[upstream]\nurls = [\"ws://{}\"]\n", up.addr));
