@@ -466,6 +466,44 @@ fn a_client_that_does_not_read_stops_the_reads_from_its_upstream() {
 }
 
 #[test]
+fn an_upstream_that_does_not_read_stops_the_reads_from_its_client() {
+    use std::io::Write;
+    let (done, until) = std::sync::mpsc::channel::<()>();
+    let addr = fake_upstream(move |ws| {
+        // Upgraded, then never reads: the edge's queue to it fills up.
+        let _ = until.recv_timeout(Duration::from_secs(60));
+        drop(ws);
+    });
+    let edge = Daemon::start(&format!(
+        "{QUIET}{}[limits]\nmax_outbound_bytes = 1048576\nslow_consumer_ms = 60000\n\
+         [upstream]\nurls = [\"ws://{addr}\"]\nhealth_interval_ms = 0\n",
+        auth_config()
+    ));
+    let params = Params::new("c1", "g1").user("alice");
+    let mut raw = RawConn::handshake(edge.addr, &params.path(), Some(&user_header("alice")));
+    // Zero pings, 64 KiB of them a write, up to 64 MiB or until a write blocks for 2 s: the
+    // edge stopped reading the client.
+    let batch: Vec<u8> = std::iter::repeat_with(|| client_frame(true, OP_TEXT, br#"["ping",{}]"#))
+        .take(64 * 1024 / 17)
+        .flatten()
+        .collect();
+    raw.stream.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut bytes = 0;
+    while bytes < 64 << 20 {
+        if raw.stream.write_all(&batch).is_err() {
+            break;
+        }
+        bytes += batch.len();
+    }
+    // What the client got in is what the sockets' buffers hold plus the bound, not 64 MiB.
+    assert!(bytes < 32 << 20, "the client sent {bytes} bytes unhindered");
+    let heap =
+        edge.metric("syncgate_heap_bytes", &[("worker", &expected_worker("g1").to_string())]);
+    assert!(heap < 24 << 20, "the edge holds {heap} bytes");
+    done.send(()).unwrap();
+}
+
+#[test]
 fn update_auth_is_verified_at_the_edge_before_it_is_relayed() {
     let up = upstream();
     let edge = edge(&up, "");
