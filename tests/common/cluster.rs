@@ -21,20 +21,16 @@
 //! Start-up: PostgreSQL about 2 s, the manager about 7 s, the view-syncers (together) about
 //! 13 s on an idle two-core machine.
 
-use std::fs::OpenOptions;
-use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use super::daemon::SECRET;
 use super::host::{describe, node, unique_temp_path};
 use super::upstream::{
-    deploy_permissions, free_port_pair, health_check, pg_bin_dir, read_lossy, schema_sql,
-    spawn_kept, tail_of, zero_cache_bin_dir, zero_cache_package, zero_env, Postgres, Watchdog,
-    LOG_TAIL, MARKER, START_TIMEOUT, STOP_TIMEOUT, ZERO_ADMIN_PASSWORD,
+    deploy_permissions, free_port_pair, pg_bin_dir, processes_with, read_lossy, schema_sql,
+    spawn_kept, stop_runner, tail_of, wait_serving, zero_cache_bin_dir, zero_cache_command,
+    zero_cache_package, Postgres, Watchdog, LOG_TAIL, MARKER,
 };
 
 /// Marks one process of the cluster (its value: the process's task ID), beside [`MARKER`],
@@ -134,29 +130,13 @@ impl ZeroCluster {
     /// Stops view-syncer `i` (SIGTERM; every process of it gone): an outage of one upstream.
     pub fn stop_syncer(&self, i: usize) {
         let node = &self.syncers[i];
-        let Some(mut child) = node.child.lock().unwrap_or_else(PoisonError::into_inner).take()
-        else {
-            return;
-        };
-        // SAFETY: kill(2) on the runner we spawned and have not reaped yet.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            let runner_done = child.try_wait().expect("waitpid").is_some();
-            let left = self.processes_of(node);
-            if runner_done && left.is_empty() {
-                return;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                for pid in left {
-                    // SAFETY: kill(2) on a process that carries this node's marker.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let child = node.child.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(child) = child {
+            let marks = [
+                format!("{MARKER}={}", self.dir.display()),
+                format!("{NODE_MARKER}={}", node.name),
+            ];
+            stop_runner(child, &node.name, || processes_with(&marks));
         }
     }
 
@@ -224,23 +204,18 @@ impl ZeroCluster {
 
     /// Starts `node`'s runner (it is not waited for here).
     fn spawn(&self, n: &Node) {
-        let mut log = OpenOptions::new().create(true).append(true).open(self.log_path(n)).unwrap();
-        writeln!(log, "---- syncgate test: {} starts ----", n.name).unwrap();
-        let mut cmd = Command::new(node());
-        cmd.arg(self.bin.join("zero-cache")).current_dir(&self.dir);
-        zero_env(&mut cmd);
-        cmd.env("ZERO_UPSTREAM_DB", self.pg.url())
-            .env("ZERO_REPLICA_FILE", self.replica(n))
-            .env("ZERO_PORT", n.port.to_string())
-            .env("ZERO_TASK_ID", &n.name)
-            .env("ZERO_ADMIN_PASSWORD", ZERO_ADMIN_PASSWORD)
-            .env("ZERO_AUTH_SECRET", SECRET)
-            .env(MARKER, &self.dir)
+        let mut cmd = zero_cache_command(
+            &self.bin,
+            &self.dir,
+            &self.pg.url(),
+            n.port,
+            &self.replica(n),
+            &self.log_path(n),
+            &format!("{} starts", n.name),
+        );
+        cmd.env("ZERO_TASK_ID", &n.name)
             .env(NODE_MARKER, &n.name)
-            .envs(n.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+            .envs(n.env.iter().map(|(k, v)| (k, v)));
         let child = spawn_kept(cmd, &self.watchdog)
             .unwrap_or_else(|e| panic!("cannot run zero-cache with {:?}: {e}", node()));
         *n.child.lock().unwrap_or_else(PoisonError::into_inner) = Some(child);
@@ -248,27 +223,11 @@ impl ZeroCluster {
 
     /// Waits until `node` answers its health check.
     fn wait_serving(&self, node: &Node) {
-        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, node.port));
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            let exited = {
-                let mut child = node.child.lock().unwrap_or_else(PoisonError::into_inner);
-                child.as_mut().and_then(|c| c.try_wait().expect("waitpid"))
-            };
-            if let Some(status) = exited {
-                panic!("{} exited ({status}) before it served\n{}", node.name, self.logs_tail());
-            }
-            if health_check(addr) {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not serve within {START_TIMEOUT:?}\n{}",
-                node.name,
-                self.logs_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let exited = || {
+            let mut child = node.child.lock().unwrap_or_else(PoisonError::into_inner);
+            child.as_mut().and_then(|c| c.try_wait().expect("waitpid"))
+        };
+        wait_serving(&node.name, node.port, exited, || self.logs_tail());
     }
 
     /// A view-syncer's first replica: a copy of the manager's, made with zero-cache's own
@@ -286,29 +245,6 @@ impl ZeroCluster {
             .output()
             .expect("run node to copy the replica");
         assert!(out.status.success(), "copying the manager's replica failed: {}", describe(&out));
-    }
-
-    /// The live processes that carry `node`'s marker.
-    fn processes_of(&self, node: &Node) -> Vec<libc::pid_t> {
-        let all = format!("{MARKER}={}", self.dir.display());
-        let one = format!("{NODE_MARKER}={}", node.name);
-        let mut found = Vec::new();
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            let Ok(pid) = entry.file_name().to_string_lossy().parse::<libc::pid_t>() else {
-                continue;
-            };
-            let Ok(environ) = std::fs::read(entry.path().join("environ")) else { continue };
-            let mut vars = environ.split(|&b| b == 0);
-            let (mut a, mut b) = (false, false);
-            for v in &mut vars {
-                a |= v == all.as_bytes();
-                b |= v == one.as_bytes();
-            }
-            if a && b && super::daemon::alive(pid) {
-                found.push(pid);
-            }
-        }
-        found
     }
 }
 

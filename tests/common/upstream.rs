@@ -92,9 +92,9 @@ pub const SEEDED: &[(&str, &str, &str)] = &[
 
 /// How long PostgreSQL and zero-cache get to come up (a cold zero-cache takes 9-11 s on an
 /// idle two-core machine; several test processes may start at once).
-pub(super) const START_TIMEOUT: Duration = Duration::from_secs(120);
+const START_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long zero-cache gets to exit after SIGTERM (about 1.5 s when idle).
-pub(super) const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Listen ports are drawn from here: below the ephemeral range (32768-60999), where a
 /// client socket's source port could take them.
 const PORTS: std::ops::Range<u16> = 20000..32000;
@@ -356,41 +356,21 @@ impl ZeroCache {
     /// Starts zero-cache on the fixture's port and replica file and waits until it serves.
     fn start_zero_cache(&self) {
         let n = self.starts.fetch_add(1, Ordering::Relaxed) + 1;
-        let log_path = self.dir.join("zero-cache.log");
-        let mut log = OpenOptions::new().create(true).append(true).open(&log_path).unwrap();
-        writeln!(log, "---- syncgate test: zero-cache start {n} ----").unwrap();
-        let mut cmd = Command::new(node());
-        cmd.arg(self.bin.join("zero-cache")).current_dir(&self.dir);
-        zero_env(&mut cmd);
-        cmd.env("ZERO_UPSTREAM_DB", self.pg.url())
-            .env("ZERO_REPLICA_FILE", self.dir.join("replica.db"))
-            .env("ZERO_PORT", self.port.to_string())
-            .env("ZERO_ADMIN_PASSWORD", ZERO_ADMIN_PASSWORD)
-            .env("ZERO_AUTH_SECRET", SECRET)
-            .env("ZERO_NUM_SYNC_WORKERS", "1")
-            .env(MARKER, &self.dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+        let mut cmd = zero_cache_command(
+            &self.bin,
+            &self.dir,
+            &self.pg.url(),
+            self.port,
+            &self.dir.join("replica.db"),
+            &self.dir.join("zero-cache.log"),
+            &format!("zero-cache start {n}"),
+        );
+        cmd.env("ZERO_NUM_SYNC_WORKERS", "1");
         let began = Instant::now();
         let child = spawn_kept(cmd, &self.watchdog)
             .unwrap_or_else(|e| panic!("cannot run zero-cache with {:?}: {e}", node()));
         *self.child.lock().unwrap_or_else(PoisonError::into_inner) = Some(child);
-        let deadline = began + START_TIMEOUT;
-        loop {
-            if let Some(status) = self.exit_status() {
-                panic!("zero-cache exited ({status}) before it was ready\n{}", self.logs_tail());
-            }
-            if health_check(self.addr()) {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "zero-cache was not ready within {START_TIMEOUT:?}\n{}",
-                self.logs_tail()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_serving("zero-cache", self.port, || self.exit_status(), || self.logs_tail());
         eprintln!("zero-cache start {n} ready in {:.1?}", began.elapsed());
     }
 
@@ -403,30 +383,9 @@ impl ZeroCache {
     /// SIGTERM to the runner, which shuts its server and workers down; waits until every
     /// process of its group is gone (SIGKILL after [`STOP_TIMEOUT`]).
     fn stop_zero_cache(&self) {
-        let Some(mut child) = self.child.lock().unwrap_or_else(PoisonError::into_inner).take()
-        else {
-            return;
-        };
-        // SAFETY: kill(2) on the runner we spawned and have not reaped yet.
-        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + STOP_TIMEOUT;
-        loop {
-            let runner_done = child.try_wait().expect("waitpid").is_some();
-            let left = marked_processes(&self.dir);
-            if runner_done && left.is_empty() {
-                return;
-            }
-            if Instant::now() >= deadline {
-                eprintln!("zero-cache did not stop within {STOP_TIMEOUT:?}: SIGKILL to {left:?}");
-                let _ = child.kill();
-                let _ = child.wait();
-                for pid in left {
-                    // SAFETY: kill(2) on a process that carries this fixture's marker.
-                    unsafe { libc::kill(pid, libc::SIGKILL) };
-                }
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let child = self.child.lock().unwrap_or_else(PoisonError::into_inner).take();
+        if let Some(child) = child {
+            stop_runner(child, "zero-cache", || marked_processes(&self.dir));
         }
     }
 }
@@ -709,7 +668,7 @@ pub fn schema_file() -> PathBuf {
 
 /// No `ZERO_*` setting of the caller's environment reaches zero-cache or its tools, and
 /// telemetry is off (nothing leaves the machine).
-pub(super) fn zero_env(cmd: &mut Command) {
+fn zero_env(cmd: &mut Command) {
     for (name, _) in std::env::vars_os() {
         if name.to_string_lossy().starts_with("ZERO_") {
             cmd.env_remove(name);
@@ -742,7 +701,7 @@ pub(super) fn deploy_permissions(bin: &Path, dir: &Path, upstream: &str) {
 
 /// `GET /` answered `200` (zero-cache's health check; `/keepalive` would do the same, but
 /// it also feeds an optional drain timer).
-pub(super) fn health_check(addr: SocketAddr) -> bool {
+fn health_check(addr: SocketAddr) -> bool {
     let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
         return false;
     };
@@ -909,18 +868,106 @@ pub fn established_on_local_port(port: u16) -> usize {
 /// The processes whose environment has [`MARKER`]`=<dir>`: the zero-cache processes of the
 /// fixture in `dir`, however they were forked.
 pub fn marked_processes(dir: &Path) -> Vec<libc::pid_t> {
-    let entry = format!("{MARKER}={}", dir.display());
+    processes_with(&[format!("{MARKER}={}", dir.display())])
+}
+
+/// The live processes whose environment has every one of `entries` (`NAME=value`).
+pub(super) fn processes_with(entries: &[String]) -> Vec<libc::pid_t> {
     let mut found = Vec::new();
     for proc_entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = proc_entry.file_name().to_string_lossy().parse::<libc::pid_t>() else {
             continue;
         };
         let Ok(environ) = std::fs::read(proc_entry.path().join("environ")) else { continue };
-        if environ.split(|&b| b == 0).any(|e| e == entry.as_bytes()) && super::daemon::alive(pid) {
+        let has = |entry: &String| environ.split(|&b| b == 0).any(|e| e == entry.as_bytes());
+        if entries.iter().all(has) && super::daemon::alive(pid) {
             found.push(pid);
         }
     }
     found
+}
+
+/// The command that runs one zero-cache process on the upstream database `db`: its
+/// `zero-cache` bin through node in `dir`, the fixture's secrets, `port` and `replica`,
+/// [`MARKER`]`=<dir>` for the watchdog, and its output appended to `log` under a
+/// `---- syncgate test: <header> ----` line. The caller adds what is its own.
+pub(super) fn zero_cache_command(
+    bin: &Path,
+    dir: &Path,
+    db: &str,
+    port: u16,
+    replica: &Path,
+    log: &Path,
+    header: &str,
+) -> Command {
+    let mut log = OpenOptions::new().create(true).append(true).open(log).unwrap();
+    writeln!(log, "---- syncgate test: {header} ----").unwrap();
+    let mut cmd = Command::new(node());
+    cmd.arg(bin.join("zero-cache")).current_dir(dir);
+    zero_env(&mut cmd);
+    cmd.env("ZERO_UPSTREAM_DB", db)
+        .env("ZERO_REPLICA_FILE", replica)
+        .env("ZERO_PORT", port.to_string())
+        .env("ZERO_ADMIN_PASSWORD", ZERO_ADMIN_PASSWORD)
+        .env("ZERO_AUTH_SECRET", SECRET)
+        .env(MARKER, dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    cmd
+}
+
+/// Waits until the zero-cache on `port` answers its health check, failing the test with
+/// `logs()` if its runner exits first (`exited` polls it) or after [`START_TIMEOUT`].
+pub(super) fn wait_serving(
+    what: &str,
+    port: u16,
+    mut exited: impl FnMut() -> Option<std::process::ExitStatus>,
+    logs: impl Fn() -> String,
+) {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(status) = exited() {
+            panic!("{what} exited ({status}) before it was ready\n{}", logs());
+        }
+        if health_check(addr) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what} was not ready within {START_TIMEOUT:?}\n{}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// SIGTERM to a zero-cache runner, which shuts its server and workers down; waits until it
+/// has exited and `left()` (its processes, found by their markers) is empty, and SIGKILLs
+/// whatever is left after [`STOP_TIMEOUT`].
+pub(super) fn stop_runner(mut child: Child, what: &str, left: impl Fn() -> Vec<libc::pid_t>) {
+    // SAFETY: kill(2) on the runner we spawned and have not reaped yet.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = Instant::now() + STOP_TIMEOUT;
+    loop {
+        let runner_done = child.try_wait().expect("waitpid").is_some();
+        let left = left();
+        if runner_done && left.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            eprintln!("{what} did not stop within {STOP_TIMEOUT:?}: SIGKILL to {left:?}");
+            let _ = child.kill();
+            let _ = child.wait();
+            for pid in left {
+                // SAFETY: kill(2) on a process that carries this fixture's marker.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// `'text'` with quotes doubled, for SQL.
