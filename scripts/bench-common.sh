@@ -1,6 +1,62 @@
 # shellcheck shell=bash
-# Shared by scripts/bench.sh and scripts/bench-ab.sh (sourced, not run): the syncgate
-# config every benchmark run uses, and its readiness check, so both measure the same thing.
+# Shared by the benchmark scripts (sourced, not run): the syncgate config every benchmark
+# run uses and its readiness check, so all measure the same thing; the release build, the
+# pinning and the storm's tokens. The functions log with the sourcing script's log().
+
+# Builds the release binaries unless $1 is 0, then checks that each binary named after it
+# is in $TARGET.
+bench_build() {
+  local build=$1 bin
+  shift
+  if [[ $build == 1 ]]; then
+    log "building (release)"
+    (cd "$ROOT" && cargo build --release -p syncgate -p syncgate-bench --bins)
+  fi
+  for bin in "$@"; do
+    [[ -x $TARGET/$bin ]] || { log "missing $TARGET/$bin (build first)"; exit 1; }
+  done
+}
+
+# With two CPUs and taskset: what runs on the server core ($1) goes to SERVER_CPU (default
+# 0), the load client (and $2, if given) to CLIENT_CPU (default 1). Sets PIN_SERVER and
+# PIN_CLIENT (command prefixes) and PINNING (the sentence for the report).
+bench_pinning() {
+  if [[ $(nproc) -ge 2 ]] && command -v taskset >/dev/null; then
+    SERVER_CPU=${SERVER_CPU:-0}
+    CLIENT_CPU=${CLIENT_CPU:-1}
+    PIN_SERVER=(taskset -c "$SERVER_CPU")
+    PIN_CLIENT=(taskset -c "$CLIENT_CPU")
+    PINNING="$1 on CPU $SERVER_CPU, ${2:+$2 and }load client on CPU $CLIENT_CPU (taskset)"
+  else
+    PIN_SERVER=()
+    PIN_CLIENT=()
+    PINNING="not pinned (fewer than 2 CPUs or no taskset)"
+  fi
+}
+
+# Distinct tokens for the connect storm, used in turn: enough that syncgate's 4096-slot
+# token cache practically never still holds one when it comes round again.
+POOL=65536
+
+# Makes sure $CACHE (set here) holds keys and a pool of $POOL tokens for each algorithm
+# named (hs256, rs256), minted with $1 (the loadgen binary). Keys and pools are kept between
+# runs (tokens live a day, the keys are renewed after ten hours); RS256 signing is slow.
+bench_tokens() {
+  local loadgen=$1 alg
+  shift
+  CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/syncgate-bench
+  mkdir -p "$CACHE"
+  if [[ ! -f $CACHE/jwk.json ]] || [[ -n $(find "$CACHE/jwk.json" -mmin +600) ]]; then
+    log "generating keys and $POOL tokens of each kind (RS256 signing takes a while)"
+    "$loadgen" keygen --dir "$CACHE"
+    rm -f "$CACHE"/tokens-*
+  fi
+  for alg in "$@"; do
+    if [[ ! -f $CACHE/tokens-$alg-$POOL ]]; then
+      "$loadgen" mint --alg "$alg" --keys "$CACHE" --count "$POOL" --out "$CACHE/tokens-$alg-$POOL"
+    fi
+  done
+}
 
 # Prints syncgate's benchmark config. $1 port on 127.0.0.1, $2 storage directory, $3 workers,
 # $4 limits.max_connections (empty: the daemon's default), $5 extra TOML (auth, compression).

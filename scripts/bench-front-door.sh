@@ -71,13 +71,7 @@ mkdir -p "$LOGS"
 RESULTS=$OUT/results.jsonl
 
 # --- build and tools ---------------------------------------------------------------
-if [[ $BUILD == 1 ]]; then
-  log "building (release)"
-  (cd "$ROOT" && cargo build --release -p syncgate -p syncgate-bench --bins)
-fi
-for bin in syncgate loadgen bench-report; do
-  [[ -x $TARGET/$bin ]] || { log "missing $TARGET/$bin (build first)"; exit 1; }
-done
+bench_build "$BUILD" syncgate loadgen bench-report
 PG_BIN=${SYNCGATE_TEST_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)}
 [[ -x $PG_BIN/initdb ]] || { log "no PostgreSQL (apt-get install postgresql, or set SYNCGATE_TEST_PG_BIN)"; exit 1; }
 ZC_DIR=$ROOT/tests/clients/zero-cache
@@ -86,17 +80,7 @@ if [[ ! -x $ZC_DIR/node_modules/.bin/zero-cache ]]; then
   (cd "$ZC_DIR" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
 fi
 
-if [[ $(nproc) -ge 2 ]] && command -v taskset >/dev/null; then
-  SERVER_CPU=${SERVER_CPU:-0}
-  CLIENT_CPU=${CLIENT_CPU:-1}
-  PIN_SERVER=(taskset -c "$SERVER_CPU")
-  PIN_CLIENT=(taskset -c "$CLIENT_CPU")
-  PINNING="zero-cache, PostgreSQL and syncgate on CPU $SERVER_CPU, load client on CPU $CLIENT_CPU (taskset)"
-else
-  PIN_SERVER=()
-  PIN_CLIENT=()
-  PINNING="not pinned (fewer than 2 CPUs or no taskset)"
-fi
+bench_pinning "zero-cache, PostgreSQL and syncgate"
 
 # --- processes -----------------------------------------------------------------------
 WORK=$(mktemp -d /tmp/syncgate-front-door.XXXXXX)

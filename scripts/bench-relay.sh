@@ -57,13 +57,7 @@ mkdir -p "$LOGS"
 RESULTS=$OUT/results.jsonl
 WORK=$(mktemp -d /tmp/syncgate-bench-relay.XXXXXX)
 
-if [[ $BUILD == 1 ]]; then
-  log "building (release)"
-  (cd "$ROOT" && cargo build --release -p syncgate -p syncgate-bench --bins)
-fi
-for bin in syncgate loadgen peer-fastwebsockets bench-report; do
-  [[ -x $TARGET/$bin ]] || { log "missing $TARGET/$bin (build first)"; exit 1; }
-done
+bench_build "$BUILD" syncgate loadgen peer-fastwebsockets bench-report
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 [[ -x $NGINX ]] || { log "nginx not found (apt-get install nginx-light)"; exit 1; }
@@ -71,24 +65,11 @@ HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 FD_LIMIT=$(ulimit -n)
-SERVER_CPU=${SERVER_CPU:-0}
-CLIENT_CPU=${CLIENT_CPU:-1}
-PIN_SERVER=(taskset -c "$SERVER_CPU")
-PIN_CLIENT=(taskset -c "$CLIENT_CPU")
+bench_pinning proxy "upstream (fastwebsockets peer)"
 TIMING=(--warmup 2 --window 1 --windows 7)
 
 # Tokens for the storm: bench.sh's pool (kept in the same cache).
-CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/syncgate-bench
-POOL=65536
-mkdir -p "$CACHE"
-if wanted storm; then
-  if [[ ! -f $CACHE/jwk.json ]] || [[ -n $(find "$CACHE/jwk.json" -mmin +600) ]]; then
-    "$TARGET/loadgen" keygen --dir "$CACHE"
-    rm -f "$CACHE"/tokens-*
-  fi
-  [[ -f $CACHE/tokens-hs256-$POOL ]] ||
-    "$TARGET/loadgen" mint --alg hs256 --keys "$CACHE" --count "$POOL" --out "$CACHE/tokens-hs256-$POOL"
-fi
+wanted storm && bench_tokens "$TARGET/loadgen" hs256
 
 EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range)
 PORT=$((EPHEMERAL_LOW > 22000 ? 10000 + RANDOM % 10000 : 1024 + RANDOM % 4000))
@@ -269,7 +250,7 @@ fi
   echo "# syncgate relay vs nginx and HAProxy, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
   echo "- Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')), Linux $(uname -r); open-file limit $FD_LIMIT"
-  echo "- Proxy on CPU $SERVER_CPU; upstream (fastwebsockets peer) and load client on CPU $CLIENT_CPU"
+  echo "- Pinning: $PINNING"
   echo "- syncgate $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?') (upstream mode, 1 worker), $("$NGINX" -v 2>&1 | sed 's/.*: //') (1 worker), $("$HAPROXY" -v | head -1 | awk '{print "HAProxy", $3}') (1 thread)"
   echo "- server CPU us/op is the proxy's; \"direct\" rows go straight to the upstream (no proxy: the latency baseline)"
   echo "- Command: $INVOCATION (every record's load-client command is in results.jsonl; configs in logs/)"

@@ -53,14 +53,8 @@ log() { echo "bench.sh: $*" >&2; }
 wanted() { [[ ",$2," == *",$1,"* ]]; }
 
 # --- build -------------------------------------------------------------------------
-if [[ $BUILD == 1 ]]; then
-  log "building (release)"
-  (cd "$ROOT" && cargo build --release -p syncgate -p syncgate-bench --bins)
-fi
+bench_build "$BUILD" syncgate loadgen peer-tungstenite peer-fastwebsockets bench-report
 LOADGEN=$TARGET/loadgen
-for bin in syncgate loadgen peer-tungstenite peer-fastwebsockets bench-report; do
-  [[ -x $TARGET/$bin ]] || { log "missing $TARGET/$bin (build first)"; exit 1; }
-done
 NODE_OK=0
 if command -v node >/dev/null && command -v npm >/dev/null; then
   if [[ ! -d $ROOT/bench/node-peer/node_modules/ws ]]; then
@@ -74,41 +68,15 @@ fi
 # --- machine ---------------------------------------------------------------------
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 FD_LIMIT=$(ulimit -n)
-if [[ $(nproc) -ge 2 ]] && command -v taskset >/dev/null; then
-  SERVER_CPU=${SERVER_CPU:-0}
-  CLIENT_CPU=${CLIENT_CPU:-1}
-  PIN_SERVER=(taskset -c "$SERVER_CPU")
-  PIN_CLIENT=(taskset -c "$CLIENT_CPU")
-  PINNING="server on CPU $SERVER_CPU, load client on CPU $CLIENT_CPU (taskset)"
-else
-  PIN_SERVER=()
-  PIN_CLIENT=()
-  PINNING="not pinned (fewer than 2 CPUs or no taskset)"
-fi
+bench_pinning server
 
 if [[ $MODE == quick ]]; then
   TIMING=(--warmup 1 --window 1 --windows 5)
 else
   TIMING=(--warmup 3 --window 2 --windows 7)
 fi
-# Distinct tokens for the storm, used in turn: enough that syncgate's 4096-slot token
-# cache practically never still holds one when it comes round again.
-POOL=65536
-
 # --- tokens for the connect storm ------------------------------------------------
-# Keys and token pools are kept between runs (tokens live a day); RS256 signing is slow.
-CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/syncgate-bench
-mkdir -p "$CACHE"
-if [[ ! -f $CACHE/jwk.json ]] || [[ -n $(find "$CACHE/jwk.json" -mmin +600) ]]; then
-  log "generating keys and $POOL tokens of each kind (RS256 signing takes a while)"
-  "$LOADGEN" keygen --dir "$CACHE"
-  rm -f "$CACHE"/tokens-*
-fi
-for alg in hs256 rs256; do
-  if [[ ! -f $CACHE/tokens-$alg-$POOL ]]; then
-    "$LOADGEN" mint --alg $alg --keys "$CACHE" --count "$POOL" --out "$CACHE/tokens-$alg-$POOL"
-  fi
-done
+bench_tokens "$LOADGEN" hs256 rs256
 
 # --- servers ---------------------------------------------------------------------
 # Server ports sit below the ephemeral range, which the load client's many sockets use up.

@@ -82,19 +82,23 @@ async fn handshake(stream: &mut TcpStream) -> Result<peer::ConnectRequest, Strin
     }
 }
 
+type Reader = FragmentCollectorRead<tokio::net::tcp::OwnedReadHalf>;
+
+/// The next whole message; the pongs and close replies the reader owes meanwhile go out
+/// through the shared writer.
+async fn next_frame<'f>(read: &'f mut Reader, writer: &Writer) -> Result<Frame<'f>, String> {
+    let mut obligated = |frame: Frame<'_>| {
+        let writer = writer.clone();
+        let owned = Frame::new(true, frame.opcode, None, Payload::Owned(frame.payload.to_vec()));
+        async move { writer.lock().await.write_frame(owned).await }
+    };
+    read.read_frame(&mut obligated).await.map_err(|e| e.to_string())
+}
+
 /// The plain echo route: every message back as it came (the `frames` scenario).
-async fn echo(
-    read: &mut FragmentCollectorRead<tokio::net::tcp::OwnedReadHalf>,
-    writer: &Writer,
-) -> Result<(), String> {
+async fn echo(read: &mut Reader, writer: &Writer) -> Result<(), String> {
     loop {
-        let mut obligated = |frame: Frame<'_>| {
-            let writer = writer.clone();
-            let owned =
-                Frame::new(true, frame.opcode, None, Payload::Owned(frame.payload.to_vec()));
-            async move { writer.lock().await.write_frame(owned).await }
-        };
-        let frame = read.read_frame(&mut obligated).await.map_err(|e| e.to_string())?;
+        let frame = next_frame(read, writer).await?;
         match frame.opcode {
             OpCode::Close => return Ok(()),
             OpCode::Text | OpCode::Binary => {
@@ -134,14 +138,7 @@ async fn connection(
     hub.borrow_mut().join(&info.group_id, conn, writer.clone());
     let result = async {
         loop {
-            // Pongs and close replies the reader owes go out through the shared writer.
-            let mut obligated = |frame: Frame<'_>| {
-                let writer = writer.clone();
-                let owned =
-                    Frame::new(true, frame.opcode, None, Payload::Owned(frame.payload.to_vec()));
-                async move { writer.lock().await.write_frame(owned).await }
-            };
-            let frame = read.read_frame(&mut obligated).await.map_err(|e| e.to_string())?;
+            let frame = next_frame(&mut read, &writer).await?;
             match frame.opcode {
                 OpCode::Close => return Ok(()),
                 OpCode::Text => {}

@@ -106,6 +106,20 @@ fn text_frame(msg: &[u8], deflate_bits: Option<u8>) -> Vec<u8> {
     out
 }
 
+/// The check of a workload with one message in flight per connection (`sent_at`: when it
+/// went out): an error naming the first connection whose `reply` is later than `timeout`.
+fn overdue(
+    sent_at: &[Option<Instant>],
+    now: Instant,
+    timeout: Duration,
+    reply: &str,
+) -> Result<(), String> {
+    match sent_at.iter().position(|sent| sent.is_some_and(|t| now - t > timeout)) {
+        Some(id) => Err(format!("connection {id}: no {reply} within {timeout:?}")),
+        None => Ok(()),
+    }
+}
+
 /// Plain WebSocket echo round trips on the `/echo` route (syncgate's conformance route, the
 /// peers' twin of it): a text message of exactly `size` bytes, back byte for byte. The
 /// WebSocket layer alone, without the sync protocol or the store.
@@ -172,12 +186,7 @@ impl Workload for Frames {
     }
 
     fn check(&mut self, now: Instant) -> Result<(), String> {
-        for (id, sent) in self.sent_at.iter().enumerate() {
-            if sent.is_some_and(|t| now - t > self.timeout) {
-                return Err(format!("connection {id}: no echo within {:?}", self.timeout));
-            }
-        }
-        Ok(())
+        overdue(&self.sent_at, now, self.timeout, "echo")
     }
 }
 
@@ -268,12 +277,7 @@ impl Workload for Ping {
     }
 
     fn check(&mut self, now: Instant) -> Result<(), String> {
-        for (id, sent) in self.sent_at.iter().enumerate() {
-            if sent.is_some_and(|t| now - t > self.timeout) {
-                return Err(format!("connection {id}: no pong within {:?}", self.timeout));
-            }
-        }
-        Ok(())
+        overdue(&self.sent_at, now, self.timeout, "pong")
     }
 }
 
