@@ -382,13 +382,7 @@ impl Worker {
         let Some(slot) = self.slots.get_mut(client).filter(|s| s.serial == serial) else {
             return;
         };
-        log::warn!(
-            "worker={} relay failed clientID={} wsid={} upstream={addr}: {why}",
-            self.index,
-            slot.id.client_id(),
-            slot.id.wsid()
-        );
-        tell(slot, relay::then(Side::Upstream, relay::End::Unreachable), now);
+        tell_upstream_end(self.index, slot, Some(addr), relay::End::Unreachable, why, now);
         self.process(client);
     }
 
@@ -449,14 +443,7 @@ impl Worker {
             if let Some(slot) = slot {
                 let why =
                     format!("{:?}", hop.conn.end().cloned().unwrap_or(connection::End::Normal));
-                log::warn!(
-                    "worker={} relay lost clientID={} wsid={} upstream={}: {why}",
-                    self.index,
-                    slot.id.client_id(),
-                    slot.id.wsid(),
-                    hop.addr
-                );
-                tell(slot, relay::then(Side::Upstream, relay::End::Lost), now);
+                tell_upstream_end(self.index, slot, Some(hop.addr), relay::End::Lost, &why, now);
                 touched = true;
             }
         }
@@ -622,14 +609,8 @@ impl Worker {
             hop.ended = Some("syncgate");
             let (client, serial) = (hop.client, hop.client_serial);
             if let Some(slot) = self.slots.get_mut(client).filter(|s| s.serial == serial) {
-                log::warn!(
-                    "worker={} relay ended clientID={} wsid={} upstream={}: the upstream failed its health checks",
-                    self.index,
-                    slot.id.client_id(),
-                    slot.id.wsid(),
-                    hop.addr
-                );
-                tell(slot, relay::then(Side::Upstream, relay::End::Down), now);
+                let why = "the upstream failed its health checks";
+                tell_upstream_end(self.index, slot, Some(hop.addr), relay::End::Down, why, now);
                 self.process(client);
             }
             let bye = Then::Close { code: close::GOING_AWAY, reason: "upstream down".into() };
@@ -721,13 +702,7 @@ impl Worker {
     /// The client in `index` cannot be relayed: it is told to back off.
     fn fail_client(&mut self, index: u32, why: &str, now: Instant) {
         if let Some(slot) = self.slots.get_mut(index) {
-            log::warn!(
-                "worker={} relay failed clientID={} wsid={}: {why}",
-                self.index,
-                slot.id.client_id(),
-                slot.id.wsid()
-            );
-            tell(slot, relay::then(Side::Upstream, relay::End::Unreachable), now);
+            tell_upstream_end(self.index, slot, None, relay::End::Unreachable, why, now);
         }
     }
 
@@ -759,6 +734,32 @@ fn tell(slot: &mut Slot, then: Then, now: Instant) {
             slot.conn.fail_with_backoff(kind, message, backoff, now)
         }
     }
+}
+
+/// Tells a relayed client that its upstream side ended as `end` (so it backs off), with the
+/// warning line that names the relay, its upstream if it has one, and why: `relay failed`
+/// (unreachable or refused), `relay lost` (gone mid-stream) or `relay ended` (declared
+/// down by the health checks).
+fn tell_upstream_end(
+    worker: usize,
+    slot: &mut Slot,
+    upstream: Option<SocketAddr>,
+    end: relay::End<'_>,
+    why: &str,
+    now: Instant,
+) {
+    let verb = match end {
+        relay::End::Unreachable => "failed",
+        relay::End::Lost => "lost",
+        relay::End::Down | relay::End::Closed { .. } => "ended",
+    };
+    let at = upstream.map_or(String::new(), |a| format!(" upstream={a}"));
+    log::warn!(
+        "worker={worker} relay {verb} clientID={} wsid={}{at}: {why}",
+        slot.id.client_id(),
+        slot.id.wsid()
+    );
+    tell(slot, relay::then(Side::Upstream, end), now);
 }
 
 /// The log line of a relay's end: who ended it, with what.
