@@ -401,14 +401,8 @@ fn measure(a: &RunArgs, rec: &mut Record, label: &str) -> Result<(), String> {
             rec.unit = "round trips/s".into();
             rec.connections = a.connections;
             let mut wl = Frames::new(a.connections, a.size, timeout);
-            open_all(
-                &mut client,
-                &mut wl,
-                a.connections,
-                a.connect_concurrency,
-                open_limit(a.connections),
-                label,
-            )?;
+            let n = a.connections;
+            open_all(&mut client, &mut wl, n, a.connect_concurrency, open_limit(n), label)?;
             windows(&mut client, &mut wl, a, rec, label)
         }
         Scenario::Storm => {

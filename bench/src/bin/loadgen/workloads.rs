@@ -152,13 +152,8 @@ impl Frames {
 
 impl Workload for Frames {
     fn request(&mut self, _id: usize, _now: Instant) -> ConnectSpec {
-        let who = Identity {
-            client_id: String::new(),
-            group_id: String::new(),
-            user_id: String::new(),
-            wsid: String::new(),
-        };
-        ConnectSpec { who, protocol: String::new(), echo: true }
+        // The echo route names no one.
+        ConnectSpec { who: Identity::default(), protocol: String::new(), echo: true }
     }
 
     fn on_open(&mut self, _id: usize, _now: Instant, _w: &mut Writer) -> Result<AfterOpen, String> {
