@@ -79,7 +79,10 @@ TOML
 }
 
 # syncgate's health check on port $1: GET / answers 200 once every worker is up.
-syncgate_healthy() {
+syncgate_healthy() { http_ok "$1"; }
+
+# GET / on 127.0.0.1:$1 answers 200 within a second (syncgate's and zero-cache's check).
+http_ok() {
   local reply
   # shellcheck disable=SC2016 # $1 expands in the inner shell
   reply=$(timeout 1 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf "GET / HTTP/1.0\r\n\r\n" >&3 && head -c 12 <&3' _ "$1" 2>/dev/null) || return 1

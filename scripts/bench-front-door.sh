@@ -157,18 +157,12 @@ log "starting zero-cache on $ZC_PORT"
   ZERO_REPLICA_FILE="$WORK/replica.db" ZERO_PORT="$ZC_PORT" ZERO_NUM_SYNC_WORKERS=1 \
   ZERO_ADMIN_PASSWORD=bench node "$ZC_DIR/node_modules/.bin/zero-cache") >"$LOGS/zero-cache.log" 2>&1 &
 ZC_PID=$!
-http_200() { # GET / on port $1 answers 200
-  local reply
-  # shellcheck disable=SC2016 # $1 expands in the inner shell
-  reply=$(timeout 2 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf "GET / HTTP/1.0\r\n\r\n" >&3 && head -c 12 <&3' _ "$1" 2>/dev/null) || return 1
-  [[ $reply == "HTTP/1.1 200" ]]
-}
 for _ in $(seq 1200); do
-  http_200 "$ZC_PORT" && break
+  http_ok "$ZC_PORT" && break
   kill -0 "$ZC_PID" 2>/dev/null || { log "zero-cache died:"; tail -20 "$LOGS/zero-cache.log" >&2; exit 1; }
   sleep 0.1
 done
-http_200 "$ZC_PORT" || { log "zero-cache not ready after 120 s"; exit 1; }
+http_ok "$ZC_PORT" || { log "zero-cache not ready after 120 s"; exit 1; }
 
 log "starting syncgate on $SG_PORT in front of it"
 extra=$'[upstream]\n'"urls = [\"ws://127.0.0.1:$ZC_PORT\"]"
