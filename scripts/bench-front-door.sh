@@ -157,12 +157,18 @@ log "starting zero-cache on $ZC_PORT"
   ZERO_REPLICA_FILE="$WORK/replica.db" ZERO_PORT="$ZC_PORT" ZERO_NUM_SYNC_WORKERS=1 \
   ZERO_ADMIN_PASSWORD=bench node "$ZC_DIR/node_modules/.bin/zero-cache") >"$LOGS/zero-cache.log" 2>&1 &
 ZC_PID=$!
-for _ in $(seq 1200); do
-  http_ok "$ZC_PORT" && break
-  kill -0 "$ZC_PID" 2>/dev/null || { log "zero-cache died:"; tail -20 "$LOGS/zero-cache.log" >&2; exit 1; }
-  sleep 0.1
-done
-http_ok "$ZC_PORT" || { log "zero-cache not ready after 120 s"; exit 1; }
+# Waits until $1 (process $2, log $4) answers GET / on port $3, for at most $5 seconds.
+wait_ready() {
+  local _
+  for _ in $(seq $(($5 * 10))); do
+    http_ok "$3" && return 0
+    kill -0 "$2" 2>/dev/null || { log "$1 died:"; tail -20 "$4" >&2; exit 1; }
+    sleep 0.1
+  done
+  log "$1 not ready after $5 s"
+  exit 1
+}
+wait_ready zero-cache "$ZC_PID" "$ZC_PORT" "$LOGS/zero-cache.log" 120
 
 log "starting syncgate on $SG_PORT in front of it"
 extra=$'[upstream]\n'"urls = [\"ws://127.0.0.1:$ZC_PORT\"]"
@@ -170,11 +176,7 @@ syncgate_bench_toml "$SG_PORT" "$WORK/store" 1 '' "$extra" >"$LOGS/syncgate.toml
 "$TARGET/syncgate" check-config "$LOGS/syncgate.toml" >&2
 "${PIN_SERVER[@]}" "$TARGET/syncgate" run --config "$LOGS/syncgate.toml" 2>"$LOGS/syncgate.log" &
 SG_PID=$!
-for _ in $(seq 200); do
-  syncgate_healthy "$SG_PORT" && break
-  kill -0 "$SG_PID" 2>/dev/null || { log "syncgate died:"; tail -5 "$LOGS/syncgate.log" >&2; exit 1; }
-  sleep 0.1
-done
+wait_ready syncgate "$SG_PID" "$SG_PORT" "$LOGS/syncgate.log" 20
 
 # --- rounds ----------------------------------------------------------------------------
 # One load client; $1: direct | through, $2: its records file, then more loadgen arguments.
