@@ -4,17 +4,22 @@
 # machine's load, so two builds can be compared on a busy machine (bench/RESULTS.md,
 # "CPU per message did not change", has the method and earlier figures).
 #
-#   scripts/callgrind.sh [--syncgate PATH] [--loadgen PATH] [--out DIR]
+#   scripts/callgrind.sh [--syncgate PATH] [--loadgen PATH] [--out DIR] [--scenarios LIST]
 #
 # --syncgate, --loadgen: the binaries to measure and to load it with (default: build the
 #   release binaries of the checkout this script lives in, under CARGO_TARGET_DIR).
 # --out DIR: where the callgrind files, configs and logs go, one folder per scenario
 #   (default: a fresh folder under /tmp). Earlier callgrind files there are removed.
+# --scenarios LIST: which of echo, storm, frames to run (comma-separated; default all).
 # Environment: SERVER_CPU / CLIENT_CPU (default 0 and 1, as bench.sh pins them).
 #
 # Prints one line per scenario:
 #   echo-512x100 worker_instr_per_msg=N listener_instr_per_msg=N messages=N
 #   storm-hs256 worker_instr_per_conn=N listener_instr_per_conn=N connections=N
+#   frames-20x100 worker_instr_per_msg=N listener_instr_per_msg=N messages=N
+#   frames-1024x100 ... frames-16384x100 ...
+# (echo is push -> poke on the sync route, store included; frames is the WebSocket layer
+# alone, the conformance /echo route, as in bench.sh's frames scenario.)
 #
 # Each scenario starts the daemon afresh under `valgrind --tool=callgrind
 # --trace-children=yes` (bench.sh's config: one worker, 127.0.0.1, connection limits
@@ -55,7 +60,12 @@ source "$ROOT/scripts/bench-common.sh"
 # The load: what every measurement of every build must share (see the header). The
 # windows are a cap: the run is stopped at the target count long before (LOAD_LIMIT).
 TIMING=(--warmup 1 --window 1 --windows 1000)
+# /echo answers tens of thousands of small frames a second even under callgrind: windows of
+# a tenth of a second and a larger target keep the overshoot past the target (up to a
+# window and a poll) to a few per cent of the count, so the fixed costs spread alike.
+FRAMES_TIMING=(--warmup 1 --window 0.1 --windows 100000)
 ECHO_TARGET=50000     # echoes (round trips) of 512 B on 100 connections
+FRAMES_TARGET=200000  # echoes on /echo per size, 100 connections
 STORM_TARGET=25000    # storm connections (connect, HS256 JWT, connected, close)
 # Replies under callgrind take far longer than natively (the first ones JIT-translate the
 # daemon's code): a generous timeout, which changes no count.
@@ -73,11 +83,13 @@ die() { echo "callgrind.sh: $*" >&2; exit 1; }
 SYNCGATE=
 LOADGEN=
 OUT=
+SCENARIOS=echo,storm,frames
 while [[ $# -gt 0 ]]; do
   case $1 in
     --syncgate) SYNCGATE=${2:?--syncgate needs a path}; shift ;;
     --loadgen) LOADGEN=${2:?--loadgen needs a path}; shift ;;
     --out) OUT=${2:?--out needs a directory}; shift ;;
+    --scenarios) SCENARIOS=${2:?--scenarios needs a list}; shift ;;
     -h|--help) awk 'NR > 1 && /^set -euo/ { exit } NR > 1' "$0"; exit 0 ;;
     *) echo "callgrind.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
@@ -259,24 +271,25 @@ role_instructions() {
 
 per() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f\n", a / b }'; }
 
-# Operations loadgen's log $1 reports so far: the sum of its windows' rates, each window
-# one second (--window 1). Approximate (the warm-up is not in it, windows run a little
+# Operations loadgen's log $1 reports so far: the sum of its windows' rates times the
+# window's length $2 in seconds. Approximate (the warm-up is not in it, windows run a little
 # long): it only says when to stop; what is divided by is the daemon's counter.
 reported_ops() {
-  awk '/ window [0-9]+\/[0-9]+: [0-9,.]+ / {
-         v = $0; sub(/.* window [0-9]+\/[0-9]+: /, "", v); sub(/ .*/, "", v); gsub(",", "", v); s += v
+  awk -v w="$2" '/ window [0-9]+\/[0-9]+: [0-9,.]+ / {
+         v = $0; sub(/.* window [0-9]+\/[0-9]+: /, "", v); sub(/ .*/, "", v); gsub(",", "", v); s += v * w
        }
        END { printf "%d\n", s }' "$1"
 }
 
-# Runs loadgen (the arguments) against the daemon until it reports $1 operations, then
-# stops it. A load client that exits before that failed (a wrong or missing reply, the
-# windows' cap reached) and fails the measurement.
+# Runs loadgen (the arguments, the timing last) against the daemon until it reports $1
+# operations, then stops it. A load client that exits before that failed (a wrong or
+# missing reply, the windows' cap reached) and fails the measurement.
 run_load() {
-  local target=$1 dir=$2
+  local target=$1 dir=$2 window
   shift 2
+  window=$(awk '{ for (i = 1; i < NF; i++) if ($i == "--window") print $(i + 1) }' <<<"$*")
   "${PIN_CLIENT[@]}" "$LOADGEN" run --server syncgate --addr "127.0.0.1:$PORT" \
-    --reply-timeout "$REPLY_TIMEOUT" --out "$dir/record.jsonl" "$@" "${TIMING[@]}" \
+    --reply-timeout "$REPLY_TIMEOUT" --out "$dir/record.jsonl" "$@" \
     >"$dir/loadgen.out" 2>"$dir/loadgen.log" &
   LOADGEN_PID=$!
   local deadline=$((SECONDS + LOAD_LIMIT)) ops=0 rc=0
@@ -290,7 +303,7 @@ run_load() {
       die "the load client reached only $ops of $target operations in ${LOAD_LIMIT} s ($dir/loadgen.log)"
     fi
     sleep 0.2
-    ops=$(reported_ops "$dir/loadgen.log")
+    ops=$(reported_ops "$dir/loadgen.log" "$window")
   done
   kill -TERM "$LOADGEN_PID" 2>/dev/null || true
   wait "$LOADGEN_PID" 2>/dev/null || true
@@ -320,12 +333,25 @@ measure() {
   echo "$name: worker Ir $INSTR_WORKER, listener Ir $INSTR_LISTENER, $counter $COUNT" | tee "$dir/summary.txt" >&2
 }
 
-echo "callgrind.sh: $SYNCGATE, loadgen ${TIMING[*]} stopped at $ECHO_TARGET echoes, $STORM_TARGET connections; files in $OUT" >&2
+echo "callgrind.sh: $SYNCGATE, loadgen ${TIMING[*]} (frames: ${FRAMES_TIMING[*]}) stopped at $ECHO_TARGET echoes, $STORM_TARGET connections, $FRAMES_TARGET frames; files in $OUT" >&2
+wanted() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
 
-measure echo-512x100 syncgate_messages_in_total "$ECHO_TARGET" '' --scenario echo --size 512 --connections 100
-echo "echo-512x100 worker_instr_per_msg=$(per "$INSTR_WORKER" "$COUNT") listener_instr_per_msg=$(per "$INSTR_LISTENER" "$COUNT") messages=$COUNT"
+if wanted echo; then
+  measure echo-512x100 syncgate_messages_in_total "$ECHO_TARGET" '' --scenario echo --size 512 --connections 100 "${TIMING[@]}"
+  echo "echo-512x100 worker_instr_per_msg=$(per "$INSTR_WORKER" "$COUNT") listener_instr_per_msg=$(per "$INSTR_LISTENER" "$COUNT") messages=$COUNT"
+fi
 
-auth=$(printf '[auth]\nsecret = "%s"' "$(cat "$WORK/keys/hs256.secret")")
-measure storm-hs256 syncgate_connected_total "$STORM_TARGET" "$auth" --scenario storm --connections 16 --sources 4 \
-  --tokens "$WORK/tokens-hs256-$POOL"
-echo "storm-hs256 worker_instr_per_conn=$(per "$INSTR_WORKER" "$COUNT") listener_instr_per_conn=$(per "$INSTR_LISTENER" "$COUNT") connections=$COUNT"
+if wanted storm; then
+  auth=$(printf '[auth]\nsecret = "%s"' "$(cat "$WORK/keys/hs256.secret")")
+  measure storm-hs256 syncgate_connected_total "$STORM_TARGET" "$auth" --scenario storm --connections 16 --sources 4 \
+    --tokens "$WORK/tokens-hs256-$POOL" "${TIMING[@]}"
+  echo "storm-hs256 worker_instr_per_conn=$(per "$INSTR_WORKER" "$COUNT") listener_instr_per_conn=$(per "$INSTR_LISTENER" "$COUNT") connections=$COUNT"
+fi
+
+if wanted frames; then
+  for size in 20 1024 16384; do
+    measure "frames-${size}x100" syncgate_messages_in_total "$FRAMES_TARGET" $'[conformance]\necho = true' \
+      --scenario frames --size "$size" --connections 100 "${FRAMES_TIMING[@]}"
+    echo "frames-${size}x100 worker_instr_per_msg=$(per "$INSTR_WORKER" "$COUNT") listener_instr_per_msg=$(per "$INSTR_LISTENER" "$COUNT") messages=$COUNT"
+  done
+fi

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use crate::protocol::{self, ErrorKind, Upstream};
 use crate::ws::close;
 use crate::ws::deflate::{Agreement, Deflater, InflateError, Inflater, SharedContexts};
-use crate::ws::frame::{self, Decoder, DecoderLimits, Event, OpCode};
+use crate::ws::frame::{self, Decoder, DecoderLimits, Event, OpCode, Payload};
 use crate::ws::mask;
 
 /// The keepalive and outbound settings a connection runs with (from `[keepalive]`/`[limits]`).
@@ -129,15 +129,17 @@ pub enum Mode {
     Upstream,
 }
 
-/// A message on its way from one hop of a relay to the other: its payload, copied once from
-/// where it was received behind a gap the size of the header it will be sent with, so the
-/// other hop writes the header in front of it and queues the buffer as it is.
+/// A message on its way from one hop of a relay to the other: its payload behind room for
+/// the header it will be sent with, so the other hop writes the header in front of it and
+/// queues the buffer as it is. The payload was copied once from where it was received, or
+/// not at all when the decoder assembled it ([`Payload::into_held`]).
 #[derive(Debug)]
 pub struct Relayed {
     opcode: OpCode,
-    /// The header's gap, then the payload.
+    /// The header's room, then the payload.
     buf: Vec<u8>,
-    /// The gap's length: [`frame::header_len`] of the payload, masked for the upstream hop.
+    /// Where the payload starts: at least [`frame::header_len`] of it, masked for the
+    /// upstream hop.
     gap: u8,
 }
 
@@ -149,6 +151,14 @@ impl Relayed {
         buf.resize(gap, 0);
         buf.extend_from_slice(payload);
         Relayed { opcode, buf, gap: gap as u8 }
+    }
+
+    /// The message in the decoder's own buffer, when it assembled it (no copy); else a copy.
+    fn received(opcode: OpCode, payload: Payload<'_>, masked: bool) -> Relayed {
+        match payload.into_held() {
+            Ok(buf) => Relayed { opcode, buf, gap: frame::HEADER_ROOM as u8 },
+            Err(bytes) => Relayed::copy(opcode, bytes, masked),
+        }
     }
 
     pub fn payload(&self) -> &[u8] {
@@ -193,7 +203,15 @@ pub enum Notice {
 /// A frame waiting to be written: owned by this connection, or one encoded buffer shared by
 /// every recipient of a broadcast.
 enum Chunk {
+    /// Frames encoded here; small ones are coalesced into one.
     Owned(Vec<u8>),
+    /// A frame written into the room in front of a payload that was received or compressed
+    /// into this buffer ([`frame::write_header`]), from `start` on: large messages are sent
+    /// without being copied behind their header.
+    Framed {
+        buf: Vec<u8>,
+        start: usize,
+    },
     Shared(Rc<[u8]>),
 }
 
@@ -201,6 +219,7 @@ impl Chunk {
     fn bytes(&self) -> &[u8] {
         match self {
             Chunk::Owned(v) => v,
+            Chunk::Framed { buf, start } => &buf[*start..],
             Chunk::Shared(s) => s,
         }
     }
@@ -500,12 +519,13 @@ impl Connection {
         let gap = gap as usize;
         if c.deflate.is_some() && buf.len() - gap >= shared.settings.compress_threshold {
             let threshold = shared.settings.compress_threshold;
-            return c.send_compressible(opcode, &buf[gap..], threshold, &mut shared.contexts);
+            let payload = Payload::Read(&mut buf[gap..]);
+            return c.send_compressible(opcode, payload, threshold, &mut shared.contexts);
         }
         count(|c| c.messages_out += 1);
         let mask = (c.mode == Mode::Upstream).then(mask::new_key);
-        frame::write_header(&mut buf, gap, opcode, mask);
-        c.push(Chunk::Owned(buf));
+        let start = frame::write_header(&mut buf, gap, opcode, mask);
+        c.push(Chunk::Framed { buf, start });
     }
 
     /// Bytes queued and not yet written: a relay stops reading the other hop while they are
@@ -815,7 +835,7 @@ impl Core {
     fn send_compressible(
         &mut self,
         opcode: OpCode,
-        payload: &[u8],
+        payload: Payload<'_>,
         threshold: usize,
         contexts: &mut SharedContexts,
     ) {
@@ -827,15 +847,23 @@ impl Core {
                     None => contexts.deflater(bits),
                 };
                 let mut f = vec![0u8; frame::MAX_SERVER_HEADER];
-                if deflater.deflate(payload, &mut f).is_ok() {
+                if deflater.deflate(&payload, &mut f).is_ok() {
                     let start = frame::finish_reserved(&mut f, opcode, true);
-                    f.drain(..start);
                     count(|c| c.messages_out += 1);
-                    return self.push(Chunk::Owned(f));
+                    return self.push(Chunk::Framed { buf: f, start });
                 }
             }
         }
-        self.send_frame(opcode, payload);
+        match payload.into_held() {
+            // Assembled by the decoder (a large message): sent from where it lies.
+            Ok(mut buf) => {
+                count(|c| c.messages_out += 1);
+                let mask = (self.mode == Mode::Upstream).then(mask::new_key);
+                let start = frame::write_header(&mut buf, frame::HEADER_ROOM, opcode, mask);
+                self.push(Chunk::Framed { buf, start });
+            }
+            Err(bytes) => self.send_frame(opcode, bytes),
+        }
     }
 
     /// A complete data message: inflated if compressed, then echoed (conformance route) or
@@ -843,7 +871,7 @@ impl Core {
     fn on_message(
         &mut self,
         opcode: OpCode,
-        payload: &mut [u8],
+        payload: Payload<'_>,
         compressed: bool,
         shared: &mut Shared,
         group_id: &str,
@@ -851,12 +879,12 @@ impl Core {
     ) {
         count(|c| c.messages_in += 1);
         let Shared { settings, contexts, scratch } = shared;
-        let payload: &mut [u8] = if compressed {
+        let mut payload = if compressed {
             scratch.clear();
             let limit = settings.decoder.max_message_bytes;
             let result = match self.deflate.as_deref_mut() {
-                Some(Deflate { inflater: Some(own), .. }) => own.inflate(payload, limit, scratch),
-                Some(_) => contexts.inflater().inflate(payload, limit, scratch),
+                Some(Deflate { inflater: Some(own), .. }) => own.inflate(&payload, limit, scratch),
+                Some(_) => contexts.inflater().inflate(&payload, limit, scratch),
                 // The decoder refuses RSV1 unless deflate was agreed; this is unreachable.
                 None => Err(InflateError::Invalid),
             };
@@ -876,7 +904,7 @@ impl Core {
             if opcode == OpCode::Text && simdutf8::basic::from_utf8(scratch).is_err() {
                 return self.fail_connection(close::INVALID_PAYLOAD, "invalid UTF-8", now);
             }
-            &mut scratch[..]
+            Payload::Read(&mut scratch[..])
         } else {
             payload
         };
@@ -892,7 +920,7 @@ impl Core {
             // The upstream's messages go to the client as they are: it is zero-cache's to say
             // what they mean.
             Mode::Upstream => {
-                return self.notify(Notice::Relay(Relayed::copy(opcode, payload, false)))
+                return self.notify(Notice::Relay(Relayed::received(opcode, payload, false)))
             }
             Mode::Sync | Mode::Relay => {}
         }
@@ -901,9 +929,9 @@ impl Core {
         }
         if self.phase == Phase::Open {
             if self.mode == Mode::Relay {
-                self.on_relayed_text(payload, group_id, now);
+                self.on_relayed_text(&mut payload, group_id, now);
             } else {
-                self.on_text(payload, group_id, now);
+                self.on_text(&mut payload, group_id, now);
             }
         }
     }
@@ -1155,6 +1183,46 @@ mod tests {
         let mut f = Vec::new();
         encode_client_frame(&mut f, op, payload, MASK, true, false);
         f
+    }
+
+    #[test]
+    fn large_messages_cut_by_reads_are_echoed_and_relayed_whole() {
+        let now = Instant::now();
+        let payload: Vec<u8> = (0..40_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        // The echo route: a message held by the decoder goes out in its buffer, after a
+        // small one that came whole and is queued first.
+        let mut c = Connection::new(Mode::Echo, now);
+        c.open("w1", "g1", None, now);
+        let mut wire = client(OpCode::Text, b"first");
+        wire.extend(client(OpCode::Binary, &payload));
+        let mut shared = shared();
+        for piece in wire.chunks_mut(16 * 1024) {
+            c.on_bytes(piece, &mut shared, "", now);
+        }
+        assert_eq!(drain(&mut c, now), vec![(1, b"first".to_vec()), (2, payload.clone())]);
+
+        // A relay's upstream hop: the server's unmasked message, cut the same way, reaches
+        // the client's hop whole and unmasked.
+        let mut up = Connection::new(Mode::Upstream, now);
+        up.open("w1", "g1", None, now);
+        let mut server = Vec::new();
+        frame::encode_frame(&mut server, OpCode::Text, &payload, false);
+        for piece in server.chunks_mut(16 * 1024) {
+            up.on_bytes(piece, &mut shared, "", now);
+        }
+        let relayed: Vec<Relayed> = up
+            .take_notices()
+            .into_iter()
+            .filter_map(|n| match n {
+                Notice::Relay(r) => Some(r),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(relayed.len(), 1);
+        let mut client_hop = Connection::new(Mode::Relay, now);
+        client_hop.open("w1", "g1", None, now);
+        client_hop.forward(relayed.into_iter().next().unwrap(), &mut shared);
+        assert_eq!(drain(&mut client_hop, now), vec![(1, payload)]);
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! Decoding: `Decoder::feed` takes the bytes of each read as they come off the socket, unmasks
 //! payloads in place and reports events. Whenever a frame lies whole in the read buffer its
 //! event borrows that buffer (zero-copy); only a frame cut by the end of a read, and the
-//! fragments of a fragmented message, are copied into the decoder's own buffer. Every rule
+//! fragments of a fragmented message, are copied into the decoder's own buffer, behind room
+//! for a header, so that a large message can be sent on (echoed, relayed) in that buffer
+//! without another copy ([`Payload::into_held`]). Every rule
 //! RFC 6455 puts on a client is enforced here, so the caller only has to close the connection
 //! with `DecodeError::close_code()` when `feed` fails. Lengths are checked against the limits
 //! as soon as a header is complete, before anything is buffered, so a declared length can
@@ -25,7 +27,7 @@ use tungstenite::protocol::frame::FrameHeader;
 
 pub use crate::ws::close::DecodeError;
 use crate::ws::close::{parse_close_payload, truncate_reason};
-use crate::ws::mask::apply_mask;
+use crate::ws::mask::{apply_mask, extend_masked};
 
 /// The default inbound message limit (docs/SECURITY.md's limits table).
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 10 * 1024 * 1024;
@@ -38,6 +40,20 @@ pub const MAX_SERVER_HEADER: usize = 10;
 pub const MAX_CLIENT_HEADER: usize = 14;
 /// Control frames carry at most 125 payload bytes (RFC 6455 section 5.5).
 const MAX_CONTROL_PAYLOAD: usize = 125;
+/// Room kept in front of a message assembled in the decoder's buffer: the longest header
+/// it may be sent on with (a masked client header, on a relay's upstream hop). Messages
+/// cut by reads are the large ones, and copying one behind a new header cost a third of the
+/// worker's time at 64 KiB (bench/RESULTS.md, issue 21); with the room, the header is written
+/// in front and the buffer queued as it is.
+pub const HEADER_ROOM: usize = MAX_CLIENT_HEADER;
+/// How far the buffer of a frame cut by a read may be reserved ahead of what has arrived:
+/// up to the frame's declared end, but at most this many times the bytes held. Reserving
+/// the declared length at once would let a bare 14-byte header claim the message limit;
+/// growing only as bytes arrive (doubling) copied each large message once more. At 8, a
+/// 64 KiB frame whose first read brought one 16 KiB receive buffer is reserved whole at
+/// once, and a peer holds at most 8 bytes of reservation per byte it has sent (the
+/// doubling it replaces allowed 2).
+const HELD_GROWTH: usize = 8;
 
 /// The frame types of RFC 6455; reserved opcodes never get past the decoder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,15 +132,57 @@ pub enum Event<'a> {
     /// A whole text message. `compressed` is the RSV1 bit of its first frame: when false the
     /// payload is valid UTF-8 already; when true the caller inflates and then validates it.
     /// Mutable so the payload can be inflated or parsed in place.
-    Text { payload: &'a mut [u8], compressed: bool },
+    Text { payload: Payload<'a>, compressed: bool },
     /// A whole binary message; `compressed` as for `Text`.
-    Binary { payload: &'a mut [u8], compressed: bool },
+    Binary { payload: Payload<'a>, compressed: bool },
     /// A ping; the caller answers with a pong carrying the same payload.
     Ping(&'a [u8]),
     /// A pong, the answer to the server's keepalive ping.
     Pong(&'a [u8]),
     /// The peer's close frame, validated: `None` when it gave no code. Nothing follows it.
     Close(Option<(u16, &'a str)>),
+}
+
+/// A data message's payload, unmasked, where the decoder has it. Derefs to its bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Payload<'a> {
+    /// It lay whole in the caller's read buffer.
+    Read(&'a mut [u8]),
+    /// It was assembled in the decoder's buffer, behind [`HEADER_ROOM`] bytes of room.
+    Held(&'a mut Vec<u8>),
+}
+
+impl<'a> Payload<'a> {
+    /// The decoder's buffer, taken rather than copied, when the message was assembled there:
+    /// [`HEADER_ROOM`] bytes of room, then the payload, ready for [`write_header`] (the
+    /// decoder starts its next message in a new buffer). The read buffer's bytes otherwise,
+    /// to be copied by whoever must keep them past the event.
+    pub fn into_held(self) -> Result<Vec<u8>, &'a mut [u8]> {
+        match self {
+            Payload::Held(buf) => Ok(std::mem::take(buf)),
+            Payload::Read(bytes) => Err(bytes),
+        }
+    }
+}
+
+impl std::ops::Deref for Payload<'_> {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Payload::Read(bytes) => bytes,
+            Payload::Held(buf) => &buf[HEADER_ROOM..],
+        }
+    }
+}
+
+impl std::ops::DerefMut for Payload<'_> {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        match self {
+            Payload::Read(bytes) => bytes,
+            Payload::Held(buf) => &mut buf[HEADER_ROOM..],
+        }
+    }
 }
 
 /// Incremental decoder for the frames one client sends.
@@ -141,6 +199,7 @@ pub struct Decoder {
     message: Option<Message>,
     /// Unmasked bytes that could not be handed out from the caller's buffer: the fragments of
     /// the open message so far, then the received part of a frame cut by the end of a read.
+    /// Empty, or [`HEADER_ROOM`] bytes of room followed by those bytes.
     buf: Vec<u8>,
 }
 
@@ -164,8 +223,9 @@ impl State {
 /// A frame whose payload is still arriving.
 #[derive(Debug, Clone, Copy)]
 struct Partial {
-    /// Offset in `buf` where this frame's payload begins; a control frame's bytes are dropped
-    /// from there once delivered, leaving the open message in front of them intact.
+    /// Offset in `buf` where this frame's payload begins (past the room); a control frame's
+    /// bytes are dropped from there once delivered, leaving the open message in front of
+    /// them intact.
     start: usize,
     /// Payload bytes not received yet.
     remaining: usize,
@@ -187,8 +247,9 @@ struct Message {
     compressed: bool,
     /// Frames received so far, for the fragment limit.
     fragments: usize,
-    /// How much of `buf` is known to be complete, valid UTF-8: checking resumes there, so
-    /// each byte is checked once and an invalid sequence is caught as soon as it arrives.
+    /// How much of `buf` (room included) is known to be complete, valid UTF-8: checking
+    /// resumes there, so each byte is checked once and an invalid sequence is caught as soon
+    /// as it arrives.
     utf8_valid: usize,
 }
 
@@ -252,7 +313,7 @@ impl Decoder {
             State::Header { len, .. } => usize::from(len),
             State::Payload(_) | State::Closed => 0,
         };
-        head + self.buf.len()
+        head + self.buf.len().saturating_sub(HEADER_ROOM)
     }
 
     /// Heap memory held by the decoder, for memory accounting.
@@ -299,11 +360,11 @@ impl Decoder {
                 let take = partial.remaining.min(input.len());
                 let (chunk, rest) = std::mem::take(&mut input).split_at_mut(take);
                 input = rest;
-                apply_mask(chunk, partial.mask);
+                let mask = partial.mask;
                 partial.mask.rotate_left(take % 4);
                 partial.remaining -= take;
                 let partial = *partial;
-                self.buf.extend_from_slice(chunk);
+                self.hold(chunk, mask, partial.remaining);
                 if !partial.opcode.is_control() {
                     self.check_utf8(partial.remaining == 0 && partial.fin)?;
                 }
@@ -332,7 +393,7 @@ impl Decoder {
             if head.len > input.len() {
                 // Cut by the end of this read: collect the payload in `buf` as it arrives.
                 self.state = State::Payload(Partial {
-                    start: self.buf.len(),
+                    start: self.buf.len().max(HEADER_ROOM),
                     remaining: head.len,
                     mask: head.mask,
                     opcode: head.opcode,
@@ -395,7 +456,7 @@ impl Decoder {
                     text: head.opcode == OpCode::Text,
                     compressed: head.rsv1,
                     fragments: 1,
-                    utf8_valid: 0,
+                    utf8_valid: HEADER_ROOM,
                 });
             }
             OpCode::Continuation => {
@@ -406,7 +467,8 @@ impl Decoder {
                 if message.fragments > self.limits.max_fragments {
                     return Err(DecodeError::Policy("too many fragments"));
                 }
-                if self.buf.len().saturating_add(head.len) > self.limits.max_message_bytes {
+                let held = self.buf.len().saturating_sub(HEADER_ROOM);
+                if held.saturating_add(head.len) > self.limits.max_message_bytes {
                     return Err(DecodeError::MessageTooBig);
                 }
             }
@@ -432,9 +494,9 @@ impl Decoder {
             if text && !head.rsv1 && simdutf8::basic::from_utf8(payload).is_err() {
                 return Err(DecodeError::InvalidUtf8);
             }
-            return Ok(on_event(data_event(text, head.rsv1, payload)));
+            return Ok(on_event(data_event(text, head.rsv1, Payload::Read(payload))));
         }
-        self.buf.extend_from_slice(payload);
+        self.hold(payload, [0; 4], 0);
         self.check_utf8(head.fin)?;
         if !head.fin {
             return Ok(ControlFlow::Continue(()));
@@ -450,7 +512,9 @@ impl Decoder {
     ) -> Result<ControlFlow<()>, DecodeError> {
         if partial.opcode.is_control() {
             let flow = control_event(partial.opcode, &self.buf[partial.start..], on_event);
-            self.buf.truncate(partial.start);
+            // Nothing of a message in front: the room goes too, leaving the decoder idle.
+            let keep = if partial.start > HEADER_ROOM { partial.start } else { 0 };
+            self.buf.truncate(keep);
             return flow;
         }
         if !partial.fin {
@@ -465,9 +529,27 @@ impl Decoder {
         on_event: &mut dyn FnMut(Event<'_>) -> ControlFlow<()>,
     ) -> ControlFlow<()> {
         let message = self.message.take().expect("a final frame belongs to a message");
-        let flow = on_event(data_event(message.text, message.compressed, &mut self.buf));
+        let flow =
+            on_event(data_event(message.text, message.compressed, Payload::Held(&mut self.buf)));
+        // Empty already if the caller took the buffer ([`Payload::into_held`]).
         self.buf.clear();
         flow
+    }
+
+    /// Appends `bytes` of a frame, unmasked with `mask` on the way, to `buf` (room first,
+    /// into an empty one), `after` more of the frame still to come. Room is made as
+    /// [`HELD_GROWTH`] says: ahead up to the frame's end, or doubling (whole fragments of an
+    /// open message, after = 0), never past eight times the bytes held.
+    fn hold(&mut self, bytes: &[u8], mask: [u8; 4], after: usize) {
+        let room = if self.buf.is_empty() { HEADER_ROOM } else { 0 };
+        let needed = self.buf.len() + room + bytes.len();
+        if needed > self.buf.capacity() {
+            let ahead = (needed + after).min(needed.saturating_mul(HELD_GROWTH));
+            let target = ahead.max(self.buf.capacity() * 2).max(needed);
+            self.buf.reserve_exact(target - self.buf.len());
+        }
+        self.buf.resize(self.buf.len() + room, 0);
+        extend_masked(&mut self.buf, bytes, mask);
     }
 
     /// Checks the UTF-8 of an uncompressed text message as far as it has arrived. An
@@ -545,7 +627,7 @@ fn parse_head(bytes: &[u8], limits: &DecoderLimits) -> Result<Option<(Head, usiz
     Ok(Some((head, cursor.position() as usize)))
 }
 
-fn data_event(text: bool, compressed: bool, payload: &mut [u8]) -> Event<'_> {
+fn data_event(text: bool, compressed: bool, payload: Payload<'_>) -> Event<'_> {
     if text {
         Event::Text { payload, compressed }
     } else {
@@ -615,25 +697,25 @@ pub fn finish_reserved(buf: &mut [u8], opcode: OpCode, rsv1: bool) -> usize {
 }
 
 /// The length of the header of a frame (FIN set) with a payload of `payload_len` bytes,
-/// masked or not: the gap a relayed message is copied behind, so its header can be written
-/// in front of it without moving it ([`write_header`]).
+/// masked or not: the room a relayed message is copied behind, so its header can be
+/// written in front of it without moving it ([`write_header`]).
 pub fn header_len(payload_len: usize, masked: bool) -> usize {
     let mask = masked.then_some([0; 4]);
     header(OpCode::Text, true, false, mask).len(payload_len as u64)
 }
 
-/// Turns `buf`, a gap of `gap` = [`header_len`]`(payload_len, mask.is_some())` bytes
-/// followed by the payload, into a frame (FIN set): the header goes into the gap, and a masked
-/// frame's payload is masked in place. Panics if the gap is not the header's length.
-pub fn write_header(buf: &mut [u8], gap: usize, opcode: OpCode, mask: Option<[u8; 4]>) {
-    let (head, payload) = buf.split_at_mut(gap);
-    assert_eq!(header_len(payload.len(), mask.is_some()), gap, "the gap is the header's length");
-    header(opcode, true, false, mask)
-        .format(payload.len() as u64, &mut &mut head[..])
-        .expect("the gap fits the header");
+/// Turns `buf`, `room` bytes of room followed by a payload, into a frame (FIN set): the
+/// header goes at the end of the room, and a masked frame's payload is masked in place.
+/// Returns where the frame starts. Panics if the room is shorter than the header.
+pub fn write_header(buf: &mut [u8], room: usize, opcode: OpCode, mask: Option<[u8; 4]>) -> usize {
+    let (head, payload) = buf.split_at_mut(room);
+    let header = header(opcode, true, false, mask);
+    let start = room.checked_sub(header.len(payload.len() as u64)).expect("room for the header");
+    header.format(payload.len() as u64, &mut &mut head[start..]).expect("the room fits the header");
     if let Some(mask) = mask {
         apply_mask(payload, mask);
     }
+    start
 }
 
 /// Appends a masked client close frame; `reason` is cut to fit on a character boundary.
@@ -834,7 +916,7 @@ mod tests {
         decoder
             .feed(&mut stream, &mut |e| {
                 match e {
-                    Event::Text { payload, .. } => seen.push((payload.to_vec(), inside(payload))),
+                    Event::Text { payload, .. } => seen.push((payload.to_vec(), inside(&payload))),
                     Event::Ping(payload) => seen.push((payload.to_vec(), inside(payload))),
                     other => panic!("unexpected {other:?}"),
                 }
@@ -1228,5 +1310,127 @@ mod tests {
         assert!(decoder.heap_bytes() > 0);
         decoder.shrink();
         assert_eq!(decoder.heap_bytes(), 0);
+    }
+
+    /// A message as [`Payload::into_held`] gave it: the decoder's buffer, or a copy of the
+    /// read buffer's bytes.
+    type Taken = Result<Vec<u8>, Vec<u8>>;
+
+    /// Feeds `stream` in reads of `read` bytes; returns the decoder's heap after each read
+    /// and each message, taken as [`Payload::into_held`] gives it.
+    fn feed_taking(stream: &mut [u8], read: usize) -> (Vec<usize>, Vec<Taken>) {
+        let mut decoder = Decoder::new(DecoderLimits::default());
+        let (mut heaps, mut taken) = (Vec::new(), Vec::new());
+        for piece in stream.chunks_mut(read) {
+            decoder
+                .feed(piece, &mut |event| {
+                    if let Event::Binary { payload, .. } | Event::Text { payload, .. } = event {
+                        taken.push(payload.into_held().map_err(|bytes| bytes.to_vec()));
+                    }
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+            heaps.push(decoder.heap_bytes());
+        }
+        (heaps, taken)
+    }
+
+    #[test]
+    fn a_large_frame_cut_by_reads_is_reserved_once_and_handed_over_behind_header_room() {
+        let payload: Vec<u8> = (0..65_536u32).map(|i| (i % 251) as u8).collect();
+        let mut stream = frame(OpCode::Binary, &payload, true);
+        // 16 KiB reads, as the worker's receive buffers give them.
+        let (heaps, taken) = feed_taking(&mut stream, 16 * 1024);
+        // The first read reserves the whole frame, room included; no read after it grows
+        // (a regrowth would copy the message once more).
+        assert_eq!(heaps[0], HEADER_ROOM + payload.len());
+        assert!(heaps[..heaps.len() - 1].iter().all(|&h| h == heaps[0]), "{heaps:?}");
+        // The message's buffer was taken: the decoder holds nothing after it.
+        assert_eq!(heaps.last(), Some(&0));
+        let [Ok(mut buf)] = <[_; 1]>::try_from(taken).unwrap() else {
+            panic!("an assembled message comes in the decoder's buffer");
+        };
+        assert_eq!(buf[HEADER_ROOM..], payload[..]);
+        // The header goes into the room: the same bytes as a frame encoded afresh.
+        let start = write_header(&mut buf, HEADER_ROOM, OpCode::Binary, None);
+        let mut expected = Vec::new();
+        encode_frame(&mut expected, OpCode::Binary, &payload, false);
+        assert_eq!(buf[start..], expected[..]);
+    }
+
+    #[test]
+    fn a_whole_frame_in_one_read_is_not_held() {
+        let mut stream = frame(OpCode::Text, b"hello", true);
+        let (heaps, taken) = feed_taking(&mut stream, 64);
+        assert_eq!(heaps, [0]);
+        assert_eq!(taken, [Err(b"hello".to_vec())]);
+    }
+
+    #[test]
+    fn a_declared_length_reserves_at_most_eight_times_what_arrived() {
+        let mut decoder = Decoder::new(DecoderLimits::default());
+        let mut no_event = |_: Event<'_>| -> ControlFlow<()> { panic!("no event expected") };
+        // A bare header declaring 8 MiB, then 100 bytes of it: no 8 MiB buffer.
+        let mut head = frame(OpCode::Binary, &vec![0; 8 << 20], true);
+        decoder.feed(&mut head[..14 + 100], &mut no_event).unwrap();
+        assert_eq!(decoder.buffered_bytes(), 100);
+        assert!(
+            decoder.heap_bytes() <= HELD_GROWTH * (HEADER_ROOM + 100),
+            "{}",
+            decoder.heap_bytes()
+        );
+        // Each later read may grow it, always within the bound.
+        let mut at = 114;
+        for read in [1_000, 50_000, 1 << 20] {
+            decoder.feed(&mut head[at..at + read], &mut no_event).unwrap();
+            at += read;
+            let held = HEADER_ROOM + decoder.buffered_bytes();
+            assert!(
+                decoder.heap_bytes() <= HELD_GROWTH * held,
+                "{} for {held}",
+                decoder.heap_bytes()
+            );
+        }
+    }
+
+    #[test]
+    fn a_fragmented_message_grows_by_doubling_and_is_handed_over_whole() {
+        // 64 fragments of 1000 bytes, each whole in its read: appends double the buffer
+        // rather than reserving exactly (which would copy the message at every fragment).
+        let mut stream = Vec::new();
+        for i in 0..64u8 {
+            let opcode = if i == 0 { OpCode::Text } else { OpCode::Continuation };
+            stream.extend(frame(opcode, &[b'a' + i % 26; 1000], i == 63));
+        }
+        let read = stream.len() / 64;
+        let (heaps, taken) = feed_taking(&mut stream, read);
+        let growths = heaps.windows(2).filter(|w| w[1] > w[0]).count();
+        assert!(growths <= 8, "{growths} growths: {heaps:?}");
+        let [Ok(buf)] = <[_; 1]>::try_from(taken).unwrap() else { panic!("held") };
+        assert_eq!(buf.len(), HEADER_ROOM + 64_000);
+        assert!(buf[HEADER_ROOM..]
+            .chunks(1000)
+            .enumerate()
+            .all(|(i, c)| c[0] == b'a' + i as u8 % 26));
+    }
+
+    #[test]
+    fn write_header_fits_every_header_into_the_room() {
+        for len in [0, 125, 126, 65_535, 65_536] {
+            let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            for mask in [None, Some(MASK)] {
+                let mut buf = vec![0xee; HEADER_ROOM];
+                buf.extend_from_slice(&payload);
+                let start = write_header(&mut buf, HEADER_ROOM, OpCode::Text, mask);
+                let mut expected = Vec::new();
+                match mask {
+                    None => encode_frame(&mut expected, OpCode::Text, &payload, false),
+                    Some(m) => {
+                        encode_client_frame(&mut expected, OpCode::Text, &payload, m, true, false)
+                    }
+                }
+                assert_eq!(buf[start..], expected[..], "len {len} mask {mask:?}");
+            }
+        }
     }
 }
