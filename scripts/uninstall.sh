@@ -55,6 +55,7 @@ remove "$PREFIX/lib/systemd/system/syncgate.service"
 remove "$PREFIX/lib/systemd/system/syncgate.socket"
 remove "$PREFIX/lib/sysusers.d/syncgate.conf"
 remove "$PREFIX/lib/tmpfiles.d/syncgate.conf"
+remove "$PREFIX/share/man/man8/syncgate.8.gz"
 remove /etc/syncgate/syncgate.toml.new
 if [ "$purge" = 1 ]; then
     for dir in /etc/syncgate /var/lib/syncgate; do

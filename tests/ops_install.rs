@@ -18,10 +18,15 @@ use std::process::{Command, Output};
 use syncgate::config::Config;
 
 /// Runs `scripts/<script>` with `args`, DESTDIR=`dest` and `env`; the caller's DESTDIR,
-/// PREFIX and SYNCGATE_BIN are not passed on, so only the test decides them.
+/// PREFIX, SYNCGATE_BIN and SOURCE_DATE_EPOCH are not passed on, so only the test decides
+/// them.
 fn script(script: &str, dest: &Path, args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut cmd = Command::new(repo_root().join("scripts").join(script));
-    cmd.args(args).env("DESTDIR", dest).env_remove("PREFIX").env_remove("SYNCGATE_BIN");
+    cmd.args(args)
+        .env("DESTDIR", dest)
+        .env_remove("PREFIX")
+        .env_remove("SYNCGATE_BIN")
+        .env_remove("SOURCE_DATE_EPOCH");
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -95,6 +100,10 @@ fn expected_tree(prefix: &str) -> BTreeMap<String, Entry> {
         ("lib/sysusers.d/syncgate.conf", f(0o644)),
         ("lib/tmpfiles.d", d(0o755)),
         ("lib/tmpfiles.d/syncgate.conf", f(0o644)),
+        ("share", d(0o755)),
+        ("share/man", d(0o755)),
+        ("share/man/man8", d(0o755)),
+        ("share/man/man8/syncgate.8.gz", f(0o644)),
     ] {
         want.insert(format!("{prefix}/{path}"), entry);
     }
@@ -172,6 +181,21 @@ fn install_stages_exactly_the_expected_tree() {
         repo_file("systemd/syncgate.tmpfiles")
     );
     assert_eq!(read(at("etc/syncgate/syncgate.toml")), repo_file("systemd/syncgate.toml"));
+    // syncgate(8) as the installed binary prints it, dated by the binary's time when no
+    // SOURCE_DATE_EPOCH is given (so a rerun writes the same bytes).
+    let mut page = Vec::new();
+    let gz = std::fs::File::open(at("usr/local/share/man/man8/syncgate.8.gz")).expect("man page");
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz), &mut page).expect("gunzip");
+    let mtime = std::fs::metadata(BIN).expect("the binary").mtime();
+    let printed = Command::new(BIN)
+        .arg("__man")
+        .env("SOURCE_DATE_EPOCH", mtime.to_string())
+        .output()
+        .expect("syncgate __man");
+    assert!(
+        printed.status.success() && page == printed.stdout,
+        "the man page is not `syncgate __man`'s"
+    );
 
     // Staging changes nothing on this machine; it tells the operator what finishes the job.
     for step in [

@@ -28,7 +28,8 @@
 //!
 //! Alone at the top: [`config`], [`logging`], [`metrics`] (shared counters), [`heap`] (the
 //! counting allocator behind the heap gauge), [`slab`] and [`index`] (names to slab
-//! entries without a second copy of each name).
+//! entries without a second copy of each name), and two commands of the binary that serve
+//! packaging: [`healthcheck`] (a container's health check) and [`manpage`] (syncgate(8)).
 //!
 //! [`health`]: upstream::health
 //! [`health_checks`]: process::health
@@ -52,9 +53,11 @@
 
 pub mod config;
 pub mod gate;
+pub mod healthcheck;
 pub mod heap;
 pub mod index;
 pub mod logging;
+pub mod manpage;
 pub mod metrics;
 pub mod process;
 pub mod protocol;

@@ -1,14 +1,15 @@
-//! The `syncgate` command: `run` (the default), `check-config`, `version`, and the internal
-//! roles the supervisor starts (`__listener`, `__worker`).
+//! The `syncgate` command: `run` (the default), `check-config`, `healthcheck`, `version`, and
+//! the hidden ones: the roles the supervisor starts (`__listener`, `__worker`) and `__man`,
+//! which prints syncgate(8) for the Debian package (scripts/deb.sh).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use syncgate::config::{Config, CONFIG_PATH_ENV, RESOLVED_ENV};
 use syncgate::process::supervisor::{self, fds};
 use syncgate::process::{listener, worker};
-use syncgate::{logging, metrics};
+use syncgate::{healthcheck, logging, manpage, metrics};
 
 #[global_allocator]
 static GLOBAL: syncgate::heap::Counting = syncgate::heap::Counting;
@@ -25,18 +26,32 @@ enum Cmd {
     /// Run the daemon (the default when no command is given).
     Run {
         /// TOML configuration file; without one the embedded defaults apply.
-        #[arg(long, env = CONFIG_PATH_ENV)]
+        #[arg(long, env = CONFIG_PATH_ENV, value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Validate a configuration (file plus environment) and exit non-zero if it is invalid.
     CheckConfig {
         /// The file to check (else --config or SYNCGATE_CONFIG).
+        #[arg(value_name = "FILE")]
         file: Option<PathBuf>,
-        #[arg(long, env = CONFIG_PATH_ENV)]
+        /// The file to check, when FILE is not given.
+        #[arg(long, env = CONFIG_PATH_ENV, value_name = "FILE")]
         config: Option<PathBuf>,
+    },
+    /// Ask the daemon on this host for GET /keepalive at its listen address (a wildcard
+    /// address on loopback), with the configuration run would read; exit 0 on a 2xx.
+    Healthcheck {
+        /// TOML configuration file, as for run.
+        #[arg(long, env = CONFIG_PATH_ENV, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// How long the check may take, connect included.
+        #[arg(long, value_name = "MS", default_value_t = 2000)]
+        timeout_ms: u64,
     },
     /// Print the version.
     Version,
+    #[command(name = "__man", hide = true)]
+    Man,
     #[command(name = "__listener", hide = true)]
     Listener {
         #[arg(long)]
@@ -89,6 +104,35 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Cmd::Healthcheck { config, timeout_ms } => {
+            let checked = Config::load(config.as_deref())
+                .and_then(|c| healthcheck::check(&c, std::time::Duration::from_millis(timeout_ms)));
+            match checked {
+                Ok(addr) => {
+                    println!("healthy: GET {} at {addr} answered 2xx", healthcheck::PATH);
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("unhealthy: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Cmd::Man => {
+            let page = manpage::date(std::env::var("SOURCE_DATE_EPOCH").ok().as_deref())
+                .and_then(|date| manpage::render(Cli::command(), &date).map_err(|e| e.to_string()))
+                .and_then(|page| {
+                    std::io::Write::write_all(&mut std::io::stdout().lock(), &page)
+                        .map_err(|e| e.to_string())
+                });
+            match page {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cannot write the man page: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Cmd::Version => {
             println!("syncgate {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

@@ -189,8 +189,9 @@ fn run(shared: &(Mutex<State>, Condvar), poke: OwnedFd) {
     }
 }
 
-/// One check: connect, ask for `path`, read the status line, all within `timeout`.
-fn check(target: &Target, path: &str, timeout: Duration) -> Result<(), String> {
+/// One check: connect, ask for `path`, read the status line, all within `timeout`. Also
+/// `syncgate healthcheck`'s check of the daemon itself ([`crate::healthcheck`]).
+pub fn check(target: &Target, path: &str, timeout: Duration) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     let left = || {
         deadline
