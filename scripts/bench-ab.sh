@@ -3,12 +3,13 @@
 # the same machine, and prints each run and the median per build. For checking that a
 # change is faster before it lands (bench/RESULTS.md records what it printed).
 #
-#   scripts/bench-ab.sh [--rounds N] [--auth] BIN... -- LOADGEN_RUN_ARGS...
+#   scripts/bench-ab.sh [--rounds N] [--auth] [--echo] BIN... -- LOADGEN_RUN_ARGS...
 #
 # BIN: syncgate binaries (e.g. copies of target/release/syncgate built at two commits).
 # LOADGEN_RUN_ARGS: the scenario, as for `loadgen run` (e.g. --scenario ping --connections
 # 500). --auth gives syncgate an HS256 secret (for --scenario storm with --tokens from
-# scripts/bench.sh's cache). Environment: LOADGEN (default target/release/loadgen under
+# scripts/bench.sh's cache). --echo turns on the conformance /echo route (for --scenario
+# frames). Environment: LOADGEN (default target/release/loadgen under
 # CARGO_TARGET_DIR), SERVER_CPU / CLIENT_CPU (default 0 and 1).
 #
 # Each run starts the binary afresh with the config scripts/bench.sh uses (one worker,
@@ -22,12 +23,14 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 source "$ROOT/scripts/bench-common.sh"
 ROUNDS=3
 AUTH=0
+ECHO=0
 BINS=()
 while [[ $# -gt 0 && $1 != -- ]]; do
   case $1 in
     --rounds) ROUNDS=$2; shift ;;
     --auth) AUTH=1 ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    --echo) ECHO=1 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) [[ -x $1 ]] || { echo "bench-ab.sh: $1 is not an executable" >&2; exit 2; }
        BINS+=("$(realpath "$1")") ;;
   esac
@@ -63,6 +66,7 @@ run_one() {
   mkdir -p "$dir"
   local auth=''
   [[ $AUTH == 1 ]] && auth=$(printf '[auth]\nsecret = "%s"' "$(cat "$SECRET_FILE")")
+  [[ $ECHO == 1 ]] && auth+=$'\n[conformance]\necho = true'
   syncgate_bench_toml "$port" "$dir/store" 1 '' "$auth" >"$dir/syncgate.toml"
   "${PIN_SERVER[@]}" "$bin" run --config "$dir/syncgate.toml" 2>"$dir/server.log" &
   SERVER_PID=$!
