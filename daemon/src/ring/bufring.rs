@@ -1,11 +1,5 @@
-//! The provided-buffer ring that multishot receives fill: the kernel picks the buffers per
+//! The provided-buffer ring that multishot receives fill: the kernel picks a buffer per
 //! completion, so a connection holds no read buffer while it is idle.
-//!
-//! A completion may fill several buffers (a receive *bundle*, Linux 6.10): the kernel takes
-//! them from the ring's head in order, and the completion names the first. The ring keeps
-//! its own copy of which buffer sits at each position, so it knows the others; and since
-//! buffers go back in the order they were taken, consecutive positions hold consecutive
-//! buffers, which lie side by side in memory: a large message usually arrives as one slice.
 
 use std::io;
 
@@ -24,12 +18,6 @@ pub struct BufRing {
     memory: Box<[u8]>,
     /// Our copy of the ring's tail (the kernel reads the shared one).
     tail: u16,
-    /// The kernel's head as far as completions have shown it: the position of the next
-    /// buffer a receive will take.
-    head: u16,
-    /// Which buffer sits at each position, as we put it there (the kernel reads the shared
-    /// descriptors; this copy says which buffers a bundle took after its first).
-    order: Box<[u16]>,
     /// The group id the receives name.
     pub group: u16,
     /// Unmaps the descriptors when the ring of buffers goes; declared last so it outlives
@@ -78,8 +66,6 @@ impl BufRing {
             size,
             memory: vec![0u8; count as usize * size].into_boxed_slice(),
             tail: 0,
-            head: 0,
-            order: vec![0; count as usize].into_boxed_slice(),
             group,
         };
         // SAFETY: the mapping lives as long as `br`, which lives as long as the ring.
@@ -95,7 +81,6 @@ impl BufRing {
 
     fn push(&mut self, bid: u16) {
         let idx = (self.tail & (self.count - 1)) as usize;
-        self.order[idx] = bid;
         // SAFETY: idx < count, inside the mapping.
         let entry = unsafe { &mut *self.entries.add(idx) };
         entry.set_addr(self.memory.as_ptr() as u64 + (bid as usize * self.size) as u64);
@@ -114,64 +99,15 @@ impl BufRing {
         }
     }
 
-    /// The buffers a receive's completion filled with `len` bytes (> 0), `bid` first: as
-    /// many as `len` needs, from the ring's head. Panics if `bid` is not at the head, which
-    /// would mean a completion was missed or taken twice: the bytes could not be trusted.
-    pub fn take(&mut self, bid: u16, len: usize) -> Taken {
-        assert!(len > 0, "a completion without bytes takes no buffer");
-        let at = self.head;
-        let first = self.order[(at & (self.count - 1)) as usize];
-        assert_eq!(first, bid, "a receive's first buffer is the one at the ring's head");
-        let buffers = len.div_ceil(self.size) as u16;
-        self.head = self.head.wrapping_add(buffers);
-        Taken { at, next: at, buffers, left: len }
+    /// The bytes the kernel put in buffer `bid`.
+    pub fn get(&mut self, bid: u16, len: usize) -> &mut [u8] {
+        let start = bid as usize * self.size;
+        &mut self.memory[start..start + len.min(self.size)]
     }
 
-    /// The next run of `taken`'s bytes that lie side by side in memory (consecutive
-    /// buffers); `None` once all were handed out.
-    pub fn next_run(&mut self, taken: &mut Taken) -> Option<&mut [u8]> {
-        if taken.left == 0 {
-            return None;
-        }
-        let mask = self.count - 1;
-        let end = taken.at.wrapping_add(taken.buffers);
-        let first = self.order[(taken.next & mask) as usize];
-        let mut len = taken.left.min(self.size);
-        taken.next = taken.next.wrapping_add(1);
-        while taken.next != end
-            && self.order[(taken.next & mask) as usize] == first + (len / self.size) as u16
-        {
-            len += (taken.left - len).min(self.size);
-            taken.next = taken.next.wrapping_add(1);
-        }
-        taken.left -= len;
-        let start = first as usize * self.size;
-        Some(&mut self.memory[start..start + len])
-    }
-
-    /// Gives the buffers of `taken` back to the kernel, in the order they were taken.
-    pub fn give_back(&mut self, taken: Taken) {
-        let mask = self.count - 1;
-        for i in 0..taken.buffers {
-            // Read before any push: a push may write the position of the one it gives back.
-            let bid = self.order[(taken.at.wrapping_add(i) & mask) as usize];
-            self.push(bid);
-        }
+    /// Gives buffer `bid` back to the kernel.
+    pub fn recycle(&mut self, bid: u16) {
+        self.push(bid);
         self.publish();
     }
-}
-
-/// The buffers one receive completion filled, from [`BufRing::take`]: read them with
-/// [`BufRing::next_run`], then hand them back with [`BufRing::give_back`].
-#[derive(Debug)]
-#[must_use = "the buffers must be given back"]
-pub struct Taken {
-    /// The ring position of the first buffer.
-    at: u16,
-    /// The position of the next buffer [`BufRing::next_run`] hands out.
-    next: u16,
-    /// How many buffers the completion filled.
-    buffers: u16,
-    /// Bytes not handed out yet.
-    left: usize,
 }

@@ -13,7 +13,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 mod bufring;
 
-pub use bufring::{BufRing, Taken};
+pub use bufring::BufRing;
 
 /// Submission queue size: a batch of this many operations goes in one `io_uring_enter`.
 /// The completion queue is four times that, and multishot operations post many
@@ -93,9 +93,6 @@ pub struct Ring {
     /// The provided buffers of multishot receives, where the process has them. Declared
     /// after `uring` so that it is dropped after it: the buffers outlive every receive.
     buffers: Option<BufRing>,
-    /// The kernel takes receive bundles (Linux 6.10): one completion may fill several
-    /// buffers, so a large message costs one receive instead of one per 16 KiB buffer.
-    bundles: bool,
 }
 
 impl Ring {
@@ -112,9 +109,7 @@ impl Ring {
             .build(ENTRIES)
             .or_else(|_| IoUring::builder().setup_cqsize(ENTRIES * 4).build(ENTRIES))
             .map_err(|e| RingError::Unavailable(unavailable_message(&e)))?;
-        let bundles = uring.params().is_feature_recvsend_bundle();
         Ok(Ring {
-            bundles,
             uring,
             backlog: VecDeque::new(),
             tick: Box::new(types::Timespec::new()),
@@ -175,15 +170,7 @@ impl Ring {
     /// involved: each completion names the buffer the kernel picked.
     pub fn recv_multi(&mut self, fd: RawFd, user_data: u64) {
         let group = self.buffers().group;
-        // A bundle fills as many buffers as the socket has bytes for in one receive: a 64 KiB
-        // message took five receives and completions without, and the worker about an
-        // eighth more CPU (bench/RESULTS.md).
-        let entry = if self.bundles {
-            opcode::RecvMultiBundle::new(types::Fd(fd), group).build()
-        } else {
-            opcode::RecvMulti::new(types::Fd(fd), group).build()
-        };
-        let entry = entry.user_data(user_data);
+        let entry = opcode::RecvMulti::new(types::Fd(fd), group).build().user_data(user_data);
         // SAFETY: the buffers are the ring's own and outlive it; the caller keeps `fd` open
         // until the receive's last completion (its slot is freed only then).
         unsafe { self.push(entry) }
@@ -356,44 +343,5 @@ mod tests {
             seen.extend(cqes.iter().map(|c| c.user_data()));
         }
         assert_eq!(seen, (0..total).collect::<Vec<_>>());
-    }
-
-    #[test]
-    fn received_bytes_come_out_whole_and_in_order_across_buffers_and_wraps() {
-        use std::io::Write;
-        use std::os::unix::net::UnixStream;
-
-        let mut ring = Ring::new().expect("io_uring");
-        // Four buffers of 64 bytes: each 150-byte message takes three, so the positions and
-        // the buffers wrap around the ring within a few rounds.
-        ring.provide_buffers(4, 64).unwrap();
-        let (mut writer, reader) = UnixStream::pair().unwrap();
-        ring.recv_multi(reader.as_raw_fd(), 1);
-        let (mut cqes, mut bundled) = (Vec::new(), false);
-        for round in 0..9u8 {
-            let message: Vec<u8> = (0..150u8).map(|i| i.wrapping_mul(7) ^ round).collect();
-            writer.write_all(&message).unwrap();
-            let mut received = Vec::new();
-            while received.len() < message.len() {
-                ring.submit_and_wait().unwrap();
-                ring.drain(&mut cqes);
-                for cqe in &cqes {
-                    let bid = cqueue::buffer_select(cqe.flags()).expect("a buffer");
-                    assert!(cqe.result() > 0, "receive failed: {}", cqe.result());
-                    bundled |= cqe.result() > 64;
-                    let mut taken = ring.buffers().take(bid, cqe.result() as usize);
-                    while let Some(run) = ring.buffers().next_run(&mut taken) {
-                        received.extend_from_slice(run);
-                    }
-                    ring.buffers().give_back(taken);
-                    if !cqueue::more(cqe.flags()) {
-                        ring.recv_multi(reader.as_raw_fd(), 1);
-                    }
-                }
-            }
-            assert_eq!(received, message, "round {round}");
-        }
-        // Where the kernel has bundles, some completion filled several buffers.
-        assert_eq!(bundled, ring.bundles);
     }
 }

@@ -823,27 +823,21 @@ impl Worker {
         let res = cqe.result();
         let flags = cqe.flags();
         let buffer = cqueue::buffer_select(flags);
-        // The buffers this completion filled, whoever they were for.
-        let taken = match (res, buffer) {
-            (n, Some(bid)) if n > 0 => Some(self.ring.buffers().take(bid, n as usize)),
-            _ => None,
-        };
         let Some(slot) = self.slots.get_mut(index) else {
-            if let Some(taken) = taken {
-                self.ring.buffers().give_back(taken);
+            if let Some(bid) = buffer {
+                self.ring.buffers().recycle(bid);
             }
             return;
         };
         if !cqueue::more(flags) {
             slot.recv_armed = false;
         }
-        match (res, taken) {
-            (_, Some(mut taken)) => {
+        match (res, buffer) {
+            (n, Some(bid)) if n > 0 => {
+                let data = self.ring.buffers().get(bid, n as usize);
                 let group_id = slot.id.group.map_or("", |g| self.sync.name(g));
-                while let Some(data) = self.ring.buffers().next_run(&mut taken) {
-                    slot.conn.on_bytes(data, &mut self.shared, group_id, now);
-                }
-                self.ring.buffers().give_back(taken);
+                slot.conn.on_bytes(data, &mut self.shared, group_id, now);
+                self.ring.buffers().recycle(bid);
                 if !slot.recv_armed && !slot.shut {
                     // The multishot ended without an error (e.g. the kernel's own limits).
                     self.arm_recv(index);

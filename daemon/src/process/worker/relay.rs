@@ -277,14 +277,9 @@ impl Worker {
         let res = cqe.result();
         let flags = cqe.flags();
         let buffer = cqueue::buffer_select(flags);
-        // The buffers this completion filled, whoever they were for.
-        let taken = match (res, buffer) {
-            (n, Some(bid)) if n > 0 => Some(self.ring.buffers().take(bid, n as usize)),
-            _ => None,
-        };
         let Some(hop) = self.hops.get_mut(h) else {
-            if let Some(taken) = taken {
-                self.ring.buffers().give_back(taken);
+            if let Some(bid) = buffer {
+                self.ring.buffers().recycle(bid);
             }
             return;
         };
@@ -292,47 +287,38 @@ impl Worker {
             hop.recv_armed = false;
         }
         let mut refused = None;
-        match (res, taken) {
-            (_, Some(mut taken)) => {
-                while let Some(data) = self.ring.buffers().next_run(&mut taken) {
-                    match &mut hop.stage {
-                        Stage::Open => hop.conn.on_bytes(data, &mut self.shared, "", now),
-                        Stage::Upgrading { request, answer, .. } => {
-                            answer.extend_from_slice(data);
-                            match handshake::head_end(answer, answer.len() - data.len()) {
-                                Some(end) => {
-                                    match request::check_answer(&answer[..end], &request.accept) {
-                                        Ok(()) => {
-                                            let mut rest = answer.split_off(end);
-                                            hop.stage = Stage::Open;
-                                            self.connecting -= 1;
-                                            self.metrics.inc(Metric::UpstreamConnects);
-                                            hop.conn.open("", "", None, now);
-                                            if !rest.is_empty() {
-                                                hop.conn.on_bytes(
-                                                    &mut rest,
-                                                    &mut self.shared,
-                                                    "",
-                                                    now,
-                                                );
-                                            }
+        match (res, buffer) {
+            (n, Some(bid)) if n > 0 => {
+                let data = self.ring.buffers().get(bid, n as usize);
+                match &mut hop.stage {
+                    Stage::Open => hop.conn.on_bytes(data, &mut self.shared, "", now),
+                    Stage::Upgrading { request, answer, .. } => {
+                        answer.extend_from_slice(data);
+                        match handshake::head_end(answer, answer.len() - data.len()) {
+                            Some(end) => {
+                                match request::check_answer(&answer[..end], &request.accept) {
+                                    Ok(()) => {
+                                        let mut rest = answer.split_off(end);
+                                        hop.stage = Stage::Open;
+                                        self.connecting -= 1;
+                                        self.metrics.inc(Metric::UpstreamConnects);
+                                        hop.conn.open("", "", None, now);
+                                        if !rest.is_empty() {
+                                            hop.conn.on_bytes(&mut rest, &mut self.shared, "", now);
                                         }
-                                        Err(request::Refused(why)) => refused = Some(why),
                                     }
+                                    Err(request::Refused(why)) => refused = Some(why),
                                 }
-                                None if answer.len() > request::MAX_RESPONSE_HEAD => {
-                                    refused = Some("upstream's answer head is too large".into())
-                                }
-                                None => {}
                             }
+                            None if answer.len() > request::MAX_RESPONSE_HEAD => {
+                                refused = Some("upstream's answer head is too large".into())
+                            }
+                            None => {}
                         }
-                        Stage::Waiting { .. } | Stage::Connecting { .. } | Stage::Failed => {}
                     }
-                    if refused.is_some() {
-                        break;
-                    }
+                    Stage::Waiting { .. } | Stage::Connecting { .. } | Stage::Failed => {}
                 }
-                self.ring.buffers().give_back(taken);
+                self.ring.buffers().recycle(bid);
                 // The multishot ended without an error (e.g. the kernel's own limits).
                 hop.arm_recv(h, &mut self.ring);
             }
