@@ -783,10 +783,16 @@ impl Core {
         // (its buffer must not move under the kernel): one send instead of several. A shared
         // frame is copied then (a new connection's first poke behind its `connected`); one
         // that finds no owned chunk waiting stays shared, as on a fan-out's quiet recipients.
+        // A framed chunk is owned too: relayed messages queued together leave together.
         let writing_back = o.in_flight == InFlight::Queue && o.queue.len() == 1;
-        if let (Some(Chunk::Owned(back)), false) = (o.queue.back_mut(), writing_back) {
+        let back = match o.queue.back_mut() {
+            Some(Chunk::Owned(buf)) => Some((buf, 0)),
+            Some(Chunk::Framed { buf, start }) => Some((buf, *start)),
+            Some(Chunk::Shared(_)) | None => None,
+        };
+        if let (Some((back, start)), false) = (back, writing_back) {
             let bytes = chunk.bytes();
-            if back.len() + bytes.len() <= COALESCE_LIMIT {
+            if back.len() - start + bytes.len() <= COALESCE_LIMIT {
                 back.extend_from_slice(bytes);
                 return;
             }
@@ -1252,6 +1258,17 @@ mod tests {
         assert!(matches!(queue.back(), Some(Chunk::Shared(_))));
         c.on_sent(first.len(), now);
         assert_eq!(c.next_send().unwrap(), b"\x81\x01y");
+    }
+
+    #[test]
+    fn relayed_messages_queued_together_leave_in_one_write() {
+        let now = Instant::now();
+        let mut c = Connection::new(Mode::Relay, now);
+        c.open("w1", "g1", None, now);
+        let mut shared = shared();
+        c.forward(Relayed::copy(OpCode::Text, b"one", false), &mut shared);
+        c.forward(Relayed::copy(OpCode::Text, b"two", false), &mut shared);
+        assert_eq!(c.next_send().unwrap(), b"\x81\x03one\x81\x03two");
     }
 
     #[test]
