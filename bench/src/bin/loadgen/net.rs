@@ -60,8 +60,10 @@ pub enum AfterOpen {
 pub trait Workload {
     /// Called when slot `id` is about to connect: who it is.
     fn request(&mut self, id: usize, now: Instant) -> ConnectSpec;
-    /// The connection in slot `id` received `connected`.
-    fn on_open(&mut self, id: usize, now: Instant, w: &mut Writer) -> Result<AfterOpen, String>;
+    /// The connection in slot `id` received `connected`; most workloads keep it open.
+    fn on_open(&mut self, _id: usize, _now: Instant, _w: &mut Writer) -> Result<AfterOpen, String> {
+        Ok(AfterOpen::Keep)
+    }
     /// A complete (inflated) text message on an open connection.
     fn on_message(
         &mut self,

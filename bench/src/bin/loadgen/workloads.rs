@@ -156,10 +156,6 @@ impl Workload for Frames {
         ConnectSpec { who: Identity::default(), protocol: String::new(), echo: true }
     }
 
-    fn on_open(&mut self, _id: usize, _now: Instant, _w: &mut Writer) -> Result<AfterOpen, String> {
-        Ok(AfterOpen::Keep)
-    }
-
     fn on_message(
         &mut self,
         id: usize,
@@ -236,10 +232,6 @@ impl Workload for Ping {
             protocol: zero::protocol_header(None),
             echo: false,
         }
-    }
-
-    fn on_open(&mut self, _id: usize, _now: Instant, _w: &mut Writer) -> Result<AfterOpen, String> {
-        Ok(AfterOpen::Keep)
     }
 
     fn on_message(
@@ -402,10 +394,6 @@ impl Workload for Push {
         let who = self.names.identity(id as u64, g as u64);
         let protocol = zero::app_protocol_header(self.app, &who.client_id, None);
         ConnectSpec { who, protocol, echo: false }
-    }
-
-    fn on_open(&mut self, _id: usize, _now: Instant, _w: &mut Writer) -> Result<AfterOpen, String> {
-        Ok(AfterOpen::Keep)
     }
 
     fn on_message(
@@ -615,10 +603,6 @@ impl Workload for Idle {
             protocol: zero::protocol_header(None),
             echo: false,
         }
-    }
-
-    fn on_open(&mut self, _id: usize, _now: Instant, _w: &mut Writer) -> Result<AfterOpen, String> {
-        Ok(AfterOpen::Keep)
     }
 
     fn on_message(
