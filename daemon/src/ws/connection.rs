@@ -153,11 +153,12 @@ impl Relayed {
         Relayed { opcode, buf, gap: gap as u8 }
     }
 
-    /// The message in the decoder's own buffer, when it assembled it (no copy); else a copy.
-    fn received(opcode: OpCode, payload: Payload<'_>, masked: bool) -> Relayed {
+    /// An upstream's message for the client's hop (unmasked): in the decoder's own buffer,
+    /// when it assembled it (no copy); else a copy.
+    fn from_upstream(opcode: OpCode, payload: Payload<'_>) -> Relayed {
         match payload.into_held() {
             Ok(buf) => Relayed { opcode, buf, gap: frame::HEADER_ROOM as u8 },
-            Err(bytes) => Relayed::copy(opcode, bytes, masked),
+            Err(bytes) => Relayed::copy(opcode, bytes, false),
         }
     }
 
@@ -522,10 +523,7 @@ impl Connection {
             let payload = Payload::Read(&mut buf[gap..]);
             return c.send_compressible(opcode, payload, threshold, &mut shared.contexts);
         }
-        count(|c| c.messages_out += 1);
-        let mask = (c.mode == Mode::Upstream).then(mask::new_key);
-        let start = frame::write_header(&mut buf, gap, opcode, mask);
-        c.push(Chunk::Framed { buf, start });
+        c.send_held(opcode, buf, gap);
     }
 
     /// Bytes queued and not yet written: a relay stops reading the other hop while they are
@@ -862,14 +860,18 @@ impl Core {
         }
         match payload.into_held() {
             // Assembled by the decoder (a large message): sent from where it lies.
-            Ok(mut buf) => {
-                count(|c| c.messages_out += 1);
-                let mask = (self.mode == Mode::Upstream).then(mask::new_key);
-                let start = frame::write_header(&mut buf, frame::HEADER_ROOM, opcode, mask);
-                self.push(Chunk::Framed { buf, start });
-            }
+            Ok(buf) => self.send_held(opcode, buf, frame::HEADER_ROOM),
             Err(bytes) => self.send_frame(opcode, bytes),
         }
+    }
+
+    /// Sends the payload that follows `room` bytes of room in `buf` as one frame, its header
+    /// written into the room (masked on a relay's upstream hop), the buffer queued as it is.
+    fn send_held(&mut self, opcode: OpCode, mut buf: Vec<u8>, room: usize) {
+        count(|c| c.messages_out += 1);
+        let mask = (self.mode == Mode::Upstream).then(mask::new_key);
+        let start = frame::write_header(&mut buf, room, opcode, mask);
+        self.push(Chunk::Framed { buf, start });
     }
 
     /// A complete data message: inflated if compressed, then echoed (conformance route) or
@@ -926,7 +928,7 @@ impl Core {
             // The upstream's messages go to the client as they are: it is zero-cache's to say
             // what they mean.
             Mode::Upstream => {
-                return self.notify(Notice::Relay(Relayed::received(opcode, payload, false)))
+                return self.notify(Notice::Relay(Relayed::from_upstream(opcode, payload)))
             }
             Mode::Sync | Mode::Relay => {}
         }
