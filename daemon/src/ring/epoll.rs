@@ -1,0 +1,661 @@
+//! The epoll backend, for hosts that forbid io_uring (container runtimes' default seccomp
+//! profiles, `kernel.io_uring_disabled`): the same operations and the same completions as
+//! the io_uring backend, emulated with edge-triggered epoll and non-blocking system calls.
+//!
+//! An operation is recorded against its descriptor when it is queued and tried at the next
+//! [`Epoll::submit_and_wait`], before the wait (a send usually completes there, with no
+//! wait at all); one that would block waits for the descriptor's next readiness edge. What
+//! each try yields is posted as a [`Completion`] and handed over by [`Epoll::drain`]:
+//! never from inside a call of the process, so a handler never runs within another.
+//!
+//! How io_uring's semantics are kept:
+//! - multishot receive: on readiness, read into the process's pool of buffers ([`BufRing`],
+//!   the same ids and `recycle` as io_uring's provided buffers), one completion per read
+//!   with the buffer's id and the more flag; a connection holds no buffer while idle. When
+//!   bytes wait and every buffer is in use the receive ends with `-ENOBUFS`, as io_uring's
+//!   does; end of file or an error end it too (a completion without the more flag).
+//! - multishot accept: `accept4` until it would block; each socket is non-blocking (the
+//!   worker gets the same open file through the handoff).
+//! - multishot poll: a level-triggered registration, one completion per wait that finds the
+//!   descriptor readable (the handlers read their channels until they would block).
+//! - send: `send(MSG_DONTWAIT)`; a short write is reported as such, as io_uring reports it.
+//! - connect: `EINPROGRESS`, then writability, then `SO_ERROR`.
+//! - cancel: the operation posts a final `-ECANCELED`.
+//! - tick: the wait's timeout; the signal read: a non-blocking read of the signalfd.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use super::{BufRing, Completion, Op, BUFFER_SHIFT, F_BUFFER, F_MORE};
+
+/// Readiness events taken per wait; more wait for the next one.
+const MAX_EVENTS: usize = 512;
+/// Reads one socket gets per pass before the others get theirs: a fast sender cannot keep
+/// the loop (or the buffer pool) to itself. The rest is read on the next pass, without
+/// waiting for another edge.
+const READS_PER_PASS: usize = 8;
+/// Accepts per pass, for the same reason.
+const ACCEPTS_PER_PASS: usize = 64;
+
+/// One process's epoll instance and the operations waiting on it.
+pub(super) struct Epoll {
+    epfd: OwnedFd,
+    /// What is known and queued per descriptor, by descriptor number.
+    fds: Vec<FdState>,
+    /// Descriptors with an operation that may make progress now: tried at the next pass.
+    runnable: Vec<RawFd>,
+    /// Completions posted since the last [`Epoll::drain`].
+    completions: Vec<Completion>,
+    /// The descriptor of each receive, accept, poll, read and connect in flight, by its
+    /// `user_data`: what [`Epoll::cancel`] looks up (sends are never cancelled).
+    cancellable: HashMap<u64, RawFd>,
+    /// When the armed tick is due.
+    tick_at: Option<Instant>,
+    /// Where the signalfd's read lands; one read is in flight at a time.
+    signals: Box<[u8; 128]>,
+    /// epoll_wait's output, kept to avoid an allocation per wait.
+    events: Vec<libc::epoll_event>,
+}
+
+/// One descriptor as the backend sees it.
+#[derive(Default)]
+struct FdState {
+    /// Whether we added it to the epoll set. May be stale for a descriptor that was closed
+    /// without [`Epoll::close`] while it had no operation, so it is trusted only while an
+    /// operation is in flight; otherwise registration modifies and falls back to adding.
+    registered: bool,
+    /// Whether a read may not block: set by a readiness event, cleared by `EAGAIN` or a
+    /// short read (edge-triggered: the next arrival brings a new event).
+    readable: bool,
+    /// Whether a write may not block; the same for writes.
+    writable: bool,
+    /// Whether it is in `runnable` already.
+    queued: bool,
+    /// The receive, accept, poll or read in flight.
+    input: Option<Input>,
+    /// The send or connect in flight.
+    output: Option<Output>,
+}
+
+/// An operation that waits for readability.
+struct Input {
+    user_data: u64,
+    kind: InputKind,
+}
+
+enum InputKind {
+    /// A multishot receive into the pool of buffers.
+    Multi,
+    /// A receive into the caller's memory.
+    Recv { buf: *mut u8, len: usize },
+    /// A `read(2)` into the caller's memory (the signalfd).
+    Read { buf: *mut u8, len: usize },
+    /// A multishot accept.
+    Accept,
+    /// A multishot poll for readability (level-triggered).
+    Poll,
+}
+
+/// An operation that waits for writability.
+enum Output {
+    Send {
+        user_data: u64,
+        buf: *const u8,
+        len: usize,
+        flags: i32,
+    },
+    Connect {
+        user_data: u64,
+        /// A copy of the address: the caller's may go once it is queued.
+        addr: Box<(libc::sockaddr_storage, libc::socklen_t)>,
+        /// `connect(2)` said EINPROGRESS: the result comes with writability.
+        started: bool,
+    },
+}
+
+fn errno() -> i32 {
+    io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+}
+
+/// What an operation's try came to.
+enum Step {
+    /// It posted its final completion.
+    Done,
+    /// It would block: wait for the next readiness edge.
+    Blocked,
+    /// It had its share of this pass and may go on: try again at the next.
+    Again,
+}
+
+impl Epoll {
+    pub(super) fn new() -> io::Result<Epoll> {
+        // SAFETY: plain system call; the descriptor is owned below.
+        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Epoll {
+            // SAFETY: a new descriptor nobody else owns.
+            epfd: unsafe { OwnedFd::from_raw_fd(fd) },
+            fds: Vec::new(),
+            runnable: Vec::new(),
+            completions: Vec::with_capacity(512),
+            cancellable: HashMap::new(),
+            tick_at: None,
+            signals: Box::new([0; 128]),
+            events: vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS],
+        })
+    }
+
+    fn state(&mut self, fd: RawFd) -> &mut FdState {
+        let i = fd as usize;
+        if i >= self.fds.len() {
+            self.fds.resize_with(i + 1, FdState::default);
+        }
+        &mut self.fds[i]
+    }
+
+    #[inline]
+    fn post(&mut self, user_data: u64, result: i32, flags: u32) {
+        self.completions.push(Completion { user_data, result, flags });
+    }
+
+    fn queue(&mut self, fd: RawFd) {
+        let st = self.state(fd);
+        if !st.queued {
+            st.queued = true;
+            self.runnable.push(fd);
+        }
+    }
+
+    /// Adds `fd` to the epoll set, or updates it; `level`: level-triggered readability only
+    /// (a poll), else edge-triggered both ways. Returns `errno` on failure.
+    fn register(&mut self, fd: RawFd, level: bool) -> Result<(), i32> {
+        let events = if level {
+            libc::EPOLLIN as u32
+        } else {
+            (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32
+        };
+        let epfd = self.epfd.as_raw_fd();
+        let st = self.state(fd);
+        let ctl = |op| {
+            let mut ev = libc::epoll_event { events, u64: fd as u64 };
+            // SAFETY: a valid event struct; the kernel copies it.
+            if unsafe { libc::epoll_ctl(epfd, op, fd, &mut ev) } < 0 {
+                Err(errno())
+            } else {
+                Ok(())
+            }
+        };
+        let first = if st.registered { libc::EPOLL_CTL_MOD } else { libc::EPOLL_CTL_ADD };
+        match ctl(first) {
+            Ok(()) => {}
+            // Closed and reused since (registered), or added by an earlier life (not).
+            Err(libc::ENOENT) if first == libc::EPOLL_CTL_MOD => ctl(libc::EPOLL_CTL_ADD)?,
+            Err(libc::EEXIST) if first == libc::EPOLL_CTL_ADD => ctl(libc::EPOLL_CTL_MOD)?,
+            Err(e) => return Err(e),
+        }
+        st.registered = true;
+        // Unknown until tried: a try that would block clears them. A poll learns from the
+        // wait, which reports a readable descriptor at once.
+        st.readable = !level;
+        st.writable = !level;
+        Ok(())
+    }
+
+    /// Records `input` on `fd` and queues it for the next pass.
+    fn arm_input(&mut self, fd: RawFd, user_data: u64, kind: InputKind) {
+        let level = matches!(kind, InputKind::Poll);
+        if matches!(kind, InputKind::Read { .. } | InputKind::Accept) {
+            // Sockets are read with MSG_DONTWAIT; these descriptors take O_NONBLOCK (the
+            // listening socket's open file is shared with the supervisor, which never
+            // accepts, and with a replaced listener, which runs this backend too).
+            set_nonblocking(fd);
+        }
+        let st = self.state(fd);
+        debug_assert!(st.input.is_none(), "one input operation per descriptor");
+        let idle = st.input.is_none() && st.output.is_none();
+        st.input = Some(Input { user_data, kind });
+        if idle || level {
+            if let Err(e) = self.register(fd, level) {
+                self.state(fd).input = None;
+                return self.post(user_data, -e, 0);
+            }
+        }
+        self.cancellable.insert(user_data, fd);
+        self.queue(fd);
+    }
+
+    fn arm_output(&mut self, fd: RawFd, output: Output) {
+        let st = self.state(fd);
+        debug_assert!(st.output.is_none(), "one output operation per descriptor");
+        let idle = st.input.is_none() && st.output.is_none();
+        st.output = Some(output);
+        if idle {
+            if let Err(e) = self.register(fd, false) {
+                let ud = match self.state(fd).output.take() {
+                    Some(Output::Send { user_data, .. } | Output::Connect { user_data, .. }) => {
+                        user_data
+                    }
+                    None => return,
+                };
+                return self.post(ud, -e, 0);
+            }
+        }
+        self.queue(fd);
+    }
+
+    /// # Safety
+    ///
+    /// See [`super::Ring::recv`].
+    pub(super) unsafe fn recv(&mut self, fd: RawFd, buf: *mut u8, len: usize, user_data: u64) {
+        self.arm_input(fd, user_data, InputKind::Recv { buf, len });
+    }
+
+    pub(super) fn recv_multi(&mut self, fd: RawFd, user_data: u64) {
+        self.arm_input(fd, user_data, InputKind::Multi);
+    }
+
+    /// # Safety
+    ///
+    /// See [`super::Ring::send`].
+    pub(super) unsafe fn send(
+        &mut self,
+        fd: RawFd,
+        buf: *const u8,
+        len: usize,
+        flags: i32,
+        user_data: u64,
+    ) {
+        self.arm_output(fd, Output::Send { user_data, buf, len, flags });
+    }
+
+    /// # Safety
+    ///
+    /// See [`super::Ring::connect`].
+    pub(super) unsafe fn connect(
+        &mut self,
+        fd: RawFd,
+        addr: *const libc::sockaddr,
+        len: libc::socklen_t,
+        user_data: u64,
+    ) {
+        // SAFETY: all zeroes is a valid sockaddr_storage.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let len = len.min(std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t);
+        // SAFETY: the caller's contract: `len` bytes readable at `addr`; the copy fits.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                addr as *const u8,
+                &mut storage as *mut _ as *mut u8,
+                len as usize,
+            )
+        };
+        let addr = Box::new((storage, len));
+        self.arm_output(fd, Output::Connect { user_data, addr, started: false });
+        self.cancellable.insert(user_data, fd);
+    }
+
+    pub(super) fn poll_multi(&mut self, fd: RawFd, user_data: u64) {
+        self.arm_input(fd, user_data, InputKind::Poll);
+    }
+
+    pub(super) fn accept_multi(&mut self, fd: RawFd, user_data: u64) {
+        self.arm_input(fd, user_data, InputKind::Accept);
+    }
+
+    pub(super) fn read_signals(&mut self, signalfd: RawFd) {
+        let buf = self.signals.as_mut_ptr();
+        self.arm_input(signalfd, Op::Signal.token(0), InputKind::Read { buf, len: 128 });
+    }
+
+    pub(super) fn cancel(&mut self, user_data: u64) {
+        let Some(fd) = self.cancellable.remove(&user_data) else {
+            // Completed already: its final completion is posted or handed over.
+            return;
+        };
+        let epfd = self.epfd.as_raw_fd();
+        let st = self.state(fd);
+        if st.input.as_ref().is_some_and(|i| i.user_data == user_data) {
+            if matches!(st.input.take(), Some(Input { kind: InputKind::Poll, .. })) {
+                // Level-triggered: it would keep reporting a readable channel.
+                // SAFETY: plain system call.
+                unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+                st.registered = false;
+            }
+        } else if matches!(&st.output, Some(Output::Connect { user_data: u, .. }) if *u == user_data)
+        {
+            st.output = None;
+        } else {
+            return;
+        }
+        self.post(user_data, -libc::ECANCELED, 0);
+    }
+
+    pub(super) fn close(&mut self, fd: OwnedFd) {
+        let raw = fd.as_raw_fd();
+        let epfd = self.epfd.as_raw_fd();
+        if let Some(st) = self.fds.get_mut(raw as usize) {
+            debug_assert!(st.input.is_none() && st.output.is_none(), "closed while in flight");
+            if st.registered {
+                // Before the close: another process may hold the same open file (the
+                // listener's socket after its handoff), which would keep the registration
+                // and its events alive under a number that gets reused.
+                // SAFETY: plain system call.
+                unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, raw, std::ptr::null_mut()) };
+            }
+            *st = FdState { queued: st.queued, ..FdState::default() };
+        }
+        drop(fd);
+    }
+
+    pub(super) fn nop(&mut self, user_data: u64) {
+        self.post(user_data, 0, 0);
+    }
+
+    pub(super) fn arm_tick(&mut self, every: Duration) {
+        self.tick_at = Some(Instant::now() + every);
+    }
+
+    /// Tries what is queued, waits for readiness (not at all when completions are ready),
+    /// and tries what became ready.
+    pub(super) fn submit_and_wait(&mut self, buffers: &mut Option<BufRing>) -> io::Result<()> {
+        self.run_queued(buffers);
+        let timeout = if !self.completions.is_empty() || !self.runnable.is_empty() {
+            0
+        } else {
+            match self.tick_at {
+                Some(at) => {
+                    let wait = at.saturating_duration_since(Instant::now());
+                    // Rounded up: a wait that ends early would spin until the tick is due.
+                    wait.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as i32
+                }
+                None => -1,
+            }
+        };
+        // SAFETY: `events` holds MAX_EVENTS entries for the kernel to fill.
+        let n = unsafe {
+            libc::epoll_wait(
+                self.epfd.as_raw_fd(),
+                self.events.as_mut_ptr(),
+                MAX_EVENTS as i32,
+                timeout,
+            )
+        };
+        if n < 0 {
+            let e = errno();
+            if e != libc::EINTR {
+                return Err(io::Error::from_raw_os_error(e));
+            }
+        }
+        for i in 0..n.max(0) as usize {
+            let libc::epoll_event { events, u64: data } = self.events[i];
+            let fd = data as RawFd;
+            let Some(st) = self.fds.get_mut(fd as usize) else { continue };
+            let (hup, err) = (libc::EPOLLHUP as u32, libc::EPOLLERR as u32);
+            if events & (libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32 | hup | err) != 0 {
+                st.readable = true;
+            }
+            if events & (libc::EPOLLOUT as u32 | hup | err) != 0 {
+                st.writable = true;
+            }
+            if (st.input.is_some() || st.output.is_some()) && !st.queued {
+                st.queued = true;
+                self.runnable.push(fd);
+            }
+        }
+        self.run_queued(buffers);
+        if self.tick_at.is_some_and(|at| Instant::now() >= at) {
+            self.tick_at = None;
+            self.post(Op::Tick.token(0), -libc::ETIME, 0);
+        }
+        Ok(())
+    }
+
+    /// Hands over every completion posted since the last call.
+    pub(super) fn drain(&mut self, into: &mut Vec<Completion>) {
+        into.clear();
+        std::mem::swap(into, &mut self.completions);
+    }
+
+    /// Tries the operations of every queued descriptor once.
+    fn run_queued(&mut self, buffers: &mut Option<BufRing>) {
+        let mut queued = std::mem::take(&mut self.runnable);
+        for &fd in &queued {
+            self.run(fd, buffers);
+        }
+        queued.clear();
+        // What was queued meanwhile (a share cut short) goes first next time; the list's
+        // memory is kept.
+        queued.append(&mut self.runnable);
+        self.runnable = queued;
+    }
+
+    fn run(&mut self, fd: RawFd, buffers: &mut Option<BufRing>) {
+        let Some(st) = self.fds.get_mut(fd as usize) else { return };
+        st.queued = false;
+        let mut again = false;
+        if st.readable {
+            match self.run_input(fd, buffers) {
+                Step::Again => again = true,
+                Step::Blocked => self.fds[fd as usize].readable = false,
+                Step::Done => {}
+            }
+        }
+        if self.fds[fd as usize].writable {
+            match self.run_output(fd) {
+                Step::Blocked => self.fds[fd as usize].writable = false,
+                Step::Again => again = true,
+                Step::Done => {}
+            }
+        }
+        if again {
+            self.queue(fd);
+        }
+    }
+
+    /// Ends the input operation of `fd` with its final completion.
+    fn end_input(&mut self, fd: RawFd, user_data: u64, result: i32) {
+        self.fds[fd as usize].input = None;
+        self.cancellable.remove(&user_data);
+        self.post(user_data, result, 0);
+    }
+
+    fn run_input(&mut self, fd: RawFd, buffers: &mut Option<BufRing>) -> Step {
+        let Some(input) = &self.fds[fd as usize].input else { return Step::Done };
+        let user_data = input.user_data;
+        match input.kind {
+            InputKind::Multi => {
+                let bufs = buffers.as_mut().expect("provide_buffers was called");
+                let size = bufs.size();
+                for _ in 0..READS_PER_PASS {
+                    let Some((bid, ptr)) = bufs.take() else {
+                        // Every buffer is in use: ENOBUFS ends the receive, as under
+                        // io_uring, but only if bytes (or the end) are really there.
+                        let mut byte = 0u8;
+                        let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
+                        // SAFETY: one byte of our stack.
+                        let r = unsafe { libc::recv(fd, (&mut byte as *mut u8).cast(), 1, flags) };
+                        let result = match r {
+                            r if r > 0 => -libc::ENOBUFS,
+                            0 => 0,
+                            _ => match errno() {
+                                libc::EAGAIN => return Step::Blocked,
+                                e => -e,
+                            },
+                        };
+                        self.end_input(fd, user_data, result);
+                        return Step::Done;
+                    };
+                    // SAFETY: a free buffer of `size` bytes from the pool, ours until given
+                    // back or handed over with a completion.
+                    let r = unsafe { libc::recv(fd, ptr.cast(), size, libc::MSG_DONTWAIT) };
+                    if r > 0 {
+                        let flags = F_BUFFER | F_MORE | (u32::from(bid) << BUFFER_SHIFT);
+                        self.post(user_data, r as i32, flags);
+                        if (r as usize) < size {
+                            // The queue was empty: whatever arrives next brings an edge.
+                            return Step::Blocked;
+                        }
+                        continue;
+                    }
+                    let e = if r == 0 { 0 } else { errno() };
+                    bufs.untake(bid);
+                    match e {
+                        libc::EAGAIN => return Step::Blocked,
+                        libc::EINTR => continue,
+                        e => {
+                            self.end_input(fd, user_data, -e);
+                            return Step::Done;
+                        }
+                    }
+                }
+                Step::Again
+            }
+            InputKind::Recv { buf, len } | InputKind::Read { buf, len } => {
+                let read = matches!(input.kind, InputKind::Read { .. });
+                loop {
+                    let r = if read {
+                        // SAFETY: the caller's contract (Ring::read_signals's own buffer).
+                        unsafe { libc::read(fd, buf.cast(), len) }
+                    } else {
+                        // SAFETY: the caller's contract (Ring::recv).
+                        unsafe { libc::recv(fd, buf.cast(), len, libc::MSG_DONTWAIT) }
+                    };
+                    let result = if r >= 0 {
+                        r as i32
+                    } else {
+                        match errno() {
+                            libc::EAGAIN => return Step::Blocked,
+                            libc::EINTR => continue,
+                            e => -e,
+                        }
+                    };
+                    self.end_input(fd, user_data, result);
+                    return Step::Done;
+                }
+            }
+            InputKind::Accept => {
+                for _ in 0..ACCEPTS_PER_PASS {
+                    let flags = libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+                    // SAFETY: no address asked for.
+                    let new = unsafe {
+                        libc::accept4(fd, std::ptr::null_mut(), std::ptr::null_mut(), flags)
+                    };
+                    if new >= 0 {
+                        self.post(user_data, new, F_MORE);
+                        continue;
+                    }
+                    match errno() {
+                        libc::EAGAIN => return Step::Blocked,
+                        libc::EINTR | libc::ECONNABORTED => continue,
+                        e => {
+                            // Like io_uring's, the accept ends on other errors (EMFILE); the
+                            // listener re-arms it, and it waits for the next arrival rather
+                            // than failing again at once.
+                            self.end_input(fd, user_data, -e);
+                            return Step::Blocked;
+                        }
+                    }
+                }
+                Step::Again
+            }
+            InputKind::Poll => {
+                self.post(user_data, libc::POLLIN as i32, F_MORE);
+                // The next wait says whether it still is readable.
+                Step::Blocked
+            }
+        }
+    }
+
+    fn run_output(&mut self, fd: RawFd) -> Step {
+        let st = &mut self.fds[fd as usize];
+        match &mut st.output {
+            None => Step::Done,
+            Some(Output::Send { user_data, buf, len, flags }) => {
+                let (user_data, buf, len, flags) = (*user_data, *buf, *len, *flags);
+                loop {
+                    // SAFETY: the caller's contract (Ring::send).
+                    let r = unsafe { libc::send(fd, buf.cast(), len, flags | libc::MSG_DONTWAIT) };
+                    let result = if r >= 0 {
+                        r as i32
+                    } else {
+                        match errno() {
+                            libc::EAGAIN => return Step::Blocked,
+                            libc::EINTR => continue,
+                            e => -e,
+                        }
+                    };
+                    self.fds[fd as usize].output = None;
+                    self.post(user_data, result, 0);
+                    return Step::Done;
+                }
+            }
+            Some(Output::Connect { user_data, addr, started }) => {
+                let user_data = *user_data;
+                let result = if !*started {
+                    let (storage, len) = &**addr;
+                    // SAFETY: a copy of the caller's address, `len` bytes of it.
+                    let r = unsafe {
+                        libc::connect(fd, (storage as *const libc::sockaddr_storage).cast(), *len)
+                    };
+                    match if r == 0 { 0 } else { errno() } {
+                        libc::EINPROGRESS | libc::EINTR => {
+                            *started = true;
+                            return Step::Blocked;
+                        }
+                        e => -e,
+                    }
+                } else {
+                    let mut err: libc::c_int = 0;
+                    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+                    // SAFETY: an int-sized option into an int.
+                    unsafe {
+                        libc::getsockopt(
+                            fd,
+                            libc::SOL_SOCKET,
+                            libc::SO_ERROR,
+                            (&mut err as *mut libc::c_int).cast(),
+                            &mut len,
+                        )
+                    };
+                    if err != 0 {
+                        -err
+                    } else if connected(fd) {
+                        0
+                    } else {
+                        // Readiness from before the connect (or a spurious one): wait on.
+                        return Step::Blocked;
+                    }
+                };
+                self.fds[fd as usize].output = None;
+                self.cancellable.remove(&user_data);
+                self.post(user_data, result, 0);
+                Step::Done
+            }
+        }
+    }
+}
+
+/// Whether `fd` has a peer (its connect finished).
+fn connected(fd: RawFd) -> bool {
+    // SAFETY: all zeroes is a valid sockaddr_storage.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: a buffer of `len` bytes for the address.
+    unsafe {
+        libc::getpeername(fd, (&mut addr as *mut libc::sockaddr_storage).cast(), &mut len) == 0
+    }
+}
+
+fn set_nonblocking(fd: RawFd) {
+    // SAFETY: plain fcntl calls on a descriptor the caller keeps open.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags >= 0 && flags & libc::O_NONBLOCK == 0 {
+            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+        }
+    }
+}
