@@ -168,7 +168,7 @@ if cargo nextest --version >/dev/null 2>&1; then
     # machine; a host without io_uring runs epoll in both runs.
     log "cargo nextest run: the end-to-end tests on the epoll backend"
     SYNCGATE_TEST_IO_BACKEND=epoll cargo nextest run --workspace --locked --no-fail-fast -E \
-        'kind(test) & !(binary(backend) | binary(packaging) | binary(container) | binary(ops_install) | binary(ops_systemd))'
+        'package(syncgate) & kind(test) & !(binary(backend) | binary(packaging) | binary(container) | binary(ops_install) | binary(ops_systemd))'
 else
     log "cargo-nextest not found: cargo test"
     cargo test --workspace --locked --no-fail-fast
