@@ -1,8 +1,8 @@
 //! The thin io layer every process's event loop stands on: typed operations (receive, send,
 //! connect, accept, poll, cancel, close, tick, signal read), the `user_data` encoding, the
 //! provided buffers that multishot receives fill, and the completions that come back, on
-//! one of two backends chosen at start (`io.backend`): io_uring ([`uring`]), or epoll
-//! ([`epoll`]) where io_uring is forbidden. The backend only moves bytes: the processes,
+//! one of two backends chosen at start (`io.backend`): io_uring (`uring.rs`), or epoll
+//! (`epoll.rs`) where io_uring is forbidden. The backend only moves bytes: the processes,
 //! the handoff, the protocol core and the limits are the same on both.
 //!
 //! Why the `io-uring` crate and not tokio-uring: see the README ("Why io-uring").
