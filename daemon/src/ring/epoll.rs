@@ -48,6 +48,10 @@ pub(super) struct Epoll {
     runnable: Vec<RawFd>,
     /// Completions posted since the last [`Epoll::drain`].
     completions: Vec<Completion>,
+    /// How many of those hold a pool buffer: buffers that come back once the process has
+    /// handled them, so a receive that finds the pool empty meanwhile waits for the next
+    /// pass instead of ending with ENOBUFS.
+    buffers_posted: usize,
     /// The descriptor of each receive, accept, poll, read and connect in flight, by its
     /// `user_data`: what [`Epoll::cancel`] looks up (sends are never cancelled).
     cancellable: HashMap<u64, RawFd>,
@@ -142,6 +146,7 @@ impl Epoll {
             fds: Vec::new(),
             runnable: Vec::new(),
             completions: Vec::with_capacity(512),
+            buffers_posted: 0,
             cancellable: HashMap::new(),
             tick_at: None,
             signals: Box::new([0; 128]),
@@ -417,6 +422,7 @@ impl Epoll {
     /// Hands over every completion posted since the last call.
     pub(super) fn drain(&mut self, into: &mut Vec<Completion>) {
         into.clear();
+        self.buffers_posted = 0;
         std::mem::swap(into, &mut self.completions);
     }
 
@@ -472,8 +478,15 @@ impl Epoll {
                 let size = bufs.size();
                 for _ in 0..READS_PER_PASS {
                     let Some((bid, ptr)) = bufs.take() else {
-                        // Every buffer is in use: ENOBUFS ends the receive, as under
-                        // io_uring, but only if bytes (or the end) are really there.
+                        if self.buffers_posted > 0 {
+                            // This pass's completions hold them, and the process gives them
+                            // back as it handles them: read on at the next pass. (Ending the
+                            // receive here cost a peek and a re-registration per message
+                            // once a burst outran the pool.)
+                            return Step::Again;
+                        }
+                        // The process holds every buffer: ENOBUFS ends the receive, as
+                        // under io_uring, but only if bytes (or the end) are really there.
                         let mut byte = 0u8;
                         let flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
                         // SAFETY: one byte of our stack.
@@ -495,6 +508,7 @@ impl Epoll {
                     if r > 0 {
                         let flags = F_BUFFER | F_MORE | (u32::from(bid) << BUFFER_SHIFT);
                         self.post(user_data, r as i32, flags);
+                        self.buffers_posted += 1;
                         if (r as usize) < size {
                             // The queue was empty: whatever arrives next brings an edge.
                             return Step::Blocked;
