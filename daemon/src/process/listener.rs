@@ -146,7 +146,7 @@ impl Listener {
             log::info!("listener: stop requested, no longer accepting");
             self.stopping = true;
             // Closing the listening socket would race the supervisor's copy; stop our accept.
-            self.ring.cancel(Op::Accept.token(0));
+            self.ring.cancel(&self.listen, Op::Accept.token(0));
         }
     }
 

@@ -52,9 +52,9 @@ pub(super) struct Epoll {
     /// handled them, so a receive that finds the pool empty meanwhile waits for the next
     /// pass instead of ending with ENOBUFS.
     buffers_posted: usize,
-    /// The descriptor of each receive, accept, poll, read and connect in flight, by its
-    /// `user_data`: what [`Epoll::cancel`] looks up (sends are never cancelled).
-    cancellable: HashMap<u64, RawFd>,
+    /// The address of each connect in flight, by descriptor (rare: kept out of `fds`, which
+    /// has an entry per connection).
+    connects: HashMap<RawFd, Box<Connect>>,
     /// When the armed tick is due.
     tick_at: Option<Instant>,
     /// Where the signalfd's read lands; one read is in flight at a time.
@@ -63,39 +63,88 @@ pub(super) struct Epoll {
     events: Vec<libc::epoll_event>,
 }
 
-/// One descriptor as the backend sees it.
-#[derive(Default)]
+/// One descriptor as the backend sees it: one per connection in a worker, so kept small
+/// (48 bytes; no per-connection buffer, no boxed state).
 struct FdState {
-    /// Whether we added it to the epoll set. May be stale for a descriptor that was closed
-    /// without [`Epoll::close`] while it had no operation, so it is trusted only while an
-    /// operation is in flight; otherwise registration modifies and falls back to adding.
-    registered: bool,
-    /// Whether a read may not block: set by a readiness event, cleared by `EAGAIN` or a
-    /// short read (edge-triggered: the next arrival brings a new event).
-    readable: bool,
-    /// Whether a write may not block; the same for writes.
-    writable: bool,
-    /// Whether it is in `runnable` already.
-    queued: bool,
-    /// The receive, accept, poll or read in flight.
-    input: Option<Input>,
-    /// The send or connect in flight.
-    output: Option<Output>,
+    /// The `user_data` of the input operation in flight.
+    in_user_data: u64,
+    /// Where a receive or read into the caller's memory goes.
+    in_buf: *mut u8,
+    /// How many bytes it may take.
+    in_len: u32,
+    /// How many bytes the send in flight has to write.
+    out_len: u32,
+    /// The `user_data` of the output operation in flight.
+    out_user_data: u64,
+    /// What the send in flight writes.
+    out_buf: *const u8,
+    /// Its `MSG_*` flags.
+    out_flags: i32,
+    /// The receive, accept, poll or read in flight, if any.
+    input: InputKind,
+    /// The send or connect in flight, if any.
+    output: OutputKind,
+    /// [`REGISTERED`], [`READABLE`], [`WRITABLE`], [`QUEUED`].
+    bits: u8,
+}
+
+impl Default for FdState {
+    fn default() -> Self {
+        FdState {
+            in_user_data: 0,
+            in_buf: std::ptr::null_mut(),
+            in_len: 0,
+            out_len: 0,
+            out_user_data: 0,
+            out_buf: std::ptr::null(),
+            out_flags: 0,
+            input: InputKind::None,
+            output: OutputKind::None,
+            bits: 0,
+        }
+    }
+}
+
+/// Added to the epoll set. May be stale for a descriptor that was closed without
+/// [`Epoll::close`] while it had no operation, so it is trusted only while an operation is
+/// in flight; otherwise registration modifies and falls back to adding.
+const REGISTERED: u8 = 1;
+/// A read may not block: set by a readiness event, cleared by `EAGAIN` or a short read
+/// (edge-triggered: the next arrival brings a new event).
+const READABLE: u8 = 2;
+/// A write may not block; the same for writes.
+const WRITABLE: u8 = 4;
+/// In `runnable` already.
+const QUEUED: u8 = 8;
+
+impl FdState {
+    fn has(&self, bit: u8) -> bool {
+        self.bits & bit != 0
+    }
+
+    fn set(&mut self, bit: u8, on: bool) {
+        if on {
+            self.bits |= bit;
+        } else {
+            self.bits &= !bit;
+        }
+    }
+
+    fn idle(&self) -> bool {
+        self.input == InputKind::None && self.output == OutputKind::None
+    }
 }
 
 /// An operation that waits for readability.
-struct Input {
-    user_data: u64,
-    kind: InputKind,
-}
-
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum InputKind {
+    None,
     /// A multishot receive into the pool of buffers.
     Multi,
     /// A receive into the caller's memory.
-    Recv { buf: *mut u8, len: usize },
+    Recv,
     /// A `read(2)` into the caller's memory (the signalfd).
-    Read { buf: *mut u8, len: usize },
+    Read,
     /// A multishot accept.
     Accept,
     /// A multishot poll for readability (level-triggered).
@@ -103,20 +152,21 @@ enum InputKind {
 }
 
 /// An operation that waits for writability.
-enum Output {
-    Send {
-        user_data: u64,
-        buf: *const u8,
-        len: usize,
-        flags: i32,
-    },
-    Connect {
-        user_data: u64,
-        /// A copy of the address: the caller's may go once it is queued.
-        addr: Box<(libc::sockaddr_storage, libc::socklen_t)>,
-        /// `connect(2)` said EINPROGRESS: the result comes with writability.
-        started: bool,
-    },
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OutputKind {
+    None,
+    Send,
+    /// A connect (its address in `Epoll::connects`).
+    Connect,
+}
+
+/// A connect in flight.
+struct Connect {
+    /// A copy of the address: the caller's may go once it is queued.
+    addr: libc::sockaddr_storage,
+    len: libc::socklen_t,
+    /// `connect(2)` said EINPROGRESS: the result comes with writability.
+    started: bool,
 }
 
 fn errno() -> i32 {
@@ -147,7 +197,7 @@ impl Epoll {
             runnable: Vec::new(),
             completions: Vec::with_capacity(512),
             buffers_posted: 0,
-            cancellable: HashMap::new(),
+            connects: HashMap::new(),
             tick_at: None,
             signals: Box::new([0; 128]),
             events: vec![libc::epoll_event { events: 0, u64: 0 }; MAX_EVENTS],
@@ -157,7 +207,11 @@ impl Epoll {
     fn state(&mut self, fd: RawFd) -> &mut FdState {
         let i = fd as usize;
         if i >= self.fds.len() {
-            self.fds.resize_with(i + 1, FdState::default);
+            // One entry per descriptor, so per connection: grown by an eighth at a time
+            // rather than doubled, which would leave up to one unused entry per connection.
+            let want = (i + 1).max(self.fds.len() + (self.fds.len() / 8).max(1024));
+            self.fds.reserve_exact(want - self.fds.len());
+            self.fds.resize_with(want, FdState::default);
         }
         &mut self.fds[i]
     }
@@ -169,8 +223,8 @@ impl Epoll {
 
     fn queue(&mut self, fd: RawFd) {
         let st = self.state(fd);
-        if !st.queued {
-            st.queued = true;
+        if !st.has(QUEUED) {
+            st.set(QUEUED, true);
             self.runnable.push(fd);
         }
     }
@@ -194,7 +248,7 @@ impl Epoll {
                 Ok(())
             }
         };
-        let first = if st.registered { libc::EPOLL_CTL_MOD } else { libc::EPOLL_CTL_ADD };
+        let first = if st.has(REGISTERED) { libc::EPOLL_CTL_MOD } else { libc::EPOLL_CTL_ADD };
         match ctl(first) {
             Ok(()) => {}
             // Closed and reused since (registered), or added by an earlier life (not).
@@ -202,65 +256,66 @@ impl Epoll {
             Err(libc::EEXIST) if first == libc::EPOLL_CTL_ADD => ctl(libc::EPOLL_CTL_MOD)?,
             Err(e) => return Err(e),
         }
-        st.registered = true;
+        st.set(REGISTERED, true);
         // Unknown until tried: a try that would block clears them. A poll learns from the
         // wait, which reports a readable descriptor at once.
-        st.readable = !level;
-        st.writable = !level;
+        st.set(READABLE, !level);
+        st.set(WRITABLE, !level);
         Ok(())
     }
 
-    /// Records `input` on `fd` and queues it for the next pass.
-    fn arm_input(&mut self, fd: RawFd, user_data: u64, kind: InputKind) {
-        let level = matches!(kind, InputKind::Poll);
-        if matches!(kind, InputKind::Read { .. } | InputKind::Accept) {
+    /// Records an input operation on `fd` and queues it for the next pass.
+    fn arm_input(&mut self, fd: RawFd, user_data: u64, kind: InputKind, buf: *mut u8, len: usize) {
+        let level = kind == InputKind::Poll;
+        if matches!(kind, InputKind::Read | InputKind::Accept) {
             // Sockets are read with MSG_DONTWAIT; these descriptors take O_NONBLOCK (the
             // listening socket's open file is shared with the supervisor, which never
             // accepts, and with a replaced listener, which runs this backend too).
             set_nonblocking(fd);
         }
         let st = self.state(fd);
-        debug_assert!(st.input.is_none(), "one input operation per descriptor");
-        let idle = st.input.is_none() && st.output.is_none();
-        st.input = Some(Input { user_data, kind });
+        debug_assert!(st.input == InputKind::None, "one input operation per descriptor");
+        let idle = st.idle();
+        st.input = kind;
+        st.in_user_data = user_data;
+        st.in_buf = buf;
+        st.in_len = len.min(u32::MAX as usize) as u32;
         if idle || level {
             if let Err(e) = self.register(fd, level) {
-                self.state(fd).input = None;
+                self.state(fd).input = InputKind::None;
                 return self.post(user_data, -e, 0);
             }
         }
-        self.cancellable.insert(user_data, fd);
         self.queue(fd);
     }
 
-    fn arm_output(&mut self, fd: RawFd, output: Output) {
+    /// Records an output operation on `fd` and queues it for the next pass.
+    fn arm_output(&mut self, fd: RawFd, user_data: u64, kind: OutputKind) -> bool {
         let st = self.state(fd);
-        debug_assert!(st.output.is_none(), "one output operation per descriptor");
-        let idle = st.input.is_none() && st.output.is_none();
-        st.output = Some(output);
+        debug_assert!(st.output == OutputKind::None, "one output operation per descriptor");
+        let idle = st.idle();
+        st.output = kind;
+        st.out_user_data = user_data;
         if idle {
             if let Err(e) = self.register(fd, false) {
-                let ud = match self.state(fd).output.take() {
-                    Some(Output::Send { user_data, .. } | Output::Connect { user_data, .. }) => {
-                        user_data
-                    }
-                    None => return,
-                };
-                return self.post(ud, -e, 0);
+                self.state(fd).output = OutputKind::None;
+                self.post(user_data, -e, 0);
+                return false;
             }
         }
         self.queue(fd);
+        true
     }
 
     /// # Safety
     ///
     /// See [`super::Ring::recv`].
     pub(super) unsafe fn recv(&mut self, fd: RawFd, buf: *mut u8, len: usize, user_data: u64) {
-        self.arm_input(fd, user_data, InputKind::Recv { buf, len });
+        self.arm_input(fd, user_data, InputKind::Recv, buf, len);
     }
 
     pub(super) fn recv_multi(&mut self, fd: RawFd, user_data: u64) {
-        self.arm_input(fd, user_data, InputKind::Multi);
+        self.arm_input(fd, user_data, InputKind::Multi, std::ptr::null_mut(), 0);
     }
 
     /// # Safety
@@ -274,7 +329,12 @@ impl Epoll {
         flags: i32,
         user_data: u64,
     ) {
-        self.arm_output(fd, Output::Send { user_data, buf, len, flags });
+        let st = self.state(fd);
+        st.out_buf = buf;
+        // A stream send may write less than asked; the caller sends the rest after.
+        st.out_len = len.min(u32::MAX as usize) as u32;
+        st.out_flags = flags;
+        self.arm_output(fd, user_data, OutputKind::Send);
     }
 
     /// # Safety
@@ -298,42 +358,40 @@ impl Epoll {
                 len as usize,
             )
         };
-        let addr = Box::new((storage, len));
-        self.arm_output(fd, Output::Connect { user_data, addr, started: false });
-        self.cancellable.insert(user_data, fd);
+        if self.arm_output(fd, user_data, OutputKind::Connect) {
+            self.connects.insert(fd, Box::new(Connect { addr: storage, len, started: false }));
+        }
     }
 
     pub(super) fn poll_multi(&mut self, fd: RawFd, user_data: u64) {
-        self.arm_input(fd, user_data, InputKind::Poll);
+        self.arm_input(fd, user_data, InputKind::Poll, std::ptr::null_mut(), 0);
     }
 
     pub(super) fn accept_multi(&mut self, fd: RawFd, user_data: u64) {
-        self.arm_input(fd, user_data, InputKind::Accept);
+        self.arm_input(fd, user_data, InputKind::Accept, std::ptr::null_mut(), 0);
     }
 
     pub(super) fn read_signals(&mut self, signalfd: RawFd) {
         let buf = self.signals.as_mut_ptr();
-        self.arm_input(signalfd, Op::Signal.token(0), InputKind::Read { buf, len: 128 });
+        self.arm_input(signalfd, Op::Signal.token(0), InputKind::Read, buf, 128);
     }
 
-    pub(super) fn cancel(&mut self, user_data: u64) {
-        let Some(fd) = self.cancellable.remove(&user_data) else {
-            // Completed already: its final completion is posted or handed over.
-            return;
-        };
+    pub(super) fn cancel(&mut self, fd: RawFd, user_data: u64) {
         let epfd = self.epfd.as_raw_fd();
-        let st = self.state(fd);
-        if st.input.as_ref().is_some_and(|i| i.user_data == user_data) {
-            if matches!(st.input.take(), Some(Input { kind: InputKind::Poll, .. })) {
+        let Some(st) = self.fds.get_mut(fd as usize) else { return };
+        if st.input != InputKind::None && st.in_user_data == user_data {
+            if st.input == InputKind::Poll {
                 // Level-triggered: it would keep reporting a readable channel.
                 // SAFETY: plain system call.
                 unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
-                st.registered = false;
+                st.set(REGISTERED, false);
             }
-        } else if matches!(&st.output, Some(Output::Connect { user_data: u, .. }) if *u == user_data)
-        {
-            st.output = None;
+            st.input = InputKind::None;
+        } else if st.output == OutputKind::Connect && st.out_user_data == user_data {
+            st.output = OutputKind::None;
+            self.connects.remove(&fd);
         } else {
+            // Completed already: its final completion is posted or handed over.
             return;
         }
         self.post(user_data, -libc::ECANCELED, 0);
@@ -343,15 +401,17 @@ impl Epoll {
         let raw = fd.as_raw_fd();
         let epfd = self.epfd.as_raw_fd();
         if let Some(st) = self.fds.get_mut(raw as usize) {
-            debug_assert!(st.input.is_none() && st.output.is_none(), "closed while in flight");
-            if st.registered {
+            debug_assert!(st.idle(), "closed while in flight");
+            if st.has(REGISTERED) {
                 // Before the close: another process may hold the same open file (the
                 // listener's socket after its handoff), which would keep the registration
                 // and its events alive under a number that gets reused.
                 // SAFETY: plain system call.
                 unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_DEL, raw, std::ptr::null_mut()) };
             }
-            *st = FdState { queued: st.queued, ..FdState::default() };
+            let queued = st.has(QUEUED);
+            *st = FdState::default();
+            st.set(QUEUED, queued);
         }
         drop(fd);
     }
@@ -401,13 +461,13 @@ impl Epoll {
             let Some(st) = self.fds.get_mut(fd as usize) else { continue };
             let (hup, err) = (libc::EPOLLHUP as u32, libc::EPOLLERR as u32);
             if events & (libc::EPOLLIN as u32 | libc::EPOLLRDHUP as u32 | hup | err) != 0 {
-                st.readable = true;
+                st.set(READABLE, true);
             }
             if events & (libc::EPOLLOUT as u32 | hup | err) != 0 {
-                st.writable = true;
+                st.set(WRITABLE, true);
             }
-            if (st.input.is_some() || st.output.is_some()) && !st.queued {
-                st.queued = true;
+            if !st.idle() && !st.has(QUEUED) {
+                st.set(QUEUED, true);
                 self.runnable.push(fd);
             }
         }
@@ -441,18 +501,19 @@ impl Epoll {
 
     fn run(&mut self, fd: RawFd, buffers: &mut Option<BufRing>) {
         let Some(st) = self.fds.get_mut(fd as usize) else { return };
-        st.queued = false;
+        st.set(QUEUED, false);
         let mut again = false;
-        if st.readable {
+        if st.has(READABLE) && st.input != InputKind::None {
             match self.run_input(fd, buffers) {
                 Step::Again => again = true,
-                Step::Blocked => self.fds[fd as usize].readable = false,
+                Step::Blocked => self.fds[fd as usize].set(READABLE, false),
                 Step::Done => {}
             }
         }
-        if self.fds[fd as usize].writable {
+        let st = &self.fds[fd as usize];
+        if st.has(WRITABLE) && st.output != OutputKind::None {
             match self.run_output(fd) {
-                Step::Blocked => self.fds[fd as usize].writable = false,
+                Step::Blocked => self.fds[fd as usize].set(WRITABLE, false),
                 Step::Again => again = true,
                 Step::Done => {}
             }
@@ -464,15 +525,15 @@ impl Epoll {
 
     /// Ends the input operation of `fd` with its final completion.
     fn end_input(&mut self, fd: RawFd, user_data: u64, result: i32) {
-        self.fds[fd as usize].input = None;
-        self.cancellable.remove(&user_data);
+        self.fds[fd as usize].input = InputKind::None;
         self.post(user_data, result, 0);
     }
 
     fn run_input(&mut self, fd: RawFd, buffers: &mut Option<BufRing>) -> Step {
-        let Some(input) = &self.fds[fd as usize].input else { return Step::Done };
-        let user_data = input.user_data;
-        match input.kind {
+        let st = &self.fds[fd as usize];
+        let (user_data, kind, buf, len) = (st.in_user_data, st.input, st.in_buf, st.in_len);
+        match kind {
+            InputKind::None => Step::Done,
             InputKind::Multi => {
                 let bufs = buffers.as_mut().expect("provide_buffers was called");
                 let size = bufs.size();
@@ -528,36 +589,33 @@ impl Epoll {
                 }
                 Step::Again
             }
-            InputKind::Recv { buf, len } | InputKind::Read { buf, len } => {
-                let read = matches!(input.kind, InputKind::Read { .. });
-                loop {
-                    let r = if read {
-                        // SAFETY: the caller's contract (Ring::read_signals's own buffer).
-                        unsafe { libc::read(fd, buf.cast(), len) }
-                    } else {
-                        // SAFETY: the caller's contract (Ring::recv).
-                        unsafe { libc::recv(fd, buf.cast(), len, libc::MSG_DONTWAIT) }
-                    };
-                    let result = if r >= 0 {
-                        r as i32
-                    } else {
-                        match errno() {
-                            libc::EAGAIN => return Step::Blocked,
-                            libc::EINTR => continue,
-                            e => -e,
-                        }
-                    };
-                    self.end_input(fd, user_data, result);
-                    return Step::Done;
-                }
-            }
+            InputKind::Recv | InputKind::Read => loop {
+                let len = len as usize;
+                let r = if kind == InputKind::Read {
+                    // SAFETY: the caller's contract (Ring::read_signals's own buffer).
+                    unsafe { libc::read(fd, buf.cast(), len) }
+                } else {
+                    // SAFETY: the caller's contract (Ring::recv).
+                    unsafe { libc::recv(fd, buf.cast(), len, libc::MSG_DONTWAIT) }
+                };
+                let result = if r >= 0 {
+                    r as i32
+                } else {
+                    match errno() {
+                        libc::EAGAIN => return Step::Blocked,
+                        libc::EINTR => continue,
+                        e => -e,
+                    }
+                };
+                self.end_input(fd, user_data, result);
+                return Step::Done;
+            },
             InputKind::Accept => {
                 for _ in 0..ACCEPTS_PER_PASS {
                     let flags = libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK;
+                    let (null_addr, null_len) = (std::ptr::null_mut(), std::ptr::null_mut());
                     // SAFETY: no address asked for.
-                    let new = unsafe {
-                        libc::accept4(fd, std::ptr::null_mut(), std::ptr::null_mut(), flags)
-                    };
+                    let new = unsafe { libc::accept4(fd, null_addr, null_len, flags) };
                     if new >= 0 {
                         self.post(user_data, new, F_MORE);
                         continue;
@@ -585,39 +643,34 @@ impl Epoll {
     }
 
     fn run_output(&mut self, fd: RawFd) -> Step {
-        let st = &mut self.fds[fd as usize];
-        match &mut st.output {
-            None => Step::Done,
-            Some(Output::Send { user_data, buf, len, flags }) => {
-                let (user_data, buf, len, flags) = (*user_data, *buf, *len, *flags);
+        let st = &self.fds[fd as usize];
+        let user_data = st.out_user_data;
+        let result = match st.output {
+            OutputKind::None => return Step::Done,
+            OutputKind::Send => {
+                let (buf, len, flags) = (st.out_buf, st.out_len as usize, st.out_flags);
                 loop {
                     // SAFETY: the caller's contract (Ring::send).
                     let r = unsafe { libc::send(fd, buf.cast(), len, flags | libc::MSG_DONTWAIT) };
-                    let result = if r >= 0 {
-                        r as i32
-                    } else {
-                        match errno() {
-                            libc::EAGAIN => return Step::Blocked,
-                            libc::EINTR => continue,
-                            e => -e,
-                        }
-                    };
-                    self.fds[fd as usize].output = None;
-                    self.post(user_data, result, 0);
-                    return Step::Done;
+                    if r >= 0 {
+                        break r as i32;
+                    }
+                    match errno() {
+                        libc::EAGAIN => return Step::Blocked,
+                        libc::EINTR => continue,
+                        e => break -e,
+                    }
                 }
             }
-            Some(Output::Connect { user_data, addr, started }) => {
-                let user_data = *user_data;
-                let result = if !*started {
-                    let (storage, len) = &**addr;
+            OutputKind::Connect => {
+                let Some(c) = self.connects.get_mut(&fd) else { return Step::Done };
+                let result = if !c.started {
+                    let addr = (&c.addr as *const libc::sockaddr_storage).cast();
                     // SAFETY: a copy of the caller's address, `len` bytes of it.
-                    let r = unsafe {
-                        libc::connect(fd, (storage as *const libc::sockaddr_storage).cast(), *len)
-                    };
+                    let r = unsafe { libc::connect(fd, addr, c.len) };
                     match if r == 0 { 0 } else { errno() } {
                         libc::EINPROGRESS | libc::EINTR => {
-                            *started = true;
+                            c.started = true;
                             return Step::Blocked;
                         }
                         e => -e,
@@ -644,12 +697,13 @@ impl Epoll {
                         return Step::Blocked;
                     }
                 };
-                self.fds[fd as usize].output = None;
-                self.cancellable.remove(&user_data);
-                self.post(user_data, result, 0);
-                Step::Done
+                self.connects.remove(&fd);
+                result
             }
-        }
+        };
+        self.fds[fd as usize].output = OutputKind::None;
+        self.post(user_data, result, 0);
+        Step::Done
     }
 }
 
@@ -671,5 +725,16 @@ fn set_nonblocking(fd: RawFd) {
         if flags >= 0 && flags & libc::O_NONBLOCK == 0 {
             libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_descriptors_state_stays_small() {
+        // One per connection in every worker, idle ones included. Raise this only knowing
+        // it is paid per connection.
+        let size = std::mem::size_of::<super::FdState>();
+        assert!(size <= 48, "{size}");
     }
 }

@@ -302,12 +302,14 @@ impl Ring {
         }
     }
 
-    /// Cancels the operation with `user_data`: it posts a final `-ECANCELED` completion
-    /// (unless it completed already). The cancel's own completion, if any, needs nothing.
-    pub fn cancel(&mut self, user_data: u64) {
+    /// Cancels the operation with `user_data` on `fd` (the epoll backend finds it by its
+    /// descriptor, so it keeps no table by `user_data`): it posts a final `-ECANCELED`
+    /// completion, unless it completed already. The cancel's own completion, if any, needs
+    /// nothing.
+    pub fn cancel(&mut self, fd: &impl AsRawFd, user_data: u64) {
         match &mut self.imp {
             Imp::Uring(u) => u.cancel(user_data),
-            Imp::Epoll(e) => e.cancel(user_data),
+            Imp::Epoll(e) => e.cancel(fd.as_raw_fd(), user_data),
         }
     }
 
@@ -546,7 +548,7 @@ mod tests {
             // Armed (and found nothing to read) before it is cancelled.
             ring.nop(1);
             complete_until(&mut ring, |c| c.iter().any(|c| c.user_data() == 1));
-            ring.cancel(5);
+            ring.cancel(&server, 5);
             let seen = complete_until(&mut ring, |c| c.iter().any(|c| c.user_data() == 5));
             let c = seen.iter().find(|c| c.user_data() == 5).unwrap();
             assert_eq!(c.result(), -libc::ECANCELED, "{backend:?}");
@@ -651,7 +653,7 @@ mod tests {
             let started = std::time::Instant::now();
             complete_until(&mut ring, |c| c.iter().any(|c| Op::of(c.user_data()).0 == Op::Tick));
             assert!(started.elapsed() >= Duration::from_millis(19), "{backend:?}");
-            ring.cancel(1);
+            ring.cancel(&listener, 1);
             let c =
                 complete_until(&mut ring, |c| c.iter().any(|c| c.user_data() == 1 && !c.more()));
             assert_eq!(c.last().unwrap().result(), -libc::ECANCELED, "{backend:?}");

@@ -437,7 +437,7 @@ impl Worker {
                 }
                 Err(handoff::RecvError::Closed) => {
                     // The listener is gone (shutdown); stop polling a dead channel.
-                    self.ring.cancel(Op::Channel.token(0));
+                    self.ring.cancel(&self.channel, Op::Channel.token(0));
                     return;
                 }
                 Err(handoff::RecvError::Io(e)) => {

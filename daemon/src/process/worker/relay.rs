@@ -120,7 +120,7 @@ impl Hop {
         self.shut = true;
         let _ = nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         if self.connect_armed {
-            ring.cancel(Op::UpConnect.token(h));
+            ring.cancel(&self.fd, Op::UpConnect.token(h));
         }
     }
 }
@@ -428,7 +428,7 @@ impl Worker {
             if !hop.paused && slot.conn.queued_bytes() > self.shared.settings.max_outbound {
                 hop.paused = true;
                 if hop.recv_armed {
-                    self.ring.cancel(Op::UpRecv.token(h));
+                    self.ring.cancel(&hop.fd, Op::UpRecv.token(h));
                 }
             }
         }
@@ -534,8 +534,8 @@ impl Worker {
             // The upstream does not keep up (or is not open yet): stop reading the client.
             if !hop.client_paused && hop.conn.queued_bytes() > self.shared.settings.max_outbound {
                 hop.client_paused = true;
-                if self.slots.get(index).is_some_and(|s| s.recv_armed) {
-                    self.ring.cancel(Op::Recv.token(index));
+                if let Some(slot) = self.slots.get(index).filter(|s| s.recv_armed) {
+                    self.ring.cancel(&slot.fd, Op::Recv.token(index));
                 }
             }
             self.want_hop_send(h);
