@@ -98,3 +98,31 @@ fn auto_runs_io_uring_where_the_host_allows_it() {
     assert_runs(&d, "io_uring");
     serves_echo_and_sync(&d);
 }
+
+#[test]
+fn a_reload_keeps_the_running_backend_even_through_a_graceful_replacement() {
+    let d = Daemon::start(&format!("[io]\nbackend = \"epoll\"\n{QUIET}"));
+    let first: Vec<libc::pid_t> = d.children().into_iter().map(|(pid, _)| pid).collect();
+    // Another backend and another worker count: new processes start, on the running backend.
+    let config = std::fs::read_to_string(d.config_path()).unwrap();
+    let next = config.replace("workers = 2", "workers = 3").replace("\"epoll\"", "\"io_uring\"");
+    std::fs::write(d.config_path(), next).unwrap();
+    d.signal(libc::SIGHUP);
+    let warning = d.wait_log(|l| l.contains("reload: io.backend applies at start"), WAIT);
+    assert!(warning.contains(" WARN "), "{warning}");
+    d.wait_log(|l| l.contains("by graceful replacement") && l.contains("workers=3"), WAIT);
+    let started: Vec<(libc::pid_t, String)> =
+        d.children().into_iter().filter(|(pid, _)| !first.contains(pid)).collect();
+    assert_eq!(started.len(), 1 + 3, "a new listener and three new workers: {started:?}");
+    for (pid, args) in started {
+        let inodes = anon_inodes(pid);
+        assert!(
+            inodes.iter().any(|i| i == "anon_inode:[eventpoll]")
+                && !inodes.iter().any(|i| i == "anon_inode:[io_uring]"),
+            "{args}: {inodes:?}"
+        );
+    }
+    assert_eq!(d.metric("syncgate_io_backend", &[("backend", "epoll")]), 1);
+    let mut ws = d.connected(&Params::new("after", "g-after"), Some(&anon_header()));
+    ws.ping_pong();
+}
