@@ -624,10 +624,11 @@ impl Epoll {
                         libc::EAGAIN => return Step::Blocked,
                         libc::EINTR | libc::ECONNABORTED => continue,
                         e => {
-                            // Like io_uring's, the accept ends on other errors (EMFILE); the
-                            // listener re-arms it, and it waits for the next arrival rather
-                            // than failing again at once.
-                            self.end_input(fd, user_data, -e);
+                            // Out of descriptors (EMFILE) and the like: reported, and the
+                            // accept goes on from the next arrival. (io_uring's ends here and
+                            // the listener re-arms it, which would accept, fail and re-arm in
+                            // a loop while the cause lasts; the listener takes either.)
+                            self.post(user_data, -e, F_MORE);
                             return Step::Blocked;
                         }
                     }
