@@ -714,6 +714,15 @@ impl Worker {
         }
     }
 
+    /// After a newcomer's wait for its group: start reading it if it came straight from its
+    /// handoff (`early`), else (it is being read) act on what its admission queued.
+    fn waited(&mut self, index: u32, early: Option<Vec<u8>>, now: Instant) {
+        match early {
+            Some(early) => self.resume_reading(index, early, now),
+            None => self.process(index),
+        }
+    }
+
     /// Whether a waiting newcomer is still the connection in its slot.
     fn still_there(&self, w: &Waiter) -> bool {
         self.slots.get(w.index).is_some_and(|s| s.serial == w.serial)
@@ -774,22 +783,24 @@ impl Worker {
                         if !self.still_there(&w) {
                             continue;
                         }
-                        self.retired_hop = w.retired_hop;
                         match &result {
-                            Ok(group) => match w.then {
-                                Then::Decide => self.decide(w.index, *group, w.admit, now),
-                                Then::Open => self.open_connection(w.index, *group, w.admit, now),
-                            },
+                            Ok(group) => {
+                                self.retired_hop = w.retired_hop;
+                                match w.then {
+                                    Then::Decide => self.decide(w.index, *group, w.admit, now),
+                                    Then::Open => {
+                                        self.open_connection(w.index, *group, w.admit, now)
+                                    }
+                                }
+                                self.retired_hop = None;
+                            }
                             Err(e) => {
                                 log::error!("worker={} storage: {e}", self.index);
                                 let refusal = Refusal::storage(e.error_kind());
                                 self.refuse(w.index, w.admit.peer, &name, refusal, now);
                             }
                         }
-                        match w.early {
-                            Some(early) => self.resume_reading(w.index, early, now),
-                            None => self.process(w.index),
-                        }
+                        self.waited(w.index, w.early, now);
                     }
                 }
                 StoreEvent::Committed { deliveries, failed, took, changes } => {
@@ -1276,10 +1287,7 @@ impl Worker {
             );
             let refusal = Refusal::storage(ErrorKind::ServerOverloaded);
             self.refuse(w.index, w.admit.peer, &w.admit.group_id, refusal, now);
-            match w.early {
-                Some(early) => self.resume_reading(w.index, early, now),
-                None => self.process(w.index),
-            }
+            self.waited(w.index, w.early, now);
         }
     }
 
