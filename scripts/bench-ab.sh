@@ -58,7 +58,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# One run of binary $1 (run number $2, then the loadgen arguments); sets RATE and CPU.
+# One run of binary $1 (run number $2, then the loadgen arguments); sets RATE, CPU and P99.
 run_one() {
   local bin=$1 n=$2 port=$((10000 + RANDOM % 10000))
   shift 2
@@ -78,33 +78,36 @@ run_one() {
   kill "$SERVER_PID"
   wait "$SERVER_PID" 2>/dev/null || true
   SERVER_PID=
-  read -r RATE CPU < <(python3 -c '
+  read -r RATE CPU P99 < <(python3 -c '
 import json, sys
 r = json.loads(open(sys.argv[1]).readline())
 if r["error"]:
     sys.exit("bench-ab.sh: the run failed: " + r["error"])
-print("%.0f %.2f" % (r["rate"], r["server_cpu_us_per_op"]))' "$dir/record.jsonl")
+p99 = r.get("p99_us")
+print("%.0f %.2f %s" % (r["rate"], r["server_cpu_us_per_op"], "-" if p99 is None else "%.0f" % p99))' "$dir/record.jsonl")
   [[ -n ${CPU:-} ]] || exit 1
 }
 
 echo "loadgen run ... $*"
 echo "rounds: $ROUNDS; builds in turn: ${BINS[*]}"
-declare -A RATES CPUS
+declare -A RATES CPUS P99S
 n=0
 for round in $(seq "$ROUNDS"); do
   for b in "${!BINS[@]}"; do
     n=$((n + 1))
-    RATE='' CPU=''
+    RATE='' CPU='' P99=''
     run_one "${BINS[$b]}" "$n" "$@"
-    echo "round $round build $((b + 1)): rate $RATE, server CPU $CPU us/op"
+    echo "round $round build $((b + 1)): rate $RATE, server CPU $CPU us/op, p99 $P99 us"
     RATES[$b]+="$RATE "
     CPUS[$b]+="$CPU "
+    P99S[$b]+="$P99 "
   done
 done
 median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR]=$1} END {print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
 echo
-echo "| build | median rate | median server CPU us/op |"
-echo "|---|---:|---:|"
+echo "| build | median rate | median server CPU us/op | median p99 us |"
+echo "|---|---:|---:|---:|"
 for b in "${!BINS[@]}"; do
-  echo "| ${BINS[$b]} | $(median <<<"${RATES[$b]}") | $(median <<<"${CPUS[$b]}") |"
+  p99=$(tr ' ' '\n' <<<"${P99S[$b]}" | grep -v '^-$' | tr '\n' ' ')
+  echo "| ${BINS[$b]} | $(median <<<"${RATES[$b]}") | $(median <<<"${CPUS[$b]}") | $(median <<<"$p99") |"
 done

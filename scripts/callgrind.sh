@@ -21,6 +21,14 @@
 # (echo is push -> poke on the sync route, store included; frames is the WebSocket layer
 # alone, the conformance /echo route, as in bench.sh's frames scenario.)
 #
+# Since the store runs on a thread of its own (docs/ARCHITECTURE.md, "The store off the
+# loop"), echo and storm do not run under valgrind 3.19 (Debian 12's): valgrind runs one
+# thread at a time and does not let go of its lock while a thread waits in io_uring_enter,
+# so the store thread never runs while the loop waits for its answer (seen 2026-12-07: the
+# loop in io_uring_enter, the store thread in valgrind's lock pipe; the load client gives up
+# after 60 s). frames does not touch the store and still runs; for the store's paths use
+# scripts/bench-ab.sh, which measures CPU per operation natively.
+#
 # Each scenario starts the daemon afresh under `valgrind --tool=callgrind
 # --trace-children=yes` (bench.sh's config: one worker, 127.0.0.1, connection limits
 # raised, the client-group store in a temp folder, huge_pages left at its default), runs

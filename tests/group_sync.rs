@@ -608,3 +608,220 @@ impl Join {
             .unwrap_or_else(|e| panic!("connect {}: {e}", self.path()))
     }
 }
+
+/// The store runs off the event loop. With every commit made to take 1.5 s (a slow disk,
+/// `storage.test_sync_delay_ms`), pushes wait for their commit while another connection of
+/// the same worker is answered at once, and the pokes of the waiting batch then arrive in
+/// order. Without the store thread the pings would wait for the commit too.
+#[test]
+fn a_slow_disk_stalls_no_connection_and_each_poke_waits_for_its_commit() {
+    const DELAY: Duration = Duration::from_millis(1500);
+    let dir = StorageDir::new("slow-disk");
+    let config = format!(
+        "workers = 1\n{QUIET}\n{}test_sync_delay_ms = {}\n",
+        dir.config(),
+        DELAY.as_millis()
+    );
+    let d = Daemon::start(&config);
+    let (mut writer, _) = Join::new("w", "slow").open_fresh(&d);
+    let (mut other, _) = Join::new("o", "bystander").open_fresh(&d);
+    let pushed = std::time::Instant::now();
+    push(&mut writer, "slow", "w", 1, &[insert("i1", "one")]);
+    push(&mut writer, "slow", "w", 2, &[insert("i2", "two")]);
+    push(&mut writer, "slow", "w", 3, &[update("i1", "three")]);
+    // Each ping is answered well within the commit's time: the loop is not waiting for it.
+    for _ in 0..5 {
+        let asked = std::time::Instant::now();
+        pong_next(&mut other);
+        let took = asked.elapsed();
+        assert!(took < Duration::from_millis(300), "a pong took {took:?} during a commit");
+    }
+    assert!(pushed.elapsed() < DELAY, "the pings ran while the first commit was in flight");
+    let chain = read_chain(&mut writer, "00", 3);
+    assert!(pushed.elapsed() >= DELAY, "a poke came before its commit: {:?}", pushed.elapsed());
+    let rows: Vec<Vec<Value>> = chain.iter().map(Poke::rows).collect();
+    assert_eq!(
+        rows,
+        [vec![put("i1", "one")], vec![put("i2", "two")], vec![put("i1", "three")]],
+        "the pokes arrive in push order"
+    );
+    // Pushes that arrived during a commit shared the next one: at most two batches for
+    // three pushes sent together (the first may have left alone).
+    let batches = d.metric("syncgate_store_batches_total", &[]);
+    let changes = d.metric("syncgate_store_changes_total", &[]);
+    assert!(batches <= 2 && changes == 3, "{batches} batches for {changes} changes");
+    // No turn of the loop waited for the disk: every one took less than the commit.
+    let turns = d.metric("syncgate_loop_iteration_seconds_count", &[]);
+    let short = d.metric("syncgate_loop_iteration_seconds_bucket", &[("le", "0.5")]);
+    assert_eq!(short, turns, "a loop iteration took over 500 ms");
+    // And they are durable: a restart reads them back.
+    stop(d);
+    let d = Daemon::start(&format!("{QUIET}\n{}", dir.config()));
+    let mut again = Join::new("w2", "slow").open(&d);
+    let poke = read_poke(&mut again);
+    assert_eq!(poke.cookie, "03", "{poke:?}");
+}
+
+/// What a pushing client reads next: a whole poke (with the lastMutationID it carries for the
+/// client, if any), or the end of its connection.
+enum Next {
+    Poke(Option<u64>),
+    Gone,
+}
+
+fn next_poke(ws: &mut Ws, client: &str) -> Next {
+    let mut lmid = None;
+    loop {
+        match ws.recv_within(WAIT) {
+            Got::Text(text) => {
+                let msg: Value = serde_json::from_str(&text).expect("JSON message");
+                match msg[0].as_str() {
+                    Some("pokeStart") => {}
+                    Some("pokePart") => {
+                        if let Some(n) = msg[1]["lastMutationIDChanges"][client].as_u64() {
+                            lmid = Some(n);
+                        }
+                    }
+                    Some("pokeEnd") => return Next::Poke(lmid),
+                    // Sent away (a drain's close follows): reconnect.
+                    Some("error") => {}
+                    _ => panic!("{client}: unexpected {msg}"),
+                }
+            }
+            Got::Close(_) | Got::Gone(_) => return Next::Gone,
+            other => panic!("{client}: expected a poke, got {other:?}"),
+        }
+    }
+}
+
+/// One client of its own group: pushes mutation after mutation (each inserts row `m<id>`),
+/// each once the previous one's poke came, and reconnects (baseCookie null: the whole state)
+/// whenever it is sent away, resending what was not acknowledged. Stops at `stop` once it
+/// saw `more` acknowledgements after its last reconnect. Returns (the last mutation ID
+/// acknowledged, how many times it reconnected).
+fn pushing_client(
+    addr: std::net::SocketAddr,
+    client: &str,
+    group: &str,
+    acked_total: &std::sync::atomic::AtomicU64,
+    stop: &std::sync::atomic::AtomicBool,
+    more: u64,
+) -> (u64, u32) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let (mut acked, mut reconnects, mut since_reconnect) = (0u64, 0u32, 0u64);
+    loop {
+        let join = Join::new(client, group);
+        let mut ws = {
+            let mut tries = 0;
+            loop {
+                match Ws::connect(addr, &join.path(), Some(&join.header())) {
+                    Ok(ws) => break ws,
+                    Err(e) => {
+                        tries += 1;
+                        assert!(tries < 50, "{client}: cannot reconnect: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        };
+        match ws.recv_within(WAIT) {
+            Got::Text(text) if text.starts_with("[\"connected\"") => {}
+            Got::Close(_) | Got::Gone(_) => continue,
+            other => panic!("{client}: expected connected, got {other:?}"),
+        }
+        // The whole state: the server's lastMutationID for this client. Nothing acknowledged
+        // may be missing from it.
+        match next_poke(&mut ws, client) {
+            Next::Poke(lmid) => {
+                let lmid = lmid.unwrap_or(0);
+                assert!(lmid >= acked, "{client}: acknowledged {acked}, the server has {lmid}");
+                acked = lmid;
+            }
+            Next::Gone => continue,
+        }
+        loop {
+            if stop.load(Relaxed) && since_reconnect >= more {
+                return (acked, reconnects);
+            }
+            let n = acked + 1;
+            let sent = ws.try_send_json(&json!(["push", {
+                "timestamp": 1, "clientGroupID": group, "pushVersion": 1,
+                "requestID": format!("{client}-{n}"),
+                "mutations": [{"type": "crud", "timestamp": 1, "id": n, "clientID": client,
+                    "name": "_zero_crud", "args": [{"ops": [
+                        {"op": "insert", "tableName": "issue", "primaryKey": ["id"],
+                         "value": {"id": format!("m{n}"), "title": "x"}}]}]}],
+            }]));
+            if !sent {
+                break;
+            }
+            match next_poke(&mut ws, client) {
+                Next::Poke(Some(lmid)) => {
+                    assert_eq!(lmid, n, "{client}: the pokes come in push order");
+                    acked = n;
+                    since_reconnect += 1;
+                    acked_total.fetch_add(1, Relaxed);
+                }
+                Next::Poke(None) => panic!("{client}: a poke without its mutation"),
+                Next::Gone => break,
+            }
+        }
+        reconnects += 1;
+        since_reconnect = 0;
+    }
+}
+
+/// A change of the worker count under push load (a graceful replacement: the old workers
+/// drain, close with 1012, and their clients reconnect to the new ones, which load the
+/// groups from the store): no acknowledged mutation is lost, none is applied twice or out of
+/// order, and every client catches up.
+#[test]
+fn a_worker_count_change_under_push_load_loses_and_reorders_nothing() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    const CLIENTS: usize = 6;
+    let d = Daemon::start(&format!("drain_timeout_ms = 1000\n{QUIET}"));
+    let acked = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let results: Vec<(u64, u32)> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|i| {
+                let (addr, acked, stop) = (d.addr, &acked, &stop);
+                s.spawn(move || {
+                    pushing_client(addr, &format!("c{i}"), &format!("load{i}"), acked, stop, 10)
+                })
+            })
+            .collect();
+        // Under way, then the new worker count.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while acked.load(Relaxed) < 20 * CLIENTS as u64 {
+            assert!(std::time::Instant::now() < deadline, "the clients do not push");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let config = std::fs::read_to_string(d.config_path()).unwrap();
+        std::fs::write(d.config_path(), config.replace("workers = 2", "workers = 3")).unwrap();
+        d.signal(libc::SIGHUP);
+        d.wait_log(|l| l.contains("by graceful replacement") && l.contains("workers=3"), WAIT);
+        for w in 0..WORKERS {
+            let line = format!("worker {w} of the previous generation exited");
+            d.wait_log(|l| l.contains(&line), Duration::from_secs(10));
+        }
+        stop.store(true, Relaxed);
+        clients.into_iter().map(|c| c.join().expect("a client failed")).collect()
+    });
+    for (i, &(last, reconnects)) in results.iter().enumerate() {
+        assert!(reconnects >= 1, "c{i} was never sent away by the drain");
+        // The group as a newcomer sees it: every acknowledged mutation's row, once, and no
+        // row of a mutation the server did not record.
+        let (mut ws, poke) = Join::new(&format!("v{i}"), &format!("load{i}")).open_fresh(&d);
+        let mut rows: Vec<u64> = poke
+            .rows()
+            .iter()
+            .map(|r| r["value"]["id"].as_str().unwrap()[1..].parse().unwrap())
+            .collect();
+        rows.sort_unstable();
+        let recorded = poke.lmids()[format!("c{i}")].as_u64().unwrap_or(0);
+        assert!(recorded >= last, "c{i}: acknowledged {last}, recorded {recorded}");
+        assert_eq!(rows, (1..=recorded).collect::<Vec<_>>(), "c{i}: rows of its mutations");
+        pong_next(&mut ws);
+    }
+}

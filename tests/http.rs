@@ -118,9 +118,12 @@ fn the_heap_gauge_follows_idle_connections_and_nothing_stays_behind() {
     // connection.
     assert!((100..1024).contains(&per_conn), "{per_conn} B of heap per idle connection");
     // The first rounds sized the tables (a hash table grows to about twice the entries it
-    // holds when entries come and go) and the slab; later rounds reuse them.
+    // holds when entries come and go) and the slab; later rounds reuse them. The store
+    // thread's channels hold a block of 31 messages each while messages flow, allocated
+    // where the round's loads and forgets happen to cross a block's end: a few KiB either
+    // way. 8 KiB is what 200 connections leaking 40 B each would add per round.
     assert!(
-        with_open[5] <= with_open[4] + 1024,
+        with_open[5] <= with_open[4] + 8192,
         "heap with {N} connections open, round by round: {with_open:?} (before: {before})"
     );
 }

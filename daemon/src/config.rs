@@ -261,6 +261,10 @@ pub struct Keepalive {
 pub struct Storage {
     /// Where durable client-group data lives.
     pub path: PathBuf,
+    /// For tests only: the store thread sleeps this long before each commit, a disk made
+    /// slow on purpose, so a test can show that the event loop does not wait for it. Zero
+    /// (the default) everywhere else; read when a worker starts.
+    pub test_sync_delay_ms: u64,
 }
 
 impl Default for Config {
@@ -333,7 +337,7 @@ impl Default for Keepalive {
 
 impl Default for Storage {
     fn default() -> Self {
-        Storage { path: PathBuf::from("/var/lib/syncgate") }
+        Storage { path: PathBuf::from("/var/lib/syncgate"), test_sync_delay_ms: 0 }
     }
 }
 

@@ -77,6 +77,10 @@ pub enum Metric {
     /// Upstream mode: sockets refused at the edge by admission (token, displacement rules,
     /// version, request): each would have reached zero-cache without syncgate in front.
     EdgeRefusals,
+    /// Batches the store committed (group commit: one fsync each).
+    StoreBatches,
+    /// Changes in those batches: divided by the batches, the mean batch size.
+    StoreChanges,
 }
 
 use crate::config::MAX_WORKERS;
@@ -88,8 +92,8 @@ pub fn worker_slot(generation: usize, index: usize) -> usize {
 }
 
 /// Counters per slot; a power of two keeps slots aligned and leaves room to grow. The
-/// [`Metric`]s come first, then the commit histogram's cells ([`COMMIT_CELLS`]), then one
-/// cell per upstream ([`UPSTREAM_CELLS`]).
+/// [`Metric`]s come first, then the histograms' cells ([`Histogram::cells`]), then one cell
+/// per upstream ([`UPSTREAM_CELLS`]).
 const SLOT_LEN: usize = 128;
 
 /// Where the per-upstream cells start, one per position in `upstream.urls`: in a worker's
@@ -98,16 +102,51 @@ const SLOT_LEN: usize = 128;
 const UPSTREAM_CELLS: usize = 64;
 const _: () = assert!(UPSTREAM_CELLS + crate::config::MAX_UPSTREAMS <= SLOT_LEN);
 
-/// Upper bounds, in microseconds, of the commit-latency histogram's buckets: from a fast
-/// fsync (under a millisecond on an SSD) to the store's 5 s busy timeout, the longest a
-/// commit can wait for another worker's lock.
-const COMMIT_BUCKETS_US: [u64; 10] =
+/// Upper bounds, in microseconds, of the histograms' buckets: from a fast fsync (under a
+/// millisecond on an SSD) to the store's 5 s busy timeout, the longest a commit can wait for
+/// another worker's lock.
+const BUCKETS_US: [u64; 10] =
     [250, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 500_000, 1_000_000, 5_000_000];
-/// Where the histogram's cells start in a slot: one count per bucket, then one for beyond
-/// the last bucket, then the sum of the observations in microseconds.
-const COMMIT_CELLS: usize = 40;
-const _: () = assert!((Metric::EdgeRefusals as usize) < COMMIT_CELLS);
-const _: () = assert!(COMMIT_CELLS + COMMIT_BUCKETS_US.len() + 2 <= UPSTREAM_CELLS);
+/// Cells of one histogram: one count per bucket, then one for beyond the last bucket, then
+/// the sum of the observations in microseconds.
+const HISTOGRAM_LEN: usize = BUCKETS_US.len() + 2;
+
+/// A latency histogram of a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Histogram {
+    /// Commits of the store, fsync included, on the worker's store thread.
+    Commit,
+    /// One turn of the worker's loop: handling one batch of completions, up to its next
+    /// wait. A long one is a stall every connection of the worker felt.
+    Iteration,
+}
+
+impl Histogram {
+    const ALL: [Histogram; 2] = [Histogram::Commit, Histogram::Iteration];
+
+    /// Where the histogram's cells start in a slot.
+    fn cells(self) -> usize {
+        HISTOGRAM_CELLS + self as usize * HISTOGRAM_LEN
+    }
+
+    fn name_and_help(self) -> (&'static str, &'static str) {
+        match self {
+            Histogram::Commit => (
+                "syncgate_commit_seconds",
+                "Commits of the store (fsync included), on the worker's store thread.",
+            ),
+            Histogram::Iteration => (
+                "syncgate_loop_iteration_seconds",
+                "Turns of the worker's event loop; a long one stalled every connection of the worker.",
+            ),
+        }
+    }
+}
+
+/// Where the histograms' cells start in a slot.
+const HISTOGRAM_CELLS: usize = 40;
+const _: () = assert!((Metric::StoreChanges as usize) < HISTOGRAM_CELLS);
+const _: () = assert!(HISTOGRAM_CELLS + Histogram::ALL.len() * HISTOGRAM_LEN <= UPSTREAM_CELLS);
 
 /// Name, type and help text of every metric, in exposition order.
 #[rustfmt::skip]
@@ -145,6 +184,8 @@ const ALL: &[(Metric, &str, &str, &str)] = &[
     (Metric::RelayedBytesToUpstream, "syncgate_relayed_to_upstream_bytes_total", "counter", "Upstream mode: payload bytes relayed to the upstream."),
     (Metric::RelayedBytesToClient, "syncgate_relayed_to_client_bytes_total", "counter", "Upstream mode: payload bytes relayed to the client."),
     (Metric::EdgeRefusals, "syncgate_edge_refusals_total", "counter", "Upstream mode: sockets refused at the edge before reaching the upstream."),
+    (Metric::StoreBatches, "syncgate_store_batches_total", "counter", "Batches committed by the store, one fsync each."),
+    (Metric::StoreChanges, "syncgate_store_changes_total", "counter", "Changes committed by the store (per batch: divide by the batches)."),
 ];
 
 /// The shared counter table, mapped in this process.
@@ -220,34 +261,32 @@ impl Metrics {
         unsafe { &*self.base.add(slot * SLOT_LEN + index) }
     }
 
-    /// Counts one commit of the store that took `took` (workers: the time their loop stood
-    /// still for it, fsync included).
-    pub fn observe_commit(&self, took: std::time::Duration) {
+    /// Counts one observation of `h` that took `took`.
+    pub fn observe(&self, h: Histogram, took: std::time::Duration) {
         let us = took.as_micros().min(u64::MAX as u128) as u64;
-        let bucket = COMMIT_BUCKETS_US.iter().position(|&le| us <= le);
-        let index = COMMIT_CELLS + bucket.unwrap_or(COMMIT_BUCKETS_US.len());
+        let bucket = BUCKETS_US.iter().position(|&le| us <= le);
+        let index = h.cells() + bucket.unwrap_or(BUCKETS_US.len());
         self.cell_at(self.own, index).fetch_add(1, Ordering::Relaxed);
-        let sum = COMMIT_CELLS + COMMIT_BUCKETS_US.len() + 1;
-        self.cell_at(self.own, sum).fetch_add(us, Ordering::Relaxed);
+        self.cell_at(self.own, h.cells() + BUCKETS_US.len() + 1).fetch_add(us, Ordering::Relaxed);
     }
 
-    /// The commit histogram of a worker, both generations added: cumulative bucket counts
-    /// (the last is the total count) and the sum in microseconds.
-    fn commit_histogram(&self, worker: usize) -> ([u64; COMMIT_BUCKETS_US.len() + 1], u64) {
+    /// Histogram `h` of a worker, both generations added: cumulative bucket counts (the last
+    /// is the total count) and the sum in microseconds.
+    fn histogram(&self, h: Histogram, worker: usize) -> ([u64; BUCKETS_US.len() + 1], u64) {
         let read = |i: usize| -> u64 {
             (0..2)
                 .map(|g| {
-                    self.cell_at(worker_slot(g, worker), COMMIT_CELLS + i).load(Ordering::Relaxed)
+                    self.cell_at(worker_slot(g, worker), h.cells() + i).load(Ordering::Relaxed)
                 })
                 .sum()
         };
-        let mut cumulative = [0; COMMIT_BUCKETS_US.len() + 1];
+        let mut cumulative = [0; BUCKETS_US.len() + 1];
         let mut total = 0;
         for (i, c) in cumulative.iter_mut().enumerate() {
             total += read(i);
             *c = total;
         }
-        (cumulative, read(COMMIT_BUCKETS_US.len() + 1))
+        (cumulative, read(BUCKETS_US.len() + 1))
     }
 
     pub fn add(&self, m: Metric, n: u64) {
@@ -357,22 +396,21 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{process=\"worker\",worker=\"{i}\"}} {v}");
             }
         }
-        let name = "syncgate_commit_seconds";
-        let _ = writeln!(
-            out,
-            "# HELP {name} Commits of the store (fsync included), which the worker's loop waits for.\n# TYPE {name} histogram"
-        );
-        for &i in &used {
-            let (cumulative, sum_us) = self.commit_histogram(i);
-            let labels = format!("process=\"worker\",worker=\"{i}\"");
-            for (le, count) in COMMIT_BUCKETS_US.iter().zip(cumulative) {
-                let le = *le as f64 / 1e6;
-                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {count}");
+        for h in Histogram::ALL {
+            let (name, help) = h.name_and_help();
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+            for &i in &used {
+                let (cumulative, sum_us) = self.histogram(h, i);
+                let labels = format!("process=\"worker\",worker=\"{i}\"");
+                for (le, count) in BUCKETS_US.iter().zip(cumulative) {
+                    let le = *le as f64 / 1e6;
+                    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {count}");
+                }
+                let count = cumulative[BUCKETS_US.len()];
+                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
+                let _ = writeln!(out, "{name}_sum{{{labels}}} {}", sum_us as f64 / 1e6);
+                let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
             }
-            let count = cumulative[COMMIT_BUCKETS_US.len()];
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {count}");
-            let _ = writeln!(out, "{name}_sum{{{labels}}} {}", sum_us as f64 / 1e6);
-            let _ = writeln!(out, "{name}_count{{{labels}}} {count}");
         }
         out
     }
@@ -414,11 +452,13 @@ mod tests {
         let w0 = Metrics::map(&fd, worker_slot(0, 0)).unwrap();
         w0.set(Metric::InUse, 1);
         for us in [100, 900, 3_000, 7_000_000] {
-            w0.observe_commit(Duration::from_micros(us));
+            w0.observe(Histogram::Commit, Duration::from_micros(us));
         }
         // The next generation's worker 0 adds to the same series.
         let next = Metrics::map(&fd, worker_slot(1, 0)).unwrap();
-        next.observe_commit(Duration::from_micros(250));
+        next.observe(Histogram::Commit, Duration::from_micros(250));
+        // The other histogram keeps its own cells.
+        w0.observe(Histogram::Iteration, Duration::from_secs(1));
         let text = Metrics::map(&fd, 0).unwrap().render();
         let series = |suffix: &str| {
             let prefix = format!("syncgate_commit_seconds{suffix} ");
@@ -437,5 +477,9 @@ mod tests {
         assert_eq!(series(&format!("_count{{{w}}}")), "5");
         assert_eq!(series(&format!("_sum{{{w}}}")), "7.00425");
         assert!(text.contains("# TYPE syncgate_commit_seconds histogram"), "{text}");
+        assert!(
+            text.contains(&format!("syncgate_loop_iteration_seconds_count{{{w}}} 1")),
+            "{text}"
+        );
     }
 }

@@ -128,6 +128,11 @@ impl Ws {
         self.inner.send(Message::text(text)).expect("send a text message");
     }
 
+    /// Sends, or says the connection is gone (a client that reconnects when sent away).
+    pub fn try_send_json(&mut self, v: &Value) -> bool {
+        self.inner.send(Message::text(v.to_string())).is_ok()
+    }
+
     pub fn send_binary(&mut self, bytes: &[u8]) {
         self.inner.send(Message::binary(bytes.to_vec())).expect("send a binary message");
     }

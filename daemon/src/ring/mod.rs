@@ -50,10 +50,12 @@ pub enum Op {
     UpRecv,
     /// A send on an upstream socket; at most one in flight per socket.
     UpSend,
+    /// A worker's multishot poll of its store thread's eventfd: answers wait.
+    Store,
 }
 
 impl Op {
-    const ALL: [Op; 11] = [
+    const ALL: [Op; 12] = [
         Op::Nothing,
         Op::Accept,
         Op::Channel,
@@ -65,6 +67,7 @@ impl Op {
         Op::UpConnect,
         Op::UpRecv,
         Op::UpSend,
+        Op::Store,
     ];
 
     /// The `user_data` of operation `self` on socket `index`.

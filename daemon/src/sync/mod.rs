@@ -2,17 +2,25 @@
 //! durable store, and the pokes that fan their changes out.
 //!
 //! The worker hands it what its connections asked for ([`Notice`](crate::ws::connection::Notice)s)
-//! and, once per loop iteration, calls [`GroupSync::flush`]: one SQLite commit for every
-//! group changed in the iteration (the fsync), then the deliveries. A poke is therefore never
-//! sent before the change it carries is on disk, and many groups share one fsync.
+//! and, once per loop iteration, calls [`GroupSync::flush`]. The store runs on a thread of
+//! its own ([`store_thread`]), so the loop never waits for the disk: the flush sends what the
+//! iterations since the last commit staged as one batch, and the deliveries that wait on it
+//! are handed out when the store says it is on disk ([`GroupSync::on_store`]). While one
+//! batch is being synced, the next one fills (group commit): a poke is never sent before the
+//! change it carries is on disk, and every push that arrived during an fsync shares the next.
+//! Loads run there too: a group that is not in memory is asked for, and the connection that
+//! needs it waits (the worker's `Waiter`) while the others are served.
 //!
 //! Each poke is encoded once per wire format (text for protocol <= 51, binary chunks for 52)
 //! and the same frames go to every recipient.
 
 pub mod replica;
 pub mod store;
+pub mod store_thread;
 
+use std::collections::HashSet;
 use std::num::NonZeroU32;
+use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -24,7 +32,8 @@ use crate::protocol::{ErrorKind, InitConnectionBody, PushBody, QueriesPatchOp};
 use crate::slab::Slab;
 use crate::ws::frame::{self, OpCode};
 use replica::{CatchUp, Change, PushResult, Replica};
-use store::{Store, StoreError};
+use store::{Batch, Store, StoreError};
+use store_thread::{Reply, Request, StoreThread};
 
 /// The WebSocket frames of one poke back to back in one buffer, shared by all its
 /// recipients: one buffer to queue and, usually, one send per recipient.
@@ -133,6 +142,19 @@ impl Members {
     }
 }
 
+/// A commit of this group failed or found it changed by another process: its replica is
+/// gone and its connections are being sent away; the next [`GroupSync::load`] reads it from
+/// the store again. The owner stays, so the pin is never lost.
+const STALE: u8 = 1;
+/// A load of the (stale) group is on its way to the store thread.
+const LOADING: u8 = 2;
+/// The open batch (the next commit) holds changes of the group.
+const IN_OPEN: u8 = 4;
+/// The batch being committed holds changes of the group. A group with changes in either
+/// batch stays in memory, even without connections: its pokes and its staleness are found
+/// by name, and a load must never read it from the file before they are there.
+const IN_FLIGHT: u8 = 8;
+
 struct Group {
     /// The clientGroupID, then the owner's name once the group is pinned: one allocation
     /// for both (most groups have one connection, so a group costs about what a connection
@@ -144,10 +166,9 @@ struct Group {
     /// Admitted connections of the group, members or not yet (the per-group cap); the group
     /// leaves memory when this reaches zero (after the commit of its last change).
     connections: u32,
-    /// A commit of this group failed or found it changed by another process: its replica is
-    /// gone and its connections are being sent away; the next [`GroupSync::load`] reads it
-    /// from the store again. The owner stays, so the pin is never lost.
-    stale: bool,
+    /// [`STALE`], [`LOADING`], [`IN_OPEN`], [`IN_FLIGHT`]: one byte, so the group stays
+    /// within what a connection costs.
+    flags: u8,
     /// `None` while the group is pristine (version 0: nothing stored, no client known).
     /// Most connections are idle, often each in a group of its own: an empty replica for
     /// each would cost them a few hundred bytes apiece for nothing.
@@ -163,7 +184,7 @@ impl Group {
             name_len: u16::try_from(name.len())
                 .expect("a clientGroupID shorter than a request head"),
             connections: 0,
-            stale: false,
+            flags: 0,
             replica,
             members: Members::None,
         };
@@ -175,6 +196,10 @@ impl Group {
 
     fn name(&self) -> &str {
         &self.names[..self.name_len as usize]
+    }
+
+    fn has(&self, flag: u8) -> bool {
+        self.flags & flag != 0
     }
 
     fn owner(&self) -> Option<&str> {
@@ -206,7 +231,17 @@ impl Group {
 }
 
 pub struct GroupSync {
-    store: Store,
+    /// The store, on its own thread.
+    store: StoreThread,
+    /// What the next commit writes: staged since the last batch was sent.
+    open: Batch,
+    /// Groups with changes in `open` (flag [`IN_OPEN`]).
+    open_groups: Vec<GroupRef>,
+    /// The batch being committed: what waits on it. At most one at a time, so the pokes of
+    /// consecutive batches go out in order.
+    in_flight: Option<InFlight>,
+    /// Groups not in memory whose load was asked for.
+    loading: HashSet<Box<str>>,
     /// The groups in memory, at the indices their [`GroupRef`]s name.
     groups: Slab<Group>,
     /// The groups by clientGroupID.
@@ -218,11 +253,41 @@ pub struct GroupSync {
     /// grow the worker by connecting under ever new clientGroupIDs. A list, so a flush
     /// looks at these groups only, not at every group in memory.
     emptied: Vec<GroupRef>,
+    /// Deliveries of the open batch, in the order they were made: they go out after its
+    /// commit (or at once at a flush when nothing is staged or in flight).
     outbox: Vec<Delivery>,
     limits: replica::GroupLimits,
     mutations: MutationLimiter,
-    /// How long the last flush's commit took, until the worker takes it for `/metrics`.
-    commit_time: Option<Duration>,
+}
+
+/// A batch on the store thread: what goes out when it is on disk.
+struct InFlight {
+    /// Its deliveries, in order.
+    deliveries: Vec<Delivery>,
+    /// The groups it changed (flag [`IN_FLIGHT`]).
+    groups: Vec<GroupRef>,
+    /// Its changes, for the batch-size metric.
+    changes: usize,
+}
+
+/// The answer to [`GroupSync::load`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Loading {
+    /// In memory.
+    Ready(GroupRef),
+    /// Asked of the store: [`GroupSync::on_store`] says when it is there.
+    Waiting,
+}
+
+/// What the store's answers meant, for the worker.
+pub enum StoreEvent {
+    /// A load asked for by [`GroupSync::load`] finished: the group is in memory (until the
+    /// next flush unless someone joins it), or could not be read.
+    Loaded { name: Box<str>, result: Result<GroupRef, StoreError> },
+    /// A batch is on disk (or failed): its deliveries may go out. `failed` are the groups
+    /// gone stale (their commit failed or another process changed them): their connections
+    /// must reconnect, and nothing queued for them is delivered.
+    Committed { deliveries: Vec<Delivery>, failed: Vec<GroupRef>, took: Duration, changes: usize },
 }
 
 /// The connection a notice came from, as far as group sync cares.
@@ -279,18 +344,28 @@ impl Who<'_> {
 }
 
 impl GroupSync {
+    /// Opens the store in `dir` and starts its thread, named `thread` (`sync_delay`: see
+    /// [`StoreThread::start`]).
     pub fn open(
         dir: &Path,
+        thread: String,
+        sync_delay: Duration,
         limits: replica::GroupLimits,
         per_user_mutations: u32,
         window: Duration,
     ) -> Result<GroupSync, StoreError> {
+        let store = Store::open(dir)?;
+        let store = StoreThread::start(store, thread, sync_delay)
+            .map_err(|source| StoreError::Thread { source })?;
         Ok(GroupSync {
-            store: Store::open(dir)?,
+            store,
+            open: Batch::default(),
+            open_groups: Vec::new(),
+            in_flight: None,
+            loading: HashSet::new(),
             groups: Slab::default(),
             by_name: NameIndex::default(),
             emptied: Vec::new(),
-            commit_time: None,
             outbox: Vec::new(),
             limits,
             mutations: MutationLimiter::new(per_user_mutations, window),
@@ -319,46 +394,105 @@ impl GroupSync {
         self.groups.get_mut(g.index()).expect("a GroupRef outlived its group")
     }
 
-    /// The group named `name`, loaded from the store if it is not in memory (or read again
-    /// if it went stale: a commit of it failed). It stays until the next flush at least.
-    pub fn load(&mut self, name: &str) -> Result<GroupRef, StoreError> {
+    /// The group named `name` if it is in memory; otherwise its load is asked of the store
+    /// thread (once, however many ask) and [`GroupSync::on_store`] reports it. A stale group
+    /// (a commit of it failed) is read again the same way. A group just loaded stays until
+    /// the next flush at least.
+    pub fn load(&mut self, name: &str) -> Loading {
         let groups = &self.groups;
         let found = self.by_name.find(name, |i| groups.get(i).map_or("", Group::name));
-        if let Some(i) = found {
-            let g = GroupRef::new(i);
-            if self.group(g).stale {
-                let stored = self.store.load(name)?;
-                let (replica, owner) = match stored {
-                    Some(stored) => {
-                        let snapshot = stored.snapshot;
-                        let replica = Replica::from_snapshot(name, self.limits.clone(), snapshot)
-                            .map_err(|message| corrupt(name, message))?;
-                        (Some(Box::new(replica)), stored.owner)
-                    }
-                    None => (None, None),
-                };
+        match found {
+            Some(i) => {
+                let g = GroupRef::new(i);
                 let group = self.group_mut(g);
-                group.replica = replica;
-                group.stale = false;
-                if let (None, Some(owner)) = (group.owner(), owner) {
-                    group.pin(&owner);
+                if !group.has(STALE) {
+                    return Loading::Ready(g);
+                }
+                if !group.has(LOADING) {
+                    group.flags |= LOADING;
+                    self.store.send(Request::Load(name.into()));
                 }
             }
-            return Ok(g);
+            None => {
+                if !self.loading.contains(name) {
+                    self.loading.insert(name.into());
+                    self.store.send(Request::Load(name.into()));
+                }
+            }
         }
-        let group = match self.store.load(name)? {
+        Loading::Waiting
+    }
+
+    /// The descriptor the worker's ring polls: readable when the store has answers for
+    /// [`GroupSync::on_store`].
+    pub fn eventfd(&self) -> &OwnedFd {
+        self.store.eventfd()
+    }
+
+    /// Takes the store's answers and says what they mean, in order.
+    pub fn on_store(&mut self, events: &mut Vec<StoreEvent>) {
+        let mut replies = Vec::new();
+        self.store.take_replies(&mut replies);
+        for reply in replies {
+            events.push(self.answered(reply));
+        }
+    }
+
+    /// Waits for the store's next answer (tests: they have no ring to poll the eventfd).
+    #[cfg(test)]
+    fn wait_store(&mut self) -> StoreEvent {
+        let reply = self.store.wait();
+        self.answered(reply)
+    }
+
+    fn answered(&mut self, reply: Reply) -> StoreEvent {
+        match reply {
+            Reply::Loaded { name, result } => {
+                let result = self.loaded(&name, result);
+                StoreEvent::Loaded { name, result }
+            }
+            Reply::Committed { result, took } => self.committed(result, took),
+        }
+    }
+
+    /// A load came back: the group goes into memory (or, stale, gets its replica back).
+    fn loaded(
+        &mut self,
+        name: &str,
+        result: Result<Option<store::StoredGroup>, StoreError>,
+    ) -> Result<GroupRef, StoreError> {
+        let groups = &self.groups;
+        let found = self.by_name.find(name, |i| groups.get(i).map_or("", Group::name));
+        if found.is_none() {
+            self.loading.remove(name);
+        }
+        let built = result.and_then(|stored| match stored {
             Some(stored) => {
                 let replica = Replica::from_snapshot(name, self.limits.clone(), stored.snapshot)
                     .map_err(|message| corrupt(name, message))?;
-                Group::new(name, stored.owner.as_deref(), Some(Box::new(replica)))
+                Ok((Some(Box::new(replica)), stored.owner))
             }
-            None => Group::new(name, None, None),
-        };
-        let i = self.groups.insert(group);
+            None => Ok((None, None)),
+        });
+        if let Some(i) = found {
+            // A stale group read again.
+            let g = GroupRef::new(i);
+            let group = self.group_mut(g);
+            group.flags &= !LOADING;
+            let (replica, owner) = built?;
+            group.replica = replica;
+            group.flags &= !STALE;
+            if let (None, Some(owner)) = (group.owner(), owner) {
+                group.pin(&owner);
+            }
+            return Ok(g);
+        }
+        let (replica, owner) = built?;
+        let i = self.groups.insert(Group::new(name, owner.as_deref(), replica));
         let groups = &self.groups;
         self.by_name.insert(name, i, |i| groups.get(i).map_or("", Group::name));
         let g = GroupRef::new(i);
-        // Dropped again at the flush if the newcomer is not admitted (or not yet).
+        // Dropped again at a flush if the waiting newcomer is not admitted (or not yet).
         self.emptied.push(g);
         Ok(g)
     }
@@ -386,7 +520,7 @@ impl GroupSync {
         if let Some(user) = user {
             if group.owner().is_none() {
                 group.pin(user);
-                self.store.set_owner(group.name(), user);
+                self.open.set_owner(group.name(), user);
             }
         }
     }
@@ -517,8 +651,12 @@ impl GroupSync {
 
     /// Stages a change and queues its poke to every member, encoded once per format.
     fn broadcast(&mut self, group: GroupRef, change: Change) {
-        let g = self.groups.get(group.index()).expect("a GroupRef outlived its group");
-        self.store.stage(g.name(), &change);
+        let g = self.groups.get_mut(group.index()).expect("a GroupRef outlived its group");
+        self.open.stage(g.name(), &change);
+        if !g.has(IN_OPEN) {
+            g.flags |= IN_OPEN;
+            self.open_groups.push(group);
+        }
         let poke = change.poke();
         let mut encoded: [Option<(Frames, u64)>; 2] = [None, None];
         for m in g.members.as_slice() {
@@ -533,69 +671,112 @@ impl GroupSync {
         }
     }
 
-    /// How long the last commit took, once: the loop stood still that long.
-    pub fn take_commit_time(&mut self) -> Option<Duration> {
-        self.commit_time.take()
+    /// The end of a loop iteration. With nothing in flight: sends what was staged as the
+    /// next batch, or, if nothing was, returns the deliveries (they wait on no commit) and
+    /// drops the groups nobody holds. With a batch in flight, everything waits for it: the
+    /// next batch fills meanwhile, and deliveries keep their order.
+    pub fn flush(&mut self) -> Vec<Delivery> {
+        if self.in_flight.is_some() {
+            return Vec::new();
+        }
+        if !self.open.is_empty() {
+            let groups = std::mem::take(&mut self.open_groups);
+            for &g in &groups {
+                let group = self.group_mut(g);
+                group.flags = (group.flags & !IN_OPEN) | IN_FLIGHT;
+            }
+            let batch = std::mem::take(&mut self.open);
+            let changes = batch.changes();
+            let deliveries = std::mem::take(&mut self.outbox);
+            self.in_flight = Some(InFlight { deliveries, groups, changes });
+            self.store.send(Request::Commit(batch));
+            return Vec::new();
+        }
+        self.drop_emptied(&[]);
+        std::mem::take(&mut self.outbox)
     }
 
-    /// Commits what the iteration changed, then hands out the deliveries. Groups whose commit
-    /// failed or that another process changed meanwhile are returned, stale:
-    /// their connections must reconnect (and load the current state); nothing queued for
-    /// them is delivered. Each stays in memory until the next flush at least.
-    pub fn flush(&mut self) -> (Vec<Delivery>, Vec<GroupRef>) {
-        let mut failed_names = Vec::new();
-        if self.store.has_staged() {
-            let started = Instant::now();
-            let result = self.store.commit();
-            self.commit_time = Some(started.elapsed());
-            match result {
-                Ok(committed) => failed_names = committed.stale_groups,
-                Err(e) => {
-                    log::error!("storage: {}", e.error);
-                    failed_names = e.groups;
-                }
-            }
+    /// A batch came back from the store.
+    fn committed(
+        &mut self,
+        result: Result<store::Committed, store::CommitError>,
+        took: Duration,
+    ) -> StoreEvent {
+        let InFlight { mut deliveries, groups, changes } =
+            self.in_flight.take().expect("a commit answers the batch in flight");
+        for g in groups {
+            self.group_mut(g).flags &= !IN_FLIGHT;
         }
-        let mut out = std::mem::take(&mut self.outbox);
+        let failed_names = match result {
+            Ok(committed) => committed.stale_groups,
+            Err(e) => {
+                log::error!("storage: {}", e.error);
+                e.groups
+            }
+        };
         let mut failed = Vec::new();
         for name in &failed_names {
-            self.store.forget(name);
             let groups = &self.groups;
             let Some(i) = self.by_name.find(name, |i| groups.get(i).map_or("", Group::name)) else {
                 continue;
             };
-            let g = self.groups.get_mut(i).expect("an indexed group");
-            g.stale = true;
-            g.replica = None;
-            let members = std::mem::take(&mut g.members);
-            out.retain(|d| !members.as_slice().iter().any(|m| m.to == d.to()));
+            let g = GroupRef::new(i);
+            let group = self.group_mut(g);
+            group.flags |= STALE;
+            group.replica = None;
+            let members = std::mem::take(&mut group.members);
+            let to_member = |d: &Delivery| members.as_slice().iter().any(|m| m.to == d.to());
+            deliveries.retain(|d| !to_member(d));
+            self.outbox.retain(|d| !to_member(d));
+            // What the open batch holds of it was based on the state that went stale: the
+            // commit would refuse it too.
+            if self.group(g).has(IN_OPEN) {
+                self.open.remove_changes_of(name);
+                self.group_mut(g).flags &= !IN_OPEN;
+                self.open_groups.retain(|&o| o != g);
+            }
             // The pin may have been in the batch that failed: stage it again, so it reaches
             // the store with the next commit (the store keeps an older owner if it has one).
-            if let Some(owner) = g.owner() {
-                self.store.set_owner(g.name(), owner);
+            if let Some(owner) = self.group(g).owner() {
+                let owner = owner.to_owned();
+                self.open.set_owner(name, &owner);
             }
-            failed.push(GroupRef::new(i));
+            self.store.send(Request::Forget(name.as_str().into()));
+            failed.push(g);
         }
-        // Groups nobody is connected to leave memory once their changes are on disk; a
-        // failed one at the next flush, so that the caller can still name it.
+        self.drop_emptied(&failed);
+        StoreEvent::Committed { deliveries, failed, took, changes }
+    }
+
+    /// Groups nobody is connected to leave memory once their changes are on disk; one that
+    /// just failed at a later flush, so that the caller can still name it.
+    fn drop_emptied(&mut self, failed: &[GroupRef]) {
         for g in std::mem::take(&mut self.emptied) {
-            if failed.contains(&g) {
+            let i = g.index();
+            let Some(group) = self.groups.get(i) else { continue };
+            if group.connections != 0 {
+                continue;
+            }
+            if failed.contains(&g) || group.has(IN_OPEN | IN_FLIGHT | LOADING) {
                 self.emptied.push(g);
                 continue;
             }
-            let i = g.index();
-            if self.groups.get(i).is_some_and(|group| group.connections == 0) {
-                let group = self.groups.remove(i).expect("a group just looked at");
-                self.by_name.remove(group.name(), i);
-                self.mutations.forget_group(group.name());
-                self.store.forget(group.name());
-            }
+            let group = self.groups.remove(i).expect("a group just looked at");
+            self.by_name.remove(group.name(), i);
+            self.mutations.forget_group(group.name());
+            self.store.send(Request::Forget(group.name().into()));
         }
-        (out, failed)
     }
 
+    /// Whether [`GroupSync::flush`] has something to do now.
     pub fn has_pending(&self) -> bool {
-        !self.outbox.is_empty() || self.store.has_staged() || !self.emptied.is_empty()
+        self.in_flight.is_none()
+            && (!self.outbox.is_empty() || !self.open.is_empty() || !self.emptied.is_empty())
+    }
+
+    /// Whether a batch is on the store thread (the worker waits for it before it exits).
+    pub fn syncing(&self) -> bool {
+        self.in_flight.is_some()
     }
 }
 
@@ -612,6 +793,7 @@ fn frames_of(payloads: &[Vec<u8>]) -> Frames {
 }
 
 fn corrupt(group_id: &str, message: String) -> StoreError {
+    // Never reset silently: the client is told, the file is left for an operator to look at.
     StoreError::Corrupt { group_id: group_id.to_owned(), message }
 }
 
@@ -626,15 +808,39 @@ mod tests {
     }
 
     fn open(dir: &TempDir) -> GroupSync {
-        GroupSync::open(&dir.0, replica::GroupLimits::default(), 0, Duration::from_secs(60))
-            .unwrap()
+        let (limits, window) = (replica::GroupLimits::default(), Duration::from_secs(60));
+        GroupSync::open(&dir.0, "store".into(), Duration::ZERO, limits, 0, window).unwrap()
+    }
+
+    /// The group, waiting for the store thread if it is not in memory.
+    fn load(sync: &mut GroupSync, name: &str) -> GroupRef {
+        if let Loading::Ready(g) = sync.load(name) {
+            return g;
+        }
+        match sync.wait_store() {
+            StoreEvent::Loaded { name: loaded, result } if &*loaded == name => result.unwrap(),
+            _ => panic!("the load of {name} answers first"),
+        }
+    }
+
+    /// The end of an iteration, and the commit it started: what was delivered, what failed.
+    fn settle(sync: &mut GroupSync) -> (Vec<Delivery>, Vec<GroupRef>) {
+        let out = sync.flush();
+        if !sync.syncing() {
+            return (out, Vec::new());
+        }
+        assert!(out.is_empty(), "nothing goes out before the commit");
+        match sync.wait_store() {
+            StoreEvent::Committed { deliveries, failed, .. } => (deliveries, failed),
+            StoreEvent::Loaded { .. } => panic!("no load was asked for"),
+        }
     }
 
     #[test]
     fn a_group_holds_a_replica_only_once_something_changed() {
         let dir = TempDir::new();
         let mut sync = open(&dir);
-        let g = sync.load("g").unwrap();
+        let g = load(&mut sync, "g");
         sync.join(g, None);
         let who = Who { slot: 0, serial: 1, client_id: "c1", group: g, version: 51 };
         let Upstream::InitConnection(init) =
@@ -645,7 +851,7 @@ mod tests {
         sync.on_init(&who, None, 0, &init);
         sync.on_queries(&who, &[]);
         assert!(sync.group(g).replica.is_none(), "an idle client of a new group");
-        let (out, failed) = sync.flush();
+        let (out, failed) = settle(&mut sync);
         assert!(failed.is_empty());
         assert_eq!(out.len(), 1, "the new client still gets its catch-up poke");
 
@@ -658,13 +864,13 @@ mod tests {
         };
         sync.on_push(&who, Pusher::Claimed("c1"), &push, Instant::now());
         assert_eq!(sync.group(g).replica.as_ref().map(|r| r.version()), Some(1));
-        let (out, _) = sync.flush();
+        let (out, _) = settle(&mut sync);
         assert_eq!(out.len(), 1, "the poke of the insert");
         // A later connection of the group loads what was stored.
         sync.left(g, 0);
-        sync.flush();
+        settle(&mut sync);
         assert!(sync.groups.is_empty() && sync.by_name.is_empty(), "the group left memory");
-        let g = sync.load("g").unwrap();
+        let g = load(&mut sync, "g");
         assert_eq!(sync.group(g).replica.as_ref().map(|r| r.version()), Some(1));
     }
 
@@ -672,7 +878,7 @@ mod tests {
     fn the_pin_outlives_the_group_in_memory_and_the_process() {
         let dir = TempDir::new();
         let mut sync = open(&dir);
-        let g = sync.load("g").unwrap();
+        let g = load(&mut sync, "g");
         assert_eq!(sync.owner(g), None);
         sync.join(g, Some("alice"));
         sync.join(g, Some("bob"));
@@ -680,16 +886,16 @@ mod tests {
         assert_eq!((sync.name(g), sync.connections(g)), ("g", 2));
         sync.left(g, 0);
         sync.left(g, 1);
-        sync.flush();
+        settle(&mut sync);
         assert!(sync.groups.is_empty(), "the group left memory");
-        let g = sync.load("g").unwrap();
+        let g = load(&mut sync, "g");
         assert_eq!(sync.owner(g), Some("alice"), "read back from the store");
         drop(sync);
         let mut sync = open(&dir);
-        let g = sync.load("g").unwrap();
+        let g = load(&mut sync, "g");
         assert_eq!(sync.owner(g), Some("alice"), "and after a restart");
         // An owner whose name is empty is still an owner.
-        let h = sync.load("h").unwrap();
+        let h = load(&mut sync, "h");
         sync.join(h, Some(""));
         assert_eq!(sync.owner(h), Some(""));
     }
@@ -717,40 +923,102 @@ mod tests {
             init
         };
         let now = Instant::now();
-        let ga = a.load("g").unwrap();
+        let ga = load(&mut a, "g");
         a.join(ga, Some("alice"));
         let who_a = Who { slot: 0, serial: 0, client_id: "c1", group: ga, version: 51 };
         a.on_init(&who_a, None, 0, &init());
         a.on_push(&who_a, Pusher::Verified, &push(1), now);
-        a.flush();
+        settle(&mut a);
         // Another process (a worker of a graceful replacement) writes the group meanwhile.
-        let gb = b.load("g").unwrap();
+        let gb = load(&mut b, "g");
         b.join(gb, Some("alice"));
         let who_b = Who { slot: 0, serial: 0, client_id: "c1", group: gb, version: 51 };
         b.on_push(&who_b, Pusher::Verified, &push(2), now);
-        assert!(b.flush().1.is_empty());
+        assert!(settle(&mut b).1.is_empty());
         // A's next push (its client's next mutation, for A) finds the group stale.
         a.on_push(&who_a, Pusher::Verified, &push(2), now);
-        let (out, failed) = a.flush();
+        let (out, failed) = settle(&mut a);
         assert_eq!(failed, [ga]);
         assert!(out.is_empty(), "nothing is delivered for a stale group: {}", out.len());
         // Its next load (a newcomer, or the rehomed client) reads what the other wrote.
-        assert_eq!(a.load("g").unwrap(), ga);
+        assert_eq!(load(&mut a, "g"), ga);
         assert_eq!(a.group(ga).replica.as_ref().map(|r| r.version()), Some(2));
         assert_eq!(a.owner(ga), Some("alice"), "the pin stayed");
         // Stale again, and its last connection leaves in the same iteration: the group is
         // still there for the caller to name, and gone at the next flush.
         b.on_push(&who_b, Pusher::Verified, &push(3), now);
-        assert!(b.flush().1.is_empty());
+        assert!(settle(&mut b).1.is_empty());
         a.on_push(&who_a, Pusher::Verified, &push(3), now);
         a.left(ga, 0);
-        assert_eq!(a.flush().1, [ga]);
+        assert_eq!(settle(&mut a).1, [ga]);
         assert_eq!(a.name(ga), "g");
-        a.flush();
+        settle(&mut a);
         assert!(a.groups.is_empty(), "gone at the next flush");
-        let ga = a.load("g").unwrap();
+        let ga = load(&mut a, "g");
         assert_eq!(a.group(ga).replica.as_ref().map(|r| r.version()), Some(3));
         assert_eq!(a.owner(ga), Some("alice"));
+    }
+
+    #[test]
+    fn what_arrives_during_a_commit_waits_for_the_next_one_in_order() {
+        let dir = TempDir::new();
+        let mut sync = open(&dir);
+        let push = |id: u64| {
+            let Upstream::Push(push) = upstream(&format!(
+                r#"["push",{{"clientGroupID":"g","pushVersion":1,"timestamp":1,"requestID":"r",
+                "mutations":[{{"type":"crud","id":{id},"clientID":"c1","name":"_zero_crud","timestamp":1,
+                "args":[{{"ops":[{{"op":"upsert","tableName":"t","primaryKey":["id"],"value":{{"id":"a","n":{id}}}}}]}}]}}]}}]"#
+            )) else {
+                panic!("not a push")
+            };
+            push
+        };
+        let Upstream::InitConnection(init) =
+            upstream(r#"["initConnection",{"desiredQueriesPatch":[]}]"#)
+        else {
+            panic!("not initConnection")
+        };
+        let now = Instant::now();
+        let g = load(&mut sync, "g");
+        sync.join(g, None);
+        let who = Who { slot: 0, serial: 0, client_id: "c1", group: g, version: 51 };
+        sync.on_init(&who, None, 0, &init);
+        settle(&mut sync);
+        sync.on_push(&who, Pusher::Anonymous, &push(1), now);
+        assert!(sync.flush().is_empty(), "the poke waits for its commit");
+        assert!(sync.syncing());
+        // Two more pushes while the first batch is on the store thread: both go into the
+        // next batch, and nothing of theirs is handed out early.
+        sync.on_push(&who, Pusher::Anonymous, &push(2), now);
+        assert!(sync.flush().is_empty());
+        sync.on_push(&who, Pusher::Anonymous, &push(3), now);
+        assert!(!sync.has_pending(), "nothing to do until the commit answers");
+        let pokes = |deliveries: &[Delivery]| -> Vec<String> {
+            deliveries
+                .iter()
+                .map(|d| match d {
+                    Delivery::Frames { frames, .. } => String::from_utf8_lossy(frames).into(),
+                    Delivery::Error { message, .. } => message.clone(),
+                })
+                .collect()
+        };
+        let StoreEvent::Committed { deliveries, failed, changes, .. } = sync.wait_store() else {
+            panic!("the commit answers")
+        };
+        assert!(failed.is_empty());
+        assert_eq!(changes, 1);
+        let first = pokes(&deliveries);
+        assert_eq!(first.len(), 1, "{first:?}");
+        assert!(first[0].contains(r#""n":1"#), "{first:?}");
+        let (deliveries, failed) = settle(&mut sync);
+        assert!(failed.is_empty());
+        let next = pokes(&deliveries);
+        assert_eq!(next.len(), 2, "one batch for both: {next:?}");
+        assert!(next[0].contains(r#""n":2"#) && next[1].contains(r#""n":3"#), "{next:?}");
+        // All three are on disk: a second process loads version 3.
+        let mut other = open(&dir);
+        let g = load(&mut other, "g");
+        assert_eq!(other.group(g).replica.as_ref().map(|r| r.version()), Some(3));
     }
 
     #[test]
@@ -779,14 +1047,14 @@ mod tests {
     fn a_group_nobody_joined_leaves_at_the_next_flush() {
         let dir = TempDir::new();
         let mut sync = open(&dir);
-        let a = sync.load("a").unwrap();
-        let b = sync.load("b").unwrap();
-        assert_eq!(sync.load("a").unwrap(), a, "loading again finds it");
+        let a = load(&mut sync, "a");
+        let b = load(&mut sync, "b");
+        assert_eq!(load(&mut sync, "a"), a, "loading again finds it");
         sync.join(b, None);
-        sync.flush();
+        settle(&mut sync);
         assert_eq!(sync.groups.len(), 1);
         assert_eq!(sync.name(b), "b");
-        let a = sync.load("a").unwrap();
+        let a = load(&mut sync, "a");
         assert_ne!(sync.name(a), sync.name(b));
     }
 }

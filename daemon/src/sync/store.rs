@@ -110,7 +110,7 @@ pub struct Store {
     /// The connection; one per process.
     conn: Connection,
     /// What [`Store::commit`] will write, in the order it was staged.
-    staged: Vec<Staged>,
+    staged: Batch,
     /// For each group in memory, what its changes since the last materialization come to:
     /// what the next one writes into the tables.
     pending: HashMap<String, Pending>,
@@ -151,6 +151,8 @@ pub enum StoreError {
     Corrupt { group_id: String, message: String },
     /// A batch could not be written (nothing of it was).
     Commit { source: rusqlite::Error },
+    /// The thread that runs the store could not be started.
+    Thread { source: std::io::Error },
 }
 
 impl StoreError {
@@ -163,7 +165,8 @@ impl StoreError {
             | StoreError::Commit { source } => source,
             StoreError::Directory { .. }
             | StoreError::NoWal { .. }
-            | StoreError::Corrupt { .. } => return false,
+            | StoreError::Corrupt { .. }
+            | StoreError::Thread { .. } => return false,
         };
         matches!(
             source.sqlite_error_code(),
@@ -201,6 +204,7 @@ impl std::fmt::Display for StoreError {
                 write!(f, "client group {group_id} is corrupt in the store: {message}")
             }
             StoreError::Commit { source } => write!(f, "commit failed: {source}"),
+            StoreError::Thread { source } => write!(f, "cannot start the store thread: {source}"),
         }
     }
 }
@@ -215,6 +219,61 @@ pub struct CommitError {
     /// Every group with staged changes in the batch. Their in-memory state is
     /// now ahead of the file: drop them without sending their pending pokes.
     pub groups: Vec<String>,
+}
+
+/// Writes staged for one commit, in order. The worker's loop fills one while the store
+/// thread ([`super::store_thread`]) commits the one before: everything that arrives while a
+/// sync is in flight goes into the next.
+#[derive(Default)]
+pub struct Batch {
+    /// The writes, in the order they were staged.
+    staged: Vec<Staged>,
+    /// How many of them are changes (the rest pin owners), for the batch-size metric.
+    changes: usize,
+}
+
+impl Batch {
+    /// Stages a change of a group. Changes of one group must be staged in the order the
+    /// replica produced them.
+    pub fn stage(&mut self, group_id: &str, change: &Change) {
+        let patch_json = Arc::clone(&change.json);
+        let forgotten = change.forgotten_clients.clone();
+        let forgotten_json =
+            (!forgotten.is_empty()).then(|| serde_json::to_string(&forgotten).unwrap_or_default());
+        self.staged.push(Staged::Change(StagedChange {
+            group_id: group_id.to_owned(),
+            base_version: to_sql_int(change.base_version),
+            version: to_sql_int(change.version),
+            history_floor: to_sql_int(change.history_floor),
+            patch: Arc::clone(&change.patch),
+            forgotten,
+            patch_json,
+            forgotten_json,
+        }));
+        self.changes += 1;
+    }
+
+    /// Stages pinning a group to the first verified user that joins it, so the pin survives
+    /// restarts. A group already pinned keeps its owner.
+    pub fn set_owner(&mut self, group_id: &str, user: &str) {
+        self.staged.push(Staged::Owner { group_id: group_id.to_owned(), user: user.to_owned() });
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.staged.is_empty()
+    }
+
+    /// The changes staged (owner pins not counted).
+    pub fn changes(&self) -> usize {
+        self.changes
+    }
+
+    /// Drops the changes staged for `group_id` (it went stale: they were based on a state
+    /// the store no longer has, and the commit would refuse them).
+    pub fn remove_changes_of(&mut self, group_id: &str) {
+        self.staged.retain(|s| !matches!(s, Staged::Change(c) if c.group_id == group_id));
+        self.changes = self.staged.iter().filter(|s| matches!(s, Staged::Change(_))).count();
+    }
 }
 
 /// One staged write.
@@ -320,7 +379,7 @@ impl Store {
         // the store's statements, and preparing costs more than running most of them).
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         migrate(&mut conn).map_err(fail)?;
-        Ok(Store { conn, staged: Vec::new(), pending: HashMap::new() })
+        Ok(Store { conn, staged: Batch::default(), pending: HashMap::new() })
     }
 
     /// Loads a group, or `None` if nothing of it was ever committed: the materialized state
@@ -359,29 +418,14 @@ impl Store {
         self.pending.remove(group_id);
     }
 
-    /// Stages a change of a group for the next [`Store::commit`]. Changes of
-    /// one group must be staged in the order the replica produced them.
+    /// Stages a change of a group for the next [`Store::commit`] (see [`Batch::stage`]).
     pub fn stage(&mut self, group_id: &str, change: &Change) {
-        let patch_json = Arc::clone(&change.json);
-        let forgotten = change.forgotten_clients.clone();
-        let forgotten_json =
-            (!forgotten.is_empty()).then(|| serde_json::to_string(&forgotten).unwrap_or_default());
-        self.staged.push(Staged::Change(StagedChange {
-            group_id: group_id.to_owned(),
-            base_version: to_sql_int(change.base_version),
-            version: to_sql_int(change.version),
-            history_floor: to_sql_int(change.history_floor),
-            patch: Arc::clone(&change.patch),
-            forgotten,
-            patch_json,
-            forgotten_json,
-        }));
+        self.staged.stage(group_id, change);
     }
 
-    /// Stages pinning a group to the first verified user that joins it, so
-    /// the pin survives restarts. A group already pinned keeps its owner.
+    /// Stages pinning a group (see [`Batch::set_owner`]).
     pub fn set_owner(&mut self, group_id: &str, user: &str) {
-        self.staged.push(Staged::Owner { group_id: group_id.to_owned(), user: user.to_owned() });
+        self.staged.set_owner(group_id, user);
     }
 
     /// Whether anything is staged.
@@ -392,10 +436,16 @@ impl Store {
     /// Writes everything staged since the last commit in one transaction and
     /// waits for it to be on disk. See [`Committed`] and [`CommitError`].
     pub fn commit(&mut self) -> Result<Committed, CommitError> {
-        if self.staged.is_empty() {
+        let batch = std::mem::take(&mut self.staged);
+        self.commit_batch(batch)
+    }
+
+    /// Writes `batch` in one transaction and waits for it to be on disk.
+    pub fn commit_batch(&mut self, batch: Batch) -> Result<Committed, CommitError> {
+        if batch.is_empty() {
             return Ok(Committed::default());
         }
-        let staged = std::mem::take(&mut self.staged);
+        let staged = batch.staged;
         match write_batch(&mut self.conn, &staged, &mut self.pending) {
             Ok(written) => {
                 let Written { committed, logged, materialized } = written;

@@ -26,7 +26,7 @@ use crate::gate::admission::{
 use crate::gate::auth::Verifier;
 use crate::gate::proxies::TrustedProxies;
 use crate::index::NameIndex;
-use crate::metrics::{Metric, Metrics};
+use crate::metrics::{Histogram, Metric, Metrics};
 use crate::process::control::Order;
 use crate::process::event_loop::{self, Process};
 use crate::process::handoff::{self, Handoff};
@@ -34,7 +34,7 @@ use crate::protocol::route;
 use crate::protocol::ErrorKind;
 use crate::ring::{Completion, Op, Ring};
 use crate::slab::Slab;
-use crate::sync::{Delivery, GroupRef, GroupSync, Pusher, Who};
+use crate::sync::{Delivery, GroupRef, GroupSync, Loading, Pusher, StoreEvent, Who};
 use crate::upstream::Upstreams;
 use crate::ws::close;
 use crate::ws::connection::{self, Connection, End, Mode, Notice, Settings, Shared, State};
@@ -165,6 +165,39 @@ struct Probe {
     admit: Admit,
 }
 
+/// How long a newcomer waits for its group to be read from the store before it is refused
+/// (`ServerOverloaded`, with a backoff): the store's own busy timeout, so only a store that
+/// is stuck makes it.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A newcomer waiting for its group to be loaded by the store thread, while the worker
+/// serves everyone else.
+struct Waiter {
+    /// Its slot and the slot's serial: a newcomer that left meanwhile is skipped.
+    index: u32,
+    serial: u32,
+    /// Where its admission stood.
+    admit: Admit,
+    /// What it waits to do: the admission decision, or (after a probe) to join.
+    then: Then,
+    /// When it is refused if the load has not come back.
+    deadline: Instant,
+    /// The relay its admission retired (`Worker::retired_hop`), for its own to wait for.
+    retired_hop: Option<u32>,
+    /// A newcomer straight from its handoff: the bytes behind its head. Its socket is read
+    /// only once its admission is decided. `None` after a probe (it is being read).
+    early: Option<Vec<u8>>,
+}
+
+/// The step of an admission that needs the group in memory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Then {
+    /// Decide (`admission::decide`) against the group's owner and count.
+    Decide,
+    /// Join it (after a probe, a flush may have dropped the group).
+    Open,
+}
+
 /// A newcomer's admission, from its handshake to the moment it joins its group.
 struct Admit {
     /// Its clientGroupID: a slot holds its group only once admitted.
@@ -179,6 +212,8 @@ struct Admit {
     route: Option<relay::Route>,
     /// Its session cookie's hash (`auth.session_cookie`), kept once it is admitted.
     session: Option<u64>,
+    /// Its protocol version, for the displacement rules.
+    version: u32,
 }
 
 pub struct Worker {
@@ -209,6 +244,10 @@ pub struct Worker {
     shared: Shared,
     /// The replicas of this worker's client groups and their durable store.
     sync: GroupSync,
+    /// Newcomers waiting for their group's load, by clientGroupID.
+    loading: HashMap<Box<str>, Vec<Waiter>>,
+    /// Answers of the store, reused between completions.
+    store_events: Vec<StoreEvent>,
     next_serial: u32,
     /// Bytes of dedicated compression contexts in use, against `compression.memory_budget_bytes`.
     dedicated_deflate_bytes: usize,
@@ -295,8 +334,16 @@ impl Worker {
         let level = config.compression.level;
         let window = Duration::from_millis(config.limits.per_user_mutations_window_ms);
         let l = &config.limits;
-        let sync = GroupSync::open(&config.storage.path, l.group(), l.per_user_mutations, window)
-            .map_err(|e| format!("storage.path: {e}"))?;
+        let sync = GroupSync::open(
+            &config.storage.path,
+            format!("store-{index}"),
+            Duration::from_millis(config.storage.test_sync_delay_ms),
+            l.group(),
+            l.per_user_mutations,
+            window,
+        )
+        .map_err(|e| format!("storage.path: {e}"))?;
+        ring.poll_multi(sync.eventfd(), Op::Store.token(0));
         let shared = Shared::new(settings_from(&config), level);
         let upstreams =
             Upstreams::parse(&config.upstream.urls).map_err(|e| format!("upstream.urls: {e}"))?;
@@ -318,6 +365,8 @@ impl Worker {
             resumes: HashMap::new(),
             shared,
             sync,
+            loading: HashMap::new(),
+            store_events: Vec::new(),
             next_serial: 0,
             dedicated_deflate_bytes: 0,
             open: 0,
@@ -537,7 +586,6 @@ impl Worker {
         });
         self.next_serial = self.next_serial.wrapping_add(1);
         self.churned = true;
-        self.arm_recv(index);
         match &routed {
             Some((path, params)) if !echo => {
                 // A relay's client resumes with zero-cache, which reads these itself.
@@ -569,7 +617,27 @@ impl Worker {
             }
         }
         // Bytes the client sent right behind its head (it may not wait for the 101).
-        let mut early = h.bytes[end..].to_vec();
+        let early = h.bytes[end..].to_vec();
+        let group_id = routed.as_ref().map_or("", |(_, p)| p.client_group_id.as_str());
+        if let Some(w) = self.loading.get_mut(group_id).and_then(|ws| ws.last_mut()) {
+            if w.index == index {
+                // It waits for its group: nothing of it is read, answered or sent before its
+                // admission is decided (the 101, `connected` and a first poke still leave
+                // together, and nothing is answered before `connected`).
+                w.early = Some(early);
+                return;
+            }
+        }
+        self.resume_reading(index, early, now);
+    }
+
+    /// Starts reading a connection whose admission is decided: the bytes that came behind
+    /// its head first, then its socket.
+    fn resume_reading(&mut self, index: u32, mut early: Vec<u8>, now: Instant) {
+        if self.slots.get(index).is_none() {
+            return;
+        }
+        self.arm_recv(index);
         if !early.is_empty() {
             if let Some(slot) = self.slots.get_mut(index) {
                 let group_id = slot.id.group.map_or("", |g| self.sync.name(g));
@@ -614,15 +682,55 @@ impl Worker {
                 Ok(user) => user.map(Into::into),
                 Err(refusal) => return self.refuse(index, peer, group_id, refusal, now),
             };
+        let init = header.init_connection;
+        let Edge { route, session } = edge;
+        let admit = Admit { group_id: group_id.into(), user, peer, init, route, session, version };
         // The group, with its durable owner, before any decision (the pin).
-        let group = match self.sync.load(group_id) {
-            Ok(group) => group,
-            Err(e) => {
-                log::error!("worker={} storage: {e}", self.index);
-                return self.refuse(index, peer, group_id, Refusal::storage(e.error_kind()), now);
+        self.with_group(index, admit, Then::Decide, now);
+    }
+
+    /// Runs `then` for the newcomer in `index` once its group is in memory: now, or when the
+    /// store thread has read it (the newcomer waits, the other connections are served).
+    fn with_group(&mut self, index: u32, admit: Admit, then: Then, now: Instant) {
+        match self.sync.load(&admit.group_id) {
+            Loading::Ready(group) => match then {
+                Then::Decide => self.decide(index, group, admit, now),
+                Then::Open => self.open_connection(index, group, admit, now),
+            },
+            Loading::Waiting => {
+                let Some(slot) = self.slots.get(index) else { return };
+                let waiter = Waiter {
+                    index,
+                    serial: slot.serial,
+                    admit,
+                    then,
+                    deadline: now + LOAD_TIMEOUT,
+                    retired_hop: self.retired_hop.take(),
+                    early: None,
+                };
+                self.loading.entry(waiter.admit.group_id.clone()).or_default().push(waiter);
             }
-        };
-        let holder = self.client_slot(&params.client_id).map(|slot| Holder {
+        }
+    }
+
+    /// After a newcomer's wait for its group: start reading it if it came straight from its
+    /// handoff (`early`), else (it is being read) act on what its admission queued.
+    fn waited(&mut self, index: u32, early: Option<Vec<u8>>, now: Instant) {
+        match early {
+            Some(early) => self.resume_reading(index, early, now),
+            None => self.process(index),
+        }
+    }
+
+    /// Whether a waiting newcomer is still the connection in its slot.
+    fn still_there(&self, w: &Waiter) -> bool {
+        self.slots.get(w.index).is_some_and(|s| s.serial == w.serial)
+    }
+
+    /// The admission decision for a newcomer whose group is in memory.
+    fn decide(&mut self, index: u32, group: GroupRef, admit: Admit, now: Instant) {
+        let Some(slot) = self.slots.get(index) else { return };
+        let holder = self.client_slot(slot.id.client_id()).map(|slot| Holder {
             slot,
             user: self.slots.get(slot).and_then(|s| self.verified_user(s)),
             session: self.sessions.get(&slot).copied(),
@@ -632,17 +740,19 @@ impl Worker {
             connections: self.sync.connections(group),
             max_connections: self.config.limits.max_group_connections,
         };
-        let newcomer = Newcomer { user: user.as_deref(), session: edge.session, version };
+        let newcomer = Newcomer {
+            user: admit.user.as_deref(),
+            session: admit.session,
+            version: admit.version,
+        };
         let decision = admission::decide(newcomer, state, holder);
-        let init = header.init_connection;
-        let Edge { route, session } = edge;
-        let admit = Admit { group_id: group_id.into(), user, peer, init, route, session };
+        let (peer, group_id) = (admit.peer, admit.group_id.clone());
         match decision {
-            Decision::Refuse(refusal) => self.refuse(index, peer, group_id, refusal, now),
+            Decision::Refuse(refusal) => self.refuse(index, peer, &group_id, refusal, now),
             Decision::Replace(old) => {
                 let wsid = self.slots.get(index).map(|s| s.id.wsid().to_owned());
                 self.displace(old, &format!("replaced by wsid {}", wsid.unwrap_or_default()), now);
-                self.open_connection(index, admit, now);
+                self.open_connection(index, group, admit, now);
             }
             Decision::Probe(old) => {
                 if let Some(existing) = self.slots.get_mut(old) {
@@ -652,11 +762,55 @@ impl Worker {
                     self.probes.push(Probe { newcomer: index, existing: old, deadline, admit });
                     self.process(old);
                 } else {
-                    self.open_connection(index, admit, now);
+                    self.open_connection(index, group, admit, now);
                 }
             }
-            Decision::Admit => self.open_connection(index, admit, now),
+            Decision::Admit => self.open_connection(index, group, admit, now),
         }
+    }
+
+    /// The store answered: loads resume the newcomers that waited for them, a commit's
+    /// deliveries go out (its failed groups' clients are sent away).
+    fn on_store(&mut self, now: Instant) {
+        let mut events = std::mem::take(&mut self.store_events);
+        self.sync.on_store(&mut events);
+        for event in events.drain(..) {
+            match event {
+                StoreEvent::Loaded { name, result } => {
+                    let waiters = self.loading.remove(&name).unwrap_or_default();
+                    for w in waiters {
+                        if !self.still_there(&w) {
+                            continue;
+                        }
+                        match &result {
+                            Ok(group) => {
+                                self.retired_hop = w.retired_hop;
+                                match w.then {
+                                    Then::Decide => self.decide(w.index, *group, w.admit, now),
+                                    Then::Open => {
+                                        self.open_connection(w.index, *group, w.admit, now)
+                                    }
+                                }
+                                self.retired_hop = None;
+                            }
+                            Err(e) => {
+                                log::error!("worker={} storage: {e}", self.index);
+                                let refusal = Refusal::storage(e.error_kind());
+                                self.refuse(w.index, w.admit.peer, &name, refusal, now);
+                            }
+                        }
+                        self.waited(w.index, w.early, now);
+                    }
+                }
+                StoreEvent::Committed { deliveries, failed, took, changes } => {
+                    self.metrics.observe(Histogram::Commit, took);
+                    self.metrics.inc(Metric::StoreBatches);
+                    self.metrics.add(Metric::StoreChanges, changes as u64);
+                    self.deliver(deliveries, &failed, now);
+                }
+            }
+        }
+        self.store_events = events;
     }
 
     /// The admitted connection holding `client_id`, if any.
@@ -708,17 +862,8 @@ impl Worker {
 
     /// Steps 5 and 6: the newcomer joins its group, then `connected`, then the header's
     /// `initConnection`.
-    fn open_connection(&mut self, index: u32, admit: Admit, now: Instant) {
-        let Admit { group_id, user, peer, init, route, session } = admit;
-        // Loaded at admission; loading again is a no-op unless a flush dropped it meanwhile
-        // (a newcomer that waited on a probe).
-        let group = match self.sync.load(&group_id) {
-            Ok(group) => group,
-            Err(e) => {
-                log::error!("worker={} storage: {e}", self.index);
-                return self.refuse(index, peer, &group_id, Refusal::storage(e.error_kind()), now);
-            }
-        };
+    fn open_connection(&mut self, index: u32, group: GroupRef, admit: Admit, now: Instant) {
+        let Admit { group_id, user, peer, init, route, session, .. } = admit;
         // A newcomer that waited on a probe may find its group pinned to someone else since.
         if let Some(refusal) = admission::check_pin(self.sync.owner(group), user.as_deref()) {
             return self.refuse(index, peer, &group_id, refusal, now);
@@ -1019,13 +1164,16 @@ impl Worker {
         self.write_hops();
     }
 
-    /// The durability point: commit the iteration's changes, then send the pokes and errors
-    /// that wait on them.
+    /// The end of an iteration: what it staged goes to the store thread as the next batch
+    /// (or waits behind the one in flight); deliveries that wait on no commit go out now.
     fn flush_sync(&mut self, now: Instant) {
-        let (deliveries, failed) = self.sync.flush();
-        if let Some(took) = self.sync.take_commit_time() {
-            self.metrics.observe_commit(took);
-        }
+        let deliveries = self.sync.flush();
+        self.deliver(deliveries, &[], now);
+    }
+
+    /// Hands deliveries to their connections (a reused slot with another serial gets
+    /// nothing), then sends away the clients of groups whose commit failed.
+    fn deliver(&mut self, deliveries: Vec<Delivery>, failed: &[GroupRef], now: Instant) {
         let mut touched = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             let to = delivery.to();
@@ -1045,7 +1193,7 @@ impl Worker {
             }
             touched.push(to.slot);
         }
-        for group in failed {
+        for &group in failed {
             // Another process changed the group, or the commit failed: these clients must
             // reconnect and load what is on disk.
             log::warn!(
@@ -1094,6 +1242,7 @@ impl Worker {
             self.close_all(close::SERVICE_RESTART, "service restart", deadline, now);
         }
         self.resolve_probes(now);
+        self.expire_loads(now);
         self.hop_timers(now);
         for index in self.slots.indices() {
             if let Some(slot) = self.slots.get_mut(index) {
@@ -1103,6 +1252,35 @@ impl Worker {
                 }
                 self.process(index);
             }
+        }
+    }
+
+    /// Newcomers whose group's load did not come back in [`LOAD_TIMEOUT`] are refused as for
+    /// a busy store (back off, retry); the load itself still completes, for later ones.
+    fn expire_loads(&mut self, now: Instant) {
+        if self.loading.is_empty() {
+            return;
+        }
+        let mut expired = Vec::new();
+        for waiters in self.loading.values_mut() {
+            let (gone, kept) = std::mem::take(waiters).into_iter().partition(|w| w.deadline <= now);
+            *waiters = kept;
+            expired.extend::<Vec<Waiter>>(gone);
+        }
+        self.loading.retain(|_, waiters| !waiters.is_empty());
+        for w in expired {
+            if !self.still_there(&w) {
+                continue;
+            }
+            log::warn!(
+                "worker={} clientGroupID={}: the store did not load the group in {} s",
+                self.index,
+                w.admit.group_id,
+                LOAD_TIMEOUT.as_secs()
+            );
+            let refusal = Refusal::storage(ErrorKind::ServerOverloaded);
+            self.refuse(w.index, w.admit.peer, &w.admit.group_id, refusal, now);
+            self.waited(w.index, w.early, now);
         }
     }
 
@@ -1133,7 +1311,7 @@ impl Worker {
             }
             match verdict {
                 ProbeVerdict::Wait | ProbeVerdict::Forget => {}
-                ProbeVerdict::Admit => self.open_connection(newcomer, admit, now),
+                ProbeVerdict::Admit => self.with_group(newcomer, admit, Then::Open, now),
                 ProbeVerdict::ReplaceDead => {
                     if let Some(slot) = self.slots.get_mut(existing) {
                         log::info!(
@@ -1145,7 +1323,7 @@ impl Worker {
                     self.metrics.inc(Metric::Displaced);
                     self.retired_hop = self.retire_relay(existing, now);
                     self.process(existing);
-                    self.open_connection(newcomer, admit, now);
+                    self.with_group(newcomer, admit, Then::Open, now);
                 }
                 ProbeVerdict::Refuse(refusal) => {
                     self.refuse(newcomer, admit.peer, &admit.group_id, refusal, now)
@@ -1190,6 +1368,12 @@ impl Process for Worker {
             Op::UpConnect => self.on_up_connect(index, cqe.result(), now),
             Op::UpRecv => self.on_up_recv(index, cqe, now),
             Op::UpSend => self.on_up_send(index, cqe.result(), now),
+            Op::Store => {
+                if !cqe.more() {
+                    self.ring.poll_multi(self.sync.eventfd(), Op::Store.token(0));
+                }
+                self.on_store(now);
+            }
             _ => {}
         }
     }
@@ -1232,6 +1416,8 @@ impl Process for Worker {
         }
         self.write_queued();
         self.metrics.set(Metric::OpenConnections, self.open);
+        // From the end of the wait to here: how long every other connection waited.
+        self.metrics.observe(Histogram::Iteration, now.elapsed());
         if let Some(deadline) = self.stopping {
             if (self.slots.is_empty() && !self.hops_open()) || now >= deadline {
                 log::info!("worker {} stopped", self.index);
