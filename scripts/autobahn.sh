@@ -15,6 +15,8 @@
 #                                       for the largest fragmented messages (see below)
 #
 # Environment: AUTOBAHN_SYNCGATE=PATH runs that binary instead of building one;
+# AUTOBAHN_IO_BACKEND (auto, io_uring or epoll; default auto) is the daemon's `io.backend`
+# (CI runs cases 1.* to 10.* again on epoll; the run's outputs then go to autobahn-epoll/);
 # AUTOBAHN_JOBS (default 2) wstest processes at once; AUTOBAHN_TIMEOUT (default 1500) seconds
 # per wstest process; AUTOBAHN_VENV and AUTOBAHN_PYTHON2 as below.
 #
@@ -166,6 +168,12 @@ else
     cargo build --quiet "${build_flags[@]}"
     BIN="$target_dir/$profile/syncgate"
 fi
+IO_BACKEND="${AUTOBAHN_IO_BACKEND:-auto}"
+case $IO_BACKEND in
+    auto | io_uring | epoll) ;;
+    *) echo "AUTOBAHN_IO_BACKEND: $IO_BACKEND is not one of auto, io_uring, epoll" >&2; exit 2 ;;
+esac
+[[ $IO_BACKEND == epoll ]] && mode_name="$mode_name-epoll"
 OUT="$target_dir/$mode_name"
 mkdir -p "$target_dir"
 exec 9>"$target_dir/$mode_name.lock"
@@ -183,6 +191,9 @@ listen = "127.0.0.1:0"
 workers = $JOBS
 # Shutdown after the run need not wait for anyone.
 drain_timeout_ms = 1000
+[io]
+# AUTOBAHN_IO_BACKEND: the conformance of each backend's receive and send paths.
+backend = "$IO_BACKEND"
 [storage]
 # The run's own directory, never the system's /var/lib/syncgate (the echo route stores
 # nothing, but every worker opens the store).
@@ -248,7 +259,7 @@ if [[ -z $addr ]]; then
     cat "$OUT/syncgate.log" >&2
     exit 1
 fi
-log "syncgate ready on $addr"
+log "syncgate ready on $addr (backend $(sed -n "s/.* backend=\([^ ]*\) .*/\1/p" "$OUT/syncgate.log" | head -n 1))"
 
 # wstest is one single-threaded Python process, and with 12.*/13.* it is the bottleneck (it
 # spends about ten times the CPU the server does), so the cases run in $JOBS wstest processes

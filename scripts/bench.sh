@@ -4,8 +4,9 @@
 #   scripts/bench.sh --quick    a few minutes: one or two variants per scenario
 #   scripts/bench.sh            the full matrix (about an hour on a 2-core box)
 #
-# Options: --servers a,b,...  (syncgate, tokio-tungstenite, fastwebsockets, node-ws,
-#          node-ws-nobufferutil), --scenarios a,b,... (ping, echo, fanout, storm, idle,
+# Options: --servers a,b,...  (syncgate, syncgate-epoll, tokio-tungstenite, fastwebsockets,
+#          node-ws, node-ws-nobufferutil; syncgate-epoll is syncgate with io.backend = "epoll",
+#          syncgate with the default "auto", i.e. io_uring where the host allows it), --scenarios a,b,... (ping, echo, fanout, storm, idle,
 #          compressed, frames), --idle-sizes n,n,... (idle connection counts; default 10000 in
 #          quick mode, 10000,50000,100000 in full mode), --no-build.
 # Environment: SERVER_CPU / CLIENT_CPU (default 0 and 1), SYNCGATE_BENCH_STORAGE (where
@@ -110,13 +111,14 @@ start_server() {
   PORT=$((PORT + 1))
   ADDR=127.0.0.1:$PORT
   case $name in
-    syncgate)
+    syncgate|syncgate-epoll)
       case $kind in
         deflate) extra=$'[compression]\nenabled = true' ;;
         echo) extra=$'[conformance]\necho = true' ;;
         hs256) extra="[auth]"$'\n'"secret = \"$(cat "$CACHE/hs256.secret")\"" ;;
         rs256) extra="[auth]"$'\n'"jwk = '$(cat "$CACHE/jwk.json")'" ;;
       esac
+      [[ $name == syncgate-epoll ]] && extra+=$'\n[io]\nbackend = "epoll"'
       local cfg
       cfg=$(syncgate_config "$extra")
       CMD=("${PIN_SERVER[@]}" "$TARGET/syncgate" run --config "$cfg") ;;
@@ -137,7 +139,7 @@ start_server() {
   for _ in $(seq 200); do
     kill -0 "$SERVER_PID" 2>/dev/null || { log "$name died at start:"; tail -5 "$log" >&2; return 1; }
     grep -qs "ready listen=" "$log" && return 0
-    if [[ $name == syncgate ]] && syncgate_healthy "$PORT"; then return 0; fi
+    if [[ $name == syncgate* ]] && syncgate_healthy "$PORT"; then return 0; fi
     sleep 0.1
   done
   log "$name not ready after 20 s"
@@ -160,7 +162,7 @@ trap 'stop_server; rm -rf "$STORE"' EXIT
 
 supports() { # server $1 can run kind $2
   case $2 in
-    deflate) [[ $1 == syncgate || $1 == node-ws* ]] ;;
+    deflate) [[ $1 == syncgate* || $1 == node-ws* ]] ;;
     # The plain /echo route: syncgate's conformance route and the Rust peers' twin of it.
     echo) [[ $1 != node-ws* ]] ;;
     *) true ;;
@@ -229,7 +231,7 @@ if wanted storm "$SCENARIOS"; then
     ALG=${alg^^}
     for s in "${SERVER_LIST[@]}"; do
       note=
-      [[ $s != syncgate ]] && note="peer does no JWT work (token ignored)"
+      [[ $s != syncgate* ]] && note="peer does no JWT work (token ignored)"
       measure "$s" "$alg" --scenario storm --connections 16 --sources 4 \
         --tokens "$CACHE/tokens-$alg-$POOL" --variant "$ALG, 16 in flight" ${note:+--note "$note"} "${TIMING[@]}"
     done
@@ -251,7 +253,7 @@ if wanted idle "$SCENARIOS"; then
     (( procs > 1 )) && args+=(--processes "$procs")
     skipped=()
     for s in "${SERVER_LIST[@]}"; do
-      if [[ $s != syncgate ]]; then
+      if [[ $s != syncgate* ]]; then
         # A peer is one process: it must hold every connection itself.
         if (( n + 1000 > FD_LIMIT )); then skipped+=("$s"); continue; fi
         measure "$s" plain "${args[@]}"
@@ -262,7 +264,7 @@ if wanted idle "$SCENARIOS"; then
       SG_WORKERS=$(( (n + FD_LIMIT / 2 - 1) / (FD_LIMIT / 2) ))
       note=
       (( SG_WORKERS > 1 || procs > 1 )) && note="syncgate with $SG_WORKERS workers, load client in $procs processes"
-      measure syncgate plain "${args[@]}" ${note:+--note "$note"}
+      measure "$s" plain "${args[@]}" ${note:+--note "$note"}
       SG_WORKERS=1
     done
     if (( ${#skipped[@]} > 0 )); then

@@ -18,7 +18,8 @@
 #    targets (only scripts/fuzz.sh builds them, with sanitizers; without this check an API
 #    change breaks them unnoticed).
 # 3. The doctests (nextest does not run them), then the whole test suite under cargo-nextest
-#    (plain cargo test if nextest is missing).
+#    (plain cargo test if nextest is missing), then the end-to-end tests of the data path
+#    once more with every daemon on the epoll backend (SYNCGATE_TEST_IO_BACKEND=epoll).
 #
 # The Rust tests find the clients through SYNCGATE_TEST_PYTHON and SYNCGATE_TEST_NODE, hadolint
 # through SYNCGATE_TEST_HADOLINT, and
@@ -159,7 +160,18 @@ if cargo nextest --version >/dev/null 2>&1; then
     cargo test --workspace --locked --doc
     log "cargo nextest run"
     cargo nextest run --workspace --locked --no-fail-fast
+    # The end-to-end tests of the data path again, with every daemon on the epoll backend
+    # (SYNCGATE_TEST_IO_BACKEND, tests/common/daemon.rs): the run above had io_uring where
+    # the host allows it. Not again: the unit tests (the ring's run both backends each
+    # time), tests/backend.rs (its tests pick their backends), and the packaging, container
+    # and install tests, which move no bytes through a loop. About 5 minutes on a 2-core
+    # machine; a host without io_uring runs epoll in both runs.
+    log "cargo nextest run: the end-to-end tests on the epoll backend"
+    SYNCGATE_TEST_IO_BACKEND=epoll cargo nextest run --workspace --locked --no-fail-fast -E \
+        'package(syncgate) & kind(test) & !(binary(backend) | binary(packaging) | binary(container) | binary(ops_install) | binary(ops_systemd))'
 else
     log "cargo-nextest not found: cargo test"
     cargo test --workspace --locked --no-fail-fast
+    log "cargo test: the end-to-end tests on the epoll backend"
+    SYNCGATE_TEST_IO_BACKEND=epoll cargo test --workspace --locked --no-fail-fast --tests
 fi

@@ -200,46 +200,21 @@ fn an_ipv6_wildcard_listen_also_takes_ipv4() {
     assert!(e.field("peer").is_some_and(|p| p.starts_with("127.0.0.1:")), "{}", e.line);
 }
 
-/// Runs the daemon with io_uring_setup failing with `errno` (a seccomp filter installed
-/// between fork and exec, as a container runtime's default profile does) and returns its
-/// exit status and standard error.
+/// Runs the daemon with `io.backend = "io_uring"` and io_uring failing with `errno` (see
+/// [`deny_io_uring`]) and returns its exit status and standard error.
 #[cfg(target_arch = "x86_64")]
 fn run_without_io_uring(errno: i32) -> (std::process::ExitStatus, String) {
-    use std::os::unix::process::CommandExt;
-    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
-    const NR_IO_URING_SETUP: u32 = 425;
     let path =
         std::env::temp_dir().join(format!("syncgate-test-nouring-{}.toml", std::process::id()));
     let store = std::env::temp_dir().join(format!("syncgate-test-nouring-{}", std::process::id()));
-    let config = format!("listen = \"127.0.0.1:0\"\n[storage]\npath = \"{}\"\n", store.display());
+    let config = format!(
+        "listen = \"127.0.0.1:0\"\n[io]\nbackend = \"io_uring\"\n[storage]\npath = \"{}\"\n",
+        store.display()
+    );
     std::fs::write(&path, config).unwrap();
     let mut cmd = Command::new(BIN);
     cmd.arg("run").arg("--config").arg(&path).stdin(Stdio::null());
-    // SAFETY: only async-signal-safe calls (prctl) between fork and exec; the filter lives
-    // on the stack of the child until prctl copies it.
-    unsafe {
-        cmd.pre_exec(move || {
-            let ret_errno = 0x0005_0000 | (errno as u32 & 0xffff); // SECCOMP_RET_ERRNO
-            let allow = 0x7fff_0000; // SECCOMP_RET_ALLOW
-            let filter = [
-                // Another architecture's syscall numbers mean other calls: let them be.
-                libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 4 }, // ld arch
-                libc::sock_filter { code: 0x15, jt: 0, jf: 3, k: AUDIT_ARCH_X86_64 },
-                libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 0 }, // ld nr
-                libc::sock_filter { code: 0x15, jt: 0, jf: 1, k: NR_IO_URING_SETUP },
-                libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: ret_errno },
-                libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: allow },
-            ];
-            let prog =
-                libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
-            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
-                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    deny_io_uring(&mut cmd, errno);
     let child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("run syncgate");
     let pid = child.id();
     let (done, exited) = std::sync::mpsc::channel();
@@ -260,7 +235,8 @@ fn run_without_io_uring(errno: i32) -> (std::process::ExitStatus, String) {
 
 #[cfg(target_arch = "x86_64")]
 #[test]
-fn without_io_uring_startup_fails_with_the_reason_and_the_fix() {
+fn io_uring_forced_without_io_uring_fails_startup_with_the_reason_and_the_fix() {
+    // (`auto` falls back to epoll instead: tests/backend.rs.)
     // Only meaningful where io_uring is otherwise allowed (the sysctl would change the text).
     // A kernel without the sysctl (before 6.6) has io_uring enabled.
     let sysctl = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")

@@ -47,6 +47,8 @@ pub struct Config {
     /// Measured in bench/RESULTS.md (2026-11-28 16:49 and 2026-12-04). Set at start; a
     /// reload keeps it.
     pub huge_pages: bool,
+    /// `[io]`: which backend moves the bytes.
+    pub io: IoConfig,
     pub auth: AuthConfig,
     pub limits: Limits,
     pub keepalive: Keepalive,
@@ -56,6 +58,24 @@ pub struct Config {
     /// The front door: the zero-caches to relay to (`[upstream]`, see [`crate::upstream`]).
     pub upstream: UpstreamConfig,
     pub conformance: Conformance,
+}
+
+/// `[io]`: the backend under every process's event loop (see [`crate::ring`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IoConfig {
+    /// `auto`, `io_uring` or `epoll`. `auto`: io_uring where the kernel and its policy allow
+    /// it (the supervisor tries once, at start), else epoll with one warning line naming
+    /// why; `io_uring` refuses to start without it. The supervisor passes its children the
+    /// backend it resolved, so every process runs the same one. Set at start; a reload keeps
+    /// it.
+    pub backend: String,
+}
+
+impl Default for IoConfig {
+    fn default() -> Self {
+        IoConfig { backend: "auto".into() }
+    }
 }
 
 /// `[upstream]`: with `urls` set, syncgate stands in front of zero-cache instead of serving
@@ -256,6 +276,7 @@ impl Default for Config {
             log_level: "info".into(),
             drain_timeout_ms: 10_000,
             huge_pages: false,
+            io: IoConfig::default(),
             auth: AuthConfig::default(),
             limits: Limits::default(),
             keepalive: Keepalive::default(),
@@ -378,6 +399,12 @@ impl Config {
                 self.log_level
             ));
         }
+        if !matches!(self.io.backend.as_str(), "auto" | "io_uring" | "epoll") {
+            return Err(format!(
+                "io.backend: {:?} is not one of auto, io_uring, epoll",
+                self.io.backend
+            ));
+        }
         if self.workers > MAX_WORKERS {
             return Err(format!("workers: {} is over the maximum of {MAX_WORKERS}", self.workers));
         }
@@ -485,6 +512,15 @@ impl Config {
             return self.limits.max_connections;
         }
         self.worker_count().saturating_mul(worker_connection_cap())
+    }
+
+    /// The backend a child process runs: the supervisor resolved `auto` before passing the
+    /// configuration on (an unresolved `auto` here means io_uring).
+    pub fn io_backend(&self) -> crate::ring::Backend {
+        match self.io.backend.as_str() {
+            "epoll" => crate::ring::Backend::Epoll,
+            _ => crate::ring::Backend::IoUring,
+        }
     }
 
     pub fn level(&self) -> log::LevelFilter {
@@ -714,6 +750,9 @@ mod tests {
         assert_eq!(c.workers, 3);
         assert_eq!(c.limits.connect_per_ip, 9);
         assert_eq!(c.auth.secret.as_deref(), Some("s3cret"));
+        let c = load_with("", &[("SYNCGATE_IO_BACKEND", "epoll")]).unwrap();
+        assert_eq!(c.io_backend(), crate::ring::Backend::Epoll);
+        assert_eq!(Config::default().io.backend, "auto");
         let c = load_with("", &[("SYNCGATE_COMPRESSION_ENABLED", "true")]).unwrap();
         assert!(c.compression.enabled);
         let c = load_with("", &[("SYNCGATE_LIMITS_TRUSTED_PROXIES", "10.0.0.0/8, ::1")]).unwrap();
@@ -734,6 +773,8 @@ mod tests {
         assert!(e.contains("connect_window_ms"), "{e}");
         let e = load_with("log_level = \"loud\"", &[]).unwrap_err();
         assert!(e.contains("log_level"), "{e}");
+        let e = load_with("[io]\nbackend = \"kqueue\"", &[]).unwrap_err();
+        assert!(e.contains("io.backend"), "{e}");
     }
 
     #[test]

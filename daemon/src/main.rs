@@ -15,7 +15,10 @@ use syncgate::{healthcheck, logging, manpage, metrics};
 static GLOBAL: syncgate::heap::Counting = syncgate::heap::Counting;
 
 #[derive(Parser)]
-#[command(name = "syncgate", about = "WebSocket termination for Zero's sync protocol, on io_uring")]
+#[command(
+    name = "syncgate",
+    about = "WebSocket termination for Zero's sync protocol, on io_uring (or epoll)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,

@@ -156,12 +156,14 @@ client connects to it unchanged. It serves the protocol itself, or sits in front
 zero-cache (upstream.urls) and relays admitted sockets to it.
 
 One supervisor process starts one listener process and N worker processes from the same
-binary, each with one io_uring ring; they die with the supervisor. The daemon needs
-io_uring: where the kernel or a seccomp profile refuses it, it does not start, and the
-failing process says why (kernel.io_uring_disabled, a container runtime's seccomp profile,
-too little locked memory). There is no epoll fallback yet.
+binary, each with one io_uring ring; they die with the supervisor. Where the kernel or a
+seccomp profile refuses io_uring (kernel.io_uring_disabled, a container runtime's seccomp
+profile, too little locked memory), the same processes run on epoll instead, with one
+warning line that says why (io.backend = \"auto\", the default); io.backend = \"io_uring\"
+refuses to start there, with the same reason.
 
-It logs one line per event on standard error, and \"ready listen=ADDR workers=N\" once
+It logs one line per event on standard error, and \"ready listen=ADDR workers=N
+backend=io_uring|epoll\" once
 every process is up. Under systemd (syncgate.service, Type=notify) it reports READY=1, RELOADING=1
 and STOPPING=1; socket activation (syncgate.socket) hands it its listening socket.
 ";

@@ -44,6 +44,12 @@ pub fn auth_config() -> String {
     format!("[auth]\nsecret = \"{SECRET}\"\n")
 }
 
+/// The `io.backend` the tests' daemons run: `SYNCGATE_TEST_IO_BACKEND` (`io_uring`, `epoll`
+/// or `auto`), else the daemon's default (`auto`).
+pub fn test_io_backend() -> Option<String> {
+    std::env::var("SYNCGATE_TEST_IO_BACKEND").ok().filter(|b| !b.is_empty())
+}
+
 /// Keepalive timers far away, so no unsolicited pong or WebSocket ping gets between a test and
 /// the answer it reads.
 pub const QUIET: &str = "[keepalive]\nidle_send_ms = 60000\nsilence_ms = 60000\n";
@@ -121,6 +127,14 @@ impl Daemon {
         // Each daemon gets its own store, so tests that reuse group names never meet.
         if !extra.contains("[storage]") && !env.iter().any(|(k, _)| *k == "SYNCGATE_STORAGE_PATH") {
             cmd.env("SYNCGATE_STORAGE_PATH", config_path.with_extension("store"));
+        }
+        // The whole suite can run on either backend (CI runs the data path twice): the
+        // variable of the test run becomes the daemon's `io.backend`, unless the test picks
+        // one itself.
+        if let Some(backend) = test_io_backend() {
+            if !extra.contains("[io]") && !env.iter().any(|(k, _)| *k == "SYNCGATE_IO_BACKEND") {
+                cmd.env("SYNCGATE_IO_BACKEND", backend);
+            }
         }
         cmd.envs(env.iter().copied());
         adjust(&mut cmd);

@@ -92,3 +92,43 @@ pub fn spawn_node_client(mut cmd: Command) -> (Child, Receiver<String>, Arc<Mute
     });
     (child, lines, stderr)
 }
+
+/// Makes `cmd` start with io_uring refused: a seccomp filter, installed between fork and exec
+/// as a container runtime's default profile does, fails `io_uring_setup`, `io_uring_enter`
+/// and `io_uring_register` with `errno` (EPERM, as Docker's profile does; ENOSYS, as a
+/// kernel without io_uring does). It is inherited by every process the daemon starts.
+#[cfg(target_arch = "x86_64")]
+pub fn deny_io_uring(cmd: &mut Command, errno: i32) {
+    use std::os::unix::process::CommandExt;
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    // io_uring_setup, io_uring_enter, io_uring_register: 425, 426, 427 on x86_64.
+    const NR_IO_URING_SETUP: u32 = 425;
+    const NR_IO_URING_REGISTER: u32 = 427;
+    // SAFETY: only async-signal-safe calls (prctl) between fork and exec; the filter lives
+    // on the stack of the child until prctl copies it.
+    unsafe {
+        cmd.pre_exec(move || {
+            let ret_errno = 0x0005_0000 | (errno as u32 & 0xffff); // SECCOMP_RET_ERRNO
+            let allow = 0x7fff_0000; // SECCOMP_RET_ALLOW
+            let filter = [
+                // Another architecture's syscall numbers mean other calls: let them be.
+                libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 4 }, // ld arch
+                libc::sock_filter { code: 0x15, jt: 0, jf: 4, k: AUDIT_ARCH_X86_64 },
+                libc::sock_filter { code: 0x20, jt: 0, jf: 0, k: 0 }, // ld nr
+                // nr < 425: allow; nr > 427: allow; else refuse.
+                libc::sock_filter { code: 0x35, jt: 0, jf: 2, k: NR_IO_URING_SETUP }, // jge
+                libc::sock_filter { code: 0x25, jt: 1, jf: 0, k: NR_IO_URING_REGISTER }, // jgt
+                libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: ret_errno },
+                libc::sock_filter { code: 0x06, jt: 0, jf: 0, k: allow },
+            ];
+            let prog =
+                libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

@@ -7,10 +7,8 @@ use std::ops::ControlFlow;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use io_uring::cqueue;
-
 use crate::process::control::{self, Message, Order};
-use crate::ring::{Op, Ring};
+use crate::ring::{Completion, Op, Ring};
 
 /// A child process, as its loop sees it.
 pub trait Process {
@@ -23,7 +21,7 @@ pub trait Process {
     fn tick(&self) -> Duration;
     /// A completion of one of the process's own operations (anything but the tick, the
     /// signal read and the control channel).
-    fn on_completion(&mut self, op: Op, index: u32, cqe: &cqueue::Entry, now: Instant);
+    fn on_completion(&mut self, op: Op, index: u32, cqe: &Completion, now: Instant);
     fn on_tick(&mut self, now: Instant);
     /// SIGTERM or SIGINT arrived.
     fn on_signal(&mut self, now: Instant);
@@ -46,7 +44,7 @@ pub fn run(p: &mut impl Process) -> Result<(), String> {
     let mut cqes = Vec::with_capacity(512);
     loop {
         p.before_wait();
-        p.ring().submit_and_wait().map_err(|e| format!("io_uring_enter: {e}"))?;
+        p.ring().submit_and_wait().map_err(|e| format!("waiting for completions: {e}"))?;
         p.ring().drain(&mut cqes);
         let now = Instant::now();
         for cqe in &cqes {
@@ -60,7 +58,7 @@ pub fn run(p: &mut impl Process) -> Result<(), String> {
                     p.ring().read_signals(&signalfd);
                 }
                 (Op::Control, _) => {
-                    if !cqueue::more(cqe.flags()) {
+                    if !cqe.more() {
                         p.ring().poll_multi(&control, Op::Control.token(0));
                     }
                     for order in control::receive_orders(p.control()) {

@@ -11,8 +11,6 @@ use std::ops::ControlFlow;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use io_uring::{cqueue, opcode, types};
-
 use crate::config::Config;
 use crate::gate::limits::{self, WindowLimiter};
 use crate::gate::proxies::TrustedProxies;
@@ -22,7 +20,7 @@ use crate::process::event_loop::{self, Process};
 use crate::process::handoff;
 use crate::protocol::route;
 use crate::protocol::{self, ErrorKind};
-use crate::ring::{Op, Ring};
+use crate::ring::{Completion, Op, Ring};
 use crate::slab::Slab;
 use crate::ws::handshake::{self, Head, HeadError, UpgradeError};
 use crate::ws::{close, frame};
@@ -121,7 +119,7 @@ impl Listener {
             ip_limiter,
             client_limiter,
             proxies,
-            ring: Ring::new().map_err(|e| e.to_string())?,
+            ring: Ring::new(config.io_backend()).map_err(|e| e.to_string())?,
             connection_cap: config.connection_cap(),
             config,
             listen,
@@ -148,19 +146,19 @@ impl Listener {
             log::info!("listener: stop requested, no longer accepting");
             self.stopping = true;
             // Closing the listening socket would race the supervisor's copy; stop our accept.
-            self.ring.cancel(Op::Accept.token(0));
+            self.ring.cancel(&self.listen, Op::Accept.token(0));
         }
     }
 
-    fn on_accept(&mut self, cqe: &cqueue::Entry, now: Instant) {
-        if !cqueue::more(cqe.flags()) && self.stopping {
+    fn on_accept(&mut self, cqe: &Completion, now: Instant) {
+        if !cqe.more() && self.stopping {
             // The last accept completion: from here on the new listener gets every socket.
             let _ = crate::process::control::send_message(
                 self.control.as_fd(),
                 &crate::process::control::Message::Stopped,
             );
         }
-        if !cqueue::more(cqe.flags()) && !self.stopping {
+        if !cqe.more() && !self.stopping {
             // The kernel ends a multishot accept on some errors (e.g. EMFILE); re-arm it.
             self.ring.accept_multi(&self.listen, Op::Accept.token(0));
         }
@@ -253,17 +251,11 @@ impl Listener {
             p.buf.reserve_exact(cap - p.buf.len());
         }
         let spare = p.buf.spare_capacity_mut();
-        let entry = opcode::Recv::new(
-            types::Fd(p.fd.as_raw_fd()),
-            spare.as_mut_ptr() as *mut u8,
-            spare.len() as u32,
-        )
-        .build()
-        .user_data(Op::Recv.token(index));
+        let (buf, len) = (spare.as_mut_ptr() as *mut u8, spare.len());
         // SAFETY: the spare capacity of the socket's head buffer, which is neither grown nor
         // dropped while the receive is in flight (its stage says so), and the pending socket,
         // descriptor included, is freed only after its completion.
-        unsafe { self.ring.push(entry) };
+        unsafe { self.ring.recv(p.fd.as_raw_fd(), buf, len, Op::Recv.token(index)) };
     }
 
     fn on_recv(&mut self, index: u32, res: i32, now: Instant) {
@@ -462,6 +454,12 @@ impl Listener {
             "/metrics" => {
                 self.metrics.set(Metric::HeapBytes, crate::heap::live_bytes() as u64);
                 let mut text = self.metrics.render();
+                // Which backend runs, as an info metric (the ready log line says it too).
+                text.push_str(&format!(
+                    "# HELP syncgate_io_backend The io backend every process runs (io.backend).\n\
+                     # TYPE syncgate_io_backend gauge\nsyncgate_io_backend{{backend=\"{}\"}} 1\n",
+                    self.ring.backend().name()
+                ));
                 if !self.config.upstream.urls.is_empty() {
                     text.push_str(&self.metrics.render_upstreams(&self.config.upstream.urls));
                 }
@@ -489,17 +487,18 @@ impl Listener {
         let Stage::Answer { out, sent } = &p.stage else {
             return;
         };
-        let entry = opcode::Send::new(
-            types::Fd(p.fd.as_raw_fd()),
-            out[*sent..].as_ptr(),
-            (out.len() - sent) as u32,
-        )
-        .flags(libc::MSG_NOSIGNAL)
-        .build()
-        .user_data(Op::Send.token(index));
+        let rest = &out[*sent..];
         // SAFETY: the answer's bytes stay in the pending socket's stage until the send
         // completes, and the socket is freed only after its completion.
-        unsafe { self.ring.push(entry) };
+        unsafe {
+            self.ring.send(
+                p.fd.as_raw_fd(),
+                rest.as_ptr(),
+                rest.len(),
+                libc::MSG_NOSIGNAL,
+                Op::Send.token(index),
+            )
+        };
     }
 
     fn on_send(&mut self, index: u32, res: i32, _now: Instant) {
@@ -556,7 +555,7 @@ impl Process for Listener {
         self.config.keepalive.tick().min(Duration::from_millis(250))
     }
 
-    fn on_completion(&mut self, op: Op, index: u32, cqe: &cqueue::Entry, now: Instant) {
+    fn on_completion(&mut self, op: Op, index: u32, cqe: &Completion, now: Instant) {
         match op {
             Op::Accept => self.on_accept(cqe, now),
             Op::Recv => self.on_recv(index, cqe.result(), now),

@@ -135,6 +135,13 @@ pub fn run(mut config: Config, path: Option<std::path::PathBuf>) -> Result<(), S
     if !config.huge_pages {
         disable_huge_pages();
     }
+    // Once, here: every child gets the resolved name, so all of them run the same backend
+    // (a listener on one and workers on the other would disagree about the sockets).
+    let (backend, fell_back) = crate::ring::resolve(&config.io.backend)?;
+    if let Some(why) = fell_back {
+        log::warn!("io.backend = \"auto\": running on epoll, {why}");
+    }
+    config.io.backend = backend.name().to_string();
     let mut mask = SigSet::empty();
     for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGCHLD] {
         mask.add(s);
@@ -202,7 +209,8 @@ pub fn run(mut config: Config, path: Option<std::path::PathBuf>) -> Result<(), S
         return Err(e);
     }
     log::info!(
-        "ready listen={local} workers={workers} task_id={} pid={}",
+        "ready listen={local} workers={workers} backend={} task_id={} pid={}",
+        sup.config.io.backend,
         sup.config.task_id,
         std::process::id()
     );
@@ -462,6 +470,10 @@ impl Supervisor {
             log::warn!("reload: huge_pages applies at start; kept the running value (restart to change it)");
             next.huge_pages = self.config.huge_pages;
         }
+        if next.io.backend != "auto" && next.io.backend != self.config.io.backend {
+            log::warn!("reload: io.backend applies at start; kept the running value (restart to change it)");
+        }
+        next.io.backend = self.config.io.backend.clone();
         if next.storage.path != self.config.storage.path {
             log::warn!("reload: storage.path cannot change while groups are open; kept the running value (restart to move it)");
             next.storage.path = self.config.storage.path.clone();

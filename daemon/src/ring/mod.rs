@@ -1,17 +1,19 @@
-//! The thin io_uring layer every process's event loop stands on: creating the ring (with an
-//! error that names the cause when io_uring is unavailable), queueing submissions, the
-//! `user_data` encoding, and the provided-buffer ring that multishot receives fill.
+//! The thin io layer every process's event loop stands on: typed operations (receive, send,
+//! connect, accept, poll, cancel, close, tick, signal read), the `user_data` encoding, the
+//! provided buffers that multishot receives fill, and the completions that come back, on
+//! one of two backends chosen at start (`io.backend`): io_uring (`uring.rs`), or epoll
+//! (`epoll.rs`) where io_uring is forbidden. The backend only moves bytes: the processes,
+//! the handoff, the protocol core and the limits are the same on both.
 //!
 //! Why the `io-uring` crate and not tokio-uring: see the README ("Why io-uring").
 
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::time::Duration;
 
-use io_uring::{cqueue, opcode, squeue, types, IoUring};
-
 mod bufring;
+mod epoll;
+mod uring;
 
 pub use bufring::BufRing;
 
@@ -80,195 +82,295 @@ impl Op {
     }
 }
 
-/// One process's io_uring: every operation of its event loop goes through here.
+/// The io backend a process runs (`io.backend`, resolved once by the supervisor: see
+/// [`resolve`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    IoUring,
+    Epoll,
+}
+
+impl Backend {
+    /// The name `io.backend`, the ready log line and `/metrics` use.
+    pub fn name(self) -> &'static str {
+        match self {
+            Backend::IoUring => "io_uring",
+            Backend::Epoll => "epoll",
+        }
+    }
+}
+
+/// Resolves `io.backend` ("auto", "io_uring" or "epoll") to the backend every process runs,
+/// by setting up what a worker needs (a ring and a provided-buffer ring) once. Returns the
+/// backend and, where "auto" fell back to epoll, why. "io_uring" where it is unavailable is
+/// an error naming the cause and the fix.
+pub fn resolve(configured: &str) -> Result<(Backend, Option<String>), String> {
+    match configured {
+        "epoll" => Ok((Backend::Epoll, None)),
+        "io_uring" => probe().map(|()| (Backend::IoUring, None)).map_err(|e| e.to_string()),
+        _ => match probe() {
+            Ok(()) => Ok((Backend::IoUring, None)),
+            Err(e) => Ok((Backend::Epoll, Some(e.to_string()))),
+        },
+    }
+}
+
+/// Whether io_uring has what the workers need: a ring, and a provided-buffer ring in it.
+fn probe() -> Result<(), RingError> {
+    let mut ring = Ring::new(Backend::IoUring)?;
+    ring.provide_buffers(1, 4096)
+}
+
+/// A completion: what became of one operation (for a multishot operation, of one of its
+/// results). The same for both backends, with io_uring's meaning and flag bits, so the
+/// processes never know which backend runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// The `user_data` the operation was queued with ([`Op::token`]).
+    pub(crate) user_data: u64,
+    /// The system call's result: bytes moved, a new descriptor, or `-errno`.
+    pub(crate) result: i32,
+    /// io_uring's `IORING_CQE_F_*` bits: [`Completion::more`] and [`Completion::buffer`].
+    pub(crate) flags: u32,
+}
+
+/// `IORING_CQE_F_BUFFER`: the upper 16 bits of the flags are a buffer id.
+const F_BUFFER: u32 = 1;
+/// `IORING_CQE_F_MORE`: the multishot operation goes on.
+const F_MORE: u32 = 2;
+/// `IORING_CQE_BUFFER_SHIFT`.
+const BUFFER_SHIFT: u32 = 16;
+
+impl Completion {
+    #[inline]
+    pub fn user_data(&self) -> u64 {
+        self.user_data
+    }
+
+    #[inline]
+    pub fn result(&self) -> i32 {
+        self.result
+    }
+
+    /// Whether more completions of the same multishot operation follow; the last one of any
+    /// operation says no, and only then may its socket's slot be freed.
+    #[inline]
+    pub fn more(&self) -> bool {
+        self.flags & F_MORE != 0
+    }
+
+    /// The provided buffer that holds the bytes received, if any.
+    #[inline]
+    pub fn buffer(&self) -> Option<u16> {
+        (self.flags & F_BUFFER != 0).then_some((self.flags >> BUFFER_SHIFT) as u16)
+    }
+}
+
+/// One process's io: every operation of its event loop goes through here, on the backend
+/// the supervisor resolved. Operations complete the same way on both (see [`Completion`]):
+/// a multishot operation's last completion lacks [`Completion::more`], a cancelled
+/// operation posts a final `-ECANCELED`, and nothing completes before the loop's next
+/// [`Ring::drain`].
 pub struct Ring {
-    /// Private: an entry pushed straight into the crate's queue would skip the backlog's
-    /// ordering and the safety contract of [`Ring::push`].
-    uring: IoUring,
-    /// Entries that found the submission queue full while the kernel refused to take more
-    /// (EBUSY: its completion queue is overflowing, so only reaping completions helps).
-    /// They go in, in order, before the next wait; later entries queue behind them.
-    backlog: VecDeque<squeue::Entry>,
-    /// The tick timer's timespec, which must stay put while the kernel holds it.
-    tick: Box<types::Timespec>,
-    /// Where the signalfd's read lands; one read is in flight at a time.
-    signals: Box<[u8; 128]>,
+    /// Enum dispatch rather than a trait object: one predictable branch per call on the hot
+    /// path, and calls the compiler can inline.
+    imp: Imp,
     /// The provided buffers of multishot receives, where the process has them. Declared
-    /// after `uring` so that it is dropped after it: the buffers outlive every receive.
+    /// after `imp` so that it is dropped after it: the buffers outlive every receive.
     buffers: Option<BufRing>,
 }
 
+/// The backend behind a [`Ring`].
+enum Imp {
+    Uring(uring::Uring),
+    Epoll(epoll::Epoll),
+}
+
 impl Ring {
-    pub fn new() -> Result<Ring, RingError> {
-        // One thread submits and reaps (SINGLE_ISSUER), so completions can wait for the
-        // loop's next wait instead of interrupting it: without DEFER_TASKRUN every packet
-        // that completes a receive sends this process an inter-processor interrupt to run
-        // the completion, which cost about a fifth of a busy worker's time. Linux 6.1 has
-        // both; older kernels refuse the flags and get a plain ring.
-        let uring = IoUring::builder()
-            .setup_cqsize(ENTRIES * 4)
-            .setup_single_issuer()
-            .setup_defer_taskrun()
-            .build(ENTRIES)
-            .or_else(|_| IoUring::builder().setup_cqsize(ENTRIES * 4).build(ENTRIES))
-            .map_err(|e| RingError::Unavailable(unavailable_message(&e)))?;
-        Ok(Ring {
-            uring,
-            backlog: VecDeque::new(),
-            tick: Box::new(types::Timespec::new()),
-            signals: Box::new([0; 128]),
-            buffers: None,
-        })
+    pub fn new(backend: Backend) -> Result<Ring, RingError> {
+        let imp = match backend {
+            Backend::IoUring => Imp::Uring(uring::Uring::new()?),
+            Backend::Epoll => Imp::Epoll(epoll::Epoll::new().map_err(RingError::Epoll)?),
+        };
+        Ok(Ring { imp, buffers: None })
     }
 
-    /// Registers a ring of `count` provided buffers of `size` bytes for [`Ring::recv_multi`].
+    pub fn backend(&self) -> Backend {
+        match self.imp {
+            Imp::Uring(_) => Backend::IoUring,
+            Imp::Epoll(_) => Backend::Epoll,
+        }
+    }
+
+    /// Sets up `count` provided buffers of `size` bytes for [`Ring::recv_multi`].
     pub fn provide_buffers(&mut self, count: u16, size: usize) -> Result<(), RingError> {
-        let bufs = BufRing::new(&self.uring, 0, count, size).map_err(RingError::Buffers)?;
+        let bufs = match &self.imp {
+            Imp::Uring(u) => u.provide_buffers(count, size).map_err(RingError::Buffers)?,
+            Imp::Epoll(_) => BufRing::pool(count, size),
+        };
         self.buffers = Some(bufs);
         Ok(())
     }
 
     /// The provided buffers; only a ring that has them receives into them.
+    #[inline]
     pub fn buffers(&mut self) -> &mut BufRing {
         self.buffers.as_mut().expect("provide_buffers was called")
     }
 
-    /// Queues `entry`. When the kernel cannot take more submissions now, the entry waits in
-    /// the backlog until the next [`Ring::submit_and_wait`], after the loop has reaped
-    /// completions: never a busy loop here.
+    /// A receive of at most `len` bytes on `fd` into `buf`; completes with the byte count (0:
+    /// the peer closed) or `-errno`.
     ///
     /// # Safety
     ///
-    /// Every buffer, timespec or other memory `entry` points to must stay valid, and must not
-    /// move or be written by anyone else, until the operation's last completion arrives (for
-    /// a multishot operation, the one without `IORING_CQE_F_MORE`). The socket's file
-    /// descriptor must stay open as long, or the operation must be cancelled first.
-    pub unsafe fn push(&mut self, entry: squeue::Entry) {
-        if self.backlog.is_empty() {
-            // SAFETY: the caller's contract, above.
-            if unsafe { self.uring.submission().push(&entry) }.is_ok() {
-                return;
-            }
-            if self.submit().is_ok() {
-                // SAFETY: as above.
-                if unsafe { self.uring.submission().push(&entry) }.is_ok() {
-                    return;
-                }
-            }
-        }
-        self.backlog.push_back(entry);
-    }
-
-    /// Submits what is queued. EBUSY (the kernel's completion queue is overflowing) leaves
-    /// it queued for later.
-    fn submit(&mut self) -> io::Result<()> {
-        match self.uring.submit() {
-            Ok(_) => Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(e),
-            Err(e) => panic!("io_uring submit failed: {e}"),
+    /// `buf..buf + len` must stay valid, and must not move or be read or written by anyone
+    /// else, until the receive completes; `fd` must stay open as long.
+    #[inline]
+    pub unsafe fn recv(&mut self, fd: RawFd, buf: *mut u8, len: usize, user_data: u64) {
+        match &mut self.imp {
+            // SAFETY: the caller's contract.
+            Imp::Uring(u) => unsafe { u.recv(fd, buf, len, user_data) },
+            // SAFETY: the caller's contract.
+            Imp::Epoll(e) => unsafe { e.recv(fd, buf, len, user_data) },
         }
     }
 
     /// A multishot receive on `fd` into the provided buffers. No memory of the caller's is
-    /// involved: each completion names the buffer the kernel picked.
+    /// involved: each completion names the buffer that holds its bytes. It ends (a completion
+    /// without [`Completion::more`]) at end of file, on an error, when cancelled, or with
+    /// `-ENOBUFS` when bytes arrived and every buffer was in use.
+    #[inline]
     pub fn recv_multi(&mut self, fd: RawFd, user_data: u64) {
-        let group = self.buffers().group;
-        let entry = opcode::RecvMulti::new(types::Fd(fd), group).build().user_data(user_data);
-        // SAFETY: the buffers are the ring's own and outlive it; the caller keeps `fd` open
-        // until the receive's last completion (its slot is freed only then).
-        unsafe { self.push(entry) }
+        match &mut self.imp {
+            Imp::Uring(u) => {
+                let group = self.buffers.as_ref().expect("provide_buffers was called").group;
+                u.recv_multi(fd, group, user_data)
+            }
+            Imp::Epoll(e) => e.recv_multi(fd, user_data),
+        }
+    }
+
+    /// A send of `len` bytes from `buf` on `fd` with `flags` (`MSG_*`); completes with the
+    /// byte count, which may be short, or `-errno`.
+    ///
+    /// # Safety
+    ///
+    /// `buf..buf + len` must stay valid, and must not move or be written, until the send
+    /// completes; `fd` must stay open as long.
+    #[inline]
+    pub unsafe fn send(&mut self, fd: RawFd, buf: *const u8, len: usize, flags: i32, ud: u64) {
+        match &mut self.imp {
+            // SAFETY: the caller's contract.
+            Imp::Uring(u) => unsafe { u.send(fd, buf, len, flags, ud) },
+            // SAFETY: the caller's contract.
+            Imp::Epoll(e) => unsafe { e.send(fd, buf, len, flags, ud) },
+        }
+    }
+
+    /// A TCP connect of the non-blocking socket `fd` to `addr`; completes with 0 or `-errno`.
+    ///
+    /// # Safety
+    ///
+    /// `addr..addr + len` must stay valid and unchanged until the connect completes (the
+    /// epoll backend copies it at once, io_uring may read it later); `fd` must stay open as
+    /// long.
+    pub unsafe fn connect(
+        &mut self,
+        fd: RawFd,
+        addr: *const libc::sockaddr,
+        len: libc::socklen_t,
+        user_data: u64,
+    ) {
+        match &mut self.imp {
+            // SAFETY: the caller's contract.
+            Imp::Uring(u) => unsafe { u.connect(fd, addr, len, user_data) },
+            // SAFETY: the caller's contract.
+            Imp::Epoll(e) => unsafe { e.connect(fd, addr, len, user_data) },
+        }
     }
 
     /// A multishot poll for readability of `fd` (a channel or listening socket).
     pub fn poll_multi(&mut self, fd: &impl AsRawFd, user_data: u64) {
-        let entry = opcode::PollAdd::new(types::Fd(fd.as_raw_fd()), libc::POLLIN as u32)
-            .multi(true)
-            .build()
-            .user_data(user_data);
-        // SAFETY: no memory; the descriptors polled live as long as the process's loop.
-        unsafe { self.push(entry) }
+        match &mut self.imp {
+            Imp::Uring(u) => u.poll_multi(fd.as_raw_fd(), user_data),
+            Imp::Epoll(e) => e.poll_multi(fd.as_raw_fd(), user_data),
+        }
     }
 
     /// A multishot accept on the listening socket `fd`; each completion is a new socket.
     pub fn accept_multi(&mut self, fd: &impl AsRawFd, user_data: u64) {
-        let entry = opcode::AcceptMulti::new(types::Fd(fd.as_raw_fd()))
-            .flags(libc::SOCK_CLOEXEC)
-            .build()
-            .user_data(user_data);
-        // SAFETY: no memory (no peer address is asked for); the listening socket lives as
-        // long as the listener's loop.
-        unsafe { self.push(entry) }
+        match &mut self.imp {
+            Imp::Uring(u) => u.accept_multi(fd.as_raw_fd(), user_data),
+            Imp::Epoll(e) => e.accept_multi(fd.as_raw_fd(), user_data),
+        }
     }
 
-    /// Cancels the operation(s) with `user_data`; the cancel's own completion needs nothing.
-    pub fn cancel(&mut self, user_data: u64) {
-        let entry = opcode::AsyncCancel::new(user_data).build().user_data(Op::Nothing.token(0));
-        // SAFETY: no memory.
-        unsafe { self.push(entry) }
+    /// Cancels the operation with `user_data` on `fd` (the epoll backend finds it by its
+    /// descriptor, so it keeps no table by `user_data`): it posts a final `-ECANCELED`
+    /// completion, unless it completed already. The cancel's own completion, if any, needs
+    /// nothing.
+    pub fn cancel(&mut self, fd: &impl AsRawFd, user_data: u64) {
+        match &mut self.imp {
+            Imp::Uring(u) => u.cancel(user_data),
+            Imp::Epoll(e) => e.cancel(fd.as_raw_fd(), user_data),
+        }
     }
 
-    /// Closes `fd` with the next submission instead of a `close(2)` of its own: one system
-    /// call fewer per connection, and the descriptor's number stays taken until then. The
-    /// completion carries nothing to act on.
+    /// Closes `fd` with the next submission instead of a `close(2)` of its own under
+    /// io_uring: one system call fewer per connection. The completion, if any, carries
+    /// nothing to act on. No operation on `fd` may be in flight.
+    #[inline]
     pub fn close_later(&mut self, fd: OwnedFd) {
-        let entry =
-            opcode::Close::new(types::Fd(fd.into_raw_fd())).build().user_data(Op::Nothing.token(0));
-        // SAFETY: no memory; the descriptor was given up to the operation.
-        unsafe { self.push(entry) }
+        match &mut self.imp {
+            Imp::Uring(u) => u.close(fd.into_raw_fd()),
+            Imp::Epoll(e) => e.close(fd),
+        }
     }
 
-    /// Arms the periodic tick.
+    /// An operation that does nothing and completes with 0: what the tests of the queue's
+    /// ordering push.
+    pub fn nop(&mut self, user_data: u64) {
+        match &mut self.imp {
+            Imp::Uring(u) => u.nop(user_data),
+            Imp::Epoll(e) => e.nop(user_data),
+        }
+    }
+
+    /// Arms the periodic tick: one completion `every` from now; re-armed on it.
     pub fn arm_tick(&mut self, every: Duration) {
-        *self.tick = types::Timespec::new().sec(every.as_secs()).nsec(every.subsec_nanos());
-        let entry = opcode::Timeout::new(&*self.tick).build().user_data(Op::Tick.token(0));
-        // SAFETY: the timespec is boxed in the ring, and re-armed only after the previous
-        // timeout completed (on its completion).
-        unsafe { self.push(entry) }
+        match &mut self.imp {
+            Imp::Uring(u) => u.arm_tick(every),
+            Imp::Epoll(e) => e.arm_tick(every),
+        }
     }
 
     /// Reads `signalfd` into the ring's own buffer; what was read does not matter (every
     /// signal the processes block means "stop"), only that one arrived. Re-armed on its
     /// completion.
     pub fn read_signals(&mut self, signalfd: &impl AsRawFd) {
-        let buf = &mut self.signals;
-        let entry = opcode::Read::new(types::Fd(signalfd.as_raw_fd()), buf.as_mut_ptr(), 128)
-            .build()
-            .user_data(Op::Signal.token(0));
-        // SAFETY: the buffer is boxed in the ring, and the read is re-armed only after the
-        // previous one completed.
-        unsafe { self.push(entry) }
+        match &mut self.imp {
+            Imp::Uring(u) => u.read_signals(signalfd.as_raw_fd()),
+            Imp::Epoll(e) => e.read_signals(signalfd.as_raw_fd()),
+        }
     }
 
-    /// Submits what is queued (the backlog first) and waits for at least one completion;
-    /// signals (EINTR) return.
+    /// Submits what is queued and waits for at least one completion; signals (EINTR)
+    /// return.
+    #[inline]
     pub fn submit_and_wait(&mut self) -> io::Result<()> {
-        while let Some(entry) = self.backlog.front() {
-            // SAFETY: queued by `push`, whose caller took on the contract.
-            if unsafe { self.uring.submission().push(entry) }.is_err() {
-                if self.submit().is_err() {
-                    // Still overflowing: wait below for completions to make room.
-                    break;
-                }
-                continue;
-            }
-            self.backlog.pop_front();
-        }
-        match self.uring.submit_and_wait(1) {
-            Ok(_) => Ok(()),
-            Err(e)
-                if e.raw_os_error() == Some(libc::EINTR)
-                    || e.raw_os_error() == Some(libc::EBUSY) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e),
+        match &mut self.imp {
+            Imp::Uring(u) => u.submit_and_wait(),
+            Imp::Epoll(e) => e.submit_and_wait(&mut self.buffers),
         }
     }
 
     /// Takes every completion now available.
-    pub fn drain(&mut self, into: &mut Vec<cqueue::Entry>) {
-        into.clear();
-        into.extend(self.uring.completion());
+    #[inline]
+    pub fn drain(&mut self, into: &mut Vec<Completion>) {
+        match &mut self.imp {
+            Imp::Uring(u) => u.drain(into),
+            Imp::Epoll(e) => e.drain(into),
+        }
     }
 }
 
@@ -279,13 +381,18 @@ pub enum RingError {
     Unavailable(String),
     /// The provided-buffer ring could not be mapped or registered.
     Buffers(io::Error),
+    /// The epoll instance could not be created.
+    Epoll(io::Error),
 }
 
 impl std::fmt::Display for RingError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RingError::Unavailable(message) => f.write_str(message),
-            RingError::Buffers(e) => write!(f, "cannot register the receive buffer ring: {e}"),
+            RingError::Buffers(e) => {
+                write!(f, "io_uring unavailable: cannot register the receive buffer ring: {e}")
+            }
+            RingError::Epoll(e) => write!(f, "epoll_create1: {e}"),
         }
     }
 }
@@ -318,7 +425,36 @@ fn unavailable_message(e: &io::Error) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::{AsRawFd, FromRawFd};
+
+    use nix::sys::socket::SockaddrLike;
+
     use super::*;
+
+    /// Every test runs on both backends.
+    const BOTH: [Backend; 2] = [Backend::IoUring, Backend::Epoll];
+
+    /// Waits for completions until `done` says the ones seen are enough.
+    fn complete_until(ring: &mut Ring, done: impl Fn(&[Completion]) -> bool) -> Vec<Completion> {
+        let (mut seen, mut batch) = (Vec::new(), Vec::new());
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !done(&seen) {
+            assert!(std::time::Instant::now() < deadline, "stuck after {seen:?}");
+            ring.submit_and_wait().unwrap();
+            ring.drain(&mut batch);
+            seen.extend_from_slice(&batch);
+        }
+        seen
+    }
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        (client, server)
+    }
 
     #[test]
     fn a_token_names_its_operation_and_socket() {
@@ -331,20 +467,200 @@ mod tests {
     }
 
     #[test]
+    fn completion_flags_read_as_io_uring_writes_them() {
+        // The epoll backend writes these bits; the io_uring crate must read them the same.
+        let flags = (7 << BUFFER_SHIFT) | F_BUFFER | F_MORE;
+        let c = Completion { user_data: 1, result: 5, flags };
+        assert!(c.more());
+        assert!(io_uring::cqueue::more(flags));
+        assert_eq!(c.buffer(), Some(7));
+        assert_eq!(io_uring::cqueue::buffer_select(flags), c.buffer());
+        let last = Completion { user_data: 1, result: 0, flags: 0 };
+        assert!(!last.more());
+        assert_eq!(last.buffer(), None);
+    }
+
+    #[test]
     fn more_entries_than_the_queue_holds_all_complete_in_order() {
-        let mut ring = Ring::new().expect("io_uring");
-        let total = 3 * ENTRIES as u64;
-        for i in 0..total {
-            let entry = opcode::Nop::new().build().user_data(i);
-            // SAFETY: a no-op points at no memory.
-            unsafe { ring.push(entry) };
+        for backend in BOTH {
+            let mut ring = Ring::new(backend).expect("ring");
+            let total = 3 * ENTRIES as u64;
+            for i in 0..total {
+                ring.nop(i);
+            }
+            let seen = complete_until(&mut ring, |c| c.len() as u64 >= total);
+            let order: Vec<u64> = seen.iter().map(|c| c.user_data()).collect();
+            assert_eq!(order, (0..total).collect::<Vec<_>>(), "{backend:?}");
         }
-        let (mut seen, mut cqes) = (Vec::new(), Vec::new());
-        while (seen.len() as u64) < total {
-            ring.submit_and_wait().unwrap();
-            ring.drain(&mut cqes);
-            seen.extend(cqes.iter().map(|c| c.user_data()));
+    }
+
+    #[test]
+    fn a_multishot_receive_ends_with_enobufs_when_the_buffers_run_out_and_is_rearmed() {
+        for backend in BOTH {
+            let mut ring = Ring::new(backend).expect("ring");
+            ring.provide_buffers(2, 64).unwrap();
+            let (mut client, server) = pair();
+            ring.recv_multi(server.as_raw_fd(), 9);
+            // Three reads' worth while two buffers exist and none is given back.
+            client.write_all(&[1u8; 64]).unwrap();
+            let first = complete_until(&mut ring, |c| !c.is_empty());
+            client.write_all(&[2u8; 64]).unwrap();
+            let mut seen = complete_until(&mut ring, |c| {
+                c.iter().map(|c| c.result().max(0)).sum::<i32>()
+                    + first.iter().map(|c| c.result().max(0)).sum::<i32>()
+                    >= 128
+            });
+            seen.splice(0..0, first);
+            client.write_all(&[3u8; 64]).unwrap();
+            let more = complete_until(&mut ring, |c| c.iter().any(|c| !c.more()));
+            seen.extend(more);
+            let end = seen.last().unwrap();
+            assert_eq!(end.result(), -libc::ENOBUFS, "{backend:?}: {seen:?}");
+            assert!(!end.more());
+            let got: usize =
+                seen.iter().filter(|c| c.result() > 0).map(|c| c.result() as usize).sum();
+            assert_eq!(got, 128, "{backend:?}: {seen:?}");
+            let bids: Vec<u16> = seen.iter().filter_map(|c| c.buffer()).collect();
+            assert!(seen.iter().filter(|c| c.result() > 0).all(|c| c.more()), "{seen:?}");
+            // Given back and re-armed, the receive gets what waited.
+            for bid in bids {
+                assert!(ring.buffers().get(bid, 64).iter().all(|&b| b == 1 || b == 2));
+                ring.buffers().recycle(bid);
+            }
+            ring.recv_multi(server.as_raw_fd(), 9);
+            let rest = complete_until(&mut ring, |c| c.iter().any(|c| c.result() > 0));
+            let c = rest.iter().find(|c| c.result() > 0).unwrap();
+            assert_eq!(c.result(), 64, "{backend:?}");
+            let bid = c.buffer().expect("a buffer");
+            assert!(ring.buffers().get(bid, 64).iter().all(|&b| b == 3));
+            ring.buffers().recycle(bid);
+            // The peer's close ends it without the more flag.
+            drop(client);
+            let end = complete_until(&mut ring, |c| c.iter().any(|c| !c.more()));
+            assert_eq!(end.last().unwrap().result(), 0, "{backend:?}: {end:?}");
         }
-        assert_eq!(seen, (0..total).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_cancelled_receive_posts_a_final_ecanceled() {
+        for backend in BOTH {
+            let mut ring = Ring::new(backend).expect("ring");
+            ring.provide_buffers(4, 64).unwrap();
+            let (_client, server) = pair();
+            ring.recv_multi(server.as_raw_fd(), 5);
+            // Armed (and found nothing to read) before it is cancelled.
+            ring.nop(1);
+            complete_until(&mut ring, |c| c.iter().any(|c| c.user_data() == 1));
+            ring.cancel(&server, 5);
+            let seen = complete_until(&mut ring, |c| c.iter().any(|c| c.user_data() == 5));
+            let c = seen.iter().find(|c| c.user_data() == 5).unwrap();
+            assert_eq!(c.result(), -libc::ECANCELED, "{backend:?}");
+            assert!(!c.more());
+        }
+    }
+
+    #[test]
+    fn a_large_send_to_a_slow_reader_completes_in_parts() {
+        for backend in BOTH {
+            let mut ring = Ring::new(backend).expect("ring");
+            let (mut client, server) = pair();
+            let data: Vec<u8> = (0..8 << 20).map(|i| (i % 251) as u8).collect();
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 64 << 10];
+                while got.len() < 8 << 20 {
+                    let n = client.read(&mut buf).unwrap();
+                    assert!(n > 0);
+                    got.extend_from_slice(&buf[..n]);
+                }
+                got
+            });
+            let mut sent = 0;
+            let mut sends = 0;
+            while sent < data.len() {
+                // SAFETY: `data` outlives the send, which completes before the next.
+                unsafe {
+                    ring.send(
+                        server.as_raw_fd(),
+                        data[sent..].as_ptr(),
+                        data.len() - sent,
+                        libc::MSG_NOSIGNAL,
+                        3,
+                    )
+                };
+                let c = complete_until(&mut ring, |c| !c.is_empty());
+                assert_eq!(c.len(), 1);
+                assert!(c[0].result() > 0, "{backend:?}: {c:?}");
+                sent += c[0].result() as usize;
+                sends += 1;
+            }
+            assert_eq!(reader.join().unwrap(), data, "{backend:?}");
+            assert!(sends >= 1);
+        }
+    }
+
+    #[test]
+    fn a_connect_completes_and_a_refused_one_says_why() {
+        for backend in BOTH {
+            let mut ring = Ring::new(backend).expect("ring");
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = nix::sys::socket::SockaddrStorage::from(listener.local_addr().unwrap());
+            let connect = |ring: &mut Ring, ud: u64| {
+                // SAFETY: a new socket this test owns.
+                let fd = unsafe {
+                    OwnedFd::from_raw_fd(libc::socket(
+                        libc::AF_INET,
+                        libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+                        0,
+                    ))
+                };
+                // SAFETY: `addr` outlives the connect, which completes below.
+                unsafe { ring.connect(fd.as_raw_fd(), addr.as_ptr(), addr.len(), ud) };
+                let c = complete_until(ring, |c| c.iter().any(|c| c.user_data() == ud));
+                (fd, c.iter().find(|c| c.user_data() == ud).unwrap().result())
+            };
+            let (fd, result) = connect(&mut ring, 1);
+            assert_eq!(result, 0, "{backend:?}");
+            ring.close_later(fd);
+            drop(listener);
+            let (_fd, result) = connect(&mut ring, 2);
+            assert_eq!(result, -libc::ECONNREFUSED, "{backend:?}");
+        }
+    }
+
+    #[test]
+    fn accepts_ticks_and_receives_into_the_callers_memory() {
+        for backend in BOTH {
+            let mut ring = Ring::new(backend).expect("ring");
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            ring.accept_multi(&listener, 1);
+            let mut clients: Vec<TcpStream> = (0..3)
+                .map(|_| TcpStream::connect(listener.local_addr().unwrap()).unwrap())
+                .collect();
+            let seen = complete_until(&mut ring, |c| c.len() >= 3);
+            assert!(seen.iter().all(|c| c.result() >= 0 && c.more()), "{backend:?}: {seen:?}");
+            // SAFETY: a descriptor the accept made for us.
+            let socket = unsafe { OwnedFd::from_raw_fd(seen[0].result()) };
+            for c in &seen[1..] {
+                // SAFETY: as above.
+                ring.close_later(unsafe { OwnedFd::from_raw_fd(c.result()) });
+            }
+            let mut buf = vec![0u8; 16];
+            // SAFETY: `buf` outlives the receive, which completes below.
+            unsafe { ring.recv(socket.as_raw_fd(), buf.as_mut_ptr(), buf.len(), 2) };
+            clients[0].write_all(b"hello").unwrap();
+            let c = complete_until(&mut ring, |c| c.iter().any(|c| c.user_data() == 2));
+            assert_eq!(c.iter().find(|c| c.user_data() == 2).unwrap().result(), 5);
+            assert_eq!(&buf[..5], b"hello");
+            ring.arm_tick(Duration::from_millis(20));
+            let started = std::time::Instant::now();
+            complete_until(&mut ring, |c| c.iter().any(|c| Op::of(c.user_data()).0 == Op::Tick));
+            assert!(started.elapsed() >= Duration::from_millis(19), "{backend:?}");
+            ring.cancel(&listener, 1);
+            let c =
+                complete_until(&mut ring, |c| c.iter().any(|c| c.user_data() == 1 && !c.more()));
+            assert_eq!(c.last().unwrap().result(), -libc::ECANCELED, "{backend:?}");
+            clients.clear();
+        }
     }
 }

@@ -15,7 +15,6 @@ use std::ops::ControlFlow;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use io_uring::{cqueue, opcode, types};
 use nix::sys::socket::{MsgFlags, Shutdown};
 
 mod relay;
@@ -33,7 +32,7 @@ use crate::process::event_loop::{self, Process};
 use crate::process::handoff::{self, Handoff};
 use crate::protocol::route;
 use crate::protocol::ErrorKind;
-use crate::ring::{Op, Ring};
+use crate::ring::{Completion, Op, Ring};
 use crate::slab::Slab;
 use crate::sync::{Delivery, GroupRef, GroupSync, Loading, Pusher, StoreEvent, Who};
 use crate::upstream::Upstreams;
@@ -325,7 +324,7 @@ impl Worker {
         signalfd: nix::sys::signalfd::SignalFd,
         control: OwnedFd,
     ) -> Result<Worker, String> {
-        let mut ring = Ring::new().map_err(|e| e.to_string())?;
+        let mut ring = Ring::new(config.io_backend()).map_err(|e| e.to_string())?;
         ring.provide_buffers(RECV_BUFFERS, RECV_BUFFER_SIZE).map_err(|e| e.to_string())?;
         let verifier = Verifier::new(&config.auth).map_err(|e| format!("auth: {e}"))?;
         metrics.set(Metric::OpenConnections, 0);
@@ -474,8 +473,8 @@ impl Worker {
         }
         self.close_hops(code, reason, now);
     }
-    fn on_channel(&mut self, cqe: &cqueue::Entry, now: Instant) {
-        if !cqueue::more(cqe.flags()) {
+    fn on_channel(&mut self, cqe: &Completion, now: Instant) {
+        if !cqe.more() {
             self.arm_channel();
         }
         loop {
@@ -487,7 +486,7 @@ impl Worker {
                 }
                 Err(handoff::RecvError::Closed) => {
                     // The listener is gone (shutdown); stop polling a dead channel.
-                    self.ring.cancel(Op::Channel.token(0));
+                    self.ring.cancel(&self.channel, Op::Channel.token(0));
                     return;
                 }
                 Err(handoff::RecvError::Io(e)) => {
@@ -963,18 +962,17 @@ impl Worker {
         self.ring.recv_multi(slot.fd.as_raw_fd(), Op::Recv.token(index));
     }
 
-    fn on_recv(&mut self, index: u32, cqe: &cqueue::Entry, now: Instant) {
+    fn on_recv(&mut self, index: u32, cqe: &Completion, now: Instant) {
         let paused = self.client_paused(index);
         let res = cqe.result();
-        let flags = cqe.flags();
-        let buffer = cqueue::buffer_select(flags);
+        let buffer = cqe.buffer();
         let Some(slot) = self.slots.get_mut(index) else {
             if let Some(bid) = buffer {
                 self.ring.buffers().recycle(bid);
             }
             return;
         };
-        if !cqueue::more(flags) {
+        if !cqe.more() {
             slot.recv_armed = false;
         }
         match (res, buffer) {
@@ -1151,20 +1149,15 @@ impl Worker {
             // shutdown sends them the same way.
             let last = if slot.conn.last_words() { libc::MSG_MORE } else { 0 };
             if let Some(bytes) = slot.conn.next_send() {
-                let entry = opcode::Send::new(
-                    types::Fd(slot.fd.as_raw_fd()),
-                    bytes.as_ptr(),
-                    bytes.len() as u32,
-                )
-                .flags(libc::MSG_NOSIGNAL | last)
-                .build()
-                .user_data(Op::Send.token(index));
+                let (fd, flags) = (slot.fd.as_raw_fd(), libc::MSG_NOSIGNAL | last);
                 slot.send_armed = true;
                 // SAFETY: `bytes` is the front of the connection's outbound queue, which
                 // neither moves nor drops it while a send is in flight (`send_armed`; see
                 // `Connection::next_send`), and the slot, socket included, is freed only
                 // once no operation is in flight.
-                unsafe { self.ring.push(entry) };
+                unsafe {
+                    self.ring.send(fd, bytes.as_ptr(), bytes.len(), flags, Op::Send.token(index))
+                };
             }
         }
         self.writers = writers;
@@ -1367,7 +1360,7 @@ impl Process for Worker {
         self.config.keepalive.tick()
     }
 
-    fn on_completion(&mut self, op: Op, index: u32, cqe: &cqueue::Entry, now: Instant) {
+    fn on_completion(&mut self, op: Op, index: u32, cqe: &Completion, now: Instant) {
         match op {
             Op::Channel => self.on_channel(cqe, now),
             Op::Recv => self.on_recv(index, cqe, now),
@@ -1376,7 +1369,7 @@ impl Process for Worker {
             Op::UpRecv => self.on_up_recv(index, cqe, now),
             Op::UpSend => self.on_up_send(index, cqe.result(), now),
             Op::Store => {
-                if !cqueue::more(cqe.flags()) {
+                if !cqe.more() {
                     self.ring.poll_multi(self.sync.eventfd(), Op::Store.token(0));
                 }
                 self.on_store(now);

@@ -16,13 +16,12 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-use io_uring::{cqueue, opcode, types};
 use nix::sys::socket::{SockaddrLike, SockaddrStorage};
 
 use super::{Slot, Worker};
 use crate::metrics::Metric;
 use crate::protocol::ErrorKind;
-use crate::ring::{Op, Ring};
+use crate::ring::{Completion, Op, Ring};
 use crate::upstream::relay::{self, Side, Then};
 use crate::upstream::request::{self, Request};
 use crate::ws::close;
@@ -121,7 +120,7 @@ impl Hop {
         self.shut = true;
         let _ = nix::sys::socket::shutdown(self.fd.as_raw_fd(), nix::sys::socket::Shutdown::Both);
         if self.connect_armed {
-            ring.cancel(Op::UpConnect.token(h));
+            ring.cancel(&self.fd, Op::UpConnect.token(h));
         }
     }
 }
@@ -226,15 +225,14 @@ impl Worker {
         };
         let deadline = now + Duration::from_millis(self.config.upstream.connect_timeout_ms);
         let sockaddr = Box::new(SockaddrStorage::from(hop.addr));
-        let entry =
-            opcode::Connect::new(types::Fd(hop.fd.as_raw_fd()), sockaddr.as_ptr(), sockaddr.len());
+        let (fd, addr, len) = (hop.fd.as_raw_fd(), sockaddr.as_ptr(), sockaddr.len());
         hop.stage = Stage::Connecting { sockaddr, request, deadline };
         hop.connect_armed = true;
         self.connecting += 1;
         // SAFETY: the sockaddr is boxed in the hop's stage, which keeps it until the connect
         // completes (`connect_armed`; the stage leaves `Connecting` only from its
         // completion), and a hop is freed only once no operation is in flight.
-        unsafe { self.ring.push(entry.build().user_data(Op::UpConnect.token(h))) };
+        unsafe { self.ring.connect(fd, addr, len, Op::UpConnect.token(h)) };
     }
 
     /// The relay of the connection in `index`, which a newcomer with its clientID replaces,
@@ -273,17 +271,16 @@ impl Worker {
         self.process_hop(h, now);
     }
 
-    pub(super) fn on_up_recv(&mut self, h: u32, cqe: &cqueue::Entry, now: Instant) {
+    pub(super) fn on_up_recv(&mut self, h: u32, cqe: &Completion, now: Instant) {
         let res = cqe.result();
-        let flags = cqe.flags();
-        let buffer = cqueue::buffer_select(flags);
+        let buffer = cqe.buffer();
         let Some(hop) = self.hops.get_mut(h) else {
             if let Some(bid) = buffer {
                 self.ring.buffers().recycle(bid);
             }
             return;
         };
-        if !cqueue::more(flags) {
+        if !cqe.more() {
             hop.recv_armed = false;
         }
         let mut refused = None;
@@ -431,7 +428,7 @@ impl Worker {
             if !hop.paused && slot.conn.queued_bytes() > self.shared.settings.max_outbound {
                 hop.paused = true;
                 if hop.recv_armed {
-                    self.ring.cancel(Op::UpRecv.token(h));
+                    self.ring.cancel(&hop.fd, Op::UpRecv.token(h));
                 }
             }
         }
@@ -537,8 +534,8 @@ impl Worker {
             // The upstream does not keep up (or is not open yet): stop reading the client.
             if !hop.client_paused && hop.conn.queued_bytes() > self.shared.settings.max_outbound {
                 hop.client_paused = true;
-                if self.slots.get(index).is_some_and(|s| s.recv_armed) {
-                    self.ring.cancel(Op::Recv.token(index));
+                if let Some(slot) = self.slots.get(index).filter(|s| s.recv_armed) {
+                    self.ring.cancel(&slot.fd, Op::Recv.token(index));
                 }
             }
             self.want_hop_send(h);
@@ -667,21 +664,14 @@ impl Worker {
                 },
                 _ => continue,
             };
-            let entry = opcode::Send::new(
-                types::Fd(hop.fd.as_raw_fd()),
-                bytes.as_ptr(),
-                bytes.len() as u32,
-            )
-            .flags(libc::MSG_NOSIGNAL)
-            .build()
-            .user_data(Op::UpSend.token(h));
+            let (fd, buf, len) = (hop.fd.as_raw_fd(), bytes.as_ptr(), bytes.len());
             hop.send_armed = true;
             // SAFETY: `bytes` is the unwritten rest of the upgrade request, which the stage
             // keeps unchanged until the send completes, or the front of the connection's
             // outbound queue, which stays put while a send is in flight (see
             // `Connection::next_send`); the hop is freed only once no operation is in
             // flight.
-            unsafe { self.ring.push(entry) };
+            unsafe { self.ring.send(fd, buf, len, libc::MSG_NOSIGNAL, Op::UpSend.token(h)) };
         }
         self.hop_writers = writers;
     }
