@@ -410,7 +410,7 @@ fn unavailable_message(e: &io::Error) -> String {
             "io_uring is disabled on this host (kernel.io_uring_disabled = 2); set it to 0 with `sysctl kernel.io_uring_disabled=0`".to_string()
         }
         Some(libc::EPERM) if disabled == "1" => {
-            "io_uring is limited to the group in kernel.io_uring_io_uring_group (kernel.io_uring_disabled = 1); run syncgate in that group or set the sysctl to 0".to_string()
+            "io_uring is limited to the group in kernel.io_uring_group (kernel.io_uring_disabled = 1); run syncgate in that group or set the sysctl to 0".to_string()
         }
         Some(libc::EPERM) => {
             "io_uring_setup was refused (a seccomp profile, such as a container runtime's default, blocks it); allow io_uring_setup, io_uring_enter and io_uring_register".to_string()

@@ -807,6 +807,28 @@ mod tests {
         parse_upstream(&mut text.as_bytes().to_vec()).unwrap()
     }
 
+    /// Client c1's push of mutation `id` to group g: an upsert of row `a` with `n = id`.
+    fn push(id: u64) -> PushBody {
+        let Upstream::Push(push) = upstream(&format!(
+            r#"["push",{{"clientGroupID":"g","pushVersion":1,"timestamp":1,"requestID":"r",
+            "mutations":[{{"type":"crud","id":{id},"clientID":"c1","name":"_zero_crud","timestamp":1,
+            "args":[{{"ops":[{{"op":"upsert","tableName":"t","primaryKey":["id"],"value":{{"id":"a","n":{id}}}}}]}}]}}]}}]"#
+        )) else {
+            panic!("not a push")
+        };
+        push
+    }
+
+    /// An `initConnection` that desires no query.
+    fn init() -> InitConnectionBody {
+        let Upstream::InitConnection(init) =
+            upstream(r#"["initConnection",{"desiredQueriesPatch":[]}]"#)
+        else {
+            panic!("not initConnection")
+        };
+        init
+    }
+
     fn open(dir: &TempDir) -> GroupSync {
         let (limits, window) = (replica::GroupLimits::default(), Duration::from_secs(60));
         GroupSync::open(&dir.0, "store".into(), Duration::ZERO, limits, 0, window).unwrap()
@@ -904,24 +926,6 @@ mod tests {
     fn a_group_changed_by_another_process_goes_stale_and_loads_again() {
         let dir = TempDir::new();
         let (mut a, mut b) = (open(&dir), open(&dir));
-        let push = |id: u64| {
-            let Upstream::Push(push) = upstream(&format!(
-                r#"["push",{{"clientGroupID":"g","pushVersion":1,"timestamp":1,"requestID":"r",
-                "mutations":[{{"type":"crud","id":{id},"clientID":"c1","name":"_zero_crud","timestamp":1,
-                "args":[{{"ops":[{{"op":"upsert","tableName":"t","primaryKey":["id"],"value":{{"id":"a","n":{id}}}}}]}}]}}]}}]"#
-            )) else {
-                panic!("not a push")
-            };
-            push
-        };
-        let init = || {
-            let Upstream::InitConnection(init) =
-                upstream(r#"["initConnection",{"desiredQueriesPatch":[]}]"#)
-            else {
-                panic!("not initConnection")
-            };
-            init
-        };
         let now = Instant::now();
         let ga = load(&mut a, "g");
         a.join(ga, Some("alice"));
@@ -963,26 +967,11 @@ mod tests {
     fn what_arrives_during_a_commit_waits_for_the_next_one_in_order() {
         let dir = TempDir::new();
         let mut sync = open(&dir);
-        let push = |id: u64| {
-            let Upstream::Push(push) = upstream(&format!(
-                r#"["push",{{"clientGroupID":"g","pushVersion":1,"timestamp":1,"requestID":"r",
-                "mutations":[{{"type":"crud","id":{id},"clientID":"c1","name":"_zero_crud","timestamp":1,
-                "args":[{{"ops":[{{"op":"upsert","tableName":"t","primaryKey":["id"],"value":{{"id":"a","n":{id}}}}}]}}]}}]}}]"#
-            )) else {
-                panic!("not a push")
-            };
-            push
-        };
-        let Upstream::InitConnection(init) =
-            upstream(r#"["initConnection",{"desiredQueriesPatch":[]}]"#)
-        else {
-            panic!("not initConnection")
-        };
         let now = Instant::now();
         let g = load(&mut sync, "g");
         sync.join(g, None);
         let who = Who { slot: 0, serial: 0, client_id: "c1", group: g, version: 51 };
-        sync.on_init(&who, None, 0, &init);
+        sync.on_init(&who, None, 0, &init());
         settle(&mut sync);
         sync.on_push(&who, Pusher::Anonymous, &push(1), now);
         assert!(sync.flush().is_empty(), "the poke waits for its commit");
