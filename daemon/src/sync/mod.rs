@@ -5,7 +5,7 @@
 //! and, once per loop iteration, calls [`GroupSync::flush`]. The store runs on a thread of
 //! its own ([`store_thread`]), so the loop never waits for the disk: the flush sends what the
 //! iterations since the last commit staged as one batch, and the deliveries that wait on it
-//! are handed out when the store says it is on disk ([`GroupSync::on_store`]). While one
+//! are handed out when the store says it is on disk ([`GroupSync::next_store_event`]). While one
 //! batch is being synced, the next one fills (group commit): a poke is never sent before the
 //! change it carries is on disk, and every push that arrived during an fsync shares the next.
 //! Loads run there too: a group that is not in memory is asked for, and the connection that
@@ -18,7 +18,7 @@ pub mod replica;
 pub mod store;
 pub mod store_thread;
 
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::num::NonZeroU32;
 use std::os::fd::OwnedFd;
 use std::path::Path;
@@ -242,6 +242,8 @@ pub struct GroupSync {
     in_flight: Option<InFlight>,
     /// Groups not in memory whose load was asked for.
     loading: HashSet<Box<str>>,
+    /// Answers taken from the store thread and not yet acted on, in order.
+    replies: VecDeque<Reply>,
     /// The groups in memory, at the indices their [`GroupRef`]s name.
     groups: Slab<Group>,
     /// The groups by clientGroupID.
@@ -275,7 +277,7 @@ struct InFlight {
 pub enum Loading {
     /// In memory.
     Ready(GroupRef),
-    /// Asked of the store: [`GroupSync::on_store`] says when it is there.
+    /// Asked of the store: [`GroupSync::next_store_event`] says when it is there.
     Waiting,
 }
 
@@ -363,6 +365,7 @@ impl GroupSync {
             open_groups: Vec::new(),
             in_flight: None,
             loading: HashSet::new(),
+            replies: VecDeque::new(),
             groups: Slab::default(),
             by_name: NameIndex::default(),
             emptied: Vec::new(),
@@ -395,7 +398,7 @@ impl GroupSync {
     }
 
     /// The group named `name` if it is in memory; otherwise its load is asked of the store
-    /// thread (once, however many ask) and [`GroupSync::on_store`] reports it. A stale group
+    /// thread (once, however many ask) and [`GroupSync::next_store_event`] reports it. A stale group
     /// (a commit of it failed) is read again the same way. A group just loaded stays until
     /// the next flush at least.
     pub fn load(&mut self, name: &str) -> Loading {
@@ -424,24 +427,32 @@ impl GroupSync {
     }
 
     /// The descriptor the worker's ring polls: readable when the store has answers for
-    /// [`GroupSync::on_store`].
+    /// [`GroupSync::receive_store_answers`].
     pub fn eventfd(&self) -> &OwnedFd {
         self.store.eventfd()
     }
 
-    /// Takes the store's answers and says what they mean, in order.
-    pub fn on_store(&mut self, events: &mut Vec<StoreEvent>) {
-        let mut replies = Vec::new();
-        self.store.take_replies(&mut replies);
-        for reply in replies {
-            events.push(self.answered(reply));
-        }
+    /// Takes the answers the store thread has sent (its eventfd was readable), for
+    /// [`GroupSync::next_store_event`].
+    pub fn receive_store_answers(&mut self) {
+        self.store.take_replies(&mut self.replies);
+    }
+
+    /// The next answer taken, and what it means; `None` when none is left. One at a time:
+    /// the caller acts on each before the next is looked at (a group just loaded must be
+    /// joined by its newcomer before a commit's answer drops the groups nobody holds).
+    pub fn next_store_event(&mut self) -> Option<StoreEvent> {
+        let reply = self.replies.pop_front()?;
+        Some(self.answered(reply))
     }
 
     /// Waits for the store's next answer (tests: they have no ring to poll the eventfd).
     #[cfg(test)]
     fn wait_store(&mut self) -> StoreEvent {
-        let reply = self.store.wait();
+        let reply = match self.replies.pop_front() {
+            Some(reply) => reply,
+            None => self.store.wait(),
+        };
         self.answered(reply)
     }
 
@@ -1008,6 +1019,31 @@ mod tests {
         let mut other = open(&dir);
         let g = load(&mut other, "g");
         assert_eq!(other.group(g).replica.as_ref().map(|r| r.version()), Some(3));
+    }
+
+    /// The crash a connection storm found: a load's answer and a commit's answer arrived
+    /// together, and reading both before the newcomer joined its group let the commit's
+    /// answer drop the group the load had just brought in.
+    #[test]
+    fn a_group_just_loaded_is_still_there_when_a_commit_answers_right_behind() {
+        let dir = TempDir::new();
+        let mut sync = open(&dir);
+        let g = load(&mut sync, "g");
+        sync.join(g, Some("alice"));
+        assert_eq!(sync.load("x"), Loading::Waiting);
+        // The pin of g is the batch; its commit is asked for after the load of x.
+        assert!(sync.flush().is_empty());
+        // Both answers are in before the worker looks at either.
+        let (first, second) = (sync.store.wait(), sync.store.wait());
+        sync.replies.extend([first, second]);
+        let Some(StoreEvent::Loaded { result: Ok(x), .. }) = sync.next_store_event() else {
+            panic!("the load answers first")
+        };
+        assert_eq!(sync.name(x), "x");
+        sync.join(x, None);
+        assert!(matches!(sync.next_store_event(), Some(StoreEvent::Committed { .. })));
+        assert_eq!(sync.name(x), "x", "joined before the commit's answer: still in memory");
+        assert!(sync.next_store_event().is_none());
     }
 
     #[test]

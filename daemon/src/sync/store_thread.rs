@@ -96,7 +96,7 @@ impl StoreThread {
 
     /// Takes every answer that arrived. Reading the eventfd first: an answer sent after
     /// this read writes it again, so its poll fires again and nothing is left behind.
-    pub fn take_replies(&self, into: &mut Vec<Reply>) {
+    pub fn take_replies(&self, into: &mut std::collections::VecDeque<Reply>) {
         let mut counter = [0u8; 8];
         // SAFETY: an 8-byte read into a local buffer of 8 bytes; EAGAIN (nothing written
         // since the last read) is fine.

@@ -246,8 +246,6 @@ pub struct Worker {
     sync: GroupSync,
     /// Newcomers waiting for their group's load, by clientGroupID.
     loading: HashMap<Box<str>, Vec<Waiter>>,
-    /// Answers of the store, reused between completions.
-    store_events: Vec<StoreEvent>,
     next_serial: u32,
     /// Bytes of dedicated compression contexts in use, against `compression.memory_budget_bytes`.
     dedicated_deflate_bytes: usize,
@@ -366,7 +364,6 @@ impl Worker {
             shared,
             sync,
             loading: HashMap::new(),
-            store_events: Vec::new(),
             next_serial: 0,
             dedicated_deflate_bytes: 0,
             open: 0,
@@ -772,9 +769,8 @@ impl Worker {
     /// The store answered: loads resume the newcomers that waited for them, a commit's
     /// deliveries go out (its failed groups' clients are sent away).
     fn on_store(&mut self, now: Instant) {
-        let mut events = std::mem::take(&mut self.store_events);
-        self.sync.on_store(&mut events);
-        for event in events.drain(..) {
+        self.sync.receive_store_answers();
+        while let Some(event) = self.sync.next_store_event() {
             match event {
                 StoreEvent::Loaded { name, result } => {
                     let waiters = self.loading.remove(&name).unwrap_or_default();
@@ -810,7 +806,6 @@ impl Worker {
                 }
             }
         }
-        self.store_events = events;
     }
 
     /// The admitted connection holding `client_id`, if any.
