@@ -744,14 +744,8 @@ fn pushing_client(
                 return (acked, reconnects);
             }
             let n = acked + 1;
-            let sent = ws.try_send_json(&json!(["push", {
-                "timestamp": 1, "clientGroupID": group, "pushVersion": 1,
-                "requestID": format!("{client}-{n}"),
-                "mutations": [{"type": "crud", "timestamp": 1, "id": n, "clientID": client,
-                    "name": "_zero_crud", "args": [{"ops": [
-                        {"op": "insert", "tableName": "issue", "primaryKey": ["id"],
-                         "value": {"id": format!("m{n}"), "title": "x"}}]}]}],
-            }]));
+            let sent =
+                ws.try_send_json(&push_message(group, client, n, &[insert(&format!("m{n}"), "x")]));
             if !sent {
                 break;
             }

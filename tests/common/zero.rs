@@ -127,14 +127,19 @@ pub fn captured_init_connection(client_id: &str) -> Value {
 
 /// Sends one push with one CRUD mutation, as the 1.9.0 client does (zero-client-capture.md).
 pub fn push(ws: &mut Ws, group: &str, client: &str, id: u64, ops: &[Value]) {
-    ws.send_json(&json!(["push", {
+    ws.send_json(&push_message(group, client, id, ops));
+}
+
+/// The message [`push`] sends.
+pub fn push_message(group: &str, client: &str, id: u64, ops: &[Value]) -> Value {
+    json!(["push", {
         "timestamp": now_ms(),
         "clientGroupID": group,
         "mutations": [{"type": "crud", "timestamp": now_ms(), "id": id, "clientID": client,
                        "name": "_zero_crud", "args": [{"ops": ops}]}],
         "pushVersion": 1,
         "requestID": format!("{client}-{id}"),
-    }]));
+    }])
 }
 
 /// A CRUD op of a push that inserts an `issue` row.

@@ -690,10 +690,7 @@ impl Worker {
     /// store thread has read it (the newcomer waits, the other connections are served).
     fn with_group(&mut self, index: u32, admit: Admit, then: Then, now: Instant) {
         match self.sync.load(&admit.group_id) {
-            Loading::Ready(group) => match then {
-                Then::Decide => self.decide(index, group, admit, now),
-                Then::Open => self.open_connection(index, group, admit, now),
-            },
+            Loading::Ready(group) => self.proceed(then, index, group, admit, now),
             Loading::Waiting => {
                 let Some(slot) = self.slots.get(index) else { return };
                 let waiter = Waiter {
@@ -707,6 +704,14 @@ impl Worker {
                 };
                 self.loading.entry(waiter.admit.group_id.clone()).or_default().push(waiter);
             }
+        }
+    }
+
+    /// The step of an admission that needed the group, now that it is in memory.
+    fn proceed(&mut self, then: Then, index: u32, group: GroupRef, admit: Admit, now: Instant) {
+        match then {
+            Then::Decide => self.decide(index, group, admit, now),
+            Then::Open => self.open_connection(index, group, admit, now),
         }
     }
 
@@ -781,12 +786,7 @@ impl Worker {
                         match &result {
                             Ok(group) => {
                                 self.retired_hop = w.retired_hop;
-                                match w.then {
-                                    Then::Decide => self.decide(w.index, *group, w.admit, now),
-                                    Then::Open => {
-                                        self.open_connection(w.index, *group, w.admit, now)
-                                    }
-                                }
+                                self.proceed(w.then, w.index, *group, w.admit, now);
                                 self.retired_hop = None;
                             }
                             Err(e) => {
