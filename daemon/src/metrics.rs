@@ -81,6 +81,10 @@ pub enum Metric {
     StoreBatches,
     /// Changes in those batches: divided by the batches, the mean batch size.
     StoreChanges,
+    /// Gauge: bytes of the worker's log on disk (records not yet reclaimed by compaction).
+    LogBytes,
+    /// Changes compaction folded from the log into SQLite.
+    CompactedChanges,
 }
 
 use crate::config::MAX_WORKERS;
@@ -99,7 +103,7 @@ const SLOT_LEN: usize = 128;
 /// Where the per-upstream cells start, one per position in `upstream.urls`: in a worker's
 /// slot the relays it has open to that upstream, in slot 0 the upstream's health (written by
 /// the supervisor: 1 up, 0 down).
-const UPSTREAM_CELLS: usize = 64;
+const UPSTREAM_CELLS: usize = 80;
 const _: () = assert!(UPSTREAM_CELLS + crate::config::MAX_UPSTREAMS <= SLOT_LEN);
 
 /// Upper bounds, in microseconds, of the histograms' buckets: from a fast fsync (under a
@@ -119,10 +123,12 @@ pub enum Histogram {
     /// One turn of the worker's loop: handling one batch of completions, up to its next
     /// wait. A long one is a stall every connection of the worker felt.
     Iteration,
+    /// One compaction run: logged batches folded into SQLite, on the store thread.
+    Compaction,
 }
 
 impl Histogram {
-    const ALL: [Histogram; 2] = [Histogram::Commit, Histogram::Iteration];
+    const ALL: [Histogram; 3] = [Histogram::Commit, Histogram::Iteration, Histogram::Compaction];
 
     /// Where the histogram's cells start in a slot.
     fn cells(self) -> usize {
@@ -139,13 +145,17 @@ impl Histogram {
                 "syncgate_loop_iteration_seconds",
                 "Turns of the worker's event loop; a long one stalled every connection of the worker.",
             ),
+            Histogram::Compaction => (
+                "syncgate_compaction_seconds",
+                "Compaction runs: the log's batches folded into SQLite, on the worker's store thread.",
+            ),
         }
     }
 }
 
 /// Where the histograms' cells start in a slot.
 const HISTOGRAM_CELLS: usize = 40;
-const _: () = assert!((Metric::StoreChanges as usize) < HISTOGRAM_CELLS);
+const _: () = assert!((Metric::CompactedChanges as usize) < HISTOGRAM_CELLS);
 const _: () = assert!(HISTOGRAM_CELLS + Histogram::ALL.len() * HISTOGRAM_LEN <= UPSTREAM_CELLS);
 
 /// Name, type and help text of every metric, in exposition order.
@@ -186,6 +196,8 @@ const ALL: &[(Metric, &str, &str, &str)] = &[
     (Metric::EdgeRefusals, "syncgate_edge_refusals_total", "counter", "Upstream mode: sockets refused at the edge before reaching the upstream."),
     (Metric::StoreBatches, "syncgate_store_batches_total", "counter", "Batches committed by the store, one fsync each."),
     (Metric::StoreChanges, "syncgate_store_changes_total", "counter", "Changes committed by the store (per batch: divide by the batches)."),
+    (Metric::LogBytes, "syncgate_log_bytes", "gauge", "Bytes of the store's log on disk, not yet reclaimed by compaction."),
+    (Metric::CompactedChanges, "syncgate_compacted_changes_total", "counter", "Changes folded from the log into SQLite by compaction."),
 ];
 
 /// The shared counter table, mapped in this process.
@@ -287,6 +299,11 @@ impl Metrics {
             *c = total;
         }
         (cumulative, read(BUCKETS_US.len() + 1))
+    }
+
+    /// The slot this process writes (a worker's also names its write-ahead log).
+    pub fn slot(&self) -> usize {
+        self.own
     }
 
     pub fn add(&self, m: Metric, n: u64) {

@@ -5,6 +5,9 @@
 //! - supervisor -> child: `Config { generation, resolved }` (a validated configuration);
 //!   workers in upstream mode also get `Health { down }`, the upstreams the health checks
 //!   declared down (`upstream::health`), on every change and once they are ready.
+//! - supervisor -> worker: `Own` (commit to your write-ahead log: no other generation
+//!   runs) and `Share` (one is about to: fold the log in, write through, answer `Shared`);
+//!   see the supervisor's `replace`.
 //!
 //! A child applies a configuration in its event loop between two completions, so no
 //! connection sees a half-applied one.
@@ -35,6 +38,13 @@ pub enum Message {
     Health {
         down: Vec<String>,
     },
+    /// Workers: another generation is about to share your client groups (a graceful
+    /// replacement): fold your write-ahead log into SQLite and write through from now on;
+    /// answered with `Shared` once done.
+    Share,
+    Shared,
+    /// Workers: no other generation runs: commit to your write-ahead log.
+    Own,
 }
 
 impl Message {
@@ -44,6 +54,9 @@ impl Message {
             Message::Drain => b"D".to_vec(),
             Message::Stop => b"S".to_vec(),
             Message::Stopped => b"s".to_vec(),
+            Message::Share => b"W".to_vec(),
+            Message::Shared => b"w".to_vec(),
+            Message::Own => b"O".to_vec(),
             Message::Applied(generation) => {
                 let mut out = b"A".to_vec();
                 out.extend_from_slice(&generation.to_le_bytes());
@@ -71,6 +84,9 @@ impl Message {
             b'D' if bytes.len() == 1 => Some(Message::Drain),
             b'S' if bytes.len() == 1 => Some(Message::Stop),
             b's' if bytes.len() == 1 => Some(Message::Stopped),
+            b'W' if bytes.len() == 1 => Some(Message::Share),
+            b'w' if bytes.len() == 1 => Some(Message::Shared),
+            b'O' if bytes.len() == 1 => Some(Message::Own),
             b'A' if bytes.len() == 9 => Some(Message::Applied(generation()?)),
             b'H' => {
                 let text = std::str::from_utf8(&bytes[1..]).ok()?;
@@ -126,6 +142,10 @@ pub enum Order {
     Stop,
     /// The upstreams that are down now (by URL).
     Health(Vec<String>),
+    /// Fold the write-ahead log in and write through (answer `Shared` when done).
+    Share,
+    /// Commit to the write-ahead log.
+    Own,
 }
 
 /// Child side: drains the channel, acknowledging each configuration it returns. The
@@ -148,6 +168,8 @@ pub fn receive_orders(control: &OwnedFd) -> Vec<Order> {
             Ok(Message::Drain) => out.push(Order::Drain),
             Ok(Message::Stop) => out.push(Order::Stop),
             Ok(Message::Health { down }) => out.push(Order::Health(down)),
+            Ok(Message::Share) => out.push(Order::Share),
+            Ok(Message::Own) => out.push(Order::Own),
             Ok(_) | Err(RecvError::Malformed) => {}
             Err(_) => return out,
         }
@@ -169,6 +191,9 @@ mod tests {
             Message::Drain,
             Message::Stop,
             Message::Stopped,
+            Message::Share,
+            Message::Shared,
+            Message::Own,
             Message::Health { down: vec![] },
             Message::Health { down: vec!["ws://a:1".into(), "ws://b:2/zero".into()] },
         ] {

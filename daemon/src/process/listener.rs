@@ -74,6 +74,9 @@ pub struct Listener {
     pending: Slab<Pending>,
     /// Set on SIGTERM: stop accepting, finish what is pending, exit.
     stopping: bool,
+    /// The cancelled accept's last completion came (and `Stopped` went to the supervisor):
+    /// exiting before it would leave a graceful replacement waiting for that confirmation.
+    accept_ended: bool,
     /// Sockets in `pending` per peer address (the slow-loris bound).
     pending_per_ip: std::collections::HashMap<[u8; 16], usize>,
     /// Upgrade attempts per client address (docs/SECURITY.md, "No connection rate limiting"),
@@ -129,6 +132,7 @@ impl Listener {
             task_id,
             pending: Slab::default(),
             stopping: false,
+            accept_ended: false,
             signalfd,
             control,
         })
@@ -152,6 +156,7 @@ impl Listener {
 
     fn on_accept(&mut self, cqe: &Completion, now: Instant) {
         if !cqe.more() && self.stopping {
+            self.accept_ended = true;
             // The last accept completion: from here on the new listener gets every socket.
             let _ = crate::process::control::send_message(
                 self.control.as_fd(),
@@ -576,12 +581,12 @@ impl Process for Listener {
         match order {
             Order::Apply(config) => self.apply(*config),
             Order::Stop => self.stop(),
-            Order::Drain | Order::Health(_) => {}
+            Order::Drain | Order::Health(_) | Order::Share | Order::Own => {}
         }
     }
 
     fn after_batch(&mut self, _now: Instant) -> ControlFlow<()> {
-        if self.stopping && self.pending.is_empty() {
+        if self.stopping && self.accept_ended && self.pending.is_empty() {
             log::info!("listener stopped");
             return ControlFlow::Break(());
         }

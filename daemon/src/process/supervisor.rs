@@ -24,6 +24,7 @@ use crate::metrics::{Metric, Metrics};
 use crate::process::control::{self, Message};
 use crate::process::handoff;
 use crate::process::health::Checker;
+use crate::sync::wal;
 
 /// Descriptor numbers in a child.
 pub mod fds {
@@ -107,6 +108,11 @@ struct Supervisor {
     checker: Option<Checker>,
     /// The checker woke the poll: a state changed, to be told to the workers.
     health_changed: bool,
+    /// The storage directory's lock, held shared for the daemon's life ([`wal::lock`]).
+    _storage_lock: std::fs::File,
+    /// A replacement is asking the workers to share their groups: none is told to use its
+    /// write-ahead log meanwhile ([`Supervisor::grant_logs`]).
+    sharing: bool,
 }
 
 /// The processes of one generation: the listener first, then the workers.
@@ -164,15 +170,26 @@ pub fn run(mut config: Config, path: Option<std::path::PathBuf>) -> Result<(), S
     };
     let local = local_addr(&listen).unwrap_or(addr);
     // Create and migrate the store here, once: workers opening a new file at the same time
-    // would race for the lock that switching it to WAL takes.
-    crate::sync::store::Store::open(&config.storage.path)
+    // would race for the lock that switching it to WAL takes. Then, alone with the directory,
+    // replay what workers of an earlier run left in their write-ahead logs (a crash).
+    let dir = &config.storage.path;
+    let mut store =
+        crate::sync::store::Store::open(dir).map_err(|e| format!("storage.path: {e}"))?;
+    let storage_lock = wal::lock(dir, wal::Hold::Alone, START_TIMEOUT)
+        .map_err(|e| format!("storage.path {}: {e}", dir.display()))?;
+    crate::sync::store_thread::replay_logs(&mut store, dir, None)
         .map_err(|e| format!("storage.path: {e}"))?;
+    drop(store);
+    wal::relock(&storage_lock, wal::Hold::Shared, Duration::ZERO)
+        .map_err(|e| format!("storage.path {}: {e}", dir.display()))?;
     let metrics_fd = Metrics::create().map_err(|e| format!("metrics memory: {e}"))?;
     let metrics = Metrics::map(&metrics_fd, 0).map_err(|e| format!("metrics memory: {e}"))?;
     let channels = (0..workers)
         .map(|_| handoff::pair().map_err(|e| format!("socketpair: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     let mut sup = Supervisor {
+        _storage_lock: storage_lock,
+        sharing: false,
         draining: Vec::new(),
         worker_generation: 0,
         activated: was_activated,
@@ -200,6 +217,7 @@ pub fn run(mut config: Config, path: Option<std::path::PathBuf>) -> Result<(), S
         sup.reap_all(Instant::now() + Duration::from_secs(2));
         return Err(e);
     }
+    sup.grant_logs(None);
     for w in sup.config.warnings() {
         log::warn!("{w}");
     }
@@ -396,6 +414,13 @@ impl Supervisor {
         let channels = (0..next.workers)
             .map(|_| handoff::pair().map_err(|e| format!("socketpair: {e}")))
             .collect::<Result<Vec<_>, _>>()?;
+        // The new workers will load groups the old ones hold: whatever the old ones
+        // acknowledged must be in SQLite first.
+        if let Err(e) = self.share_groups() {
+            self.sharing = false;
+            self.grant_logs(None);
+            return Err(e);
+        }
         let old_procs = std::mem::replace(&mut self.procs, generation(next.workers));
         let old_channels = std::mem::replace(&mut self.channels, channels);
         let old_listen = new_listen.map(|l| std::mem::replace(&mut self.listen, l));
@@ -416,8 +441,11 @@ impl Supervisor {
             }
             self.resolved = old_resolved;
             self.worker_generation -= 1;
+            self.sharing = false;
+            self.grant_logs(None);
             return Err(format!("the new processes did not start: {e}"));
         }
+        self.sharing = false;
         for p in &old_procs {
             match (p.role, &p.child, &p.control) {
                 // Once it confirms, every new socket reaches the new listener.
@@ -435,6 +463,76 @@ impl Supervisor {
         }
         self.draining.extend(old_procs.into_iter().filter(|p| p.child.is_some()));
         Ok(())
+    }
+
+    /// Before a graceful replacement: every worker of the running generation folds its
+    /// write-ahead log into SQLite and writes through from then on (`Share`, answered with
+    /// `Shared`), so that a new worker loading one of their groups sees every acknowledged
+    /// change, and the store's version check settles who holds a group while both
+    /// generations run. A worker that died (waiting for its respawn, which will not come:
+    /// the generation is being replaced) has its log replayed here. The workers are told to
+    /// use their logs again once one generation is left ([`Supervisor::grant_logs`]).
+    fn share_groups(&mut self) -> Result<(), String> {
+        self.sharing = true;
+        let dir = self.config.storage.path.clone();
+        let mut waiting = Vec::new();
+        for i in 0..self.procs.len() {
+            let Role::Worker(w) = self.procs[i].role else { continue };
+            match (&self.procs[i].child, &self.procs[i].control) {
+                (Some(_), Some(control))
+                    if control::send_message(control.as_fd(), &Message::Share).is_ok() =>
+                {
+                    waiting.push(i);
+                }
+                _ => {
+                    let slot = crate::metrics::worker_slot(self.worker_generation, w);
+                    let mut store = crate::sync::store::Store::open(&dir)
+                        .map_err(|e| format!("storage.path: {e}"))?;
+                    crate::sync::store_thread::replay_logs(&mut store, &dir, Some(slot))
+                        .map_err(|e| format!("storage.path: {e}"))?;
+                }
+            }
+        }
+        let deadline = Instant::now() + RELOAD_TIMEOUT;
+        while !waiting.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                let names: Vec<String> =
+                    waiting.iter().map(|&i| self.procs[i].role.to_string()).collect();
+                return Err(format!(
+                    "{} did not fold its write-ahead log in within {RELOAD_TIMEOUT:?}",
+                    names.join(", ")
+                ));
+            }
+            for (i, m) in self.poll_controls(None, left)? {
+                match m {
+                    Ok(Message::Shared) => waiting.retain(|&w| w != i),
+                    Ok(Message::Ready) => self.mark_ready(i),
+                    Err(control::RecvError::Closed) if waiting.contains(&i) => {
+                        return Err(format!("{} exited while sharing", self.procs[i].role));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the ready workers of the running generation (or worker `only`) to commit to
+    /// their write-ahead logs: only when no other generation runs or is about to, since the
+    /// log is only folded into SQLite later, where another process would not see it.
+    fn grant_logs(&self, only: Option<usize>) {
+        if self.sharing || !self.draining.is_empty() {
+            return;
+        }
+        for (i, p) in self.procs.iter().enumerate() {
+            if only.is_some_and(|o| o != i) || !p.ready {
+                continue;
+            }
+            if let (Role::Worker(_), Some(control)) = (p.role, &p.control) {
+                let _ = control::send_message(control.as_fd(), &Message::Own);
+            }
+        }
     }
 
     /// SIGHUP: validate the file, then apply it in every process, then say READY again.
@@ -539,6 +637,7 @@ impl Supervisor {
     /// every one up).
     fn mark_ready(&mut self, i: usize) {
         self.procs[i].ready = true;
+        self.grant_logs(Some(i));
         if let Some(c) = &self.checker {
             let down = c.down();
             if !down.is_empty() {
@@ -689,6 +788,7 @@ impl Supervisor {
             if let Some(k) = self.draining.iter().position(is) {
                 let p = self.draining.swap_remove(k);
                 log::info!("{} of the previous generation exited ({status:?})", p.role);
+                self.grant_logs(None);
                 continue;
             }
             let Some(p) = self.procs.iter_mut().find(|p| is(p)) else { continue };

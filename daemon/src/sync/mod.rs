@@ -17,6 +17,7 @@
 pub mod replica;
 pub mod store;
 pub mod store_thread;
+pub mod wal;
 
 use std::collections::{HashSet, VecDeque};
 use std::num::NonZeroU32;
@@ -34,6 +35,10 @@ use crate::ws::frame::{self, OpCode};
 use replica::{CatchUp, Change, PushResult, Replica};
 use store::{Batch, Store, StoreError};
 use store_thread::{Reply, Request, StoreThread};
+
+/// How long a starting worker waits for the storage directory's lock: only a daemon being
+/// replaced by a new one (its supervisor exiting first) can hold it against us.
+const LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// The WebSocket frames of one poke back to back in one buffer, shared by all its
 /// recipients: one buffer to queue and, usually, one send per recipient.
@@ -260,6 +265,9 @@ pub struct GroupSync {
     outbox: Vec<Delivery>,
     limits: replica::GroupLimits,
     mutations: MutationLimiter,
+    /// The storage directory's lock ([`wal::lock`]); last, so it is released only after the
+    /// store thread folded the log in and ended.
+    _lock: std::fs::File,
 }
 
 /// A batch on the store thread: what goes out when it is on disk.
@@ -290,6 +298,8 @@ pub enum StoreEvent {
     /// gone stale (their commit failed or another process changed them): their connections
     /// must reconnect, and nothing queued for them is delivered.
     Committed { deliveries: Vec<Delivery>, failed: Vec<GroupRef>, took: Duration, changes: usize },
+    /// [`GroupSync::use_log`] took effect (or failed: the previous mode stays).
+    LogUsed { on: bool, result: Result<(), StoreError> },
 }
 
 /// The connection a notice came from, as far as group sync cares.
@@ -346,18 +356,27 @@ impl Who<'_> {
 }
 
 impl GroupSync {
-    /// Opens the store in `dir` and starts its thread, named `thread` (`sync_delay`: see
-    /// [`StoreThread::start`]).
+    /// Opens the store in `dir`, replays what the worker of `slot` left in its log (a crash),
+    /// and starts the store's thread, named `thread`, writing through until
+    /// [`GroupSync::use_log`] (`sync_delay`, `metrics`: see [`store_thread::Setup`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn open(
         dir: &Path,
+        slot: usize,
         thread: String,
         sync_delay: Duration,
+        metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
         limits: replica::GroupLimits,
         per_user_mutations: u32,
         window: Duration,
     ) -> Result<GroupSync, StoreError> {
-        let store = Store::open(dir)?;
-        let store = StoreThread::start(store, thread, sync_delay)
+        let mut store = Store::open(dir)?;
+        // Held for the worker's life: a second daemon waits for this worker too.
+        let lock = wal::lock(dir, wal::Hold::Shared, LOCK_WAIT)
+            .map_err(|e| StoreError::log(dir, format!("cannot lock: {e}")))?;
+        store_thread::replay_logs(&mut store, dir, Some(slot))?;
+        let setup = store_thread::Setup { dir: dir.to_owned(), slot, sync_delay, metrics };
+        let store = StoreThread::start(store, thread, setup)
             .map_err(|source| StoreError::Thread { source })?;
         Ok(GroupSync {
             store,
@@ -372,7 +391,16 @@ impl GroupSync {
             outbox: Vec::new(),
             limits,
             mutations: MutationLimiter::new(per_user_mutations, window),
+            _lock: lock,
         })
+    }
+
+    /// Commit to the worker's log (`true`: no other process holds this worker's groups) or
+    /// write every batch through to SQLite (`false`: during a graceful replacement, after
+    /// folding the log in). Answered by [`StoreEvent::LogUsed`], after every commit sent
+    /// before it.
+    pub fn use_log(&mut self, on: bool) {
+        self.store.send(Request::UseLog(on));
     }
 
     pub fn set_mutation_limit(&mut self, max: u32, window: Duration) {
@@ -463,6 +491,7 @@ impl GroupSync {
                 StoreEvent::Loaded { name, result }
             }
             Reply::Committed { result, took } => self.committed(result, took),
+            Reply::LogUsed { on, result } => StoreEvent::LogUsed { on, result },
         }
     }
 
@@ -722,7 +751,7 @@ impl GroupSync {
             Ok(committed) => committed.stale_groups,
             Err(e) => {
                 log::error!("storage: {}", e.error);
-                e.groups
+                e.groups()
             }
         };
         let mut failed = Vec::new();
@@ -842,7 +871,7 @@ mod tests {
 
     fn open(dir: &TempDir) -> GroupSync {
         let (limits, window) = (replica::GroupLimits::default(), Duration::from_secs(60));
-        GroupSync::open(&dir.0, "store".into(), Duration::ZERO, limits, 0, window).unwrap()
+        GroupSync::open(&dir.0, 1, "store".into(), Duration::ZERO, None, limits, 0, window).unwrap()
     }
 
     /// The group, waiting for the store thread if it is not in memory.
@@ -865,7 +894,9 @@ mod tests {
         assert!(out.is_empty(), "nothing goes out before the commit");
         match sync.wait_store() {
             StoreEvent::Committed { deliveries, failed, .. } => (deliveries, failed),
-            StoreEvent::Loaded { .. } => panic!("no load was asked for"),
+            StoreEvent::Loaded { .. } | StoreEvent::LogUsed { .. } => {
+                panic!("no load or mode was asked for")
+            }
         }
     }
 

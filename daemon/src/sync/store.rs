@@ -153,9 +153,18 @@ pub enum StoreError {
     Commit { source: rusqlite::Error },
     /// The thread that runs the store could not be started.
     Thread { source: std::io::Error },
+    /// The write-ahead log could not be written, read or replayed (`path` names the file,
+    /// or the slot's files as `wal-<slot>-*`).
+    Log { path: Box<Path>, message: Box<str> },
 }
 
 impl StoreError {
+    /// A [`StoreError::Log`] (boxed fields keep the error, which every commit's result
+    /// carries, small).
+    pub fn log(path: &Path, message: impl Into<String>) -> StoreError {
+        StoreError::Log { path: path.into(), message: message.into().into() }
+    }
+
     /// Another process held the file past `BUSY_TIMEOUT` (5 s): worth retrying soon, unlike a
     /// broken file.
     pub fn is_busy(&self) -> bool {
@@ -166,7 +175,8 @@ impl StoreError {
             StoreError::Directory { .. }
             | StoreError::NoWal { .. }
             | StoreError::Corrupt { .. }
-            | StoreError::Thread { .. } => return false,
+            | StoreError::Thread { .. }
+            | StoreError::Log { .. } => return false,
         };
         matches!(
             source.sqlite_error_code(),
@@ -205,6 +215,9 @@ impl std::fmt::Display for StoreError {
             }
             StoreError::Commit { source } => write!(f, "commit failed: {source}"),
             StoreError::Thread { source } => write!(f, "cannot start the store thread: {source}"),
+            StoreError::Log { path, message } => {
+                write!(f, "write-ahead log {}: {message}", path.display())
+            }
         }
     }
 }
@@ -212,13 +225,19 @@ impl std::fmt::Display for StoreError {
 impl std::error::Error for StoreError {}
 
 /// A failed [`Store::commit`]: nothing of the batch was written.
-#[derive(Debug)]
 pub struct CommitError {
     /// What SQLite reported.
     pub error: StoreError,
-    /// Every group with staged changes in the batch. Their in-memory state is
-    /// now ahead of the file: drop them without sending their pending pokes.
-    pub groups: Vec<String>,
+    /// The batch, given back: compaction retries it (its batches are on the log already).
+    pub unwritten: Box<Batch>,
+}
+
+impl CommitError {
+    /// Every group the batch writes. Their in-memory state is now ahead of the file: drop
+    /// them without sending their pending pokes.
+    pub fn groups(&self) -> Vec<String> {
+        self.unwritten.groups()
+    }
 }
 
 /// Writes staged for one commit, in order. The worker's loop fills one while the store
@@ -273,6 +292,139 @@ impl Batch {
     pub fn remove_changes_of(&mut self, group_id: &str) {
         self.staged.retain(|s| !matches!(s, Staged::Change(c) if c.group_id == group_id));
         self.changes = self.staged.iter().filter(|s| matches!(s, Staged::Change(_))).count();
+    }
+
+    /// Appends `later`'s writes after this batch's: compaction folds several batches of the
+    /// log into one transaction.
+    pub fn extend(&mut self, later: Batch) {
+        self.staged.extend(later.staged);
+        self.changes += later.changes;
+    }
+
+    /// The group of each write, in order (a group once per write).
+    pub fn touched_groups(&self) -> impl Iterator<Item = &str> {
+        self.staged.iter().map(|s| match s {
+            Staged::Change(c) => c.group_id.as_str(),
+            Staged::Owner { group_id, .. } => group_id.as_str(),
+        })
+    }
+
+    /// Each group's first change in the batch: the group and the version it is based on.
+    pub fn bases(&self) -> Vec<(&str, i64)> {
+        let mut bases: Vec<(&str, i64)> = Vec::new();
+        for item in &self.staged {
+            if let Staged::Change(c) = item {
+                if !bases.iter().any(|(g, _)| *g == c.group_id) {
+                    bases.push((&c.group_id, c.base_version));
+                }
+            }
+        }
+        bases
+    }
+
+    /// Every group the batch writes, once each, in order of first appearance.
+    pub fn groups(&self) -> Vec<String> {
+        let mut groups: Vec<String> = Vec::new();
+        for group in self.touched_groups() {
+            if !groups.iter().any(|g| g == group) {
+                groups.push(group.to_owned());
+            }
+        }
+        groups
+    }
+
+    /// Appends the batch as a log record's payload ([`super::wal`]): per write a tag, then
+    /// its fields; strings as a u32 length and the bytes, numbers as u64, all little endian.
+    /// The patch goes as the JSON the history keeps, so replaying a record writes the same
+    /// rows a commit would have.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        fn string(out: &mut Vec<u8>, s: &str) {
+            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            out.extend_from_slice(s.as_bytes());
+        }
+        for item in &self.staged {
+            match item {
+                Staged::Owner { group_id, user } => {
+                    out.push(b'O');
+                    string(out, group_id);
+                    string(out, user);
+                }
+                Staged::Change(c) => {
+                    out.push(b'C');
+                    string(out, &c.group_id);
+                    for n in [c.base_version, c.version, c.history_floor] {
+                        out.extend_from_slice(&(n as u64).to_le_bytes());
+                    }
+                    string(out, &c.patch_json);
+                    out.extend_from_slice(&(c.forgotten.len() as u32).to_le_bytes());
+                    for client in &c.forgotten {
+                        string(out, client);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads a payload [`Batch::encode`] wrote. An error means a record whose checksum
+    /// verified holds something else: a bug or an edited file, never a torn write.
+    pub fn decode(mut bytes: &[u8]) -> Result<Batch, String> {
+        fn take<'a>(bytes: &mut &'a [u8], n: usize) -> Result<&'a [u8], String> {
+            if bytes.len() < n {
+                return Err("record ends inside a field".into());
+            }
+            let (head, rest) = bytes.split_at(n);
+            *bytes = rest;
+            Ok(head)
+        }
+        fn u32_of(bytes: &mut &[u8]) -> Result<u32, String> {
+            Ok(u32::from_le_bytes(take(bytes, 4)?.try_into().expect("4 bytes")))
+        }
+        fn int(bytes: &mut &[u8]) -> Result<i64, String> {
+            let n = u64::from_le_bytes(take(bytes, 8)?.try_into().expect("8 bytes"));
+            i64::try_from(n).map_err(|_| format!("version {n} out of range"))
+        }
+        fn string(bytes: &mut &[u8]) -> Result<String, String> {
+            let len = u32_of(bytes)? as usize;
+            let raw = take(bytes, len)?;
+            String::from_utf8(raw.to_vec()).map_err(|_| "a string is not UTF-8".into())
+        }
+        let mut batch = Batch::default();
+        while let Some((&tag, rest)) = bytes.split_first() {
+            bytes = rest;
+            match tag {
+                b'O' => {
+                    let group_id = string(&mut bytes)?;
+                    let user = string(&mut bytes)?;
+                    batch.staged.push(Staged::Owner { group_id, user });
+                }
+                b'C' => {
+                    let group_id = string(&mut bytes)?;
+                    let (base_version, version, history_floor) =
+                        (int(&mut bytes)?, int(&mut bytes)?, int(&mut bytes)?);
+                    let json = string(&mut bytes)?;
+                    let patch: Patch =
+                        serde_json::from_str(&json).map_err(|e| format!("patch: {e}"))?;
+                    let count = u32_of(&mut bytes)?;
+                    let forgotten =
+                        (0..count).map(|_| string(&mut bytes)).collect::<Result<Vec<_>, _>>()?;
+                    let forgotten_json = (!forgotten.is_empty())
+                        .then(|| serde_json::to_string(&forgotten).unwrap_or_default());
+                    batch.staged.push(Staged::Change(StagedChange {
+                        group_id,
+                        base_version,
+                        version,
+                        history_floor,
+                        patch: Arc::new(patch),
+                        forgotten,
+                        patch_json: Arc::from(json),
+                        forgotten_json,
+                    }));
+                    batch.changes += 1;
+                }
+                other => return Err(format!("unknown write tag {other:#04x}")),
+            }
+        }
+        Ok(batch)
     }
 }
 
@@ -413,6 +565,25 @@ impl Store {
         Ok(Some(group))
     }
 
+    /// The version a group is stored at (0 for a group never stored), or `None` if its
+    /// rows are inconsistent (see `stored_version`).
+    pub fn version_of(&mut self, group_id: &str) -> Result<Option<i64>, StoreError> {
+        let fail = |source| StoreError::Load { group_id: group_id.to_owned(), source };
+        let (materialized, logged): (Option<i64>, Option<i64>) = self
+            .conn
+            .prepare_cached(
+                "SELECT (SELECT version FROM groups WHERE group_id = ?1),
+                        (SELECT max(version) FROM history WHERE group_id = ?1)",
+            )
+            .and_then(|mut s| s.query_row([group_id], |row| Ok((row.get(0)?, row.get(1)?))))
+            .map_err(fail)?;
+        Ok(match (materialized, logged) {
+            (Some(materialized), logged) => Some(materialized.max(logged.unwrap_or(0))),
+            (None, None) => Some(0),
+            (None, Some(_)) => None,
+        })
+    }
+
     /// Drops what the store remembers of a group this process no longer holds.
     pub fn forget(&mut self, group_id: &str) {
         self.pending.remove(group_id);
@@ -442,11 +613,24 @@ impl Store {
 
     /// Writes `batch` in one transaction and waits for it to be on disk.
     pub fn commit_batch(&mut self, batch: Batch) -> Result<Committed, CommitError> {
+        self.write(batch, Replay::No)
+    }
+
+    /// Writes a batch read back from a log after a crash: changes the file already has (the
+    /// log was partly folded in before) are skipped, the rest written as a commit would.
+    /// Call before any group is loaded; nothing of the replayed groups stays in memory.
+    pub fn replay_batch(&mut self, batch: Batch) -> Result<Committed, CommitError> {
+        let result = self.write(batch, Replay::SkipApplied);
+        self.pending.clear();
+        result
+    }
+
+    fn write(&mut self, batch: Batch, replay: Replay) -> Result<Committed, CommitError> {
         if batch.is_empty() {
             return Ok(Committed::default());
         }
         let staged = batch.staged;
-        match write_batch(&mut self.conn, &staged, &mut self.pending) {
+        match write_batch(&mut self.conn, &staged, &mut self.pending, replay) {
             Ok(written) => {
                 let Written { committed, logged, materialized } = written;
                 for group in committed.stale_groups.iter().chain(&materialized) {
@@ -468,22 +652,30 @@ impl Store {
                 Ok(committed)
             }
             Err(e) => {
-                let mut groups: Vec<String> = Vec::new();
-                for item in &staged {
-                    let group_id = match item {
-                        Staged::Owner { group_id, .. } => group_id,
-                        Staged::Change(change) => &change.group_id,
-                    };
-                    if !groups.contains(group_id) {
-                        groups.push(group_id.clone());
-                    }
-                }
+                let batch = Batch {
+                    changes: staged.iter().filter(|s| matches!(s, Staged::Change(_))).count(),
+                    staged,
+                };
+                let groups = batch.groups();
                 for group in &groups {
                     self.pending.remove(group);
                 }
-                Err(CommitError { error: StoreError::Commit { source: e }, groups })
+                Err(CommitError {
+                    error: StoreError::Commit { source: e },
+                    unwritten: Box::new(batch),
+                })
             }
         }
+    }
+}
+
+impl std::fmt::Debug for CommitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The batch given back is the caller's to retry, not worth printing.
+        f.debug_struct("CommitError")
+            .field("error", &self.error)
+            .field("groups", &self.groups())
+            .finish()
     }
 }
 
@@ -643,6 +835,16 @@ struct Written {
     materialized: Vec<String>,
 }
 
+/// Whether a write may meet changes the file already has.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Replay {
+    /// A commit: every change must follow the stored version, or its group is stale.
+    No,
+    /// A log read back after a crash: a change at or below the stored version is already
+    /// in, and skipped.
+    SkipApplied,
+}
+
 /// Writes one batch: each change appended to its group's history, then the groups due for it
 /// materialized.
 /// A group materialized here leaves `pending` (on failure the caller drops every group of the
@@ -651,6 +853,7 @@ fn write_batch(
     conn: &mut Connection,
     staged: &[Staged],
     pending: &mut HashMap<String, Pending>,
+    replay: Replay,
 ) -> rusqlite::Result<Written> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     // The version each group is at within this batch, once checked; `None` once stale.
@@ -675,6 +878,11 @@ fn write_batch(
                     Some(&current) => current,
                     None => stored_version(&tx, group_id)?,
                 };
+                if replay == Replay::SkipApplied
+                    && current.is_some_and(|stored| stored >= change.version)
+                {
+                    continue;
+                }
                 if current != Some(change.base_version) {
                     if versions.insert(group_id, None) != Some(None) {
                         written.committed.stale_groups.push(group_id.to_owned());
@@ -1171,7 +1379,7 @@ mod tests {
         store.stage("g", &change_of(replica.apply_push(&crud("c1", 2, json!([])))));
         store.set_owner("h", "u");
         let error = store.commit().unwrap_err();
-        assert_eq!(error.groups, vec!["g".to_string(), "h".to_string()]);
+        assert_eq!(error.groups(), vec!["g".to_string(), "h".to_string()]);
         assert!(error.error.to_string().contains("history"), "{}", error.error);
         assert!(!store.has_staged());
     }

@@ -1,26 +1,57 @@
-//! The store off the event loop: one thread per worker owns the worker's [`Store`] and runs
-//! its loads and commits in the order the loop asked for them; the loop learns of each
-//! result through an eventfd it polls on its ring.
+//! The store off the event loop: one thread per worker owns the worker's [`Store`] and its
+//! [`Log`], and runs loads and commits in the order the loop asked for them; the loop learns
+//! of each result through an eventfd it polls on its ring.
 //!
-//! Why a thread and not io_uring writes: the store is SQLite, whose commit is a sequence of
-//! `pwrite`s and an `fsync` the library makes itself; a thread is the only way to keep the
-//! loop from waiting on it (docs/ARCHITECTURE.md, "The store off the loop", has the
-//! measurements). While a commit runs, a checkpoint runs, or another worker holds the
-//! file's lock, the loop keeps serving every connection, pings included.
+//! Why a thread and not io_uring writes: SQLite's commit is a sequence of `pwrite`s and an
+//! `fsync` the library makes itself, and compaction is SQLite; a thread is the only way to
+//! keep the loop from waiting on them (docs/ARCHITECTURE.md, "The store off the loop", has
+//! the measurements). While a commit, a compaction or a checkpoint runs, or another worker
+//! holds the file's lock, the loop keeps serving every connection, pings included.
 //!
 //! Order is the contract: requests are served one at a time, first in first out. A load
 //! asked for after a commit sees that commit; a group forgotten before a load is read
 //! again from the file. The loop sends one commit at a time and fills the next batch while
 //! it is in flight (group commit, see [`super::GroupSync::flush`]).
+//!
+//! Two ways to commit:
+//! - **the log** (the worker owns its groups alone): a batch is one record appended to the
+//!   worker's log and one `fdatasync`, whatever the number of groups in it. Compaction folds
+//!   the logged batches into SQLite later, many in one transaction, in slices between
+//!   commits or when idle, and reclaims the log's segments. A group with batches still in
+//!   the log is folded in before it is loaded, and forgotten only once folded in.
+//! - **write-through** (another generation of workers may hold the same groups, during a
+//!   graceful replacement): every batch is a SQLite transaction, whose version check finds a
+//!   group another process changed. A worker starts this way and uses the log once the
+//!   supervisor says it is the only generation (`Request::UseLog`).
+//!
+//! After a crash, the log is replayed into SQLite before anything is loaded
+//! ([`replay_logs`]): by the respawned worker for its slot, by the supervisor for every slot
+//! at start.
 
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use crate::metrics::{Histogram, Metric, Metrics};
 use crate::sync::store::{Batch, CommitError, Committed, Store, StoreError, StoredGroup};
+use crate::sync::wal::{self, Log};
+
+/// Compaction starts once this many bytes of logged batches wait to be folded in: enough
+/// batches that each group's pages are written to SQLite once for many pushes, not once per
+/// push (the cost the log is there to avoid), and little enough to replay in a moment.
+const FOLD_START_BYTES: usize = 1 << 20;
+/// One slice of compaction between two commits folds at least this many changes (more if the
+/// commit just made had more, so compaction keeps pace): a few milliseconds of SQLite, the
+/// most a commit waits behind it.
+const FOLD_SLICE_CHANGES: usize = 512;
+/// With no request for this long, the thread folds a slice in even below
+/// [`FOLD_START_BYTES`], so an idle worker's log empties.
+const FOLD_IDLE: Duration = Duration::from_millis(50);
 
 /// What the loop asks of the store.
 pub enum Request {
@@ -30,6 +61,9 @@ pub enum Request {
     Commit(Batch),
     /// The loop dropped a group from memory; no answer.
     Forget(Box<str>),
+    /// Commit to the log (`true`, the worker owns its groups alone) or write through to
+    /// SQLite (`false`, after folding the log in); answered with [`Reply::LogUsed`].
+    UseLog(bool),
 }
 
 /// What the store answers, in the order of the requests.
@@ -45,6 +79,9 @@ pub enum Reply {
         /// not waiting for it.
         took: Duration,
     },
+    /// The mode asked for is in effect (for `false`: every logged batch is in SQLite), or
+    /// could not be set (the previous mode stays).
+    LogUsed { on: bool, result: Result<(), StoreError> },
 }
 
 /// The loop's handle on its store thread.
@@ -59,10 +96,22 @@ pub struct StoreThread {
     thread: Option<JoinHandle<()>>,
 }
 
+/// Where the thread's log goes and what it reports to.
+pub struct Setup {
+    /// The storage directory.
+    pub dir: PathBuf,
+    /// The worker's slot, which names its log (see [`wal`]).
+    pub slot: usize,
+    /// Added before each commit: a slow disk made on purpose for the tests
+    /// (`storage.test_sync_delay_ms`), zero otherwise.
+    pub sync_delay: Duration,
+    /// The worker's metrics (the log's size, compaction); none in unit tests.
+    pub metrics: Option<Arc<Metrics>>,
+}
+
 impl StoreThread {
-    /// Starts the thread for `store`. `sync_delay` is added before each commit: a slow disk
-    /// made on purpose for the tests (`storage.test_sync_delay_ms`), zero otherwise.
-    pub fn start(store: Store, name: String, sync_delay: Duration) -> io::Result<StoreThread> {
+    /// Starts the thread for `store`, writing through until told to use the log.
+    pub fn start(store: Store, name: String, setup: Setup) -> io::Result<StoreThread> {
         // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor we own.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
         if fd < 0 {
@@ -73,9 +122,21 @@ impl StoreThread {
         let (requests, inbox) = mpsc::channel();
         let (outbox, replies) = mpsc::channel();
         let thread_wake = Arc::clone(&wake);
+        let server = Server {
+            store,
+            setup,
+            log: None,
+            unfolded: VecDeque::new(),
+            unfolded_groups: HashMap::new(),
+            unfolded_bytes: 0,
+            checked: HashSet::new(),
+            forget_later: Vec::new(),
+            reread: Vec::new(),
+            record: Vec::new(),
+        };
         let thread = std::thread::Builder::new()
             .name(name)
-            .spawn(move || serve(store, inbox, outbox, &thread_wake, sync_delay))?;
+            .spawn(move || server.serve(inbox, outbox, &thread_wake))?;
         Ok(StoreThread { requests: Some(requests), replies, wake, thread: Some(thread) })
     }
 
@@ -96,7 +157,7 @@ impl StoreThread {
 
     /// Takes every answer that arrived. Reading the eventfd first: an answer sent after
     /// this read writes it again, so its poll fires again and nothing is left behind.
-    pub fn take_replies(&self, into: &mut std::collections::VecDeque<Reply>) {
+    pub fn take_replies(&self, into: &mut VecDeque<Reply>) {
         let mut counter = [0u8; 8];
         // SAFETY: an 8-byte read into a local buffer of 8 bytes; EAGAIN (nothing written
         // since the last read) is fine.
@@ -121,40 +182,527 @@ impl Drop for StoreThread {
     }
 }
 
-/// The thread's body: serve requests in order until the loop's handle goes.
-fn serve(
-    mut store: Store,
-    inbox: mpsc::Receiver<Request>,
-    outbox: mpsc::Sender<Reply>,
-    wake: &OwnedFd,
-    sync_delay: Duration,
-) {
-    for request in inbox {
-        let reply = match request {
+/// A batch on the log, not yet folded into SQLite.
+struct Logged {
+    /// The segment that holds it.
+    seq: u64,
+    /// Its record's size.
+    bytes: usize,
+    batch: Batch,
+}
+
+/// The thread's state.
+struct Server {
+    store: Store,
+    setup: Setup,
+    /// `Some` while committing to the log, `None` while writing through.
+    log: Option<Log>,
+    /// Batches on the log and not yet in SQLite, oldest first.
+    unfolded: VecDeque<Logged>,
+    /// How many writes each group has in `unfolded`: a load of such a group folds first.
+    unfolded_groups: HashMap<String, usize>,
+    /// Encoded bytes of `unfolded`, for [`FOLD_START_BYTES`].
+    unfolded_bytes: usize,
+    /// Groups whose logged changes follow what SQLite has (see [`Server::append`]); a group
+    /// leaves when the loop forgets it.
+    checked: HashSet<String>,
+    /// Groups the loop forgot while they had writes in `unfolded`: the store keeps what it
+    /// knows of them (the materialization needs it) until those are folded in.
+    forget_later: Vec<String>,
+    /// Groups whose unmaterialized changes the store must read again before the next fold
+    /// (a failed commit forgets them).
+    reread: Vec<String>,
+    /// The record being encoded, kept to reuse its allocation.
+    record: Vec<u8>,
+}
+
+impl Server {
+    /// Serves requests in order until the loop's handle goes, then folds the log in.
+    fn serve(
+        mut self,
+        inbox: mpsc::Receiver<Request>,
+        outbox: mpsc::Sender<Reply>,
+        wake: &OwnedFd,
+    ) {
+        loop {
+            let request = if self.unfolded.is_empty() {
+                match inbox.recv() {
+                    Ok(request) => request,
+                    Err(mpsc::RecvError) => break,
+                }
+            } else {
+                match inbox.recv_timeout(FOLD_IDLE) {
+                    Ok(request) => request,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let _ = self.fold(Some(FOLD_SLICE_CHANGES));
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            let Some(reply) = self.serve_one(request) else { continue };
+            if outbox.send(reply).is_err() {
+                break;
+            }
+            let one = 1u64.to_ne_bytes();
+            // SAFETY: an 8-byte write from a local buffer. It cannot block (EFD_NONBLOCK) and
+            // can only fail if the counter is about to overflow, when the poll is readable.
+            let _ = unsafe { libc::write(wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        }
+        // The worker is exiting: leave nothing to replay if SQLite takes it.
+        if self.fold(None).is_ok() {
+            if let Some(log) = self.log.take() {
+                let _ = log.remove();
+            }
+        }
+    }
+
+    fn serve_one(&mut self, request: Request) -> Option<Reply> {
+        match request {
             Request::Load(name) => {
-                let result = store.load(&name);
-                Reply::Loaded { name, result }
+                let result = match self.unfolded_groups.contains_key(&*name) {
+                    true => self.fold(None).and_then(|()| self.store.load(&name)),
+                    false => self.store.load(&name),
+                };
+                Some(Reply::Loaded { name, result })
             }
             Request::Commit(batch) => {
                 let started = Instant::now();
-                if !sync_delay.is_zero() {
-                    std::thread::sleep(sync_delay);
+                if !self.setup.sync_delay.is_zero() {
+                    std::thread::sleep(self.setup.sync_delay);
                 }
-                let result = store.commit_batch(batch);
-                Reply::Committed { result, took: started.elapsed() }
+                let changes = batch.changes();
+                let result = match self.log.is_some() {
+                    true => self.append(batch),
+                    false => self.store.commit_batch(batch),
+                };
+                let took = started.elapsed();
+                if self.unfolded_bytes >= FOLD_START_BYTES {
+                    let _ = self.fold(Some(FOLD_SLICE_CHANGES.max(changes)));
+                }
+                Some(Reply::Committed { result, took })
             }
             Request::Forget(name) => {
-                store.forget(&name);
+                self.checked.remove(&*name);
+                if self.unfolded_groups.contains_key(&*name) {
+                    self.forget_later.push(name.into());
+                } else {
+                    self.store.forget(&name);
+                }
+                None
+            }
+            Request::UseLog(on) => {
+                let result = match (on, self.log.is_some()) {
+                    (true, false) => {
+                        self.log = Some(Log::new(&self.setup.dir, self.setup.slot));
+                        Ok(())
+                    }
+                    (false, true) => self.fold(None).and_then(|()| {
+                        self.checked.clear();
+                        let log = self.log.take().expect("in log mode");
+                        let removed = log.remove();
+                        self.report_log_bytes();
+                        removed.map_err(|source| self.log_error(source))
+                    }),
+                    _ => Ok(()),
+                };
+                Some(Reply::LogUsed { on, result })
+            }
+        }
+    }
+
+    /// Commits a batch to the log: one record, one `fdatasync`.
+    ///
+    /// A group's first logged change since it was loaded is checked against SQLite first:
+    /// a worker of the generation before may have committed to it after this worker loaded
+    /// it (the handover's last moments, before this worker was told to use its log). Such a
+    /// group is stale, as a write-through commit would have found: its changes are not
+    /// logged, and the loop reloads it. Once checked, nobody else writes the group.
+    fn append(&mut self, mut batch: Batch) -> Result<Committed, CommitError> {
+        let mut committed = Committed::default();
+        for (group, base) in batch.bases() {
+            if self.checked.contains(group) {
                 continue;
             }
-        };
-        if outbox.send(reply).is_err() {
-            // The loop is gone; what was asked of the file is done.
-            return;
+            match self.store.version_of(group) {
+                Ok(Some(stored)) if stored == base => {
+                    self.checked.insert(group.to_owned());
+                }
+                Ok(_) => committed.stale_groups.push(group.to_owned()),
+                Err(error) => return Err(CommitError { error, unwritten: Box::new(batch) }),
+            }
         }
-        let one = 1u64.to_ne_bytes();
-        // SAFETY: an 8-byte write from a local buffer. It cannot block (EFD_NONBLOCK) and can
-        // only fail if the counter is about to overflow, when the poll is readable anyway.
-        let _ = unsafe { libc::write(wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        for group in &committed.stale_groups {
+            batch.remove_changes_of(group);
+        }
+        self.record.clear();
+        self.record.resize(wal::HEADER, 0);
+        batch.encode(&mut self.record);
+        wal::seal(&mut self.record);
+        let log = self.log.as_mut().expect("appending to the log in log mode");
+        match log.append(&self.record) {
+            Ok(seq) => {
+                for group in batch.touched_groups() {
+                    match self.unfolded_groups.get_mut(group) {
+                        Some(n) => *n += 1,
+                        None => {
+                            self.unfolded_groups.insert(group.to_owned(), 1);
+                        }
+                    }
+                }
+                let bytes = self.record.len();
+                self.unfolded_bytes += bytes;
+                self.unfolded.push_back(Logged { seq, bytes, batch });
+                self.report_log_bytes();
+                Ok(committed)
+            }
+            Err(source) => {
+                Err(CommitError { error: self.log_error(source), unwritten: Box::new(batch) })
+            }
+        }
+    }
+
+    /// Compaction: folds the oldest logged batches (at least `changes` of their changes, or
+    /// all) into SQLite in one transaction, then reclaims the segments nothing unfolded is in.
+    /// On failure nothing is folded and the batches stay for the next try (they are on disk
+    /// in the log all along).
+    fn fold(&mut self, changes: Option<usize>) -> Result<(), StoreError> {
+        if self.unfolded.is_empty() {
+            return Ok(());
+        }
+        // A failed fold dropped what the store knew of its groups' unmaterialized changes:
+        // read it again before folding more of them in.
+        while let Some(group) = self.reread.last() {
+            self.store.load(group)?;
+            self.reread.pop();
+        }
+        let started = Instant::now();
+        let mut merged = Batch::default();
+        let (mut count, mut bytes, first_seq) = (0, 0, self.unfolded[0].seq);
+        while let Some(logged) = self.unfolded.pop_front() {
+            count += logged.batch.changes().max(1);
+            bytes += logged.bytes;
+            merged.extend(logged.batch);
+            if changes.is_some_and(|c| count >= c) {
+                break;
+            }
+        }
+        // Each group's writes in the slice, to count down once it is in.
+        let mut touched: HashMap<String, usize> = HashMap::new();
+        for group in merged.touched_groups() {
+            match touched.get_mut(group) {
+                Some(n) => *n += 1,
+                None => {
+                    touched.insert(group.to_owned(), 1);
+                }
+            }
+        }
+        let folded = merged.changes();
+        match self.store.commit_batch(merged) {
+            Ok(committed) if committed.stale_groups.is_empty() => {}
+            Ok(committed) => {
+                // The log is only used while this worker owns its groups alone, so this is
+                // a bug: say so loudly rather than lose it quietly.
+                log::error!(
+                    "compaction: groups {:?} changed in SQLite behind this worker's log; \
+                     their logged changes were not folded in",
+                    committed.stale_groups
+                );
+            }
+            Err(e) => {
+                log::error!("compaction failed (the log keeps the batches; retrying): {}", e.error);
+                self.reread.extend(e.groups());
+                // Back at the front as one batch: nothing else changed meanwhile.
+                self.unfolded.push_front(Logged { seq: first_seq, bytes, batch: *e.unwritten });
+                return Err(e.error);
+            }
+        }
+        for (group, n) in touched {
+            if let Some(left) = self.unfolded_groups.get_mut(&group) {
+                *left = left.saturating_sub(n);
+                if *left == 0 {
+                    self.unfolded_groups.remove(&group);
+                }
+            }
+        }
+        let unfolded_groups = &self.unfolded_groups;
+        let store = &mut self.store;
+        self.forget_later.retain(|group| {
+            let keep = unfolded_groups.contains_key(group.as_str());
+            if !keep {
+                store.forget(group);
+            }
+            keep
+        });
+        self.unfolded_bytes -= bytes;
+        let oldest = self.unfolded.front().map(|logged| logged.seq);
+        if let Some(log) = self.log.as_mut() {
+            if let Err(e) = log.release_before(oldest) {
+                log::warn!("compaction: cannot reclaim log segments: {e}");
+            }
+        }
+        self.report_log_bytes();
+        if let Some(metrics) = &self.setup.metrics {
+            metrics.observe(Histogram::Compaction, started.elapsed());
+            metrics.add(Metric::CompactedChanges, folded as u64);
+        }
+        Ok(())
+    }
+
+    fn report_log_bytes(&self) {
+        if let Some(metrics) = &self.setup.metrics {
+            metrics.set(Metric::LogBytes, self.log.as_ref().map_or(0, Log::bytes));
+        }
+    }
+
+    fn log_error(&self, source: io::Error) -> StoreError {
+        StoreError::log(
+            &self.setup.dir.join(format!("wal-{}-*", self.setup.slot)),
+            source.to_string(),
+        )
+    }
+}
+
+/// Replays the logs left by processes that did not fold them in (a crash, a power cut) into
+/// `store`, oldest record first, then removes them: the segments of `slot`, or of every slot
+/// (`None`, the supervisor at start, when no worker runs). A torn record at a segment's end
+/// (the crash cut its write short; it was never acknowledged) is dropped with a log line. A
+/// file that is not a log, or a whole record that does not decode, is refused: the daemon
+/// does not start rather than lose or invent data. Returns the records replayed.
+pub fn replay_logs(
+    store: &mut Store,
+    dir: &Path,
+    slot: Option<usize>,
+) -> Result<usize, StoreError> {
+    let found = wal::segments(dir, slot).map_err(|e| StoreError::log(dir, e.to_string()))?;
+    let mut replayed = 0;
+    for segment in &found {
+        let fail = |message: String| StoreError::log(&segment.path, message);
+        let bytes = wal::read(&segment.path).map_err(|e| fail(e.to_string()))?;
+        let scan = wal::scan(&bytes).map_err(|wal::NotALog| {
+            fail("not a syncgate log (no header); move it out of the storage directory".into())
+        })?;
+        // One transaction per segment: a crash leaves at most a few segments.
+        let mut batch = Batch::default();
+        for (i, payload) in scan.records.iter().enumerate() {
+            let record = Batch::decode(payload)
+                .map_err(|m| fail(format!("record {i} is whole but unreadable: {m}")))?;
+            batch.extend(record);
+        }
+        let committed = store.replay_batch(batch).map_err(|e| e.error)?;
+        if !committed.stale_groups.is_empty() {
+            log::error!(
+                "{}: groups {:?} are stored at versions this log does not follow from; \
+                 their logged changes were not replayed",
+                segment.path.display(),
+                committed.stale_groups
+            );
+        }
+        if let Some(torn) = scan.torn {
+            log::warn!(
+                "{}: cut {} bytes after the last whole record at offset {} ({torn:?}): a write \
+                 the crash interrupted, never acknowledged",
+                segment.path.display(),
+                bytes.len() - scan.valid,
+                scan.valid
+            );
+        }
+        replayed += scan.records.len();
+    }
+    // Only once everything is in SQLite (its commits are synced): a crash before this
+    // replays again, which skips what is already in.
+    for segment in &found {
+        std::fs::remove_file(&segment.path).map_err(|e| {
+            StoreError::log(&segment.path, format!("replayed but cannot remove: {e}"))
+        })?;
+    }
+    if !found.is_empty() {
+        log::info!(
+            "replayed {replayed} logged batches from {} segments into the store",
+            found.len()
+        );
+    }
+    Ok(replayed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::replica::{GroupLimits, PushResult, Replica};
+    use crate::testing::TempDir;
+    use serde_json::json;
+
+    /// The next change of `replica` (group `row`'s first letter): client c1's mutation `id`,
+    /// inserting row `row`.
+    fn push(replica: &mut Replica, id: u64, row: &str) -> crate::sync::replica::Change {
+        let ops = json!([{"op": "insert", "tableName": "issue", "primaryKey": ["id"],
+                          "value": {"id": row, "title": "t"}}]);
+        match replica.apply_push(&crate::testing::crud(&row[..1], "c1", id, ops)) {
+            PushResult::Applied(change) => change,
+            other => panic!("not applied: {other:?}"),
+        }
+    }
+
+    fn stored_version(dir: &Path, group: &str) -> Option<u64> {
+        let stored = Store::open(dir).unwrap().load(group).unwrap()?;
+        let replica = Replica::from_snapshot(group, GroupLimits::default(), stored.snapshot);
+        Some(replica.unwrap().version())
+    }
+
+    fn thread(dir: &TempDir) -> StoreThread {
+        let setup =
+            Setup { dir: dir.0.clone(), slot: 1, sync_delay: Duration::ZERO, metrics: None };
+        StoreThread::start(Store::open(&dir.0).unwrap(), "store-test".into(), setup).unwrap()
+    }
+
+    fn committed(reply: Reply) {
+        match reply {
+            Reply::Committed { result, .. } => assert!(result.unwrap().stale_groups.is_empty()),
+            _ => panic!("not a commit's answer"),
+        }
+    }
+
+    #[test]
+    fn a_logged_commit_reaches_sqlite_by_compaction_a_load_or_the_end() {
+        let dir = TempDir::new();
+        let store = thread(&dir);
+        store.send(Request::UseLog(true));
+        assert!(matches!(store.wait(), Reply::LogUsed { on: true, result: Ok(()) }));
+        let mut a = Replica::new("a", GroupLimits::default());
+        let mut batch = Batch::default();
+        batch.set_owner("a", "alice");
+        batch.stage("a", &push(&mut a, 1, "a1"));
+        store.send(Request::Commit(batch));
+        committed(store.wait());
+        // Acknowledged from the log: the record is there, SQLite does not have it yet.
+        let segments = wal::segments(&dir.0, Some(1)).unwrap();
+        assert_eq!(segments.len(), 1);
+        assert!(wal::read(&segments[0].path).unwrap().len() > wal::MAGIC.len());
+        assert_eq!(stored_version(&dir.0, "a"), None, "not folded in yet");
+
+        // A load of a group with logged batches folds them in first.
+        store.send(Request::Forget("a".into()));
+        store.send(Request::Load("a".into()));
+        match store.wait() {
+            Reply::Loaded { result, .. } => {
+                let stored = result.unwrap().expect("the logged batch is in");
+                assert_eq!(stored.owner.as_deref(), Some("alice"), "the pin was logged too");
+            }
+            _ => panic!("not a load's answer"),
+        }
+        assert_eq!(stored_version(&dir.0, "a"), Some(1));
+
+        // Writing through again folds everything and removes the log.
+        let mut batch = Batch::default();
+        batch.stage("a", &push(&mut a, 2, "a2"));
+        store.send(Request::Commit(batch));
+        committed(store.wait());
+        store.send(Request::UseLog(false));
+        assert!(matches!(store.wait(), Reply::LogUsed { on: false, result: Ok(()) }));
+        assert_eq!(stored_version(&dir.0, "a"), Some(2));
+        assert!(wal::segments(&dir.0, None).unwrap().is_empty());
+
+        // And a worker that exits folds its log in on the way out.
+        store.send(Request::UseLog(true));
+        let _ = store.wait();
+        let mut batch = Batch::default();
+        batch.stage("a", &push(&mut a, 3, "a3"));
+        store.send(Request::Commit(batch));
+        committed(store.wait());
+        drop(store);
+        assert_eq!(stored_version(&dir.0, "a"), Some(3));
+        assert!(wal::segments(&dir.0, None).unwrap().is_empty());
+    }
+
+    /// A crash in the middle of the last append, at every byte: the records before it are
+    /// all replayed; of the torn one, nothing (its two groups' changes are both out).
+    #[test]
+    fn a_log_cut_at_every_offset_of_its_last_record_replays_the_whole_records_only() {
+        let dir = TempDir::new();
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let mut log = Log::new(&dir.0, 5);
+        let (mut a, mut b) =
+            (Replica::new("a", GroupLimits::default()), Replica::new("b", GroupLimits::default()));
+        let mut record = Vec::new();
+        let mut append = |batch: Batch| {
+            record.clear();
+            record.resize(wal::HEADER, 0);
+            batch.encode(&mut record);
+            wal::seal(&mut record);
+            log.append(&record).unwrap();
+            record.len()
+        };
+        for id in 1..=3 {
+            let mut batch = Batch::default();
+            batch.stage("a", &push(&mut a, id, &format!("a{id}")));
+            batch.stage("b", &push(&mut b, id, &format!("b{id}")));
+            append(batch);
+        }
+        let mut last = Batch::default();
+        last.stage("a", &push(&mut a, 4, "a4"));
+        last.stage("b", &push(&mut b, 4, "b4"));
+        let last_len = append(last);
+        let path = wal::segments(&dir.0, Some(5)).unwrap().remove(0).path;
+        let full = wal::read(&path).unwrap();
+
+        let whole = full.len() - last_len;
+        for cut in whole..=full.len() {
+            let run = TempDir::new();
+            std::fs::create_dir_all(&run.0).unwrap();
+            std::fs::write(run.0.join(path.file_name().unwrap()), &full[..cut]).unwrap();
+            let mut store = Store::open(&run.0).unwrap();
+            let replayed = replay_logs(&mut store, &run.0, None).unwrap();
+            let expect = if cut == full.len() { 4 } else { 3 };
+            assert_eq!(replayed as u64, expect, "cut at {cut}");
+            assert_eq!(stored_version(&run.0, "a"), Some(expect), "cut at {cut}");
+            assert_eq!(stored_version(&run.0, "b"), Some(expect), "cut at {cut}");
+            assert!(wal::segments(&run.0, None).unwrap().is_empty(), "replayed logs go");
+        }
+    }
+
+    #[test]
+    fn replaying_a_log_twice_skips_what_sqlite_already_has() {
+        let dir = TempDir::new();
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let mut a = Replica::new("a", GroupLimits::default());
+        let mut record = vec![0; wal::HEADER];
+        let mut batch = Batch::default();
+        for id in 1..=3 {
+            batch.stage("a", &push(&mut a, id, &format!("a{id}")));
+        }
+        batch.encode(&mut record);
+        wal::seal(&mut record);
+        let mut log = Log::new(&dir.0, 2);
+        log.append(&record).unwrap();
+        let path = wal::segments(&dir.0, None).unwrap().remove(0).path;
+        let bytes = wal::read(&path).unwrap();
+        let mut store = Store::open(&dir.0).unwrap();
+        assert_eq!(replay_logs(&mut store, &dir.0, None).unwrap(), 1);
+        // The crash came after the replay's commit and before the file's removal.
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(replay_logs(&mut store, &dir.0, None).unwrap(), 1);
+        let stored = store.load("a").unwrap().unwrap();
+        let copy = Replica::from_snapshot("a", GroupLimits::default(), stored.snapshot).unwrap();
+        assert_eq!(copy.snapshot(), a.snapshot());
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_log_or_an_unreadable_record_stops_the_replay() {
+        let dir = TempDir::new();
+        std::fs::create_dir_all(&dir.0).unwrap();
+        let mut store = Store::open(&dir.0).unwrap();
+        std::fs::write(dir.0.join("wal-1-0000000000"), b"not a log at all").unwrap();
+        let err = replay_logs(&mut store, &dir.0, None).unwrap_err().to_string();
+        assert!(err.contains("wal-1-0000000000") && err.contains("not a syncgate log"), "{err}");
+
+        let mut record = vec![0; wal::HEADER];
+        record.extend_from_slice(b"Zgarbage");
+        wal::seal(&mut record);
+        let mut bytes = wal::MAGIC.to_vec();
+        bytes.extend_from_slice(&record);
+        std::fs::write(dir.0.join("wal-1-0000000000"), bytes).unwrap();
+        let err = replay_logs(&mut store, &dir.0, None).unwrap_err().to_string();
+        assert!(err.contains("record 0 is whole but unreadable"), "{err}");
+        assert_eq!(wal::segments(&dir.0, None).unwrap().len(), 1, "kept for the operator");
     }
 }

@@ -27,7 +27,7 @@ use crate::gate::auth::Verifier;
 use crate::gate::proxies::TrustedProxies;
 use crate::index::NameIndex;
 use crate::metrics::{Histogram, Metric, Metrics};
-use crate::process::control::Order;
+use crate::process::control::{self, Message, Order};
 use crate::process::event_loop::{self, Process};
 use crate::process::handoff::{self, Handoff};
 use crate::protocol::route;
@@ -220,7 +220,7 @@ pub struct Worker {
     index: usize,
     ring: Ring,
     config: Config,
-    metrics: Metrics,
+    metrics: std::sync::Arc<Metrics>,
     verifier: Verifier,
     /// Connections this process can hold (`config::worker_connection_cap`, read once: the
     /// descriptor limit does not change while it runs); sockets beyond it get a 503.
@@ -325,8 +325,10 @@ impl Worker {
         let mut ring = Ring::new(config.io_backend()).map_err(|e| e.to_string())?;
         ring.provide_buffers(RECV_BUFFERS, RECV_BUFFER_SIZE).map_err(|e| e.to_string())?;
         let verifier = Verifier::new(&config.auth).map_err(|e| format!("auth: {e}"))?;
+        let metrics = std::sync::Arc::new(metrics);
         metrics.set(Metric::OpenConnections, 0);
         metrics.set(Metric::InUse, 1);
+        metrics.set(Metric::LogBytes, 0);
         // A respawned worker's slot may hold its predecessor's counts; it has no relay yet.
         metrics.set_upstream_relays(&[]);
         let level = config.compression.level;
@@ -334,8 +336,10 @@ impl Worker {
         let l = &config.limits;
         let sync = GroupSync::open(
             &config.storage.path,
+            metrics.slot(),
             format!("store-{index}"),
             Duration::from_millis(config.storage.test_sync_delay_ms),
+            Some(std::sync::Arc::clone(&metrics)),
             l.group(),
             l.per_user_mutations,
             window,
@@ -803,6 +807,18 @@ impl Worker {
                     self.metrics.inc(Metric::StoreBatches);
                     self.metrics.add(Metric::StoreChanges, changes as u64);
                     self.deliver(deliveries, &failed, now);
+                }
+                StoreEvent::LogUsed { on, result: Err(e) } => {
+                    // Not confirmed: a graceful replacement waiting for it gives up and
+                    // keeps this generation (see `process::supervisor`).
+                    log::error!(
+                        "worker={} storage: cannot switch the log to {on}: {e}",
+                        self.index
+                    );
+                }
+                StoreEvent::LogUsed { on: true, result: Ok(()) } => {}
+                StoreEvent::LogUsed { on: false, result: Ok(()) } => {
+                    let _ = control::send_message(self.control.as_fd(), &Message::Shared);
                 }
             }
         }
@@ -1385,6 +1401,8 @@ impl Process for Worker {
         match order {
             Order::Apply(config) => self.apply(*config),
             Order::Drain => self.drain(now),
+            Order::Share => self.sync.use_log(false),
+            Order::Own => self.sync.use_log(true),
             Order::Stop => {}
             Order::Health(down) => {
                 for key in self.upstreams.set_down(&down) {
