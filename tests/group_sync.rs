@@ -819,3 +819,154 @@ fn a_worker_count_change_under_push_load_loses_and_reorders_nothing() {
         pong_next(&mut ws);
     }
 }
+
+/// One client of its own group that pushes until its connection dies (the daemon was
+/// killed), counting acknowledgements; returns the last mutation ID acknowledged.
+fn push_until_gone(
+    addr: std::net::SocketAddr,
+    client: &str,
+    group: &str,
+    acked_total: &std::sync::atomic::AtomicU64,
+) -> u64 {
+    let join = Join::new(client, group);
+    let mut ws = Ws::connect(addr, &join.path(), Some(&join.header())).expect("connects");
+    match ws.recv_within(WAIT) {
+        Got::Text(text) if text.starts_with("[\"connected\"") => {}
+        other => panic!("{client}: expected connected, got {other:?}"),
+    }
+    let Next::Poke(lmid) = next_poke(&mut ws, client) else { panic!("{client}: no first poke") };
+    let mut acked = lmid.unwrap_or(0);
+    loop {
+        let n = acked + 1;
+        if !ws.try_send_json(&push_message(group, client, n, &[insert(&format!("m{n}"), "x")])) {
+            return acked;
+        }
+        match next_poke(&mut ws, client) {
+            Next::Poke(Some(lmid)) => {
+                assert_eq!(lmid, n, "{client}: the pokes come in push order");
+                acked = n;
+                acked_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            Next::Poke(None) => panic!("{client}: a poke without its mutation"),
+            Next::Gone => return acked,
+        }
+    }
+}
+
+/// The group as a newcomer sees it: every acknowledged mutation's row, once each, and no
+/// row of a mutation the server did not record (nothing half applied).
+fn assert_holds_exactly(d: &Daemon, client: &str, group: &str, acknowledged: u64) {
+    let (mut ws, poke) = Join::new(&format!("check-{client}"), group).open_fresh(d);
+    let mut rows: Vec<u64> = poke
+        .rows()
+        .iter()
+        .map(|r| r["value"]["id"].as_str().unwrap()[1..].parse().unwrap())
+        .collect();
+    rows.sort_unstable();
+    let recorded = poke.lmids()[client].as_u64().unwrap_or(0);
+    assert!(recorded >= acknowledged, "{client}: acknowledged {acknowledged}, recorded {recorded}");
+    assert_eq!(rows, (1..=recorded).collect::<Vec<_>>(), "{client}: rows of its mutations");
+    pong_next(&mut ws);
+}
+
+/// The batches a process (its log prefix, e.g. `supervisor[`) said it replayed from logs.
+fn replayed_batches(d: &Daemon, process: &str) -> u64 {
+    d.log_text()
+        .lines()
+        .filter(|l| l.contains(process))
+        .filter_map(|l| l.split("replayed ").nth(1)?.strip_suffix(" into the store"))
+        .filter_map(|rest| rest.split(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Files of the workers' write-ahead logs in the storage directory.
+fn wal_files(storage: &StorageDir) -> usize {
+    std::fs::read_dir(&storage.0 .0)
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with("wal-"))
+        .count()
+}
+
+/// SIGKILL under push load, of one worker and then of the whole daemon. A push is
+/// acknowledged once it is on the worker's write-ahead log, before SQLite has it: the
+/// respawned worker replays its log before it serves, and the restarted daemon replays
+/// every log before its workers start. Nothing acknowledged is lost; nothing is applied
+/// twice or half.
+#[test]
+fn sigkill_under_push_load_loses_nothing_acknowledged() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    const CLIENTS: usize = 4;
+    let storage = StorageDir::new("sigkill");
+    let d = Daemon::start(&format!("{QUIET}{}", storage.config()));
+    let groups: Vec<String> = (0..CLIENTS).map(|i| format!("kill{i}")).collect();
+    // The worker that holds the most of these groups is the one killed.
+    let victim = (0..WORKERS)
+        .max_by_key(|&w| groups.iter().filter(|g| expected_worker(g) == w).count())
+        .unwrap();
+    let acked = AtomicU64::new(0);
+    let stop = AtomicBool::new(false);
+    let wait_for_acks = |n: u64| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while acked.load(Relaxed) < n {
+            assert!(std::time::Instant::now() < deadline, "the clients do not push");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+
+    // 1. One worker killed: its clients reconnect to its respawn and resend.
+    let first: Vec<(u64, u32)> = std::thread::scope(|s| {
+        let clients: Vec<_> = groups
+            .iter()
+            .enumerate()
+            .map(|(i, group)| {
+                let (addr, acked, stop) = (d.addr, &acked, &stop);
+                s.spawn(move || pushing_client(addr, &format!("c{i}"), group, acked, stop, 5))
+            })
+            .collect();
+        wait_for_acks(20 * CLIENTS as u64);
+        assert!(wal_files(&storage) > 0, "the workers commit to their logs");
+        let (pid, _) = d
+            .children()
+            .into_iter()
+            .find(|(_, args)| {
+                args.contains("__worker") && args.contains(&format!("--index {victim}"))
+            })
+            .expect("the worker runs");
+        // SAFETY: kill(2) on a child of the daemon under test.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        d.wait_log(|l| l.contains(&format!("worker {victim} respawned")), WAIT);
+        wait_for_acks(acked.load(Relaxed) + 10 * CLIENTS as u64);
+        stop.store(true, Relaxed);
+        clients.into_iter().map(|c| c.join().expect("a client failed")).collect()
+    });
+    let replayed = replayed_batches(&d, &format!("worker-{victim}["));
+    assert!(replayed > 0, "the respawned worker replayed its log:\n{}", d.log_text());
+    for (i, &(last, _)) in first.iter().enumerate() {
+        assert_holds_exactly(&d, &format!("c{i}"), &groups[i], last);
+    }
+
+    // 2. The whole daemon killed (its workers die with it): the next start replays.
+    let mut d = d;
+    acked.store(0, Relaxed);
+    let second: Vec<u64> = std::thread::scope(|s| {
+        let clients: Vec<_> = groups
+            .iter()
+            .enumerate()
+            .map(|(i, group)| {
+                let (addr, acked) = (d.addr, &acked);
+                s.spawn(move || push_until_gone(addr, &format!("c{i}"), group, acked))
+            })
+            .collect();
+        wait_for_acks(20 * CLIENTS as u64);
+        d.signal(libc::SIGKILL);
+        clients.into_iter().map(|c| c.join().expect("a client failed")).collect()
+    });
+    d.wait_exit(WAIT).expect("the daemon dies");
+    let d = Daemon::start(&format!("{QUIET}{}", storage.config()));
+    assert!(replayed_batches(&d, "supervisor[") > 0, "the supervisor replayed the logs");
+    assert_eq!(wal_files(&storage), 0, "the logs were replayed and removed at start");
+    for (i, &last) in second.iter().enumerate() {
+        assert!(last > first[i].0, "c{i} pushed after the restart of its worker");
+        assert_holds_exactly(&d, &format!("c{i}"), &groups[i], last);
+    }
+}

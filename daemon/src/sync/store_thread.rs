@@ -129,6 +129,7 @@ impl StoreThread {
             unfolded: VecDeque::new(),
             unfolded_groups: HashMap::new(),
             unfolded_bytes: 0,
+            last_changes: 0,
             checked: HashSet::new(),
             forget_later: Vec::new(),
             reread: Vec::new(),
@@ -203,6 +204,9 @@ struct Server {
     unfolded_groups: HashMap<String, usize>,
     /// Encoded bytes of `unfolded`, for [`FOLD_START_BYTES`].
     unfolded_bytes: usize,
+    /// Changes in the last commit: a slice of compaction folds at least as many, so that
+    /// compaction keeps pace with the commits.
+    last_changes: usize,
     /// Groups whose logged changes follow what SQLite has (see [`Server::append`]); a group
     /// leaves when the loop forgets it.
     checked: HashSet<String>,
@@ -248,6 +252,10 @@ impl Server {
             // SAFETY: an 8-byte write from a local buffer. It cannot block (EFD_NONBLOCK) and
             // can only fail if the counter is about to overflow, when the poll is readable.
             let _ = unsafe { libc::write(wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+            // After the answer, so the batch's pokes do not wait for it; the next batch may.
+            if self.unfolded_bytes >= FOLD_START_BYTES {
+                let _ = self.fold(Some(FOLD_SLICE_CHANGES.max(self.last_changes)));
+            }
         }
         // The worker is exiting: leave nothing to replay if SQLite takes it.
         if self.fold(None).is_ok() {
@@ -276,11 +284,8 @@ impl Server {
                     true => self.append(batch),
                     false => self.store.commit_batch(batch),
                 };
-                let took = started.elapsed();
-                if self.unfolded_bytes >= FOLD_START_BYTES {
-                    let _ = self.fold(Some(FOLD_SLICE_CHANGES.max(changes)));
-                }
-                Some(Reply::Committed { result, took })
+                self.last_changes = changes;
+                Some(Reply::Committed { result, took: started.elapsed() })
             }
             Request::Forget(name) => {
                 self.checked.remove(&*name);
