@@ -309,6 +309,17 @@ impl Batch {
         })
     }
 
+    /// Bytes of the changes' patches (their JSON).
+    pub fn patch_bytes(&self) -> usize {
+        self.staged
+            .iter()
+            .map(|s| match s {
+                Staged::Change(c) => c.patch_json.len(),
+                Staged::Owner { .. } => 0,
+            })
+            .sum()
+    }
+
     /// Each group's first change in the batch: the group and the version it is based on.
     pub fn bases(&self) -> Vec<(&str, i64)> {
         let mut bases: Vec<(&str, i64)> = Vec::new();

@@ -48,7 +48,13 @@ const FOLD_START_BYTES: usize = 1 << 20;
 /// One slice of compaction between two commits folds at least this many changes (more if the
 /// commit just made had more, so compaction keeps pace): a few milliseconds of SQLite, the
 /// most a commit waits behind it.
-const FOLD_SLICE_CHANGES: usize = 512;
+const FOLD_SLICE_CHANGES: usize = 128;
+/// A batch whose changes average this many bytes of patch or more is written straight to
+/// SQLite (after the log is folded in, to keep the order) instead of to the log: rows that
+/// large fill pages of their own, so folding many of them together saves no page writes,
+/// and the log would only write their bytes a second time (16 KiB pushes cost 1.23x more
+/// through the log; bench/RESULTS.md, "the write-ahead log").
+const DIRECT_BYTES: usize = 4096;
 /// With no request for this long, the thread folds a slice in even below
 /// [`FOLD_START_BYTES`], so an idle worker's log empties.
 const FOLD_IDLE: Duration = Duration::from_millis(50);
@@ -280,7 +286,13 @@ impl Server {
                     std::thread::sleep(self.setup.sync_delay);
                 }
                 let changes = batch.changes();
+                let direct = batch.patch_bytes() >= DIRECT_BYTES * changes.max(1);
                 let result = match self.log.is_some() {
+                    true if direct => match self.fold(None) {
+                        // In order: what the log holds first, then this batch.
+                        Ok(()) => self.store.commit_batch(batch),
+                        Err(error) => Err(CommitError { error, unwritten: Box::new(batch) }),
+                    },
                     true => self.append(batch),
                     false => self.store.commit_batch(batch),
                 };
