@@ -18,7 +18,8 @@
 //!   decision), [`auth`] (JWT verification), [`limits`] (fixed-memory rate limiters) and
 //!   trusted proxies.
 //! - [`sync`]: the embedded workload: a worker's client groups, their [`replica`]s, cookies,
-//!   and the durable [`store`].
+//!   the durable [`store`], the worker's write-ahead log ([`wal`]) and the thread that runs
+//!   both off the event loop ([`store_thread`]).
 //! - [`upstream`]: the front door (upstream mode: syncgate in front of zero-cache), sans-IO:
 //!   the upstream list and its rendezvous hash of the clientGroupID, the upgrade request and
 //!   its 101, what one hop's end means for the other, and the upstreams' [`health`]; the
@@ -50,6 +51,8 @@
 //! [`limits`]: gate::limits
 //! [`replica`]: sync::replica
 //! [`store`]: sync::store
+//! [`wal`]: sync::wal
+//! [`store_thread`]: sync::store_thread
 
 pub mod config;
 pub mod gate;

@@ -629,10 +629,14 @@ impl Store {
 
     /// Writes a batch read back from a log after a crash: changes the file already has (the
     /// log was partly folded in before) are skipped, the rest written as a commit would.
-    /// Call before any group is loaded; nothing of the replayed groups stays in memory.
+    /// The replayed groups must not be in memory (their logs are another process's, or
+    /// folded in already); nothing of them stays in the store's memory either.
     pub fn replay_batch(&mut self, batch: Batch) -> Result<Committed, CommitError> {
+        let groups = batch.groups();
         let result = self.write(batch, Replay::SkipApplied);
-        self.pending.clear();
+        for group in &groups {
+            self.pending.remove(group);
+        }
         result
     }
 

@@ -310,9 +310,11 @@ impl Server {
             }
             Request::UseLog(on) => {
                 let result = match (on, self.log.is_some()) {
+                    // Segments left by a removal that failed earlier are replayed first, so
+                    // the new log starts with none of its names taken.
                     (true, false) => {
-                        self.log = Some(Log::new(&self.setup.dir, self.setup.slot));
-                        Ok(())
+                        replay_logs(&mut self.store, &self.setup.dir, Some(self.setup.slot))
+                            .map(|_| self.log = Some(Log::new(&self.setup.dir, self.setup.slot)))
                     }
                     (false, true) => self.fold(None).and_then(|()| {
                         self.checked.clear();
