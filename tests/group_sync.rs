@@ -508,6 +508,8 @@ fn data_survives_a_daemon_restart() {
     let chain = read_chain(&mut ws, "00", 2);
     drop(ws);
     stop(d);
+    // A worker that stops folds its write-ahead log into SQLite and removes it.
+    assert_eq!(wal_files(&storage), 0, "a clean stop leaves no log to replay");
 
     let d = Daemon::start(&format!("{QUIET}{}", storage.config()));
     let (_fresh, full) = Join::new("fresh", "durable").open_fresh(&d);
