@@ -13,7 +13,8 @@
 # CARGO_TARGET_DIR), SERVER_CPU / CLIENT_CPU (default 0 and 1).
 #
 # Each run starts the binary afresh with the config scripts/bench.sh uses (one worker,
-# store on /dev/shm, connection limits raised), pins it and the load client to their
+# store on /dev/shm unless SYNCGATE_BENCH_STORAGE names another directory, connection
+# limits raised), pins it and the load client to their
 # cores, and reads the load client's record. Runs alternate between builds so that a
 # change in the machine's load hits every build alike.
 set -euo pipefail
@@ -50,7 +51,9 @@ fi
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 PIN_SERVER=(taskset -c "${SERVER_CPU:-0}")
 PIN_CLIENT=(taskset -c "${CLIENT_CPU:-1}")
-WORK=$(mktemp -d /dev/shm/syncgate-ab.XXXXXX)
+# The store goes where SYNCGATE_BENCH_STORAGE says (default /dev/shm: fsync costs nothing
+# there, so runs compare CPU; a directory on a disk compares what the syncs cost too).
+WORK=$(mktemp -d "${SYNCGATE_BENCH_STORAGE:-/dev/shm}/syncgate-ab.XXXXXX")
 SERVER_PID=
 cleanup() {
   [[ -n $SERVER_PID ]] && kill "$SERVER_PID" 2>/dev/null && wait "$SERVER_PID" 2>/dev/null
@@ -58,7 +61,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# One run of binary $1 (run number $2, then the loadgen arguments); sets RATE, CPU and P99.
+# One run of binary $1 (run number $2, then the loadgen arguments); sets RATE, CPU, P99 and
+# FSYNCS (the store's batches per second, '-' where the scenario has none).
 run_one() {
   local bin=$1 n=$2 port=$((10000 + RANDOM % 10000))
   shift 2
@@ -78,36 +82,39 @@ run_one() {
   kill "$SERVER_PID"
   wait "$SERVER_PID" 2>/dev/null || true
   SERVER_PID=
-  read -r RATE CPU P99 < <(python3 -c '
+  read -r RATE CPU P99 FSYNCS < <(python3 -c '
 import json, sys
 r = json.loads(open(sys.argv[1]).readline())
 if r["error"]:
     sys.exit("bench-ab.sh: the run failed: " + r["error"])
-p99 = r.get("p99_us")
-print("%.0f %.2f %s" % (r["rate"], r["server_cpu_us_per_op"], "-" if p99 is None else "%.0f" % p99))' "$dir/record.jsonl")
+p99, fsyncs = r.get("p99_us"), r.get("fsyncs_per_s")
+opt = lambda v: "-" if v is None else "%.0f" % v
+print("%.0f %.2f %s %s" % (r["rate"], r["server_cpu_us_per_op"], opt(p99), opt(fsyncs)))' "$dir/record.jsonl")
   [[ -n ${CPU:-} ]] || exit 1
 }
 
 echo "loadgen run ... $*"
 echo "rounds: $ROUNDS; builds in turn: ${BINS[*]}"
-declare -A RATES CPUS P99S
+declare -A RATES CPUS P99S FSYNCSS
 n=0
 for round in $(seq "$ROUNDS"); do
   for b in "${!BINS[@]}"; do
     n=$((n + 1))
-    RATE='' CPU='' P99=''
+    RATE='' CPU='' P99='' FSYNCS=''
     run_one "${BINS[$b]}" "$n" "$@"
-    echo "round $round build $((b + 1)): rate $RATE, server CPU $CPU us/op, p99 $P99 us"
+    echo "round $round build $((b + 1)): rate $RATE, server CPU $CPU us/op, p99 $P99 us, fsyncs/s $FSYNCS"
     RATES[$b]+="$RATE "
     CPUS[$b]+="$CPU "
     P99S[$b]+="$P99 "
+    FSYNCSS[$b]+="$FSYNCS "
   done
 done
 median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR]=$1} END {print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
 echo
-echo "| build | median rate | median server CPU us/op | median p99 us |"
-echo "|---|---:|---:|---:|"
+echo "| build | median rate | median server CPU us/op | median p99 us | median fsyncs/s |"
+echo "|---|---:|---:|---:|---:|"
 for b in "${!BINS[@]}"; do
   p99=$(tr ' ' '\n' <<<"${P99S[$b]}" | grep -v '^-$' | tr '\n' ' ')
-  echo "| ${BINS[$b]} | $(median <<<"${RATES[$b]}") | $(median <<<"${CPUS[$b]}") | $(median <<<"$p99") |"
+  fsyncs=$(tr ' ' '\n' <<<"${FSYNCSS[$b]}" | grep -v '^-$' | tr '\n' ' ')
+  echo "| ${BINS[$b]} | $(median <<<"${RATES[$b]}") | $(median <<<"${CPUS[$b]}") | $(median <<<"$p99") | $(median <<<"$fsyncs") |"
 done

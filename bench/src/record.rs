@@ -70,6 +70,10 @@ pub struct Record {
     /// both ways (its `syncgate_relayed_to_*_messages_total`).
     #[serde(default)]
     pub relayed_per_op: Option<f64>,
+    /// Push runs against embedded syncgate: batches its store committed per second, one
+    /// `fdatasync` each (its `syncgate_store_batches_total`).
+    #[serde(default)]
+    pub fsyncs_per_s: Option<f64>,
     /// Anything a reader must know about this cell (e.g. "peer does no JWT work").
     pub note: Option<String>,
     /// The exact load-client command line.

@@ -521,6 +521,7 @@ fn windows<W: Measured>(
         a.cpu_of.iter().map(|(name, pid)| (name.as_str(), stats::process_tree(*pid))).collect();
     let behind0: Vec<f64> = behind.iter().map(|(_, tree)| stats::cpu_seconds(tree)).collect();
     let relayed0 = relayed_messages(a)?;
+    let batches0 = store_batches(a)?;
     let t0 = Instant::now();
     let (cpu0, me0, done0) = (server_cpu(&pids), stats::self_cpu_seconds(), wl.counters().done);
     let messages0 = wl.counters().messages;
@@ -555,6 +556,14 @@ fn windows<W: Measured>(
     rec.messages_per_op = (messages > 0).then(|| messages as f64 / ops);
     if let (Some(r0), Some(r1)) = (relayed0, relayed_messages(a)?) {
         rec.relayed_per_op = Some((r1 - r0) as f64 / ops);
+    }
+    if let (Some(b0), Some(b1)) = (batches0, store_batches(a)?) {
+        let per_s = (b1 - b0) as f64 / wall;
+        rec.fsyncs_per_s = Some(per_s);
+        eprintln!(
+            "{label} store: {per_s:.0} fsyncs/s, {:.1} pushes per fsync",
+            ops / (b1 - b0).max(1) as f64
+        );
     }
     if let (Some(m0), Some(m1), Some(c0), Some(c1)) =
         (machine0, stats::machine_busy_seconds(), cpu0, server_cpu(&pids))
@@ -592,16 +601,37 @@ fn relayed_messages(a: &RunArgs) -> Result<Option<u64>, String> {
     if a.server != "syncgate" || a.scenario != Scenario::FrontDoor {
         return Ok(None);
     }
+    syncgate_sum(
+        a,
+        &[
+            "syncgate_relayed_to_upstream_messages_total",
+            "syncgate_relayed_to_client_messages_total",
+        ],
+    )
+    .map(Some)
+}
+
+/// Batches syncgate's store committed so far, all workers: one `fdatasync` each, of the
+/// write-ahead log or of SQLite (`syncgate_store_batches_total`), in a push run against
+/// embedded syncgate; `None` otherwise.
+fn store_batches(a: &RunArgs) -> Result<Option<u64>, String> {
+    if a.server != "syncgate" || a.scenario != Scenario::Echo {
+        return Ok(None);
+    }
+    syncgate_sum(a, &["syncgate_store_batches_total"]).map(Some)
+}
+
+/// The sum over syncgate's processes of the `/metrics` series named `names` (any labels).
+fn syncgate_sum(a: &RunArgs, names: &[&str]) -> Result<u64, String> {
     let text = stats::http_get(a.addr, "/metrics")?;
-    let sum = text
+    Ok(text
         .lines()
         .filter(|l| {
-            l.starts_with("syncgate_relayed_to_upstream_messages_total")
-                || l.starts_with("syncgate_relayed_to_client_messages_total")
+            let name = l.split(['{', ' ']).next().unwrap_or("");
+            names.contains(&name)
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
-    Ok(Some(sum))
+        .sum())
 }
 
 /// Kernel TCP memory once it stops moving (up to 3 s): sockets of an earlier run may
@@ -656,13 +686,7 @@ fn syncgate_heap(a: &RunArgs) -> Result<Option<u64>, String> {
     if a.server != "syncgate" {
         return Ok(None);
     }
-    let text = stats::http_get(a.addr, "/metrics")?;
-    let sum = text
-        .lines()
-        .filter(|l| l.starts_with("syncgate_heap_bytes{"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum();
-    Ok(Some(sum))
+    syncgate_sum(a, &["syncgate_heap_bytes"]).map(Some)
 }
 
 /// Fills the idle record's per-connection figures: growth over `rec.connections`.
