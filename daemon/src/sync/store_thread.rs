@@ -1,28 +1,40 @@
-//! The store off the event loop: one thread per worker owns the worker's [`Store`] and its
-//! [`Log`], and runs loads and commits in the order the loop asked for them; the loop learns
-//! of each result through an eventfd it polls on its ring.
+//! The store off the event loop: two threads per worker take the loop's loads and commits
+//! in the order it asked for them; the loop learns of each result through an eventfd it
+//! polls on its ring.
 //!
-//! Why a thread and not io_uring writes: SQLite's commit is a sequence of `pwrite`s and an
+//! - **The log thread** (`store-<index>`) receives every request. It commits to the
+//!   worker's [`Log`] and answers, and hands everything that needs SQLite to the SQLite
+//!   thread, in order.
+//! - **The SQLite thread** (`store-<index>-sql`) owns the worker's [`Store`]: it answers
+//!   loads, commits the batches that go straight to SQLite, and folds the logged batches in
+//!   (compaction). A commit never waits for a fold: on a machine with a core to spare the
+//!   fold runs beside the commits; on one core it runs when the log thread sleeps.
+//!
+//! Why threads and not io_uring writes: SQLite's commit is a sequence of `pwrite`s and an
 //! `fsync` the library makes itself, and compaction is SQLite; a thread is the only way to
-//! keep the loop from waiting on them (docs/ARCHITECTURE.md, "The store off the loop", has
-//! the measurements). While a commit, a compaction or a checkpoint runs, or another worker
-//! holds the file's lock, the loop keeps serving every connection, pings included.
+//! keep the loop from waiting on them, and the epoll backend has no asynchronous file I/O
+//! (docs/ARCHITECTURE.md, "The store off the loop", has the measurements). While a commit, a
+//! compaction or a checkpoint runs, or another worker holds the file's lock, the loop keeps
+//! serving every connection, pings included.
 //!
-//! Order is the contract: requests are served one at a time, first in first out. A load
-//! asked for after a commit sees that commit; a group forgotten before a load is read
-//! again from the file. The loop sends one commit at a time and fills the next batch while
-//! it is in flight (group commit, see [`super::GroupSync::flush`]).
+//! Order is the contract: a load asked for after a commit sees that commit (the SQLite
+//! thread folds the group's logged batches first); a group forgotten before a load is read
+//! again from the file. Answers come in the order of the requests, except that a logged
+//! commit may be answered before a load asked for just before it. The loop sends one
+//! commit at a time and fills the next batch while it is in flight (group commit, see
+//! [`super::GroupSync::flush`]).
 //!
 //! Two ways to commit:
 //! - **the log** (the worker owns its groups alone): a batch is one record appended to the
 //!   worker's log and one `fdatasync`, whatever the number of groups in it. Compaction folds
-//!   the logged batches into SQLite later, many in one transaction, in slices between
-//!   commits or when idle, and reclaims the log's segments. A group with batches still in
+//!   the logged batches into SQLite later, many in one transaction, in slices, and the log
+//!   thread removes the segments whose batches are all in. A group with batches still in
 //!   the log is folded in before it is loaded, and forgotten only once folded in.
 //! - **write-through** (another generation of workers may hold the same groups, during a
-//!   graceful replacement): every batch is a SQLite transaction, whose version check finds a
-//!   group another process changed. A worker starts this way and uses the log once the
-//!   supervisor says it is the only generation (`Request::UseLog`).
+//!   graceful replacement; and batches of large changes): every batch is a SQLite
+//!   transaction, whose version check finds a group another process changed. A worker
+//!   starts this way and uses the log once the supervisor says it is the only generation
+//!   (`Request::UseLog`).
 //!
 //! After a crash, the log is replayed into SQLite before anything is loaded
 //! ([`replay_logs`]): by the respawned worker for its slot, by the supervisor for every slot
@@ -32,6 +44,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -45,9 +58,9 @@ use crate::sync::wal::{self, Log};
 /// batches that each group's pages are written to SQLite once for many pushes, not once per
 /// push (the cost the log is there to avoid), and little enough to replay in a moment.
 const FOLD_START_BYTES: usize = 1 << 20;
-/// One slice of compaction between two commits folds at least this many changes (more if the
-/// commit just made had more, so compaction keeps pace): a few milliseconds of SQLite, the
-/// most a commit waits behind it.
+/// One slice of compaction folds at least this many changes (more if the last batch logged
+/// had more, so compaction keeps pace): a few milliseconds of SQLite between two looks at
+/// the SQLite thread's queue, where loads wait.
 const FOLD_SLICE_CHANGES: usize = 128;
 /// A batch whose changes average this many bytes of patch or more is written straight to
 /// SQLite (after the log is folded in, to keep the order) instead of to the log: rows that
@@ -55,8 +68,9 @@ const FOLD_SLICE_CHANGES: usize = 128;
 /// and the log would only write their bytes a second time (16 KiB pushes cost 1.23x more
 /// through the log; bench/RESULTS.md, "the write-ahead log").
 const DIRECT_BYTES: usize = 4096;
-/// With no request for this long, the thread folds a slice in even below
-/// [`FOLD_START_BYTES`], so an idle worker's log empties.
+/// With no work for this long, the SQLite thread folds a slice in even below
+/// [`FOLD_START_BYTES`], so an idle worker's log empties (and the log thread, idle as long,
+/// removes the segments folded in).
 const FOLD_IDLE: Duration = Duration::from_millis(50);
 
 /// What the loop asks of the store.
@@ -103,6 +117,7 @@ pub struct StoreThread {
 }
 
 /// Where the thread's log goes and what it reports to.
+#[derive(Clone)]
 pub struct Setup {
     /// The storage directory.
     pub dir: PathBuf,
@@ -116,7 +131,9 @@ pub struct Setup {
 }
 
 impl StoreThread {
-    /// Starts the thread for `store`, writing through until told to use the log.
+    /// Starts the threads for `store`, writing through until told to use the log: the log
+    /// thread, named `name`, which the loop talks to, and the SQLite thread (`name` with
+    /// `-sql`), which it hands loads, folds and write-through commits to.
     pub fn start(store: Store, name: String, setup: Setup) -> io::Result<StoreThread> {
         // SAFETY: eventfd takes no pointers; a non-negative result is a new descriptor we own.
         let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -127,23 +144,40 @@ impl StoreThread {
         let wake = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
         let (requests, inbox) = mpsc::channel();
         let (outbox, replies) = mpsc::channel();
-        let thread_wake = Arc::clone(&wake);
-        let server = Server {
+        let (work, work_inbox) = mpsc::channel();
+        let folded = Arc::new(AtomicU64::new(0));
+        // Its own connection, for the version checks of the log thread (reads only).
+        let reader = Store::open(&setup.dir)
+            .map_err(|e| io::Error::other(format!("a second connection to the store: {e}")))?;
+        let folder = Folder {
             store,
-            setup,
-            log: None,
+            setup: setup.clone(),
+            answers: Answers { outbox: outbox.clone(), wake: Arc::clone(&wake) },
+            folded: Arc::clone(&folded),
             unfolded: VecDeque::new(),
             unfolded_groups: HashMap::new(),
             unfolded_bytes: 0,
             last_changes: 0,
-            checked: HashSet::new(),
             forget_later: Vec::new(),
             reread: Vec::new(),
+        };
+        let sql = std::thread::Builder::new()
+            .name(format!("{name}-sql"))
+            .spawn(move || folder.serve(work_inbox))?;
+        let appender = Appender {
+            reader,
+            setup,
+            answers: Answers { outbox, wake: Arc::clone(&wake) },
+            work: Some(work),
+            sql: Some(sql),
+            folded,
+            log: None,
+            segments: VecDeque::new(),
+            next_number: 1,
+            checked: HashSet::new(),
             record: Vec::new(),
         };
-        let thread = std::thread::Builder::new()
-            .name(name)
-            .spawn(move || server.serve(inbox, outbox, &thread_wake))?;
+        let thread = std::thread::Builder::new().name(name).spawn(move || appender.serve(inbox))?;
         Ok(StoreThread { requests: Some(requests), replies, wake, thread: Some(thread) })
     }
 
@@ -189,135 +223,142 @@ impl Drop for StoreThread {
     }
 }
 
+/// Where answers go: the loop's channel, and its eventfd, written after each.
+struct Answers {
+    outbox: mpsc::Sender<Reply>,
+    wake: Arc<OwnedFd>,
+}
+
+impl Answers {
+    /// Sends an answer; `false` once the loop is gone.
+    fn send(&self, reply: Reply) -> bool {
+        if self.outbox.send(reply).is_err() {
+            return false;
+        }
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: an 8-byte write from a local buffer. It cannot block (EFD_NONBLOCK) and can
+        // only fail if the counter is about to overflow, when the poll is readable anyway.
+        let _ = unsafe { libc::write(self.wake.as_raw_fd(), one.as_ptr().cast(), 8) };
+        true
+    }
+}
+
+/// What the log thread hands the SQLite thread, in the order of the loop's requests.
+enum Work {
+    /// A batch on the log, to fold in.
+    Logged(Logged),
+    /// A load, answered once the group's logged batches are folded in.
+    Load(Box<str>),
+    Forget(Box<str>),
+    /// A commit straight to SQLite (writing through, or a batch of large changes), after
+    /// everything logged before it is folded in; answered.
+    Commit(Batch),
+    /// Fold everything in (the log is about to go), and say how it went.
+    FoldAll(mpsc::Sender<Result<(), StoreError>>),
+    /// Replay what is left of the slot's log on disk (before a log starts again).
+    Replay(mpsc::Sender<Result<(), StoreError>>),
+}
+
 /// A batch on the log, not yet folded into SQLite.
 struct Logged {
-    /// The segment that holds it.
-    seq: u64,
+    /// Its number: batches are numbered from 1 in the order they were logged.
+    number: u64,
     /// Its record's size.
     bytes: usize,
     batch: Batch,
 }
 
-/// The thread's state.
-struct Server {
-    store: Store,
+/// The log thread: takes the loop's requests in order, commits to the log, and hands
+/// everything that needs SQLite to the SQLite thread, so a commit never waits for a fold.
+struct Appender {
+    /// A second connection to the store, for [`Appender::append`]'s version checks only.
+    reader: Store,
     setup: Setup,
+    answers: Answers,
+    /// To the SQLite thread; `None` once ending.
+    work: Option<mpsc::Sender<Work>>,
+    /// The SQLite thread, joined at the end (it says whether everything was folded in).
+    sql: Option<JoinHandle<bool>>,
+    /// The number of the last batch the SQLite thread folded in (0: none yet).
+    folded: Arc<AtomicU64>,
     /// `Some` while committing to the log, `None` while writing through.
     log: Option<Log>,
-    /// Batches on the log and not yet in SQLite, oldest first.
-    unfolded: VecDeque<Logged>,
-    /// How many writes each group has in `unfolded`: a load of such a group folds first.
-    unfolded_groups: HashMap<String, usize>,
-    /// Encoded bytes of `unfolded`, for [`FOLD_START_BYTES`].
-    unfolded_bytes: usize,
-    /// Changes in the last commit: a slice of compaction folds at least as many, so that
-    /// compaction keeps pace with the commits.
-    last_changes: usize,
-    /// Groups whose logged changes follow what SQLite has (see [`Server::append`]); a group
-    /// leaves when the loop forgets it.
+    /// Each segment on disk with the number of the last batch in it, oldest first.
+    segments: VecDeque<(u64, u64)>,
+    /// The number the next logged batch gets.
+    next_number: u64,
+    /// Groups whose logged changes follow what SQLite has (see [`Appender::append`]); a
+    /// group leaves when the loop forgets it.
     checked: HashSet<String>,
-    /// Groups the loop forgot while they had writes in `unfolded`: the store keeps what it
-    /// knows of them (the materialization needs it) until those are folded in.
-    forget_later: Vec<String>,
-    /// Groups whose unmaterialized changes the store must read again before the next fold
-    /// (a failed commit forgets them).
-    reread: Vec<String>,
     /// The record being encoded, kept to reuse its allocation.
     record: Vec<u8>,
 }
 
-impl Server {
-    /// Serves requests in order until the loop's handle goes, then folds the log in.
-    fn serve(
-        mut self,
-        inbox: mpsc::Receiver<Request>,
-        outbox: mpsc::Sender<Reply>,
-        wake: &OwnedFd,
-    ) {
+impl Appender {
+    /// Serves requests in order until the loop's handle goes; then the SQLite thread folds
+    /// everything in and the log is removed.
+    fn serve(mut self, inbox: mpsc::Receiver<Request>) {
         loop {
-            let request = if self.unfolded.is_empty() {
+            let request = if self.segments.is_empty() {
                 match inbox.recv() {
                     Ok(request) => request,
                     Err(mpsc::RecvError) => break,
                 }
             } else {
+                // While segments are on disk, wake now and then to remove folded ones.
                 match inbox.recv_timeout(FOLD_IDLE) {
                     Ok(request) => request,
                     Err(mpsc::RecvTimeoutError::Timeout) => {
-                        let _ = self.fold(Some(FOLD_SLICE_CHANGES));
+                        self.release();
                         continue;
                     }
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
             };
-            let Some(reply) = self.serve_one(request) else { continue };
-            if outbox.send(reply).is_err() {
+            if !self.serve_one(request) {
                 break;
             }
-            let one = 1u64.to_ne_bytes();
-            // SAFETY: an 8-byte write from a local buffer. It cannot block (EFD_NONBLOCK) and
-            // can only fail if the counter is about to overflow, when the poll is readable.
-            let _ = unsafe { libc::write(wake.as_raw_fd(), one.as_ptr().cast(), 8) };
-            // After the answer, so the batch's pokes do not wait for it; the next batch may.
-            if self.unfolded_bytes >= FOLD_START_BYTES {
-                let _ = self.fold(Some(FOLD_SLICE_CHANGES.max(self.last_changes)));
-            }
         }
-        // The worker is exiting: leave nothing to replay if SQLite takes it.
-        if self.fold(None).is_ok() {
+        self.work = None;
+        let all_folded = self.sql.take().is_some_and(|sql| sql.join().unwrap_or(false));
+        if all_folded {
             if let Some(log) = self.log.take() {
                 let _ = log.remove();
             }
         }
     }
 
-    fn serve_one(&mut self, request: Request) -> Option<Reply> {
+    /// Serves one request; `false` once the loop is gone.
+    fn serve_one(&mut self, request: Request) -> bool {
         match request {
-            Request::Load(name) => {
-                let result = match self.unfolded_groups.contains_key(&*name) {
-                    true => self.fold(None).and_then(|()| self.store.load(&name)),
-                    false => self.store.load(&name),
-                };
-                Some(Reply::Loaded { name, result })
+            Request::Load(name) => self.hand(Work::Load(name)),
+            Request::Forget(name) => {
+                self.checked.remove(&*name);
+                self.hand(Work::Forget(name))
             }
             Request::Commit(batch) => {
+                let direct = batch.patch_bytes() >= DIRECT_BYTES * batch.changes().max(1);
+                if self.log.is_none() || direct {
+                    return self.hand(Work::Commit(batch));
+                }
                 let started = Instant::now();
                 if !self.setup.sync_delay.is_zero() {
                     std::thread::sleep(self.setup.sync_delay);
                 }
-                let changes = batch.changes();
-                let direct = batch.patch_bytes() >= DIRECT_BYTES * changes.max(1);
-                let result = match self.log.is_some() {
-                    true if direct => match self.fold(None) {
-                        // In order: what the log holds first, then this batch.
-                        Ok(()) => self.store.commit_batch(batch),
-                        Err(error) => Err(CommitError { error, unwritten: Box::new(batch) }),
-                    },
-                    true => self.append(batch),
-                    false => self.store.commit_batch(batch),
-                };
-                self.last_changes = changes;
-                Some(Reply::Committed { result, took: started.elapsed() })
-            }
-            Request::Forget(name) => {
-                self.checked.remove(&*name);
-                if self.unfolded_groups.contains_key(&*name) {
-                    self.forget_later.push(name.into());
-                } else {
-                    self.store.forget(&name);
-                }
-                None
+                let (result, logged) = self.append(batch);
+                let answered =
+                    self.answers.send(Reply::Committed { result, took: started.elapsed() });
+                // After the answer: the batch's pokes do not wait for the hand-over.
+                answered && logged.is_none_or(|logged| self.hand(Work::Logged(logged)))
             }
             Request::UseLog(on) => {
                 let result = match (on, self.log.is_some()) {
-                    // Segments left by a removal that failed earlier are replayed first, so
-                    // the new log starts with none of its names taken.
-                    (true, false) => {
-                        replay_logs(&mut self.store, &self.setup.dir, Some(self.setup.slot))
-                            .map(|_| self.log = Some(Log::new(&self.setup.dir, self.setup.slot)))
-                    }
-                    (false, true) => self.fold(None).and_then(|()| {
+                    (true, false) => self.ask(Work::Replay).map(|()| {
+                        self.log = Some(Log::new(&self.setup.dir, self.setup.slot));
+                    }),
+                    (false, true) => self.ask(Work::FoldAll).and_then(|()| {
                         self.checked.clear();
+                        self.segments.clear();
                         let log = self.log.take().expect("in log mode");
                         let removed = log.remove();
                         self.report_log_bytes();
@@ -325,35 +366,61 @@ impl Server {
                     }),
                     _ => Ok(()),
                 };
-                Some(Reply::LogUsed { on, result })
+                self.answers.send(Reply::LogUsed { on, result })
             }
         }
     }
 
-    /// Commits a batch to the log: one record, one `fdatasync`.
+    /// Hands work to the SQLite thread; `false` if it is gone (it panicked: the worker
+    /// cannot go on without a store, and ends).
+    fn hand(&self, work: Work) -> bool {
+        self.work.as_ref().is_some_and(|w| w.send(work).is_ok())
+    }
+
+    /// Hands work that answers, and waits for the answer (mode changes only).
+    fn ask(
+        &self,
+        work: fn(mpsc::Sender<Result<(), StoreError>>) -> Work,
+    ) -> Result<(), StoreError> {
+        let (tx, rx) = mpsc::channel();
+        let gone = || StoreError::log(&self.setup.dir, "the store's SQLite thread is gone");
+        if !self.hand(work(tx)) {
+            return Err(gone());
+        }
+        rx.recv().unwrap_or_else(|_| Err(gone()))
+    }
+
+    /// Commits a batch to the log: one record, one `fdatasync`. Returns the answer, and the
+    /// batch for the SQLite thread once it is on the log.
     ///
     /// A group's first logged change since it was loaded is checked against SQLite first:
     /// a worker of the generation before may have committed to it after this worker loaded
     /// it (the handover's last moments, before this worker was told to use its log). Such a
     /// group is stale, as a write-through commit would have found: its changes are not
-    /// logged, and the loop reloads it. Once checked, nobody else writes the group.
-    fn append(&mut self, mut batch: Batch) -> Result<Committed, CommitError> {
+    /// logged, and the loop reloads it. Once checked, nobody else writes the group. SQLite
+    /// has every earlier change of an unchecked group: the loop waits for each commit's
+    /// answer before the next, a load folds the group's logged batches in first, and a
+    /// group only has logged batches once checked.
+    fn append(&mut self, mut batch: Batch) -> (Result<Committed, CommitError>, Option<Logged>) {
         let mut committed = Committed::default();
         for (group, base) in batch.bases() {
             if self.checked.contains(group) {
                 continue;
             }
-            match self.store.version_of(group) {
+            match self.reader.version_of(group) {
                 Ok(Some(stored)) if stored == base => {
                     self.checked.insert(group.to_owned());
                 }
                 Ok(_) => committed.stale_groups.push(group.to_owned()),
-                Err(error) => return Err(CommitError { error, unwritten: Box::new(batch) }),
+                Err(error) => {
+                    return (Err(CommitError { error, unwritten: Box::new(batch) }), None)
+                }
             }
         }
         for group in &committed.stale_groups {
             batch.remove_changes_of(group);
         }
+        self.release();
         self.record.clear();
         self.record.resize(wal::HEADER, 0);
         batch.encode(&mut self.record);
@@ -361,7 +428,107 @@ impl Server {
         let log = self.log.as_mut().expect("appending to the log in log mode");
         match log.append(&self.record) {
             Ok(seq) => {
-                for group in batch.touched_groups() {
+                let number = self.next_number;
+                self.next_number += 1;
+                match self.segments.back_mut() {
+                    Some((last_seq, last)) if *last_seq == seq => *last = number,
+                    _ => self.segments.push_back((seq, number)),
+                }
+                self.report_log_bytes();
+                (Ok(committed), Some(Logged { number, bytes: self.record.len(), batch }))
+            }
+            Err(source) => {
+                let error = self.log_error(source);
+                (Err(CommitError { error, unwritten: Box::new(batch) }), None)
+            }
+        }
+    }
+
+    /// Removes the segments whose batches are all folded into SQLite.
+    fn release(&mut self) {
+        let folded = self.folded.load(Ordering::Acquire);
+        let keep_from = self.segments.iter().find(|&&(_, last)| last > folded).map(|&(seq, _)| seq);
+        let Some(log) = self.log.as_mut() else { return };
+        match log.release_before(keep_from) {
+            Ok(()) => {
+                self.segments.retain(|&(seq, _)| keep_from.is_some_and(|k| seq >= k));
+                self.report_log_bytes();
+            }
+            Err(e) => log::warn!("compaction: cannot reclaim log segments: {e}"),
+        }
+    }
+
+    fn report_log_bytes(&self) {
+        if let Some(metrics) = &self.setup.metrics {
+            metrics.set(Metric::LogBytes, self.log.as_ref().map_or(0, Log::bytes));
+        }
+    }
+
+    fn log_error(&self, source: io::Error) -> StoreError {
+        StoreError::log(
+            &self.setup.dir.join(format!("wal-{}-*", self.setup.slot)),
+            source.to_string(),
+        )
+    }
+}
+
+/// The SQLite thread: owns the worker's [`Store`], answers loads, commits through, and
+/// folds the logged batches in (compaction), so that the log thread never waits for it.
+struct Folder {
+    store: Store,
+    setup: Setup,
+    answers: Answers,
+    /// Where it says which batches are folded in (see [`Appender::release`]).
+    folded: Arc<AtomicU64>,
+    /// Batches on the log and not yet in SQLite, oldest first.
+    unfolded: VecDeque<Logged>,
+    /// How many writes each group has in `unfolded`: a load of such a group folds first.
+    unfolded_groups: HashMap<String, usize>,
+    /// Encoded bytes of `unfolded`, for [`FOLD_START_BYTES`].
+    unfolded_bytes: usize,
+    /// Changes in the last batch logged: a slice of compaction folds at least as many, so
+    /// that compaction keeps pace with the commits.
+    last_changes: usize,
+    /// Groups the loop forgot while they had writes in `unfolded`: the store keeps what it
+    /// knows of them (the materialization needs it) until those are folded in.
+    forget_later: Vec<String>,
+    /// Groups whose unmaterialized changes the store must read again before the next fold
+    /// (a failed commit forgets them).
+    reread: Vec<String>,
+}
+
+impl Folder {
+    /// Serves work in order until the log thread ends; returns whether everything logged
+    /// was folded in.
+    fn serve(mut self, inbox: mpsc::Receiver<Work>) -> bool {
+        loop {
+            let work = if self.unfolded.is_empty() {
+                match inbox.recv() {
+                    Ok(work) => work,
+                    Err(mpsc::RecvError) => break,
+                }
+            } else {
+                match inbox.recv_timeout(FOLD_IDLE) {
+                    Ok(work) => work,
+                    Err(mpsc::RecvTimeoutError::Timeout) => {
+                        let _ = self.fold(Some(FOLD_SLICE_CHANGES));
+                        continue;
+                    }
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+            };
+            if !self.serve_one(work) {
+                break;
+            }
+        }
+        self.fold(None).is_ok()
+    }
+
+    /// Serves one piece of work; `false` once the loop is gone.
+    fn serve_one(&mut self, work: Work) -> bool {
+        match work {
+            Work::Logged(logged) => {
+                for group in logged.batch.touched_groups() {
                     match self.unfolded_groups.get_mut(group) {
                         Some(n) => *n += 1,
                         None => {
@@ -369,22 +536,58 @@ impl Server {
                         }
                     }
                 }
-                let bytes = self.record.len();
-                self.unfolded_bytes += bytes;
-                self.unfolded.push_back(Logged { seq, bytes, batch });
-                self.report_log_bytes();
-                Ok(committed)
+                self.last_changes = logged.batch.changes();
+                self.unfolded_bytes += logged.bytes;
+                self.unfolded.push_back(logged);
+                if self.unfolded_bytes >= FOLD_START_BYTES {
+                    let _ = self.fold(Some(FOLD_SLICE_CHANGES.max(self.last_changes)));
+                }
+                true
             }
-            Err(source) => {
-                Err(CommitError { error: self.log_error(source), unwritten: Box::new(batch) })
+            Work::Load(name) => {
+                let result = match self.unfolded_groups.contains_key(&*name) {
+                    true => self.fold(None).and_then(|()| self.store.load(&name)),
+                    false => self.store.load(&name),
+                };
+                self.answers.send(Reply::Loaded { name, result })
+            }
+            Work::Forget(name) => {
+                if self.unfolded_groups.contains_key(&*name) {
+                    self.forget_later.push(name.into());
+                } else {
+                    self.store.forget(&name);
+                }
+                true
+            }
+            Work::Commit(batch) => {
+                let started = Instant::now();
+                if !self.setup.sync_delay.is_zero() {
+                    std::thread::sleep(self.setup.sync_delay);
+                }
+                // In order: what the log holds first, then this batch.
+                let result = match self.fold(None) {
+                    Ok(()) => self.store.commit_batch(batch),
+                    Err(error) => Err(CommitError { error, unwritten: Box::new(batch) }),
+                };
+                self.answers.send(Reply::Committed { result, took: started.elapsed() })
+            }
+            Work::FoldAll(answer) => {
+                let _ = answer.send(self.fold(None));
+                true
+            }
+            Work::Replay(answer) => {
+                let dir = self.setup.dir.clone();
+                let replayed = replay_logs(&mut self.store, &dir, Some(self.setup.slot));
+                let _ = answer.send(replayed.map(|_| ()));
+                true
             }
         }
     }
 
     /// Compaction: folds the oldest logged batches (at least `changes` of their changes, or
-    /// all) into SQLite in one transaction, then reclaims the segments nothing unfolded is in.
-    /// On failure nothing is folded and the batches stay for the next try (they are on disk
-    /// in the log all along).
+    /// all) into SQLite in one transaction, then says they are in (the log thread removes
+    /// the segments nothing unfolded is in). On failure nothing is folded and the batches
+    /// stay for the next try (they are on disk in the log all along).
     fn fold(&mut self, changes: Option<usize>) -> Result<(), StoreError> {
         if self.unfolded.is_empty() {
             return Ok(());
@@ -397,10 +600,12 @@ impl Server {
         }
         let started = Instant::now();
         let mut merged = Batch::default();
-        let (mut count, mut bytes, first_seq) = (0, 0, self.unfolded[0].seq);
+        let (mut count, mut bytes, first) = (0, 0, self.unfolded[0].number);
+        let mut last = first;
         while let Some(logged) = self.unfolded.pop_front() {
             count += logged.batch.changes().max(1);
             bytes += logged.bytes;
+            last = logged.number;
             merged.extend(logged.batch);
             if changes.is_some_and(|c| count >= c) {
                 break;
@@ -431,11 +636,12 @@ impl Server {
             Err(e) => {
                 log::error!("compaction failed (the log keeps the batches; retrying): {}", e.error);
                 self.reread.extend(e.groups());
-                // Back at the front as one batch: nothing else changed meanwhile.
-                self.unfolded.push_front(Logged { seq: first_seq, bytes, batch: *e.unwritten });
+                // Back at the front as one batch, numbered as the last of them.
+                self.unfolded.push_front(Logged { number: last, bytes, batch: *e.unwritten });
                 return Err(e.error);
             }
         }
+        self.folded.store(last, Ordering::Release);
         for (group, n) in touched {
             if let Some(left) = self.unfolded_groups.get_mut(&group) {
                 *left = left.saturating_sub(n);
@@ -454,31 +660,11 @@ impl Server {
             keep
         });
         self.unfolded_bytes -= bytes;
-        let oldest = self.unfolded.front().map(|logged| logged.seq);
-        if let Some(log) = self.log.as_mut() {
-            if let Err(e) = log.release_before(oldest) {
-                log::warn!("compaction: cannot reclaim log segments: {e}");
-            }
-        }
-        self.report_log_bytes();
         if let Some(metrics) = &self.setup.metrics {
             metrics.observe(Histogram::Compaction, started.elapsed());
             metrics.add(Metric::CompactedChanges, folded as u64);
         }
         Ok(())
-    }
-
-    fn report_log_bytes(&self) {
-        if let Some(metrics) = &self.setup.metrics {
-            metrics.set(Metric::LogBytes, self.log.as_ref().map_or(0, Log::bytes));
-        }
-    }
-
-    fn log_error(&self, source: io::Error) -> StoreError {
-        StoreError::log(
-            &self.setup.dir.join(format!("wal-{}-*", self.setup.slot)),
-            source.to_string(),
-        )
     }
 }
 
