@@ -819,6 +819,33 @@ mod tests {
         assert!(wal::segments(&dir.0, None).unwrap().is_empty());
     }
 
+    #[test]
+    fn a_batch_of_large_changes_goes_straight_to_sqlite_after_the_log() {
+        let dir = TempDir::new();
+        let store = thread(&dir);
+        store.send(Request::UseLog(true));
+        assert!(matches!(store.wait(), Reply::LogUsed { on: true, result: Ok(()) }));
+        let mut a = Replica::new("a", GroupLimits::default());
+        let mut batch = Batch::default();
+        batch.stage("a", &push(&mut a, 1, "a1"));
+        store.send(Request::Commit(batch));
+        committed(store.wait());
+        assert_eq!(stored_version(&dir.0, "a"), None, "a small change is logged");
+
+        let ops = json!([{"op": "insert", "tableName": "issue", "primaryKey": ["id"],
+                          "value": {"id": "a2", "title": "x".repeat(DIRECT_BYTES)}}]);
+        let large = match a.apply_push(&crate::testing::crud("a", "c1", 2, ops)) {
+            PushResult::Applied(change) => change,
+            other => panic!("not applied: {other:?}"),
+        };
+        let mut batch = Batch::default();
+        batch.stage("a", &large);
+        store.send(Request::Commit(batch));
+        committed(store.wait());
+        // Answered once in SQLite, the logged change before it folded in first.
+        assert_eq!(stored_version(&dir.0, "a"), Some(2));
+    }
+
     /// A crash in the middle of the last append, at every byte: the records before it are
     /// all replayed; of the torn one, nothing (its two groups' changes are both out).
     #[test]
