@@ -223,6 +223,27 @@ impl Drop for StoreThread {
     }
 }
 
+/// What a store thread's wait for its next request gave.
+enum Next<T> {
+    Item(T),
+    /// [`FOLD_IDLE`] passed without one.
+    Idle,
+    /// The sender is gone: the thread ends.
+    Closed,
+}
+
+/// Waits for the next request; with `tick`, at most [`FOLD_IDLE`].
+fn next<T>(inbox: &mpsc::Receiver<T>, tick: bool) -> Next<T> {
+    if !tick {
+        return inbox.recv().map_or(Next::Closed, Next::Item);
+    }
+    match inbox.recv_timeout(FOLD_IDLE) {
+        Ok(item) => Next::Item(item),
+        Err(mpsc::RecvTimeoutError::Timeout) => Next::Idle,
+        Err(mpsc::RecvTimeoutError::Disconnected) => Next::Closed,
+    }
+}
+
 /// Where answers go: the loop's channel, and its eventfd, written after each.
 struct Answers {
     outbox: mpsc::Sender<Reply>,
@@ -298,25 +319,16 @@ impl Appender {
     /// Serves requests in order until the loop's handle goes; then the SQLite thread folds
     /// everything in and the log is removed.
     fn serve(mut self, inbox: mpsc::Receiver<Request>) {
+        // While segments are on disk, wake now and then to remove folded ones.
         loop {
-            let request = if self.segments.is_empty() {
-                match inbox.recv() {
-                    Ok(request) => request,
-                    Err(mpsc::RecvError) => break,
-                }
-            } else {
-                // While segments are on disk, wake now and then to remove folded ones.
-                match inbox.recv_timeout(FOLD_IDLE) {
-                    Ok(request) => request,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        self.release();
-                        continue;
+            match next(&inbox, !self.segments.is_empty()) {
+                Next::Item(request) => {
+                    if !self.serve_one(request) {
+                        break;
                     }
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
-            };
-            if !self.serve_one(request) {
-                break;
+                Next::Idle => self.release(),
+                Next::Closed => break,
             }
         }
         self.work = None;
@@ -502,23 +514,16 @@ impl Folder {
     /// was folded in.
     fn serve(mut self, inbox: mpsc::Receiver<Work>) -> bool {
         loop {
-            let work = if self.unfolded.is_empty() {
-                match inbox.recv() {
-                    Ok(work) => work,
-                    Err(mpsc::RecvError) => break,
-                }
-            } else {
-                match inbox.recv_timeout(FOLD_IDLE) {
-                    Ok(work) => work,
-                    Err(mpsc::RecvTimeoutError::Timeout) => {
-                        let _ = self.fold(Some(FOLD_SLICE_CHANGES));
-                        continue;
+            match next(&inbox, !self.unfolded.is_empty()) {
+                Next::Item(work) => {
+                    if !self.serve_one(work) {
+                        break;
                     }
-                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
-            };
-            if !self.serve_one(work) {
-                break;
+                Next::Idle => {
+                    let _ = self.fold(Some(FOLD_SLICE_CHANGES));
+                }
+                Next::Closed => break,
             }
         }
         self.fold(None).is_ok()
@@ -760,6 +765,14 @@ mod tests {
         StoreThread::start(Store::open(&dir.0).unwrap(), "store-test".into(), setup).unwrap()
     }
 
+    /// A store thread told to use its log, as a worker is once it owns its groups alone.
+    fn logging_thread(dir: &TempDir) -> StoreThread {
+        let store = thread(dir);
+        store.send(Request::UseLog(true));
+        assert!(matches!(store.wait(), Reply::LogUsed { on: true, result: Ok(()) }));
+        store
+    }
+
     fn committed(reply: Reply) {
         match reply {
             Reply::Committed { result, .. } => assert!(result.unwrap().stale_groups.is_empty()),
@@ -770,9 +783,7 @@ mod tests {
     #[test]
     fn a_logged_commit_reaches_sqlite_by_compaction_a_load_or_the_end() {
         let dir = TempDir::new();
-        let store = thread(&dir);
-        store.send(Request::UseLog(true));
-        assert!(matches!(store.wait(), Reply::LogUsed { on: true, result: Ok(()) }));
+        let store = logging_thread(&dir);
         let mut a = Replica::new("a", GroupLimits::default());
         let mut batch = Batch::default();
         batch.set_owner("a", "alice");
@@ -822,9 +833,7 @@ mod tests {
     #[test]
     fn a_batch_of_large_changes_goes_straight_to_sqlite_after_the_log() {
         let dir = TempDir::new();
-        let store = thread(&dir);
-        store.send(Request::UseLog(true));
-        assert!(matches!(store.wait(), Reply::LogUsed { on: true, result: Ok(()) }));
+        let store = logging_thread(&dir);
         let mut a = Replica::new("a", GroupLimits::default());
         let mut batch = Batch::default();
         batch.stage("a", &push(&mut a, 1, "a1"));
