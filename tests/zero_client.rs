@@ -411,10 +411,13 @@ fn a_zero_client_survives_its_worker_killed_right_after_an_acknowledged_mutation
 
     let after = run.event("after");
     // It reconnected with what it held, and was not told to drop it. (It may have received
-    // a poke after the acknowledgement and before the kill: its query's cleanup.)
+    // a poke after the acknowledgement and before the kill, its query's cleanup; a poke that
+    // reached its socket just before the kill may not have been applied yet, and then it
+    // reconnects from the cookie before: either is caught up from where it said it was.)
     let held = str_of(&after, "heldCookie");
     assert!(held >= cookie.as_str(), "the client went back from {cookie} to {held}: {after}");
-    assert_eq!(after["params"]["baseCookie"], held, "{after}");
+    let base = str_of(&after["params"], "baseCookie");
+    assert!(cookie.as_str() <= base && base <= held, "reconnected from {base}: {after}");
     assert_eq!(after["params"]["lmid"], "1", "{after}");
     assert_eq!(after["a"]["errors"], json!([]), "{after}");
     assert_eq!(after["a"]["updateNeeded"], json!([]), "{after}");
@@ -422,7 +425,7 @@ fn a_zero_client_survives_its_worker_killed_right_after_an_acknowledged_mutation
     for poke in after["pokes"].as_array().unwrap() {
         assert!(!poke["start"]["baseCookie"].is_null(), "a full resync: {after}");
     }
-    assert_eq!(after["pokes"][0]["start"]["baseCookie"], held, "{after}");
+    assert_eq!(after["pokes"][0]["start"]["baseCookie"], base, "{after}");
     assert_eq!(
         after["a"]["rows"],
         rows(&[("k1", "before the kill"), ("k2", "after the kill")]),

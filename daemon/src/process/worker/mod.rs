@@ -811,10 +811,8 @@ impl Worker {
                 StoreEvent::LogUsed { on, result: Err(e) } => {
                     // Not confirmed: a graceful replacement waiting for it gives up and
                     // keeps this generation (see `process::supervisor`).
-                    log::error!(
-                        "worker={} storage: cannot switch the log to {on}: {e}",
-                        self.index
-                    );
+                    let mode = if on { "its write-ahead log" } else { "writing through" };
+                    log::error!("worker={} storage: cannot switch to {mode}: {e}", self.index);
                 }
                 StoreEvent::LogUsed { on: true, result: Ok(()) } => {}
                 StoreEvent::LogUsed { on: false, result: Ok(()) } => {
