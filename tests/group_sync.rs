@@ -960,3 +960,46 @@ fn sigkill_under_push_load_loses_nothing_acknowledged() {
         assert_holds_exactly(&d, &format!("c{i}"), &groups[i], last);
     }
 }
+
+/// A graceful replacement waits for every running worker to fold its write-ahead log into
+/// SQLite; a worker that cannot (here stopped with SIGSTOP) makes the reload refused, the
+/// running generation stays and goes back to its logs, and nothing acknowledged is lost.
+#[test]
+fn a_replacement_whose_worker_cannot_share_its_log_is_refused_and_loses_nothing() {
+    let storage = StorageDir::new("share-refused");
+    let config = format!("{QUIET}{}", storage.config());
+    let mut d = Daemon::start(&config);
+    let (mut ws, _) = Join::new("c", "shared").open_fresh(&d);
+    push(&mut ws, "shared", "c", 1, &[insert("m1", "x")]);
+    assert_eq!(read_poke(&mut ws).lmids(), json!({"c": 1}));
+    let worker = expected_worker("shared");
+    let (pid, _) = d
+        .children()
+        .into_iter()
+        .find(|(_, args)| args.contains("__worker") && args.contains(&format!("--index {worker}")))
+        .expect("the worker runs");
+    // SAFETY: kill(2) on a child of the daemon under test.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let file = std::fs::read_to_string(d.config_path()).unwrap();
+    assert!(file.contains("workers = 2"), "{file}");
+    std::fs::write(d.config_path(), file.replace("workers = 2", "workers = 3")).unwrap();
+    d.signal(libc::SIGHUP);
+    let refused = d.wait_log(|l| l.contains("reload refused"), Duration::from_secs(10));
+    assert!(refused.contains("did not fold its write-ahead log in"), "{refused}");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    // The same worker, the same connection, still serving.
+    push(&mut ws, "shared", "c", 2, &[insert("m2", "x")]);
+    assert_eq!(read_poke(&mut ws).lmids(), json!({"c": 2}));
+    let workers = d.children().iter().filter(|(_, args)| args.contains("__worker")).count();
+    assert_eq!(workers, WORKERS, "no new generation started");
+    assert!(wal_files(&storage) > 0, "the running workers were given their logs back");
+    drop(ws);
+    d.signal(libc::SIGTERM);
+    d.wait_exit(Duration::from_secs(10)).expect("the daemon stops");
+
+    let d = Daemon::start(&config);
+    let (_fresh, full) = Join::new("fresh", "shared").open_fresh(&d);
+    assert_eq!(full.rows(), [put("m1", "x"), put("m2", "x")]);
+    assert_eq!(full.lmids(), json!({"c": 2}));
+}
