@@ -745,22 +745,12 @@ fn pushing_client(
             if stop.load(Relaxed) && since_reconnect >= more {
                 return (acked, reconnects);
             }
-            let n = acked + 1;
-            let sent =
-                ws.try_send_json(&push_message(group, client, n, &[insert(&format!("m{n}"), "x")]));
-            if !sent {
+            if !push_next(&mut ws, group, client, acked + 1) {
                 break;
             }
-            match next_poke(&mut ws, client) {
-                Next::Poke(Some(lmid)) => {
-                    assert_eq!(lmid, n, "{client}: the pokes come in push order");
-                    acked = n;
-                    since_reconnect += 1;
-                    acked_total.fetch_add(1, Relaxed);
-                }
-                Next::Poke(None) => panic!("{client}: a poke without its mutation"),
-                Next::Gone => break,
-            }
+            acked += 1;
+            since_reconnect += 1;
+            acked_total.fetch_add(1, Relaxed);
         }
         reconnects += 1;
         since_reconnect = 0;
@@ -826,20 +816,26 @@ fn push_until_gone(
     }
     let Next::Poke(lmid) = next_poke(&mut ws, client) else { panic!("{client}: no first poke") };
     let mut acked = lmid.unwrap_or(0);
-    loop {
-        let n = acked + 1;
-        if !ws.try_send_json(&push_message(group, client, n, &[insert(&format!("m{n}"), "x")])) {
-            return acked;
+    while push_next(&mut ws, group, client, acked + 1) {
+        acked += 1;
+        acked_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    acked
+}
+
+/// Pushes mutation `n` of `client` (inserting row `m<n>`) and waits for the poke that
+/// acknowledges it, which must be the next one; `false` if the connection went away first.
+fn push_next(ws: &mut Ws, group: &str, client: &str, n: u64) -> bool {
+    if !ws.try_send_json(&push_message(group, client, n, &[insert(&format!("m{n}"), "x")])) {
+        return false;
+    }
+    match next_poke(ws, client) {
+        Next::Poke(Some(lmid)) => {
+            assert_eq!(lmid, n, "{client}: the pokes come in push order");
+            true
         }
-        match next_poke(&mut ws, client) {
-            Next::Poke(Some(lmid)) => {
-                assert_eq!(lmid, n, "{client}: the pokes come in push order");
-                acked = n;
-                acked_total.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-            Next::Poke(None) => panic!("{client}: a poke without its mutation"),
-            Next::Gone => return acked,
-        }
+        Next::Poke(None) => panic!("{client}: a poke without its mutation"),
+        Next::Gone => false,
     }
 }
 

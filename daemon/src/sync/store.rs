@@ -291,7 +291,7 @@ impl Batch {
     /// the store no longer has, and the commit would refuse them).
     pub fn remove_changes_of(&mut self, group_id: &str) {
         self.staged.retain(|s| !matches!(s, Staged::Change(c) if c.group_id == group_id));
-        self.changes = self.staged.iter().filter(|s| matches!(s, Staged::Change(_))).count();
+        self.changes = changes_in(&self.staged);
     }
 
     /// Appends `later`'s writes after this batch's: compaction folds several batches of the
@@ -439,6 +439,11 @@ impl Batch {
     }
 }
 
+/// How many of `staged` are changes (the rest pin owners).
+fn changes_in(staged: &[Staged]) -> usize {
+    staged.iter().filter(|s| matches!(s, Staged::Change(_))).count()
+}
+
 /// One staged write.
 enum Staged {
     /// Pin a group to its first verified user.
@@ -579,19 +584,12 @@ impl Store {
     /// The version a group is stored at (0 for a group never stored), or `None` if its
     /// rows are inconsistent (see `stored_version`).
     pub fn version_of(&mut self, group_id: &str) -> Result<Option<i64>, StoreError> {
-        let fail = |source| StoreError::Load { group_id: group_id.to_owned(), source };
-        let (materialized, logged): (Option<i64>, Option<i64>) = self
-            .conn
-            .prepare_cached(
-                "SELECT (SELECT version FROM groups WHERE group_id = ?1),
-                        (SELECT max(version) FROM history WHERE group_id = ?1)",
-            )
-            .and_then(|mut s| s.query_row([group_id], |row| Ok((row.get(0)?, row.get(1)?))))
-            .map_err(fail)?;
-        Ok(match (materialized, logged) {
-            (Some(materialized), logged) => Some(materialized.max(logged.unwrap_or(0))),
-            (None, None) => Some(0),
-            (None, Some(_)) => None,
+        let read = read_version(&self.conn, group_id)
+            .map_err(|source| StoreError::Load { group_id: group_id.to_owned(), source })?;
+        Ok(match read {
+            Version::At(version) => Some(version),
+            Version::Never => Some(0),
+            Version::Inconsistent => None,
         })
     }
 
@@ -667,10 +665,7 @@ impl Store {
                 Ok(committed)
             }
             Err(e) => {
-                let batch = Batch {
-                    changes: staged.iter().filter(|s| matches!(s, Staged::Change(_))).count(),
-                    staged,
-                };
+                let batch = Batch { changes: changes_in(&staged), staged };
                 let groups = batch.groups();
                 for group in &groups {
                     self.pending.remove(group);
@@ -948,21 +943,39 @@ fn write_batch(
 /// the transaction of its first change); `None` for a group whose history runs ahead of
 /// nothing (impossible unless edited by hand: treated as stale).
 fn stored_version(tx: &Transaction, group_id: &str) -> rusqlite::Result<Option<i64>> {
-    let (materialized, logged): (Option<i64>, Option<i64>) = tx
+    match read_version(tx, group_id)? {
+        Version::At(version) => Ok(Some(version)),
+        Version::Never => {
+            tx.prepare_cached("INSERT INTO groups (group_id, version) VALUES (?1, 0)")?
+                .execute([group_id])?;
+            Ok(Some(0))
+        }
+        Version::Inconsistent => Ok(None),
+    }
+}
+
+/// What the file says of a group's version.
+enum Version {
+    /// The newer of its materialized version and its last history entry.
+    At(i64),
+    /// Nothing of it was ever stored.
+    Never,
+    /// History without a `groups` row: impossible unless edited by hand.
+    Inconsistent,
+}
+
+fn read_version(conn: &Connection, group_id: &str) -> rusqlite::Result<Version> {
+    let (materialized, logged): (Option<i64>, Option<i64>) = conn
         .prepare_cached(
             "SELECT (SELECT version FROM groups WHERE group_id = ?1),
                     (SELECT max(version) FROM history WHERE group_id = ?1)",
         )?
         .query_row([group_id], |row| Ok((row.get(0)?, row.get(1)?)))?;
-    match (materialized, logged) {
-        (Some(materialized), logged) => Ok(Some(materialized.max(logged.unwrap_or(0)))),
-        (None, None) => {
-            tx.prepare_cached("INSERT INTO groups (group_id, version) VALUES (?1, 0)")?
-                .execute([group_id])?;
-            Ok(Some(0))
-        }
-        (None, Some(_)) => Ok(None),
-    }
+    Ok(match (materialized, logged) {
+        (Some(materialized), logged) => Version::At(materialized.max(logged.unwrap_or(0))),
+        (None, None) => Version::Never,
+        (None, Some(_)) => Version::Inconsistent,
+    })
 }
 
 /// Writes what a group's changes since the last materialization come to into its tables

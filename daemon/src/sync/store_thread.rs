@@ -244,6 +244,16 @@ fn next<T>(inbox: &mpsc::Receiver<T>, tick: bool) -> Next<T> {
     }
 }
 
+/// Counts one more write of `group` (allocating its name only the first time).
+fn count_up(counts: &mut HashMap<String, usize>, group: &str) {
+    match counts.get_mut(group) {
+        Some(n) => *n += 1,
+        None => {
+            counts.insert(group.to_owned(), 1);
+        }
+    }
+}
+
 /// Where answers go: the loop's channel, and its eventfd, written after each.
 struct Answers {
     outbox: mpsc::Sender<Reply>,
@@ -534,12 +544,7 @@ impl Folder {
         match work {
             Work::Logged(logged) => {
                 for group in logged.batch.touched_groups() {
-                    match self.unfolded_groups.get_mut(group) {
-                        Some(n) => *n += 1,
-                        None => {
-                            self.unfolded_groups.insert(group.to_owned(), 1);
-                        }
-                    }
+                    count_up(&mut self.unfolded_groups, group);
                 }
                 self.last_changes = logged.batch.changes();
                 self.unfolded_bytes += logged.bytes;
@@ -619,12 +624,7 @@ impl Folder {
         // Each group's writes in the slice, to count down once it is in.
         let mut touched: HashMap<String, usize> = HashMap::new();
         for group in merged.touched_groups() {
-            match touched.get_mut(group) {
-                Some(n) => *n += 1,
-                None => {
-                    touched.insert(group.to_owned(), 1);
-                }
-            }
+            count_up(&mut touched, group);
         }
         let folded = merged.changes();
         match self.store.commit_batch(merged) {

@@ -317,10 +317,7 @@ impl Log {
     /// Removes every segment: the log is folded in and the worker writes through now (or
     /// exits).
     pub fn remove(mut self) -> io::Result<()> {
-        while let Some(s) = self.segments.pop_front() {
-            std::fs::remove_file(segment_path(&self.dir, self.slot, s.seq))?;
-        }
-        Ok(())
+        self.release_before(None)
     }
 }
 
