@@ -13,7 +13,8 @@
 //! little endian), and the payload (one encoded [`super::store::Batch`]). A segment is
 //! written full of zeros when it is created, and records overwrite them: an `fdatasync`
 //! then flushes data blocks only, where an append would also commit the file's new size
-//! (measured on this project's ext4 disk: 140-160 us against 230-350 us per sync).
+//! (140-160 us against 230-350 us per sync on this project's ext4 disk; bench/RESULTS.md,
+//! "the write-ahead log", has the loop that measured it).
 //!
 //! [`scan`] reads records up to the first zero header (the end) or the first record that is
 //! short or fails its checksum (a crash in the middle of a write: a torn record), and says
