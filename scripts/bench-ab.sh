@@ -5,7 +5,10 @@
 #
 #   scripts/bench-ab.sh [--rounds N] [--auth] [--echo] BIN... -- LOADGEN_RUN_ARGS...
 #
-# BIN: syncgate binaries (e.g. copies of target/release/syncgate built at two commits).
+# BIN: syncgate binaries (e.g. copies of target/release/syncgate built at two commits);
+# BIN@epoll runs that binary with io.backend = "epoll"; peer:tokio-tungstenite and
+# peer:fastwebsockets run the bench's peers (target/release/peer-*), for ratios against
+# them from interleaved rounds (their scenarios: ping, frames).
 # LOADGEN_RUN_ARGS: the scenario, as for `loadgen run` (e.g. --scenario ping --connections
 # 500). --auth gives syncgate an HS256 secret (for --scenario storm with --tokens from
 # scripts/bench.sh's cache). --echo turns on the conformance /echo route (for --scenario
@@ -31,7 +34,10 @@ while [[ $# -gt 0 && $1 != -- ]]; do
     --rounds) ROUNDS=$2; shift ;;
     --auth) AUTH=1 ;;
     --echo) ECHO=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    peer:tokio-tungstenite|peer:fastwebsockets) BINS+=("$1") ;;
+    *@epoll) [[ -x ${1%@epoll} ]] || { echo "bench-ab.sh: ${1%@epoll} is not an executable" >&2; exit 2; }
+       BINS+=("$(realpath "${1%@epoll}")@epoll") ;;
     *) [[ -x $1 ]] || { echo "bench-ab.sh: $1 is not an executable" >&2; exit 2; }
        BINS+=("$(realpath "$1")") ;;
   esac
@@ -71,12 +77,25 @@ run_one() {
   local auth=''
   [[ $AUTH == 1 ]] && auth=$(printf '[auth]\nsecret = "%s"' "$(cat "$SECRET_FILE")")
   [[ $ECHO == 1 ]] && auth+=$'\n[conformance]\necho = true'
-  syncgate_bench_toml "$port" "$dir/store" 1 '' "$auth" >"$dir/syncgate.toml"
-  "${PIN_SERVER[@]}" "$bin" run --config "$dir/syncgate.toml" 2>"$dir/server.log" &
-  SERVER_PID=$!
-  for _ in $(seq 100); do syncgate_healthy "$port" && break; sleep 0.1; done
-  syncgate_healthy "$port" || { echo "bench-ab.sh: $bin did not start:" >&2; tail -5 "$dir/server.log" >&2; exit 1; }
-  "${PIN_CLIENT[@]}" "$LOADGEN" run --server syncgate --addr "127.0.0.1:$port" \
+  local peer='' backend=''
+  case $bin in
+    peer:*) peer=${bin#peer:} ;;
+    *@epoll) backend=$'\n[io]\nbackend = "epoll"'; bin=${bin%@epoll} ;;
+  esac
+  if [[ -n $peer ]]; then
+    local exe=${LOADGEN%/loadgen}/peer-${peer#tokio-}
+    "${PIN_SERVER[@]}" "$exe" "127.0.0.1:$port" 2>"$dir/server.log" &
+    SERVER_PID=$!
+    for _ in $(seq 100); do grep -qs "ready listen=" "$dir/server.log" && break; sleep 0.1; done
+    grep -qs "ready listen=" "$dir/server.log" || { echo "bench-ab.sh: $exe did not start:" >&2; tail -5 "$dir/server.log" >&2; exit 1; }
+  else
+    syncgate_bench_toml "$port" "$dir/store" 1 '' "$auth$backend" >"$dir/syncgate.toml"
+    "${PIN_SERVER[@]}" "$bin" run --config "$dir/syncgate.toml" 2>"$dir/server.log" &
+    SERVER_PID=$!
+    for _ in $(seq 100); do syncgate_healthy "$port" && break; sleep 0.1; done
+    syncgate_healthy "$port" || { echo "bench-ab.sh: $bin did not start:" >&2; tail -5 "$dir/server.log" >&2; exit 1; }
+  fi
+  "${PIN_CLIENT[@]}" "$LOADGEN" run --server "${peer:-syncgate}" --addr "127.0.0.1:$port" \
     --server-pid "$SERVER_PID" --out "$dir/record.jsonl" "$@" >"$dir/loadgen.out" 2>"$dir/loadgen.log" \
     || { echo "bench-ab.sh: the load client failed:" >&2; tail -3 "$dir/loadgen.log" >&2; exit 1; }
   kill "$SERVER_PID"

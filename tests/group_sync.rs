@@ -305,6 +305,32 @@ fn a_push_is_poked_to_every_connection_of_the_group_in_order() {
 }
 
 #[test]
+fn a_member_that_reads_late_gets_every_poke_whole_and_in_order_from_gathered_writes() {
+    // The queue bound well above the backlog: the late reader is slow, not stuck.
+    let d = Daemon::start(&format!(
+        "{QUIET}[limits]\nmax_outbound_bytes = 268435456\nslow_consumer_ms = 60000\n"
+    ));
+    let (mut writer, _) = Join::new("w", "late").open_fresh(&d);
+    let (mut late, _) = Join::new("l", "late").open_fresh(&d);
+    // The server's socket takes up to 4 MiB (tcp_wmem) and this one 512 KiB before the
+    // server's own queue grows: 6 MiB of pokes, each a buffer of its own in that queue. (A
+    // receive buffer under two segments would make the reads crawl: one delayed ACK each.)
+    late.set_recv_buffer(256 * 1024);
+    let big = "x".repeat(16 * 1024);
+    const PUSHES: usize = 400;
+    for id in 1..=PUSHES {
+        push(&mut writer, "late", "w", id as u64, &[insert(&format!("i{id}"), &big)]);
+        read_poke(&mut writer);
+    }
+    for (i, poke) in read_chain(&mut late, "00", PUSHES).iter().enumerate() {
+        assert_eq!(poke.rows(), [put(&format!("i{}", i + 1), &big)], "poke {i}");
+    }
+    pong_next(&mut late);
+    let gathered = d.metric("syncgate_vectored_sends_total", &[]);
+    assert!(gathered > 0, "the late reader's backlog left several frames per write");
+}
+
+#[test]
 fn base_cookie_null_current_older_and_unknown() {
     let d = Daemon::start(QUIET);
     let (mut writer, _) = Join::new("w", "cg").open_fresh(&d);

@@ -335,6 +335,8 @@ fn pings_sent_in_one_burst_each_get_their_pong_in_order_and_a_flood_stays_bounde
             other => panic!("expected pong {i}, got {other:?}"),
         }
     }
+    let gathered = d.metric("syncgate_vectored_sends_total", &[]);
+    assert!(gathered >= 2, "ten pongs leave in writes of up to eight: {gathered}");
     // A flood of 10,000 in one write: at most 16 pongs wait at once, so the answers are far
     // fewer than the pings, the last one answers the last ping, and the connection lives.
     let flood: Vec<u8> =

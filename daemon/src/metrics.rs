@@ -85,6 +85,9 @@ pub enum Metric {
     LogBytes,
     /// Changes compaction folded from the log into SQLite.
     CompactedChanges,
+    /// Writes that gathered several queued buffers (`sendmsg`): a backed-up queue leaving
+    /// several frames per system call.
+    VectoredSends,
 }
 
 use crate::config::MAX_WORKERS;
@@ -155,7 +158,7 @@ impl Histogram {
 
 /// Where the histograms' cells start in a slot.
 const HISTOGRAM_CELLS: usize = 40;
-const _: () = assert!((Metric::CompactedChanges as usize) < HISTOGRAM_CELLS);
+const _: () = assert!((Metric::VectoredSends as usize) < HISTOGRAM_CELLS);
 const _: () = assert!(HISTOGRAM_CELLS + Histogram::ALL.len() * HISTOGRAM_LEN <= UPSTREAM_CELLS);
 
 /// Name, type and help text of every metric, in exposition order.
@@ -198,6 +201,7 @@ const ALL: &[(Metric, &str, &str, &str)] = &[
     (Metric::StoreChanges, "syncgate_store_changes_total", "counter", "Changes committed by the store (per batch: divide by the batches)."),
     (Metric::LogBytes, "syncgate_log_bytes", "gauge", "Bytes of the store's log on disk, not yet reclaimed by compaction."),
     (Metric::CompactedChanges, "syncgate_compacted_changes_total", "counter", "Changes folded from the log into SQLite by compaction."),
+    (Metric::VectoredSends, "syncgate_vectored_sends_total", "counter", "Writes that gathered several queued frames into one system call."),
 ];
 
 /// The shared counter table, mapped in this process.

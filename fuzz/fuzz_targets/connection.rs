@@ -119,7 +119,7 @@ struct Wire {
 impl Wire {
     /// Writes at most `limit` bytes of what the connection offers; false when it offers none.
     fn write(&mut self, conn: &mut Connection, limit: usize, now: Instant) -> bool {
-        let Some(offered) = conn.next_send() else {
+        let Some(offered) = conn.next_send().map(|out| out.to_vec()) else {
             return false;
         };
         assert!(!offered.is_empty(), "next_send offered an empty write");

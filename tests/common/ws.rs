@@ -74,6 +74,17 @@ impl Ws {
         Ok(Ws { inner, protocol_echo, pings: 0 })
     }
 
+    /// Shrinks the socket's receive buffer, so that the kernel stops taking the server's bytes
+    /// early and what this client does not read backs up in the server's queue.
+    pub fn set_recv_buffer(&self, bytes: usize) {
+        nix::sys::socket::setsockopt(
+            self.inner.get_ref(),
+            nix::sys::socket::sockopt::RcvBuf,
+            &bytes,
+        )
+        .unwrap();
+    }
+
     /// The next text, binary or close frame, or the end, within `timeout`. Pings are answered
     /// on the way, as a browser does.
     pub fn recv_within(&mut self, timeout: Duration) -> Got {

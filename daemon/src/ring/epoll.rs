@@ -18,7 +18,8 @@
 //!   worker gets the same open file through the handoff).
 //! - multishot poll: a level-triggered registration, one completion per wait that finds the
 //!   descriptor readable (the handlers read their channels until they would block).
-//! - send: `send(MSG_DONTWAIT)`; a short write is reported as such, as io_uring reports it.
+//! - send: `send(MSG_DONTWAIT)`, or `sendmsg` for a vectored one; a short write is reported
+//!   as such, as io_uring reports it.
 //! - connect: `EINPROGRESS`, then writability, then `SO_ERROR`.
 //! - cancel: the operation posts a final `-ECANCELED`.
 //! - tick: the wait's timeout; the signal read: a non-blocking read of the signalfd.
@@ -76,7 +77,7 @@ struct FdState {
     out_len: u32,
     /// The `user_data` of the output operation in flight.
     out_user_data: u64,
-    /// What the send in flight writes.
+    /// What the send in flight writes (a vectored send's `msghdr`).
     out_buf: *const u8,
     /// Its `MSG_*` flags.
     out_flags: i32,
@@ -156,6 +157,8 @@ enum InputKind {
 enum OutputKind {
     None,
     Send,
+    /// A vectored send: `out_buf` is the caller's `msghdr`.
+    SendMsg,
     /// A connect (its address in `Epoll::connects`).
     Connect,
 }
@@ -335,6 +338,23 @@ impl Epoll {
         st.out_len = len.min(u32::MAX as usize) as u32;
         st.out_flags = flags;
         self.arm_output(fd, user_data, OutputKind::Send);
+    }
+
+    /// # Safety
+    ///
+    /// See [`super::Ring::send_msg`].
+    pub(super) unsafe fn send_msg(
+        &mut self,
+        fd: RawFd,
+        msg: *const libc::msghdr,
+        flags: i32,
+        user_data: u64,
+    ) {
+        let st = self.state(fd);
+        st.out_buf = msg.cast();
+        st.out_len = 0;
+        st.out_flags = flags;
+        self.arm_output(fd, user_data, OutputKind::SendMsg);
     }
 
     /// # Safety
@@ -648,13 +668,19 @@ impl Epoll {
         let user_data = st.out_user_data;
         let result = match st.output {
             OutputKind::None => return Step::Done,
-            OutputKind::Send => {
+            OutputKind::Send | OutputKind::SendMsg => {
                 let (buf, len, flags) = (st.out_buf, st.out_len as usize, st.out_flags);
+                let flags = flags | libc::MSG_DONTWAIT;
                 loop {
-                    // SAFETY: the caller's contract (Ring::send).
-                    let r = unsafe { libc::send(fd, buf.cast(), len, flags | libc::MSG_DONTWAIT) };
+                    let r = if st.output == OutputKind::Send {
+                        // SAFETY: the caller's contract (Ring::send).
+                        unsafe { libc::send(fd, buf.cast(), len, flags) }
+                    } else {
+                        // SAFETY: the caller's contract (Ring::send_msg).
+                        unsafe { libc::sendmsg(fd, buf.cast(), flags) }
+                    };
                     if r >= 0 {
-                        break r as i32;
+                        break r.min(i32::MAX as isize) as i32;
                     }
                     match errno() {
                         libc::EAGAIN => return Step::Blocked,

@@ -1,9 +1,9 @@
 //! The thin io layer every process's event loop stands on: typed operations (receive, send,
-//! connect, accept, poll, cancel, close, tick, signal read), the `user_data` encoding, the
-//! provided buffers that multishot receives fill, and the completions that come back, on
-//! one of two backends chosen at start (`io.backend`): io_uring (`uring.rs`), or epoll
-//! (`epoll.rs`) where io_uring is forbidden. The backend only moves bytes: the processes,
-//! the handoff, the protocol core and the limits are the same on both.
+//! vectored send, connect, accept, poll, cancel, close, tick, signal read), the `user_data`
+//! encoding, the provided buffers that multishot receives fill, and the completions that
+//! come back, on one of two backends chosen at start (`io.backend`): io_uring (`uring.rs`),
+//! or epoll (`epoll.rs`) where io_uring is forbidden. The backend only moves bytes: the
+//! processes, the handoff, the protocol core and the limits are the same on both.
 //!
 //! Why the `io-uring` crate and not tokio-uring: see the README ("Why io-uring").
 
@@ -264,6 +264,25 @@ impl Ring {
             Imp::Uring(u) => unsafe { u.send(fd, buf, len, flags, ud) },
             // SAFETY: the caller's contract.
             Imp::Epoll(e) => unsafe { e.send(fd, buf, len, flags, ud) },
+        }
+    }
+
+    /// A vectored send: the buffers of `msg`'s iovecs, in order, as one write on `fd` with
+    /// `flags` (`MSG_*`; `msg` names no address and carries no control data); completes like
+    /// [`send`](Self::send), with a byte count that may end inside any of them.
+    ///
+    /// # Safety
+    ///
+    /// `msg`, its iovec array and every buffer they point to must stay valid, and must not
+    /// move or be written, until the send completes (io_uring reads the header when the entry
+    /// is submitted, epoll at each try); `fd` must stay open as long.
+    #[inline]
+    pub unsafe fn send_msg(&mut self, fd: RawFd, msg: *const libc::msghdr, flags: i32, ud: u64) {
+        match &mut self.imp {
+            // SAFETY: the caller's contract.
+            Imp::Uring(u) => unsafe { u.send_msg(fd, msg, flags, ud) },
+            // SAFETY: the caller's contract.
+            Imp::Epoll(e) => unsafe { e.send_msg(fd, msg, flags, ud) },
         }
     }
 

@@ -128,6 +128,25 @@ impl Uring {
 
     /// # Safety
     ///
+    /// See [`super::Ring::send_msg`].
+    #[inline]
+    pub(super) unsafe fn send_msg(
+        &mut self,
+        fd: RawFd,
+        msg: *const libc::msghdr,
+        flags: i32,
+        user_data: u64,
+    ) {
+        let entry = opcode::SendMsg::new(types::Fd(fd), msg)
+            .flags(flags as u32)
+            .build()
+            .user_data(user_data);
+        // SAFETY: the caller's contract.
+        unsafe { self.push(entry) }
+    }
+
+    /// # Safety
+    ///
     /// See [`super::Ring::connect`].
     pub(super) unsafe fn connect(
         &mut self,

@@ -77,7 +77,10 @@ const SCRATCH_KEEP: usize = 256 * 1024;
 /// flood is answered with the latest in the last place, so it costs at most this many
 /// control frames (127 bytes each) per connection.
 pub const MAX_QUEUED_PONGS: usize = 16;
-const _: () = assert!(MAX_QUEUED_PONGS > 1, "the front pong may be partly written");
+const _: () = assert!(
+    MAX_QUEUED_PONGS > MAX_IOVECS,
+    "the last of a full queue of pongs is never being written"
+);
 
 /// permessage-deflate state of one connection that agreed to it.
 struct Deflate {
@@ -226,11 +229,58 @@ impl Chunk {
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum InFlight {
-    None,
-    Queue,
-    Pong,
+/// What the write in progress takes, from the front: `pongs` answers, then `chunks` chunks
+/// of the queue (both zero: no write in progress).
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct InFlight {
+    pongs: u8,
+    chunks: u8,
+}
+
+impl InFlight {
+    const NONE: InFlight = InFlight { pongs: 0, chunks: 0 };
+}
+
+/// Buffers one vectored write takes at most. The kernel copies up to 8 iovecs onto its stack
+/// (`UIO_FASTIOV`) and allocates for more; a queue that long has more to send anyway.
+const MAX_IOVECS: usize = 8;
+
+/// The header and buffer list of a vectored write, boxed so that the pointers the kernel
+/// reads stay put while the write is in flight. Allocated the first time a connection has
+/// more than one buffer to write, and kept as long as its [`Outbound`].
+struct IoVecs {
+    msg: libc::msghdr,
+    iov: [libc::iovec; MAX_IOVECS],
+}
+
+/// What [`Connection::next_send`] gives to write.
+pub enum Outgoing<'a> {
+    /// One buffer: a plain send.
+    Bytes(&'a [u8]),
+    /// Several: a `sendmsg` of this header, whose iovecs point into the connection's queue.
+    Vectored(&'a libc::msghdr),
+}
+
+impl Outgoing<'_> {
+    /// The bytes it writes, in order (for tests and logs: it copies).
+    pub fn to_vec(&self) -> Vec<u8> {
+        match self {
+            Outgoing::Bytes(b) => b.to_vec(),
+            Outgoing::Vectored(msg) => {
+                // SAFETY: `next_send` built `msg` over `msg_iovlen` iovecs, each pointing into
+                // a buffer the connection holds unchanged while `self` borrows it.
+                let iov = unsafe { std::slice::from_raw_parts(msg.msg_iov, msg.msg_iovlen) };
+                let mut v = Vec::new();
+                for i in iov {
+                    // SAFETY: as above.
+                    v.extend_from_slice(unsafe {
+                        std::slice::from_raw_parts(i.iov_base as *const u8, i.iov_len)
+                    });
+                }
+                v
+            }
+        }
+    }
 }
 
 pub struct Connection {
@@ -293,9 +343,12 @@ struct Outbound {
     /// clears it, and the 101 is the first thing ever queued, so a new `Outbound` starts
     /// with it set.
     greeted: bool,
-    /// What the write in progress is taken from; the buffer must stay put until it is
-    /// reported, so `Outbound` is never freed while this is not `None`.
+    /// What the write in progress is taken from; those buffers must stay put until it is
+    /// reported, so `Outbound` is never freed, and they are never changed, while this is not
+    /// [`InFlight::NONE`].
     in_flight: InFlight,
+    /// The iovecs of a vectored write, once one was needed.
+    iovecs: Option<Box<IoVecs>>,
     /// The first tick that found the queue over `max_outbound` (None while under it).
     stuck_since: Option<Tick>,
     /// What the worker must act on, in order ([`Connection::take_notices`]).
@@ -370,7 +423,8 @@ impl Default for Outbound {
             pongs: VecDeque::new(),
             pong_sent: 0,
             greeted: true,
-            in_flight: InFlight::None,
+            in_flight: InFlight::NONE,
+            iovecs: None,
             stuck_since: None,
             notices: Vec::new(),
         }
@@ -380,7 +434,7 @@ impl Default for Outbound {
 impl Outbound {
     /// Nothing left to write and nothing being written.
     fn is_flushed(&self) -> bool {
-        self.queue.is_empty() && self.pongs.is_empty() && self.in_flight == InFlight::None
+        self.queue.is_empty() && self.pongs.is_empty() && self.in_flight == InFlight::NONE
     }
 }
 
@@ -656,23 +710,52 @@ impl Connection {
         }
     }
 
-    /// The next bytes to write, if nothing is being written now.
-    pub fn next_send(&mut self) -> Option<&[u8]> {
+    /// The next bytes to write, if nothing is being written now: as much of the queue as one
+    /// write takes (up to 8 buffers: the queued pongs first when they may go, then frames),
+    /// so a backed-up queue of shared frames leaves in one system call, not one per frame.
+    pub fn next_send(&mut self) -> Option<Outgoing<'_>> {
         let o = self.core.out.as_deref_mut()?;
-        if o.in_flight != InFlight::None {
+        if o.in_flight != InFlight::NONE {
             return None;
         }
         // A started pong finishes first; a new one goes only between frames, never inside a
         // half-written one, and never before the 101.
-        if o.pong_sent > 0 || (o.front_sent == 0 && o.greeted) {
-            if let Some(p) = o.pongs.front() {
-                o.in_flight = InFlight::Pong;
-                return Some(&p[o.pong_sent..]);
+        let pongs_first = o.pong_sent > 0 || (o.front_sent == 0 && o.greeted);
+        let pongs = if pongs_first { o.pongs.len().min(MAX_IOVECS) } else { 0 };
+        // Waiting pongs that may not go yet go right after the front frame: nothing else
+        // joins it.
+        let room = if !pongs_first && !o.pongs.is_empty() { 1 } else { MAX_IOVECS - pongs };
+        let chunks = o.queue.len().min(room);
+        o.in_flight = InFlight { pongs: pongs as u8, chunks: chunks as u8 };
+        let mut pieces = o.pongs.iter().take(pongs).enumerate().map(|(i, p)| match i {
+            0 => &p[o.pong_sent..],
+            _ => &p[..],
+        });
+        let mut pieces =
+            pieces.by_ref().chain(o.queue.iter().take(chunks).enumerate().map(|(i, c)| match i {
+                0 => &c.bytes()[o.front_sent..],
+                _ => c.bytes(),
+            }));
+        match pongs + chunks {
+            0 => None,
+            1 => pieces.next().map(Outgoing::Bytes),
+            n => {
+                let v = o.iovecs.get_or_insert_with(|| {
+                    Box::new(IoVecs {
+                        // SAFETY: all-zero is a valid msghdr (no name, no control data).
+                        msg: unsafe { std::mem::zeroed() },
+                        iov: [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 };
+                            MAX_IOVECS],
+                    })
+                });
+                for (iov, piece) in v.iov.iter_mut().zip(pieces) {
+                    *iov = libc::iovec { iov_base: piece.as_ptr() as *mut _, iov_len: piece.len() };
+                }
+                v.msg.msg_iov = v.iov.as_mut_ptr();
+                v.msg.msg_iovlen = n;
+                Some(Outgoing::Vectored(&v.msg))
             }
         }
-        let front = o.queue.front()?;
-        o.in_flight = InFlight::Queue;
-        Some(&front.bytes()[o.front_sent..])
     }
 
     /// Reports that `n` bytes of what [`next_send`](Self::next_send) gave were written.
@@ -682,25 +765,34 @@ impl Connection {
             c.last_send = Tick::at(now);
         }
         let Some(o) = c.out.as_deref_mut() else { return };
-        match std::mem::replace(&mut o.in_flight, InFlight::None) {
-            InFlight::None => {}
-            InFlight::Pong => {
-                o.pong_sent += n;
-                if o.pongs.front().is_some_and(|p| o.pong_sent >= p.len()) {
-                    o.pongs.pop_front();
-                    o.pong_sent = 0;
-                }
+        let in_flight = std::mem::take(&mut o.in_flight);
+        let mut left = n;
+        for _ in 0..in_flight.pongs {
+            let rest = o.pongs.front().map_or(0, |p| p.len() - o.pong_sent);
+            if left < rest {
+                o.pong_sent += left;
+                left = 0;
+                break;
             }
-            InFlight::Queue => {
-                o.front_sent += n;
-                o.queued_bytes -= n.min(o.queued_bytes);
-                let done = o.queue.front().is_some_and(|f| o.front_sent >= f.bytes().len());
-                if done {
-                    o.greeted = true;
-                    o.queue.pop_front();
-                    o.front_sent = 0;
-                }
+            left -= rest;
+            o.pongs.pop_front();
+            o.pong_sent = 0;
+        }
+        for _ in 0..in_flight.chunks {
+            if left == 0 {
+                break;
             }
+            let rest = o.queue.front().map_or(0, |f| f.bytes().len() - o.front_sent);
+            let took = left.min(rest);
+            left -= took;
+            o.queued_bytes -= took.min(o.queued_bytes);
+            if took < rest {
+                o.front_sent += took;
+                break;
+            }
+            o.greeted = true;
+            o.queue.pop_front();
+            o.front_sent = 0;
         }
         c.release_out();
     }
@@ -782,7 +874,7 @@ impl Core {
         // frame is copied then (a new connection's first poke behind its `connected`); one
         // that finds no owned chunk waiting stays shared, as on a fan-out's quiet recipients.
         // A framed chunk is owned too: relayed messages queued together leave together.
-        let writing_back = o.in_flight == InFlight::Queue && o.queue.len() == 1;
+        let writing_back = usize::from(o.in_flight.chunks) >= o.queue.len();
         let back = match o.queue.back_mut() {
             Some(Chunk::Owned(buf)) => Some((buf, 0)),
             Some(Chunk::Framed { buf, start }) => Some((buf, *start)),
@@ -989,8 +1081,8 @@ impl Core {
             Event::Ping(payload) => {
                 let f = self.frame(OpCode::Pong, payload);
                 let o = self.out.get_or_insert_with(Box::default);
-                // Past the bound the last answer is replaced, never the front one, which may
-                // be partly written (the bound is above 1).
+                // Past the bound the last answer is replaced: never one being written (a
+                // write takes fewer), nor the front one, which may be partly written.
                 let full = o.pongs.len() >= MAX_QUEUED_PONGS;
                 match o.pongs.back_mut() {
                     Some(last) if full => *last = f,
@@ -1160,13 +1252,17 @@ mod tests {
         c
     }
 
+    /// What the next write takes, as one buffer.
+    fn sendable(c: &mut Connection) -> Option<Vec<u8>> {
+        c.next_send().map(|out| out.to_vec())
+    }
+
     /// Writes everything queued and returns the server frames as (opcode byte, payload).
     fn drain(c: &mut Connection, now: Instant) -> Vec<(u8, Vec<u8>)> {
         let mut wire = Vec::new();
-        while let Some(bytes) = c.next_send() {
-            let n = bytes.len();
-            wire.extend_from_slice(bytes);
-            c.on_sent(n, now);
+        while let Some(bytes) = sendable(c) {
+            wire.extend_from_slice(&bytes);
+            c.on_sent(bytes.len(), now);
         }
         let mut frames = Vec::new();
         let mut at = 0;
@@ -1251,7 +1347,7 @@ mod tests {
         let mut c = open(now);
         // Behind the unsent `connected`: copied in, one write for both.
         c.send_shared(Rc::from(&b"\x81\x01x"[..]), 1);
-        let first = c.next_send().unwrap().to_vec();
+        let first = sendable(&mut c).unwrap();
         assert!(first.starts_with(b"\x81") && first.ends_with(b"\x81\x01x"), "{first:?}");
         // Queued while that write is out: it waits for its own, and stays shared.
         c.send_shared(Rc::from(&b"\x81\x01y"[..]), 1);
@@ -1259,7 +1355,85 @@ mod tests {
         assert_eq!(queue.len(), 2);
         assert!(matches!(queue.back(), Some(Chunk::Shared(_))));
         c.on_sent(first.len(), now);
-        assert_eq!(c.next_send().unwrap(), b"\x81\x01y");
+        assert_eq!(sendable(&mut c).unwrap(), b"\x81\x01y");
+    }
+
+    #[test]
+    fn a_backed_up_queue_leaves_in_one_vectored_write_and_a_short_one_resumes_mid_frame() {
+        let now = Instant::now();
+        let mut c = open(now);
+        drain(&mut c, now);
+        c.send_shared(Rc::from(&b"\x81\x01a"[..]), 1);
+        let first = sendable(&mut c).unwrap();
+        // Queued behind a write in flight: each shared frame stays its own chunk.
+        for b in [b'b', b'c', b'd'] {
+            c.send_shared(Rc::from(&[0x81, 1, b][..]), 1);
+        }
+        c.on_sent(first.len(), now);
+        match c.next_send() {
+            Some(Outgoing::Vectored(msg)) => assert_eq!(msg.msg_iovlen, 3),
+            _ => panic!("three frames waiting leave in one vectored write"),
+        }
+        // The socket took the first frame and a byte of the second.
+        c.on_sent(4, now);
+        assert_eq!(c.queued_bytes(), 5);
+        assert_eq!(sendable(&mut c).unwrap(), b"\x01c\x81\x01d");
+        c.on_sent(5, now);
+        assert!(c.flushed() && c.core.out.is_none());
+    }
+
+    #[test]
+    fn pongs_leave_with_the_frames_behind_them_but_never_inside_a_frame() {
+        let now = Instant::now();
+        let mut c = open(now);
+        drain(&mut c, now);
+        c.send_shared(Rc::from(&b"\x81\x01a"[..]), 1);
+        let first = sendable(&mut c).unwrap();
+        c.send_shared(Rc::from(&b"\x81\x01b"[..]), 1);
+        c.send_shared(Rc::from(&b"\x81\x01c"[..]), 1);
+        c.on_sent(first.len(), now);
+        c.on_bytes(&mut client(OpCode::Ping, b"1"), &mut shared(), "g1", now);
+        c.on_bytes(&mut client(OpCode::Ping, b"2"), &mut shared(), "g1", now);
+        // Between frames: both pongs, then the frames, in one write.
+        let pong = |p: &[u8]| {
+            let mut f = Vec::new();
+            encode_frame(&mut f, OpCode::Pong, p, false);
+            f
+        };
+        let (p1, p2) = (pong(b"1"), pong(b"2"));
+        assert_eq!(sendable(&mut c).unwrap(), [&p1[..], &p2, b"\x81\x01b\x81\x01c"].concat());
+        // Cut inside frame b: a new pong waits for the rest of b alone, then goes first.
+        c.on_sent(p1.len() + p2.len() + 1, now);
+        c.on_bytes(&mut client(OpCode::Ping, b"3"), &mut shared(), "g1", now);
+        assert_eq!(sendable(&mut c).unwrap(), b"\x01b");
+        c.on_sent(2, now);
+        assert_eq!(sendable(&mut c).unwrap(), [&pong(b"3")[..], b"\x81\x01c"].concat());
+    }
+
+    #[test]
+    fn a_ping_flood_never_replaces_a_pong_being_written() {
+        let now = Instant::now();
+        let mut c = open(now);
+        drain(&mut c, now);
+        for i in 0..MAX_QUEUED_PONGS as u8 {
+            c.on_bytes(&mut client(OpCode::Ping, &[i]), &mut shared(), "g1", now);
+        }
+        let first = sendable(&mut c).unwrap();
+        // More pings while the first pongs are written: the last waiting one is replaced.
+        for i in MAX_QUEUED_PONGS as u8..40 {
+            c.on_bytes(&mut client(OpCode::Ping, &[i]), &mut shared(), "g1", now);
+        }
+        let mut wire = first.clone();
+        c.on_sent(first.len(), now);
+        while let Some(bytes) = sendable(&mut c) {
+            wire.extend_from_slice(&bytes);
+            c.on_sent(bytes.len(), now);
+        }
+        let mut want: Vec<u8> = (0..MAX_QUEUED_PONGS as u8 - 1).collect();
+        want.push(39);
+        let got: Vec<u8> = wire.chunks(3).map(|f| f[2]).collect();
+        assert_eq!(got, want, "the written ones whole and in order, the latest last");
+        assert_eq!(first.len(), 3 * MAX_IOVECS, "a write takes at most MAX_IOVECS pongs");
     }
 
     #[test]
@@ -1270,7 +1444,7 @@ mod tests {
         let mut shared = shared();
         c.forward(Relayed::copy(OpCode::Text, b"one", false), &mut shared);
         c.forward(Relayed::copy(OpCode::Text, b"two", false), &mut shared);
-        assert_eq!(c.next_send().unwrap(), b"\x81\x03one\x81\x03two");
+        assert_eq!(sendable(&mut c).unwrap(), b"\x81\x03one\x81\x03two");
     }
 
     #[test]
@@ -1383,7 +1557,7 @@ mod tests {
             c.send_shared(Rc::from(vec![0x81, 1, i]), 1);
         }
         // Start writing the first queued frame, then a flood of pings arrives.
-        let first = c.next_send().unwrap().len();
+        let first = sendable(&mut c).unwrap().len();
         for i in 0..50u8 {
             c.on_bytes(&mut client(OpCode::Ping, &[i]), &mut shared(), "g1", now);
         }
@@ -1412,7 +1586,7 @@ mod tests {
         let mut c = Connection::new(Mode::Sync, now);
         c.send_raw(b"HTTP/1.1 101 Switching Protocols\r\n\r\n".to_vec());
         c.on_bytes(&mut client(OpCode::Ping, b"early"), &mut shared(), "g1", now);
-        let first = c.next_send().unwrap().to_vec();
+        let first = sendable(&mut c).unwrap();
         assert!(first.starts_with(b"HTTP/1.1 101"), "{first:02x?}");
     }
 
@@ -1423,14 +1597,13 @@ mod tests {
         let mut c = open(now);
         drain(&mut c, now);
         c.on_bytes(&mut client(OpCode::Ping, b"one"), &mut shared(), "g1", now);
-        let mut wire = c.next_send().unwrap()[..2].to_vec();
+        let mut wire = sendable(&mut c).unwrap()[..2].to_vec();
         c.on_sent(2, now);
         c.on_bytes(&mut client(OpCode::Ping, b"two"), &mut shared(), "g1", now);
         c.on_bytes(&mut client(OpCode::Ping, b"three"), &mut shared(), "g1", now);
-        while let Some(bytes) = c.next_send() {
-            let n = bytes.len();
-            wire.extend_from_slice(bytes);
-            c.on_sent(n, now);
+        while let Some(bytes) = sendable(&mut c) {
+            wire.extend_from_slice(&bytes);
+            c.on_sent(bytes.len(), now);
         }
         let mut expected = Vec::new();
         encode_frame(&mut expected, OpCode::Pong, b"one", false);

@@ -1157,16 +1157,17 @@ impl Worker {
             // (the shutdown pushes both in one segment instead of two); a close without a
             // shutdown sends them the same way.
             let last = if slot.conn.last_words() { libc::MSG_MORE } else { 0 };
-            if let Some(bytes) = slot.conn.next_send() {
+            if let Some(out) = slot.conn.next_send() {
                 let (fd, flags) = (slot.fd.as_raw_fd(), libc::MSG_NOSIGNAL | last);
                 slot.send_armed = true;
-                // SAFETY: `bytes` is the front of the connection's outbound queue, which
-                // neither moves nor drops it while a send is in flight (`send_armed`; see
+                if matches!(out, connection::Outgoing::Vectored(_)) {
+                    self.metrics.inc(Metric::VectoredSends);
+                }
+                // SAFETY: `out` is the front of the connection's outbound queue, which
+                // neither moves nor changes it while a send is in flight (`send_armed`; see
                 // `Connection::next_send`), and the slot, socket included, is freed only
                 // once no operation is in flight.
-                unsafe {
-                    self.ring.send(fd, bytes.as_ptr(), bytes.len(), flags, Op::Send.token(index))
-                };
+                unsafe { send(&mut self.ring, fd, out, flags, Op::Send.token(index)) };
             }
         }
         self.writers = writers;
@@ -1456,6 +1457,21 @@ fn peer_gone(fd: &OwnedFd) -> bool {
 
 fn epoch_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Queues the write of `out` on `fd`: a plain send for one buffer, a vectored one for more.
+///
+/// # Safety
+///
+/// As [`Ring::send`] and [`Ring::send_msg`]: what `out` points to stays put and unchanged,
+/// and `fd` open, until the send completes.
+unsafe fn send(ring: &mut Ring, fd: RawFd, out: connection::Outgoing, flags: i32, ud: u64) {
+    match out {
+        // SAFETY: the caller's contract.
+        connection::Outgoing::Bytes(b) => unsafe { ring.send(fd, b.as_ptr(), b.len(), flags, ud) },
+        // SAFETY: the caller's contract.
+        connection::Outgoing::Vectored(msg) => unsafe { ring.send_msg(fd, msg, flags, ud) },
+    }
 }
 
 #[cfg(test)]

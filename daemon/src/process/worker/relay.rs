@@ -25,7 +25,7 @@ use crate::ring::{Completion, Op, Ring};
 use crate::upstream::relay::{self, Side, Then};
 use crate::upstream::request::{self, Request};
 use crate::ws::close;
-use crate::ws::connection::{self, Connection, Mode, Notice};
+use crate::ws::connection::{self, Connection, Mode, Notice, Outgoing};
 use crate::ws::handshake;
 
 /// What an admitted client needs for its relay: the request for its upstream and where.
@@ -654,24 +654,26 @@ impl Worker {
             if hop.send_armed || hop.shut {
                 continue;
             }
-            let bytes = match &hop.stage {
+            let fd = hop.fd.as_raw_fd();
+            let out = match &hop.stage {
                 Stage::Upgrading { request, written, .. } if *written < request.bytes.len() => {
-                    &request.bytes[*written..]
+                    Outgoing::Bytes(&request.bytes[*written..])
                 }
                 Stage::Open => match hop.conn.next_send() {
-                    Some(bytes) => bytes,
+                    Some(out) => out,
                     None => continue,
                 },
                 _ => continue,
             };
-            let (fd, buf, len) = (hop.fd.as_raw_fd(), bytes.as_ptr(), bytes.len());
             hop.send_armed = true;
             // SAFETY: `bytes` is the unwritten rest of the upgrade request, which the stage
             // keeps unchanged until the send completes, or the front of the connection's
             // outbound queue, which stays put while a send is in flight (see
             // `Connection::next_send`); the hop is freed only once no operation is in
             // flight.
-            unsafe { self.ring.send(fd, buf, len, libc::MSG_NOSIGNAL, Op::UpSend.token(h)) };
+            unsafe {
+                super::send(&mut self.ring, fd, out, libc::MSG_NOSIGNAL, Op::UpSend.token(h))
+            };
         }
         self.hop_writers = writers;
     }
