@@ -1025,3 +1025,64 @@ fn a_replacement_whose_worker_cannot_share_its_log_is_refused_and_loses_nothing(
     assert_eq!(full.rows(), [put("m1", "x"), put("m2", "x")]);
     assert_eq!(full.lmids(), json!({"c": 2}));
 }
+
+/// The slots (`wal-<slot>-<seq>`) that have write-ahead log files in the storage directory.
+fn wal_slots(storage: &StorageDir) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(&storage.0 .0)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().to_string_lossy().into_owned();
+            Some(name.strip_prefix("wal-")?.split('-').next()?.to_string())
+        })
+        .collect()
+}
+
+/// A worker that dies while a graceful replacement waits for the logs to be folded in (here
+/// killed after `Share` reached it, while stopped): the reload is refused, the respawned
+/// worker replays the dead one's log before it serves, nothing acknowledged is lost, and the
+/// next reload goes through.
+#[test]
+fn a_worker_that_dies_while_sharing_its_log_fails_the_reload_and_loses_nothing() {
+    let storage = StorageDir::new("share-died");
+    let d = Daemon::start(&format!("{QUIET}{}", storage.config()));
+    let worker = expected_worker("dies");
+    let other = (0..).map(|i| format!("lives{i}")).find(|g| expected_worker(g) != worker).unwrap();
+    let (mut ws, _) = Join::new("c", "dies").open_fresh(&d);
+    push(&mut ws, "dies", "c", 1, &[insert("m1", "x")]);
+    assert_eq!(read_poke(&mut ws).lmids(), json!({"c": 1}));
+    let (mut ow, _) = Join::new("o", &other).open_fresh(&d);
+    push(&mut ow, &other, "o", 1, &[insert("m1", "x")]);
+    assert_eq!(read_poke(&mut ow).lmids(), json!({"o": 1}));
+    assert_eq!(wal_slots(&storage).len(), 2, "each worker logged its push");
+    let (pid, _) = d
+        .children()
+        .into_iter()
+        .find(|(_, args)| args.contains("__worker") && args.contains(&format!("--index {worker}")))
+        .expect("the worker runs");
+    // SAFETY: kill(2) on a child of the daemon under test.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let file = std::fs::read_to_string(d.config_path()).unwrap();
+    assert!(file.contains("workers = 2"), "{file}");
+    std::fs::write(d.config_path(), file.replace("workers = 2", "workers = 3")).unwrap();
+    d.signal(libc::SIGHUP);
+    // `Share` went to both workers: the running one folds its log in and removes it.
+    let deadline = std::time::Instant::now() + WAIT;
+    while wal_slots(&storage).len() > 1 {
+        assert!(std::time::Instant::now() < deadline, "the running worker kept its log");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let refused = d.wait_log(|l| l.contains("reload refused"), WAIT);
+    assert!(refused.contains("exited while sharing"), "{refused}");
+    d.wait_log(|l| l.contains(&format!("worker {worker} respawned")), WAIT);
+    assert_holds_exactly(&d, "c", "dies", 1);
+    let replayed = replayed_batches(&d, &format!("worker-{worker}["));
+    assert_eq!(replayed, 1, "the respawn replayed the push:\n{}", d.log_text());
+    assert_holds_exactly(&d, "o", &other, 1);
+    // Nothing is left half done: the same reload, asked again, replaces the workers.
+    d.signal(libc::SIGHUP);
+    d.wait_log(|l| l.contains("by graceful replacement"), Duration::from_secs(15));
+    assert_holds_exactly(&d, "c", "dies", 1);
+    assert_holds_exactly(&d, "o", &other, 1);
+}
