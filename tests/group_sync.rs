@@ -995,20 +995,10 @@ fn a_replacement_whose_worker_cannot_share_its_log_is_refused_and_loses_nothing(
     push(&mut ws, "shared", "c", 1, &[insert("m1", "x")]);
     assert_eq!(read_poke(&mut ws).lmids(), json!({"c": 1}));
     let worker = expected_worker("shared");
-    let (pid, _) = d
-        .children()
-        .into_iter()
-        .find(|(_, args)| args.contains("__worker") && args.contains(&format!("--index {worker}")))
-        .expect("the worker runs");
-    // SAFETY: kill(2) on a child of the daemon under test.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
-    let file = std::fs::read_to_string(d.config_path()).unwrap();
-    assert!(file.contains("workers = 2"), "{file}");
-    std::fs::write(d.config_path(), file.replace("workers = 2", "workers = 3")).unwrap();
-    d.signal(libc::SIGHUP);
+    let pid = stop_worker_and_add_one(&d, worker);
     let refused = d.wait_log(|l| l.contains("reload refused"), Duration::from_secs(10));
     assert!(refused.contains("did not fold its write-ahead log in"), "{refused}");
-    // SAFETY: as above.
+    // SAFETY: kill(2) on a child of the daemon under test.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
     // The same worker, the same connection, still serving.
     push(&mut ws, "shared", "c", 2, &[insert("m2", "x")]);
@@ -1024,6 +1014,23 @@ fn a_replacement_whose_worker_cannot_share_its_log_is_refused_and_loses_nothing(
     let (_fresh, full) = Join::new("fresh", "shared").open_fresh(&d);
     assert_eq!(full.rows(), [put("m1", "x"), put("m2", "x")]);
     assert_eq!(full.lmids(), json!({"c": 2}));
+}
+
+/// Stops worker `index` (SIGSTOP), then asks the daemon for one more worker (a graceful
+/// replacement, SIGHUP); returns the stopped worker's pid.
+fn stop_worker_and_add_one(d: &Daemon, index: usize) -> libc::pid_t {
+    let (pid, _) = d
+        .children()
+        .into_iter()
+        .find(|(_, args)| args.contains("__worker") && args.contains(&format!("--index {index}")))
+        .expect("the worker runs");
+    // SAFETY: kill(2) on a child of the daemon under test.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let file = std::fs::read_to_string(d.config_path()).unwrap();
+    assert!(file.contains("workers = 2"), "{file}");
+    std::fs::write(d.config_path(), file.replace("workers = 2", "workers = 3")).unwrap();
+    d.signal(libc::SIGHUP);
+    pid
 }
 
 /// The slots (`wal-<slot>-<seq>`) that have write-ahead log files in the storage directory.
@@ -1054,24 +1061,14 @@ fn a_worker_that_dies_while_sharing_its_log_fails_the_reload_and_loses_nothing()
     push(&mut ow, &other, "o", 1, &[insert("m1", "x")]);
     assert_eq!(read_poke(&mut ow).lmids(), json!({"o": 1}));
     assert_eq!(wal_slots(&storage).len(), 2, "each worker logged its push");
-    let (pid, _) = d
-        .children()
-        .into_iter()
-        .find(|(_, args)| args.contains("__worker") && args.contains(&format!("--index {worker}")))
-        .expect("the worker runs");
-    // SAFETY: kill(2) on a child of the daemon under test.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
-    let file = std::fs::read_to_string(d.config_path()).unwrap();
-    assert!(file.contains("workers = 2"), "{file}");
-    std::fs::write(d.config_path(), file.replace("workers = 2", "workers = 3")).unwrap();
-    d.signal(libc::SIGHUP);
+    let pid = stop_worker_and_add_one(&d, worker);
     // `Share` went to both workers: the running one folds its log in and removes it.
     let deadline = std::time::Instant::now() + WAIT;
     while wal_slots(&storage).len() > 1 {
         assert!(std::time::Instant::now() < deadline, "the running worker kept its log");
         std::thread::sleep(Duration::from_millis(10));
     }
-    // SAFETY: as above.
+    // SAFETY: kill(2) on a child of the daemon under test.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let refused = d.wait_log(|l| l.contains("reload refused"), WAIT);
     assert!(refused.contains("exited while sharing"), "{refused}");
