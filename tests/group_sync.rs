@@ -995,7 +995,7 @@ fn a_replacement_whose_worker_cannot_share_its_log_is_refused_and_loses_nothing(
     push(&mut ws, "shared", "c", 1, &[insert("m1", "x")]);
     assert_eq!(read_poke(&mut ws).lmids(), json!({"c": 1}));
     let worker = expected_worker("shared");
-    let pid = stop_worker_and_add_one(&d, worker);
+    let pid = stop_worker_and_add_one(&d, &storage, worker);
     let refused = d.wait_log(|l| l.contains("reload refused"), Duration::from_secs(10));
     assert!(refused.contains("did not fold its write-ahead log in"), "{refused}");
     // SAFETY: kill(2) on a child of the daemon under test.
@@ -1016,21 +1016,49 @@ fn a_replacement_whose_worker_cannot_share_its_log_is_refused_and_loses_nothing(
     assert_eq!(full.lmids(), json!({"c": 2}));
 }
 
-/// Stops worker `index` (SIGSTOP), then asks the daemon for one more worker (a graceful
-/// replacement, SIGHUP); returns the stopped worker's pid.
-fn stop_worker_and_add_one(d: &Daemon, index: usize) -> libc::pid_t {
+/// Stops worker `index` (SIGSTOP) between two SQLite transactions, then asks the daemon for
+/// one more worker (a graceful replacement, SIGHUP); returns the stopped worker's pid.
+fn stop_worker_and_add_one(d: &Daemon, storage: &StorageDir, index: usize) -> libc::pid_t {
     let (pid, _) = d
         .children()
         .into_iter()
         .find(|(_, args)| args.contains("__worker") && args.contains(&format!("--index {index}")))
         .expect("the worker runs");
-    // SAFETY: kill(2) on a child of the daemon under test.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    // Stopped inside a transaction (an idle fold of its log), the worker would hold SQLite's
+    // write lock and every other worker's fold would wait for it: stop it again until it
+    // holds none.
+    let db = rusqlite::Connection::open(storage.0 .0.join("syncgate.db")).unwrap();
+    db.busy_timeout(Duration::ZERO).unwrap();
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        // SAFETY: kill(2) on a child of the daemon under test.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        while !stopped(pid) {
+            assert!(std::time::Instant::now() < deadline, "worker {index} does not stop");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if db.execute_batch("BEGIN IMMEDIATE; ROLLBACK;").is_ok() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "worker {index} keeps the write lock");
+        // SAFETY: as above.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let file = std::fs::read_to_string(d.config_path()).unwrap();
     assert!(file.contains("workers = 2"), "{file}");
     std::fs::write(d.config_path(), file.replace("workers = 2", "workers = 3")).unwrap();
     d.signal(libc::SIGHUP);
     pid
+}
+
+/// Whether every thread of process `pid` is stopped (state `T` in /proc).
+fn stopped(pid: libc::pid_t) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().all(|task| {
+        let stat = std::fs::read_to_string(task.unwrap().path().join("stat")).unwrap_or_default();
+        // The state follows the command name, which is in parentheses.
+        stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('T'))
+    })
 }
 
 /// The slots (`wal-<slot>-<seq>`) that have write-ahead log files in the storage directory.
@@ -1061,7 +1089,7 @@ fn a_worker_that_dies_while_sharing_its_log_fails_the_reload_and_loses_nothing()
     push(&mut ow, &other, "o", 1, &[insert("m1", "x")]);
     assert_eq!(read_poke(&mut ow).lmids(), json!({"o": 1}));
     assert_eq!(wal_slots(&storage).len(), 2, "each worker logged its push");
-    let pid = stop_worker_and_add_one(&d, worker);
+    let pid = stop_worker_and_add_one(&d, &storage, worker);
     // `Share` went to both workers: the running one folds its log in and removes it.
     let deadline = std::time::Instant::now() + WAIT;
     while wal_slots(&storage).len() > 1 {

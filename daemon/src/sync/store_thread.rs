@@ -62,6 +62,14 @@ const FOLD_START_BYTES: usize = 1 << 20;
 /// had more, so compaction keeps pace): a few milliseconds of SQLite between two looks at
 /// the SQLite thread's queue, where loads wait.
 const FOLD_SLICE_CHANGES: usize = 128;
+/// A slice also folds at least this many changes per group with changes waiting, up to
+/// [`FOLD_SLICE_MAX`]: a slice writes each group it touches a page or more, so with many groups pushing, 128
+/// changes wrote about a page per push (with 100 groups, 21 µs of SQLite per push; 8 per
+/// group cut that to 12-14 µs: bench/RESULTS.md, "compaction in larger slices").
+const FOLD_CHANGES_PER_GROUP: usize = 8;
+/// The most a slice is made to fold for its groups' sake: a load waits for at most one
+/// slice, and one of 1,024 changes takes 10-25 ms on the benchmark's shared core.
+const FOLD_SLICE_MAX: usize = 1024;
 /// A batch whose changes average this many bytes of patch or more is written straight to
 /// SQLite (after the log is folded in, to keep the order) instead of to the log: rows that
 /// large fill pages of their own, so folding many of them together saves no page writes,
@@ -72,6 +80,14 @@ const DIRECT_BYTES: usize = 4096;
 /// [`FOLD_START_BYTES`], so an idle worker's log empties (and the log thread, idle as long,
 /// removes the segments folded in).
 const FOLD_IDLE: Duration = Duration::from_millis(50);
+
+/// The changes a slice of compaction folds at least, with `groups` groups' changes waiting
+/// and `last_changes` in the last batch logged ([`FOLD_SLICE_CHANGES`],
+/// [`FOLD_CHANGES_PER_GROUP`], [`FOLD_SLICE_MAX`]).
+fn slice_changes(groups: usize, last_changes: usize) -> usize {
+    let per_group = (FOLD_CHANGES_PER_GROUP * groups).min(FOLD_SLICE_MAX);
+    FOLD_SLICE_CHANGES.max(per_group).max(last_changes)
+}
 
 /// What the loop asks of the store.
 pub enum Request {
@@ -509,7 +525,7 @@ struct Folder {
     /// Encoded bytes of `unfolded`, for [`FOLD_START_BYTES`].
     unfolded_bytes: usize,
     /// Changes in the last batch logged: a slice of compaction folds at least as many, so
-    /// that compaction keeps pace with the commits.
+    /// that compaction keeps pace with the commits ([`Folder::slice`]).
     last_changes: usize,
     /// Groups the loop forgot while they had writes in `unfolded`: the store keeps what it
     /// knows of them (the materialization needs it) until those are folded in.
@@ -539,6 +555,13 @@ impl Folder {
         self.fold(None).is_ok()
     }
 
+    /// The changes the next slice of compaction folds at least: enough for its groups'
+    /// pages to be written once for several pushes each, and as many as the last batch
+    /// logged had, so compaction keeps pace.
+    fn slice(&self) -> usize {
+        slice_changes(self.unfolded_groups.len(), self.last_changes)
+    }
+
     /// Serves one piece of work; `false` once the loop is gone.
     fn serve_one(&mut self, work: Work) -> bool {
         match work {
@@ -550,7 +573,7 @@ impl Folder {
                 self.unfolded_bytes += logged.bytes;
                 self.unfolded.push_back(logged);
                 if self.unfolded_bytes >= FOLD_START_BYTES {
-                    let _ = self.fold(Some(FOLD_SLICE_CHANGES.max(self.last_changes)));
+                    let _ = self.fold(Some(self.slice()));
                 }
                 true
             }
@@ -738,6 +761,15 @@ pub fn replay_logs(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slice_grows_with_the_groups_waiting_up_to_its_bound_and_keeps_pace_with_a_batch() {
+        assert_eq!(slice_changes(0, 0), FOLD_SLICE_CHANGES);
+        assert_eq!(slice_changes(10, 5), FOLD_SLICE_CHANGES, "few groups: the floor");
+        assert_eq!(slice_changes(100, 40), 800, "8 changes per group");
+        assert_eq!(slice_changes(1_000, 40), FOLD_SLICE_MAX, "many groups: the bound");
+        assert_eq!(slice_changes(1_000, 5_000), 5_000, "never less than the last batch");
+    }
     use crate::sync::replica::{GroupLimits, PushResult, Replica};
     use crate::testing::TempDir;
     use serde_json::json;
