@@ -619,6 +619,55 @@ mod tests {
     }
 
     #[test]
+    fn a_vectored_send_writes_its_buffers_in_order_and_may_stop_inside_one() {
+        for backend in BOTH {
+            let mut ring = Ring::new(backend).expect("ring");
+            let (mut client, server) = pair();
+            let parts: [Vec<u8>; 3] = [b"head".to_vec(), vec![7u8; 16 << 20], b"tail".to_vec()];
+            let total: usize = parts.iter().map(Vec::len).sum();
+            let reader = std::thread::spawn(move || {
+                let mut got = Vec::new();
+                let mut buf = vec![0u8; 64 << 10];
+                while got.len() < total {
+                    let n = client.read(&mut buf).unwrap();
+                    assert!(n > 0);
+                    got.extend_from_slice(&buf[..n]);
+                }
+                got
+            });
+            // What is left to write, from the first part not yet whole.
+            let (mut part, mut offset, mut sends) = (0, 0, 0);
+            while part < parts.len() {
+                let mut iov: Vec<libc::iovec> = parts[part..]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| {
+                        let p = if i == 0 { &p[offset..] } else { &p[..] };
+                        libc::iovec { iov_base: p.as_ptr() as *mut _, iov_len: p.len() }
+                    })
+                    .collect();
+                // SAFETY: all-zero is a valid msghdr; it names no address, no control data.
+                let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+                msg.msg_iov = iov.as_mut_ptr();
+                msg.msg_iovlen = iov.len();
+                // SAFETY: `msg`, `iov` and `parts` outlive the send, which completes below.
+                unsafe { ring.send_msg(server.as_raw_fd(), &msg, libc::MSG_NOSIGNAL, 4) };
+                let c = complete_until(&mut ring, |c| !c.is_empty());
+                assert!(c[0].result() > 0, "{backend:?}: {c:?}");
+                let mut n = c[0].result() as usize;
+                while part < parts.len() && n >= parts[part].len() - offset {
+                    n -= parts[part].len() - offset;
+                    (part, offset) = (part + 1, 0);
+                }
+                offset += n;
+                sends += 1;
+            }
+            assert_eq!(reader.join().unwrap(), parts.concat(), "{backend:?}");
+            assert!(sends > 1, "{backend:?}: 16 MiB is more than a socket takes at once");
+        }
+    }
+
+    #[test]
     fn a_connect_completes_and_a_refused_one_says_why() {
         for backend in BOTH {
             let mut ring = Ring::new(backend).expect("ring");

@@ -666,7 +666,7 @@ impl Worker {
                 _ => continue,
             };
             hop.send_armed = true;
-            // SAFETY: `bytes` is the unwritten rest of the upgrade request, which the stage
+            // SAFETY: `out` is the unwritten rest of the upgrade request, which the stage
             // keeps unchanged until the send completes, or the front of the connection's
             // outbound queue, which stays put while a send is in flight (see
             // `Connection::next_send`); the hop is freed only once no operation is in
