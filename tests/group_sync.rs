@@ -304,6 +304,9 @@ fn a_push_is_poked_to_every_connection_of_the_group_in_order() {
     assert_eq!(inf, commits, "the +Inf bucket holds every commit");
 }
 
+/// A backed-up queue leaves in vectored writes (up to 8 frames per `sendmsg`), resumed
+/// wherever a short write stopped: a member that reads late still gets every poke whole and
+/// in order.
 #[test]
 fn a_member_that_reads_late_gets_every_poke_whole_and_in_order_from_gathered_writes() {
     // The queue bound well above the backlog: the late reader is slow, not stuck.
