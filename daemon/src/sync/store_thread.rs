@@ -63,9 +63,10 @@ const FOLD_START_BYTES: usize = 1 << 20;
 /// the SQLite thread's queue, where loads wait.
 const FOLD_SLICE_CHANGES: usize = 128;
 /// A slice also folds at least this many changes per group with changes waiting, up to
-/// [`FOLD_SLICE_MAX`]: a slice writes each group it touches a page or more, so with many groups pushing, 128
-/// changes wrote about a page per push (with 100 groups, 21 µs of SQLite per push; 8 per
-/// group cut that to 12-14 µs: bench/RESULTS.md, "compaction in larger slices").
+/// [`FOLD_SLICE_MAX`]: a slice writes each group it touches a page or more, so with many
+/// groups pushing, 128 changes wrote about a page per push (with 100 groups, 21 µs of SQLite
+/// per push; 8 per group cut that to 12-14 µs: bench/RESULTS.md, "compaction in larger
+/// slices").
 const FOLD_CHANGES_PER_GROUP: usize = 8;
 /// The most a slice is made to fold for its groups' sake: a load waits for at most one
 /// slice, and one of 1,024 changes takes 10-25 ms on the benchmark's shared core.
@@ -144,6 +145,16 @@ pub struct Setup {
     pub sync_delay: Duration,
     /// The worker's metrics (the log's size, compaction); none in unit tests.
     pub metrics: Option<Arc<Metrics>>,
+}
+
+impl Setup {
+    /// The slow disk of the tests: waits [`Setup::sync_delay`] before a commit (either
+    /// thread's), nothing otherwise.
+    fn stall(&self) {
+        if !self.sync_delay.is_zero() {
+            std::thread::sleep(self.sync_delay);
+        }
+    }
 }
 
 impl StoreThread {
@@ -380,9 +391,7 @@ impl Appender {
                     return self.hand(Work::Commit(batch));
                 }
                 let started = Instant::now();
-                if !self.setup.sync_delay.is_zero() {
-                    std::thread::sleep(self.setup.sync_delay);
-                }
+                self.setup.stall();
                 let (result, logged) = self.append(batch);
                 let answered =
                     self.answers.send(Reply::Committed { result, took: started.elapsed() });
@@ -525,7 +534,7 @@ struct Folder {
     /// Encoded bytes of `unfolded`, for [`FOLD_START_BYTES`].
     unfolded_bytes: usize,
     /// Changes in the last batch logged: a slice of compaction folds at least as many, so
-    /// that compaction keeps pace with the commits ([`Folder::slice`]).
+    /// that compaction keeps pace with the commits ([`slice_changes`]).
     last_changes: usize,
     /// Groups the loop forgot while they had writes in `unfolded`: the store keeps what it
     /// knows of them (the materialization needs it) until those are folded in.
@@ -555,13 +564,6 @@ impl Folder {
         self.fold(None).is_ok()
     }
 
-    /// The changes the next slice of compaction folds at least: enough for its groups'
-    /// pages to be written once for several pushes each, and as many as the last batch
-    /// logged had, so compaction keeps pace.
-    fn slice(&self) -> usize {
-        slice_changes(self.unfolded_groups.len(), self.last_changes)
-    }
-
     /// Serves one piece of work; `false` once the loop is gone.
     fn serve_one(&mut self, work: Work) -> bool {
         match work {
@@ -573,7 +575,8 @@ impl Folder {
                 self.unfolded_bytes += logged.bytes;
                 self.unfolded.push_back(logged);
                 if self.unfolded_bytes >= FOLD_START_BYTES {
-                    let _ = self.fold(Some(self.slice()));
+                    let slice = slice_changes(self.unfolded_groups.len(), self.last_changes);
+                    let _ = self.fold(Some(slice));
                 }
                 true
             }
@@ -594,9 +597,7 @@ impl Folder {
             }
             Work::Commit(batch) => {
                 let started = Instant::now();
-                if !self.setup.sync_delay.is_zero() {
-                    std::thread::sleep(self.setup.sync_delay);
-                }
+                self.setup.stall();
                 // In order: what the log holds first, then this batch.
                 let result = match self.fold(None) {
                     Ok(()) => self.store.commit_batch(batch),
@@ -761,15 +762,6 @@ pub fn replay_logs(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_slice_grows_with_the_groups_waiting_up_to_its_bound_and_keeps_pace_with_a_batch() {
-        assert_eq!(slice_changes(0, 0), FOLD_SLICE_CHANGES);
-        assert_eq!(slice_changes(10, 5), FOLD_SLICE_CHANGES, "few groups: the floor");
-        assert_eq!(slice_changes(100, 40), 800, "8 changes per group");
-        assert_eq!(slice_changes(1_000, 40), FOLD_SLICE_MAX, "many groups: the bound");
-        assert_eq!(slice_changes(1_000, 5_000), 5_000, "never less than the last batch");
-    }
     use crate::sync::replica::{GroupLimits, PushResult, Replica};
     use crate::testing::TempDir;
     use serde_json::json;
@@ -810,6 +802,15 @@ mod tests {
             Reply::Committed { result, .. } => assert!(result.unwrap().stale_groups.is_empty()),
             _ => panic!("not a commit's answer"),
         }
+    }
+
+    #[test]
+    fn a_slice_grows_with_the_groups_waiting_up_to_its_bound_and_keeps_pace_with_a_batch() {
+        assert_eq!(slice_changes(0, 0), FOLD_SLICE_CHANGES);
+        assert_eq!(slice_changes(10, 5), FOLD_SLICE_CHANGES, "few groups: the floor");
+        assert_eq!(slice_changes(100, 40), 800, "8 changes per group");
+        assert_eq!(slice_changes(1_000, 40), FOLD_SLICE_MAX, "many groups: the bound");
+        assert_eq!(slice_changes(1_000, 5_000), 5_000, "never less than the last batch");
     }
 
     #[test]

@@ -262,7 +262,7 @@ pub enum Outgoing<'a> {
 }
 
 impl Outgoing<'_> {
-    /// The bytes it writes, in order (for tests and logs: it copies).
+    /// The bytes it writes, in order (for tests: it copies).
     pub fn to_vec(&self) -> Vec<u8> {
         match self {
             Outgoing::Bytes(b) => b.to_vec(),
@@ -727,15 +727,16 @@ impl Connection {
         let room = if !pongs_first && !o.pongs.is_empty() { 1 } else { MAX_IOVECS - pongs };
         let chunks = o.queue.len().min(room);
         o.in_flight = InFlight { pongs: pongs as u8, chunks: chunks as u8 };
-        let mut pieces = o.pongs.iter().take(pongs).enumerate().map(|(i, p)| match i {
+        // The first pong and the first chunk may be partly written already.
+        let pong_pieces = o.pongs.iter().take(pongs).enumerate().map(|(i, p)| match i {
             0 => &p[o.pong_sent..],
             _ => &p[..],
         });
-        let mut pieces =
-            pieces.by_ref().chain(o.queue.iter().take(chunks).enumerate().map(|(i, c)| match i {
-                0 => &c.bytes()[o.front_sent..],
-                _ => c.bytes(),
-            }));
+        let chunk_pieces = o.queue.iter().take(chunks).enumerate().map(|(i, c)| match i {
+            0 => &c.bytes()[o.front_sent..],
+            _ => c.bytes(),
+        });
+        let mut pieces = pong_pieces.chain(chunk_pieces);
         match pongs + chunks {
             0 => None,
             1 => pieces.next().map(Outgoing::Bytes),

@@ -1160,14 +1160,13 @@ impl Worker {
             if let Some(out) = slot.conn.next_send() {
                 let (fd, flags) = (slot.fd.as_raw_fd(), libc::MSG_NOSIGNAL | last);
                 slot.send_armed = true;
-                if matches!(out, connection::Outgoing::Vectored(_)) {
-                    self.metrics.inc(Metric::VectoredSends);
-                }
                 // SAFETY: `out` is the front of the connection's outbound queue, which
                 // neither moves nor changes it while a send is in flight (`send_armed`; see
                 // `Connection::next_send`), and the slot, socket included, is freed only
                 // once no operation is in flight.
-                unsafe { send(&mut self.ring, fd, out, flags, Op::Send.token(index)) };
+                unsafe {
+                    send(&mut self.ring, &self.metrics, fd, out, flags, Op::Send.token(index))
+                };
             }
         }
         self.writers = writers;
@@ -1459,18 +1458,29 @@ fn epoch_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Queues the write of `out` on `fd`: a plain send for one buffer, a vectored one for more.
+/// Queues the write of `out` on `fd` (a client's socket or an upstream's): a plain send for
+/// one buffer, a vectored one for more, counted in `syncgate_vectored_sends_total`.
 ///
 /// # Safety
 ///
 /// As [`Ring::send`] and [`Ring::send_msg`]: what `out` points to stays put and unchanged,
 /// and `fd` open, until the send completes.
-unsafe fn send(ring: &mut Ring, fd: RawFd, out: connection::Outgoing, flags: i32, ud: u64) {
+unsafe fn send(
+    ring: &mut Ring,
+    metrics: &Metrics,
+    fd: RawFd,
+    out: connection::Outgoing,
+    flags: i32,
+    ud: u64,
+) {
     match out {
         // SAFETY: the caller's contract.
         connection::Outgoing::Bytes(b) => unsafe { ring.send(fd, b.as_ptr(), b.len(), flags, ud) },
-        // SAFETY: the caller's contract.
-        connection::Outgoing::Vectored(msg) => unsafe { ring.send_msg(fd, msg, flags, ud) },
+        connection::Outgoing::Vectored(msg) => {
+            metrics.inc(Metric::VectoredSends);
+            // SAFETY: the caller's contract.
+            unsafe { ring.send_msg(fd, msg, flags, ud) }
+        }
     }
 }
 

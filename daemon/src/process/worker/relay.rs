@@ -666,14 +666,13 @@ impl Worker {
                 _ => continue,
             };
             hop.send_armed = true;
+            let ud = Op::UpSend.token(h);
             // SAFETY: `out` is the unwritten rest of the upgrade request, which the stage
             // keeps unchanged until the send completes, or the front of the connection's
             // outbound queue, which stays put while a send is in flight (see
             // `Connection::next_send`); the hop is freed only once no operation is in
             // flight.
-            unsafe {
-                super::send(&mut self.ring, fd, out, libc::MSG_NOSIGNAL, Op::UpSend.token(h))
-            };
+            unsafe { super::send(&mut self.ring, &self.metrics, fd, out, libc::MSG_NOSIGNAL, ud) };
         }
         self.hop_writers = writers;
     }
