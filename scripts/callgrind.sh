@@ -14,20 +14,24 @@
 # Environment: SERVER_CPU / CLIENT_CPU (default 0 and 1, as bench.sh pins them).
 #
 # Prints one line per scenario:
-#   echo-512x100 worker_instr_per_msg=N listener_instr_per_msg=N messages=N
+#   echo-512x100 worker_instr_per_msg=N listener_instr_per_msg=N messages=N loop_instr_per_msg=N
 #   storm-hs256 worker_instr_per_conn=N listener_instr_per_conn=N connections=N
 #   frames-20x100 worker_instr_per_msg=N listener_instr_per_msg=N messages=N
 #   frames-1024x100 ... frames-16384x100 ...
 # (echo is push -> poke on the sync route, store included; frames is the WebSocket layer
 # alone, the conformance /echo route, as in bench.sh's frames scenario.)
 #
-# Since the store runs on a thread of its own (docs/ARCHITECTURE.md, "The store off the
-# loop"), echo and storm do not run under valgrind 3.19 (Debian 12's): valgrind runs one
-# thread at a time and does not let go of its lock while a thread waits in io_uring_enter,
-# so the store thread never runs while the loop waits for its answer (seen 2026-12-07: the
-# loop in io_uring_enter, the store thread in valgrind's lock pipe; the load client gives up
-# after 60 s). frames does not touch the store and still runs; for the store's paths use
-# scripts/bench-ab.sh, which measures CPU per operation natively.
+# Since the store runs on threads of its own (docs/ARCHITECTURE.md, "The store off the
+# loop"), echo and storm run the worker on the epoll backend (`[io] backend = "epoll"`):
+# valgrind 3.19 (Debian 12's) runs one thread at a time and does not let go of its lock
+# while a thread waits in io_uring_enter, so on io_uring the store threads never ran while
+# the loop waited for them (seen 2026-12-07: the load client gave up after 60 s); a wait
+# in epoll_wait it does let go of. Backends differ in the kernel, which callgrind does not
+# count, and in a few hundred instructions of submission per message, so compare echo
+# figures only with echo figures taken the same way (from 2026-12-08). frames stays on
+# io_uring. Each thread gets its own file (--separate-threads=yes): a role's figure is the
+# sum over its threads, and echo also prints the worker's loop thread alone
+# (loop_instr_per_msg), the part of a push the connections wait on.
 #
 # Each scenario starts the daemon afresh under `valgrind --tool=callgrind
 # --trace-children=yes` (bench.sh's config: one worker, 127.0.0.1, connection limits
@@ -193,7 +197,7 @@ start_daemon() {
   # worker; %p gives each process its own file, named by its pid. --vgdb=no: nothing
   # attaches, so no gdbserver polling runs in the daemon's processes.
   "${PIN_SERVER[@]}" "${DAEMON_ENV[@]}" valgrind --tool=callgrind --trace-children=yes --vgdb=no \
-    --callgrind-out-file="$dir/callgrind.%p" --log-file="$dir/valgrind.%p.log" \
+    --separate-threads=yes --callgrind-out-file="$dir/callgrind.%p" --log-file="$dir/valgrind.%p.log" \
     "$SYNCGATE" run --config "$dir/syncgate.toml" >"$dir/syncgate.out" 2>"$dir/syncgate.log" &
   SERVER_PID=$!
   local deadline=$((SECONDS + START_LIMIT))
@@ -262,19 +266,30 @@ settled_metric() {
 # counts: the body's cost lines are per function and would count every instruction again
 # (once per caller in inclusive lines).
 role_instructions() {
-  local dir=$1 role=$2 files=() f
+  local dir=$1 role=$2 thread=${3:-} files=() f pids
   for f in "$dir"/callgrind.*; do
     [[ -f $f ]] || continue
     if grep -m1 '^cmd:' "$f" | grep -q -- " $role\( \|$\)"; then files+=("$f"); fi
   done
-  (( ${#files[@]} == 1 )) ||
-    die "expected one callgrind file of $role in $dir, found ${#files[@]} (a respawned or missing process?)"
-  # 'totals:' closes a complete file; 'summary:' is the same figure where totals is absent.
-  awk '
-    /^totals:/ { t = $2 }
-    /^summary:/ { s = $2 }
-    END { v = (t != "" ? t : s); if (v == "" || v !~ /^[0-9]+$/) exit 1; print v }' "${files[0]}" ||
-    die "no totals/summary line in ${files[0]} (the process did not exit cleanly?)"
+  (( ${#files[@]} > 0 )) || die "no callgrind file of $role in $dir"
+  # One process per role: the files are callgrind.PID-THREAD, all of one PID.
+  pids=$(printf '%s\n' "${files[@]##*/}" | sed 's/^callgrind\.\([0-9]*\).*/\1/' | sort -u | wc -l)
+  (( pids == 1 )) || die "expected one process of $role in $dir, found $pids (a respawned or missing process?)"
+  if [[ -n $thread ]]; then
+    files=("$(printf '%s\n' "${files[@]}" | grep -- "-0*$thread\$")") ||
+      die "no callgrind file of thread $thread of $role in $dir"
+  fi
+  local sum=0 v
+  for f in "${files[@]}"; do
+    # 'totals:' closes a complete file; 'summary:' is the same figure where totals is absent.
+    v=$(awk '
+      /^totals:/ { t = $2 }
+      /^summary:/ { s = $2 }
+      END { v = (t != "" ? t : s); if (v == "" || v !~ /^[0-9]+$/) exit 1; print v }' "$f") ||
+      die "no totals/summary line in $f (the process did not exit cleanly?)"
+    sum=$((sum + v))
+  done
+  echo "$sum"
 }
 
 per() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.0f\n", a / b }'; }
@@ -343,14 +358,18 @@ measure() {
 
 echo "callgrind.sh: $SYNCGATE, loadgen ${TIMING[*]} (frames: ${FRAMES_TIMING[*]}) stopped at $ECHO_TARGET echoes, $STORM_TARGET connections, $FRAMES_TARGET frames; files in $OUT" >&2
 wanted() { [[ ",$SCENARIOS," == *",$1,"* ]]; }
+# The backend of the scenarios that use the store (see the header).
+EPOLL=$'[io]\nbackend = "epoll"'
 
 if wanted echo; then
-  measure echo-512x100 syncgate_messages_in_total "$ECHO_TARGET" '' --scenario echo --size 512 --connections 100 "${TIMING[@]}"
-  echo "echo-512x100 worker_instr_per_msg=$(per "$INSTR_WORKER" "$COUNT") listener_instr_per_msg=$(per "$INSTR_LISTENER" "$COUNT") messages=$COUNT"
+  measure echo-512x100 syncgate_messages_in_total "$ECHO_TARGET" "$EPOLL" --scenario echo --size 512 --connections 100 "${TIMING[@]}"
+  # The loop is the worker's first thread (the store threads start after it).
+  loop=$(role_instructions "$OUT/echo-512x100" __worker 1)
+  echo "echo-512x100 worker_instr_per_msg=$(per "$INSTR_WORKER" "$COUNT") listener_instr_per_msg=$(per "$INSTR_LISTENER" "$COUNT") messages=$COUNT loop_instr_per_msg=$(per "$loop" "$COUNT")"
 fi
 
 if wanted storm; then
-  auth=$(printf '[auth]\nsecret = "%s"' "$(cat "$WORK/keys/hs256.secret")")
+  auth=$(printf '%s\n[auth]\nsecret = "%s"' "$EPOLL" "$(cat "$WORK/keys/hs256.secret")")
   measure storm-hs256 syncgate_connected_total "$STORM_TARGET" "$auth" --scenario storm --connections 16 --sources 4 \
     --tokens "$WORK/tokens-hs256-$POOL" "${TIMING[@]}"
   echo "storm-hs256 worker_instr_per_conn=$(per "$INSTR_WORKER" "$COUNT") listener_instr_per_conn=$(per "$INSTR_LISTENER" "$COUNT") connections=$COUNT"

@@ -4,12 +4,15 @@
 //! An upstream frame is the JSON array `[tag, body]`. [`parse_upstream`]
 //! checks it in three steps, each for a reason:
 //!
-//! 1. A byte scan refuses nesting deeper than [`MAX_JSON_DEPTH`]. simd-json's
-//!    tree builder, serde and the destructors of the resulting values all
-//!    recurse once per level, so a frame of `[[[[…` would otherwise
-//!    overflow the stack.
-//! 2. simd-json parses the frame, in place, into a `serde_json::Value`.
-//! 3. The body is read out of that value into the serde-derived structs
+//! 1. simd-json parses the frame, in place, into its tape: a flat array of
+//!    nodes whose strings point into the frame (unescaped in place). Its
+//!    parser keeps its own stack, so no input makes it recurse.
+//! 2. Nesting deeper than [`MAX_JSON_DEPTH`] is refused, by a walk over the
+//!    tape's nodes (cheaper than another pass over the text). Reading a value
+//!    into serde and dropping it recurse once per level, so a frame of
+//!    `[[[[…]]]]` would otherwise overflow the stack. (Text that does not
+//!    parse is refused as invalid JSON, however deep.)
+//! 3. The body is read off the tape into the serde-derived structs
 //!    below through `Strict`, a small serde `Deserializer` that builds
 //!    structs only from JSON objects and lists only from arrays, and refuses
 //!    array elements a visitor left unread. serde's stock deserializers
@@ -21,13 +24,20 @@
 //! Optional fields follow valita's `.optional()`: the key may be missing, but
 //! when present it must hold the right type, and `null` is a wrong type.
 //! Values the server only stores or forwards (query ASTs, mutation
-//! arguments, the client schema) stay `serde_json::Value`s.
+//! arguments, the client schema) stay `serde_json::Value`s, built from the tape.
+//!
+//! A push is most of what a busy server parses, so its path avoids every
+//! copy it can: a CRUD mutation's one argument is read off the tape straight
+//! into its ops (never into a `Value` first), and the parser's scratch
+//! buffers are kept from one message to the next (bench/RESULTS.md, "a push
+//! parsed off simd-json's tape").
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use serde::{de, Deserialize, Serialize};
 
-use super::strict::{decode, json_type, nullable, present, present_object, DecodeError};
+use super::strict::{decode, json_type, nullable, present, present_object, DecodeError, TapeValue};
 use serde_json::{Map, Value};
 
 /// Deepest JSON nesting accepted in an upstream message.
@@ -217,8 +227,8 @@ pub struct PushBody {
 
 /// One mutation of a push.
 ///
-/// The arguments stay raw; for a CRUD mutation [`parse_upstream`] has also
-/// decoded and checked them into `crud_ops`.
+/// A custom mutation's arguments stay raw; a CRUD mutation's are decoded and
+/// checked into `crud_ops` by [`parse_upstream`].
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Mutation {
@@ -233,13 +243,15 @@ pub struct Mutation {
     pub client_id: String,
     /// The mutator's name ([`CRUD_MUTATION_NAME`] for CRUD mutations).
     pub name: String,
-    /// The mutator's arguments.
+    /// A custom mutation's arguments, as sent. Empty for a CRUD mutation: its one argument
+    /// is read into `crud_ops` instead, never built as a `Value`.
+    #[serde(deserialize_with = "array_read_later")]
     pub args: Vec<Value>,
     /// When the client ran the mutation, in milliseconds since the epoch.
     pub timestamp: f64,
-    /// A CRUD mutation's ops, decoded from `args` by [`parse_upstream`] (which has to check
-    /// them anyway): decoded once, the rows are not copied again to apply them. Empty for a
-    /// custom mutation.
+    /// A CRUD mutation's ops, decoded from its `args` by [`parse_upstream`] (which has to
+    /// check them anyway): decoded once, the rows are not copied again to apply them. Empty
+    /// for a custom mutation.
     #[serde(skip)]
     pub crud_ops: Vec<CrudOp>,
 }
@@ -369,20 +381,47 @@ pub struct AnalyzeQueryOptions {
 /// unescapes strings, so the caller must not read it afterwards. The error
 /// text is meant for the `message` of an `InvalidMessage` error.
 pub fn parse_upstream(json: &mut [u8]) -> Result<Upstream, String> {
-    let value = parse_json(json)?;
-    let Value::Array(elements) = &value else {
-        return Err(format!("expected a message array [tag, body], got {}", json_type(&value)));
+    let len = json.len();
+    SCRATCH.with_borrow_mut(|scratch| {
+        let message = match simd_json::to_tape_with_buffers(json, scratch) {
+            Ok(tape) if tape_nesting_exceeds(&tape.0, MAX_JSON_DEPTH) => Err(too_deep()),
+            Ok(tape) => read_upstream(TapeValue::root(&tape.0)),
+            Err(e) => Err(format!("invalid JSON: {e}")),
+        };
+        if len > KEPT_SCRATCH_BYTES {
+            *scratch = simd_json::Buffers::new(KEPT_SCRATCH_BYTES);
+        }
+        message
+    })
+}
+
+/// Messages up to this size reuse the parser's scratch buffers (their sizes follow the
+/// message's); a larger one gets buffers of its own, freed after it, so that one large
+/// message does not leave megabytes behind for the life of the worker.
+const KEPT_SCRATCH_BYTES: usize = 64 * 1024;
+
+thread_local! {
+    /// simd-json's scratch buffers (the input copy, the string buffer, the structural
+    /// indexes), kept between messages: allocating them was a tenth of a push's parse.
+    static SCRATCH: RefCell<simd_json::Buffers> =
+        RefCell::new(simd_json::Buffers::new(KEPT_SCRATCH_BYTES));
+}
+
+/// Reads one upstream message off the tape of its JSON text.
+fn read_upstream(value: TapeValue<'_, '_>) -> Result<Upstream, String> {
+    let Some(mut elements) = value.elements() else {
+        return Err(format!("expected a message array [tag, body], got {}", value.json_type()));
     };
-    let [tag, body] = elements.as_slice() else {
+    let (Some(tag), Some(body), None) = (elements.next(), elements.next(), elements.next()) else {
         return Err(format!(
             "expected a message array [tag, body], got an array of {} elements",
-            elements.len()
+            value.elements().map_or(0, |e| e.len())
         ));
     };
-    let Value::String(tag) = tag else {
-        return Err(format!("expected a string message tag, got {}", json_type(tag)));
+    let Some(tag) = tag.as_str() else {
+        return Err(format!("expected a string message tag, got {}", tag.json_type()));
     };
-    let message = match tag.as_str() {
+    let message = match tag {
         "initConnection" => decode(body).map(Upstream::InitConnection),
         "ping" => decode::<Empty>(body).map(|_| Upstream::Ping),
         "changeDesiredQueries" => decode(body).map(Upstream::ChangeDesiredQueries),
@@ -399,7 +438,7 @@ pub fn parse_upstream(json: &mut [u8]) -> Result<Upstream, String> {
         other => return Err(format!("unknown message tag: {other}")),
     };
     message
-        .and_then(|mut message| check_semantics(&mut message).map(|()| message))
+        .and_then(|mut message| check_semantics(&mut message, body).map(|()| message))
         .map_err(|e| format!("{tag}: {e}"))
 }
 
@@ -438,20 +477,40 @@ pub(crate) fn write_json<T: Serialize>(out: &mut Vec<u8>, value: &T) {
     serde_json::to_writer(out, value).expect("serializing a protocol message cannot fail");
 }
 
-/// Parses JSON text into a value after refusing nesting deeper than
-/// [`MAX_JSON_DEPTH`].
-pub(crate) fn parse_json(json: &mut [u8]) -> Result<Value, String> {
-    check_depth(json)?;
-    simd_json::serde::from_slice(json).map_err(|e| format!("invalid JSON: {e}"))
-}
-
-/// Refuses JSON text nested deeper than [`MAX_JSON_DEPTH`], before any parser sees it.
-/// The header decoder calls it too: a header is refused for the depth a message would be.
+/// Refuses JSON text nested deeper than [`MAX_JSON_DEPTH`], before a parser that recurses
+/// (the header decoder's serde_json) sees it: a header is refused for the depth a message
+/// would be.
 pub(crate) fn check_depth(json: &[u8]) -> Result<(), String> {
     if nesting_exceeds(json, MAX_JSON_DEPTH) {
-        return Err(format!("JSON nested deeper than {MAX_JSON_DEPTH} levels"));
+        return Err(too_deep());
     }
     Ok(())
+}
+
+/// The refusal of JSON nested deeper than [`MAX_JSON_DEPTH`].
+fn too_deep() -> String {
+    format!("JSON nested deeper than {MAX_JSON_DEPTH} levels")
+}
+
+/// Whether the arrays and objects of a tape nest deeper than `max_depth` (at most
+/// [`MAX_JSON_DEPTH`]), counted as [`nesting_exceeds`] counts them in text.
+fn tape_nesting_exceeds(nodes: &[simd_json::Node<'_>], max_depth: usize) -> bool {
+    // Where each open array or object ends (the index after its last node), innermost last.
+    let mut ends = [0usize; MAX_JSON_DEPTH];
+    let mut open = 0;
+    for (i, node) in nodes.iter().enumerate() {
+        while open > 0 && ends[open - 1] <= i {
+            open -= 1;
+        }
+        if let simd_json::Node::Object { count, .. } | simd_json::Node::Array { count, .. } = node {
+            if open >= max_depth.min(MAX_JSON_DEPTH) {
+                return true;
+            }
+            ends[open] = i + 1 + count;
+            open += 1;
+        }
+    }
+    false
 }
 
 /// Whether brackets and braces outside strings nest deeper than `max_depth`.
@@ -493,12 +552,17 @@ fn nesting_exceeds(json: &[u8], max_depth: usize) -> bool {
 }
 
 /// Checks what serde cannot express: which fields go with which `op`, and
-/// the contents of CRUD mutations.
-fn check_semantics(message: &mut Upstream) -> Result<(), DecodeError> {
+/// the contents of CRUD mutations, which it reads off `body`, the message's body on the tape.
+fn check_semantics(message: &mut Upstream, body: TapeValue<'_, '_>) -> Result<(), DecodeError> {
     match message {
         Upstream::Push(push) => {
+            // The struct was read from these very nodes, so every mutation has its args.
+            let mut args = body.get("mutations").and_then(|m| m.elements()).into_iter().flatten();
             for (i, mutation) in push.mutations.iter_mut().enumerate() {
-                check_mutation(mutation).map_err(|e| e.inside(i).inside("mutations"))?;
+                let args = args.next().and_then(|m| m.get("args"));
+                let args = args.ok_or_else(|| DecodeError::new("missing field `args`"));
+                args.and_then(|args| check_mutation(mutation, args))
+                    .map_err(|e| e.inside(i).inside("mutations"))?;
             }
             Ok(())
         }
@@ -507,11 +571,12 @@ fn check_semantics(message: &mut Upstream) -> Result<(), DecodeError> {
     }
 }
 
-/// A CRUD mutation must be named [`CRUD_MUTATION_NAME`] and carry valid ops;
-/// a custom mutation may carry any arguments.
-/// Checks one mutation of a push and decodes a CRUD mutation's ops into `crud_ops`.
-fn check_mutation(mutation: &mut Mutation) -> Result<(), DecodeError> {
+/// Checks one mutation of a push and reads its `args` (on the tape): a CRUD mutation must be
+/// named [`CRUD_MUTATION_NAME`] and carry valid ops, which go into `crud_ops`; a custom
+/// mutation may carry any arguments, which go into `args`.
+fn check_mutation(mutation: &mut Mutation, args: TapeValue<'_, '_>) -> Result<(), DecodeError> {
     if mutation.kind == MutationKind::Custom {
+        mutation.args = decode(args).map_err(|e| e.inside("args"))?;
         return Ok(());
     }
     if mutation.name != CRUD_MUTATION_NAME {
@@ -521,17 +586,18 @@ fn check_mutation(mutation: &mut Mutation) -> Result<(), DecodeError> {
         ))
         .inside("name"));
     }
-    mutation.crud_ops = crud_ops(&mutation.args).map_err(|e| e.inside("args"))?;
+    mutation.crud_ops = crud_ops(args).map_err(|e| e.inside("args"))?;
     Ok(())
 }
 
-/// Reads the `args` of a CRUD mutation: exactly one element, `{ops: [...]}`. Error paths
-/// are relative to `args` and still open for more path.
-fn crud_ops(args: &[Value]) -> Result<Vec<CrudOp>, DecodeError> {
-    let [arg] = args else {
+/// Reads the `args` of a CRUD mutation (an array, as the struct's field checked): exactly one
+/// element, `{ops: [...]}`. Error paths are relative to `args` and still open for more path.
+fn crud_ops(args: TapeValue<'_, '_>) -> Result<Vec<CrudOp>, DecodeError> {
+    let mut elements = args.elements().into_iter().flatten();
+    let (Some(arg), None) = (elements.next(), elements.next()) else {
         return Err(DecodeError::new(format!(
             "expected CRUD args [{{ops}}] of 1 element, got {}",
-            args.len()
+            args.elements().map_or(0, |e| e.len())
         )));
     };
     let arg: CrudArg = decode(arg).map_err(|e| e.inside(0))?;
@@ -605,6 +671,12 @@ fn check_inspect(inspect: &InspectBody) -> Result<(), DecodeError> {
         }
         _ => Ok(()),
     }
+}
+
+/// Reads a field that must be an array and is read off the tape afterwards (a mutation's
+/// `args`, whose reading depends on the mutation's `type`); its elements are skipped here.
+fn array_read_later<'de, D: de::Deserializer<'de>>(d: D) -> Result<Vec<Value>, D::Error> {
+    Vec::<de::IgnoredAny>::deserialize(d).map(|_| Vec::new())
 }
 
 /// Body of `ping`: an empty object.
@@ -1106,14 +1178,19 @@ mod tests {
 
     #[test]
     fn crud_args_errors_report_paths_relative_to_args() {
-        let error = |args: &[Value]| crud_ops(args).unwrap_err().to_string();
+        let read = |args: Value| {
+            let mut text = args.to_string().into_bytes();
+            let tape = simd_json::to_tape(&mut text).unwrap();
+            crud_ops(TapeValue::root(&tape.0)).map_err(|e| e.to_string())
+        };
         assert_eq!(
-            error(&[json!({"ops": [{"op": "insert"}]})]),
+            read(json!([{"ops": [{"op": "insert"}]}])).unwrap_err(),
             "missing field `tableName` at 0.ops.0"
         );
-        assert!(error(&[]).contains("got 0"));
-        assert!(error(&[json!("not ops")]).contains("at 0"));
-        assert_eq!(crud_ops(&[json!({"ops": []})]).unwrap(), vec![]);
+        assert!(read(json!([])).unwrap_err().contains("got 0"));
+        assert!(read(json!([{"ops": []}, {"ops": []}])).unwrap_err().contains("got 2"));
+        assert!(read(json!(["not ops"])).unwrap_err().contains("at 0"));
+        assert_eq!(read(json!([{"ops": []}])).unwrap(), vec![]);
     }
 
     #[test]
@@ -1152,11 +1229,92 @@ mod tests {
             assert!(error.contains("nested deeper than 256"), "{error}");
         }
         // Deep inside a field the server keeps as opaque JSON.
-        let deep_args = "[".repeat(200_000);
+        let deep_args = "[".repeat(200_000) + &"]".repeat(200_000);
         let text = format!(
-            r#"["push",{{"clientGroupID":"g","pushVersion":1,"timestamp":1,"requestID":"r","mutations":[{{"type":"custom","id":1,"clientID":"c","name":"n","timestamp":1,"args":{deep_args}"#
+            r#"["push",{{"clientGroupID":"g","pushVersion":1,"timestamp":1,"requestID":"r","mutations":[{{"type":"custom","id":1,"clientID":"c","name":"n","timestamp":1,"args":{deep_args}}}]}}]"#
         );
         assert!(parse(&text).unwrap_err().contains("nested deeper"));
+        // Text that is not whole is invalid JSON however deep: the parser keeps its own stack.
+        let cut = &text[..text.len() / 2];
+        assert!(parse(cut).unwrap_err().starts_with("invalid JSON"));
+    }
+
+    #[test]
+    fn a_key_written_twice_counts_once_with_its_last_value() {
+        // As `JSON.parse` reads it in zero-cache: in a struct, in a row, and in a struct with
+        // more keys than the pairwise scan handles (40 requestIDs).
+        let request_ids: String = (0..40).map(|i| format!(r#""requestID":"r{i}","#)).collect();
+        let text = format!(
+            r#"["push",{{"clientGroupID":"a","clientGroupID":"g",{request_ids}"pushVersion":1,"timestamp":1,"mutations":[{{"type":"crud","id":1,"clientID":"c","name":"_zero_crud","timestamp":1,"args":[{{"ops":[{{"op":"upsert","tableName":"t","primaryKey":["id"],"value":{{"id":"a","n":1,"n":2}}}}]}}]}}]}}]"#
+        );
+        let Upstream::Push(push) = parse(&text).unwrap() else { panic!("not a push") };
+        assert_eq!((push.client_group_id.as_str(), push.request_id.as_str()), ("g", "r39"));
+        let value = &push.mutations[0].crud_ops[0].value;
+        assert_eq!(serde_json::to_string(value).unwrap(), r#"{"id":"a","n":2}"#);
+    }
+
+    #[test]
+    fn a_custom_mutation_keeps_its_args_and_a_crud_mutation_its_ops() {
+        let custom = push_with_mutation(json!({"type": "custom", "id": 1, "clientID": "c",
+            "name": "m", "args": [{"x": [1, "y"]}, null], "timestamp": 1}));
+        let Upstream::Push(push) = parse_value(custom).unwrap() else { panic!("not a push") };
+        assert_eq!(push.mutations[0].args, vec![json!({"x": [1, "y"]}), Value::Null]);
+        assert!(push.mutations[0].crud_ops.is_empty());
+        let crud = push_with_mutation(crud_mutation(json!([
+            {"op": "delete", "tableName": "t", "primaryKey": ["id"], "value": {"id": "a"}}
+        ])));
+        let Upstream::Push(push) = parse_value(crud).unwrap() else { panic!("not a push") };
+        assert!(push.mutations[0].args.is_empty());
+        assert_eq!(push.mutations[0].crud_ops[0].table_name, "t");
+        // A custom mutation's args must still be an array.
+        let bad = push_with_mutation(json!({"type": "custom", "id": 1, "clientID": "c",
+            "name": "m", "args": {"x": 1}, "timestamp": 1}));
+        assert_refused(bad, "invalid type: map, expected a sequence at mutations.0.args");
+    }
+
+    #[test]
+    fn messages_above_the_kept_scratch_size_parse_as_well_as_small_ones() {
+        // The parser's buffers are kept between messages up to KEPT_SCRATCH_BYTES; a larger
+        // message gets buffers of its own. Small, large, small, large: every one whole.
+        for size in [10, 3 * KEPT_SCRATCH_BYTES, 10, 2 * KEPT_SCRATCH_BYTES, 100] {
+            // An escape in every third byte, so the parser unescapes all through the string.
+            let escaped = r"a\\".repeat(size / 3);
+            let text = format!(r#"["updateAuth",{{"auth":"{escaped}"}}]"#);
+            let Upstream::UpdateAuth { auth: parsed } = parse(&text).unwrap() else {
+                panic!("not updateAuth")
+            };
+            assert_eq!(parsed, "a\\".repeat(size / 3));
+        }
+    }
+
+    #[test]
+    fn the_tape_depth_agrees_with_the_text_depth() {
+        // Every value up to three levels of arrays and objects (strings with brackets in
+        // them as leaves), against depth limits 0 to 4.
+        let mut values: Vec<String> = vec![r#""[{""#.into(), "1".into()];
+        for _ in 0..3 {
+            let inner = values.clone();
+            for v in inner.iter().take(40) {
+                values.push(format!("[{v}]"));
+                values.push(format!(r#"{{"k":{v}}}"#));
+                values.push(format!(r#"[{v},{{"a":[]}},{v}]"#));
+            }
+            values.push("[]".into());
+            values.push("{}".into());
+            values.dedup();
+        }
+        assert!(values.len() > 100);
+        for value in &values {
+            let mut text = value.clone().into_bytes();
+            let tape = simd_json::to_tape(&mut text).unwrap();
+            for max_depth in 0..5 {
+                assert_eq!(
+                    tape_nesting_exceeds(&tape.0, max_depth),
+                    nesting_exceeds(value.as_bytes(), max_depth),
+                    "{value} at depth {max_depth}"
+                );
+            }
+        }
     }
 
     #[test]
