@@ -38,6 +38,17 @@ pub const MAX_POKE_CHUNK_BYTES: usize = 1 << 20;
 /// can parse one at a time instead of one message of many megabytes.
 pub(crate) const POKE_PART_TARGET_BYTES: usize = 256 << 10;
 
+/// The room a patch's JSON or a poke part starts with. Grown from empty, the text of a small
+/// push (a row of a few hundred bytes) took seven reallocations on the way to its size, each
+/// of them a copy: most of a poke's allocator time (callgrind, bench/RESULTS.md "a push
+/// parsed off simd-json's tape"). 1 KiB holds such a text whole; the buffer is short-lived
+/// (copied into the history's `Arc<str>` or into frames), and a larger one grows from here.
+const FIRST_TEXT_CAPACITY: usize = 1024;
+
+/// The room for `pokeStart` and `pokeEnd` besides their two strings (the tag, the keys,
+/// the punctuation): each message is then written without growing.
+const POKE_FRAME_MESSAGE_OVERHEAD: usize = 48;
+
 /// A query a client wants synced, as the server remembers it: only what the
 /// downstream `desiredQueriesPatches` echoes back (the AST stays with the
 /// client, which matches it to its own queries by hash).
@@ -98,7 +109,8 @@ impl Patch {
     /// The patch as JSON, exactly as its `Serialize` writes it (the store keeps this in the
     /// history and `Deserialize` reads it back), with the rows written by [`json`].
     pub fn to_json(&self) -> String {
-        let mut out = b"{\"rows\":{".to_vec();
+        let mut out = Vec::with_capacity(FIRST_TEXT_CAPACITY);
+        out.extend_from_slice(b"{\"rows\":{");
         for (i, (table, rows)) in self.rows.iter().enumerate() {
             if i > 0 {
                 out.push(b',');
@@ -181,7 +193,8 @@ pub fn encode_poke(poke: &Poke, protocol_version: u32) -> Vec<Vec<u8>> {
 pub fn encode_poke_as(poke: &Poke, format: PokeFormat) -> Vec<Vec<u8>> {
     let parts = poke_parts(poke);
     let mut messages = Vec::with_capacity(parts.len() + 2);
-    let mut start = Vec::new();
+    let base_len = poke.base_cookie.as_ref().map_or(4, String::len);
+    let mut start = Vec::with_capacity(POKE_FRAME_MESSAGE_OVERHEAD + poke.poke_id.len() + base_len);
     write_json(
         &mut start,
         &("pokeStart", PokeStartBody { poke_id: &poke.poke_id, base_cookie: &poke.base_cookie }),
@@ -212,7 +225,8 @@ pub fn encode_poke_as(poke: &Poke, format: PokeFormat) -> Vec<Vec<u8>> {
             messages.extend(chunks.finish());
         }
     }
-    let mut end = Vec::new();
+    let mut end =
+        Vec::with_capacity(POKE_FRAME_MESSAGE_OVERHEAD + poke.poke_id.len() + poke.cookie.len());
     write_json(
         &mut end,
         &("pokeEnd", PokeEndBody { poke_id: &poke.poke_id, cookie: &poke.cookie }),
@@ -339,7 +353,8 @@ fn poke_parts(poke: &Poke) -> Vec<Vec<u8>> {
 
 /// A part object opened with its `pokeID`, ready for more fields.
 fn open_part(poke_id: &str) -> Vec<u8> {
-    let mut part = b"{\"pokeID\":".to_vec();
+    let mut part = Vec::with_capacity(FIRST_TEXT_CAPACITY);
+    part.extend_from_slice(b"{\"pokeID\":");
     write_json(&mut part, poke_id);
     part
 }
