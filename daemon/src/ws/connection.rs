@@ -718,6 +718,14 @@ impl Connection {
         if o.in_flight != InFlight::NONE {
             return None;
         }
+        // The common case, one frame and no pong, before the gathering below: small echoes
+        // pay for every instruction here (bench/RESULTS.md, "frames: the vectored sends cost
+        // small echoes 183 instructions").
+        if o.pongs.is_empty() && o.queue.len() == 1 {
+            o.in_flight = InFlight { pongs: 0, chunks: 1 };
+            let front = o.queue.front()?;
+            return Some(Outgoing::Bytes(&front.bytes()[o.front_sent..]));
+        }
         // A started pong finishes first; a new one goes only between frames, never inside a
         // half-written one, and never before the 101.
         let pongs_first = o.pong_sent > 0 || (o.front_sent == 0 && o.greeted);
@@ -727,12 +735,6 @@ impl Connection {
         let room = if !pongs_first && !o.pongs.is_empty() { 1 } else { MAX_IOVECS - pongs };
         let chunks = o.queue.len().min(room);
         o.in_flight = InFlight { pongs: pongs as u8, chunks: chunks as u8 };
-        // The common case, one frame and no pong, without the gathering below: small echoes
-        // pay for every instruction here (callgrind, bench/RESULTS.md).
-        if pongs == 0 && chunks == 1 {
-            let front = o.queue.front()?;
-            return Some(Outgoing::Bytes(&front.bytes()[o.front_sent..]));
-        }
         // The first pong and the first chunk may be partly written already.
         let pong_pieces = o.pongs.iter().take(pongs).enumerate().map(|(i, p)| match i {
             0 => &p[o.pong_sent..],

@@ -1465,6 +1465,7 @@ fn epoch_secs() -> u64 {
 ///
 /// As [`Ring::send`] and [`Ring::send_msg`]: what `out` points to stays put and unchanged,
 /// and `fd` open, until the send completes.
+#[inline]
 unsafe fn send(
     ring: &mut Ring,
     metrics: &Metrics,
