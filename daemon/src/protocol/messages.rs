@@ -385,7 +385,7 @@ pub fn parse_upstream(json: &mut [u8]) -> Result<Upstream, String> {
     SCRATCH.with_borrow_mut(|scratch| {
         let message = match simd_json::to_tape_with_buffers(json, scratch) {
             Ok(tape) if tape_nesting_exceeds(&tape.0, MAX_JSON_DEPTH) => Err(too_deep()),
-            Ok(tape) => read_upstream(TapeValue::root(&tape.0)),
+            Ok(tape) => read_upstream(TapeValue::first(&tape.0)),
             Err(e) => Err(format!("invalid JSON: {e}")),
         };
         if len > KEPT_SCRATCH_BYTES {
@@ -1181,7 +1181,7 @@ mod tests {
         let read = |args: Value| {
             let mut text = args.to_string().into_bytes();
             let tape = simd_json::to_tape(&mut text).unwrap();
-            crud_ops(TapeValue::root(&tape.0)).map_err(|e| e.to_string())
+            crud_ops(TapeValue::first(&tape.0)).map_err(|e| e.to_string())
         };
         assert_eq!(
             read(json!([{"ops": [{"op": "insert"}]}])).unwrap_err(),

@@ -126,15 +126,10 @@ pub(super) struct TapeValue<'t, 'de> {
 }
 
 impl<'t, 'de> TapeValue<'t, 'de> {
-    /// The whole value `tape` holds (the root is its first node).
-    pub(super) fn root(tape: &'t [Node<'de>]) -> Self {
-        Self::first(tape)
-    }
-
-    /// The value that starts at the first node of `nodes`. simd-json builds only whole
-    /// values, so a header never counts more nodes than follow it; `min` keeps a bad count
-    /// from panicking all the same.
-    fn first(nodes: &'t [Node<'de>]) -> Self {
+    /// The value that starts at the first node of `nodes` (a whole tape: its root). simd-json
+    /// builds only whole values, so a header never counts more nodes than follow it; `min`
+    /// keeps a bad count from panicking all the same.
+    pub(super) fn first(nodes: &'t [Node<'de>]) -> Self {
         let len = match nodes.first() {
             Some(Node::Object { count, .. } | Node::Array { count, .. }) => count + 1,
             Some(_) => 1,
@@ -156,10 +151,15 @@ impl<'t, 'de> TapeValue<'t, 'de> {
         }
     }
 
+    /// The nodes after the head: an array's elements or an object's keys and values.
+    fn contents(&self) -> &'t [Node<'de>] {
+        self.nodes.get(1..).unwrap_or_default()
+    }
+
     /// The elements, if the value is an array.
     pub(super) fn elements(&self) -> Option<Elements<'t, 'de>> {
         match self.head() {
-            Node::Array { len, .. } => Some(Elements { rest: &self.nodes[1..], left: *len }),
+            Node::Array { len, .. } => Some(Elements { rest: self.contents(), left: *len }),
             _ => None,
         }
     }
@@ -173,7 +173,7 @@ impl<'t, 'de> TapeValue<'t, 'de> {
     /// The entries, in the order written, if the value is an object.
     fn entries(&self) -> Option<Entries<'t, 'de>> {
         match self.head() {
-            Node::Object { len, .. } => Some(Entries { rest: &self.nodes[1..], left: *len }),
+            Node::Object { len, .. } => Some(Entries { rest: self.contents(), left: *len }),
             _ => None,
         }
     }
@@ -300,9 +300,14 @@ impl<'de> Deserializer<'de> for Strict<'_, 'de> {
             Node::Static(StaticNode::U64(u)) => visitor.visit_u64(u),
             Node::Static(StaticNode::F64(f)) => visitor.visit_f64(f),
             Node::String(s) => visitor.visit_borrowed_str(s),
-            Node::Array { len, .. } => visit_array(self.0, len, visitor),
+            Node::Array { len, .. } => {
+                visit_array(Elements { rest: self.0.contents(), left: len }, visitor)
+            }
             // A map's own insert keeps the last value of a key written twice.
-            Node::Object { .. } => visitor.visit_map(ObjectReader::new(self.0, false)),
+            Node::Object { len, .. } => {
+                let entries = Entries { rest: self.0.contents(), left: len };
+                visitor.visit_map(ObjectReader::new(entries, false))
+            }
         }
     }
 
@@ -321,9 +326,9 @@ impl<'de> Deserializer<'de> for Strict<'_, 'de> {
         _fields: &'static [&'static str],
         visitor: V,
     ) -> Result<V::Value, DecodeError> {
-        match self.0.head() {
-            Node::Object { .. } => visitor.visit_map(ObjectReader::new(self.0, true)),
-            _ => Err(de::Error::invalid_type(self.unexpected(), &visitor)),
+        match self.0.entries() {
+            Some(entries) => visitor.visit_map(ObjectReader::new(entries, true)),
+            None => Err(de::Error::invalid_type(self.unexpected(), &visitor)),
         }
     }
 
@@ -399,14 +404,12 @@ impl<'de> Deserializer<'de> for Strict<'_, 'de> {
     }
 }
 
-/// Hands the `len` elements of `array` to `visitor`, then refuses any it did
-/// not take.
+/// Hands an array's `elements` to `visitor`, then refuses any it did not take.
 fn visit_array<'de, V: Visitor<'de>>(
-    array: TapeValue<'_, 'de>,
-    len: usize,
+    elements: Elements<'_, 'de>,
     visitor: V,
 ) -> Result<V::Value, DecodeError> {
-    let elements = array.elements().ok_or_else(|| de::Error::custom("not an array"))?;
+    let len = elements.len();
     let mut reader = ArrayReader { elements: elements.enumerate() };
     let value = visitor.visit_seq(&mut reader)?;
     match reader.elements.len() {
@@ -472,9 +475,8 @@ enum LastOnly {
 const SCAN_ENTRIES: usize = 32;
 
 impl<'t, 'de> ObjectReader<'t, 'de> {
-    /// Reads `object` (an object), handing a repeated key's last value only if `last_only`.
-    fn new(object: TapeValue<'t, 'de>, last_only: bool) -> Self {
-        let entries = object.entries().unwrap_or(Entries { rest: &[], left: 0 });
+    /// Reads an object's `entries`, handing a repeated key's last value only if `last_only`.
+    fn new(entries: Entries<'t, 'de>, last_only: bool) -> Self {
         let last_only = match entries.left {
             _ if !last_only => LastOnly::No,
             0..=SCAN_ENTRIES => LastOnly::Scan,
