@@ -193,7 +193,8 @@ pub fn encode_poke(poke: &Poke, protocol_version: u32) -> Vec<Vec<u8>> {
 pub fn encode_poke_as(poke: &Poke, format: PokeFormat) -> Vec<Vec<u8>> {
     let parts = poke_parts(poke);
     let mut messages = Vec::with_capacity(parts.len() + 2);
-    messages.push(poke_start(&poke.poke_id, poke.base_cookie.as_deref()));
+    let base_cookie = poke.base_cookie.as_deref();
+    messages.push(poke_edge("pokeStart", &poke.poke_id, "baseCookie", base_cookie));
     match format {
         PokeFormat::Json => {
             for part in parts {
@@ -219,34 +220,28 @@ pub fn encode_poke_as(poke: &Poke, format: PokeFormat) -> Vec<Vec<u8>> {
             messages.extend(chunks.finish());
         }
     }
-    messages.push(poke_end(&poke.poke_id, &poke.cookie));
+    messages.push(poke_edge("pokeEnd", &poke.poke_id, "cookie", Some(&poke.cookie)));
     messages
 }
 
-/// `["pokeStart",{"pokeID":…,"baseCookie":…}]`, `null` for no base cookie. Written by hand
-/// with [`json::write_str`], byte for byte what serde_json writes: serde_json escapes its
-/// strings a byte at a time, which was a tenth of a small push's poke.
-fn poke_start(poke_id: &str, base_cookie: Option<&str>) -> Vec<u8> {
-    let base_len = base_cookie.map_or(4, str::len);
-    let mut out = Vec::with_capacity(POKE_FRAME_MESSAGE_OVERHEAD + poke_id.len() + base_len);
-    out.extend_from_slice(b"[\"pokeStart\",{\"pokeID\":");
+/// `["pokeStart",{"pokeID":…,"baseCookie":…}]` or `["pokeEnd",{"pokeID":…,"cookie":…}]`:
+/// the message `tag`, then `cookie` under `cookie_key` (`null` for none, a client with no
+/// data yet); the tag and the key are our literals, written as they are. Written by hand with [`json::write_str`], byte for byte what serde_json writes:
+/// serde_json escapes its strings a byte at a time, which was a tenth of a small push's poke.
+fn poke_edge(tag: &str, poke_id: &str, cookie_key: &str, cookie: Option<&str>) -> Vec<u8> {
+    let cookie_len = cookie.map_or(4, str::len);
+    let mut out = Vec::with_capacity(POKE_FRAME_MESSAGE_OVERHEAD + poke_id.len() + cookie_len);
+    out.extend_from_slice(b"[\"");
+    out.extend_from_slice(tag.as_bytes());
+    out.extend_from_slice(b"\",{\"pokeID\":");
     json::write_str(&mut out, poke_id);
-    out.extend_from_slice(b",\"baseCookie\":");
-    match base_cookie {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(cookie_key.as_bytes());
+    out.extend_from_slice(b"\":");
+    match cookie {
         Some(cookie) => json::write_str(&mut out, cookie),
         None => out.extend_from_slice(b"null"),
     }
-    out.extend_from_slice(b"}]");
-    out
-}
-
-/// `["pokeEnd",{"pokeID":…,"cookie":…}]`, written as [`poke_start`] is.
-fn poke_end(poke_id: &str, cookie: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(POKE_FRAME_MESSAGE_OVERHEAD + poke_id.len() + cookie.len());
-    out.extend_from_slice(b"[\"pokeEnd\",{\"pokeID\":");
-    json::write_str(&mut out, poke_id);
-    out.extend_from_slice(b",\"cookie\":");
-    json::write_str(&mut out, cookie);
     out.extend_from_slice(b"}]");
     out
 }
@@ -371,7 +366,7 @@ fn poke_parts(poke: &Poke) -> Vec<Vec<u8>> {
 fn open_part(poke_id: &str) -> Vec<u8> {
     let mut part = Vec::with_capacity(FIRST_TEXT_CAPACITY);
     part.extend_from_slice(b"{\"pokeID\":");
-    write_json(&mut part, poke_id);
+    json::write_str(&mut part, poke_id);
     part
 }
 
@@ -484,10 +479,16 @@ mod tests {
             [("01", Some("00")), ("00", None), ("a\"b\\c\u{1}é", Some("x\ny"))]
         {
             let start = ("pokeStart", Start { poke_id, base_cookie });
-            assert_eq!(poke_start(poke_id, base_cookie), serde_json::to_vec(&start).unwrap());
+            assert_eq!(
+                poke_edge("pokeStart", poke_id, "baseCookie", base_cookie),
+                serde_json::to_vec(&start).unwrap()
+            );
             let cookie = base_cookie.unwrap_or("");
             let end = ("pokeEnd", End { poke_id, cookie });
-            assert_eq!(poke_end(poke_id, cookie), serde_json::to_vec(&end).unwrap());
+            assert_eq!(
+                poke_edge("pokeEnd", poke_id, "cookie", Some(cookie)),
+                serde_json::to_vec(&end).unwrap()
+            );
         }
     }
 }
