@@ -9,7 +9,7 @@
 //! Close runs once: after [`Connection::close`] (or the peer's close frame) nothing else is
 //! processed and only the close handshake proceeds.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::rc::Rc;
@@ -389,13 +389,26 @@ impl Tick {
     /// from it, rounded down like the rest, so whole milliseconds between instants are kept
     /// exactly.
     fn at(now: Instant) -> Tick {
+        thread_local! {
+            /// The last instant converted and its tick: the worker hands one `now` to every
+            /// event of a loop iteration, and the conversion (a 128-bit division among
+            /// others) was about 75 instructions of a 20-byte echo, which asks it twice.
+            static LAST: Cell<Option<(Instant, Tick)>> = const { Cell::new(None) };
+        }
         static START: OnceLock<Instant> = OnceLock::new();
+        if let Some((last, tick)) = LAST.get() {
+            if last == now {
+                return tick;
+            }
+        }
         let start = *START.get_or_init(|| now);
         // Truncating to u32 is the modulo 2^32.
-        match now.checked_duration_since(start) {
+        let tick = match now.checked_duration_since(start) {
             Some(after) => Tick(after.as_millis() as u32),
             None => Tick(0u32.wrapping_sub((start - now).as_nanos().div_ceil(1_000_000) as u32)),
-        }
+        };
+        LAST.set(Some((now, tick)));
+        tick
     }
 
     /// Milliseconds from `earlier` to `self`.
@@ -431,7 +444,58 @@ impl Default for Outbound {
     }
 }
 
+/// How many freed [`Outbound`]s a thread keeps for reuse ([`Outbound::recycle`]): enough
+/// for the connections one loop iteration gets a message from and answers. Each holds at
+/// most about 770 bytes (the state, its lists at [`SPARE_LIST_CAPACITY`], the iovecs), so a
+/// thread keeps under 50 KiB.
+const SPARE_OUTBOUNDS: usize = 64;
+
+/// A spare [`Outbound`] keeps its lists' memory (queue, pongs, notices) only up to this
+/// capacity, what their first push allocates: what a message and its answer use, not what
+/// a backlog grew.
+const SPARE_LIST_CAPACITY: usize = 4;
+
+thread_local! {
+    /// [`Outbound`]s freed by connections that went idle, for the next connection of this
+    /// thread that has something to write. A connection holds one only while it has
+    /// something (idle ones hold nothing, see [`Core::release_out`]), so without these a
+    /// small echo allocated and freed the state and its queue's buffer for every message:
+    /// about 250 of its 2,700 instructions (bench/RESULTS.md, "frames: small echoes").
+    // Boxed on purpose: a connection holds its state as a box, and a spare is that box.
+    #[allow(clippy::vec_box)]
+    static SPARE: RefCell<Vec<Box<Outbound>>> = const { RefCell::new(Vec::new()) };
+}
+
 impl Outbound {
+    /// An empty outbound state: a spare one if the thread has one.
+    fn take() -> Box<Outbound> {
+        SPARE.with_borrow_mut(Vec::pop).unwrap_or_default()
+    }
+
+    /// Keeps a flushed state with no notices for [`take`](Self::take), unless its lists grew
+    /// past what a spare keeps or enough are kept already; then it is freed.
+    fn recycle(mut self: Box<Outbound>) {
+        debug_assert!(self.is_flushed() && self.notices.is_empty());
+        if self.queue.capacity() > SPARE_LIST_CAPACITY
+            || self.pongs.capacity() > SPARE_LIST_CAPACITY
+            || self.notices.capacity() > SPARE_LIST_CAPACITY
+        {
+            return;
+        }
+        // What a fresh one has (`Default`); the lists are empty, the iovecs are rewritten by
+        // the next vectored write.
+        self.front_sent = 0;
+        self.queued_bytes = 0;
+        self.pong_sent = 0;
+        self.greeted = true;
+        self.stuck_since = None;
+        SPARE.with_borrow_mut(|spare| {
+            if spare.len() < SPARE_OUTBOUNDS {
+                spare.push(self);
+            }
+        });
+    }
+
     /// Nothing left to write and nothing being written.
     fn is_flushed(&self) -> bool {
         self.queue.is_empty() && self.pongs.is_empty() && self.in_flight == InFlight::NONE
@@ -622,14 +686,30 @@ impl Connection {
             return;
         }
         let limits = core.decoder_limits(&shared.settings);
-        let decoder = self.decoder.get_or_insert_with(|| Box::new(Decoder::new(limits)));
-        let result = decoder.feed(input, &mut |event| core.on_event(event, shared, group_id, now));
+        let mut on_event = |event: Event<'_>| core.on_event(event, shared, group_id, now);
+        let result = match self.decoder.as_deref_mut() {
+            Some(decoder) => {
+                let result = decoder.feed(input, &mut on_event);
+                // A closed decoder stays: a fresh one would decode again what must be ignored.
+                if decoder.is_idle() {
+                    self.decoder = None;
+                }
+                result
+            }
+            None => {
+                // Between frames, as most reads begin: a fresh decoder on the stack, boxed only
+                // if the read ends inside a frame. Boxing one for every read and dropping it
+                // after cost a small echo about 190 of its instructions.
+                let mut decoder = Decoder::new(limits);
+                let result = decoder.feed(input, &mut on_event);
+                if !decoder.is_idle() {
+                    self.decoder = Some(Box::new(decoder));
+                }
+                result
+            }
+        };
         if let Err(e) = result {
             core.fail_connection(e.close_code(), e.reason(), now);
-        }
-        // A closed decoder stays: a fresh one would decode again what must be ignored.
-        if decoder.is_idle() {
-            self.decoder = None;
         }
     }
 
@@ -867,16 +947,18 @@ impl Core {
     /// again, which costs little next to its send.
     fn release_out(&mut self) {
         if self.out.as_deref().is_some_and(|o| o.is_flushed() && o.notices.is_empty()) {
-            self.out = None;
+            if let Some(out) = self.out.take() {
+                out.recycle();
+            }
         }
     }
 
     fn notify(&mut self, notice: Notice) {
-        self.out.get_or_insert_with(Box::default).notices.push(notice);
+        self.out.get_or_insert_with(Outbound::take).notices.push(notice);
     }
 
     fn push(&mut self, chunk: Chunk) {
-        let o = self.out.get_or_insert_with(Box::default);
+        let o = self.out.get_or_insert_with(Outbound::take);
         o.queued_bytes += chunk.bytes().len();
         // Coalesce small frames into the last owned chunk, unless that chunk is being written
         // (its buffer must not move under the kernel): one send instead of several. A shared
@@ -1089,7 +1171,7 @@ impl Core {
         match event {
             Event::Ping(payload) => {
                 let f = self.frame(OpCode::Pong, payload);
-                let o = self.out.get_or_insert_with(Box::default);
+                let o = self.out.get_or_insert_with(Outbound::take);
                 // Past the bound the last answer is replaced: never one being written (a
                 // write takes fewer), nor the front one, which may be partly written.
                 let full = o.pongs.len() >= MAX_QUEUED_PONGS;
@@ -1336,6 +1418,49 @@ mod tests {
         client_hop.open("w1", "g1", None, now);
         client_hop.forward(relayed.into_iter().next().unwrap(), &mut shared);
         assert_eq!(drain(&mut client_hop, now), vec![(1, payload)]);
+    }
+
+    /// A connection that goes idle hands its outbound state to the thread's spares and the
+    /// next write takes it back, clean: a pong after an echo, then an echo after the pong.
+    /// A state whose queue grew under a backlog is freed instead of kept.
+    #[test]
+    fn an_idle_connections_outbound_state_is_reused_clean_and_a_grown_one_freed() {
+        let now = Instant::now();
+        let spares = || SPARE.with_borrow(Vec::len);
+        let mut shared = shared();
+        SPARE.with_borrow_mut(Vec::clear);
+        let mut c = Connection::new(Mode::Echo, now);
+        c.open("w1", "g1", None, now);
+        assert!(c.core.out.is_none(), "an open echo connection has nothing to write");
+
+        c.on_bytes(&mut client(OpCode::Text, b"hi"), &mut shared, "", now);
+        assert_eq!(drain(&mut c, now), vec![(1, b"hi".to_vec())]);
+        assert!(c.core.out.is_none(), "an idle connection holds no outbound state");
+        assert_eq!(spares(), 1, "the state it held is kept");
+        c.on_bytes(&mut client(OpCode::Text, b"hi"), &mut shared, "", now);
+        assert_eq!(spares(), 0, "the next echo took it");
+        assert_eq!(drain(&mut c, now), vec![(1, b"hi".to_vec())]);
+        assert_eq!(spares(), 1, "and gave it back");
+        c.on_bytes(&mut client(OpCode::Ping, b"p"), &mut shared, "", now);
+        assert_eq!(drain(&mut c, now), vec![(0xA, b"p".to_vec())]);
+        c.on_bytes(&mut client(OpCode::Binary, b"again"), &mut shared, "", now);
+        assert_eq!(drain(&mut c, now), vec![(2, b"again".to_vec())]);
+        assert_eq!(spares(), 1);
+
+        // Frames over the coalescing limit each take a place in the queue.
+        let mut big = Vec::new();
+        frame::encode_frame(&mut big, OpCode::Binary, &vec![7; COALESCE_LIMIT + 1], false);
+        let big: Rc<[u8]> = big.into();
+        let mut o = open(now);
+        drain(&mut o, now);
+        assert_eq!(spares(), 1);
+        for _ in 0..2 * SPARE_LIST_CAPACITY {
+            o.send_shared(big.clone(), 1);
+        }
+        assert_eq!(spares(), 0);
+        assert_eq!(drain(&mut o, now).len(), 2 * SPARE_LIST_CAPACITY);
+        assert!(o.core.out.is_none());
+        assert_eq!(spares(), 0, "a grown state is freed, not kept");
     }
 
     #[test]

@@ -15,15 +15,12 @@
 //! front of a payload that was serialised after a reserved gap (`finish_reserved`), so a
 //! broadcast is encoded once; and masked client frames for tests and the load client.
 //!
-//! Headers are parsed and formatted by tungstenite's `FrameHeader` on our own buffers; its
-//! message layer is not used because it owns its buffers and refuses RSV1, which
-//! permessage-deflate needs.
+//! Headers (RFC 6455 section 5.2) are parsed and written here, a few bytes by hand: a
+//! general-purpose header codec (tungstenite's `FrameHeader`, used until 2026-12) went
+//! through `io::Cursor` and `io::Write` and cost a 20-byte echo about 200 of its 2,700
+//! instructions (bench/RESULTS.md, "frames: small echoes").
 
-use std::io::Cursor;
 use std::ops::ControlFlow;
-
-use tungstenite::protocol::frame::coding::{Control, Data, OpCode as WireOpCode};
-use tungstenite::protocol::frame::FrameHeader;
 
 pub use crate::ws::close::DecodeError;
 use crate::ws::close::{parse_close_payload, truncate_reason};
@@ -72,28 +69,28 @@ impl OpCode {
         matches!(self, OpCode::Close | OpCode::Ping | OpCode::Pong)
     }
 
-    fn to_wire(self) -> WireOpCode {
+    /// The 4-bit code on the wire.
+    fn to_wire(self) -> u8 {
         match self {
-            OpCode::Continuation => WireOpCode::Data(Data::Continue),
-            OpCode::Text => WireOpCode::Data(Data::Text),
-            OpCode::Binary => WireOpCode::Data(Data::Binary),
-            OpCode::Close => WireOpCode::Control(Control::Close),
-            OpCode::Ping => WireOpCode::Control(Control::Ping),
-            OpCode::Pong => WireOpCode::Control(Control::Pong),
+            OpCode::Continuation => 0x0,
+            OpCode::Text => 0x1,
+            OpCode::Binary => 0x2,
+            OpCode::Close => 0x8,
+            OpCode::Ping => 0x9,
+            OpCode::Pong => 0xA,
         }
     }
 
-    fn from_wire(code: WireOpCode) -> Option<Self> {
+    /// The opcode of a 4-bit code; `None` for the reserved ones (3-7, 11-15).
+    fn from_wire(code: u8) -> Option<Self> {
         Some(match code {
-            WireOpCode::Data(Data::Continue) => OpCode::Continuation,
-            WireOpCode::Data(Data::Text) => OpCode::Text,
-            WireOpCode::Data(Data::Binary) => OpCode::Binary,
-            WireOpCode::Control(Control::Close) => OpCode::Close,
-            WireOpCode::Control(Control::Ping) => OpCode::Ping,
-            WireOpCode::Control(Control::Pong) => OpCode::Pong,
-            WireOpCode::Data(Data::Reserved(_)) | WireOpCode::Control(Control::Reserved(_)) => {
-                return None
-            }
+            0x0 => OpCode::Continuation,
+            0x1 => OpCode::Text,
+            0x2 => OpCode::Binary,
+            0x8 => OpCode::Close,
+            0x9 => OpCode::Ping,
+            0xA => OpCode::Pong,
+            _ => return None,
         })
     }
 }
@@ -575,19 +572,39 @@ impl Decoder {
 /// Parses a client frame header at the start of `bytes` and applies the rules that need no
 /// earlier frame. Returns the header and its size, or `None` if `bytes` ends inside it.
 fn parse_head(bytes: &[u8], limits: &DecoderLimits) -> Result<Option<(Head, usize)>, DecodeError> {
-    let mut cursor = Cursor::new(bytes);
-    let (header, len) = match FrameHeader::parse(&mut cursor) {
-        Ok(Some(parsed)) => parsed,
-        Ok(None) => return Ok(None),
-        // On a byte slice the only error it reports is a reserved opcode.
-        Err(_) => return Err(DecodeError::Protocol("reserved opcode")),
+    let (b0, b1) = match bytes {
+        [b0, b1, ..] => (*b0, *b1),
+        _ => return Ok(None),
     };
-    let opcode =
-        OpCode::from_wire(header.opcode).ok_or(DecodeError::Protocol("reserved opcode"))?;
-    if header.rsv2 || header.rsv3 {
+    let opcode = OpCode::from_wire(b0 & 0x0F).ok_or(DecodeError::Protocol("reserved opcode"))?;
+    if b0 & (RSV2 | RSV3) != 0 {
         return Err(DecodeError::Protocol("reserved bit set"));
     }
-    let mask = match (header.mask, limits.server_frames) {
+    let (fin, rsv1) = (b0 & FIN != 0, b0 & RSV1 != 0);
+    // The 7-bit length, or 126 and 127 for a 16- and 64-bit one after it. A longer form than
+    // needed is accepted: RFC 6455 asks senders for the shortest, and nothing is gained by
+    // refusing a peer that wastes its own bytes.
+    let (len, mut used) = match b1 & 0x7F {
+        126 => match bytes.get(2..4) {
+            Some(&[a, b]) => (u64::from(u16::from_be_bytes([a, b])), 4),
+            _ => return Ok(None),
+        },
+        127 => match bytes.get(2..10).and_then(|b| <[u8; 8]>::try_from(b).ok()) {
+            Some(b) => (u64::from_be_bytes(b), 10),
+            None => return Ok(None),
+        },
+        short => (u64::from(short), 2),
+    };
+    let key = if b1 & MASKED != 0 {
+        let Some(key) = bytes.get(used..used + 4).and_then(|k| <[u8; 4]>::try_from(k).ok()) else {
+            return Ok(None);
+        };
+        used += 4;
+        Some(key)
+    } else {
+        None
+    };
+    let mask = match (key, limits.server_frames) {
         (Some(mask), false) => mask,
         // The all-zero key leaves the payload as it is (`apply_mask` skips it).
         (None, true) => [0; 4],
@@ -598,7 +615,7 @@ fn parse_head(bytes: &[u8], limits: &DecoderLimits) -> Result<Option<(Head, usiz
         return Err(DecodeError::Protocol("64-bit length with the top bit set"));
     }
     if opcode.is_control() {
-        if !header.is_final {
+        if !fin {
             return Err(DecodeError::Protocol("fragmented control frame"));
         }
         if len > MAX_CONTROL_PAYLOAD as u64 {
@@ -607,7 +624,7 @@ fn parse_head(bytes: &[u8], limits: &DecoderLimits) -> Result<Option<(Head, usiz
     } else if len > limits.max_message_bytes as u64 {
         return Err(DecodeError::MessageTooBig);
     }
-    if header.rsv1 {
+    if rsv1 {
         // RSV1 marks a whole message as compressed, so only its first frame may carry it.
         if !matches!(opcode, OpCode::Text | OpCode::Binary) {
             return Err(DecodeError::Protocol("RSV1 on a control or continuation frame"));
@@ -616,15 +633,8 @@ fn parse_head(bytes: &[u8], limits: &DecoderLimits) -> Result<Option<(Head, usiz
             return Err(DecodeError::Protocol("RSV1 without a negotiated extension"));
         }
     }
-    let head = Head {
-        opcode,
-        fin: header.is_final,
-        rsv1: header.rsv1,
-        mask,
-        // Within a limit that is itself a usize.
-        len: len as usize,
-    };
-    Ok(Some((head, cursor.position() as usize)))
+    // Within a limit that is itself a usize.
+    Ok(Some((Head { opcode, fin, rsv1, mask, len: len as usize }, used)))
 }
 
 fn data_event(text: bool, compressed: bool, payload: Payload<'_>) -> Event<'_> {
@@ -654,27 +664,85 @@ fn control_event(
     })
 }
 
-/// The header tungstenite formats for a frame with these properties.
-fn header(opcode: OpCode, fin: bool, rsv1: bool, mask: Option<[u8; 4]>) -> FrameHeader {
-    FrameHeader { is_final: fin, rsv1, rsv2: false, rsv3: false, opcode: opcode.to_wire(), mask }
+/// The bits of a header's first byte besides the opcode, and the mask bit of its second.
+const FIN: u8 = 0x80;
+const RSV1: u8 = 0x40;
+const RSV2: u8 = 0x20;
+const RSV3: u8 = 0x10;
+const MASKED: u8 = 0x80;
+
+/// The size of the header of a frame with a payload of `len` bytes, masked or not.
+fn head_size(len: u64, masked: bool) -> usize {
+    let extended = match len {
+        0..=125 => 0,
+        126..=0xFFFF => 2,
+        _ => 8,
+    };
+    2 + extended + if masked { 4 } else { 0 }
+}
+
+/// Writes the header of a frame with a payload of `len` bytes at the start of `out`, in the
+/// shortest form; returns its size ([`head_size`]). Panics if `out` is shorter.
+fn put_head(
+    out: &mut [u8],
+    opcode: OpCode,
+    fin: bool,
+    rsv1: bool,
+    mask: Option<[u8; 4]>,
+    len: u64,
+) -> usize {
+    let size = head_size(len, mask.is_some());
+    let out = &mut out[..size];
+    out[0] = opcode.to_wire() | if fin { FIN } else { 0 } | if rsv1 { RSV1 } else { 0 };
+    let masked = if mask.is_some() { MASKED } else { 0 };
+    let key_at = match len {
+        0..=125 => {
+            out[1] = masked | len as u8;
+            2
+        }
+        126..=0xFFFF => {
+            out[1] = masked | 126;
+            out[2..4].copy_from_slice(&(len as u16).to_be_bytes());
+            4
+        }
+        _ => {
+            out[1] = masked | 127;
+            out[2..10].copy_from_slice(&len.to_be_bytes());
+            10
+        }
+    };
+    if let Some(key) = mask {
+        out[key_at..].copy_from_slice(&key);
+    }
+    size
+}
+
+/// Appends the header of a frame to `out` (as [`put_head`]).
+fn append_head(
+    out: &mut Vec<u8>,
+    opcode: OpCode,
+    fin: bool,
+    rsv1: bool,
+    mask: Option<[u8; 4]>,
+    len: u64,
+) {
+    let mut head = [0; MAX_CLIENT_HEADER];
+    let size = put_head(&mut head, opcode, fin, rsv1, mask, len);
+    out.extend_from_slice(&head[..size]);
 }
 
 /// Appends a server frame (FIN set, not masked) carrying `payload` to `out`.
 pub fn encode_frame(out: &mut Vec<u8>, opcode: OpCode, payload: &[u8], rsv1: bool) {
     debug_assert!(!opcode.is_control() || payload.len() <= MAX_CONTROL_PAYLOAD);
     out.reserve(MAX_SERVER_HEADER + payload.len());
-    header(opcode, true, rsv1, None)
-        .format(payload.len() as u64, out)
-        .expect("writing to a Vec cannot fail");
+    append_head(out, opcode, true, rsv1, None, payload.len() as u64);
     out.extend_from_slice(payload);
 }
 
 /// Appends a server close frame; `reason` is cut to fit on a character boundary.
 pub fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
     let reason = truncate_reason(reason);
-    header(OpCode::Close, true, false, None)
-        .format(2 + reason.len() as u64, out)
-        .expect("writing to a Vec cannot fail");
+    append_head(out, OpCode::Close, true, false, None, 2 + reason.len() as u64);
     out.extend_from_slice(&code.to_be_bytes());
     out.extend_from_slice(reason.as_bytes());
 }
@@ -688,11 +756,8 @@ pub fn encode_close(out: &mut Vec<u8>, code: u16, reason: &str) {
 pub fn finish_reserved(buf: &mut [u8], opcode: OpCode, rsv1: bool) -> usize {
     assert!(buf.len() >= MAX_SERVER_HEADER, "no room reserved for the header");
     let payload_len = (buf.len() - MAX_SERVER_HEADER) as u64;
-    let header = header(opcode, true, rsv1, None);
-    let start = MAX_SERVER_HEADER - header.len(payload_len);
-    header
-        .format(payload_len, &mut &mut buf[start..MAX_SERVER_HEADER])
-        .expect("the reserved gap fits the longest server header");
+    let start = MAX_SERVER_HEADER - head_size(payload_len, false);
+    put_head(&mut buf[start..], opcode, true, rsv1, None, payload_len);
     start
 }
 
@@ -700,8 +765,7 @@ pub fn finish_reserved(buf: &mut [u8], opcode: OpCode, rsv1: bool) -> usize {
 /// masked or not: the room a relayed message is copied behind, so its header can be
 /// written in front of it without moving it ([`write_header`]).
 pub fn header_len(payload_len: usize, masked: bool) -> usize {
-    let mask = masked.then_some([0; 4]);
-    header(OpCode::Text, true, false, mask).len(payload_len as u64)
+    head_size(payload_len as u64, masked)
 }
 
 /// Turns `buf`, `room` bytes of room followed by a payload, into a frame (FIN set): the
@@ -709,9 +773,9 @@ pub fn header_len(payload_len: usize, masked: bool) -> usize {
 /// Returns where the frame starts. Panics if the room is shorter than the header.
 pub fn write_header(buf: &mut [u8], room: usize, opcode: OpCode, mask: Option<[u8; 4]>) -> usize {
     let (head, payload) = buf.split_at_mut(room);
-    let header = header(opcode, true, false, mask);
-    let start = room.checked_sub(header.len(payload.len() as u64)).expect("room for the header");
-    header.format(payload.len() as u64, &mut &mut head[start..]).expect("the room fits the header");
+    let len = payload.len() as u64;
+    let start = room.checked_sub(head_size(len, mask.is_some())).expect("room for the header");
+    put_head(&mut head[start..], opcode, true, false, mask, len);
     if let Some(mask) = mask {
         apply_mask(payload, mask);
     }
@@ -738,9 +802,7 @@ pub fn encode_client_frame(
     rsv1: bool,
 ) {
     out.reserve(MAX_CLIENT_HEADER + payload.len());
-    header(opcode, fin, rsv1, Some(mask))
-        .format(payload.len() as u64, out)
-        .expect("writing to a Vec cannot fail");
+    append_head(out, opcode, fin, rsv1, Some(mask), payload.len() as u64);
     let start = out.len();
     out.extend_from_slice(payload);
     apply_mask(&mut out[start..], mask);
@@ -1259,6 +1321,120 @@ mod tests {
         decoder.feed(&mut stream[1..20], &mut no_event).unwrap();
         // The 8-byte header is consumed; 12 payload bytes are held.
         assert_eq!(decoder.buffered_bytes(), 12);
+    }
+
+    /// The header codec agrees byte for byte with tungstenite's `FrameHeader`, the codec it
+    /// replaced: every opcode, length form, flag and mask, written and read back, and every
+    /// prefix of a header asks for more bytes.
+    #[test]
+    fn headers_match_tungstenite_byte_for_byte() {
+        use tungstenite::protocol::frame::{coding::OpCode as Wire, FrameHeader};
+        let opcodes = [
+            OpCode::Continuation,
+            OpCode::Text,
+            OpCode::Binary,
+            OpCode::Close,
+            OpCode::Ping,
+            OpCode::Pong,
+        ];
+        for opcode in opcodes {
+            for len in [0, 1, 125, 126, 127, 65_535, 65_536, 1 << 40, i64::MAX as u64] {
+                for (fin, rsv1) in [(true, false), (false, true), (true, true)] {
+                    for mask in [None, Some(MASK)] {
+                        let theirs = FrameHeader {
+                            is_final: fin,
+                            rsv1,
+                            rsv2: false,
+                            rsv3: false,
+                            opcode: Wire::from(opcode.to_wire()),
+                            mask,
+                        };
+                        let mut expected = Vec::new();
+                        theirs.format(len, &mut expected).unwrap();
+                        let mut ours = [0; MAX_CLIENT_HEADER];
+                        let size = put_head(&mut ours, opcode, fin, rsv1, mask, len);
+                        assert_eq!(&ours[..size], &expected[..], "{opcode:?} {len} {mask:?}");
+                        assert_eq!(head_size(len, mask.is_some()), size);
+
+                        let limits = DecoderLimits {
+                            max_message_bytes: usize::MAX,
+                            max_fragments: 1,
+                            allow_rsv1: true,
+                            server_frames: mask.is_none(),
+                        };
+                        for cut in 0..size {
+                            assert!(matches!(parse_head(&expected[..cut], &limits), Ok(None)));
+                        }
+                        // Frames the rules refuse (a long or fragmented control frame, RSV1
+                        // off a first frame) are refused; the rest read back as written.
+                        let allowed = (!opcode.is_control() || (fin && len <= 125))
+                            && (!rsv1 || matches!(opcode, OpCode::Text | OpCode::Binary));
+                        match parse_head(&expected, &limits) {
+                            Ok(Some((head, used))) => {
+                                assert!(allowed, "{opcode:?} {len} fin={fin} rsv1={rsv1}");
+                                assert_eq!(used, size);
+                                assert_eq!((head.opcode, head.fin, head.rsv1), (opcode, fin, rsv1));
+                                assert_eq!(head.mask, mask.unwrap_or([0; 4]));
+                                assert_eq!(head.len as u64, len);
+                            }
+                            Ok(None) => panic!("a whole header asked for more"),
+                            Err(_) => assert!(!allowed, "{opcode:?} {len} fin={fin} rsv1={rsv1}"),
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// On random bytes the parser finds the same header as tungstenite's, or asks for more
+    /// where it does, or refuses what it refuses (a reserved opcode).
+    #[test]
+    fn random_headers_parse_as_tungstenite_parses_them() {
+        use std::io::Cursor;
+        use tungstenite::protocol::frame::FrameHeader;
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let limits = DecoderLimits {
+            max_message_bytes: usize::MAX,
+            max_fragments: 1,
+            allow_rsv1: true,
+            server_frames: false,
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 15) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            // Mostly plain data frames, so most get past the rules to the length and mask.
+            if len > 0 && next() % 4 != 0 {
+                bytes[0] &= 0x8f;
+                bytes[0] = (bytes[0] & 0xf0) | (1 + bytes[0] % 2);
+            }
+            let mut cursor = Cursor::new(&bytes[..]);
+            let theirs = FrameHeader::parse(&mut cursor);
+            match (parse_head(&bytes, &limits), theirs) {
+                (Ok(Some((head, used))), Ok(Some((h, payload_len)))) => {
+                    assert_eq!(head.opcode.to_wire(), u8::from(h.opcode), "{bytes:?}");
+                    assert_eq!((head.fin, head.rsv1), (h.is_final, h.rsv1), "{bytes:?}");
+                    assert_eq!(Some(head.mask), h.mask, "{bytes:?}");
+                    assert_eq!(head.len as u64, payload_len, "{bytes:?}");
+                    assert_eq!(used as u64, cursor.position(), "{bytes:?}");
+                }
+                (Ok(None), Ok(None)) => {}
+                // Refused by the rules tungstenite leaves to its caller.
+                (Err(_), Ok(Some(_))) => {}
+                // What the first byte refuses is refused before the rest has arrived; a
+                // reserved opcode tungstenite refuses too.
+                (Err(DecodeError::Protocol("reserved opcode" | "reserved bit set")), _) => {}
+                (ours, theirs) => panic!(
+                    "{bytes:?}: {:?} against {theirs:?}",
+                    ours.map(|o| o.map(|(_, used)| used))
+                ),
+            }
+        }
     }
 
     #[test]

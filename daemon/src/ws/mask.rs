@@ -3,8 +3,8 @@
 //! Every client-to-server frame is XORed with a 4-byte key. The server unmasks each inbound
 //! payload in place, and the test and load clients mask what they send, so this runs over
 //! every byte that crosses a connection. It therefore works a machine word at a time: the
-//! bytes before the first 8-byte boundary and after the last one go through a byte loop, the
-//! aligned middle is XORed with the key repeated into a `u64`.
+//! payload is XORed 8 bytes at a time with the key repeated into a `u64`, and the last
+//! bytes one at a time.
 
 /// XORs `buf` with the repeating `key`, starting at `key[0]`. Masking and unmasking are the
 /// same operation.
@@ -39,23 +39,19 @@ unsafe fn mask_words_avx2(buf: &mut [u8], key: [u8; 4]) {
 }
 
 /// The loop behind [`apply_mask`]; inlined so that each caller's target features apply.
+/// Words are read and written unaligned: on x86-64 that costs nothing, and an aligned
+/// middle (`align_to_mut`) cost a 20-byte payload two byte loops around one word, 135
+/// instructions where this takes about 30.
 #[inline(always)]
 fn mask_words(buf: &mut [u8], key: [u8; 4]) {
-    // SAFETY: every bit pattern is a valid `u64`, and `align_to_mut` only hands out the middle
-    // part at `u64` alignment, so viewing those bytes as words is sound.
-    let (head, words, tail) = unsafe { buf.align_to_mut::<u64>() };
-    mask_bytes(head, key);
-
-    // The words start `head.len()` bytes into the payload, so the key continues from there.
-    let mut key = key;
-    key.rotate_left(head.len() % 4);
     let wide = u64::from_ne_bytes([key[0], key[1], key[2], key[3], key[0], key[1], key[2], key[3]]);
-    for word in words {
-        *word ^= wide;
+    let mut words = buf.chunks_exact_mut(8);
+    for word in &mut words {
+        let masked = u64::from_ne_bytes((&*word).try_into().expect("8 bytes")) ^ wide;
+        word.copy_from_slice(&masked.to_ne_bytes());
     }
-
-    // A word is two whole key lengths, so the tail starts at the same key position.
-    mask_bytes(tail, key);
+    // A word is two whole key lengths, so the tail starts at key[0].
+    mask_bytes(words.into_remainder(), key);
 }
 
 /// Appends `src` XORed with the repeating `key` (from `key[0]`) to `dst`: the copy and the
