@@ -131,7 +131,7 @@ impl Patch {
             out.push(b'}');
         }
         out.extend_from_slice(b"},\"last_mutation_ids\":");
-        write_json(&mut out, &self.last_mutation_ids);
+        json::write_u64_map(&mut out, &self.last_mutation_ids);
         out.extend_from_slice(b",\"desired_queries\":");
         write_json(&mut out, &self.desired_queries);
         out.extend_from_slice(b",\"got_queries\":");
@@ -303,7 +303,7 @@ fn poke_parts(poke: &Poke) -> Vec<Vec<u8>> {
     let mut part = open_part(&poke.poke_id);
     if !patch.last_mutation_ids.is_empty() {
         part.extend_from_slice(b",\"lastMutationIDChanges\":");
-        write_json(&mut part, &patch.last_mutation_ids);
+        json::write_u64_map(&mut part, &patch.last_mutation_ids);
     }
     if !patch.desired_queries.is_empty() {
         let desired: BTreeMap<&str, Vec<QueryOpWire>> = patch

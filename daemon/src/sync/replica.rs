@@ -986,6 +986,7 @@ mod tests {
         let users = patch.rows.entry("user \"x\"".into()).or_default();
         users.insert(r#"[["id",1]]"#.into(), Some(row(json!({"id": 1, "n": [1.5, null]}))));
         patch.last_mutation_ids.insert("c1".into(), 7);
+        patch.last_mutation_ids.insert("c\"2\\".into(), u64::MAX);
         let queries = patch.desired_queries.entry("c1".into()).or_default();
         queries.insert("q1".into(), Some(DesiredQuery { ttl: Some(300000.0) }));
         queries.insert("q2".into(), None);
