@@ -1323,6 +1323,16 @@ mod tests {
         assert_eq!(decoder.buffered_bytes(), 12);
     }
 
+    /// A xorshift generator from a fixed seed, so that a failure replays.
+    fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+        move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        }
+    }
+
     /// The header codec agrees byte for byte with tungstenite's `FrameHeader`, the codec it
     /// replaced: every opcode, length form, flag and mask, written and read back, and every
     /// prefix of a header asks for more bytes.
@@ -1392,13 +1402,7 @@ mod tests {
     fn random_headers_parse_as_tungstenite_parses_them() {
         use std::io::Cursor;
         use tungstenite::protocol::frame::FrameHeader;
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15_u64);
         let limits = DecoderLimits {
             max_message_bytes: usize::MAX,
             max_fragments: 1,
@@ -1439,13 +1443,7 @@ mod tests {
 
     #[test]
     fn random_bytes_never_panic() {
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d_u64);
         for _ in 0..3000 {
             let len = (next() % 48) as usize;
             let mut stream: Vec<u8> = (0..len).map(|_| next() as u8).collect();
