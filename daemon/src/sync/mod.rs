@@ -651,9 +651,9 @@ impl GroupSync {
     }
 
     /// A push: each mutation in order, under the per-user mutation limit.
-    pub fn on_push(&mut self, who: &Who<'_>, pusher: Pusher<'_>, push: &PushBody, now: Instant) {
+    pub fn on_push(&mut self, who: &Who<'_>, pusher: Pusher<'_>, push: PushBody, now: Instant) {
         let mut anonymous = String::new();
-        for mutation in &push.mutations {
+        for mutation in push.mutations {
             let limits = &self.limits;
             let g = self.groups.get_mut(who.group.index()).expect("a GroupRef outlived its group");
             let user_key = limit_key(pusher, g.owner(), who.client_id, &mut anonymous);
@@ -926,7 +926,7 @@ mod tests {
         ) else {
             panic!("not a push")
         };
-        sync.on_push(&who, Pusher::Claimed("c1"), &push, Instant::now());
+        sync.on_push(&who, Pusher::Claimed("c1"), push, Instant::now());
         assert_eq!(sync.group(g).replica.as_ref().map(|r| r.version()), Some(1));
         let (out, _) = settle(&mut sync);
         assert_eq!(out.len(), 1, "the poke of the insert");
@@ -973,16 +973,16 @@ mod tests {
         a.join(ga, Some("alice"));
         let who_a = Who { slot: 0, serial: 0, client_id: "c1", group: ga, version: 51 };
         a.on_init(&who_a, None, 0, &init());
-        a.on_push(&who_a, Pusher::Verified, &push(1), now);
+        a.on_push(&who_a, Pusher::Verified, push(1), now);
         settle(&mut a);
         // Another process (a worker of a graceful replacement) writes the group meanwhile.
         let gb = load(&mut b, "g");
         b.join(gb, Some("alice"));
         let who_b = Who { slot: 0, serial: 0, client_id: "c1", group: gb, version: 51 };
-        b.on_push(&who_b, Pusher::Verified, &push(2), now);
+        b.on_push(&who_b, Pusher::Verified, push(2), now);
         assert!(settle(&mut b).1.is_empty());
         // A's next push (its client's next mutation, for A) finds the group stale.
-        a.on_push(&who_a, Pusher::Verified, &push(2), now);
+        a.on_push(&who_a, Pusher::Verified, push(2), now);
         let (out, failed) = settle(&mut a);
         assert_eq!(failed, [ga]);
         assert!(out.is_empty(), "nothing is delivered for a stale group: {}", out.len());
@@ -992,9 +992,9 @@ mod tests {
         assert_eq!(a.owner(ga), Some("alice"), "the pin stayed");
         // Stale again, and its last connection leaves in the same iteration: the group is
         // still there for the caller to name, and gone at the next flush.
-        b.on_push(&who_b, Pusher::Verified, &push(3), now);
+        b.on_push(&who_b, Pusher::Verified, push(3), now);
         assert!(settle(&mut b).1.is_empty());
-        a.on_push(&who_a, Pusher::Verified, &push(3), now);
+        a.on_push(&who_a, Pusher::Verified, push(3), now);
         a.left(ga, 0);
         assert_eq!(settle(&mut a).1, [ga]);
         assert_eq!(a.name(ga), "g");
@@ -1015,14 +1015,14 @@ mod tests {
         let who = Who { slot: 0, serial: 0, client_id: "c1", group: g, version: 51 };
         sync.on_init(&who, None, 0, &init());
         settle(&mut sync);
-        sync.on_push(&who, Pusher::Anonymous, &push(1), now);
+        sync.on_push(&who, Pusher::Anonymous, push(1), now);
         assert!(sync.flush().is_empty(), "the poke waits for its commit");
         assert!(sync.syncing());
         // Two more pushes while the first batch is on the store thread: both go into the
         // next batch, and nothing of theirs is handed out early.
-        sync.on_push(&who, Pusher::Anonymous, &push(2), now);
+        sync.on_push(&who, Pusher::Anonymous, push(2), now);
         assert!(sync.flush().is_empty());
-        sync.on_push(&who, Pusher::Anonymous, &push(3), now);
+        sync.on_push(&who, Pusher::Anonymous, push(3), now);
         assert!(!sync.has_pending(), "nothing to do until the commit answers");
         let pokes = |deliveries: &[Delivery]| -> Vec<String> {
             deliveries

@@ -452,7 +452,10 @@ impl Replica {
     /// first mutation of a push to tell custom pushes from CRUD ones; the
     /// client sends one mutation per push, so the caller simply calls this
     /// for each.
-    pub fn apply_push(&mut self, mutation: &Mutation) -> PushResult {
+    ///
+    /// Taken by value: each op's row is moved into the patch, not copied (the group's
+    /// table takes its own copy).
+    pub fn apply_push(&mut self, mutation: Mutation) -> PushResult {
         if mutation.kind == MutationKind::Custom {
             return PushResult::Refused(CUSTOM_MUTATION_REFUSED.to_owned());
         }
@@ -463,8 +466,8 @@ impl Replica {
             ));
         }
         // Decoded and checked by the message parser.
-        let ops = &mutation.crud_ops;
-        let client_id = &mutation.client_id;
+        let Mutation { crud_ops: ops, client_id, .. } = mutation;
+        let client_id = &client_id;
         let expected = self.last_mutation_id(client_id).saturating_add(1);
         if mutation.id < expected {
             return PushResult::AlreadyProcessed;
@@ -740,7 +743,7 @@ impl Replica {
 
     /// Checks the ops of one mutation against the current rows without
     /// changing anything; the first failing op fails the whole mutation.
-    fn stage_ops(&self, ops: &[CrudOp]) -> Result<StagedRows, String> {
+    fn stage_ops(&self, ops: Vec<CrudOp>) -> Result<StagedRows, String> {
         let mut staged = StagedRows { rows: RowsPatch::new(), new_tables: BTreeMap::new() };
         for op in ops {
             let table = op.table_name.as_str();
@@ -787,11 +790,11 @@ impl Replica {
                 (CrudOpKind::Insert, Some(_)) => {
                     return Err(format!("{verb} {table}: a row with key {key} already exists"));
                 }
-                (CrudOpKind::Insert | CrudOpKind::Upsert, None) => Some(op.value.clone()),
+                (CrudOpKind::Insert | CrudOpKind::Upsert, None) => Some(op.value),
                 (CrudOpKind::Upsert | CrudOpKind::Update, Some(row)) => {
                     // The op's columns, then the row's others: a column the op overwrites
                     // (often the large one) is not copied first.
-                    let mut merged = op.value.clone();
+                    let mut merged = op.value;
                     for (column, value) in row {
                         if !merged.contains_key(column) {
                             merged.insert(column.clone(), value.clone());
@@ -965,14 +968,14 @@ mod tests {
         let mut r = replica();
         for id in 1..=5 {
             let ops = json!([op("upsert", "issue", json!({"id": "i", "n": id}))]);
-            applied(r.apply_push(&crud(C1, id, ops)));
+            applied(r.apply_push(crud(C1, id, ops)));
         }
         assert_eq!((r.history_len(), r.row_count()), (5, 1));
         r.set_limits(GroupLimits { max_history: 2, max_rows: 1, ..GroupLimits::default() });
         assert_eq!(r.history_len(), 2, "trimmed by the new bound");
         // The row already there stays; another one is over the new limit.
         let ops = json!([op("insert", "issue", json!({"id": "j"}))]);
-        assert!(matches!(r.apply_push(&crud(C1, 6, ops)), PushResult::LimitExceeded { .. }));
+        assert!(matches!(r.apply_push(crud(C1, 6, ops)), PushResult::LimitExceeded { .. }));
         assert_eq!(r.row_count(), 1);
     }
 
@@ -1050,7 +1053,7 @@ mod tests {
     #[test]
     fn insert_adds_a_row_and_pokes_it_with_the_lmid() {
         let mut r = replica();
-        let change = applied(r.apply_push(&crud(
+        let change = applied(r.apply_push(crud(
             C1,
             1,
             json!([op("insert", "issue", json!({"id": "i1", "title": "x"}))]),
@@ -1068,12 +1071,12 @@ mod tests {
     #[test]
     fn insert_of_an_existing_row_fails_the_whole_mutation_but_advances_the_lmid() {
         let mut r = replica();
-        applied(r.apply_push(&crud(
+        applied(r.apply_push(crud(
             C1,
             1,
             json!([op("insert", "issue", json!({"id": "i1", "title": "x"}))]),
         )));
-        let (change, message) = failed(r.apply_push(&crud(
+        let (change, message) = failed(r.apply_push(crud(
             C1,
             2,
             json!([
@@ -1089,18 +1092,18 @@ mod tests {
         assert_eq!(change.patch.last_mutation_ids[C1], 2);
         assert_eq!((r.last_mutation_id(C1), r.version()), (2, 2));
         // The next mutation is accepted.
-        applied(r.apply_push(&crud(C1, 3, json!([op("delete", "issue", json!({"id": "i1"}))]))));
+        applied(r.apply_push(crud(C1, 3, json!([op("delete", "issue", json!({"id": "i1"}))]))));
     }
 
     #[test]
     fn upsert_inserts_or_overwrites_the_given_columns() {
         let mut r = replica();
-        applied(r.apply_push(&crud(
+        applied(r.apply_push(crud(
             C1,
             1,
             json!([op("upsert", "issue", json!({"id": "i1", "title": "x", "n": 1}))]),
         )));
-        let change = applied(r.apply_push(&crud(
+        let change = applied(r.apply_push(crud(
             C1,
             2,
             json!([op("upsert", "issue", json!({"id": "i1", "title": "y"}))]),
@@ -1114,7 +1117,7 @@ mod tests {
     #[test]
     fn update_merges_and_is_a_no_op_without_a_row() {
         let mut r = replica();
-        let change = applied(r.apply_push(&crud(
+        let change = applied(r.apply_push(crud(
             C1,
             1,
             json!([op("update", "issue", json!({"id": "nope", "title": "y"}))]),
@@ -1122,12 +1125,12 @@ mod tests {
         assert!(change.patch.rows.is_empty());
         assert_eq!(change.patch.last_mutation_ids[C1], 1);
         assert_eq!(r.row_count(), 0);
-        applied(r.apply_push(&crud(
+        applied(r.apply_push(crud(
             C1,
             2,
             json!([op("insert", "issue", json!({"id": "i1", "title": "x", "n": 1}))]),
         )));
-        applied(r.apply_push(&crud(
+        applied(r.apply_push(crud(
             C1,
             3,
             json!([op("update", "issue", json!({"id": "i1", "n": 2}))]),
@@ -1141,18 +1144,15 @@ mod tests {
     #[test]
     fn delete_removes_and_is_a_no_op_without_a_row() {
         let mut r = replica();
-        let change = applied(r.apply_push(&crud(
+        let change = applied(r.apply_push(crud(
             C1,
             1,
             json!([op("delete", "issue", json!({"id": "nope"}))]),
         )));
         assert!(change.patch.rows.is_empty());
-        applied(r.apply_push(&crud(C1, 2, json!([op("insert", "issue", json!({"id": "i1"}))]))));
-        let change = applied(r.apply_push(&crud(
-            C1,
-            3,
-            json!([op("delete", "issue", json!({"id": "i1"}))]),
-        )));
+        applied(r.apply_push(crud(C1, 2, json!([op("insert", "issue", json!({"id": "i1"}))]))));
+        let change =
+            applied(r.apply_push(crud(C1, 3, json!([op("delete", "issue", json!({"id": "i1"}))]))));
         assert_eq!(change.patch.rows["issue"][&issue_key("i1")], None);
         assert_eq!((r.row_count(), r.row_bytes()), (0, 0));
         assert!(r.snapshot().rows.is_empty());
@@ -1161,7 +1161,7 @@ mod tests {
     #[test]
     fn ops_of_one_mutation_see_each_other() {
         let mut r = replica();
-        let change = applied(r.apply_push(&crud(
+        let change = applied(r.apply_push(crud(
             C1,
             1,
             json!([
@@ -1181,66 +1181,66 @@ mod tests {
     #[test]
     fn bad_keys_fail_the_mutation() {
         let mut r = replica();
-        let (_, message) = failed(r.apply_push(&crud(
+        let (_, message) = failed(r.apply_push(crud(
             C1,
             1,
             json!([op("insert", "issue", json!({"title": "no id"}))]),
         )));
         assert!(message.contains("\"id\" is missing"), "{message}");
-        let (_, message) = failed(r.apply_push(&crud(
+        let (_, message) = failed(r.apply_push(crud(
             C1,
             2,
             json!([op("insert", "issue", json!({"id": {"a": 1}}))]),
         )));
         assert!(message.contains("must be a string, number or boolean"), "{message}");
         let (_, message) =
-            failed(r.apply_push(&crud(C1, 3, json!([op("insert", "issue", json!({"id": null}))]))));
+            failed(r.apply_push(crud(C1, 3, json!([op("insert", "issue", json!({"id": null}))]))));
         assert!(message.contains("must be a string"), "{message}");
-        applied(r.apply_push(&crud(
+        applied(r.apply_push(crud(
             C1,
             4,
             json!([op("insert", "issue", json!({"id": "i1", "b": 1}))]),
         )));
         let other_key = json!({"op": "insert", "tableName": "issue", "primaryKey": ["id", "b"],
                                "value": {"id": "i2", "b": 1}});
-        let (_, message) = failed(r.apply_push(&crud(C1, 5, json!([other_key]))));
+        let (_, message) = failed(r.apply_push(crud(C1, 5, json!([other_key]))));
         assert!(message.contains("its primary key is [\"id\"]"), "{message}");
         let conflict = json!({"op": "upsert", "tableName": "issue", "primaryKey": ["id"],
                               "value": {"id": "i3", "b": 2}, "conflictColumns": ["b"]});
-        let (_, message) = failed(r.apply_push(&crud(C1, 6, json!([conflict]))));
+        let (_, message) = failed(r.apply_push(crud(C1, 6, json!([conflict]))));
         assert!(message.contains("conflict target"), "{message}");
         let same = json!({"op": "upsert", "tableName": "issue", "primaryKey": ["id"],
                           "value": {"id": "i3", "b": 2}, "conflictColumns": ["id"]});
-        applied(r.apply_push(&crud(C1, 7, json!([same]))));
+        applied(r.apply_push(crud(C1, 7, json!([same]))));
         assert_eq!((r.row_count(), r.last_mutation_id(C1)), (2, 7));
     }
 
     #[test]
     fn integral_float_keys_match_integer_keys() {
         let mut r = replica();
-        applied(r.apply_push(&crud(C1, 1, json!([op("insert", "t", json!({"id": 1, "v": "a"}))]))));
+        applied(r.apply_push(crud(C1, 1, json!([op("insert", "t", json!({"id": 1, "v": "a"}))]))));
         let (_, message) =
-            failed(r.apply_push(&crud(C1, 2, json!([op("insert", "t", json!({"id": 1.0}))]))));
+            failed(r.apply_push(crud(C1, 2, json!([op("insert", "t", json!({"id": 1.0}))]))));
         assert!(message.contains("already exists"), "{message}");
     }
 
     #[test]
     fn lmid_rules_follow_zero_cache() {
         let mut r = replica();
-        applied(r.apply_push(&crud(C1, 1, json!([]))));
+        applied(r.apply_push(crud(C1, 1, json!([]))));
         // A resend is ignored and changes nothing.
-        assert_eq!(r.apply_push(&crud(C1, 1, json!([]))), PushResult::AlreadyProcessed);
+        assert_eq!(r.apply_push(crud(C1, 1, json!([]))), PushResult::AlreadyProcessed);
         assert_eq!(r.version(), 1);
         // A gap is refused, with zero-cache's text.
-        let PushResult::Gap(message) = r.apply_push(&crud(C1, 3, json!([]))) else { panic!() };
+        let PushResult::Gap(message) = r.apply_push(crud(C1, 3, json!([]))) else { panic!() };
         assert_eq!(
             message,
             "Push contains unexpected mutation id 3 for client c1. Expected mutation id 2."
         );
         assert_eq!((r.version(), r.last_mutation_id(C1)), (1, 1));
         // Clients count separately, and a client may push for another one.
-        let PushResult::Gap(_) = r.apply_push(&crud(C2, 2, json!([]))) else { panic!() };
-        applied(r.apply_push(&crud(C2, 1, json!([]))));
+        let PushResult::Gap(_) = r.apply_push(crud(C2, 2, json!([]))) else { panic!() };
+        applied(r.apply_push(crud(C2, 1, json!([]))));
         assert_eq!(r.last_mutation_id(C2), 1);
     }
 
@@ -1250,12 +1250,12 @@ mod tests {
         let mut mutation = crud(C1, 1, json!([]));
         mutation.kind = MutationKind::Custom;
         mutation.name = "issue.create".into();
-        let PushResult::Refused(message) = r.apply_push(&mutation) else { panic!() };
+        let PushResult::Refused(message) = r.apply_push(mutation) else { panic!() };
         assert!(message.contains("mutate endpoint"), "{message}");
         assert_eq!((r.version(), r.last_mutation_id(C1)), (0, 0));
         let mut renamed = crud(C1, 1, json!([]));
         renamed.name = "other".into();
-        assert!(matches!(r.apply_push(&renamed), PushResult::Refused(_)));
+        assert!(matches!(r.apply_push(renamed), PushResult::Refused(_)));
     }
 
     #[test]
@@ -1291,7 +1291,7 @@ mod tests {
     /// A group at version 4: rows i1 (updated), i3; i2 inserted then deleted.
     fn busy_replica(limits: GroupLimits) -> Replica {
         let mut r = Replica::new(GROUP, limits);
-        applied(r.apply_push(&crud(
+        applied(r.apply_push(crud(
             C1,
             1,
             json!([
@@ -1300,7 +1300,7 @@ mod tests {
             ]),
         )));
         r.change_desired_queries(C1, &[put_query("q1", Some(1000.0))]).unwrap().unwrap();
-        applied(r.apply_push(&crud(
+        applied(r.apply_push(crud(
             C2,
             1,
             json!([
@@ -1308,7 +1308,7 @@ mod tests {
                 op("delete", "issue", json!({"id": "i2"}))
             ]),
         )));
-        applied(r.apply_push(&crud(C1, 2, json!([op("insert", "issue", json!({"id": "i3"}))]))));
+        applied(r.apply_push(crud(C1, 2, json!([op("insert", "issue", json!({"id": "i3"}))]))));
         r
     }
 
@@ -1442,7 +1442,7 @@ mod tests {
     #[test]
     fn deleted_clients_lose_their_lmid() {
         let mut r = replica();
-        applied(r.apply_push(&crud(C1, 1, json!([]))));
+        applied(r.apply_push(crud(C1, 1, json!([]))));
         let change = r.delete_clients(&[C1.into()]).unwrap();
         assert!(change.patch.is_empty());
         assert_eq!(change.version, 2);
@@ -1453,13 +1453,13 @@ mod tests {
     fn limits_refuse_growth_with_clear_errors() {
         let limits = GroupLimits { max_rows: 2, ..GroupLimits::default() };
         let mut r = Replica::new(GROUP, limits);
-        applied(r.apply_push(&crud(
+        applied(r.apply_push(crud(
             C1,
             1,
             json!([op("insert", "t", json!({"id": "a"})), op("insert", "t", json!({"id": "b"}))]),
         )));
         let PushResult::LimitExceeded { change, message } =
-            r.apply_push(&crud(C1, 2, json!([op("insert", "t", json!({"id": "c"}))])))
+            r.apply_push(crud(C1, 2, json!([op("insert", "t", json!({"id": "c"}))])))
         else {
             panic!()
         };
@@ -1467,7 +1467,7 @@ mod tests {
         assert!(change.patch.rows.is_empty());
         assert_eq!((r.row_count(), r.last_mutation_id(C1)), (2, 2));
         // Replacing and shrinking still work at the limit.
-        applied(r.apply_push(&crud(
+        applied(r.apply_push(crud(
             C1,
             3,
             json!([op("delete", "t", json!({"id": "a"})), op("insert", "t", json!({"id": "c"}))]),
@@ -1477,7 +1477,7 @@ mod tests {
             Replica::new(GROUP, GroupLimits { max_row_bytes: 100, ..GroupLimits::default() });
         let big = "x".repeat(200);
         let PushResult::LimitExceeded { message, .. } =
-            r.apply_push(&crud(C1, 1, json!([op("insert", "t", json!({"id": "a", "v": big}))])))
+            r.apply_push(crud(C1, 1, json!([op("insert", "t", json!({"id": "a", "v": big}))])))
         else {
             panic!()
         };
@@ -1496,21 +1496,21 @@ mod tests {
         assert_eq!(r.version(), 0);
         r.change_desired_queries(C1, &[put_query("a", None)]).unwrap().unwrap();
         assert!(r.change_desired_queries(C2, &[put_query("a", None)]).is_err());
-        let PushResult::Refused(message) = r.apply_push(&crud(C2, 1, json!([]))) else { panic!() };
+        let PushResult::Refused(message) = r.apply_push(crud(C2, 1, json!([]))) else { panic!() };
         assert!(message.contains("1 clients"), "{message}");
         // A known client is never refused for the client count.
-        applied(r.apply_push(&crud(C1, 1, json!([]))));
+        applied(r.apply_push(crud(C1, 1, json!([]))));
 
         let mut r = replica();
         let long = "x".repeat(MAX_ID_BYTES + 1);
-        assert!(matches!(r.apply_push(&crud(&long, 1, json!([]))), PushResult::Refused(_)));
+        assert!(matches!(r.apply_push(crud(&long, 1, json!([]))), PushResult::Refused(_)));
         assert!(r.change_desired_queries(&long, &[put_query("q", None)]).is_err());
         assert!(r.change_desired_queries(C1, &[put_query(&long, None)]).is_err());
         assert_eq!(r.version(), 0);
 
         let mut r = Replica::new(GROUP, GroupLimits { max_history: 3, ..GroupLimits::default() });
         for id in 1..=10 {
-            applied(r.apply_push(&crud(C1, id, json!([]))));
+            applied(r.apply_push(crud(C1, id, json!([]))));
         }
         assert_eq!(r.history_len(), 3);
     }
@@ -1575,7 +1575,7 @@ mod tests {
                 r#"["pokeEnd",{"pokeID":"01","cookie":"01"}]"#,
             ]
         );
-        let change = applied(r.apply_push(&crud(
+        let change = applied(r.apply_push(crud(
             client,
             1,
             json!([op("insert", "issue", json!({"id": "i1", "title": "x"}))]),
@@ -1585,7 +1585,7 @@ mod tests {
             text(&messages[1]),
             r#"["pokePart",{"pokeID":"02","lastMutationIDChanges":{"jvp8kkl4ng86q8uhi0":1},"rowsPatch":[{"op":"put","tableName":"issue","value":{"id":"i1","title":"x"}}]}]"#
         );
-        let change = applied(r.apply_push(&crud(
+        let change = applied(r.apply_push(crud(
             client,
             2,
             json!([op("delete", "issue", json!({"id": "i1"}))]),
@@ -1608,7 +1608,7 @@ mod tests {
                 .map(|i| op("insert", "t", json!({"id": format!("r{id}-{i}"), "v": value})))
                 .collect();
             id += 1;
-            applied(r.apply_push(&crud(C1, id, Value::Array(ops))));
+            applied(r.apply_push(crud(C1, id, Value::Array(ops))));
         }
         poke_of(r.check_connect(C2, None, 0).unwrap())
     }

@@ -1093,17 +1093,17 @@ mod tests {
         let mut replica = Replica::new("g", limits.clone());
         store.set_owner("g", "alice");
         let mut changes = vec![
-            change_of(replica.apply_push(&crud("c1", 1, insert("i1", "a")))),
+            change_of(replica.apply_push(crud("c1", 1, insert("i1", "a")))),
             replica
                 .change_desired_queries("c1", &[put_query("q1"), put_query("q2")])
                 .unwrap()
                 .unwrap(),
-            change_of(replica.apply_push(&crud("c2", 1, insert("i2", "b")))),
+            change_of(replica.apply_push(crud("c2", 1, insert("i2", "b")))),
             // A failed mutation: only the lmid.
-            change_of(replica.apply_push(&crud("c1", 2, insert("i2", "dup")))),
+            change_of(replica.apply_push(crud("c1", 2, insert("i2", "dup")))),
             replica.change_desired_queries("c2", &[put_query("q1")]).unwrap().unwrap(),
         ];
-        changes.push(change_of(replica.apply_push(&crud("c1", 3, json!([
+        changes.push(change_of(replica.apply_push(crud("c1", 3, json!([
             {"op": "delete", "tableName": "issue", "primaryKey": ["id"], "value": {"id": "i1"}},
             {"op": "upsert", "tableName": "issue", "primaryKey": ["id"], "value": {"id": "i3", "n": 1.5}},
         ])))));
@@ -1150,7 +1150,7 @@ mod tests {
         for id in 1..MATERIALIZE_EVERY as u64 {
             let ops = json!([{"op": "upsert", "tableName": "issue", "primaryKey": ["id"],
                               "value": {"id": "i1", "n": id}}]);
-            store.stage("g", &change_of(replica.apply_push(&crud("c1", id, ops))));
+            store.stage("g", &change_of(replica.apply_push(crud("c1", id, ops))));
             store.commit().unwrap();
         }
         // Only the log was written: the tables still hold version 0.
@@ -1163,7 +1163,7 @@ mod tests {
         assert_eq!(stored.snapshot, replica.snapshot(), "the log replays to the same state");
 
         let last = MATERIALIZE_EVERY as u64;
-        store.stage("g", &change_of(replica.apply_push(&crud("c1", last, insert("i2", "b")))));
+        store.stage("g", &change_of(replica.apply_push(crud("c1", last, insert("i2", "b")))));
         store.commit().unwrap();
         // The 64th version folded 64 changes into one row per row and client.
         assert_eq!((rows_in(&store, "rows"), rows_in(&store, "clients")), (2, 1));
@@ -1187,7 +1187,7 @@ mod tests {
             for id in ids {
                 let ops = json!([{"op": "upsert", "tableName": "t", "primaryKey": ["id"],
                                   "value": {"id": id % 3, "v": id}}]);
-                store.stage("g", &change_of(replica.apply_push(&crud(client, id, ops))));
+                store.stage("g", &change_of(replica.apply_push(crud(client, id, ops))));
             }
             store.commit().unwrap();
         };
@@ -1224,7 +1224,7 @@ mod tests {
         };
         let mut most = 0;
         for id in 1..=70 {
-            let change = change_of(replica.apply_push(&crud("c1", id, json!([]))));
+            let change = change_of(replica.apply_push(crud("c1", id, json!([]))));
             store.stage("g", &change);
             store.commit().unwrap();
             most = most.max(count(&store));
@@ -1238,7 +1238,7 @@ mod tests {
 
         // A large patch materializes, and so trims, at once.
         let big = "x".repeat(MATERIALIZE_BYTES);
-        let change = change_of(replica.apply_push(&crud("c1", 71, insert("i", &big))));
+        let change = change_of(replica.apply_push(crud("c1", 71, insert("i", &big))));
         store.stage("g", &change);
         store.commit().unwrap();
         assert_eq!(count(&store), 2);
@@ -1254,15 +1254,15 @@ mod tests {
         // Both processes load the group while it does not exist.
         let mut a = Replica::new("g", GroupLimits::default());
         let mut b = Replica::new("g", GroupLimits::default());
-        first.stage("g", &change_of(a.apply_push(&crud("c1", 1, insert("i1", "x")))));
+        first.stage("g", &change_of(a.apply_push(crud("c1", 1, insert("i1", "x")))));
         assert!(first.commit().unwrap().stale_groups.is_empty());
         // The second one's change was based on version 0 too: stale, nothing written.
-        second.stage("g", &change_of(b.apply_push(&crud("c2", 1, insert("i2", "y")))));
+        second.stage("g", &change_of(b.apply_push(crud("c2", 1, insert("i2", "y")))));
         assert_eq!(second.commit().unwrap().stale_groups, vec!["g".to_string()]);
         assert_eq!(reload(&mut second, "g", GroupLimits::default()).snapshot(), a.snapshot());
         // Two changes of one group in one batch: the second follows the first.
-        first.stage("g", &change_of(a.apply_push(&crud("c1", 2, insert("i3", "z")))));
-        first.stage("g", &change_of(a.apply_push(&crud("c1", 3, insert("i4", "w")))));
+        first.stage("g", &change_of(a.apply_push(crud("c1", 2, insert("i3", "z")))));
+        first.stage("g", &change_of(a.apply_push(crud("c1", 3, insert("i4", "w")))));
         assert!(first.commit().unwrap().stale_groups.is_empty());
         assert_eq!(reload(&mut second, "g", GroupLimits::default()).snapshot(), a.snapshot());
     }
@@ -1273,12 +1273,12 @@ mod tests {
         let mut first = Store::open(&dir.0).unwrap();
         let mut second = Store::open(&dir.0).unwrap();
         let mut a = Replica::new("a", GroupLimits::default());
-        first.stage("a", &change_of(a.apply_push(&crud("c1", 1, insert("i1", "x")))));
+        first.stage("a", &change_of(a.apply_push(crud("c1", 1, insert("i1", "x")))));
         first.commit().unwrap();
         assert_eq!(reload(&mut second, "a", GroupLimits::default()).snapshot(), a.snapshot());
 
         let mut b = Replica::new("b", GroupLimits::default());
-        second.stage("b", &change_of(b.apply_push(&crud("c9", 1, insert("j", "y")))));
+        second.stage("b", &change_of(b.apply_push(crud("c9", 1, insert("j", "y")))));
         second.set_owner("b", "bob");
         second.commit().unwrap();
         let stored = first.load("b").unwrap().unwrap();
@@ -1292,10 +1292,10 @@ mod tests {
         let committed;
         {
             let mut store = Store::open(&dir.0).unwrap();
-            store.stage("g", &change_of(replica.apply_push(&crud("c1", 1, insert("i1", "x")))));
+            store.stage("g", &change_of(replica.apply_push(crud("c1", 1, insert("i1", "x")))));
             store.commit().unwrap();
             committed = replica.snapshot();
-            store.stage("g", &change_of(replica.apply_push(&crud("c1", 2, insert("i2", "y")))));
+            store.stage("g", &change_of(replica.apply_push(crud("c1", 2, insert("i2", "y")))));
             store.set_owner("g", "mallory");
             assert!(store.has_staged());
             // The process dies here: the store goes away without a commit.
@@ -1309,7 +1309,7 @@ mod tests {
             Replica::from_snapshot("g", GroupLimits::default(), stored.snapshot).unwrap();
         assert_eq!(recovered.last_mutation_id("c1"), 1);
         assert!(matches!(
-            recovered.apply_push(&crud("c1", 2, insert("i2", "y"))),
+            recovered.apply_push(crud("c1", 2, insert("i2", "y"))),
             PushResult::Applied(_)
         ));
     }
@@ -1320,17 +1320,17 @@ mod tests {
         let mut first = Store::open(&dir.0).unwrap();
         let mut second = Store::open(&dir.0).unwrap();
         let mut original = Replica::new("g", GroupLimits::default());
-        first.stage("g", &change_of(original.apply_push(&crud("c1", 1, insert("i1", "x")))));
+        first.stage("g", &change_of(original.apply_push(crud("c1", 1, insert("i1", "x")))));
         first.commit().unwrap();
         // Both processes hold version 1 of the group.
         let mut other = reload(&mut second, "g", GroupLimits::default());
-        second.stage("g", &change_of(other.apply_push(&crud("c1", 2, insert("i2", "other")))));
+        second.stage("g", &change_of(other.apply_push(crud("c1", 2, insert("i2", "other")))));
         second.commit().unwrap();
 
         let mut unrelated = Replica::new("h", GroupLimits::default());
-        first.stage("g", &change_of(original.apply_push(&crud("c1", 2, insert("i2", "mine")))));
-        first.stage("g", &change_of(original.apply_push(&crud("c1", 3, insert("i3", "mine")))));
-        first.stage("h", &change_of(unrelated.apply_push(&crud("c1", 1, insert("k", "z")))));
+        first.stage("g", &change_of(original.apply_push(crud("c1", 2, insert("i2", "mine")))));
+        first.stage("g", &change_of(original.apply_push(crud("c1", 3, insert("i3", "mine")))));
+        first.stage("h", &change_of(unrelated.apply_push(crud("c1", 1, insert("k", "z")))));
         let committed = first.commit().unwrap();
         assert_eq!(committed.stale_groups, vec!["g".to_string()]);
         // The other process's write stands; the other group of the batch is in.
@@ -1355,7 +1355,7 @@ mod tests {
         // A pinned but empty group takes its first change at version 0.
         let mut replica =
             Replica::from_snapshot("g", GroupLimits::default(), stored.snapshot).unwrap();
-        store.stage("g", &change_of(replica.apply_push(&crud("c1", 1, json!([])))));
+        store.stage("g", &change_of(replica.apply_push(crud("c1", 1, json!([])))));
         assert!(store.commit().unwrap().stale_groups.is_empty());
         assert_eq!(store.load("g").unwrap().unwrap().snapshot.version, 1);
     }
@@ -1387,7 +1387,7 @@ mod tests {
         let dir = TempDir::new();
         let mut store = Store::open(&dir.0).unwrap();
         let mut replica = Replica::new("g", GroupLimits::default());
-        store.stage("g", &change_of(replica.apply_push(&crud("c1", 1, insert("i1", "x")))));
+        store.stage("g", &change_of(replica.apply_push(crud("c1", 1, insert("i1", "x")))));
         store.commit().unwrap();
         store.conn.execute("UPDATE history SET patch = 'not json'", []).unwrap();
         let error = store.load("g").unwrap_err();
@@ -1404,7 +1404,7 @@ mod tests {
 
         // A commit that cannot write reports every group of its batch.
         store.conn.execute_batch("DROP TABLE history").unwrap();
-        store.stage("g", &change_of(replica.apply_push(&crud("c1", 2, json!([])))));
+        store.stage("g", &change_of(replica.apply_push(crud("c1", 2, json!([])))));
         store.set_owner("h", "u");
         let error = store.commit().unwrap_err();
         assert_eq!(error.groups(), vec!["g".to_string(), "h".to_string()]);

@@ -771,7 +771,7 @@ mod tests {
     fn push(replica: &mut Replica, id: u64, row: &str) -> crate::sync::replica::Change {
         let ops = json!([{"op": "insert", "tableName": "issue", "primaryKey": ["id"],
                           "value": {"id": row, "title": "t"}}]);
-        match replica.apply_push(&crate::testing::crud(&row[..1], "c1", id, ops)) {
+        match replica.apply_push(crate::testing::crud(&row[..1], "c1", id, ops)) {
             PushResult::Applied(change) => change,
             other => panic!("not applied: {other:?}"),
         }
@@ -876,7 +876,7 @@ mod tests {
 
         let ops = json!([{"op": "insert", "tableName": "issue", "primaryKey": ["id"],
                           "value": {"id": "a2", "title": "x".repeat(DIRECT_BYTES)}}]);
-        let large = match a.apply_push(&crate::testing::crud("a", "c1", 2, ops)) {
+        let large = match a.apply_push(crate::testing::crud("a", "c1", 2, ops)) {
             PushResult::Applied(change) => change,
             other => panic!("not applied: {other:?}"),
         };

@@ -1061,7 +1061,7 @@ impl Worker {
                     Notice::DeleteClients(body) => self
                         .sync
                         .on_delete_clients(group, body.client_ids.as_deref().unwrap_or_default()),
-                    Notice::Push(push) => self.sync.on_push(&who, pusher, &push, now),
+                    Notice::Push(push) => self.sync.on_push(&who, pusher, *push, now),
                     Notice::UpdateAuth(token) => refreshed.push(token),
                     // Only a relay's connections have these, and they are handled above.
                     Notice::Relay(_)
