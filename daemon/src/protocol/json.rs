@@ -180,7 +180,7 @@ fn needs_escape(bytes: &[u8]) -> bool {
     let mut words = chunks.remainder().chunks_exact(8);
     let found =
         words.any(|word| word_needs_escape(u64::from_le_bytes(word.try_into().expect("8 bytes"))));
-    found || words.remainder().iter().any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+    found || words.remainder().iter().any(|&b| ESCAPES[usize::from(b)] != 0)
 }
 
 /// Every byte of a word set to 1, and to 0x80.

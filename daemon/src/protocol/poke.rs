@@ -226,8 +226,9 @@ pub fn encode_poke_as(poke: &Poke, format: PokeFormat) -> Vec<Vec<u8>> {
 
 /// `["pokeStart",{"pokeID":…,"baseCookie":…}]` or `["pokeEnd",{"pokeID":…,"cookie":…}]`:
 /// the message `tag`, then `cookie` under `cookie_key` (`null` for none, a client with no
-/// data yet); the tag and the key are our literals, written as they are. Written by hand with [`json::write_str`], byte for byte what serde_json writes:
-/// serde_json escapes its strings a byte at a time, which was a tenth of a small push's poke.
+/// data yet); the tag and the key are our literals, written as they are. Written by hand
+/// with [`json::write_str`], byte for byte what serde_json writes: serde_json escapes its
+/// strings a byte at a time, which was a tenth of a small push's poke.
 fn poke_edge(tag: &str, poke_id: &str, cookie_key: &str, cookie: Option<&str>) -> Vec<u8> {
     let cookie_len = cookie.map_or(4, str::len);
     let mut out = Vec::with_capacity(POKE_FRAME_MESSAGE_OVERHEAD + poke_id.len() + cookie_len);

@@ -483,13 +483,23 @@ impl Outbound {
         {
             return;
         }
-        // What a fresh one has (`Default`); the lists are empty, the iovecs are rewritten by
-        // the next vectored write.
-        self.front_sent = 0;
-        self.queued_bytes = 0;
-        self.pong_sent = 0;
-        self.greeted = true;
-        self.stuck_since = None;
+        // Back to what a fresh one has (`Default`). Every field is named, so a field added
+        // later must be decided on here: the lists are empty already (flushed, notices
+        // taken), nothing is in flight, and the iovecs are rewritten by the next vectored
+        // write before the kernel reads them.
+        let Outbound {
+            queue: _,
+            front_sent,
+            queued_bytes,
+            pongs: _,
+            pong_sent,
+            greeted,
+            in_flight: _,
+            iovecs: _,
+            stuck_since,
+            notices: _,
+        } = &mut *self;
+        (*front_sent, *queued_bytes, *pong_sent, *greeted, *stuck_since) = (0, 0, 0, true, None);
         SPARE.with_borrow_mut(|spare| {
             if spare.len() < SPARE_OUTBOUNDS {
                 spare.push(self);
