@@ -471,7 +471,7 @@ pub fn pong() -> Vec<u8> {
 }
 
 /// Serializes `value` as JSON onto `out`.
-pub(crate) fn write_json<T: Serialize>(out: &mut Vec<u8>, value: &T) {
+pub(crate) fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
     // Writing into a Vec cannot fail, and our types have only string keys,
     // so serde_json has no error to report.
     serde_json::to_writer(out, value).expect("serializing a protocol message cannot fail");

@@ -12,6 +12,7 @@ use serde_json::{Map, Value};
 
 use crate::protocol::cookie::key_columns;
 use crate::protocol::json;
+use crate::protocol::messages::write_json;
 
 /// A row: column name to value, as the client sent it.
 pub type Row = Map<String, Value>;
@@ -369,12 +370,6 @@ fn open_part(poke_id: &str) -> Vec<u8> {
     part.extend_from_slice(b"{\"pokeID\":");
     json::write_str(&mut part, poke_id);
     part
-}
-
-/// Serializes `value` as JSON onto `out`.
-pub fn write_json<T: Serialize + ?Sized>(out: &mut Vec<u8>, value: &T) {
-    // Writing into a Vec cannot fail, and every map here has string keys.
-    let _ = serde_json::to_writer(out, value);
 }
 
 /// A deleting op of `rowsPatch`, as zero-protocol's `row-patch.ts` defines it (`poke_parts`
