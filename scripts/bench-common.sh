@@ -88,3 +88,106 @@ http_ok() {
   reply=$(timeout 1 bash -c 'exec 3<>"/dev/tcp/127.0.0.1/$1" && printf "GET / HTTP/1.0\r\n\r\n" >&3 && head -c 12 <&3' _ "$1" 2>/dev/null) || return 1
   [[ $reply == "HTTP/1.1 200" ]]
 }
+
+# --- a real zero-cache behind a benchmark (bench-front-door.sh, bench-relay.sh) ---------
+
+# Sets PG_BIN (SYNCGATE_TEST_PG_BIN, else the newest /usr/lib/postgresql/*/bin) and ZC_DIR,
+# and installs zero-cache (npm ci in tests/clients/zero-cache, as scripts/test.sh does) if
+# it is missing.
+bench_zero_tools() {
+  PG_BIN=${SYNCGATE_TEST_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)}
+  [[ -x $PG_BIN/initdb ]] || { log "no PostgreSQL (apt-get install postgresql, or set SYNCGATE_TEST_PG_BIN)"; exit 1; }
+  ZC_DIR=$ROOT/tests/clients/zero-cache
+  if [[ ! -x $ZC_DIR/node_modules/.bin/zero-cache ]]; then
+    log "installing zero-cache (npm ci in tests/clients/zero-cache)"
+    (cd "$ZC_DIR" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
+  fi
+}
+
+# Waits until $1 (process $2, log $4) answers GET / on port $3, for at most $5 seconds;
+# exits the script if it dies or does not.
+wait_ready() {
+  local _
+  for _ in $(seq $(($5 * 10))); do
+    http_ok "$3" && return 0
+    kill -0 "$2" 2>/dev/null || { log "$1 died:"; tail -20 "$4" >&2; exit 1; }
+    sleep 0.1
+  done
+  log "$1 not ready after $5 s"
+  exit 1
+}
+
+# Starts a throw-away PostgreSQL on port $1 (fsync off: the disk is not what is measured)
+# with the `item` table of tests/clients/zero-cache/schema.js and its permissions deployed,
+# then zero-cache 1.9 on port $2 (one sync worker), both under PIN_SERVER. Arguments after
+# the ports are more zero-cache environment (ZERO_AUTH_SECRET=...). Needs WORK (a temporary
+# folder the script removes) and LOGS, and bench_zero_tools first. Sets PG_PID (its process
+# tree is PostgreSQL's), ZC_PID and DB; bench_zero_stop ends both.
+bench_zero_start() {
+  local pg_port=$1 zc_port=$2
+  shift 2
+  # Every zero-cache process carries this in its environment: its runner forks detached
+  # workers that a kill of the runner would leave behind (tests/common/upstream.rs).
+  ZC_MARKER="SYNCGATE_BENCH_ZERO=$WORK"
+  chmod 755 "$WORK"
+  # initdb and postgres refuse root: as root they run as `postgres` (`nobody` if none).
+  local pg_user=
+  if [[ $(id -u) == 0 ]]; then
+    pg_user=postgres
+    id postgres >/dev/null 2>&1 || pg_user=nobody
+  fi
+  as_pg() { if [[ -n $pg_user ]]; then runuser -u "$pg_user" -- "$@"; else "$@"; fi; }
+  mkdir -p "$WORK/pg" "$WORK/run"
+  [[ -n $pg_user ]] && chown "$pg_user" "$WORK/pg" "$WORK/run"
+  chmod 700 "$WORK/pg"
+  as_pg "$PG_BIN/initdb" -D "$WORK/pg" --auth=trust --username=postgres --encoding=UTF8 \
+    --locale=C --no-sync >"$LOGS/initdb.log"
+  cat >>"$WORK/pg/postgresql.conf" <<EOF
+port = $pg_port
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$WORK/run'
+wal_level = logical
+max_wal_senders = 10
+max_replication_slots = 10
+max_connections = 200
+fsync = off
+full_page_writes = off
+EOF
+  # synchronous_commit stays on: off, a commit's WAL waits for the WAL writer (up to
+  # wal_writer_delay, 200 ms) before logical replication sends it, which put 360 ms of
+  # PostgreSQL's own delay into every push-to-poke here. With fsync off, on costs nothing.
+  as_pg "${PIN_SERVER[@]}" "$PG_BIN/postgres" -D "$WORK/pg" >"$LOGS/postgres.log" 2>&1 &
+  PG_PID=$!
+  local _
+  for _ in $(seq 200); do
+    "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$pg_port" -U postgres && break
+    kill -0 "$PG_PID" 2>/dev/null || { log "PostgreSQL died:"; tail -5 "$LOGS/postgres.log" >&2; exit 1; }
+    sleep 0.1
+  done
+  DB=postgresql://postgres@127.0.0.1:$pg_port/postgres
+  "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 "$DB" \
+    -c "CREATE TABLE item (id text PRIMARY KEY, owner text NOT NULL, title text NOT NULL);"
+
+  local zero_env=(env -u ZERO_AUTH_SECRET ZERO_ENABLE_TELEMETRY=false DO_NOT_TRACK=1 ZERO_UPSTREAM_DB="$DB")
+  (cd "$WORK" && "${zero_env[@]}" node "$ZC_DIR/node_modules/.bin/zero-deploy-permissions" \
+    --schema-path "$ZC_DIR/schema.js") >"$LOGS/permissions.log" 2>&1 ||
+    { log "zero-deploy-permissions failed:"; tail -5 "$LOGS/permissions.log" >&2; exit 1; }
+
+  log "starting zero-cache on $zc_port"
+  (cd "$WORK" && exec "${PIN_SERVER[@]}" "${zero_env[@]}" "$ZC_MARKER" "$@" \
+    ZERO_REPLICA_FILE="$WORK/replica.db" ZERO_PORT="$zc_port" ZERO_NUM_SYNC_WORKERS=1 \
+    ZERO_ADMIN_PASSWORD=bench node "$ZC_DIR/node_modules/.bin/zero-cache") >"$LOGS/zero-cache.log" 2>&1 &
+  ZC_PID=$!
+  wait_ready zero-cache "$ZC_PID" "$zc_port" "$LOGS/zero-cache.log" 120
+}
+
+# Ends what bench_zero_start started: every zero-cache process (found by its marker) and
+# PostgreSQL (a fast shutdown of the postmaster, whose PID PG_PID may not be).
+bench_zero_stop() {
+  local pids
+  pids=$(grep -lsz -- "$ZC_MARKER" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 || true)
+  # shellcheck disable=SC2086 # one PID per word
+  [[ -n $pids ]] && kill -KILL $pids 2>/dev/null
+  [[ -f $WORK/pg/postmaster.pid ]] && kill -INT "$(head -n1 "$WORK/pg/postmaster.pid")" 2>/dev/null
+  return 0
+}

@@ -72,34 +72,16 @@ RESULTS=$OUT/results.jsonl
 
 # --- build and tools ---------------------------------------------------------------
 bench_build "$BUILD" syncgate loadgen bench-report
-PG_BIN=${SYNCGATE_TEST_PG_BIN:-$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1 || true)}
-[[ -x $PG_BIN/initdb ]] || { log "no PostgreSQL (apt-get install postgresql, or set SYNCGATE_TEST_PG_BIN)"; exit 1; }
-ZC_DIR=$ROOT/tests/clients/zero-cache
-if [[ ! -x $ZC_DIR/node_modules/.bin/zero-cache ]]; then
-  log "installing zero-cache (npm ci in tests/clients/zero-cache)"
-  (cd "$ZC_DIR" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error)
-fi
+bench_zero_tools
 
 bench_pinning "zero-cache, PostgreSQL and syncgate"
 
 # --- processes -----------------------------------------------------------------------
 WORK=$(mktemp -d /tmp/syncgate-front-door.XXXXXX)
-chmod 755 "$WORK"
 PG_PID= ZC_PID= SG_PID=
-# Every zero-cache process carries this in its environment: its runner forks detached
-# workers that a kill of the runner would leave behind (tests/common/upstream.rs).
-MARKER="SYNCGATE_BENCH_FRONT_DOOR=$WORK"
-zero_cache_pids() {
-  grep -lsz -- "$MARKER" /proc/[0-9]*/environ 2>/dev/null | cut -d/ -f3 || true
-}
 cleanup() {
   [[ -n $SG_PID ]] && kill -TERM "$SG_PID" 2>/dev/null
-  local pids
-  pids=$(zero_cache_pids)
-  # shellcheck disable=SC2086 # one PID per word
-  [[ -n $pids ]] && kill -KILL $pids 2>/dev/null
-  # The postmaster's own PID (PG_PID may be runuser's): a fast shutdown.
-  [[ -f $WORK/pg/postmaster.pid ]] && kill -INT "$(head -n1 "$WORK/pg/postmaster.pid")" 2>/dev/null
+  bench_zero_stop
   wait 2>/dev/null || true
   rm -rf "$WORK"
 }
@@ -109,66 +91,7 @@ trap cleanup EXIT
 BASE=$((20000 + RANDOM % 10000))
 PG_PORT=$BASE ZC_PORT=$((BASE + 10)) SG_PORT=$((BASE + 20))
 
-# initdb and postgres refuse root: as root they run as `postgres` (`nobody` if none).
-PG_USER=
-if [[ $(id -u) == 0 ]]; then
-  PG_USER=postgres
-  id postgres >/dev/null 2>&1 || PG_USER=nobody
-fi
-as_pg() { if [[ -n $PG_USER ]]; then runuser -u "$PG_USER" -- "$@"; else "$@"; fi; }
-mkdir -p "$WORK/pg" "$WORK/run"
-[[ -n $PG_USER ]] && chown "$PG_USER" "$WORK/pg" "$WORK/run"
-chmod 700 "$WORK/pg"
-as_pg "$PG_BIN/initdb" -D "$WORK/pg" --auth=trust --username=postgres --encoding=UTF8 \
-  --locale=C --no-sync >"$LOGS/initdb.log"
-cat >>"$WORK/pg/postgresql.conf" <<EOF
-port = $PG_PORT
-listen_addresses = '127.0.0.1'
-unix_socket_directories = '$WORK/run'
-wal_level = logical
-max_wal_senders = 10
-max_replication_slots = 10
-max_connections = 200
-fsync = off
-full_page_writes = off
-EOF
-# synchronous_commit stays on: off, a commit's WAL waits for the WAL writer (up to
-# wal_writer_delay, 200 ms) before logical replication sends it, which put 360 ms of
-# PostgreSQL's own delay into every push-to-poke here. With fsync off, on costs nothing.
-# PG_PID is runuser's (or postgres's own): its process tree is PostgreSQL's.
-as_pg "${PIN_SERVER[@]}" "$PG_BIN/postgres" -D "$WORK/pg" >"$LOGS/postgres.log" 2>&1 &
-PG_PID=$!
-for _ in $(seq 200); do
-  "$PG_BIN/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT" -U postgres && break
-  kill -0 "$PG_PID" 2>/dev/null || { log "PostgreSQL died:"; tail -5 "$LOGS/postgres.log" >&2; exit 1; }
-  sleep 0.1
-done
-DB=postgresql://postgres@127.0.0.1:$PG_PORT/postgres
-"$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 "$DB" \
-  -c "CREATE TABLE item (id text PRIMARY KEY, owner text NOT NULL, title text NOT NULL);"
-
-zero_env=(env -u ZERO_AUTH_SECRET ZERO_ENABLE_TELEMETRY=false DO_NOT_TRACK=1 ZERO_UPSTREAM_DB="$DB")
-(cd "$WORK" && "${zero_env[@]}" node "$ZC_DIR/node_modules/.bin/zero-deploy-permissions" \
-  --schema-path "$ZC_DIR/schema.js") >"$LOGS/permissions.log" 2>&1 ||
-  { log "zero-deploy-permissions failed:"; tail -5 "$LOGS/permissions.log" >&2; exit 1; }
-
-log "starting zero-cache on $ZC_PORT"
-(cd "$WORK" && exec "${PIN_SERVER[@]}" "${zero_env[@]}" "$MARKER" \
-  ZERO_REPLICA_FILE="$WORK/replica.db" ZERO_PORT="$ZC_PORT" ZERO_NUM_SYNC_WORKERS=1 \
-  ZERO_ADMIN_PASSWORD=bench node "$ZC_DIR/node_modules/.bin/zero-cache") >"$LOGS/zero-cache.log" 2>&1 &
-ZC_PID=$!
-# Waits until $1 (process $2, log $4) answers GET / on port $3, for at most $5 seconds.
-wait_ready() {
-  local _
-  for _ in $(seq $(($5 * 10))); do
-    http_ok "$3" && return 0
-    kill -0 "$2" 2>/dev/null || { log "$1 died:"; tail -20 "$4" >&2; exit 1; }
-    sleep 0.1
-  done
-  log "$1 not ready after $5 s"
-  exit 1
-}
-wait_ready zero-cache "$ZC_PID" "$ZC_PORT" "$LOGS/zero-cache.log" 120
+bench_zero_start "$PG_PORT" "$ZC_PORT"
 
 log "starting syncgate on $SG_PORT in front of it"
 extra=$'[upstream]\n'"urls = [\"ws://127.0.0.1:$ZC_PORT\"]"

@@ -10,9 +10,11 @@
 # Scenarios: ping (20 B class: an 11-byte ping and its pong, 100 and 1,000 connections),
 # echo (a push of 512 B or 16 KiB and its 3-message poke, 100 and 1,000 / 100 connections),
 # latency (pushes paced at a fixed rate below saturation, also straight to the upstream:
-# what each proxy adds), idle (8,000 relayed connections: the proxy's memory per connection,
-# both hops), storm (connect, upgrade, connected, close; HS256 tokens verified by syncgate,
-# ignored by the others).
+# what each proxy adds), idle (10,000 and 50,000 relayed connections: the proxy's memory per
+# connection, both hops; below, the processes that takes), storm (connect, upgrade,
+# connected, close; HS256 tokens verified by syncgate, ignored by the others), zero-cache
+# (storm and 1,000 idle connections with the proxies in front of a real zero-cache 1.9 and
+# its PostgreSQL, started as bench-front-door.sh starts them).
 #
 # The upstream is the fastwebsockets peer of bench.sh (it speaks the protocol subset the load
 # client uses), started afresh with each proxy. The proxy runs on SERVER_CPU (default 0), the
@@ -27,22 +29,35 @@
 # says; HAProxy: mode http, timeout tunnel). syncgate's health checks are off: the echo
 # upstream has no /keepalive.
 #
+# The idle runs hold more descriptors than one process may (the hard open-file limit, 20,000
+# here; raising it needs CAP_SYS_RESOURCE), and a relayed connection is two descriptors in
+# the proxy. So each proxy gets the same number of workers, enough that each holds under
+# half the limit: nginx worker_processes with `reuseport`; syncgate `workers`; HAProxy 2.6
+# has no multi-process mode any more and its threads share one descriptor table, so it runs
+# as that many one-thread instances bound to the same port (SO_REUSEPORT spreads the
+# connections over them), measured together. The upstream is then several peer processes on
+# ports of their own (nginx and HAProxy round-robin over them, syncgate hashes the group), at
+# most 10,000 connections each: past about 14,000 connections to one address and port,
+# connect() scans the ephemeral ports for a free one and opening slows to a crawl. The load
+# client spreads over processes and source addresses the same way (as bench.sh's idle).
+#
 # Options: --scenarios a,b,.. --no-build. Environment: SERVER_CPU, CLIENT_CPU,
-# CARGO_TARGET_DIR. Needs nginx (Debian: nginx or nginx-light) and haproxy. Writes
-# bench/results/<date>-relay/{results.jsonl,table.md,chart.svg} and logs/.
+# CARGO_TARGET_DIR. Needs nginx (Debian: nginx or nginx-light) and haproxy; the zero-cache
+# scenario also PostgreSQL and Node. Writes bench/results/<date>-relay/{results.jsonl,
+# table.md,chart.svg} and logs/.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=scripts/bench-common.sh
 source "$ROOT/scripts/bench-common.sh"
 INVOCATION="scripts/bench-relay.sh $*"
-SCENARIOS=ping,echo,latency,idle,storm
+SCENARIOS=ping,echo,latency,idle,storm,zero-cache
 BUILD=1
 while [[ $# -gt 0 ]]; do
   case $1 in
     --scenarios) SCENARIOS=$2; shift ;;
     --no-build) BUILD=0 ;;
-    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,47p' "$0"; exit 0 ;;
     *) echo "bench-relay.sh: unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -69,14 +84,21 @@ bench_pinning proxy "upstream (fastwebsockets peer)"
 TIMING=(--warmup 2 --window 1 --windows 7)
 
 # Tokens for the storm: bench.sh's pool (kept in the same cache).
-wanted storm && bench_tokens "$TARGET/loadgen" hs256
+{ wanted storm || wanted zero-cache; } && bench_tokens "$TARGET/loadgen" hs256
 
 EPHEMERAL_LOW=$(cut -f1 /proc/sys/net/ipv4/ip_local_port_range)
 PORT=$((EPHEMERAL_LOW > 22000 ? 10000 + RANDOM % 10000 : 1024 + RANDOM % 4000))
 RUN=0
-UP_PID= PROXY_PID=
+UP_PIDS=() PROXY_PID=
+# Upstream processes and proxy workers of a run: one each but in the idle runs.
+UPSTREAMS=1
+WORKERS=1
+# zero-cache's port while the zero-cache scenarios run (the proxies' upstream instead of
+# the peers).
+ZC_UPSTREAM=
 cleanup() {
-  for p in $PROXY_PID $UP_PID; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in $PROXY_PID "${UP_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  [[ -n ${ZC_MARKER:-} ]] && bench_zero_stop
   wait 2>/dev/null || true
   rm -rf "$WORK"
 }
@@ -92,17 +114,32 @@ wait_port() { # $1 port, $2 pid, $3 name
   return 1
 }
 
-# Starts the upstream and proxy $1 (syncgate, nginx, haproxy; direct: none) for one run;
+# Starts the upstreams and proxy $1 (syncgate, nginx, haproxy; direct: none) for one run;
 # sets ADDR and PROXY_PID. $2: extra syncgate TOML (auth for the storm).
 start() {
-  local name=$1 extra=${2:-}
+  local name=$1 extra=${2:-} i
   RUN=$((RUN + 1))
-  PORT=$((PORT + 2))
-  local up=$PORT proxy=$((PORT + 1)) dir=$WORK/run-$RUN
+  local up=$((PORT + 1)) proxy=$((PORT + 1 + UPSTREAMS)) dir=$WORK/run-$RUN
+  PORT=$proxy
   mkdir -p "$dir"
-  "${PIN_CLIENT[@]}" "$TARGET/peer-fastwebsockets" "127.0.0.1:$up" 2>"$LOGS/upstream-$RUN.log" &
-  UP_PID=$!
-  wait_port "$up" "$UP_PID" upstream
+  local ports=() urls=() nginx_servers='' haproxy_servers=''
+  if [[ -n $ZC_UPSTREAM ]]; then
+    # The zero-cache of the zero-cache scenarios, up for all their runs.
+    up=$ZC_UPSTREAM
+    ports=("$up")
+  else
+    for ((i = 0; i < UPSTREAMS; i++)); do
+      "${PIN_CLIENT[@]}" "$TARGET/peer-fastwebsockets" "127.0.0.1:$((up + i))" 2>"$LOGS/upstream-$RUN-$i.log" &
+      UP_PIDS+=($!)
+      wait_port "$((up + i))" "$!" "upstream $i"
+      ports+=("$((up + i))")
+    done
+  fi
+  for i in "${!ports[@]}"; do
+    urls+=("\"ws://127.0.0.1:${ports[i]}\"")
+    nginx_servers+="        server 127.0.0.1:${ports[i]};"$'\n'
+    haproxy_servers+="    server up$i 127.0.0.1:${ports[i]}"$'\n'
+  done
   ADDR=127.0.0.1:$proxy
   case $name in
     direct)
@@ -110,14 +147,16 @@ start() {
       PROXY_PID=
       return 0 ;;
     syncgate)
-      syncgate_bench_toml "$proxy" "$dir/store" 1 '' \
-        "$extra"$'\n[upstream]\n'"urls = [\"ws://127.0.0.1:$up\"]"$'\nhealth_interval_ms = 0' >"$LOGS/syncgate-$RUN.toml"
+      syncgate_bench_toml "$proxy" "$dir/store" "$WORKERS" '' \
+        "$extra"$'\n[upstream]\n'"urls = [$(IFS=,; echo "${urls[*]}")]"$'\nhealth_interval_ms = 0' >"$LOGS/syncgate-$RUN.toml"
       "${PIN_SERVER[@]}" "$TARGET/syncgate" run --config "$LOGS/syncgate-$RUN.toml" 2>"$LOGS/syncgate-$RUN.log" &
       PROXY_PID=$! ;;
     nginx)
       mkdir -p "$dir/nginx"
+      local reuseport=''
+      ((WORKERS > 1)) && reuseport=' reuseport'
       cat >"$LOGS/nginx-$RUN.conf" <<EOF
-worker_processes 1;
+worker_processes $WORKERS;
 worker_rlimit_nofile $FD_LIMIT;
 daemon off;
 pid $dir/nginx/nginx.pid;
@@ -131,10 +170,12 @@ http {
     uwsgi_temp_path $dir/nginx/uwsgi;
     scgi_temp_path $dir/nginx/scgi;
     map \$http_upgrade \$connection_upgrade { default upgrade; '' close; }
+    upstream up {
+$nginx_servers    }
     server {
-        listen 127.0.0.1:$proxy backlog=4096;
+        listen 127.0.0.1:$proxy backlog=4096$reuseport;
         location / {
-            proxy_pass http://127.0.0.1:$up;
+            proxy_pass http://up;
             proxy_http_version 1.1;
             proxy_set_header Upgrade \$http_upgrade;
             proxy_set_header Connection \$connection_upgrade;
@@ -167,9 +208,22 @@ frontend relay
     bind 127.0.0.1:$proxy backlog 4096
     default_backend up
 backend up
-    server up 127.0.0.1:$up
+    balance roundrobin
+$haproxy_servers
 EOF
-      "${PIN_SERVER[@]}" "$HAPROXY" -db -f "$LOGS/haproxy-$RUN.cfg" 2>"$LOGS/haproxy-$RUN.log" &
+      if ((WORKERS == 1)); then
+        "${PIN_SERVER[@]}" "$HAPROXY" -db -f "$LOGS/haproxy-$RUN.cfg" 2>"$LOGS/haproxy-$RUN.log" &
+      else
+        # WORKERS instances under one shell, so that the load client's process tree (and
+        # stop's TERM) takes them all; HAProxy binds with SO_REUSEPORT unless told not to.
+        (
+          trap 'kill -TERM $(jobs -p) 2>/dev/null; wait' TERM
+          for ((i = 0; i < WORKERS; i++)); do
+            "${PIN_SERVER[@]}" "$HAPROXY" -db -f "$LOGS/haproxy-$RUN.cfg" 2>"$LOGS/haproxy-$RUN-$i.log" &
+          done
+          wait
+        ) &
+      fi
       PROXY_PID=$! ;;
   esac
   if [[ $name == syncgate ]]; then
@@ -177,17 +231,25 @@ EOF
     log "syncgate not ready"
     return 1
   fi
-  wait_port "$proxy" "$PROXY_PID" "$name"
+  wait_port "$proxy" "$PROXY_PID" "$name" || return 1
+  # Every worker's socket bound before the load starts: SO_REUSEPORT spreads connections
+  # over the sockets there at connect time.
+  for _ in $(seq 200); do
+    (($(ss -Hltn "sport = :$proxy" | wc -l) >= WORKERS)) && return 0
+    sleep 0.05
+  done
+  log "$name: fewer than $WORKERS listening sockets on $proxy"
+  return 1
 }
 
 stop() {
-  for p in $PROXY_PID $UP_PID; do
+  for p in $PROXY_PID "${UP_PIDS[@]}"; do
     kill -TERM "$p" 2>/dev/null || true
     for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$p" 2>/dev/null || true
     wait "$p" 2>/dev/null || true
   done
-  PROXY_PID= UP_PID=
+  PROXY_PID= UP_PIDS=()
 }
 
 # One measurement: $1 proxy, $2 extra syncgate TOML, then loadgen arguments.
@@ -226,10 +288,22 @@ if wanted latency; then
   done
 fi
 if wanted idle; then
-  # Each relayed connection is two descriptors in the proxy; a single-process proxy holds
-  # at most FD_LIMIT of them, so the count stays under half of it.
-  n=$(( (FD_LIMIT - 1000) / 2 / 1000 * 1000 ))
-  each --scenario idle --connections "$n" --settle 3 --connect-concurrency 8 --note "at most $FD_LIMIT descriptors a process here"
+  # One process holds at most FD_LIMIT descriptors, 200 of them kept for everything else.
+  PER_PROCESS=$((FD_LIMIT - 200))
+  for n in 10000 50000; do
+    # Proxy workers: each under half the limit at two descriptors a connection, which
+    # leaves room for the spread's imbalance. Upstreams and load-client processes: at most
+    # 10,000 connections to one address and port (the top of this file says why).
+    WORKERS=$(( (2 * n + FD_LIMIT / 2 - 1) / (FD_LIMIT / 2) ))
+    UPSTREAMS=$(( (n + 9999) / 10000 ))
+    procs=$(( (n + PER_PROCESS - 1) / PER_PROCESS ))
+    per_proc=$(( (n + procs - 1) / procs ))
+    sources=$(( procs * ((per_proc + 9999) / 10000) ))
+    args=(--scenario idle --connections "$n" --sources "$sources" --settle 3 --connect-concurrency 8)
+    (( procs > 1 )) && args+=(--processes "$procs")
+    each "${args[@]}" --note "proxy workers: $WORKERS (HAProxy: one-thread instances); upstream processes: $UPSTREAMS; load-client processes: $procs"
+  done
+  WORKERS=1 UPSTREAMS=1
 fi
 if wanted storm; then
   secret=$(cat "$CACHE/hs256.secret")
@@ -246,12 +320,37 @@ if wanted storm; then
   done
 fi
 
+if wanted zero-cache; then
+  # The same proxies in front of a real zero-cache 1.9 (PostgreSQL behind it), the server
+  # they would front in production. zero-cache verifies the storm's HS256 tokens (syncgate
+  # too, the others pass them on); "direct" is the load client straight to zero-cache, and
+  # every record carries zero-cache's and PostgreSQL's CPU per connection. Idle: 1,000
+  # connections, each its own client group, which zero-cache holds at about 0.65 MB a group.
+  bench_zero_tools
+  secret=$(cat "$CACHE/hs256.secret")
+  bench_zero_start "$((PORT + 1))" "$((PORT + 3))" ZERO_AUTH_SECRET="$secret"
+  ZC_UPSTREAM=$((PORT + 3))
+  PORT=$((PORT + 4))
+  behind=(--zero-cache-app --cpu-of "zero-cache=$ZC_PID" --cpu-of "postgres=$PG_PID")
+  for p in direct "${PROXIES[@]}"; do
+    extra=
+    [[ $p == syncgate ]] && extra="[auth]"$'\n'"secret = \"$secret\""
+    measure "$p" "$extra" --scenario storm --connections 16 --sources 4 "${behind[@]}" \
+      --tokens "$CACHE/tokens-hs256-$POOL" --variant "HS256 at zero-cache, 16 in flight" "${TIMING[@]}"
+  done
+  each --scenario idle --connections 1000 --settle 3 --connect-concurrency 8 "${behind[@]}" \
+    --note "in front of zero-cache"
+  ZC_UPSTREAM=
+  bench_zero_stop
+fi
+
 {
   echo "# syncgate relay vs nginx and HAProxy, $(date -u '+%Y-%m-%d %H:%M UTC')"
   echo
   echo "- Machine: $(nproc) CPUs ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2- | sed 's/^ *//')), Linux $(uname -r); open-file limit $FD_LIMIT"
   echo "- Pinning: $PINNING"
   echo "- syncgate $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo '?') (upstream mode, 1 worker), $("$NGINX" -v 2>&1 | sed 's/.*: //') (1 worker), $("$HAPROXY" -v | head -1 | awk '{print "HAProxy", $3}') (1 thread)"
+  echo "- Idle runs: as many workers a proxy as each row's note says (HAProxy: that many one-thread instances on one port), over several upstream processes"
   echo "- server CPU us/op is the proxy's; \"direct\" rows go straight to the upstream (no proxy: the latency baseline)"
   echo "- Command: $INVOCATION (every record's load-client command is in results.jsonl; configs in logs/)"
 } >"$OUT/preamble.md"

@@ -9,7 +9,7 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use memchr::memmem;
-use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::{percent_decode_str, utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 use std::sync::OnceLock;
 
 use crate::wsframe::{self, OP_TEXT};
@@ -139,6 +139,16 @@ pub fn app_protocol_header(app: App, client_id: &str, token: Option<&str>) -> St
         json["authToken"] = t.into();
     }
     utf8_percent_encode(&STANDARD.encode(json.to_string()), URI_COMPONENT).to_string()
+}
+
+/// The token in a protocol header made by [`app_protocol_header`], if it carries one. The
+/// storm's pre-minted headers are the bench app's; a storm that speaks another app takes
+/// each one's token into a header of its own.
+pub fn header_token(header: &str) -> Option<String> {
+    let b64 = percent_decode_str(header).decode_utf8().ok()?;
+    let json = STANDARD.decode(b64.as_bytes()).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&json).ok()?;
+    v.get("authToken")?.as_str().map(str::to_owned)
 }
 
 /// Checks the first message of a socket: `["connected",{"wsid":<wsid>,...}]`. An `error`
@@ -456,6 +466,16 @@ fn mutation_id(body: &[u8], client_needle: &Needle) -> Result<Option<u64>, Strin
 mod tests {
     use super::*;
     use crate::wsframe::{apply_mask, decode, Inflater};
+
+    #[test]
+    fn a_headers_token_is_found_again() {
+        for app in [App::Bench, App::ZeroCache] {
+            let with = app_protocol_header(app, "c1", Some("a.b.c"));
+            assert_eq!(header_token(&with).as_deref(), Some("a.b.c"));
+            assert_eq!(header_token(&app_protocol_header(app, "c1", None)), None);
+        }
+        assert_eq!(header_token("%%not base64"), None);
+    }
 
     fn who() -> Identity {
         Identity {

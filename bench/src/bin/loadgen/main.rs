@@ -118,6 +118,12 @@ struct RunArgs {
     /// Token file from `loadgen mint` (storm); without it no token is sent.
     #[arg(long)]
     tokens: Option<PathBuf>,
+    /// Speak the app of a real zero-cache (tests/clients/zero-cache/schema.js), as the
+    /// front-door scenario always does: the connect header carries its client schema and
+    /// a desired query for the connection's own row. For storm and idle runs in front of
+    /// zero-cache, which refuses a new client group without a client schema.
+    #[arg(long)]
+    zero_cache_app: bool,
     /// Handshakes in flight while opening connections (1: in turn, as load_test does).
     #[arg(long, default_value_t = 1)]
     connect_concurrency: usize,
@@ -379,10 +385,7 @@ fn measure(a: &RunArgs, rec: &mut Record, label: &str) -> Result<(), String> {
                 Scenario::Fanout => (a.groups, a.group_size),
                 _ => (a.connections, 1),
             };
-            let app = match a.scenario {
-                Scenario::FrontDoor => App::ZeroCache,
-                _ => App::Bench,
-            };
+            let app = a.app();
             if !(a.rate >= 0.0 && a.rate.is_finite()) {
                 return Err(format!("--rate {} is not a rate", a.rate));
             }
@@ -412,7 +415,7 @@ fn measure(a: &RunArgs, rec: &mut Record, label: &str) -> Result<(), String> {
                 None => Vec::new(),
                 Some(path) => read_tokens(path)?,
             };
-            let mut wl = Storm::new(names, tokens);
+            let mut wl = Storm::new(a.app(), names, tokens)?;
             client.set_target(a.connections, a.connections);
             windows(&mut client, &mut wl, a, rec, label)
         }
@@ -422,6 +425,17 @@ fn measure(a: &RunArgs, rec: &mut Record, label: &str) -> Result<(), String> {
 
 /// The server, and the source addresses: --sources of them from `127.0.0.<first-source>`;
 /// the kernel chooses when that is 127.0.0.1 alone.
+impl RunArgs {
+    /// The app the connect headers declare.
+    fn app(&self) -> App {
+        if self.zero_cache_app || self.scenario == Scenario::FrontDoor {
+            App::ZeroCache
+        } else {
+            App::Bench
+        }
+    }
+}
+
 fn target(a: &RunArgs) -> Result<Target, String> {
     let count = a.sources.max(1);
     let last = a.first_source.checked_add(count - 1).ok_or("source addresses past 127.0.0.255")?;
@@ -723,7 +737,7 @@ fn record_memory(rec: &mut Record, before: &Memory, after: &Memory, label: &str)
 fn warm_up(a: &RunArgs, tag: &str, label: &str) -> Result<(), String> {
     let n = (a.connections as u64 / 50).max(200);
     let mut client = Client::new(target(a)?)?;
-    let mut wl = Storm::new(Names::new(&format!("{tag}w")), Vec::new());
+    let mut wl = Storm::new(a.app(), Names::new(&format!("{tag}w")), Vec::new())?;
     client.set_target(8, 8);
     let deadline = Instant::now() + open_limit(n as usize);
     while wl.counters.done < n {
@@ -759,7 +773,7 @@ fn idle(
     rec.connections = a.connections;
     warm_up(a, names.tag(), label)?;
     let before = Memory::baseline(a, pid)?;
-    let mut wl = Idle::new(names, a.connections, a.id_offset);
+    let mut wl = Idle::new(a.app(), names, a.connections, a.id_offset);
     let limit = open_limit(a.connections);
     open_all(client, &mut wl, a.connections, a.connect_concurrency, limit, label)?;
     client.run_until(Instant::now() + Duration::from_secs_f64(a.settle), &mut wl)?;

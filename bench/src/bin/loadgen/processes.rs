@@ -143,6 +143,9 @@ impl Children {
             if a.deflate {
                 cmd.arg("--deflate");
             }
+            if a.zero_cache_app {
+                cmd.arg("--zero-cache-app");
+            }
             let mut process = cmd
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -303,7 +306,7 @@ fn hold(a: &RunArgs, label: &str) -> Result<u64, String> {
     let tag = a.tag.as_deref().ok_or("a child process needs --tag")?;
     let stdin_ended = watch_stdin();
     let mut client = Client::new(target(a)?)?;
-    let mut wl = Idle::new(Names::new(tag), a.connections, a.id_offset);
+    let mut wl = Idle::new(a.app(), Names::new(tag), a.connections, a.id_offset);
     let limit = open_limit(a.connections * a.processes);
     open_all(&mut client, &mut wl, a.connections, a.connect_concurrency, limit, label)?;
     report(&format!("open {}", a.connections));
