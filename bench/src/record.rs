@@ -41,6 +41,10 @@ pub struct Record {
     pub other_cpu_util: Option<f64>,
     /// Connections held open during the measurement (in flight, for the storm).
     pub connections: usize,
+    /// Share of the server's CPU over the windows that was system time (the kernel's
+    /// sockets, TCP and loopback delivery): a floor no user-space change lowers.
+    #[serde(default)]
+    pub server_kernel_share: Option<f64>,
     /// Idle scenario: server resident memory (all processes) per connection, bytes.
     pub rss_per_conn: Option<f64>,
     /// Idle scenario, syncgate only: growth of its live heap (`syncgate_heap_bytes`, all

@@ -131,9 +131,9 @@ pub fn table(records: &[Record], preamble: &str) -> String {
     let idle: Vec<&Row<'_>> = rows.iter().filter(|r| r.scenario == "idle").collect();
     if !traffic.is_empty() {
         md.push_str("## Throughput and latency\n\n");
-        md.push_str("Rate: median of the windows. Server CPU: user + system time of all the server's processes per operation. Busy: CPU seconds per wall second over the windows (1.00 = one core saturated); others: what the rest of the machine used meanwhile (well above 0: a busy machine, figures are low and noisy). Ratios compare with syncgate in the same row: rate syncgate/peer (above 1: syncgate faster), CPU per operation syncgate/peer (below 1: syncgate cheaper).\n\n");
-        md.push_str("| scenario | server | rate | unit | p50 us | p99 us | p99.9 us | server CPU us/op | server busy | client busy | others busy | rate syncgate/peer | CPU/op syncgate/peer | note |\n");
-        md.push_str("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
+        md.push_str("Rate: median of the windows. Server CPU: user + system time of all the server's processes per operation; kernel: the system time's share of it (sockets, TCP, the loopback delivery of what the server sends), which no user-space change lowers. Busy: CPU seconds per wall second over the windows (1.00 = one core saturated); others: what the rest of the machine used meanwhile (well above 0: a busy machine, figures are low and noisy). Ratios compare with syncgate in the same row: rate syncgate/peer (above 1: syncgate faster), CPU per operation syncgate/peer (below 1: syncgate cheaper).\n\n");
+        md.push_str("| scenario | server | rate | unit | p50 us | p99 us | p99.9 us | server CPU us/op | kernel | server busy | client busy | others busy | rate syncgate/peer | CPU/op syncgate/peer | note |\n");
+        md.push_str("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
         for row in traffic {
             let servers = row.baseline.into_iter().chain(row.peers.iter().copied());
             for r in servers {
@@ -148,7 +148,7 @@ pub fn table(records: &[Record], preamble: &str) -> String {
                 let _ = match &r.error {
                     Some(e) => writeln!(
                         md,
-                        "| {} | {} | failed: {} | | | | | | | | | | | {} |",
+                        "| {} | {} | failed: {} | | | | | | | | | | | | {} |",
                         row.title(),
                         r.server,
                         cell(e),
@@ -156,7 +156,7 @@ pub fn table(records: &[Record], preamble: &str) -> String {
                     ),
                     None => writeln!(
                         md,
-                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                         row.title(),
                         r.server,
                         opt(r.rate, thousands),
@@ -165,6 +165,7 @@ pub fn table(records: &[Record], preamble: &str) -> String {
                         opt(r.p99_us, latency),
                         opt(r.p999_us, latency),
                         opt(r.server_cpu_us_per_op, |v| format!("{v:.2}")),
+                        opt(r.server_kernel_share, |v| format!("{:.0}%", v * 100.0)),
                         opt(r.server_cpu_util, |v| format!("{v:.2}")),
                         opt(r.client_cpu_util, |v| format!("{v:.2}")),
                         opt(r.other_cpu_util, |v| format!("{v:.2}")),
@@ -175,8 +176,11 @@ pub fn table(records: &[Record], preamble: &str) -> String {
                 };
             }
             if row.baseline.is_none() {
-                let _ =
-                    writeln!(md, "| {} | syncgate | not run | | | | | | | | | | | |", row.title());
+                let _ = writeln!(
+                    md,
+                    "| {} | syncgate | not run | | | | | | | | | | | | |",
+                    row.title()
+                );
             }
         }
         md.push('\n');

@@ -143,15 +143,22 @@ fn clock_ticks() -> f64 {
 /// User plus system CPU seconds used so far by the processes (utime + stime of
 /// `/proc/<pid>/stat`; a process that is gone counts as zero).
 pub fn cpu_seconds(pids: &[u32]) -> f64 {
-    let ticks: u64 = pids
+    let (user, system) = cpu_split(pids);
+    user + system
+}
+
+/// [`cpu_seconds`] as (user, system): the system part is the kernel's work on the
+/// processes' behalf (sockets, TCP, the loopback delivery of what they send).
+pub fn cpu_split(pids: &[u32]) -> (f64, f64) {
+    let (user, system) = pids
         .iter()
         .filter_map(|&p| {
             let f = stat_fields(p)?;
             // utime and stime are fields 14 and 15 of stat, 12 and 13 after the name.
-            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+            Some((f.get(11)?.parse::<u64>().ok()?, f.get(12)?.parse::<u64>().ok()?))
         })
-        .sum();
-    ticks as f64 / clock_ticks()
+        .fold((0, 0), |(u, s), (pu, ps)| (u + pu, s + ps));
+    (user as f64 / clock_ticks(), system as f64 / clock_ticks())
 }
 
 /// Resident memory of the processes, in bytes (`/proc/<pid>/statm`, second field).

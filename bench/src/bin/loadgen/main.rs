@@ -513,9 +513,9 @@ fn log_line(line: &str) {
     let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
-/// CPU seconds of the server's processes, if a PID was given.
-fn server_cpu(pids: &Option<Vec<u32>>) -> Option<f64> {
-    pids.as_ref().map(|p| stats::cpu_seconds(p))
+/// CPU seconds of the server's processes as (user, system), if a PID was given.
+fn server_cpu(pids: &Option<Vec<u32>>) -> Option<(f64, f64)> {
+    pids.as_ref().map(|p| stats::cpu_split(p))
 }
 
 /// Warm-up, then the measured windows; fills the rate, latency and CPU fields.
@@ -558,9 +558,11 @@ fn windows<W: Measured>(
     }
     rec.rate = median(&rec.windows);
     rec.ops = Some(ops as u64);
-    if let (Some(c0), Some(c1)) = (cpu0, server_cpu(&pids)) {
-        rec.server_cpu_us_per_op = Some((c1 - c0) * 1e6 / ops);
-        rec.server_cpu_util = Some((c1 - c0) / wall);
+    if let (Some((u0, s0)), Some((u1, s1))) = (cpu0, server_cpu(&pids)) {
+        let (user, system) = (u1 - u0, s1 - s0);
+        rec.server_cpu_us_per_op = Some((user + system) * 1e6 / ops);
+        rec.server_cpu_util = Some((user + system) / wall);
+        rec.server_kernel_share = (user + system > 0.0).then(|| system / (user + system));
     }
     rec.client_cpu_util = Some((stats::self_cpu_seconds() - me0) / wall);
     for ((name, tree), c0) in behind.iter().zip(behind0) {
@@ -579,10 +581,10 @@ fn windows<W: Measured>(
             ops / (b1 - b0).max(1) as f64
         );
     }
-    if let (Some(m0), Some(m1), Some(c0), Some(c1)) =
-        (machine0, stats::machine_busy_seconds(), cpu0, server_cpu(&pids))
+    if let (Some(m0), Some(m1), Some(c)) =
+        (machine0, stats::machine_busy_seconds(), rec.server_cpu_util)
     {
-        let others = (m1 - m0 - (c1 - c0)) / wall - rec.client_cpu_util.unwrap_or(0.0);
+        let others = (m1 - m0) / wall - c - rec.client_cpu_util.unwrap_or(0.0);
         rec.other_cpu_util = Some(others.max(0.0));
     }
     let c: &Counters = wl.counters();
@@ -595,7 +597,7 @@ fn windows<W: Measured>(
         eprintln!("{label} relayed messages per op {r:.2}");
     }
     eprintln!(
-        "{label} median {} {}, p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, server cpu {} us/op ({}), client cpu {:.0}%, others {}",
+        "{label} median {} {}, p50 {:.0} us, p99 {:.0} us, p99.9 {:.0} us, server cpu {} us/op ({}, kernel {}), client cpu {:.0}%, others {}",
         thousands(rec.rate.unwrap_or(0.0)),
         rec.unit,
         rec.p50_us.unwrap_or(0.0),
@@ -603,6 +605,7 @@ fn windows<W: Measured>(
         rec.p999_us.unwrap_or(0.0),
         rec.server_cpu_us_per_op.map_or("?".into(), |v| format!("{v:.2}")),
         rec.server_cpu_util.map_or("?".into(), |v| format!("{:.0}%", v * 100.0)),
+        rec.server_kernel_share.map_or("?".into(), |v| format!("{:.0}%", v * 100.0)),
         rec.client_cpu_util.unwrap_or(0.0) * 100.0,
         rec.other_cpu_util.map_or("?".into(), |v| format!("{:.0}%", v * 100.0))
     );
