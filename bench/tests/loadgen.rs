@@ -98,16 +98,18 @@ fn every_scenario_against_fastwebsockets() {
     every_scenario(env!("CARGO_BIN_EXE_peer-fastwebsockets"));
 }
 
-/// The front-door scenario is paced: at 100 pushes a second over 5 connections, not the
+/// The front-door scenario is paced: at 400 pushes a second over 5 connections, not the
 /// thousands a closed loop would make, and each push costs the load client 4 messages (the
-/// push and the poke's three) however fast the server is.
+/// push and the poke's three) however fast the server is. (The rate is high enough that the
+/// peer's CPU shows in a second of clock ticks: at 100 a second it came out 0 once, on a
+/// busy machine.)
 #[test]
 fn the_front_door_scenario_holds_its_rate() {
     let s = start(env!("CARGO_BIN_EXE_peer-tungstenite"));
     let pid = s.child.id().to_string();
     let rec = loadgen(
         &s.addr,
-        &["--scenario", "front-door", "--connections", "5", "--rate", "100"]
+        &["--scenario", "front-door", "--connections", "5", "--rate", "400"]
             .into_iter()
             .chain(["--cpu-of", &format!("peer={pid}")])
             .collect::<Vec<_>>(),
@@ -115,7 +117,7 @@ fn the_front_door_scenario_holds_its_rate() {
     assert_measured(&rec);
     assert_eq!(rec.scenario, "front-door");
     let rate = rec.rate.unwrap();
-    assert!(rate < 150.0, "paced at 100/s, measured {rate}/s: {rec:?}");
+    assert!(rate < 600.0, "paced at 400/s, measured {rate}/s: {rec:?}");
     let messages = rec.messages_per_op.unwrap();
     assert!((3.9..4.2).contains(&messages), "{messages} messages per push: {rec:?}");
     assert!(rec.cpu_us_per_op_of.get("peer").is_some_and(|us| *us > 0.0), "{rec:?}");

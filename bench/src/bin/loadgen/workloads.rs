@@ -650,3 +650,42 @@ impl Workload for Idle {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// One pool entry as `loadgen mint` writes it: the bench app's header, with the token.
+    fn pool(token: Option<&str>) -> Vec<(String, String)> {
+        vec![("u1".into(), zero::protocol_header(token))]
+    }
+
+    #[test]
+    fn a_zero_cache_storm_sends_the_minted_token_in_its_apps_header() {
+        let mut storm = Storm::new(App::ZeroCache, Names::new("x"), pool(Some("t.o.k"))).unwrap();
+        let spec = storm.request(0, Instant::now());
+        assert_eq!(spec.who.user_id, "u1");
+        let header = zero::app_protocol_header(App::ZeroCache, &spec.who.client_id, Some("t.o.k"));
+        assert_eq!(spec.protocol, header);
+        // The bench app sends the minted header as it is.
+        let mut bench = Storm::new(App::Bench, Names::new("x"), pool(Some("t.o.k"))).unwrap();
+        assert_eq!(bench.request(0, Instant::now()).protocol, pool(Some("t.o.k"))[0].1);
+    }
+
+    #[test]
+    fn a_minted_header_without_a_token_is_refused_for_another_app() {
+        assert!(Storm::new(App::ZeroCache, Names::new("x"), pool(None)).is_err());
+        assert!(Storm::new(App::Bench, Names::new("x"), pool(None)).is_ok());
+    }
+
+    #[test]
+    fn an_idle_zero_cache_connection_declares_the_apps_client_schema() {
+        let mut idle = Idle::new(App::ZeroCache, Names::new("x"), 1, 0);
+        let spec = idle.request(0, Instant::now());
+        assert_eq!(
+            spec.protocol,
+            zero::app_protocol_header(App::ZeroCache, &spec.who.client_id, None)
+        );
+        assert_ne!(spec.protocol, zero::protocol_header(None));
+    }
+}
