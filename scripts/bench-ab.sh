@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Compares syncgate builds on one benchmark scenario: runs them in turn, several rounds, on
-# the same machine, and prints each run and the median per build. For checking that a
-# change is faster before it lands (bench/RESULTS.md records what it printed).
+# the same machine, and prints each run, the median per build, and each build's CPU per
+# operation over the first build's (the median of the rounds' ratios, and their range: put
+# the build to compare against first, e.g. a peer for a "syncgate at most 0.85x" target).
+# For checking that a change is faster before it lands (bench/RESULTS.md records what it
+# printed).
 #
 #   scripts/bench-ab.sh [--rounds N] [--auth] [--echo] BIN... -- LOADGEN_RUN_ARGS...
 #
@@ -34,7 +37,7 @@ while [[ $# -gt 0 && $1 != -- ]]; do
     --rounds) ROUNDS=$2; shift ;;
     --auth) AUTH=1 ;;
     --echo) ECHO=1 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     peer:tokio-tungstenite|peer:fastwebsockets) BINS+=("$1") ;;
     *@epoll) [[ -x ${1%@epoll} ]] || { echo "bench-ab.sh: ${1%@epoll} is not an executable" >&2; exit 2; }
        BINS+=("$(realpath "${1%@epoll}")@epoll") ;;
@@ -130,10 +133,19 @@ for round in $(seq "$ROUNDS"); do
 done
 median() { tr ' ' '\n' | grep . | sort -g | awk '{v[NR]=$1} END {print (NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2)}'; }
 echo
-echo "| build | median rate | median server CPU us/op | median p99 us | median fsyncs/s |"
-echo "|---|---:|---:|---:|---:|"
+# Each round's CPU per operation over the first build's in the same round: on a noisy
+# machine the median of these ratios moves less than the ratio of the medians.
+ratios() { # $1: build index; prints "median (lowest-highest)"
+  paste -d' ' <(tr ' ' '\n' <<<"${CPUS[0]}" | grep .) <(tr ' ' '\n' <<<"${CPUS[$1]}" | grep .) |
+    awk '{print $2 / $1}' | sort -g |
+    awk '{v[NR]=$1} END {m = NR%2 ? v[(NR+1)/2] : (v[NR/2]+v[NR/2+1])/2; printf "%.2fx (%.2f-%.2f)", m, v[1], v[NR]}'
+}
+echo "| build | median rate | median server CPU us/op | CPU/op / first build's, median of the rounds (range) | median p99 us | median fsyncs/s |"
+echo "|---|---:|---:|---:|---:|---:|"
 for b in "${!BINS[@]}"; do
   p99=$(tr ' ' '\n' <<<"${P99S[$b]}" | grep -v '^-$' | tr '\n' ' ')
   fsyncs=$(tr ' ' '\n' <<<"${FSYNCSS[$b]}" | grep -v '^-$' | tr '\n' ' ')
-  echo "| ${BINS[$b]} | $(median <<<"${RATES[$b]}") | $(median <<<"${CPUS[$b]}") | $(median <<<"$p99") | $(median <<<"$fsyncs") |"
+  ratio=-
+  ((b > 0)) && ratio=$(ratios "$b")
+  echo "| ${BINS[$b]} | $(median <<<"${RATES[$b]}") | $(median <<<"${CPUS[$b]}") | $ratio | $(median <<<"$p99") | $(median <<<"$fsyncs") |"
 done
