@@ -1,7 +1,8 @@
 # shellcheck shell=bash
 # Shared by the benchmark scripts (sourced, not run): the syncgate config every benchmark
 # run uses and its readiness check, so all measure the same thing; the release build, the
-# pinning and the storm's tokens. The functions log with the sourcing script's log().
+# pinning, the storm's tokens, and a real zero-cache with its PostgreSQL (bench-front-door.sh,
+# bench-relay.sh). The functions log with the sourcing script's log().
 
 # Builds the release binaries unless $1 is 0, then checks that each binary named after it
 # is in $TARGET.

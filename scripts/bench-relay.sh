@@ -324,8 +324,9 @@ if wanted zero-cache; then
   # The same proxies in front of a real zero-cache 1.9 (PostgreSQL behind it), the server
   # they would front in production. zero-cache verifies the storm's HS256 tokens (syncgate
   # too, the others pass them on); "direct" is the load client straight to zero-cache, and
-  # every record carries zero-cache's and PostgreSQL's CPU per connection. Idle: 1,000
-  # connections, each its own client group, which zero-cache holds at about 0.65 MB a group.
+  # every record carries zero-cache's and PostgreSQL's CPU per connection. They run on the
+  # proxy's core, as in the front-door benchmark. Idle: 1,000 connections, each its own
+  # client group, which zero-cache holds at about 0.65 MB a group.
   bench_zero_tools
   secret=$(cat "$CACHE/hs256.secret")
   bench_zero_start "$((PORT + 1))" "$((PORT + 3))" ZERO_AUTH_SECRET="$secret"

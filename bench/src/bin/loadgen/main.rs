@@ -423,8 +423,6 @@ fn measure(a: &RunArgs, rec: &mut Record, label: &str) -> Result<(), String> {
     }
 }
 
-/// The server, and the source addresses: --sources of them from `127.0.0.<first-source>`;
-/// the kernel chooses when that is 127.0.0.1 alone.
 impl RunArgs {
     /// The app the connect headers declare.
     fn app(&self) -> App {
@@ -436,6 +434,8 @@ impl RunArgs {
     }
 }
 
+/// The server, and the source addresses: --sources of them from `127.0.0.<first-source>`;
+/// the kernel chooses when that is 127.0.0.1 alone.
 fn target(a: &RunArgs) -> Result<Target, String> {
     let count = a.sources.max(1);
     let last = a.first_source.checked_add(count - 1).ok_or("source addresses past 127.0.0.255")?;
