@@ -272,6 +272,44 @@ fn through_syncgate_the_review_attacks_are_refused_at_the_edge() {
     victim.close();
 }
 
+/// `upstream.anonymous_user_id`: a tokenless socket names no user at zero-cache. alice's group
+/// lives where this syncgate never saw it (her socket goes straight to zero-cache, as it would
+/// through another node behind a load balancer that does not hash by group, so no node's pin
+/// covers it). A tokenless socket that names her, with a new clientID in her group, is
+/// admitted by zero-cache through a syncgate without the setting, and refused by zero-cache
+/// itself through one with it.
+#[test]
+fn through_syncgate_with_an_anonymous_user_id_a_tokenless_socket_cannot_name_a_user() {
+    let zc = ZeroCache::shared();
+    let group = format!("g-anon-{}", std::process::id());
+    let header = protocol_header(Some(&token("alice")), Some(member_init()));
+    let path = Params::new("alice-anon", &group).user("alice").wsid("alice").path();
+    let mut alice = Ws::connect(zc.addr(), &path, Some(&header)).unwrap();
+    assert_eq!(alice.recv_json()[0], "connected");
+    let tokenless = protocol_header(None, Some(member_init()));
+    let intruder = |edge: &Daemon, client: &str| {
+        edge.ws(&Params::new(client, &group).user("alice").wsid(client), Some(&tokenless))
+    };
+    // Without the setting, zero-cache takes the socket's word for its user: the hole.
+    let plain = edge(&zc, "");
+    let mut ws = intruder(&plain, "intruder-1");
+    assert_eq!(ws.recv_json()[0], "connected", "zero-cache 1.9 admits it");
+    ws.close(1000);
+    // With it, zero-cache sees userID "anon" and refuses another user in her group.
+    let guarded = edge(&zc, "anonymous_user_id = \"anon\"\n");
+    let mut ws = intruder(&guarded, "intruder-2");
+    ws.expect_error("Unauthorized");
+    ws.expect_close(3000);
+    // A tokenless socket of a new group of its own is still served, as user "anon".
+    let own = format!("{group}-own");
+    let mut anon =
+        guarded.ws(&Params::new("anon-1", &own).user("whoever").wsid("anon-1"), Some(&tokenless));
+    assert_eq!(anon.recv_json()[0], "connected");
+    // And alice was never disturbed: her socket still answers.
+    alice.send_json(&serde_json::json!(["ping", {}]));
+    assert_eq!(alice.recv_json_skipping_pokes()[0], "pong");
+}
+
 #[test]
 fn through_syncgate_150_upgrade_attempts_from_one_address_meet_the_rate_limit() {
     let zc = ZeroCache::exclusive();

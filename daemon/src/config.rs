@@ -103,6 +103,13 @@ pub struct UpstreamConfig {
     pub health_rise: u32,
     /// Failures in a row that take an up upstream down.
     pub health_fall: u32,
+    /// The `userID` zero-cache is told for a socket without a token, in place of whatever the
+    /// client named; unset: the client's, as it sent it. zero-cache 1.9 admits a tokenless
+    /// socket that names the user its client group is pinned to, and syncgate's own pin only
+    /// covers the groups it has seen: with this set, a tokenless socket can name no user at
+    /// zero-cache, so none can join or displace a signed-in user's group even through another
+    /// node (README, "Several syncgate nodes").
+    pub anonymous_user_id: Option<String>,
 }
 
 /// The most upstreams one list may hold: each has its cells in the metrics table.
@@ -121,6 +128,7 @@ impl Default for UpstreamConfig {
             health_path: "/keepalive".into(),
             health_rise: 2,
             health_fall: 2,
+            anonymous_user_id: None,
         }
     }
 }
@@ -139,6 +147,14 @@ impl UpstreamConfig {
             }
             if !(1..=100).contains(&self.health_rise) || !(1..=100).contains(&self.health_fall) {
                 return Err("upstream.health_rise and upstream.health_fall must be 1 to 100".into());
+            }
+        }
+        if let Some(user) = &self.anonymous_user_id {
+            if user.len() > crate::protocol::route::MAX_PARAM_BYTES {
+                return Err(format!(
+                    "upstream.anonymous_user_id: longer than {} bytes",
+                    crate::protocol::route::MAX_PARAM_BYTES
+                ));
             }
         }
         let path = &self.health_path;
@@ -713,6 +729,10 @@ mod tests {
             let e = load_with(&format!("{up}{bad}\n"), &[]).unwrap_err();
             assert!(e.contains(says), "{bad}: {e}");
         }
+        let long = format!("{up}anonymous_user_id = \"{}\"\n", "u".repeat(257));
+        assert!(load_with(&long, &[]).unwrap_err().contains("anonymous_user_id"));
+        let anon = load_with(&format!("{up}anonymous_user_id = \"anon\"\n"), &[]).unwrap();
+        assert_eq!(anon.upstream.anonymous_user_id.as_deref(), Some("anon"));
         // Without checks the check settings do not matter.
         load_with(&format!("{up}health_interval_ms = 0\nhealth_rise = 0\n"), &[]).unwrap();
         let many: Vec<String> =

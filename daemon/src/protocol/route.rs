@@ -240,7 +240,7 @@ fn collect_params(query: &str) -> RawParams<'_> {
 }
 
 /// `application/x-www-form-urlencoded` decoding, borrowing when nothing is encoded.
-fn form_decode(text: &str) -> Cow<'_, str> {
+pub(crate) fn form_decode(text: &str) -> Cow<'_, str> {
     if !text.contains(['+', '%']) {
         return Cow::Borrowed(text);
     }

@@ -6,11 +6,15 @@
 //! checks); `Cookie` and `Origin` go verbatim (zero-cache forwards them to an app's API
 //! server); `X-Forwarded-For` carries the client's address. Nothing else of the client's
 //! head is passed on, and compression is never offered: the upstream hop is uncompressed.
+//! One exception to "as the client sent them": with `upstream.anonymous_user_id` set, a
+//! socket without a token has its `userID` replaced ([`with_user_id`]).
 
 use std::net::IpAddr;
 
 use base64::Engine as _;
+use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
 
+use crate::protocol::route::form_decode;
 use crate::upstream::Target;
 use crate::ws::mask;
 
@@ -45,9 +49,48 @@ pub fn forwarded_for(peer: IpAddr, trusted_peer: bool, header: Option<&str>) -> 
     }
 }
 
+/// What `encodeURIComponent` leaves as it is; everything else is percent-encoded.
+const URI_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'!')
+    .remove(b'~')
+    .remove(b'*')
+    .remove(b'\'')
+    .remove(b'(')
+    .remove(b')');
+
+/// The request target `path` with its `userID` parameters (every spelling zero-cache decodes
+/// to that name) dropped and one naming `user` added at the end; the other parameters stay
+/// as they were, in their order.
+pub fn with_user_id(path: &str, user: &str) -> String {
+    let (base, query) = path.split_once('?').unwrap_or((path, ""));
+    let mut out = String::with_capacity(path.len() + user.len() + 8);
+    out.push_str(base);
+    out.push('?');
+    for pair in query.split('&').filter(|pair| !pair.is_empty()) {
+        let name = pair.split_once('=').map_or(pair, |(name, _)| name);
+        if form_decode(name) != "userID" {
+            out.push_str(pair);
+            out.push('&');
+        }
+    }
+    out.push_str("userID=");
+    out.extend(utf8_percent_encode(user, URI_COMPONENT));
+    out
+}
+
 /// The upgrade request for `target` carrying the client's request `head` (the raw bytes the
-/// listener read, already validated), with `forwarded_for` as its `X-Forwarded-For`.
-pub fn upgrade(head: &[u8], target: &Target, forwarded_for: &str) -> Result<Request, String> {
+/// listener read, already validated), with `forwarded_for` as its `X-Forwarded-For`, and
+/// with `user` as its `userID` if given (`upstream.anonymous_user_id`, for a socket without
+/// a token).
+pub fn upgrade(
+    head: &[u8],
+    target: &Target,
+    forwarded_for: &str,
+    user: Option<&str>,
+) -> Result<Request, String> {
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(head) {
@@ -55,6 +98,14 @@ pub fn upgrade(head: &[u8], target: &Target, forwarded_for: &str) -> Result<Requ
         _ => return Err("the client's request head does not parse".into()),
     }
     let path = req.path.ok_or("no request target")?;
+    let rewritten;
+    let path = match user {
+        Some(user) => {
+            rewritten = with_user_id(path, user);
+            rewritten.as_str()
+        }
+        None => path,
+    };
     let mut key = [0u8; 16];
     key[..8].copy_from_slice(&mask::random_u64().to_ne_bytes());
     key[8..].copy_from_slice(&mask::random_u64().to_ne_bytes());
@@ -150,7 +201,7 @@ Origin: https://app.example\r\nX-Forwarded-For: 10.0.0.1\r\nUser-Agent: test\r\n
 
     #[test]
     fn the_request_carries_what_zero_cache_needs_and_nothing_else() {
-        let r = upgrade(HEAD, &target("/zero"), "203.0.113.9").unwrap();
+        let r = upgrade(HEAD, &target("/zero"), "203.0.113.9", None).unwrap();
         let (first, h) = headers(&r.bytes);
         assert_eq!(
             first,
@@ -175,9 +226,35 @@ Origin: https://app.example\r\nX-Forwarded-For: 10.0.0.1\r\nUser-Agent: test\r\n
         assert!(get("sec-websocket-extensions").is_empty());
         assert!(get("user-agent").is_empty());
         // A fresh nonce every time.
-        assert_ne!(upgrade(HEAD, &target(""), "x").unwrap().accept, r.accept);
-        let (first, _) = headers(&upgrade(HEAD, &target(""), "x").unwrap().bytes);
+        assert_ne!(upgrade(HEAD, &target(""), "x", None).unwrap().accept, r.accept);
+        let (first, _) = headers(&upgrade(HEAD, &target(""), "x", None).unwrap().bytes);
         assert!(first.starts_with("GET /sync/v51/connect?"), "{first}");
+    }
+
+    #[test]
+    fn an_anonymous_user_id_replaces_every_spelling_of_the_clients() {
+        let r = upgrade(HEAD, &target(""), "x", Some("anon")).unwrap();
+        let (first, _) = headers(&r.bytes);
+        assert_eq!(
+            first,
+            "GET /sync/v51/connect?clientID=c1&clientGroupID=g1&userID=anon HTTP/1.1"
+        );
+        let cases = [
+            // Spelled as zero-cache's URLSearchParams would still read it, twice over.
+            ("/p?a=1&user%49D=alice&userID=bob&b=2", "/p?a=1&b=2&userID=anon"),
+            ("/p?userID&b=2", "/p?b=2&userID=anon"),
+            // None named: one is added. `userid` is another name.
+            ("/p?a=1&userid=x", "/p?a=1&userid=x&userID=anon"),
+            ("/p", "/p?userID=anon"),
+            ("/p?", "/p?userID=anon"),
+            ("/p?&&a=1&", "/p?a=1&userID=anon"),
+        ];
+        for (path, want) in cases {
+            assert_eq!(with_user_id(path, "anon"), want, "{path}");
+        }
+        // Encoded as encodeURIComponent encodes it.
+        assert_eq!(with_user_id("/p?a=1", "an on&x=y/é"), "/p?a=1&userID=an%20on%26x%3Dy%2F%C3%A9");
+        assert_eq!(with_user_id("/p?userID=alice", ""), "/p?userID=");
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::process::control::{self, Message, Order};
 use crate::process::event_loop::{self, Process};
 use crate::process::handoff::{self, Handoff};
 use crate::protocol::route;
-use crate::protocol::ErrorKind;
+use crate::protocol::{ErrorKind, ProtocolHeader};
 use crate::ring::{Completion, Op, Ring};
 use crate::slab::Slab;
 use crate::sync::{Delivery, GroupRef, GroupSync, Loading, Pusher, StoreEvent, Who};
@@ -595,21 +595,29 @@ impl Worker {
                         Resume { base_cookie: params.base_cookie.clone(), lmid: params.lmid };
                     self.resumes.insert(index, resume);
                 }
-                let route =
-                    match self.route(&h.bytes[..end], &head, h.peer, &params.client_group_id) {
-                        Some(Ok(route)) => Some(route),
-                        Some(Err(e)) => {
-                            log::error!("worker {}: upstream request: {e}", self.index);
-                            None
-                        }
-                        None => None,
-                    };
+                // Read once: the route needs to know whether it carries a token.
+                let header = admission::header(head.ws_protocol.as_deref());
+                let tokenless = header.as_ref().is_ok_and(|h| h.auth_token.is_none());
+                let route = match self.route(
+                    &h.bytes[..end],
+                    &head,
+                    h.peer,
+                    &params.client_group_id,
+                    tokenless,
+                ) {
+                    Some(Ok(route)) => Some(route),
+                    Some(Err(e)) => {
+                        log::error!("worker {}: upstream request: {e}", self.index);
+                        None
+                    }
+                    None => None,
+                };
                 let session = self.config.auth.session_cookie.as_deref().and_then(|name| {
                     let value = handshake::cookie(&h.bytes[..end], name)?;
                     Some(std::hash::BuildHasher::hash_one(&self.session_key, value))
                 });
                 let edge = Edge { route, session };
-                self.admit(index, h.peer, &head, path.version, params, edge, now)
+                self.admit(index, h.peer, header, path.version, params, edge, now)
             }
             _ => {
                 if let Some(slot) = self.slots.get_mut(index) {
@@ -656,14 +664,14 @@ impl Worker {
         &mut self,
         index: u32,
         peer: SocketAddr,
-        head: &handshake::Head,
+        header: Result<ProtocolHeader, Refusal>,
         version: u32,
         params: &route::ConnectParams,
         edge: Edge,
         now: Instant,
     ) {
         let group_id = params.client_group_id.as_str();
-        let header = match admission::header(head.ws_protocol.as_deref()) {
+        let header = match header {
             Ok(header) => header,
             Err(refusal) => return self.refuse(index, peer, group_id, refusal, now),
         };

@@ -139,18 +139,21 @@ impl Stage {
 
 impl Worker {
     /// The upgrade request for an admitted client of group `group_id`, from its request
-    /// head; `None` in embedded mode.
+    /// head; `None` in embedded mode. A `tokenless` client's `userID` is replaced by
+    /// `upstream.anonymous_user_id` when that is set.
     pub(super) fn route(
         &self,
         head_bytes: &[u8],
         head: &handshake::Head,
         peer: SocketAddr,
         group_id: &str,
+        tokenless: bool,
     ) -> Option<Result<Route, String>> {
         let target = self.upstreams.choose(group_id)?;
         let trusted = self.proxies.contains(peer.ip());
         let xff = request::forwarded_for(peer.ip(), trusted, head.forwarded_for.as_deref());
-        Some(request::upgrade(head_bytes, target, &xff).map(|request| Route {
+        let user = self.config.upstream.anonymous_user_id.as_deref().filter(|_| tokenless);
+        Some(request::upgrade(head_bytes, target, &xff, user).map(|request| Route {
             request,
             addr: target.addr,
             key: target.key,
