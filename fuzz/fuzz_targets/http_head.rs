@@ -10,6 +10,8 @@
 //! - The 101 built from an accepted head parses as HTTP and echoes the protocol header
 //!   exactly; an error response parses and its Content-Length is its body's length.
 //! - `worker_for` is in range.
+//! - `request::with_user_id` (`upstream.anonymous_user_id`) changes only the `userID` that
+//!   `parse_connect_params` reads: every other parameter reads back the same.
 
 #![no_main]
 
@@ -17,6 +19,7 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use syncgate::ws::handshake::{check_upgrade, head_end, http_error, parse_head, switching_protocols};
 use syncgate::protocol::route::{parse_connect_params, parse_sync_path, worker_for, MAX_PARAM_BYTES};
+use syncgate::upstream::request::with_user_id;
 
 #[derive(Debug, Arbitrary)]
 struct Input {
@@ -106,6 +109,15 @@ fuzz_target!(|input: Input| {
             }
             let workers = usize::from(input.workers) + 1;
             assert!(worker_for("task", &params.client_group_id, workers) < workers);
+            let rewritten = with_user_id(&format!("{}?{}", head.path, head.query), "an on");
+            let (_, query) = rewritten.split_once('?').expect("the rewrite keeps a query");
+            let again = parse_connect_params(query).expect("the rewrite parses as before");
+            assert_eq!(again.user_id.as_deref(), Some("an on"), "{rewritten}");
+            assert_eq!(
+                syncgate::protocol::route::ConnectParams { user_id: params.user_id.clone(), ..again },
+                params,
+                "the rewrite changed another parameter: {rewritten}"
+            );
         }
     }
     // The parsers also see targets the head parser would never let through.
