@@ -46,7 +46,7 @@ const BASE64_PADDED: GeneralPurpose = base64::engine::general_purpose::STANDARD;
 
 /// The bytes `encodeURIComponent` escapes: all but ASCII letters, digits and
 /// `-_.!~*'()`.
-const URI_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
+pub(crate) const URI_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
     .remove(b'_')
     .remove(b'.')

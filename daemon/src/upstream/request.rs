@@ -12,8 +12,9 @@
 use std::net::IpAddr;
 
 use base64::Engine as _;
-use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
+use percent_encoding::utf8_percent_encode;
 
+use crate::protocol::header::URI_COMPONENT;
 use crate::protocol::route::form_decode;
 use crate::upstream::Target;
 use crate::ws::mask;
@@ -48,18 +49,6 @@ pub fn forwarded_for(peer: IpAddr, trusted_peer: bool, header: Option<&str>) -> 
         None => peer.to_string(),
     }
 }
-
-/// What `encodeURIComponent` leaves as it is; everything else is percent-encoded.
-const URI_COMPONENT: &AsciiSet = &NON_ALPHANUMERIC
-    .remove(b'-')
-    .remove(b'_')
-    .remove(b'.')
-    .remove(b'!')
-    .remove(b'~')
-    .remove(b'*')
-    .remove(b'\'')
-    .remove(b'(')
-    .remove(b')');
 
 /// The request target `path` with its `userID` parameters (every spelling zero-cache decodes
 /// to that name) dropped and one naming `user` added at the end; the other parameters stay
