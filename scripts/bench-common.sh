@@ -192,3 +192,22 @@ bench_zero_stop() {
   [[ -f $WORK/pg/postmaster.pid ]] && kill -INT "$(head -n1 "$WORK/pg/postmaster.pid")" 2>/dev/null
   return 0
 }
+
+# --- the idle scenario's load client past one process's open-file limit ---------------
+
+# Sets IDLE_PROCS and IDLE_ARGS (loadgen arguments) for $1 idle connections with an
+# open-file limit of $FD_LIMIT: as many load-client processes as that takes (200
+# descriptors a process kept for everything but connections; raising the hard limit needs
+# CAP_SYS_RESOURCE), each from its own source addresses, at most 10k connections per
+# address: connect() tries one parity of the ephemeral ports first (about 14k of 28k), and
+# past them every connect() scans them all before it finds a free port of the other
+# parity, which slows opening to a crawl.
+idle_spread() {
+  local n=$1 per_process=$((FD_LIMIT - 200)) per_proc sources
+  IDLE_PROCS=$(( (n + per_process - 1) / per_process ))
+  per_proc=$(( (n + IDLE_PROCS - 1) / IDLE_PROCS ))
+  sources=$(( IDLE_PROCS * ((per_proc + 9999) / 10000) ))
+  IDLE_ARGS=(--scenario idle --connections "$n" --sources "$sources" --settle 3 --connect-concurrency 8)
+  (( IDLE_PROCS > 1 )) && IDLE_ARGS+=(--processes "$IDLE_PROCS")
+  return 0
+}

@@ -288,20 +288,15 @@ if wanted latency; then
   done
 fi
 if wanted idle; then
-  # One process holds at most FD_LIMIT descriptors, 200 of them kept for everything else.
-  PER_PROCESS=$((FD_LIMIT - 200))
   for n in 10000 50000; do
     # Proxy workers: each under half the limit at two descriptors a connection, which
-    # leaves room for the spread's imbalance. Upstreams and load-client processes: at most
-    # 10,000 connections to one address and port (the top of this file says why).
+    # leaves room for the spread's imbalance. Upstreams: at most 10,000 connections to one
+    # address and port (the top of this file says why); the load client alike
+    # (bench-common.sh's idle_spread).
     WORKERS=$(( (2 * n + FD_LIMIT / 2 - 1) / (FD_LIMIT / 2) ))
     UPSTREAMS=$(( (n + 9999) / 10000 ))
-    procs=$(( (n + PER_PROCESS - 1) / PER_PROCESS ))
-    per_proc=$(( (n + procs - 1) / procs ))
-    sources=$(( procs * ((per_proc + 9999) / 10000) ))
-    args=(--scenario idle --connections "$n" --sources "$sources" --settle 3 --connect-concurrency 8)
-    (( procs > 1 )) && args+=(--processes "$procs")
-    each "${args[@]}" --note "proxy workers: $WORKERS (HAProxy: one-thread instances); upstream processes: $UPSTREAMS; load-client processes: $procs"
+    idle_spread "$n"
+    each "${IDLE_ARGS[@]}" --note "proxy workers: $WORKERS (HAProxy: one-thread instances); upstream processes: $UPSTREAMS; load-client processes: $IDLE_PROCS"
   done
   WORKERS=1 UPSTREAMS=1
 fi

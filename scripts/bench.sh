@@ -238,19 +238,11 @@ if wanted storm "$SCENARIOS"; then
   done
 fi
 if wanted idle "$SCENARIOS"; then
-  # One process holds at most FD_LIMIT descriptors (the hard limit; raising it needs
-  # CAP_SYS_RESOURCE), 200 of them kept for everything but connections.
-  PER_PROCESS=$((FD_LIMIT - 200))
   for n in "${IDLE[@]}"; do
-    # The load client in as many processes as that takes, each from its own source
-    # addresses, at most 10k connections per address: connect() tries one parity of the
-    # ephemeral ports first (about 14k of 28k), and past them every connect() scans them
-    # all before it finds a free port of the other parity, which slows opening to a crawl.
-    procs=$(( (n + PER_PROCESS - 1) / PER_PROCESS ))
-    per_proc=$(( (n + procs - 1) / procs ))
-    sources=$(( procs * ((per_proc + 9999) / 10000) ))
-    args=(--scenario idle --connections "$n" --sources "$sources" --settle 3 --connect-concurrency 8)
-    (( procs > 1 )) && args+=(--processes "$procs")
+    # The load client spread over processes and source addresses (bench-common.sh).
+    idle_spread "$n"
+    procs=$IDLE_PROCS
+    args=("${IDLE_ARGS[@]}")
     skipped=()
     for s in "${SERVER_LIST[@]}"; do
       if [[ $s != syncgate* ]]; then
