@@ -522,6 +522,25 @@ fn update_auth_is_verified_at_the_edge_before_it_is_relayed() {
     assert_eq!(edge.metric("syncgate_relayed_to_upstream_messages_total", &[]), relayed);
 }
 
+/// A socket admitted without a token (auth optional) stays anonymous: a token sent later
+/// with `updateAuth` would make zero-cache see a user the socket never proved at its
+/// handshake (with `upstream.anonymous_user_id`, beside a `userID` that is not hers), so the
+/// edge refuses it instead of relaying it.
+#[test]
+fn a_tokenless_socket_cannot_become_a_user_with_update_auth() {
+    let up = upstream();
+    let edge = edge(&up, "anonymous_user_id = \"anon\"\n");
+    let mut ws = edge.connected(&Params::new("c1", "g1").user("alice"), Some(&anon_header()));
+    ws.send_json(&json!(["ping", {}]));
+    recv_until(&mut ws, |m| m[0] == "pong");
+    let relayed = edge.metric("syncgate_relayed_to_upstream_messages_total", &[]);
+    assert_eq!(relayed, 1, "the ping relayed");
+    ws.send_json(&json!(["updateAuth", {"auth": token("alice")}]));
+    ws.expect_error("Unauthorized");
+    ws.expect_close(3000);
+    assert_eq!(edge.metric("syncgate_relayed_to_upstream_messages_total", &[]), relayed);
+}
+
 /// HAProxy (Debian's package) in front of `nodes`, hashing the clientGroupID query parameter
 /// with consistent hashing, as README's "Several syncgate nodes" configures it; killed on drop.
 struct Haproxy {
