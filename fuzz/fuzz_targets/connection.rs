@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
+use syncgate::protocol::ErrorKind;
 use syncgate::ws::connection::{self, Connection, Mode, Settings, Shared};
 use syncgate::ws::frame::{encode_client_frame, encode_frame, DecoderLimits, OpCode};
-use syncgate::protocol::ErrorKind;
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode as WireOpCode};
 use tungstenite::protocol::frame::FrameHeader;
 
@@ -62,7 +62,12 @@ enum Op {
     /// Raw bytes from the socket.
     Bytes(Vec<u8>),
     /// A well-formed masked client frame (so the fuzzer gets past the codec quickly).
-    Frame { opcode: u8, fin: bool, payload: Vec<u8>, mask: [u8; 4] },
+    Frame {
+        opcode: u8,
+        fin: bool,
+        payload: Vec<u8>,
+        mask: [u8; 4],
+    },
     /// The socket accepts up to this many bytes of what `next_send` offers (0: would block).
     /// Small on purpose: short writes that end inside a frame are the interesting ones, and
     /// `Drain` covers whole writes.
@@ -133,11 +138,8 @@ impl Wire {
         while self.write(conn, usize::MAX, now) {}
         assert!(conn.flushed(), "nothing offered, yet not flushed");
         let written = self.bytes.len() - self.drained_at;
-        let bound = 2 * self.fed
-            + self.shared
-            + PER_TICK * self.ticks
-            + PER_CALL * self.calls
-            + PER_DRAIN;
+        let bound =
+            2 * self.fed + self.shared + PER_TICK * self.ticks + PER_CALL * self.calls + PER_DRAIN;
         assert!(
             written <= bound,
             "{written} bytes queued from {} received, {} broadcast, {} ticks, {} calls",
@@ -187,7 +189,8 @@ fn check_wire(wire: &[u8], cut: bool) {
         cursor.set_position(end as u64);
         // RFC 6455 5.5.1: no data frame after a close frame (and one close frame at most).
         // A ping or pong after it is allowed by the RFC, so it is not checked here.
-        let data_or_close = !matches!(header.opcode, WireOpCode::Control(Control::Ping | Control::Pong));
+        let data_or_close =
+            !matches!(header.opcode, WireOpCode::Control(Control::Ping | Control::Pong));
         assert!(!(closed && data_or_close), "{:?} after our close frame (at {at})", header.opcode);
         assert!(header.is_final && header.mask.is_none(), "server frame at {at}: {header:?}");
         assert!(!header.rsv1 && !header.rsv2 && !header.rsv3, "RSV bit at {at}: {header:?}");

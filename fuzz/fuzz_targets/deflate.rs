@@ -92,7 +92,14 @@ fn check_pair(deflater: &mut Deflater, inflater: &mut Inflater, message: &[u8]) 
     assert_eq!(unpacked, message, "round trip changed the message");
 }
 
-fn inflate_hostile(data: &[u8], max_output: usize, bits: u8, nct: bool, prefix: usize, twice: bool) {
+fn inflate_hostile(
+    data: &[u8],
+    max_output: usize,
+    bits: u8,
+    nct: bool,
+    prefix: usize,
+    twice: bool,
+) {
     let mut inflater = Inflater::new(8 + bits % 8, nct);
     for _ in 0..if twice { 2 } else { 1 } {
         let mut out = Vec::with_capacity(prefix);

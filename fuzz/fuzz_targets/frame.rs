@@ -23,7 +23,9 @@ use std::ops::ControlFlow;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use syncgate::ws::close::{is_valid_close_code, truncate_reason, DecodeError};
-use syncgate::ws::frame::{encode_client_frame, encode_close, encode_frame, Decoder, DecoderLimits};
+use syncgate::ws::frame::{
+    encode_client_frame, encode_close, encode_frame, Decoder, DecoderLimits,
+};
 use syncgate::ws::frame::{Event, OpCode};
 use tungstenite::protocol::frame::coding::{Control, Data, OpCode as WireOpCode};
 use tungstenite::protocol::frame::FrameHeader;

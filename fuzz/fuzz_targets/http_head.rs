@@ -17,9 +17,13 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use syncgate::ws::handshake::{check_upgrade, head_end, http_error, parse_head, switching_protocols};
-use syncgate::protocol::route::{parse_connect_params, parse_sync_path, worker_for, MAX_PARAM_BYTES};
+use syncgate::protocol::route::{
+    parse_connect_params, parse_sync_path, worker_for, MAX_PARAM_BYTES,
+};
 use syncgate::upstream::request::with_user_id;
+use syncgate::ws::handshake::{
+    check_upgrade, head_end, http_error, parse_head, switching_protocols,
+};
 
 #[derive(Debug, Arbitrary)]
 struct Input {
@@ -114,7 +118,10 @@ fuzz_target!(|input: Input| {
             let again = parse_connect_params(query).expect("the rewrite parses as before");
             assert_eq!(again.user_id.as_deref(), Some("an on"), "{rewritten}");
             assert_eq!(
-                syncgate::protocol::route::ConnectParams { user_id: params.user_id.clone(), ..again },
+                syncgate::protocol::route::ConnectParams {
+                    user_id: params.user_id.clone(),
+                    ..again
+                },
                 params,
                 "the rewrite changed another parameter: {rewritten}"
             );

@@ -44,8 +44,9 @@ fn header(value: &str) {
     let init = decoded.init_connection.as_deref().map(|json| {
         std::str::from_utf8(json).expect("init_connection is serialised JSON, so UTF-8")
     });
-    let again = decode_protocol_header(&encode_protocol_header(init, decoded.auth_token.as_deref()))
-        .expect("a re-encoded header decodes");
+    let again =
+        decode_protocol_header(&encode_protocol_header(init, decoded.auth_token.as_deref()))
+            .expect("a re-encoded header decodes");
     assert_eq!(again, decoded, "header does not round-trip");
 
     if let Some(init) = &decoded.init_connection {
