@@ -336,6 +336,115 @@ fn the_shipped_config_shows_every_setting_with_its_real_default() {
     assert_eq!(loaded, Config::load(None).expect("the defaults load"), "\n{uncommented}");
 }
 
+/// README's "Configuration" table names every setting the daemon knows, with its real
+/// default: each key with a default appears with that value (`10 MiB`, `0 (off)` and the like
+/// read as numbers); every key it calls `unset` has no default and is one the daemon knows
+/// (setting it may fail validation, never as an unknown key); only the settings computed at
+/// start say so in words.
+#[test]
+fn the_readme_configuration_table_names_every_setting_with_its_real_default() {
+    // Keys whose default is worked out at start (their `Config::default()` value, 0 or
+    // empty, means "derive it"), and what the README says instead.
+    const COMPUTED: [(&str, &str); 3] = [
+        ("workers", "cores - 1, at least 1"),
+        ("task_id", "random per start"),
+        ("limits.max_connections", "workers x (RLIMIT_NOFILE - 64)"),
+    ];
+    let readme = String::from_utf8(repo_file("README.md")).expect("utf-8 README");
+    let start = readme.find("| key | default | meaning |").expect("README's configuration table");
+    let mut table = BTreeMap::new();
+    for line in readme[start..].lines().skip(2).take_while(|l| l.starts_with('|')) {
+        let cells: Vec<&str> = line.split(" | ").collect();
+        let keys: Vec<&str> = cells[0].trim_start_matches("| ").split(", ").collect();
+        // Two settings in a row give two defaults, or one for both (`unset`); one setting
+        // gives its cell whole (it may be prose with commas).
+        let defaults: Vec<&str> = match keys.len() {
+            1 => vec![cells[1]],
+            n if !cells[1].contains(", ") => vec![cells[1]; n],
+            _ => cells[1].split(", ").collect(),
+        };
+        assert_eq!(keys.len(), defaults.len(), "README row {line:?}");
+        for (key, default) in keys.iter().zip(defaults) {
+            let key = key.trim_matches('`');
+            assert!(table.insert(key.to_owned(), default.to_owned()).is_none(), "{key} twice");
+        }
+    }
+
+    let defaults = toml::Table::try_from(Config::default()).expect("the defaults serialise");
+    let mut with_default = default_keys();
+    with_default.retain(|k| !k.starts_with("conformance."));
+    for key in &with_default {
+        let shown = table.get(key).unwrap_or_else(|| panic!("README's table lacks {key}"));
+        if let Some((_, words)) = COMPUTED.iter().find(|(k, _)| k == key) {
+            assert_eq!(shown, words, "{key}");
+            continue;
+        }
+        let value = key.split('.').fold(None::<&toml::Value>, |at, part| match at {
+            None => defaults.get(part),
+            Some(v) => v.get(part),
+        });
+        let real = match value.expect("a default key has a value") {
+            toml::Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        assert_eq!(readme_value(shown), real, "README's default of {key} ({shown:?})");
+    }
+    // Settings without a default are not in `Config::default()`'s serialisation; the loader
+    // names every key of a section when it refuses an unknown one.
+    let sections = defaults.iter().filter(|(_, v)| v.is_table()).map(|(k, _)| k.as_str());
+    for section in sections.chain([""]) {
+        for key in known_keys(section) {
+            let key = if section.is_empty() { key } else { format!("{section}.{key}") };
+            let shown = table.contains_key(&key) || key.starts_with("conformance.");
+            assert!(shown || defaults.contains_key(&key), "README's table lacks {key}");
+        }
+    }
+    for (key, shown) in &table {
+        if with_default.contains(key) || key.starts_with("conformance.") {
+            continue;
+        }
+        assert_eq!(shown, "unset", "{key}: not a setting with a default, so it must be unset");
+        // A setting the daemon knows: whatever it says of this value, not that the key is
+        // unknown.
+        let (section, name) = key.split_once('.').unwrap_or(("", key));
+        let dir = TempDir::new("readme-key");
+        let file = dir.0.join("one.toml");
+        std::fs::write(&file, format!("[{section}]\n{name} = \"x\"\n")).unwrap();
+        if let Err(e) = Config::load(Some(&file)) {
+            assert!(!e.to_string().contains("unknown field"), "{key}: {e}");
+        }
+    }
+}
+
+/// Every key `Config::load` accepts in `section` ("" for the top level), read from its refusal
+/// of one it does not know.
+fn known_keys(section: &str) -> Vec<String> {
+    let dir = TempDir::new("known-keys");
+    let file = dir.0.join("probe.toml");
+    let header = if section.is_empty() { String::new() } else { format!("[{section}]\n") };
+    std::fs::write(&file, format!("{header}no_such_setting = 1\n")).unwrap();
+    let error = Config::load(Some(&file)).expect_err("an unknown key is refused").to_string();
+    let (_, list) = error
+        .split_once("expected one of ")
+        .or_else(|| error.split_once("expected "))
+        .unwrap_or_else(|| panic!("{error}"));
+    // serde lists one key as "`a`", two as "`a` or `b`", more as "`a`, `b`, `c`".
+    list.replace(" or ", ", ").split(", ").map(|k| k.trim().trim_matches('`').to_owned()).collect()
+}
+
+/// A default as README's table writes it, as the TOML value prints: backticks and quotes
+/// dropped, `N MiB` in bytes, a number's remark in parentheses left out.
+fn readme_value(shown: &str) -> String {
+    let plain = shown.trim_matches('`').trim_matches('"');
+    if let Some(mib) = plain.strip_suffix(" MiB") {
+        return (mib.parse::<u64>().expect("a number of MiB") << 20).to_string();
+    }
+    match plain.split_once(" (") {
+        Some((number, _)) if number.parse::<u64>().is_ok() => number.to_owned(),
+        _ => plain.to_owned(),
+    }
+}
+
 /// The key of a `key = value` line with a plain key (a commented-out setting, not prose).
 fn setting_key(line: &str) -> Option<&str> {
     let (key, _) = line.split_once(" = ")?;
