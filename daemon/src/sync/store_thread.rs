@@ -261,6 +261,9 @@ enum Next<T> {
 
 /// Waits for the next request; with `tick`, at most [`FOLD_IDLE`].
 fn next<T>(inbox: &mpsc::Receiver<T>, tick: bool) -> Next<T> {
+    // What this thread allocated and freed so far goes into the heap gauge before it waits,
+    // so the loop's reading of the gauge meanwhile is exact (`heap`).
+    crate::heap::flush();
     if !tick {
         return inbox.recv().map_or(Next::Closed, Next::Item);
     }
