@@ -45,6 +45,12 @@ pub struct Record {
     /// sockets, TCP and loopback delivery): a floor no user-space change lowers.
     #[serde(default)]
     pub server_kernel_share: Option<f64>,
+    /// The server's CPU per operation by thread, user and system time apart (µs): which
+    /// thread a cost sits on, e.g. a syncgate worker's event loop (`worker`) against its
+    /// store's log and SQLite threads (`store-N`, `store-N-sql`). Threads of every process
+    /// with the same name add up (`stats::thread_key`).
+    #[serde(default)]
+    pub server_threads: std::collections::BTreeMap<String, ThreadCpu>,
     /// Idle scenario: server resident memory (all processes) per connection, bytes.
     pub rss_per_conn: Option<f64>,
     /// Idle scenario, syncgate only: growth of its live heap (`syncgate_heap_bytes`, all
@@ -89,4 +95,28 @@ impl Record {
     pub fn row_key(&self) -> (String, String, bool) {
         (self.scenario.clone(), self.variant.clone(), self.compressed)
     }
+
+    /// [`Record::server_threads`] on one line, the costliest first: `worker 6.0+4.9,
+    /// store-N-sql 4.6+1.8` (µs per operation, user + system); threads that used less than
+    /// 0.05 µs per operation are left out.
+    pub fn server_threads_line(&self) -> String {
+        let total = |c: &ThreadCpu| c.user_us_per_op + c.system_us_per_op;
+        let mut threads: Vec<_> =
+            self.server_threads.iter().filter(|(_, c)| total(c) >= 0.05).collect();
+        threads.sort_by(|a, b| total(b.1).total_cmp(&total(a.1)));
+        let shown: Vec<String> = threads
+            .iter()
+            .map(|(name, c)| format!("{name} {:.1}+{:.1}", c.user_us_per_op, c.system_us_per_op))
+            .collect();
+        shown.join(", ")
+    }
+}
+
+/// One thread's (or one name's threads') share of [`Record::server_threads`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct ThreadCpu {
+    /// User time per operation, µs.
+    pub user_us_per_op: f64,
+    /// System time per operation, µs: the kernel's work on the thread's behalf.
+    pub system_us_per_op: f64,
 }

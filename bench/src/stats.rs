@@ -2,7 +2,7 @@
 //! windows, and the /proc readings (CPU time and resident memory of a process tree,
 //! kernel TCP memory) that the load client takes of the server under test.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 
 /// Sub-buckets per power of two: values are kept to within 1/64 (about 1.6%).
@@ -161,6 +161,79 @@ pub fn cpu_split(pids: &[u32]) -> (f64, f64) {
     (user as f64 / clock_ticks(), system as f64 / clock_ticks())
 }
 
+/// Each thread's user and system CPU ticks so far, by (process, thread) id, with the name
+/// its time is reported under ([`thread_key`]); a thread that is gone is left out.
+pub fn thread_ticks(pids: &[u32]) -> HashMap<(u32, u32), (String, u64, u64)> {
+    let mut out = HashMap::new();
+    for &pid in pids {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        let role = process_role(pid);
+        for task in tasks.flatten() {
+            let Some(tid) = task.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(text) = fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")) else {
+                continue;
+            };
+            let (Some(open), Some(close)) = (text.find('('), text.rfind(')')) else { continue };
+            let fields: Vec<&str> = text[close + 1..].split_whitespace().collect();
+            let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+            let (Some(user), Some(system)) = (ticks(11), ticks(12)) else { continue };
+            let key = thread_key(&role, tid == pid, &text[open + 1..close]);
+            out.insert((pid, tid), (key, user, system));
+        }
+    }
+    out
+}
+
+/// The CPU seconds (user, system) each thread name used between two [`thread_ticks`]
+/// samples; a thread that started in between counts from zero.
+pub fn thread_cpu_between(
+    before: &HashMap<(u32, u32), (String, u64, u64)>,
+    after: &HashMap<(u32, u32), (String, u64, u64)>,
+) -> BTreeMap<String, (f64, f64)> {
+    let mut out: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for (id, (key, user, system)) in after {
+        let (user0, system0) = before.get(id).map_or((0, 0), |(_, u, s)| (*u, *s));
+        let entry = out.entry(key.clone()).or_default();
+        entry.0 += user.saturating_sub(user0) as f64 / clock_ticks();
+        entry.1 += system.saturating_sub(system0) as f64 / clock_ticks();
+    }
+    out
+}
+
+/// What a process is, for [`thread_key`]: syncgate runs its children as `syncgate __worker
+/// ...` and `syncgate __listener ...`, so their first argument names them (`worker`,
+/// `listener`); any other process is `main`.
+fn process_role(pid: u32) -> String {
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let first_arg = cmdline.split(|&b| b == 0).nth(1).unwrap_or_default();
+    match String::from_utf8_lossy(first_arg).strip_prefix("__") {
+        Some(role) if !role.is_empty() => role.to_owned(),
+        _ => "main".to_owned(),
+    }
+}
+
+/// The name a thread's time is reported under: a process's main thread by its role, any
+/// other by its name with each run of digits as `N`, so the same thread of every worker adds
+/// up (`store-0-sql` and `store-1-sql` are both `store-N-sql`).
+pub fn thread_key(role: &str, main_thread: bool, comm: &str) -> String {
+    if main_thread {
+        return role.to_owned();
+    }
+    let mut key = String::with_capacity(comm.len());
+    let mut in_digits = false;
+    for c in comm.chars() {
+        match c.is_ascii_digit() {
+            true if in_digits => {}
+            true => key.push('N'),
+            false => key.push(c),
+        }
+        in_digits = c.is_ascii_digit();
+    }
+    key
+}
+
 /// Resident memory of the processes, in bytes (`/proc/<pid>/statm`, second field).
 pub fn rss_bytes(pids: &[u32]) -> u64 {
     // SAFETY: sysconf only reads a configuration value.
@@ -250,6 +323,64 @@ pub fn self_cpu_seconds() -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_thread_is_reported_by_its_role_or_its_name_with_numbers_as_n() {
+        assert_eq!(thread_key("worker", true, "syncgate"), "worker");
+        assert_eq!(thread_key("worker", false, "store-0-sql"), "store-N-sql");
+        assert_eq!(thread_key("worker", false, "store-12"), "store-N");
+        assert_eq!(thread_key("main", false, "tokio-runtime-w"), "tokio-runtime-w");
+        assert_eq!(thread_key("main", false, "IN0x"), "INNx");
+    }
+
+    /// This test's own process: threads that burn a known amount of CPU show up under their
+    /// name with that time, added up.
+    #[test]
+    fn thread_cpu_follows_the_threads_of_a_process() {
+        use std::sync::mpsc;
+        /// This thread's CPU time so far, in seconds.
+        fn own_cpu() -> f64 {
+            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            // SAFETY: clock_gettime writes the timespec it is given.
+            unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+            ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
+        }
+        let me = std::process::id();
+        let before = thread_ticks(&[me]);
+        let (spun, done_spinning) = mpsc::channel();
+        let (release, released) = mpsc::channel::<()>();
+        let released = std::sync::Arc::new(std::sync::Mutex::new(released));
+        let threads: Vec<_> = ["spin-1", "spin-2"]
+            .into_iter()
+            .map(|name| {
+                let (spun, released) = (spun.clone(), released.clone());
+                std::thread::Builder::new()
+                    .name(name.to_owned())
+                    .spawn(move || {
+                        // 150 ms of this thread's own CPU, however busy the machine is.
+                        let mut x = 0u64;
+                        while own_cpu() < 0.15 {
+                            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                        }
+                        spun.send(()).unwrap();
+                        // Alive until the second sample is taken.
+                        let _ = released.lock().unwrap().recv();
+                    })
+                    .unwrap()
+            })
+            .collect();
+        done_spinning.recv().unwrap();
+        done_spinning.recv().unwrap();
+        let after = thread_ticks(&[me]);
+        drop(release);
+        for t in threads {
+            t.join().unwrap();
+        }
+        let cpu = thread_cpu_between(&before, &after);
+        let (user, system) = cpu["spin-N"];
+        // 300 ms in all, give or take the 10 ms ticks of each thread's two fields.
+        assert!((0.26..0.36).contains(&(user + system)), "{cpu:?}");
+    }
 
     #[test]
     fn buckets_are_monotonic_and_tight() {

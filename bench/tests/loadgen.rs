@@ -66,6 +66,13 @@ fn every_scenario(bin: &str) {
         loadgen(&s.addr, &["--scenario", "ping", "--connections", "20", "--server-pid", &pid]);
     assert_measured(&ping);
     assert!(ping.server_cpu_us_per_op.unwrap() > 0.0);
+    // The split by thread accounts for the server's CPU: the threads' times add up to the
+    // process's, but for the ticks read between the two samples.
+    let threads: f64 =
+        ping.server_threads.values().map(|c| c.user_us_per_op + c.system_us_per_op).sum();
+    let whole = ping.server_cpu_us_per_op.unwrap();
+    assert!((threads - whole).abs() <= 0.2 * whole, "{threads} of {whole}: {ping:?}");
+    assert!(!ping.server_threads_line().is_empty());
     assert_eq!(ping.unit, "round trips/s");
     let echo = loadgen(&s.addr, &["--scenario", "echo", "--connections", "10", "--size", "16384"]);
     assert_measured(&echo);

@@ -25,7 +25,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use syncgate_bench::record::Record;
+use syncgate_bench::record::{Record, ThreadCpu};
 use syncgate_bench::report::thousands;
 use syncgate_bench::stats::{self, median};
 use syncgate_bench::token::{self, Signer};
@@ -537,6 +537,7 @@ fn windows<W: Measured>(
     let relayed0 = relayed_messages(a)?;
     let batches0 = store_batches(a)?;
     let t0 = Instant::now();
+    let threads0 = pids.as_deref().map(stats::thread_ticks);
     let (cpu0, me0, done0) = (server_cpu(&pids), stats::self_cpu_seconds(), wl.counters().done);
     let messages0 = wl.counters().messages;
     let machine0 = stats::machine_busy_seconds();
@@ -563,6 +564,14 @@ fn windows<W: Measured>(
         rec.server_cpu_us_per_op = Some((user + system) * 1e6 / ops);
         rec.server_cpu_util = Some((user + system) / wall);
         rec.server_kernel_share = (user + system > 0.0).then(|| system / (user + system));
+    }
+    if let (Some(before), Some(pids)) = (&threads0, &pids) {
+        let per_op = |seconds: f64| seconds * 1e6 / ops;
+        for (name, (user, system)) in stats::thread_cpu_between(before, &stats::thread_ticks(pids))
+        {
+            let cpu = ThreadCpu { user_us_per_op: per_op(user), system_us_per_op: per_op(system) };
+            rec.server_threads.insert(name, cpu);
+        }
     }
     rec.client_cpu_util = Some((stats::self_cpu_seconds() - me0) / wall);
     for ((name, tree), c0) in behind.iter().zip(behind0) {
@@ -592,6 +601,9 @@ fn windows<W: Measured>(
     (rec.p50_us, rec.p99_us, rec.p999_us) = (us(0.5), us(0.99), us(0.999));
     for (name, us) in &rec.cpu_us_per_op_of {
         eprintln!("{label} {name} cpu {us:.1} us/op");
+    }
+    if !rec.server_threads.is_empty() {
+        eprintln!("{label} server cpu by thread, us/op user+system: {}", rec.server_threads_line());
     }
     if let Some(r) = rec.relayed_per_op {
         eprintln!("{label} relayed messages per op {r:.2}");
