@@ -12,12 +12,12 @@
 //! allocated on one is often freed on another (a batch's changes, made by the loop, are
 //! dropped by the SQLite thread once folded in). So each thread counts into a counter of its
 //! own and adds it to the process's total, one atomic add, once it has moved by
-//! [`FLUSH_BYTES`]; the allocation path itself takes no locked instruction. A plain load
+//! `FLUSH_BYTES` (16 KiB); the allocation path itself takes no locked instruction. A plain load
 //! and store of one shared counter lost updates when two threads raced: under push load
 //! the gauge grew by about 15 MB a run of some 300,000 pushes, past twice the worker's RSS
 //! after four (bench/RESULTS.md, 2026-12-07 (evening), "The heap gauge drifted").
 //!
-//! What a thread has counted and not yet added is at most [`FLUSH_BYTES`] either way;
+//! What a thread has counted and not yet added is at most `FLUSH_BYTES` either way;
 //! [`live_bytes`] adds the caller's own first, and the store threads add theirs after each
 //! request ([`flush`]), so a reading while they wait is exact.
 
