@@ -183,7 +183,7 @@ const ALL: &[(Metric, &str, &str, &str)] = &[
     (Metric::BytesOut, "syncgate_bytes_out_total", "counter", "Bytes sent on WebSocket connections."),
     (Metric::ProtocolErrors, "syncgate_protocol_errors_total", "counter", "Connections closed for a client protocol error."),
     (Metric::OpenConnections, "syncgate_connections_open", "gauge", "WebSocket connections open."),
-    (Metric::WorkerRestarts, "syncgate_worker_restarts_total", "counter", "Worker processes respawned."),
+    (Metric::WorkerRestarts, "syncgate_worker_restarts_total", "counter", "Times this process was respawned after it died."),
     (Metric::RateLimited, "syncgate_rate_limited_total", "counter", "Upgrades refused by a connection rate limit."),
     (Metric::Overloaded, "syncgate_overloaded_total", "counter", "Sockets refused with 503 (handshake or connection caps)."),
     (Metric::InUse, "syncgate_slot_in_use", "gauge", "Internal: the slot belongs to a worker."),
@@ -326,8 +326,8 @@ impl Metrics {
         self.cell(slot, m).load(Ordering::Relaxed)
     }
 
-    /// Adds `n` to a counter of another slot: only the supervisor does it, for the
-    /// restart count, which belongs to no running worker.
+    /// Adds `n` to a counter of another slot: only the supervisor does it, for the restart
+    /// count of the process it respawned.
     pub fn add_to(&self, slot: usize, m: Metric, n: u64) {
         self.cell(slot, m).fetch_add(n, Ordering::Relaxed);
     }

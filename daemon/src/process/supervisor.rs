@@ -760,7 +760,15 @@ impl Supervisor {
                 if self.procs[i].respawn_at.is_some_and(|at| now >= at) {
                     match self.spawn(i) {
                         Ok(()) => {
-                            self.metrics.add_to(0, Metric::WorkerRestarts, 1);
+                            // Under the series of the process that died, so an operator sees
+                            // which one keeps dying (slot 0 is the listener's).
+                            let slot = match self.procs[i].role {
+                                Role::Listener => 0,
+                                Role::Worker(w) => {
+                                    crate::metrics::worker_slot(self.worker_generation, w)
+                                }
+                            };
+                            self.metrics.add_to(slot, Metric::WorkerRestarts, 1);
                             log::info!("{} respawned", self.procs[i].role);
                         }
                         Err(e) => {
