@@ -513,13 +513,24 @@ fn update_auth_is_verified_at_the_edge_before_it_is_relayed() {
     ws.send_json(&json!(["updateAuth", {"auth": token("alice")}]));
     ws.send_json(&json!(["ping", {}]));
     recv_until(&mut ws, |m| m[0] == "pong");
-    let relayed = edge.metric("syncgate_relayed_to_upstream_messages_total", &[]);
-    assert_eq!(relayed, 2, "updateAuth and ping relayed");
+    assert_eq!(relayed(&edge), 2, "updateAuth and ping relayed");
     // Another user's token is refused at the edge and never relayed.
-    ws.send_json(&json!(["updateAuth", {"auth": token("bob")}]));
+    update_auth_refused_at_the_edge(&edge, &mut ws, &token("bob"));
+}
+
+/// Messages the edge relayed to its upstream so far.
+fn relayed(edge: &Daemon) -> u64 {
+    edge.metric("syncgate_relayed_to_upstream_messages_total", &[])
+}
+
+/// Sends `updateAuth` with `token` and expects the edge to refuse it (`Unauthorized`, 3000)
+/// without relaying it.
+fn update_auth_refused_at_the_edge(edge: &Daemon, ws: &mut Ws, token: &str) {
+    let before = relayed(edge);
+    ws.send_json(&json!(["updateAuth", {"auth": token}]));
     ws.expect_error("Unauthorized");
     ws.expect_close(3000);
-    assert_eq!(edge.metric("syncgate_relayed_to_upstream_messages_total", &[]), relayed);
+    assert_eq!(relayed(edge), before, "the refused updateAuth was relayed");
 }
 
 /// A socket admitted without a token (auth optional) stays anonymous: a token sent later
@@ -533,12 +544,8 @@ fn a_tokenless_socket_cannot_become_a_user_with_update_auth() {
     let mut ws = edge.connected(&Params::new("c1", "g1").user("alice"), Some(&anon_header()));
     ws.send_json(&json!(["ping", {}]));
     recv_until(&mut ws, |m| m[0] == "pong");
-    let relayed = edge.metric("syncgate_relayed_to_upstream_messages_total", &[]);
-    assert_eq!(relayed, 1, "the ping relayed");
-    ws.send_json(&json!(["updateAuth", {"auth": token("alice")}]));
-    ws.expect_error("Unauthorized");
-    ws.expect_close(3000);
-    assert_eq!(edge.metric("syncgate_relayed_to_upstream_messages_total", &[]), relayed);
+    assert_eq!(relayed(&edge), 1, "the ping relayed");
+    update_auth_refused_at_the_edge(&edge, &mut ws, &token("alice"));
 }
 
 /// HAProxy (Debian's package) in front of `nodes`, hashing the clientGroupID query parameter
