@@ -693,6 +693,44 @@ fn a_slow_disk_stalls_no_connection_and_each_poke_waits_for_its_commit() {
     assert_eq!(poke.cookie, "03", "{poke:?}");
 }
 
+/// A store that stalls does not make the worker hold every push that arrives meanwhile:
+/// past `storage.max_pending_bytes` of changes waiting behind the commit in progress, a push
+/// is refused with `ServerOverloaded` and close 1008, after the pokes of what was taken, and
+/// changes nothing; once the store caught up, the group takes pushes again.
+#[test]
+fn a_push_that_finds_the_store_behind_is_refused_and_the_group_goes_on() {
+    const DELAY: Duration = Duration::from_millis(1000);
+    let dir = StorageDir::new("behind");
+    // Two of this test's pushes (about 140 bytes of patch each) fit behind a commit.
+    let config = format!(
+        "workers = 1\n{QUIET}\n{}test_sync_delay_ms = {}\nmax_pending_bytes = 200\n",
+        dir.config(),
+        DELAY.as_millis()
+    );
+    let d = Daemon::start(&config);
+    let (mut writer, _) = Join::new("w", "behind").open_fresh(&d);
+    // The first push is read, and its batch goes to the store thread at the end of that
+    // turn of the loop (its commit waits DELAY), before the others arrive.
+    let read = d.metric("syncgate_messages_in_total", &[]);
+    push(&mut writer, "behind", "w", 1, &[insert("i1", "one")]);
+    d.wait_metric("syncgate_messages_in_total", &[], read + 1, WAIT);
+    push(&mut writer, "behind", "w", 2, &[insert("i2", "two")]);
+    push(&mut writer, "behind", "w", 3, &[insert("i3", "three")]);
+    push(&mut writer, "behind", "w", 4, &[insert("i4", "four")]);
+    let chain = read_chain(&mut writer, "00", 3);
+    let rows: Vec<Vec<Value>> = chain.iter().map(Poke::rows).collect();
+    assert_eq!(rows, [vec![put("i1", "one")], vec![put("i2", "two")], vec![put("i3", "three")]]);
+    let error = writer.expect_error("ServerOverloaded");
+    assert!(error["message"].as_str().unwrap().contains("the store is behind"), "{error}");
+    writer.expect_close(1008);
+    // The refused push changed nothing, and the group takes pushes again.
+    let (mut again, poke) = Join::new("w2", "behind").open_fresh(&d);
+    assert_eq!(poke.cookie, "03", "{poke:?}");
+    push(&mut again, "behind", "w2", 1, &[insert("i4", "four")]);
+    let poke = read_poke(&mut again);
+    assert_eq!(poke.rows(), vec![put("i4", "four")]);
+}
+
 /// What a pushing client reads next: a whole poke (with the lastMutationID it carries for the
 /// client, if any), or the end of its connection.
 enum Next {

@@ -281,6 +281,13 @@ pub struct Storage {
     /// slow on purpose, so a test can show that the event loop does not wait for it. Zero
     /// (the default) everywhere else; read when a worker starts.
     pub test_sync_delay_ms: u64,
+    /// Bytes of changes (their patches' JSON) a worker may hold waiting for a commit while
+    /// the one before is still being written. Past it, pushes are refused with
+    /// `ServerOverloaded` and close 1008 until the store catches up, so a disk or a SQLite
+    /// lock that stalls cannot make the worker keep every push that arrives meanwhile in
+    /// memory; the refused mutations were not applied and the client sends them again when
+    /// it reconnects. Read when a worker starts.
+    pub max_pending_bytes: usize,
 }
 
 impl Default for Config {
@@ -353,7 +360,11 @@ impl Default for Keepalive {
 
 impl Default for Storage {
     fn default() -> Self {
-        Storage { path: PathBuf::from("/var/lib/syncgate"), test_sync_delay_ms: 0 }
+        Storage {
+            path: PathBuf::from("/var/lib/syncgate"),
+            test_sync_delay_ms: 0,
+            max_pending_bytes: 64 * 1024 * 1024,
+        }
     }
 }
 
@@ -456,6 +467,7 @@ impl Config {
             ("drain_timeout_ms", self.drain_timeout_ms),
             ("upstream.connect_timeout_ms", self.upstream.connect_timeout_ms),
             ("upstream.max_connecting", self.upstream.max_connecting as u64),
+            ("storage.max_pending_bytes", self.storage.max_pending_bytes as u64),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));
@@ -795,6 +807,8 @@ mod tests {
         assert!(e.contains("log_level"), "{e}");
         let e = load_with("[io]\nbackend = \"kqueue\"", &[]).unwrap_err();
         assert!(e.contains("io.backend"), "{e}");
+        let e = load_with("[storage]\nmax_pending_bytes = 0", &[]).unwrap_err();
+        assert_eq!(e, "storage.max_pending_bytes must be greater than 0");
     }
 
     #[test]

@@ -240,6 +240,12 @@ pub struct GroupSync {
     store: StoreThread,
     /// What the next commit writes: staged since the last batch was sent.
     open: Batch,
+    /// Patch bytes staged in `open`, for `max_pending_bytes`.
+    open_bytes: usize,
+    /// `storage.max_pending_bytes`: while a batch is in flight, a push that finds this much
+    /// staged behind it is refused, so a stalled store cannot make `open` (and the pokes
+    /// waiting with it) grow with every push that arrives.
+    max_pending_bytes: usize,
     /// Groups with changes in `open` (flag [`IN_OPEN`]).
     open_groups: Vec<GroupRef>,
     /// The batch being committed: what waits on it. At most one at a time, so the pokes of
@@ -369,6 +375,7 @@ impl GroupSync {
         limits: replica::GroupLimits,
         per_user_mutations: u32,
         window: Duration,
+        max_pending_bytes: usize,
     ) -> Result<GroupSync, StoreError> {
         let mut store = Store::open(dir)?;
         // Held for the worker's life: a second daemon waits for this worker too.
@@ -381,6 +388,8 @@ impl GroupSync {
         Ok(GroupSync {
             store,
             open: Batch::default(),
+            open_bytes: 0,
+            max_pending_bytes,
             open_groups: Vec::new(),
             in_flight: None,
             loading: HashSet::new(),
@@ -650,8 +659,17 @@ impl GroupSync {
         Ok(())
     }
 
-    /// A push: each mutation in order, under the per-user mutation limit.
+    /// A push: each mutation in order, under the per-user mutation limit; refused whole
+    /// while the store is behind (`max_pending_bytes` staged behind a batch in flight).
     pub fn on_push(&mut self, who: &Who<'_>, pusher: Pusher<'_>, push: PushBody, now: Instant) {
+        if self.in_flight.is_some() && self.open_bytes >= self.max_pending_bytes {
+            let message = format!(
+                "the store is behind: {} bytes of changes wait for a commit in progress",
+                self.open_bytes
+            );
+            let kind = ErrorKind::ServerOverloaded;
+            return self.outbox.push(Delivery::Error { to: who.to(), kind, message, close: true });
+        }
         let mut anonymous = String::new();
         for mutation in push.mutations {
             let limits = &self.limits;
@@ -693,6 +711,7 @@ impl GroupSync {
     fn broadcast(&mut self, group: GroupRef, change: Change) {
         let g = self.groups.get_mut(group.index()).expect("a GroupRef outlived its group");
         self.open.stage(g.name(), &change);
+        self.open_bytes += change.json.len();
         if !g.has(IN_OPEN) {
             g.flags |= IN_OPEN;
             self.open_groups.push(group);
@@ -726,6 +745,7 @@ impl GroupSync {
                 group.flags = (group.flags & !IN_OPEN) | IN_FLIGHT;
             }
             let batch = std::mem::take(&mut self.open);
+            self.open_bytes = 0;
             let changes = batch.changes();
             let deliveries = std::mem::take(&mut self.outbox);
             self.in_flight = Some(InFlight { deliveries, groups, changes });
@@ -870,8 +890,24 @@ mod tests {
     }
 
     fn open(dir: &TempDir) -> GroupSync {
+        open_with(dir, crate::config::Storage::default().max_pending_bytes)
+    }
+
+    fn open_with(dir: &TempDir, max_pending_bytes: usize) -> GroupSync {
         let (limits, window) = (replica::GroupLimits::default(), Duration::from_secs(60));
-        GroupSync::open(&dir.0, 1, "store".into(), Duration::ZERO, None, limits, 0, window).unwrap()
+        let delay = Duration::ZERO;
+        GroupSync::open(
+            &dir.0,
+            1,
+            "store".into(),
+            delay,
+            None,
+            limits,
+            0,
+            window,
+            max_pending_bytes,
+        )
+        .unwrap()
     }
 
     /// The group, waiting for the store thread if it is not in memory.
@@ -1050,6 +1086,45 @@ mod tests {
         let mut other = open(&dir);
         let g = load(&mut other, "g");
         assert_eq!(other.group(g).replica.as_ref().map(|r| r.version()), Some(3));
+    }
+
+    /// While a batch is in flight, pushes fill the next one up to `max_pending_bytes`; the
+    /// push that finds it full is refused whole (`ServerOverloaded`, close) and changes
+    /// nothing; once the commit answers, pushes are taken again.
+    #[test]
+    fn a_push_that_finds_the_store_behind_is_refused_and_changes_nothing() {
+        let dir = TempDir::new();
+        // Room for two pushes of the test's size (about 120 bytes of patch each) behind the
+        // batch in flight.
+        let mut sync = open_with(&dir, 200);
+        let now = Instant::now();
+        let g = load(&mut sync, "g");
+        sync.join(g, None);
+        let who = Who { slot: 0, serial: 0, client_id: "c1", group: g, version: 51 };
+        sync.on_init(&who, None, 0, &init());
+        settle(&mut sync);
+        sync.on_push(&who, Pusher::Anonymous, push(1), now);
+        assert!(sync.flush().is_empty(), "batch 1 in flight");
+        sync.on_push(&who, Pusher::Anonymous, push(2), now);
+        sync.on_push(&who, Pusher::Anonymous, push(3), now);
+        assert!(sync.open_bytes >= 200, "{} bytes staged", sync.open_bytes);
+        sync.on_push(&who, Pusher::Anonymous, push(4), now);
+        let version = |sync: &mut GroupSync| sync.group(g).replica.as_ref().map(|r| r.version());
+        assert_eq!(version(&mut sync), Some(3), "the refused push changed nothing");
+        // The refusal waits behind the commit, like everything else for this connection.
+        let StoreEvent::Committed { .. } = sync.wait_store() else { panic!("the commit answers") };
+        let (deliveries, failed) = settle(&mut sync);
+        assert!(failed.is_empty());
+        let refusal = deliveries.iter().find_map(|d| match d {
+            Delivery::Error { kind, close, message, .. } => Some((*kind, *close, message.clone())),
+            Delivery::Frames { .. } => None,
+        });
+        let (kind, close, message) = refusal.expect("the fourth push is refused");
+        assert_eq!((kind, close), (ErrorKind::ServerOverloaded, true), "{message}");
+        assert!(message.contains("the store is behind"), "{message}");
+        // Nothing in flight now: the client's next push (after reconnecting) is taken.
+        sync.on_push(&who, Pusher::Anonymous, push(4), now);
+        assert_eq!(version(&mut sync), Some(4));
     }
 
     /// The crash a connection storm found: a load's answer and a commit's answer arrived

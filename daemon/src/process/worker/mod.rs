@@ -343,6 +343,7 @@ impl Worker {
             l.group(),
             l.per_user_mutations,
             window,
+            config.storage.max_pending_bytes,
         )
         .map_err(|e| format!("storage.path: {e}"))?;
         ring.poll_multi(sync.eventfd(), Op::Store.token(0));
