@@ -648,12 +648,7 @@ impl Join {
 fn a_slow_disk_stalls_no_connection_and_each_poke_waits_for_its_commit() {
     const DELAY: Duration = Duration::from_millis(1500);
     let dir = StorageDir::new("slow-disk");
-    let config = format!(
-        "workers = 1\n{QUIET}\n{}test_sync_delay_ms = {}\n",
-        dir.config(),
-        DELAY.as_millis()
-    );
-    let d = Daemon::start(&config);
+    let d = on_a_slow_disk(&dir, DELAY, "");
     let (mut writer, _) = Join::new("w", "slow").open_fresh(&d);
     let (mut other, _) = Join::new("o", "bystander").open_fresh(&d);
     let pushed = std::time::Instant::now();
@@ -702,12 +697,7 @@ fn a_push_that_finds_the_store_behind_is_refused_and_the_group_goes_on() {
     const DELAY: Duration = Duration::from_millis(1000);
     let dir = StorageDir::new("behind");
     // Two of this test's pushes (about 140 bytes of patch each) fit behind a commit.
-    let config = format!(
-        "workers = 1\n{QUIET}\n{}test_sync_delay_ms = {}\nmax_pending_bytes = 200\n",
-        dir.config(),
-        DELAY.as_millis()
-    );
-    let d = Daemon::start(&config);
+    let d = on_a_slow_disk(&dir, DELAY, "max_pending_bytes = 200\n");
     let (mut writer, _) = Join::new("w", "behind").open_fresh(&d);
     // The first push is read, and its batch goes to the store thread at the end of that
     // turn of the loop (its commit waits DELAY), before the others arrive.
@@ -729,6 +719,16 @@ fn a_push_that_finds_the_store_behind_is_refused_and_the_group_goes_on() {
     push(&mut again, "behind", "w2", 1, &[insert("i4", "four")]);
     let poke = read_poke(&mut again);
     assert_eq!(poke.rows(), vec![put("i4", "four")]);
+}
+
+/// One worker on `dir`, whose store thread waits `delay` before each commit (a disk made
+/// slow on purpose), with `storage` lines added to its `[storage]` section.
+fn on_a_slow_disk(dir: &StorageDir, delay: Duration, storage: &str) -> Daemon {
+    let delay = delay.as_millis();
+    Daemon::start(&format!(
+        "workers = 1\n{QUIET}\n{}test_sync_delay_ms = {delay}\n{storage}",
+        dir.config()
+    ))
 }
 
 /// What a pushing client reads next: a whole poke (with the lastMutationID it carries for the

@@ -910,6 +910,16 @@ mod tests {
         .unwrap()
     }
 
+    /// Group `g` in memory with one member, client `c1` (protocol 51), its catch-up done.
+    fn one_member(sync: &mut GroupSync) -> Who<'static> {
+        let g = load(sync, "g");
+        sync.join(g, None);
+        let who = Who { slot: 0, serial: 0, client_id: "c1", group: g, version: 51 };
+        sync.on_init(&who, None, 0, &init());
+        settle(sync);
+        who
+    }
+
     /// The group, waiting for the store thread if it is not in memory.
     fn load(sync: &mut GroupSync, name: &str) -> GroupRef {
         if let Loading::Ready(g) = sync.load(name) {
@@ -1046,11 +1056,7 @@ mod tests {
         let dir = TempDir::new();
         let mut sync = open(&dir);
         let now = Instant::now();
-        let g = load(&mut sync, "g");
-        sync.join(g, None);
-        let who = Who { slot: 0, serial: 0, client_id: "c1", group: g, version: 51 };
-        sync.on_init(&who, None, 0, &init());
-        settle(&mut sync);
+        let who = one_member(&mut sync);
         sync.on_push(&who, Pusher::Anonymous, push(1), now);
         assert!(sync.flush().is_empty(), "the poke waits for its commit");
         assert!(sync.syncing());
@@ -1098,11 +1104,8 @@ mod tests {
         // batch in flight.
         let mut sync = open_with(&dir, 200);
         let now = Instant::now();
-        let g = load(&mut sync, "g");
-        sync.join(g, None);
-        let who = Who { slot: 0, serial: 0, client_id: "c1", group: g, version: 51 };
-        sync.on_init(&who, None, 0, &init());
-        settle(&mut sync);
+        let who = one_member(&mut sync);
+        let g = who.group;
         sync.on_push(&who, Pusher::Anonymous, push(1), now);
         assert!(sync.flush().is_empty(), "batch 1 in flight");
         sync.on_push(&who, Pusher::Anonymous, push(2), now);
