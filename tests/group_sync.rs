@@ -712,6 +712,10 @@ fn a_push_that_finds_the_store_behind_is_refused_and_the_group_goes_on() {
     assert_eq!(rows, [vec![put("i1", "one")], vec![put("i2", "two")], vec![put("i3", "three")]]);
     let error = writer.expect_error("ServerOverloaded");
     assert!(error["message"].as_str().unwrap().contains("the store is behind"), "{error}");
+    assert_eq!(
+        (error["minBackoffMs"].as_u64(), error["maxBackoffMs"].as_u64()),
+        (Some(1000), Some(10000))
+    );
     writer.expect_close(1008);
     // The refused push changed nothing, and the group takes pushes again.
     let (mut again, poke) = Join::new("w2", "behind").open_fresh(&d);
