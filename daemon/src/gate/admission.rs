@@ -32,6 +32,13 @@ use crate::protocol::{decode_protocol_header, ErrorKind, ProtocolHeader};
 /// shrink, short enough that a legitimate client recovers within seconds.
 pub const OVERLOAD_BACKOFF_MS: (u64, u64) = (1_000, 10_000);
 
+/// The backoff an error of `kind` asks for (`minBackoffMs`, `maxBackoffMs`), if any: every
+/// `ServerOverloaded` (a full group, a busy store) is worth retrying after a while, whether it
+/// refuses a newcomer or ends an open connection.
+pub fn backoff_of(kind: ErrorKind) -> Option<(u64, u64)> {
+    (kind == ErrorKind::ServerOverloaded).then_some(OVERLOAD_BACKOFF_MS)
+}
+
 /// A refused socket: what the client is told, and which counter it moves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refusal {
@@ -70,7 +77,7 @@ impl Refusal {
     /// The backoff the error message asks for (`minBackoffMs`, `maxBackoffMs`), if any: a
     /// full group is worth retrying, a refused user is not.
     pub fn backoff(&self) -> Option<(u64, u64)> {
-        (self.kind == ErrorKind::ServerOverloaded).then_some(OVERLOAD_BACKOFF_MS)
+        backoff_of(self.kind)
     }
 
     /// The group's state could not be read: nothing was decided. `kind` is the store's

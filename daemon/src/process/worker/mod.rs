@@ -1205,17 +1205,13 @@ impl Worker {
                 Delivery::Error { kind, message, close: false, .. } => {
                     slot.conn.send_error(kind, &message)
                 }
-                // A push refused while the store is behind: the client waits before it
-                // comes back, as for every other `ServerOverloaded`.
-                Delivery::Error {
-                    kind: ErrorKind::ServerOverloaded, message, close: true, ..
-                } => {
-                    let backoff = admission::OVERLOAD_BACKOFF_MS;
-                    let kind = ErrorKind::ServerOverloaded;
-                    slot.conn.fail_with_backoff(kind, &message, backoff, now)
-                }
+                // With the backoff its kind asks for, as at admission (a push refused while
+                // the store is behind: `ServerOverloaded`).
                 Delivery::Error { kind, message, close: true, .. } => {
-                    slot.conn.fail(kind, &message, now)
+                    match admission::backoff_of(kind) {
+                        Some(backoff) => slot.conn.fail_with_backoff(kind, &message, backoff, now),
+                        None => slot.conn.fail(kind, &message, now),
+                    }
                 }
             }
             touched.push(to.slot);
