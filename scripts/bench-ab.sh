@@ -73,7 +73,7 @@ trap cleanup EXIT
 
 # One run of binary $1 (run number $2, then the loadgen arguments); sets RATE, CPU, P99,
 # FSYNCS (the store's batches per second, '-' where the scenario has none) and THREADS (the
-# server's CPU per operation by thread, as the record's server_threads).
+# server's CPU per operation by thread, as the load client printed it).
 run_one() {
   local bin=$1 n=$2 port=$((10000 + RANDOM % 10000))
   shift 2
@@ -106,20 +106,16 @@ run_one() {
   kill "$SERVER_PID"
   wait "$SERVER_PID" 2>/dev/null || true
   SERVER_PID=
-  read -r RATE CPU P99 FSYNCS THREADS < <(python3 -c '
+  read -r RATE CPU P99 FSYNCS < <(python3 -c '
 import json, sys
 r = json.loads(open(sys.argv[1]).readline())
 if r["error"]:
     sys.exit("bench-ab.sh: the run failed: " + r["error"])
 p99, fsyncs = r.get("p99_us"), r.get("fsyncs_per_s")
 opt = lambda v: "-" if v is None else "%.0f" % v
-# The costliest threads first, user+system us/op each, without spaces (one field); those
-# under 0.05 us/op left out.
-total = lambda c: c["user_us_per_op"] + c["system_us_per_op"]
-threads = sorted(((n, c) for n, c in r.get("server_threads", {}).items() if total(c) >= 0.05),
-                 key=lambda t: -total(t[1]))
-split = ",".join("%s=%.1f+%.1f" % (n, c["user_us_per_op"], c["system_us_per_op"]) for n, c in threads)
-print("%.0f %.2f %s %s %s" % (r["rate"], r["server_cpu_us_per_op"], opt(p99), opt(fsyncs), split or "-"))' "$dir/record.jsonl")
+print("%.0f %.2f %s %s" % (r["rate"], r["server_cpu_us_per_op"], opt(p99), opt(fsyncs)))' "$dir/record.jsonl")
+  # The load client's own line of the split (Record::server_threads_line).
+  THREADS=$(sed -n 's/.* server cpu by thread, us\/op user+system: //p' "$dir/loadgen.log" | tail -1)
   [[ -n ${CPU:-} ]] || exit 1
 }
 
@@ -132,7 +128,7 @@ for round in $(seq "$ROUNDS"); do
     n=$((n + 1))
     RATE='' CPU='' P99='' FSYNCS='' THREADS=''
     run_one "${BINS[$b]}" "$n" "$@"
-    echo "round $round build $((b + 1)): rate $RATE, server CPU $CPU us/op, p99 $P99 us, fsyncs/s $FSYNCS, by thread (user+system us/op) $THREADS"
+    echo "round $round build $((b + 1)): rate $RATE, server CPU $CPU us/op, p99 $P99 us, fsyncs/s $FSYNCS, by thread (user+system us/op) ${THREADS:--}"
     RATES[$b]+="$RATE "
     CPUS[$b]+="$CPU "
     P99S[$b]+="$P99 "
