@@ -591,16 +591,16 @@ impl Connection {
         self.core.fail(kind, message, None, now);
     }
 
-    /// Like [`fail`](Self::fail) for the backoff kinds: the client waits between `min` and
-    /// `max` milliseconds before it reconnects.
+    /// Like [`fail`](Self::fail), with the backoff kinds' `(min, max)`: the client waits
+    /// between `min` and `max` milliseconds before it reconnects (`None`: as `fail`).
     pub fn fail_with_backoff(
         &mut self,
         kind: ErrorKind,
         message: &str,
-        backoff: (u64, u64),
+        backoff: Option<(u64, u64)>,
         now: Instant,
     ) {
-        self.core.fail(kind, message, Some(backoff), now);
+        self.core.fail(kind, message, backoff, now);
     }
 
     /// New limits and timers from a reload, now in [`Shared`]: a frame or message partly

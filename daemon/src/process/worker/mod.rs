@@ -872,10 +872,7 @@ impl Worker {
             slot.id.wsid(),
             peer
         );
-        match refusal.backoff() {
-            Some(backoff) => slot.conn.fail_with_backoff(kind, message, backoff, now),
-            None => slot.conn.fail(kind, message, now),
-        }
+        slot.conn.fail_with_backoff(kind, message, refusal.backoff(), now);
     }
 
     /// Steps 5 and 6: the newcomer joins its group, then `connected`, then the header's
@@ -1208,10 +1205,7 @@ impl Worker {
                 // With the backoff its kind asks for, as at admission (a push refused while
                 // the store is behind: `ServerOverloaded`).
                 Delivery::Error { kind, message, close: true, .. } => {
-                    match admission::backoff_of(kind) {
-                        Some(backoff) => slot.conn.fail_with_backoff(kind, &message, backoff, now),
-                        None => slot.conn.fail(kind, &message, now),
-                    }
+                    slot.conn.fail_with_backoff(kind, &message, admission::backoff_of(kind), now)
                 }
             }
             touched.push(to.slot);
@@ -1227,7 +1221,7 @@ impl Worker {
             for (i, slot) in self.slots.iter_mut() {
                 if slot.id.group == Some(group) {
                     let message = "client group state moved; reconnect";
-                    slot.conn.fail_with_backoff(ErrorKind::Rehome, message, (100, 1000), now);
+                    slot.conn.fail_with_backoff(ErrorKind::Rehome, message, Some((100, 1000)), now);
                     touched.push(i);
                 }
             }

@@ -725,7 +725,7 @@ fn tell(slot: &mut Slot, then: Then, now: Instant) {
     match then {
         Then::Close { code, reason } => slot.conn.close(code, &reason, now),
         Then::Fail { kind, message, backoff } => {
-            slot.conn.fail_with_backoff(kind, message, backoff, now)
+            slot.conn.fail_with_backoff(kind, message, Some(backoff), now)
         }
     }
 }
