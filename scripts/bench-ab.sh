@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Compares syncgate builds on one benchmark scenario: runs them in turn, several rounds, on
-# the same machine, and prints each run (with its server CPU split by thread), the median per
-# build, and each build's CPU per operation over the first build's (the median of the
-# rounds' ratios, and their range: put the build to compare against first, e.g. a peer for
-# a "syncgate at most 0.85x" target).
+# the same machine, and prints each run (with its server CPU split by thread and its context
+# switches per operation), the median per build, and each build's CPU per operation over the
+# first build's (the median of the rounds' ratios, and their range: put the build to compare
+# against first, e.g. a peer for a "syncgate at most 0.85x" target).
 # For checking that a change is faster before it lands (bench/RESULTS.md records what it
 # printed).
 #
@@ -106,14 +106,15 @@ run_one() {
   kill "$SERVER_PID"
   wait "$SERVER_PID" 2>/dev/null || true
   SERVER_PID=
-  read -r RATE CPU P99 FSYNCS < <(python3 -c '
+  read -r RATE CPU P99 FSYNCS SWITCHES < <(python3 -c '
 import json, sys
 r = json.loads(open(sys.argv[1]).readline())
 if r["error"]:
     sys.exit("bench-ab.sh: the run failed: " + r["error"])
-p99, fsyncs = r.get("p99_us"), r.get("fsyncs_per_s")
+p99, fsyncs, sw = r.get("p99_us"), r.get("fsyncs_per_s"), r.get("server_switches")
 opt = lambda v: "-" if v is None else "%.0f" % v
-print("%.0f %.2f %s %s" % (r["rate"], r["server_cpu_us_per_op"], opt(p99), opt(fsyncs)))' "$dir/record.jsonl")
+switches = "-" if sw is None else "%.2f+%.2f" % (sw["voluntary_per_op"], sw["involuntary_per_op"])
+print("%.0f %.2f %s %s %s" % (r["rate"], r["server_cpu_us_per_op"], opt(p99), opt(fsyncs), switches))' "$dir/record.jsonl")
   # The load client's own line of the split (Record::server_threads_line).
   THREADS=$(sed -n 's/.* server cpu by thread, us\/op user+system: //p' "$dir/loadgen.log" | tail -1)
   [[ -n ${CPU:-} ]] || exit 1
@@ -126,9 +127,9 @@ n=0
 for round in $(seq "$ROUNDS"); do
   for b in "${!BINS[@]}"; do
     n=$((n + 1))
-    RATE='' CPU='' P99='' FSYNCS='' THREADS=''
+    RATE='' CPU='' P99='' FSYNCS='' SWITCHES='' THREADS=''
     run_one "${BINS[$b]}" "$n" "$@"
-    echo "round $round build $((b + 1)): rate $RATE, server CPU $CPU us/op, p99 $P99 us, fsyncs/s $FSYNCS, by thread (user+system us/op) ${THREADS:--}"
+    echo "round $round build $((b + 1)): rate $RATE, server CPU $CPU us/op, p99 $P99 us, fsyncs/s $FSYNCS, context switches/op (voluntary+involuntary) $SWITCHES, by thread (user+system us/op) ${THREADS:--}"
     RATES[$b]+="$RATE "
     CPUS[$b]+="$CPU "
     P99S[$b]+="$P99 "

@@ -51,6 +51,12 @@ pub struct Record {
     /// with the same name add up (`stats::thread_key`).
     #[serde(default)]
     pub server_threads: std::collections::BTreeMap<String, ThreadCpu>,
+    /// The server's context switches per operation, every thread of its processes: trips
+    /// through the scheduler, e.g. a push handed from a worker's event loop to its store
+    /// threads and back. Counted, so steadier from run to run than CPU time on a busy
+    /// machine.
+    #[serde(default)]
+    pub server_switches: Option<Switches>,
     /// Idle scenario: server resident memory (all processes) per connection, bytes.
     pub rss_per_conn: Option<f64>,
     /// Idle scenario, syncgate only: growth of its live heap (`syncgate_heap_bytes`, all
@@ -110,6 +116,16 @@ impl Record {
             .collect();
         shown.join(", ")
     }
+}
+
+/// [`Record::server_switches`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Switches {
+    /// A thread went to sleep (to wait for I/O, a lock or another thread), per operation.
+    pub voluntary_per_op: f64,
+    /// The scheduler took the CPU from a thread (often for a thread it had just woken), per
+    /// operation.
+    pub involuntary_per_op: f64,
 }
 
 /// One thread's (or one name's threads') share of [`Record::server_threads`].

@@ -202,6 +202,49 @@ pub fn thread_cpu_between(
     out
 }
 
+/// Each thread's context switches so far, (voluntary, involuntary), by (process, thread) id:
+/// a voluntary one is the thread going to sleep (waiting for I/O, a lock, another thread),
+/// an involuntary one the scheduler taking the CPU from it (a thread it woke ran first).
+/// A thread that is gone is left out.
+pub fn thread_switches(pids: &[u32]) -> HashMap<(u32, u32), (u64, u64)> {
+    let mut out = HashMap::new();
+    for &pid in pids {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { continue };
+        for task in tasks.flatten() {
+            let Some(tid) = task.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+                continue;
+            };
+            let Ok(text) = fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")) else {
+                continue;
+            };
+            if let Some(switches) = parse_switches(&text) {
+                out.insert((pid, tid), switches);
+            }
+        }
+    }
+    out
+}
+
+/// (voluntary, involuntary) from a `/proc/<pid>/task/<tid>/status` text.
+fn parse_switches(status: &str) -> Option<(u64, u64)> {
+    let field =
+        |name: &str| status.lines().find_map(|l| l.strip_prefix(name)?.trim().parse::<u64>().ok());
+    Some((field("voluntary_ctxt_switches:")?, field("nonvoluntary_ctxt_switches:")?))
+}
+
+/// The context switches (voluntary, involuntary) of every thread between two
+/// [`thread_switches`] samples; a thread that started in between counts from zero, one that
+/// ended is not counted.
+pub fn switches_between(
+    before: &HashMap<(u32, u32), (u64, u64)>,
+    after: &HashMap<(u32, u32), (u64, u64)>,
+) -> (u64, u64) {
+    after.iter().fold((0, 0), |(v, i), (id, (v1, i1))| {
+        let (v0, i0) = before.get(id).copied().unwrap_or((0, 0));
+        (v + v1.saturating_sub(v0), i + i1.saturating_sub(i0))
+    })
+}
+
 /// What a process is, for [`thread_key`]: syncgate runs its children as `syncgate __worker
 /// ...` and `syncgate __listener ...`, so their first argument names them (`worker`,
 /// `listener`); any other process is `main`.
@@ -380,6 +423,33 @@ mod tests {
         let (user, system) = cpu["spin-N"];
         // 300 ms in all, give or take the 10 ms ticks of each thread's two fields.
         assert!((0.26..0.36).contains(&(user + system)), "{cpu:?}");
+    }
+
+    /// A thread of this process that sleeps 20 times switches out voluntarily at least 20
+    /// times; the status file's two counters are read by name.
+    #[test]
+    fn context_switches_count_a_threads_sleeps() {
+        let me = std::process::id();
+        let before = thread_switches(&[me]);
+        let (slept, done) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        let sleeper = std::thread::spawn(move || {
+            for _ in 0..20 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            slept.send(()).unwrap();
+            // Alive until the second sample is taken.
+            let _ = released.recv();
+        });
+        done.recv().unwrap();
+        let after = thread_switches(&[me]);
+        drop(release);
+        sleeper.join().unwrap();
+        let (voluntary, _) = switches_between(&before, &after);
+        assert!(voluntary >= 20, "{voluntary} voluntary switches");
+        let status = "Name:\tx\nvoluntary_ctxt_switches:\t7\nnonvoluntary_ctxt_switches:\t3\n";
+        assert_eq!(parse_switches(status), Some((7, 3)));
+        assert_eq!(parse_switches("Name:\tx\n"), None);
     }
 
     #[test]

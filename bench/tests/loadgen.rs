@@ -73,6 +73,10 @@ fn every_scenario(bin: &str) {
     let whole = ping.server_cpu_us_per_op.unwrap();
     assert!((threads - whole).abs() <= 0.2 * whole, "{threads} of {whole}: {ping:?}");
     assert!(!ping.server_threads_line().is_empty());
+    // Each round trip waits for the client on the other side of a socket: the server's
+    // threads went to sleep at least once over the windows.
+    let switches = ping.server_switches.expect("context switches counted");
+    assert!(switches.voluntary_per_op > 0.0, "{switches:?}");
     assert_eq!(ping.unit, "round trips/s");
     let echo = loadgen(&s.addr, &["--scenario", "echo", "--connections", "10", "--size", "16384"]);
     assert_measured(&echo);

@@ -25,7 +25,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use syncgate_bench::record::{Record, ThreadCpu};
+use syncgate_bench::record::{Record, Switches, ThreadCpu};
 use syncgate_bench::report::thousands;
 use syncgate_bench::stats::{self, median};
 use syncgate_bench::token::{self, Signer};
@@ -538,6 +538,7 @@ fn windows<W: Measured>(
     let batches0 = store_batches(a)?;
     let t0 = Instant::now();
     let threads0 = pids.as_deref().map(stats::thread_ticks);
+    let switches0 = pids.as_deref().map(stats::thread_switches);
     let (cpu0, me0, done0) = (server_cpu(&pids), stats::self_cpu_seconds(), wl.counters().done);
     let messages0 = wl.counters().messages;
     let machine0 = stats::machine_busy_seconds();
@@ -573,6 +574,14 @@ fn windows<W: Measured>(
             rec.server_threads.insert(name, cpu);
         }
     }
+    if let (Some(before), Some(pids)) = (&switches0, &pids) {
+        let (voluntary, involuntary) =
+            stats::switches_between(before, &stats::thread_switches(pids));
+        rec.server_switches = Some(Switches {
+            voluntary_per_op: voluntary as f64 / ops,
+            involuntary_per_op: involuntary as f64 / ops,
+        });
+    }
     rec.client_cpu_util = Some((stats::self_cpu_seconds() - me0) / wall);
     for ((name, tree), c0) in behind.iter().zip(behind0) {
         rec.cpu_us_per_op_of.insert(name.to_string(), (stats::cpu_seconds(tree) - c0) * 1e6 / ops);
@@ -604,6 +613,12 @@ fn windows<W: Measured>(
     }
     if !rec.server_threads.is_empty() {
         eprintln!("{label} server cpu by thread, us/op user+system: {}", rec.server_threads_line());
+    }
+    if let Some(s) = rec.server_switches {
+        eprintln!(
+            "{label} server context switches per op: {:.2} voluntary, {:.2} involuntary",
+            s.voluntary_per_op, s.involuntary_per_op
+        );
     }
     if let Some(r) = rec.relayed_per_op {
         eprintln!("{label} relayed messages per op {r:.2}");
