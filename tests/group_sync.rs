@@ -725,6 +725,60 @@ fn a_push_that_finds_the_store_behind_is_refused_and_the_group_goes_on() {
     assert_eq!(poke.rows(), vec![put("i4", "four")]);
 }
 
+/// The store's disk is full: a push is not acknowledged (its commit fails, the client is sent
+/// away to come back later), the worker stays up, and once space is back the same mutation,
+/// sent again as the Zero client would, is committed and poked. A file-size limit on the
+/// worker (`RLIMIT_FSIZE`, as `ulimit -f` or systemd's `LimitFSIZE=` set it) stands in for
+/// the full disk: past it a write fails with `EFBIG` as it fails with `ENOSPC` on a full one.
+/// Set once the worker runs, it lets SQLite's small files be and stops the worker's first
+/// 1 MiB log segment.
+#[test]
+fn a_full_disk_acknowledges_nothing_and_the_worker_commits_again_once_space_is_back() {
+    let set_limit = |pid: libc::pid_t, soft: libc::rlim_t| {
+        let limit = libc::rlimit { rlim_cur: soft, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: prlimit(2) on a process of ours, reading only `limit`.
+        let done = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+        assert_eq!(done, 0, "prlimit: {}", std::io::Error::last_os_error());
+    };
+    let dir = StorageDir::new("full");
+    let d = Daemon::start(&format!("workers = 1\n{QUIET}{}", dir.config()));
+    // Only the log is to hit the limit: wait until commits go to it.
+    d.wait_log(|l| l.contains("commits go to its write-ahead log"), WAIT);
+    let worker = d.children().into_iter().find(|(_, a)| a.contains("__worker")).unwrap().0;
+    set_limit(worker, 256 * 1024);
+    let (mut ws, _) = Join::new("c1", "full").open_fresh(&d);
+    push(&mut ws, "full", "c1", 1, &[insert("r1", "one")]);
+    // Not acknowledged: no poke, the client is sent away (and its client keeps the mutation).
+    let msg = ws.recv_json();
+    assert_eq!((&msg[0], &msg[1]["kind"]), (&json!("error"), &json!("Rehome")), "{msg}");
+    let error = &msg[1];
+    assert!(error["message"].as_str().unwrap().contains("could not store"), "{msg}");
+    assert_eq!(
+        (error["minBackoffMs"].as_u64(), error["maxBackoffMs"].as_u64()),
+        (Some(100), Some(1000))
+    );
+    ws.expect_close(1012);
+    let logged = d.wait_log(|l| l.contains("storage:") && l.contains("too large"), WAIT);
+    assert!(logged.contains("wal-"), "the log line names the file: {logged}");
+    d.wait_log(|l| l.contains("clientGroupID=full: its commit failed; rehoming"), WAIT);
+    // Space is back.
+    set_limit(worker, libc::RLIM_INFINITY);
+    let (mut again, poke) = Join::new("c1", "full").open_fresh(&d);
+    assert_eq!(poke.lmids()["c1"].as_u64(), None, "the failed push left nothing: {poke:?}");
+    push(&mut again, "full", "c1", 1, &[insert("r1", "one")]);
+    let poke = read_poke(&mut again);
+    assert_eq!(poke.rows(), vec![put("r1", "one")]);
+    assert_eq!(poke.lmids()["c1"].as_u64(), Some(1));
+    // The same worker all along: a full disk is an error, not a crash.
+    assert_eq!(d.metric("syncgate_worker_restarts_total", &[]), 0);
+    assert!(d.children().iter().any(|(pid, _)| *pid == worker));
+    // And it is durable: a restart without the limit finds it.
+    stop(d);
+    let d = Daemon::start(&format!("workers = 1\n{QUIET}{}", dir.config()));
+    let (_, poke) = Join::new("c2", "full").open_fresh(&d);
+    assert_eq!(poke.rows(), vec![put("r1", "one")]);
+}
+
 /// One worker on `dir`, whose store thread waits `delay` before each commit (a disk made
 /// slow on purpose), with `storage` lines added to its `[storage]` section.
 fn on_a_slow_disk(dir: &StorageDir, delay: Duration, storage: &str) -> Daemon {

@@ -71,6 +71,12 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
+    // A file-size limit (`ulimit -f`, systemd's `LimitFSIZE=`) reached by the store makes the
+    // write fail with `EFBIG`, handled as a full disk is (the commit fails, nothing is
+    // acknowledged), instead of the kernel's SIGXFSZ killing the process. Ignored signals stay
+    // ignored across exec, so the supervisor's children inherit it too.
+    // SAFETY: setting a standard signal's disposition to SIG_IGN, before any thread starts.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let cli = Cli::parse();
     match cli
         .command

@@ -303,7 +303,16 @@ pub enum StoreEvent {
     /// A batch is on disk (or failed): its deliveries may go out. `failed` are the groups
     /// gone stale (their commit failed or another process changed them): their connections
     /// must reconnect, and nothing queued for them is delivered.
-    Committed { deliveries: Vec<Delivery>, failed: Vec<GroupRef>, took: Duration, changes: usize },
+    Committed {
+        deliveries: Vec<Delivery>,
+        failed: Vec<GroupRef>,
+        /// Why `failed` failed: `true`, the batch's commit failed (the store's error is
+        /// logged: a full disk, SQLite busy past its timeout); `false`, another process
+        /// changed those groups.
+        commit_failed: bool,
+        took: Duration,
+        changes: usize,
+    },
     /// [`GroupSync::use_log`] took effect (or failed: the previous mode stays).
     LogUsed { on: bool, result: Result<(), StoreError> },
 }
@@ -767,6 +776,7 @@ impl GroupSync {
         for g in groups {
             self.group_mut(g).flags &= !IN_FLIGHT;
         }
+        let commit_failed = result.is_err();
         let failed_names = match result {
             Ok(committed) => committed.stale_groups,
             Err(e) => {
@@ -805,7 +815,7 @@ impl GroupSync {
             failed.push(g);
         }
         self.drop_emptied(&failed);
-        StoreEvent::Committed { deliveries, failed, took, changes }
+        StoreEvent::Committed { deliveries, failed, commit_failed, took, changes }
     }
 
     /// Groups nobody is connected to leave memory once their changes are on disk; one that

@@ -281,15 +281,28 @@ impl Log {
 
     /// Creates the next segment durably, full of zeros: its magic, its blocks and its
     /// directory entry on disk before any record depends on them.
+    ///
+    /// A full disk (or a file-size limit, `EFBIG`) cuts the zeros short. The file holds no
+    /// record then, and is removed: left there, it would make every later creation fail with
+    /// `EEXIST`, and the worker could never commit again, even once space is back. If even
+    /// the removal fails, the next creation takes the next name, and the restart's replay
+    /// removes this one (a segment of zeros, or of a torn magic, is empty).
     fn open_segment(&mut self) -> io::Result<()> {
         let seq = self.next_seq;
         let path = segment_path(&self.dir, self.slot, seq);
         let mut file = OpenOptions::new().write(true).create_new(true).open(&path)?;
         let mut zeros = vec![0u8; SEGMENT_BYTES as usize];
         zeros[..MAGIC.len()].copy_from_slice(MAGIC);
-        file.write_all(&zeros)?;
-        file.sync_all()?;
-        File::open(&self.dir)?.sync_all()?;
+        let filled = file
+            .write_all(&zeros)
+            .and_then(|()| file.sync_all())
+            .and_then(|()| File::open(&self.dir)?.sync_all());
+        if let Err(e) = filled {
+            if std::fs::remove_file(&path).is_err() {
+                self.next_seq += 1;
+            }
+            return Err(e);
+        }
         self.next_seq += 1;
         self.segments.push_back(Segment { seq, file, len: MAGIC.len() as u64 });
         Ok(())

@@ -811,11 +811,11 @@ impl Worker {
                         self.waited(w.index, w.early, now);
                     }
                 }
-                StoreEvent::Committed { deliveries, failed, took, changes } => {
+                StoreEvent::Committed { deliveries, failed, commit_failed, took, changes } => {
                     self.metrics.observe(Histogram::Commit, took);
                     self.metrics.inc(Metric::StoreBatches);
                     self.metrics.add(Metric::StoreChanges, changes as u64);
-                    self.deliver(deliveries, &failed, now);
+                    self.deliver(deliveries, &failed, commit_failed, now);
                 }
                 StoreEvent::LogUsed { on, result: Err(e) } => {
                     // Not confirmed: a graceful replacement waiting for it gives up and
@@ -823,7 +823,9 @@ impl Worker {
                     let mode = if on { "its write-ahead log" } else { "writing through" };
                     log::error!("worker={} storage: cannot switch to {mode}: {e}", self.index);
                 }
-                StoreEvent::LogUsed { on: true, result: Ok(()) } => {}
+                StoreEvent::LogUsed { on: true, result: Ok(()) } => {
+                    log::info!("worker={} storage: commits go to its write-ahead log", self.index);
+                }
                 StoreEvent::LogUsed { on: false, result: Ok(()) } => {
                     let _ = control::send_message(self.control.as_fd(), &Message::Shared);
                 }
@@ -1183,12 +1185,18 @@ impl Worker {
     /// (or waits behind the one in flight); deliveries that wait on no commit go out now.
     fn flush_sync(&mut self, now: Instant) {
         let deliveries = self.sync.flush();
-        self.deliver(deliveries, &[], now);
+        self.deliver(deliveries, &[], false, now);
     }
 
     /// Hands deliveries to their connections (a reused slot with another serial gets
     /// nothing), then sends away the clients of groups whose commit failed.
-    fn deliver(&mut self, deliveries: Vec<Delivery>, failed: &[GroupRef], now: Instant) {
+    fn deliver(
+        &mut self,
+        deliveries: Vec<Delivery>,
+        failed: &[GroupRef],
+        commit_failed: bool,
+        now: Instant,
+    ) {
         let mut touched = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
             let to = delivery.to();
@@ -1210,17 +1218,21 @@ impl Worker {
             }
             touched.push(to.slot);
         }
+        // Another process changed the group, or the commit failed: these clients must
+        // reconnect and load what is on disk (their unacknowledged mutations, kept by the
+        // Zero client, go again).
+        let (why, message) = match commit_failed {
+            true => ("its commit failed", "the server could not store the last changes; reconnect"),
+            false => ("state changed elsewhere", "client group state moved; reconnect"),
+        };
         for &group in failed {
-            // Another process changed the group, or the commit failed: these clients must
-            // reconnect and load what is on disk.
             log::warn!(
-                "worker={} clientGroupID={}: state changed elsewhere; rehoming its clients",
+                "worker={} clientGroupID={}: {why}; rehoming its clients",
                 self.index,
                 self.sync.name(group)
             );
             for (i, slot) in self.slots.iter_mut() {
                 if slot.id.group == Some(group) {
-                    let message = "client group state moved; reconnect";
                     slot.conn.fail_with_backoff(ErrorKind::Rehome, message, Some((100, 1000)), now);
                     touched.push(i);
                 }
