@@ -734,18 +734,9 @@ fn a_push_that_finds_the_store_behind_is_refused_and_the_group_goes_on() {
 /// 1 MiB log segment.
 #[test]
 fn a_full_disk_acknowledges_nothing_and_the_worker_commits_again_once_space_is_back() {
-    let set_limit = |pid: libc::pid_t, soft: libc::rlim_t| {
-        let limit = libc::rlimit { rlim_cur: soft, rlim_max: libc::RLIM_INFINITY };
-        // SAFETY: prlimit(2) on a process of ours, reading only `limit`.
-        let done = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
-        assert_eq!(done, 0, "prlimit: {}", std::io::Error::last_os_error());
-    };
     let dir = StorageDir::new("full");
-    let d = Daemon::start(&format!("workers = 1\n{QUIET}{}", dir.config()));
-    // Only the log is to hit the limit: wait until commits go to it.
-    d.wait_log(|l| l.contains("commits go to its write-ahead log"), WAIT);
-    let worker = d.children().into_iter().find(|(_, a)| a.contains("__worker")).unwrap().0;
-    set_limit(worker, 256 * 1024);
+    let (d, worker) = logging_worker(&dir);
+    file_size_limit(worker, 256 * 1024);
     let (mut ws, _) = Join::new("c1", "full").open_fresh(&d);
     push(&mut ws, "full", "c1", 1, &[insert("r1", "one")]);
     // Not acknowledged: no poke, the client is sent away (and its client keeps the mutation).
@@ -762,7 +753,7 @@ fn a_full_disk_acknowledges_nothing_and_the_worker_commits_again_once_space_is_b
     assert!(logged.contains("wal-"), "the log line names the file: {logged}");
     d.wait_log(|l| l.contains("clientGroupID=full: its commit failed; rehoming"), WAIT);
     // Space is back.
-    set_limit(worker, libc::RLIM_INFINITY);
+    file_size_limit(worker, libc::RLIM_INFINITY);
     let (mut again, poke) = Join::new("c1", "full").open_fresh(&d);
     assert_eq!(poke.lmids()["c1"].as_u64(), None, "the failed push left nothing: {poke:?}");
     push(&mut again, "full", "c1", 1, &[insert("r1", "one")]);
@@ -777,6 +768,71 @@ fn a_full_disk_acknowledges_nothing_and_the_worker_commits_again_once_space_is_b
     let d = Daemon::start(&format!("workers = 1\n{QUIET}{}", dir.config()));
     let (_, poke) = Join::new("c2", "full").open_fresh(&d);
     assert_eq!(poke.rows(), vec![put("r1", "one")]);
+}
+
+/// The disk fills while compaction folds the log into SQLite: the folds fail and are retried,
+/// the log keeps every batch (pushes are still acknowledged from it, in new segments), and
+/// once space is back the folds catch up, the log empties, and a restart finds every row.
+/// The file-size limit lets the log's 1 MiB segments be and stops SQLite's files growing
+/// past 1.25 MiB.
+#[test]
+fn compaction_on_a_full_disk_keeps_the_log_and_catches_up_once_space_is_back() {
+    const ROW: usize = 2000;
+    let dir = StorageDir::new("full-fold");
+    let (d, worker) = logging_worker(&dir);
+    file_size_limit(worker, 1280 * 1024);
+    let (mut ws, _) = Join::new("c1", "fold").open_fresh(&d);
+    let title = "x".repeat(ROW);
+    let mut n = 0;
+    let mut push_one = |ws: &mut Ws| {
+        n += 1;
+        push(ws, "fold", "c1", n, &[insert(&format!("r{n}"), &title)]);
+        let poke = read_poke(ws);
+        assert_eq!(poke.lmids()["c1"].as_u64(), Some(n), "push {n} acknowledged");
+        n
+    };
+    // About 1.5 MiB of changes starts compaction, and SQLite reaches the limit.
+    let failed = |l: &str| l.contains("compaction failed");
+    while d.try_wait_line(failed, Duration::from_millis(1)).is_none() {
+        let n = push_one(&mut ws);
+        assert!(n < 5000, "no compaction failed after {n} pushes of {ROW} bytes");
+    }
+    // The log still takes pushes, into segments of its own.
+    for _ in 0..600 {
+        push_one(&mut ws);
+    }
+    let pushed = push_one(&mut ws);
+    assert!(d.metric("syncgate_log_bytes", &[]) > 1 << 20, "the log holds what SQLite lacks");
+    // Compaction waits between its tries (1 s, doubling), instead of trying at every batch.
+    let tries = d.log_text().lines().filter(|l| failed(l)).count();
+    assert!(tries <= 5, "{tries} failed folds while {pushed} pushes were taken");
+    // Space is back: the idle worker folds everything in and removes its segments.
+    file_size_limit(worker, libc::RLIM_INFINITY);
+    d.wait_metric("syncgate_log_bytes", &[], 0, Duration::from_secs(30));
+    assert_eq!(d.metric("syncgate_worker_restarts_total", &[]), 0);
+    stop(d);
+    let d = Daemon::start(&format!("workers = 1\n{QUIET}{}", dir.config()));
+    let (_, poke) = Join::new("c2", "fold").open_fresh(&d);
+    assert_eq!(poke.lmids()["c1"].as_u64(), Some(pushed));
+    assert_eq!(poke.rows().len() as u64, pushed, "every acknowledged row, once");
+}
+
+/// A one-worker daemon on `dir` whose worker commits to its write-ahead log, and that
+/// worker's process id.
+fn logging_worker(dir: &StorageDir) -> (Daemon, libc::pid_t) {
+    let d = Daemon::start(&format!("workers = 1\n{QUIET}{}", dir.config()));
+    d.wait_log(|l| l.contains("commits go to its write-ahead log"), WAIT);
+    let worker = d.children().into_iter().find(|(_, a)| a.contains("__worker")).unwrap().0;
+    (d, worker)
+}
+
+/// Sets the soft file-size limit (`RLIMIT_FSIZE`) of a running process of ours: past it a
+/// write fails with `EFBIG`, as one fails with `ENOSPC` on a full disk.
+fn file_size_limit(pid: libc::pid_t, bytes: libc::rlim_t) {
+    let limit = libc::rlimit { rlim_cur: bytes, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: prlimit(2) on a process of ours, reading only `limit`.
+    let done = unsafe { libc::prlimit(pid, libc::RLIMIT_FSIZE, &limit, std::ptr::null_mut()) };
+    assert_eq!(done, 0, "prlimit: {}", std::io::Error::last_os_error());
 }
 
 /// One worker on `dir`, whose store thread waits `delay` before each commit (a disk made

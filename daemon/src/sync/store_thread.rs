@@ -81,6 +81,15 @@ const DIRECT_BYTES: usize = 4096;
 /// [`FOLD_START_BYTES`], so an idle worker's log empties (and the log thread, idle as long,
 /// removes the segments folded in).
 const FOLD_IDLE: Duration = Duration::from_millis(50);
+/// After a fold failed (a full disk, SQLite busy past its timeout), compaction waits this
+/// long before it tries again on its own, doubling up to [`FOLD_RETRY_MAX`] while it keeps
+/// failing: the log keeps the batches meanwhile, and a retry at every batch logged wrote
+/// SQLite pages to roll them back and an error line each time, every 10 ms or so on a full
+/// disk. A load or a commit that needs the log folded in first still tries at once.
+const FOLD_RETRY: Duration = Duration::from_secs(1);
+/// The longest wait between two tries of a failing compaction: how long it may take to
+/// resume once the disk has room again.
+const FOLD_RETRY_MAX: Duration = Duration::from_secs(8);
 
 /// The changes a slice of compaction folds at least, with `groups` groups' changes waiting
 /// and `last_changes` in the last batch logged ([`FOLD_SLICE_CHANGES`],
@@ -187,6 +196,7 @@ impl StoreThread {
             last_changes: 0,
             forget_later: Vec::new(),
             reread: Vec::new(),
+            retry: None,
         };
         let sql = std::thread::Builder::new()
             .name(format!("{name}-sql"))
@@ -545,6 +555,9 @@ struct Folder {
     /// Groups whose unmaterialized changes the store must read again before the next fold
     /// (a failed commit forgets them).
     reread: Vec<String>,
+    /// After a failed fold: when compaction tries again on its own, and the wait after that
+    /// one if it fails too ([`FOLD_RETRY`]); `None` while folds succeed.
+    retry: Option<(Instant, Duration)>,
 }
 
 impl Folder {
@@ -558,9 +571,10 @@ impl Folder {
                         break;
                     }
                 }
-                Next::Idle => {
+                Next::Idle if self.may_fold() => {
                     let _ = self.fold(Some(FOLD_SLICE_CHANGES));
                 }
+                Next::Idle => {}
                 Next::Closed => break,
             }
         }
@@ -577,7 +591,7 @@ impl Folder {
                 self.last_changes = logged.batch.changes();
                 self.unfolded_bytes += logged.bytes;
                 self.unfolded.push_back(logged);
-                if self.unfolded_bytes >= FOLD_START_BYTES {
+                if self.unfolded_bytes >= FOLD_START_BYTES && self.may_fold() {
                     let slice = slice_changes(self.unfolded_groups.len(), self.last_changes);
                     let _ = self.fold(Some(slice));
                 }
@@ -619,6 +633,12 @@ impl Folder {
                 true
             }
         }
+    }
+
+    /// Whether compaction may start a fold on its own: not while it waits to retry a failed
+    /// one ([`FOLD_RETRY`]).
+    fn may_fold(&self) -> bool {
+        self.retry.is_none_or(|(at, _)| Instant::now() >= at)
     }
 
     /// Compaction: folds the oldest logged batches (at least `changes` of their changes, or
@@ -666,7 +686,13 @@ impl Folder {
                 );
             }
             Err(e) => {
-                log::error!("compaction failed (the log keeps the batches; retrying): {}", e.error);
+                let wait = self.retry.map_or(FOLD_RETRY, |(_, wait)| wait);
+                self.retry = Some((Instant::now() + wait, (wait * 2).min(FOLD_RETRY_MAX)));
+                log::error!(
+                    "compaction failed (the log keeps the batches; retrying in {} s): {}",
+                    wait.as_secs(),
+                    e.error
+                );
                 self.reread.extend(e.groups());
                 // Back at the front as one batch, numbered as the last of them.
                 self.unfolded.push_front(Logged { number: last, bytes, batch: *e.unwritten });
@@ -674,6 +700,7 @@ impl Folder {
             }
         }
         self.folded.store(last, Ordering::Release);
+        self.retry = None;
         for (group, n) in touched {
             if let Some(left) = self.unfolded_groups.get_mut(&group) {
                 *left = left.saturating_sub(n);
