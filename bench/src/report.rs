@@ -9,6 +9,8 @@
 use std::fmt::Write as _;
 
 use crate::record::Record;
+#[cfg(test)]
+use crate::record::{Switches, ThreadCpu};
 
 /// The server every other one is compared with.
 pub const BASELINE: &str = "syncgate";
@@ -134,7 +136,7 @@ pub fn table(records: &[Record], preamble: &str) -> String {
         md.push_str("Rate: median of the windows. Server CPU: user + system time of all the server's processes per operation; kernel: the system time's share of it (sockets, TCP, the loopback delivery of what the server sends), which no user-space change lowers. Busy: CPU seconds per wall second over the windows (1.00 = one core saturated); others: what the rest of the machine used meanwhile (well above 0: a busy machine, figures are low and noisy). Ratios compare with syncgate in the same row: rate syncgate/peer (above 1: syncgate faster), CPU per operation syncgate/peer (below 1: syncgate cheaper).\n\n");
         md.push_str("| scenario | server | rate | unit | p50 us | p99 us | p99.9 us | server CPU us/op | kernel | server busy | client busy | others busy | rate syncgate/peer | CPU/op syncgate/peer | note |\n");
         md.push_str("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n");
-        for row in traffic {
+        for row in &traffic {
             let servers = row.baseline.into_iter().chain(row.peers.iter().copied());
             for r in servers {
                 let is_base = r.server == BASELINE;
@@ -182,6 +184,31 @@ pub fn table(records: &[Record], preamble: &str) -> String {
                     row.title()
                 );
             }
+        }
+        md.push('\n');
+    }
+    let split: Vec<&Record> = traffic
+        .iter()
+        .flat_map(|row| row.baseline.into_iter().chain(row.peers.iter().copied()))
+        .filter(|r| r.error.is_none() && !r.server_threads.is_empty())
+        .collect();
+    if !split.is_empty() {
+        md.push_str("## Server CPU by thread\n\n");
+        md.push_str("The server CPU per operation of the table above, by thread, user + system µs (a process's main thread under its role: `worker`, `listener`, `main`; other threads under their names, numbers as `N`), and the context switches of all of them per operation: voluntary (a thread went to sleep) + involuntary (the scheduler took its CPU).\n\n");
+        md.push_str("| scenario | server | by thread, user+system us/op | context switches/op |\n");
+        md.push_str("|---|---|---|---:|\n");
+        for r in split {
+            let switches = r.server_switches.map_or("-".into(), |s| {
+                format!("{:.2}+{:.2}", s.voluntary_per_op, s.involuntary_per_op)
+            });
+            let title = format!("{} {}", r.scenario, r.variant);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {switches} |",
+                cell(&title),
+                r.server,
+                r.server_threads_line()
+            );
         }
         md.push('\n');
     }
@@ -433,6 +460,25 @@ mod tests {
         assert!(md.contains("failed: server closed \\| oops"), "{md}");
         let idle = md.lines().find(|l| l.starts_with("| 100 conns | node-ws")).unwrap();
         assert!(idle.contains("| 4,000 |") && idle.contains("0.25x"), "{idle}");
+        assert!(!md.contains("## Server CPU by thread"), "no record has a split: {md}");
+    }
+
+    #[test]
+    fn the_split_by_thread_gets_a_table_of_its_own() {
+        let mut split = rec("syncgate", "echo", Some(1000.0), None);
+        split
+            .server_threads
+            .insert("worker".into(), ThreadCpu { user_us_per_op: 6.0, system_us_per_op: 4.9 });
+        split.server_switches =
+            Some(Switches { voluntary_per_op: 0.25, involuntary_per_op: 0.125 });
+        let records = [split, rec("node-ws", "echo", Some(500.0), None)];
+        let md = table(&records, "");
+        let section = md.split("## Server CPU by thread").nth(1).expect("the section");
+        assert!(
+            section.contains("| echo 100 conns | syncgate | worker 6.0+4.9 | 0.25+0.12 |"),
+            "{md}"
+        );
+        assert!(!section.contains("node-ws"), "a record without a split has no line: {md}");
     }
 
     #[test]
