@@ -760,6 +760,7 @@ fn a_full_disk_acknowledges_nothing_and_the_worker_commits_again_once_space_is_b
     let poke = read_poke(&mut again);
     assert_eq!(poke.rows(), vec![put("r1", "one")]);
     assert_eq!(poke.lmids()["c1"].as_u64(), Some(1));
+    assert_eq!(d.metric("syncgate_store_failures_total", &[]), 1, "the one failed commit");
     // The same worker all along: a full disk is an error, not a crash.
     assert_eq!(d.metric("syncgate_worker_restarts_total", &[]), 0);
     assert!(d.children().iter().any(|(pid, _)| *pid == worker));
@@ -806,6 +807,8 @@ fn compaction_on_a_full_disk_keeps_the_log_and_catches_up_once_space_is_back() {
     // Compaction waits between its tries (1 s, doubling), instead of trying at every batch.
     let tries = d.log_text().lines().filter(|l| failed(l)).count();
     assert!(tries <= 5, "{tries} failed folds while {pushed} pushes were taken");
+    assert!(d.metric("syncgate_compaction_failures_total", &[]) >= 1);
+    assert_eq!(d.metric("syncgate_store_failures_total", &[]), 0, "every push was acknowledged");
     // Space is back: the idle worker folds everything in and removes its segments.
     file_size_limit(worker, libc::RLIM_INFINITY);
     d.wait_metric("syncgate_log_bytes", &[], 0, Duration::from_secs(30));

@@ -88,6 +88,11 @@ pub enum Metric {
     /// Writes that gathered several queued buffers (`sendmsg`): a backed-up queue leaving
     /// several frames per system call.
     VectoredSends,
+    /// Batches whose commit failed (a full disk, SQLite busy past its timeout): nothing in
+    /// them was acknowledged, and their groups' clients were sent to reconnect.
+    StoreFailures,
+    /// Folds of the log into SQLite that failed; the log keeps their batches for a retry.
+    CompactionFailures,
 }
 
 use crate::config::MAX_WORKERS;
@@ -158,7 +163,7 @@ impl Histogram {
 
 /// Where the histograms' cells start in a slot.
 const HISTOGRAM_CELLS: usize = 40;
-const _: () = assert!((Metric::VectoredSends as usize) < HISTOGRAM_CELLS);
+const _: () = assert!((Metric::CompactionFailures as usize) < HISTOGRAM_CELLS);
 const _: () = assert!(HISTOGRAM_CELLS + Histogram::ALL.len() * HISTOGRAM_LEN <= UPSTREAM_CELLS);
 
 /// Name, type and help text of every metric, in exposition order.
@@ -202,6 +207,8 @@ const ALL: &[(Metric, &str, &str, &str)] = &[
     (Metric::LogBytes, "syncgate_log_bytes", "gauge", "Bytes of the store's log on disk, not yet reclaimed by compaction."),
     (Metric::CompactedChanges, "syncgate_compacted_changes_total", "counter", "Changes folded from the log into SQLite by compaction."),
     (Metric::VectoredSends, "syncgate_vectored_sends_total", "counter", "Writes that gathered several queued frames into one system call."),
+    (Metric::StoreFailures, "syncgate_store_failures_total", "counter", "Batches whose commit failed (a full disk, SQLite busy): nothing in them was acknowledged."),
+    (Metric::CompactionFailures, "syncgate_compaction_failures_total", "counter", "Folds of the log into SQLite that failed; the log keeps their batches for a retry."),
 ];
 
 /// The shared counter table, mapped in this process.

@@ -686,6 +686,9 @@ impl Folder {
                 );
             }
             Err(e) => {
+                if let Some(metrics) = &self.setup.metrics {
+                    metrics.inc(Metric::CompactionFailures);
+                }
                 let wait = self.retry.map_or(FOLD_RETRY, |(_, wait)| wait);
                 self.retry = Some((Instant::now() + wait, (wait * 2).min(FOLD_RETRY_MAX)));
                 log::error!(

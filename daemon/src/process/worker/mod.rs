@@ -813,8 +813,12 @@ impl Worker {
                 }
                 StoreEvent::Committed { deliveries, failed, commit_failed, took, changes } => {
                     self.metrics.observe(Histogram::Commit, took);
-                    self.metrics.inc(Metric::StoreBatches);
-                    self.metrics.add(Metric::StoreChanges, changes as u64);
+                    if commit_failed {
+                        self.metrics.inc(Metric::StoreFailures);
+                    } else {
+                        self.metrics.inc(Metric::StoreBatches);
+                        self.metrics.add(Metric::StoreChanges, changes as u64);
+                    }
                     self.deliver(deliveries, &failed, commit_failed, now);
                 }
                 StoreEvent::LogUsed { on, result: Err(e) } => {
