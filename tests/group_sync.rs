@@ -739,19 +739,21 @@ fn a_full_disk_acknowledges_nothing_and_the_worker_commits_again_once_space_is_b
     file_size_limit(worker, 256 * 1024);
     let (mut ws, _) = Join::new("c1", "full").open_fresh(&d);
     push(&mut ws, "full", "c1", 1, &[insert("r1", "one")]);
-    // Not acknowledged: no poke, the client is sent away (and its client keeps the mutation).
+    // Not acknowledged: no poke; the client is sent away for a while (its client keeps the
+    // mutation and sends it again).
     let msg = ws.recv_json();
-    assert_eq!((&msg[0], &msg[1]["kind"]), (&json!("error"), &json!("Rehome")), "{msg}");
+    let kind = (&msg[0], &msg[1]["kind"]);
+    assert_eq!(kind, (&json!("error"), &json!("ServerOverloaded")), "{msg}");
     let error = &msg[1];
     assert!(error["message"].as_str().unwrap().contains("could not store"), "{msg}");
     assert_eq!(
         (error["minBackoffMs"].as_u64(), error["maxBackoffMs"].as_u64()),
-        (Some(100), Some(1000))
+        (Some(1000), Some(10000))
     );
-    ws.expect_close(1012);
+    ws.expect_close(1008);
     let logged = d.wait_log(|l| l.contains("storage:") && l.contains("too large"), WAIT);
     assert!(logged.contains("wal-"), "the log line names the file: {logged}");
-    d.wait_log(|l| l.contains("clientGroupID=full: its commit failed; rehoming"), WAIT);
+    d.wait_log(|l| l.contains("clientGroupID=full: its commit failed; sending its clients"), WAIT);
     // Space is back.
     file_size_limit(worker, libc::RLIM_INFINITY);
     let (mut again, poke) = Join::new("c1", "full").open_fresh(&d);

@@ -32,11 +32,20 @@ use crate::protocol::{decode_protocol_header, ErrorKind, ProtocolHeader};
 /// shrink, short enough that a legitimate client recovers within seconds.
 pub const OVERLOAD_BACKOFF_MS: (u64, u64) = (1_000, 10_000);
 
+/// The backoff a client is told to wait when its group moved (another process changed it,
+/// during a graceful replacement): long enough not to come back before the new owner has it,
+/// short enough that nobody notices.
+pub const REHOME_BACKOFF_MS: (u64, u64) = (100, 1_000);
+
 /// The backoff an error of `kind` asks for (`minBackoffMs`, `maxBackoffMs`), if any: every
-/// `ServerOverloaded` (a full group, a busy store) is worth retrying after a while, whether it
-/// refuses a newcomer or ends an open connection.
+/// `ServerOverloaded` (a full group, a busy or failing store) is worth retrying after a while,
+/// whether it refuses a newcomer or ends an open connection; a `Rehome` soon.
 pub fn backoff_of(kind: ErrorKind) -> Option<(u64, u64)> {
-    (kind == ErrorKind::ServerOverloaded).then_some(OVERLOAD_BACKOFF_MS)
+    match kind {
+        ErrorKind::ServerOverloaded => Some(OVERLOAD_BACKOFF_MS),
+        ErrorKind::Rehome => Some(REHOME_BACKOFF_MS),
+        _ => None,
+    }
 }
 
 /// A refused socket: what the client is told, and which counter it moves.
@@ -478,6 +487,9 @@ mod tests {
         let broken = Refusal::storage(ErrorKind::Internal);
         assert_eq!((broken.close_code(), broken.backoff()), (1011, None));
         assert_eq!(broken.message, "storage unavailable");
+        // A group that moved sends its clients back soon; other kinds ask for no backoff.
+        assert_eq!(backoff_of(ErrorKind::Rehome), Some(REHOME_BACKOFF_MS));
+        assert_eq!(backoff_of(ErrorKind::InvalidPush), None);
     }
 
     #[test]

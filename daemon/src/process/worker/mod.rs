@@ -1222,22 +1222,29 @@ impl Worker {
             }
             touched.push(to.slot);
         }
-        // Another process changed the group, or the commit failed: these clients must
-        // reconnect and load what is on disk (their unacknowledged mutations, kept by the
-        // Zero client, go again).
-        let (why, message) = match commit_failed {
-            true => ("its commit failed", "the server could not store the last changes; reconnect"),
-            false => ("state changed elsewhere", "client group state moved; reconnect"),
+        // These clients must reconnect and load what is on disk; the Zero client sends its
+        // unacknowledged mutations again. Another process changed the group: right away
+        // (`Rehome`, the group is elsewhere now). The commit failed (a full disk, SQLite busy
+        // past its timeout): later (`ServerOverloaded`, 1-10 s), as every client of a sick
+        // store would otherwise be back ten times a second to fail again.
+        let (kind, why, message) = match commit_failed {
+            true => (
+                ErrorKind::ServerOverloaded,
+                "its commit failed; sending its clients away",
+                "the server could not store the last changes; reconnect later",
+            ),
+            false => (
+                ErrorKind::Rehome,
+                "state changed elsewhere; rehoming its clients",
+                "client group state moved; reconnect",
+            ),
         };
+        let backoff = admission::backoff_of(kind);
         for &group in failed {
-            log::warn!(
-                "worker={} clientGroupID={}: {why}; rehoming its clients",
-                self.index,
-                self.sync.name(group)
-            );
+            log::warn!("worker={} clientGroupID={}: {why}", self.index, self.sync.name(group));
             for (i, slot) in self.slots.iter_mut() {
                 if slot.id.group == Some(group) {
-                    slot.conn.fail_with_backoff(ErrorKind::Rehome, message, Some((100, 1000)), now);
+                    slot.conn.fail_with_backoff(kind, message, backoff, now);
                     touched.push(i);
                 }
             }
