@@ -29,6 +29,16 @@ use crate::ws::{close, frame};
 /// client's 8 KiB header grows it once.
 const INITIAL_HEAD_BUFFER: usize = 2048;
 
+/// How long accepting pauses (until the first tick this much later) after the kernel ran out
+/// of something a new socket needs: descriptors (EMFILE, ENFILE) or memory (ENOBUFS, ENOMEM).
+/// Re-armed at once, the accept failed again at once for the same waiting connection: the
+/// io_uring listener spun on its core and logged about 300,000 lines a second. Meanwhile the
+/// pending sockets' deadlines free descriptors, and connections wait in the backlog.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// The least time between two log lines about failing accepts: a line per pause could still
+/// be ten a second for as long as the shortage lasts.
+const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
+
 /// Where a pending socket is in its short life.
 enum Stage {
     /// Waiting for the rest of the request head.
@@ -60,6 +70,11 @@ pub struct Listener {
     /// `config.connection_cap()`, kept: deriving it reads RLIMIT_NOFILE, a system call per
     /// upgrade otherwise.
     connection_cap: usize,
+    /// Sockets the listener may hold at once (waiting for a head, or lingering after an
+    /// answer), from its descriptor limit, as a worker's connections are: one more is
+    /// refused at once ([`refuse_at_once`]) instead of the listener running out of
+    /// descriptors.
+    socket_cap: usize,
     listen: OwnedFd,
     /// One handoff channel per worker, indexed by worker number.
     channels: Vec<OwnedFd>,
@@ -77,6 +92,14 @@ pub struct Listener {
     /// The cancelled accept's last completion came (and `Stopped` went to the supervisor):
     /// exiting before it would leave a graceful replacement waiting for that confirmation.
     accept_ended: bool,
+    /// An accept is armed (its last completion, without `more`, has not come).
+    accept_armed: bool,
+    /// Accepting is paused until this tick ([`ACCEPT_PAUSE`]).
+    accept_paused: Option<Instant>,
+    /// Accepts that failed for want of descriptors or memory since the last line about them,
+    /// and when that line was written: at most one every [`ACCEPT_LOG_EVERY`].
+    accept_failures: u64,
+    accept_logged: Option<Instant>,
     /// Sockets in `pending` per peer address (the slow-loris bound).
     pending_per_ip: std::collections::HashMap<[u8; 16], usize>,
     /// Upgrade attempts per client address (docs/SECURITY.md, "No connection rate limiting"),
@@ -124,6 +147,7 @@ impl Listener {
             proxies,
             ring: Ring::new(config.io_backend()).map_err(|e| e.to_string())?,
             connection_cap: config.connection_cap(),
+            socket_cap: crate::config::worker_connection_cap(),
             config,
             listen,
             channels,
@@ -133,14 +157,23 @@ impl Listener {
             pending: Slab::default(),
             stopping: false,
             accept_ended: false,
+            accept_armed: false,
+            accept_paused: None,
+            accept_failures: 0,
+            accept_logged: None,
             signalfd,
             control,
         })
     }
 
     pub fn run(mut self) -> Result<(), String> {
-        self.ring.accept_multi(&self.listen, Op::Accept.token(0));
+        self.arm_accept();
         event_loop::run(&mut self)
+    }
+
+    fn arm_accept(&mut self) {
+        self.ring.accept_multi(&self.listen, Op::Accept.token(0));
+        self.accept_armed = true;
     }
 
     /// Stops accepting (SIGTERM, or a new listener took over); pending sockets are still
@@ -149,36 +182,59 @@ impl Listener {
         if !self.stopping {
             log::info!("listener: stop requested, no longer accepting");
             self.stopping = true;
+            self.accept_paused = None;
             // Closing the listening socket would race the supervisor's copy; stop our accept.
-            self.ring.cancel(&self.listen, Op::Accept.token(0));
+            match self.accept_armed {
+                true => self.ring.cancel(&self.listen, Op::Accept.token(0)),
+                // Paused: there is no accept to wait for.
+                false => self.accepting_ended(),
+            }
         }
     }
 
-    fn on_accept(&mut self, cqe: &Completion, now: Instant) {
-        if !cqe.more() && self.stopping {
+    /// Says the listener accepts no more: from here on the new listener gets every socket.
+    fn accepting_ended(&mut self) {
+        if !self.accept_ended {
             self.accept_ended = true;
-            // The last accept completion: from here on the new listener gets every socket.
             let _ = crate::process::control::send_message(
                 self.control.as_fd(),
                 &crate::process::control::Message::Stopped,
             );
         }
-        if !cqe.more() && !self.stopping {
-            // The kernel ends a multishot accept on some errors (e.g. EMFILE); re-arm it.
-            self.ring.accept_multi(&self.listen, Op::Accept.token(0));
-        }
+    }
+
+    fn on_accept(&mut self, cqe: &Completion, now: Instant) {
         let fd = cqe.result();
-        if fd < 0 {
-            if fd != -libc::ECANCELED {
-                log::warn!("accept failed: {}", std::io::Error::from_raw_os_error(-fd));
+        if !cqe.more() {
+            self.accept_armed = false;
+            if self.stopping {
+                self.accepting_ended();
             }
+        }
+        if fd < 0 && fd != -libc::ECANCELED {
+            let error = std::io::Error::from_raw_os_error(-fd);
+            if matches!(-fd, libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM) {
+                self.pause_accepting(error, now);
+            } else {
+                log::warn!("accept failed: {error}");
+            }
+        }
+        // The kernel ends a multishot accept on some errors; re-arm it, unless paused.
+        if !self.accept_armed && !self.stopping && self.accept_paused.is_none() {
+            self.arm_accept();
+        }
+        if fd < 0 {
             return;
         }
         // SAFETY: the kernel gave us this new descriptor.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        self.metrics.inc(Metric::Accepted);
+        if self.pending.len() >= self.socket_cap {
+            self.metrics.inc(Metric::Overloaded);
+            return refuse_at_once(fd);
+        }
         // Served even while stopping: it was accepted before the accept was cancelled, and
         // dropping it would reset a client that did nothing wrong.
-        self.metrics.inc(Metric::Accepted);
         let peer = peer_addr(fd.as_raw_fd());
         let peer_key = limits::ip_key(peer.ip());
         let head_timeout = Duration::from_millis(self.config.limits.head_timeout_ms);
@@ -204,6 +260,28 @@ impl Listener {
 
     /// Whether a new socket must be turned away before its request is read (health checks
     /// and metrics included: these caps bound the listener's own memory).
+    /// Out of descriptors or memory for new sockets: accepting pauses until a tick
+    /// [`ACCEPT_PAUSE`] later (the armed accept is cancelled), with a log line at most every
+    /// [`ACCEPT_LOG_EVERY`].
+    fn pause_accepting(&mut self, error: std::io::Error, now: Instant) {
+        self.accept_failures += 1;
+        if self.accept_logged.is_none_or(|at| now.duration_since(at) >= ACCEPT_LOG_EVERY) {
+            log::warn!(
+                "accept failed: {error} ({} times since the last such line); accepting pauses \
+                 {} ms at a time while it fails; {} sockets are held",
+                self.accept_failures,
+                ACCEPT_PAUSE.as_millis(),
+                self.pending.len()
+            );
+            self.accept_failures = 0;
+            self.accept_logged = Some(now);
+        }
+        self.accept_paused = Some(now + ACCEPT_PAUSE);
+        if self.accept_armed {
+            self.ring.cancel(&self.listen, Op::Accept.token(0));
+        }
+    }
+
     fn overloaded(&self, peer_key: &[u8; 16]) -> Option<&'static str> {
         let l = &self.config.limits;
         if self.pending.len() >= l.max_handshakes {
@@ -532,6 +610,12 @@ impl Listener {
     /// then frees it, so nothing is freed while the kernel still holds its buffer.
     fn run_timers(&mut self, now: Instant) {
         self.worker_slots = self.metrics.worker_slots_in_use();
+        if self.accept_paused.is_some_and(|until| now >= until) {
+            self.accept_paused = None;
+            if !self.accept_armed && !self.stopping {
+                self.arm_accept();
+            }
+        }
         for (_, p) in self.pending.iter_mut() {
             if !p.expired && now >= p.deadline {
                 p.expired = true;
@@ -620,6 +704,17 @@ fn upgrade_then_close(head: &Head, message: &str) -> Vec<u8> {
     let mut out = handshake::switching_protocols(key, head.ws_protocol.as_deref(), None);
     frame::encode_close(&mut out, close::PROTOCOL_ERROR, &format!("Error: {message}"));
     out
+}
+
+/// Refuses a socket the listener has no descriptor to spare for: one non-blocking write of
+/// the 503 of a full listener (a client that has sent nothing yet reads it), then closed at
+/// once. The answers of [`Listener::answer`] linger until the client closes, each holding a
+/// descriptor meanwhile: past the descriptor limit, the accepts themselves failed.
+fn refuse_at_once(fd: OwnedFd) {
+    let out = handshake::http_error(503, &[("Retry-After", "1")], "too many requests in progress");
+    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    // SAFETY: a send from a live buffer on a socket we own; it cannot block.
+    let _ = unsafe { libc::send(fd.as_raw_fd(), out.as_ptr().cast(), out.len(), flags) };
 }
 
 fn peer_addr(fd: RawFd) -> SocketAddr {
