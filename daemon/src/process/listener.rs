@@ -39,6 +39,10 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// be ten a second for as long as the shortage lasts.
 const ACCEPT_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// The 503's reason when the listener holds as many sockets as it may, by its configured cap
+/// or by its descriptors.
+const FULL: &str = "too many requests in progress";
+
 /// Where a pending socket is in its short life.
 enum Stage {
     /// Waiting for the rest of the request head.
@@ -258,8 +262,6 @@ impl Listener {
         self.arm_recv(index);
     }
 
-    /// Whether a new socket must be turned away before its request is read (health checks
-    /// and metrics included: these caps bound the listener's own memory).
     /// Out of descriptors or memory for new sockets: accepting pauses until a tick
     /// [`ACCEPT_PAUSE`] later (the armed accept is cancelled), with a log line at most every
     /// [`ACCEPT_LOG_EVERY`].
@@ -282,10 +284,12 @@ impl Listener {
         }
     }
 
+    /// Whether a new socket must be turned away before its request is read (health checks
+    /// and metrics included: these caps bound the listener's own memory).
     fn overloaded(&self, peer_key: &[u8; 16]) -> Option<&'static str> {
         let l = &self.config.limits;
         if self.pending.len() >= l.max_handshakes {
-            return Some("too many requests in progress");
+            return Some(FULL);
         }
         if self.pending_per_ip.get(peer_key).copied().unwrap_or(0) >= l.max_handshakes_per_ip {
             return Some("too many requests in progress from this address");
@@ -711,7 +715,7 @@ fn upgrade_then_close(head: &Head, message: &str) -> Vec<u8> {
 /// once. The answers of [`Listener::answer`] linger until the client closes, each holding a
 /// descriptor meanwhile: past the descriptor limit, the accepts themselves failed.
 fn refuse_at_once(fd: OwnedFd) {
-    let out = handshake::http_error(503, &[("Retry-After", "1")], "too many requests in progress");
+    let out = handshake::http_error(503, &[("Retry-After", "1")], FULL);
     let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
     // SAFETY: a send from a live buffer on a socket we own; it cannot block.
     let _ = unsafe { libc::send(fd.as_raw_fd(), out.as_ptr().cast(), out.len(), flags) };
